@@ -1,0 +1,319 @@
+"""Shared fixtures for fastmq's behaviour suite.
+
+Every behaviour test takes the ``backend`` fixture (directly or through ``mq``)
+and therefore runs once per backend: "native" (the C core, ``fastmq._core``)
+and "pure" (``fastmq._pure``).  A missing native extension makes the native
+tests FAIL with a message saying how to build it; they are only left out when
+``FASTMQ_TEST_BACKENDS`` names the backends to run explicitly
+(``FASTMQ_TEST_BACKENDS=pure``).
+
+Helpers here:
+
+* ``mq``            -- a small factory bound to the backend: ``mq.Queue(...)``,
+                       ``mq.create(name, ...)``, ``mq.open(name)``, ``mq.unlink(name)``;
+                       every handle it made is closed at teardown and every
+                       name it created is unlinked.
+* ``qname``         -- a fresh, unique queue name (unlinked at teardown).
+* ``shm``           -- snapshot/diff helpers for ``/dev/shm`` leftover checks.
+* ``run_python``    -- run ``python -c`` in a child with a bounded wait.
+* ``ChildGroup``    -- start multiprocessing children, join with a deadline,
+                       always reap (terminate, then kill) in ``finally``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+SRC = os.path.join(REPO, "src")
+SHM_DIR = "/dev/shm"
+
+# Make ``import fastmq`` work from a source checkout that was not pip-installed,
+# and make it work the same way in every child (spawn, forkserver, subprocess):
+# children inherit PYTHONPATH.  ``tests`` goes on the path too so that spawn
+# children can import ``_workers``.
+try:  # pragma: no cover - depends on how the tree was installed
+    import fastmq as _probe  # noqa: F401
+except ImportError:
+    sys.path.insert(0, SRC)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+
+def _export_pythonpath():
+    import fastmq
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(fastmq.__file__)))
+    parts = [pkg_parent, HERE]
+    old = os.environ.get("PYTHONPATH")
+    if old:
+        parts.append(old)
+    os.environ["PYTHONPATH"] = os.pathsep.join(parts)
+
+
+try:
+    _export_pythonpath()
+except ImportError:  # pragma: no cover - the package is being written
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [SRC, HERE] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+
+
+ALL_BACKENDS = ("native", "pure")
+
+
+def selected_backends():
+    env = os.environ.get("FASTMQ_TEST_BACKENDS", "").strip()
+    if not env:
+        return list(ALL_BACKENDS)
+    chosen = [b.strip() for b in env.split(",") if b.strip()]
+    bad = [b for b in chosen if b not in ALL_BACKENDS]
+    if bad:
+        raise pytest.UsageError(f"FASTMQ_TEST_BACKENDS: unknown backend(s) {bad}; "
+                                f"choose from {ALL_BACKENDS}")
+    return chosen
+
+
+def require_backend(backend):
+    """Fail (not skip) when the backend under test cannot be loaded."""
+    if backend == "native":
+        try:
+            import fastmq._core  # noqa: F401
+        except ImportError as exc:
+            pytest.fail(
+                "native backend not built: `import fastmq._core` failed "
+                f"({exc!r}). Build it with `pip install -e . --no-build-isolation`, "
+                "or run only the pure backend explicitly with FASTMQ_TEST_BACKENDS=pure.",
+                pytrace=False)
+    else:
+        try:
+            import fastmq._pure  # noqa: F401
+        except ImportError as exc:
+            pytest.fail(f"pure backend not importable: {exc!r}", pytrace=False)
+
+
+@pytest.fixture(params=selected_backends())
+def backend(request, monkeypatch):
+    """The backend name; also exported as FASTMQ_BACKEND for any child."""
+    b = request.param
+    require_backend(b)
+    monkeypatch.setenv("FASTMQ_BACKEND", b)
+    return b
+
+
+# ---------------------------------------------------------------- names
+
+def unique_name(tag="t"):
+    return f"fmqtest-{tag}-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def qname(backend):
+    name = unique_name()
+    yield name
+    _unlink_quietly(backend, name)
+
+
+def _unlink_quietly(backend, name):
+    import fastmq
+    try:
+        fastmq.Queue.unlink(name, _backend=backend)
+    except Exception:
+        pass
+
+
+# ---------------------------------------------------------------- queue factory
+
+class MQ:
+    """Queue constructors bound to one backend; tracks what it made."""
+
+    def __init__(self, backend):
+        import fastmq
+        self.fastmq = fastmq
+        self.backend = backend
+        self.handles = []
+        self.names = []
+
+    def Queue(self, *args, **kw):
+        q = self.fastmq.Queue(*args, _backend=self.backend, **kw)
+        self.handles.append(q)
+        return q
+
+    def create(self, name, **kw):
+        q = self.fastmq.Queue.create(name, _backend=self.backend, **kw)
+        self.handles.append(q)
+        self.names.append(name)
+        return q
+
+    def open(self, name, **kw):
+        q = self.fastmq.Queue.open(name, _backend=self.backend, **kw)
+        self.handles.append(q)
+        return q
+
+    def unlink(self, name):
+        return self.fastmq.Queue.unlink(name, _backend=self.backend)
+
+    def teardown(self):
+        for q in self.handles:
+            try:
+                q.close()
+            except Exception:
+                pass
+        for n in self.names:
+            _unlink_quietly(self.backend, n)
+
+
+@pytest.fixture
+def mq(backend):
+    m = MQ(backend)
+    yield m
+    m.teardown()
+
+
+# ---------------------------------------------------------------- /dev/shm
+
+class Shm:
+    dir = SHM_DIR
+
+    @staticmethod
+    def listing(prefix="fastmq-"):
+        try:
+            return {n for n in os.listdir(SHM_DIR) if n.startswith(prefix)}
+        except FileNotFoundError:  # pragma: no cover - not Linux
+            return set()
+
+    @staticmethod
+    def path(segment):
+        return os.path.join(SHM_DIR, segment)
+
+    @classmethod
+    def segment_of_named(cls, name):
+        """The /dev/shm file of a named queue (contract: ``fastmq-q-<name>``)."""
+        exact = f"fastmq-q-{name}"
+        if os.path.exists(cls.path(exact)):
+            return cls.path(exact)
+        hits = sorted(n for n in os.listdir(SHM_DIR) if n.endswith(name) and "lock" not in n)
+        if len(hits) == 1:
+            return cls.path(hits[0])
+        raise AssertionError(f"cannot find the segment of queue {name!r} in {SHM_DIR}: {hits}")
+
+
+@pytest.fixture
+def shm():
+    return Shm
+
+
+def segment_name(q):
+    """The /dev/shm segment name behind a handle (contract: Ring.name)."""
+    for path in (("_ring", "name"), ("ring", "name"), ("segment",), ("_segment",)):
+        obj = q
+        try:
+            for attr in path:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            continue
+        if isinstance(obj, str) and obj.startswith("fastmq-"):
+            return obj
+    raise AssertionError(f"cannot find the segment name of {q!r}; "
+                         "expected q._ring.name (the Ring contract's `name`)")
+
+
+# ---------------------------------------------------------------- children
+
+def python_cmd():
+    return [sys.executable, "-c"]
+
+
+def run_python(code, *, timeout=30, env=None, check_signal=True):
+    """Run ``python -c code`` with a bounded wait; return CompletedProcess.
+
+    The child is killed on timeout (and the test fails).  With ``check_signal``
+    a death by signal (negative returncode) fails the test with the output.
+    """
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    proc = subprocess.Popen(python_cmd() + [textwrap.dedent(code)], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"child timed out after {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check_signal and res.returncode < 0:
+        pytest.fail(f"child died from signal {-res.returncode} "
+                    f"({signal.Signals(-res.returncode).name})\n"
+                    f"stdout:\n{out}\nstderr:\n{err}")
+    return res
+
+
+@pytest.fixture
+def py():
+    return run_python
+
+
+class ChildGroup:
+    """multiprocessing children with bounded joins; always reaped."""
+
+    def __init__(self, ctx=None):
+        import multiprocessing as mp
+        self.ctx = ctx or mp.get_context("fork")
+        self.procs = []
+
+    def start(self, target, *args, name=None):
+        p = self.ctx.Process(target=target, args=args, name=name, daemon=True)
+        p.start()
+        self.procs.append(p)
+        return p
+
+    def join(self, timeout, procs=None):
+        """Join all (or ``procs``) within ``timeout`` seconds total; fail otherwise."""
+        deadline = time.monotonic() + timeout
+        for p in (procs if procs is not None else self.procs):
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                self.reap()
+                pytest.fail(f"child {p.name} (pid {p.pid}) still running after {timeout}s")
+        bad = [(p.name, p.exitcode) for p in (procs or self.procs) if p.exitcode != 0]
+        assert not bad, f"children failed: {bad}"
+
+    def reap(self):
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + 3
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(3)
+
+
+@pytest.fixture
+def children():
+    g = ChildGroup()
+    try:
+        yield g
+    finally:
+        g.reap()
+
+
+def wait_until(pred, timeout, interval=0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
