@@ -157,11 +157,12 @@ def pool_task(x):
 
 
 def through_queue_child(outer, backend_expected):
-    """Receive a queue handle through ``outer``, then use it."""
-    inner = outer.get(timeout=CHILD_TIMEOUT)
+    """Receive (queue, reply) handles through ``outer``, then use them."""
+    inner, reply = outer.get(timeout=CHILD_TIMEOUT)
     msg = inner.get(timeout=CHILD_TIMEOUT)
-    inner.put(("ack", msg), timeout=CHILD_TIMEOUT)
+    reply.put(("ack", msg), timeout=CHILD_TIMEOUT)
     inner.close()
+    reply.close()
     outer.close()
 
 
