@@ -1,0 +1,640 @@
+"""fastmq's pure-Python ring: the ``_ring_protocol`` contract without C.
+
+Design (exactness over speed)
+-----------------------------
+One file per segment under /dev/shm::
+
+    [0, 4096)        header page: geometry (written once by the creator, magic
+                     last), then the live state line, then the participant table
+    [4096, end)      data area: a byte ring of records ``u32 length | payload``;
+                     a record may wrap around the end of the area
+
+Mutual exclusion is two locks, always taken in this order:
+
+1. the process-wide ``_lifetime.inode_lock`` of the file -- POSIX record locks
+   do not exclude threads of one process, and closing *any* descriptor of the
+   file drops the process's record locks, so fd closes take this lock too;
+2. ``lockf(LOCK_EX)`` on one byte of the file -- excludes other processes, and
+   the kernel releases it when its holder dies (even ``kill -9``).
+
+Why ``pread``/``pwrite`` rather than ``mmap``: a store through a mapping of a
+tmpfs file that ran out of space, or that someone truncated, is a SIGBUS that
+kills the interpreter; the same failure through ``pwrite``/``pread`` is an
+``OSError`` or a short read we turn into ``CorruptQueue``. It also means no
+buffer of ours is ever exported, so ``close()`` can always unmap nothing.
+
+Crash safety: a message's bytes are written first and the state line (head,
+tail, count, epoch, counters: one 64-byte, page-internal ``pwrite`` that a
+signal cannot tear) is written last. A producer killed mid-write leaves the
+tail where it was, so its half-message is never seen; a consumer killed before
+it writes the new head leaves the message in the queue (it was not handed over
+yet). The lock dies with its holder, so nobody is wedged.
+
+Blocking: try under the locks; if the queue is full/empty, poll the state's
+``epoch`` (bumped by every change) with exponential backoff sleeps from 50 us
+to 5 ms, so an idle waiter costs ~0% CPU, signals run between sleeps, and a
+concurrent ``close()`` is noticed within milliseconds.
+
+Zero-copy is emulated: ``Reservation.view`` is a bytearray copied in at
+commit, ``Lease.view`` a read-only view of bytes copied out at receive time.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+import weakref
+
+from .. import _lifetime
+from ..errors import (CorruptQueue, Empty, Full, MessageTooLarge, QueueClosed,
+                      QueueExists, QueueNotFound)
+
+__all__ = ["Ring", "Reservation", "Lease", "cleanup_orphans", "list_segments",
+           "MAGIC", "VERSION"]
+
+# -------------------------------------------------------------------- layout
+
+MAGIC = b"FMQPURE\x01"          # the native core uses a different magic
+VERSION = 1
+HEADER_SIZE = 4096
+DATA_OFFSET = HEADER_SIZE
+RECORD_HEADER = struct.Struct("<I")   # payload length before each record
+MAX_MAXSIZE = 1 << 24
+MAX_MESSAGE_SIZE = (1 << 32) - 1      # a record length is a u32
+MAX_CAPACITY = 1 << 40
+FLAG_ANONYMOUS = 1
+
+# magic, version, header_size, maxsize, max_message_size, capacity_bytes,
+# data_offset, file_size, flags, max_deliveries, dead_letter (utf-8, padded)
+GEOMETRY = struct.Struct("<8sIIQQQQQQQ256s")
+GEOMETRY_OFFSET = 0
+# head, tail, count, epoch, enqueued, dequeued, (2 spare) -- one 64-byte line
+STATE = struct.Struct("<8Q")
+STATE_OFFSET = 512
+EPOCH_OFFSET = STATE_OFFSET + 3 * 8
+COUNT_OFFSET = STATE_OFFSET + 2 * 8
+# participants: pid, process start time (clock ticks), roles bitmask
+PARTICIPANT = struct.Struct("<IIQ")
+PARTICIPANTS_OFFSET = 1024
+MAX_PARTICIPANTS = 128
+ROLE_PRODUCER, ROLE_CONSUMER = 1, 2
+LOCK_BYTE = HEADER_SIZE - 1           # record-locked byte (advisory; never read)
+
+assert GEOMETRY_OFFSET + GEOMETRY.size <= STATE_OFFSET
+assert STATE_OFFSET + STATE.size <= PARTICIPANTS_OFFSET
+assert PARTICIPANTS_OFFSET + MAX_PARTICIPANTS * PARTICIPANT.size <= LOCK_BYTE
+assert STATE_OFFSET % 64 == 0 and STATE.size == 64   # never crosses a page
+
+# ------------------------------------------------------------------- waiting
+
+_FIRST_SLEEP = 50e-6
+_MAX_SLEEP = 5e-3
+_INIT_WAIT = 2.0        # how long open() waits for a creator to finish init
+_AGAIN = object()       # "would block" marker returned by attempt functions
+
+
+def _deadline(timeout):
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _remaining(deadline):
+    return None if deadline is None else deadline - time.monotonic()
+
+
+# ------------------------------------------------------------- the handle
+
+class _Handle:
+    """The per-handle OS resources, kept apart from ``Ring`` so that a
+    ``weakref.finalize`` can close them without keeping the Ring alive."""
+
+    __slots__ = ("path", "fd", "lock", "anonymous", "closed", "__weakref__")
+
+    def __init__(self, path, fd, lock, anonymous):
+        self.path, self.fd, self.lock, self.anonymous = path, fd, lock, anonymous
+        self.closed = False
+
+    def close(self):
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            fd, self.fd = self.fd, -1
+            if self.anonymous:
+                _lifetime.detach(self.path, fd, self.lock)
+            else:
+                _lifetime.guarded_close(fd, self.lock)
+
+
+def _validate_geometry(maxsize, max_message_size, capacity_bytes):
+    for label, value, low, high in (("maxsize", maxsize, 1, MAX_MAXSIZE),
+                                    ("max_message_size", max_message_size, 1, MAX_MESSAGE_SIZE),
+                                    ("capacity_bytes", capacity_bytes, 1, MAX_CAPACITY)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{label} must be an int, not {type(value).__name__}")
+        if not low <= value <= high:
+            raise ValueError(f"{label} must be in [{low}, {high}], got {value}")
+    if capacity_bytes < max_message_size:
+        raise ValueError(f"capacity_bytes ({capacity_bytes}) must be at least "
+                         f"max_message_size ({max_message_size})")
+
+
+def _as_bytes_view(data) -> memoryview:
+    """A flat byte view of any C-contiguous buffer (TypeError otherwise)."""
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError("a bytes-like object is required, not "
+                        f"{type(data).__name__!r}") from None
+    if not view.c_contiguous:
+        raise BufferError("message buffer must be C-contiguous")
+    return view.cast("B") if (view.format != "B" or view.ndim != 1) else view
+
+
+class Ring:
+    """A queue segment opened by this process (see module docstring)."""
+
+    # ---------------------------------------------------------- lifecycle
+
+    def __init__(self, name, handle, geometry):
+        (_, _, _, self.maxsize, self.max_message_size, self.capacity_bytes,
+         _, self._file_size, flags, self.max_deliveries, dead_letter) = geometry
+        self.name = name
+        self.anonymous = bool(flags & FLAG_ANONYMOUS)
+        self.dead_letter = dead_letter.rstrip(b"\0").decode("utf-8", "replace")
+        self._area = self._file_size - DATA_OFFSET
+        self._h = handle
+        self._registered = {}          # pid -> roles already registered
+        self._finalizer = weakref.finalize(self, handle.close)
+
+    @property
+    def closed(self) -> bool:
+        return self._h.closed
+
+    @classmethod
+    def create(cls, name, *, maxsize, max_message_size, capacity_bytes,
+               mode=0o600, exist_ok=False, anonymous=False, max_deliveries=20,
+               dead_letter=""):
+        _validate_geometry(maxsize, max_message_size, capacity_bytes)
+        dead = (dead_letter or "").encode("utf-8")
+        if len(dead) > 255:
+            raise ValueError("dead_letter name is too long")
+        path = _lifetime.segment_path(name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, mode)
+        except FileExistsError:
+            if exist_ok:
+                return cls.open(name)
+            raise QueueExists(f"segment {name!r} already exists in /dev/shm") from None
+        # The data area carries a record header per message on top of the
+        # payloads, so a message of max_message_size always fits an empty ring.
+        area = capacity_bytes + RECORD_HEADER.size
+        file_size = DATA_OFFSET + area
+        try:
+            lock = _lifetime.inode_lock(fd)
+            if anonymous:
+                fcntl.flock(fd, fcntl.LOCK_SH)      # see _lifetime
+            os.fchmod(fd, mode)                     # exact mode, whatever the umask
+            os.ftruncate(fd, file_size)
+            geometry = (b"\0" * 8, VERSION, HEADER_SIZE, maxsize, max_message_size,
+                        capacity_bytes, DATA_OFFSET, file_size,
+                        FLAG_ANONYMOUS if anonymous else 0, max_deliveries, dead)
+            os.pwrite(fd, GEOMETRY.pack(*geometry), GEOMETRY_OFFSET)
+            os.pwrite(fd, STATE.pack(*[0] * 8), STATE_OFFSET)
+            os.pwrite(fd, MAGIC, GEOMETRY_OFFSET)   # last: the segment is valid now
+        except BaseException:
+            try:
+                os.unlink(path)
+            finally:
+                os.close(fd)
+            raise
+        handle = _Handle(path, fd, lock, anonymous)
+        return cls(name, handle, (MAGIC,) + geometry[1:])
+
+    @classmethod
+    def open(cls, name):
+        path = _lifetime.segment_path(name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise QueueNotFound(f"no segment {name!r} in /dev/shm") from None
+        except OSError as exc:
+            if exc.errno == 40:  # ELOOP: a symlink planted under our name
+                raise CorruptQueue(f"segment {name!r} is a symlink, not a queue") from None
+            raise
+        lock = None
+        try:
+            lock = _lifetime.inode_lock(fd)
+            geometry = _read_geometry(fd, name)
+            anonymous = bool(geometry[8] & FLAG_ANONYMOUS)
+            if anonymous and not _lifetime.attach(path, fd):
+                raise QueueNotFound(f"segment {name!r} is being removed (its last "
+                                    "user closed it)")
+        except BaseException:
+            _lifetime.guarded_close(fd, lock)
+            raise
+        return cls(name, _Handle(path, fd, lock, anonymous), geometry)
+
+    @staticmethod
+    def unlink(name):
+        try:
+            os.unlink(_lifetime.segment_path(name))
+        except FileNotFoundError:
+            raise QueueNotFound(f"no segment {name!r} in /dev/shm") from None
+
+    def close(self):
+        self._finalizer()
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"maxsize={self.maxsize}"
+        return f"<fastmq._pure.ring.Ring {self.name!r} {state}>"
+
+    # ------------------------------------------------------- locked access
+
+    def _fd(self):
+        if self._h.closed:
+            raise QueueClosed("queue handle is closed")
+        return self._h.fd
+
+    def _locked(self, fn, *args):
+        """Run ``fn(fd, state, *args)`` under both locks (see module doc)."""
+        with self._h.lock:
+            fd = self._fd()
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, LOCK_BYTE)
+            try:
+                return fn(fd, self._read_state(fd), *args)
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, LOCK_BYTE)
+
+    def _read_state(self, fd):
+        raw = os.pread(fd, STATE.size, STATE_OFFSET)
+        if len(raw) != STATE.size:
+            raise CorruptQueue(f"segment {self.name!r} was truncated")
+        state = list(STATE.unpack(raw))
+        head, tail, count = state[0], state[1], state[2]
+        if not (head <= tail and tail - head <= self._area and count <= self.maxsize
+                and (count == 0) == (head == tail)):
+            raise CorruptQueue(f"segment {self.name!r} has an inconsistent state "
+                               f"(head={head}, tail={tail}, count={count})")
+        return state
+
+    @staticmethod
+    def _write_state(fd, state):
+        state[3] += 1                    # epoch: wakes pollers
+        os.pwrite(fd, STATE.pack(*state), STATE_OFFSET)
+
+    def _read_u64(self, offset):
+        with self._h.lock:
+            raw = os.pread(self._fd(), 8, offset)
+        if len(raw) != 8:
+            raise CorruptQueue(f"segment {self.name!r} was truncated")
+        return struct.unpack("<Q", raw)[0]
+
+    # -------------------------------------------------- ring byte access
+
+    def _write_at(self, fd, pos, view):
+        """Write ``view`` at ring position ``pos``, wrapping at the end."""
+        off = pos % self._area
+        first = min(len(view), self._area - off)
+        self._pwrite_all(fd, view[:first], DATA_OFFSET + off)
+        if first < len(view):
+            self._pwrite_all(fd, view[first:], DATA_OFFSET)
+
+    @staticmethod
+    def _pwrite_all(fd, view, offset):
+        while len(view):
+            try:
+                n = os.pwrite(fd, view, offset)
+            except OSError as exc:
+                if exc.errno == 28:   # ENOSPC: tmpfs full; nothing was published
+                    raise OSError(28, "no space left in /dev/shm for this message "
+                                  "(enlarge /dev/shm or use smaller queues)") from None
+                raise
+            view, offset = view[n:], offset + n
+
+    def _read_at(self, fd, pos, n) -> bytes:
+        off = pos % self._area
+        first = min(n, self._area - off)
+        data = os.pread(fd, first, DATA_OFFSET + off)
+        if first < n:
+            data += os.pread(fd, n - first, DATA_OFFSET)
+        if len(data) != n:
+            raise CorruptQueue(f"segment {self.name!r} was truncated")
+        return data
+
+    def _fits(self, state, nbytes):
+        used = state[1] - state[0]
+        return state[2] < self.maxsize and self._area - used >= RECORD_HEADER.size + nbytes
+
+    # ------------------------------------------------ locked operations
+
+    def _put_locked(self, fd, state, views):
+        """Append as many of ``views`` as fit; return how many."""
+        done = 0
+        for view in views:
+            if not self._fits(state, len(view)):
+                break
+            self._write_at(fd, state[1], RECORD_HEADER.pack(len(view)))
+            self._write_at(fd, state[1] + RECORD_HEADER.size, view)
+            state[1] += RECORD_HEADER.size + len(view)
+            state[2] += 1
+            state[4] += 1
+            done += 1
+        if done:
+            self._write_state(fd, state)     # publish: after all bytes are in
+        return done
+
+    def _get_locked(self, fd, state, max_messages):
+        out = []
+        while state[2] and len(out) < max_messages:
+            head = state[0]
+            (length,) = RECORD_HEADER.unpack(self._read_at(fd, head, RECORD_HEADER.size))
+            if length > self.max_message_size or \
+                    RECORD_HEADER.size + length > state[1] - head:
+                raise CorruptQueue(f"segment {self.name!r} holds a record of "
+                                   f"impossible length {length}")
+            out.append(self._read_at(fd, head + RECORD_HEADER.size, length))
+            state[0] += RECORD_HEADER.size + length
+            state[2] -= 1
+            state[5] += 1
+        if out:
+            if state[2] == 0:                # keep positions small and tidy
+                state[0] = state[1] = 0
+            self._write_state(fd, state)     # hand-over happens here
+        return out
+
+    # ----------------------------------------------------------- waiting
+
+    def _wait(self, attempt, timeout):
+        """Call ``attempt()`` until it returns something other than _AGAIN,
+        sleeping between tries; returns _AGAIN once ``timeout`` has passed."""
+        deadline = _deadline(timeout)
+        delay = _FIRST_SLEEP
+        while True:
+            epoch = self._read_u64(EPOCH_OFFSET)
+            result = attempt()
+            if result is not _AGAIN or timeout == 0:
+                return result
+            while True:
+                left = _remaining(deadline)
+                if left is not None and left <= 0:
+                    return _AGAIN
+                time.sleep(delay if left is None else min(delay, left))
+                delay = min(delay * 2, _MAX_SLEEP)
+                if self._read_u64(EPOCH_OFFSET) != epoch:
+                    delay = _FIRST_SLEEP
+                    break
+
+    # ------------------------------------------------------ participants
+
+    def _register(self, role):
+        pid = os.getpid()
+        if self._registered.get(pid, 0) & role:
+            return
+        self._locked(self._register_locked, pid, role)
+        self._registered[pid] = self._registered.get(pid, 0) | role
+
+    def _register_locked(self, fd, state, pid, role):
+        table = os.pread(fd, MAX_PARTICIPANTS * PARTICIPANT.size, PARTICIPANTS_OFFSET)
+        start = _start_time(pid)
+        free = None
+        for i in range(MAX_PARTICIPANTS):
+            epid, estart, roles = PARTICIPANT.unpack_from(table, i * PARTICIPANT.size)
+            if epid == pid and estart == start:
+                free, role = i, role | roles
+                break
+            if free is None and (epid == 0 or not _alive(epid, estart)):
+                free = i
+        if free is not None:        # a full table only makes stats approximate
+            os.pwrite(fd, PARTICIPANT.pack(pid, start, role),
+                      PARTICIPANTS_OFFSET + free * PARTICIPANT.size)
+
+    def _participants(self, fd):
+        table = os.pread(fd, MAX_PARTICIPANTS * PARTICIPANT.size, PARTICIPANTS_OFFSET)
+        producers = consumers = 0
+        for i in range(MAX_PARTICIPANTS):
+            pid, start, roles = PARTICIPANT.unpack_from(table, i * PARTICIPANT.size)
+            if pid and _alive(pid, start):
+                producers += bool(roles & ROLE_PRODUCER)
+                consumers += bool(roles & ROLE_CONSUMER)
+        return producers, consumers
+
+    # ------------------------------------------------------ the protocol
+
+    def _check_size(self, nbytes):
+        if nbytes > self.max_message_size:
+            raise MessageTooLarge(f"message of {nbytes} bytes exceeds this queue's "
+                                  f"max_message_size of {self.max_message_size} bytes")
+
+    def put(self, data, timeout):
+        view = _as_bytes_view(data)
+        self._check_size(len(view))
+        self._register(ROLE_PRODUCER)
+        done = self._wait(lambda: self._locked(self._put_locked, (view,)) or _AGAIN,
+                          timeout)
+        if done is _AGAIN:
+            raise Full("queue is full")
+
+    def put_many(self, items, timeout):
+        views = [_as_bytes_view(item) for item in items]
+        for view in views:
+            self._check_size(len(view))
+        if not views:
+            return 0
+        self._register(ROLE_PRODUCER)
+        sent = 0
+
+        def attempt():
+            nonlocal sent
+            sent += self._locked(self._put_locked, views[sent:])
+            return sent if sent == len(views) else _AGAIN
+
+        self._wait(attempt, timeout)
+        return sent
+
+    def get(self, timeout):
+        return self.get_many(1, timeout)[0]
+
+    def get_many(self, max_messages, timeout):
+        if isinstance(max_messages, bool) or not isinstance(max_messages, int):
+            raise TypeError("max_messages must be an int")
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be at least 1, got {max_messages}")
+        self._register(ROLE_CONSUMER)
+        got = self._wait(lambda: self._locked(self._get_locked, max_messages) or _AGAIN,
+                         timeout)
+        if got is _AGAIN:
+            raise Empty("queue is empty")
+        return got
+
+    def reserve(self, nbytes, timeout):
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+            raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__}")
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be non-negative, got {nbytes}")
+        self._check_size(nbytes)
+        self._register(ROLE_PRODUCER)
+        room = self._wait(lambda: self._locked(lambda fd, st: self._fits(st, nbytes))
+                          or _AGAIN, timeout)
+        if room is _AGAIN:
+            raise Full("queue is full")
+        return Reservation(self, nbytes)
+
+    def recv(self, timeout):
+        return Lease(self.get(timeout))
+
+    def qsize(self):
+        return self._read_u64(COUNT_OFFSET)
+
+    def stats(self):
+        def read(fd, state):
+            return state, self._participants(fd)
+        state, (producers, consumers) = self._locked(read)
+        return {
+            "depth": state[2], "capacity": self.maxsize,
+            "enqueued": state[4], "dequeued": state[5],
+            "bytes_in_use": state[1] - state[0],
+            "producers": producers, "consumers": consumers,
+            "redelivered": 0, "abandoned": 0, "dead_lettered": 0,
+            "max_message_size": self.max_message_size,
+            "capacity_bytes": self.capacity_bytes,
+            "backend": "pure",
+        }
+
+
+# ----------------------------------------------------------- zero-copy (emulated)
+
+class Reservation:
+    """Space for one message, written in place and published by ``commit``.
+
+    The pure backend cannot export shared memory safely, so ``view`` is a
+    private buffer copied into the ring at commit. ``Ring.reserve`` waited for
+    room; if another producer took it meanwhile, ``commit`` waits for room
+    again (without a deadline: the message was promised to go in).
+    """
+
+    def __init__(self, ring, nbytes):
+        self._ring = ring
+        self._buffer = bytearray(nbytes)
+        self.view = memoryview(self._buffer)
+        self._done = False
+
+    def _finish(self):
+        if self._done:
+            raise ValueError("reservation was already committed or aborted")
+        self._done = True
+
+    def commit(self, length=None):
+        if length is None:
+            length = len(self._buffer)
+        if isinstance(length, bool) or not isinstance(length, int) \
+                or not 0 <= length <= len(self._buffer):
+            raise ValueError(f"commit length must be an int in [0, {len(self._buffer)}]")
+        self._finish()
+        self._ring.put(self.view[:length], None)
+
+    def abort(self):
+        self._finish()
+
+
+class Lease:
+    """A received message (already removed from the queue), as a read-only view."""
+
+    def __init__(self, data: bytes):
+        self.nbytes = len(data)
+        self.view = memoryview(data).toreadonly()
+
+    def release(self):
+        self.view.release()      # BufferError while exports of view are alive
+
+    def close(self):
+        try:
+            self.view.release()
+        except BufferError:
+            pass                 # deferred: the copy is freed with its last export
+
+
+# -------------------------------------------------------------- module functions
+
+def _read_geometry(fd, name):
+    """Read and validate the header of the segment open on ``fd``."""
+    deadline = time.monotonic() + _INIT_WAIT
+    while True:
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, GEOMETRY.size, GEOMETRY_OFFSET) if size >= HEADER_SIZE else b""
+        if len(raw) == GEOMETRY.size and raw[:8] != b"\0" * 8:
+            break
+        if time.monotonic() >= deadline:   # its creator died during initialisation
+            raise CorruptQueue(f"segment {name!r} is truncated or was never "
+                               f"initialised ({size} bytes)")
+        time.sleep(0.01)
+    geometry = GEOMETRY.unpack(raw)
+    magic, version, header_size, maxsize, mms, capacity, data_off, file_size = geometry[:8]
+    if magic != MAGIC:
+        raise CorruptQueue(
+            f"segment {name!r} has magic {magic!r}, not the pure backend's {MAGIC!r}: "
+            "it was created by the native backend (use the same FASTMQ_BACKEND in "
+            "every process) or is not a fastmq queue")
+    if version != VERSION:
+        raise CorruptQueue(f"segment {name!r} has layout version {version}, this "
+                           f"fastmq's pure backend reads version {VERSION}")
+    try:
+        _validate_geometry(maxsize, mms, capacity)
+    except (TypeError, ValueError) as exc:
+        raise CorruptQueue(f"segment {name!r} has an invalid header: {exc}") from None
+    if header_size != HEADER_SIZE or data_off != DATA_OFFSET or \
+            file_size != DATA_OFFSET + capacity + RECORD_HEADER.size or file_size != size:
+        raise CorruptQueue(f"segment {name!r} has an inconsistent layout (header "
+                           f"{header_size}, data at {data_off}, recorded size "
+                           f"{file_size}, actual size {size})")
+    return geometry
+
+
+def _start_time(pid):
+    """Process start time in clock ticks (guards against pid reuse), or 0."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19]) & 0xFFFFFFFF
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _alive(pid, start):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return start == 0 or _start_time(pid) in (0, start)
+
+
+def cleanup_orphans():
+    return _lifetime.cleanup()
+
+
+def list_segments():
+    """Names of pure-backend segments in /dev/shm."""
+    names = []
+    try:
+        entries = sorted(os.listdir(_lifetime.SHM_DIR))
+    except OSError:
+        return names
+    for entry in entries:
+        if not entry.startswith("fastmq-"):
+            continue
+        try:
+            fd = os.open(_lifetime.segment_path(entry),
+                         os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if os.pread(fd, len(MAGIC), 0) == MAGIC:
+                names.append(entry)
+        except OSError:
+            pass
+        finally:
+            _lifetime.guarded_close(fd)
+    return names
