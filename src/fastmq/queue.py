@@ -1,0 +1,470 @@
+"""``fastmq.Queue``: a multiprocessing.Queue-compatible handle on a ring.
+
+The layer's jobs, and nothing more: validate arguments early with actionable
+messages, normalise ``block``/``timeout`` the way the stdlib does, serialize
+(see ``_serialize``), offer the zero-copy helpers, and make the handle
+picklable. Everything that touches shared memory -- blocking, locking,
+crash safety, fork handling -- belongs to the ring (``_ring_protocol``).
+
+The handle keeps no per-process state besides the ring itself, so a handle
+inherited through ``fork()`` works in the child as it is.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import weakref
+
+from . import _backend, _names, _serialize
+from .errors import MessageTooLarge, QueueClosed, QueueNotFound
+
+__all__ = ["Queue", "Received", "DEFAULT_MAXSIZE", "DEFAULT_MAX_MESSAGE_SIZE",
+           "MIN_CAPACITY_BYTES"]
+
+DEFAULT_MAXSIZE = 8192                    # messages, when maxsize=0
+DEFAULT_MAX_MESSAGE_SIZE = 16 << 20       # 16 MiB
+MIN_CAPACITY_BYTES = 64 << 20             # default capacity_bytes floor
+MAX_MAXSIZE = 1 << 24
+MAX_MESSAGE_SIZE = 1 << 31
+MAX_CAPACITY_BYTES = 1 << 40
+DEFAULT_GET_MANY = 1024
+
+
+# ------------------------------------------------------------ argument checks
+
+def _check_int(label, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{label} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{label} must be an int in [{low}, {high}], got {value}")
+    return value
+
+
+def _geometry(maxsize, max_message_size, capacity_bytes):
+    """Apply the documented defaults and validate; returns the ring's sizes."""
+    maxsize = _check_int("maxsize", maxsize, 0, MAX_MAXSIZE) or DEFAULT_MAXSIZE
+    if max_message_size is None:
+        max_message_size = DEFAULT_MAX_MESSAGE_SIZE
+    _check_int("max_message_size", max_message_size, 1, MAX_MESSAGE_SIZE)
+    if capacity_bytes is None:
+        capacity_bytes = max(MIN_CAPACITY_BYTES, 2 * max_message_size)
+    _check_int("capacity_bytes", capacity_bytes, 1, MAX_CAPACITY_BYTES)
+    if capacity_bytes < max_message_size:
+        raise ValueError(f"capacity_bytes ({capacity_bytes}) must be at least "
+                         f"max_message_size ({max_message_size}): a message must fit")
+    return dict(maxsize=maxsize, max_message_size=max_message_size,
+                capacity_bytes=capacity_bytes)
+
+
+def _check_serializer(serializer):
+    if serializer is None:
+        return None
+    if (not isinstance(serializer, (tuple, list)) or len(serializer) != 2
+            or not all(callable(f) for f in serializer)):
+        raise TypeError("serializer must be a (dumps, loads) pair of callables, "
+                        f"not {serializer!r}")
+    return tuple(serializer)
+
+
+def _timeout(block, timeout):
+    """``None`` (forever), ``0`` (don't block) or seconds > 0, like the stdlib."""
+    if not block:
+        return 0
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"'timeout' must be a number or None, not {type(timeout).__name__}")
+    if timeout < 0 or math.isnan(timeout):
+        raise ValueError("'timeout' must be a non-negative number")
+    return timeout
+
+
+# ------------------------------------------------------------------ the handle
+
+class Queue:
+    """A shared-memory FIFO of Python objects, usable from any process.
+
+    ``Queue()`` makes an anonymous queue, a drop-in for
+    ``multiprocessing.Queue``; ``Queue.create(name)`` / ``Queue.open(name)``
+    make or join a named one. Sizes and their defaults:
+
+    * ``maxsize`` -- capacity in messages; ``0`` means 8192 (at most 2**24).
+    * ``max_message_size`` -- largest message in bytes (after pickling);
+      ``None`` means 16 MiB.
+    * ``capacity_bytes`` -- shared memory for message bytes; ``None`` means
+      ``max(64 MiB, 2 * max_message_size)``. Memory is only committed as it
+      is used.
+    * ``serializer`` -- ``(dumps, loads)``; default pickle protocol 5 with
+      out-of-band buffers (numpy arrays are copied once, straight into
+      shared memory).
+
+    The handle pickles (fork, spawn, forkserver, executors, even through
+    another fastmq queue). The memory of an anonymous queue is freed when the
+    last handle in any process is closed or garbage-collected.
+
+    ``_backend="pure"|"native"`` (keyword, internal) picks a ring
+    implementation regardless of ``fastmq.backend``; the test suite uses it to
+    run every behaviour test against both.
+    """
+
+    def __init__(self, maxsize=0, *, max_message_size=None, capacity_bytes=None,
+                 serializer=None, _backend=None):
+        geometry = _geometry(maxsize, max_message_size, capacity_bytes)
+        serializer = _check_serializer(serializer)
+        backend, module = _backend_resolve(_backend)
+        ring = module.Ring.create(_names.anonymous_segment(), anonymous=True, **geometry)
+        self._setup(ring, backend, None, serializer)
+
+    # -------------------------------------------------------- constructors
+
+    @classmethod
+    def _from_ring(cls, ring, backend, name, serializer):
+        self = cls.__new__(cls)
+        self._setup(ring, backend, name, serializer)
+        return self
+
+    def _setup(self, ring, backend, name, serializer):
+        self._ring = ring
+        self.backend = backend
+        self.name = name                  # None for anonymous queues
+        self._serializer = serializer
+        self._reserved_arrays = {}        # id(array) -> Reservation (reserve_array)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, name, *, maxsize=0, max_message_size=None, capacity_bytes=None,
+               mode=0o600, exist_ok=False, serializer=None, max_deliveries=20,
+               dead_letter=None, _backend=None):
+        """Create the named queue ``name`` (``QueueExists`` if it exists, unless
+        ``exist_ok=True``, which opens it -- its own sizes win)."""
+        segment = _names.segment_for(name)
+        geometry = _geometry(maxsize, max_message_size, capacity_bytes)
+        serializer = _check_serializer(serializer)
+        _check_int("mode", mode, 0, 0o7777)
+        _check_int("max_deliveries", max_deliveries, 1, 1 << 30)
+        if dead_letter is not None:
+            _names.validate_name(dead_letter)
+        backend, module = _backend_resolve(_backend)
+        ring = module.Ring.create(segment, mode=mode, exist_ok=exist_ok,
+                                  max_deliveries=max_deliveries,
+                                  dead_letter=dead_letter or "", **geometry)
+        return cls._from_ring(ring, backend, name, serializer)
+
+    @classmethod
+    def open(cls, name, serializer=None, *, _backend=None):
+        """Open the existing named queue ``name`` (``QueueNotFound`` if absent)."""
+        segment = _names.segment_for(name)
+        serializer = _check_serializer(serializer)
+        backend, module = _backend_resolve(_backend)
+        try:
+            ring = module.Ring.open(segment)
+        except QueueNotFound:
+            raise QueueNotFound(f"no fastmq queue named {name!r}") from None
+        return cls._from_ring(ring, backend, name, serializer)
+
+    @staticmethod
+    def unlink(name, *, _backend=None):
+        """Remove the name ``name``; handles already open keep working."""
+        segment = _names.segment_for(name)
+        _, module = _backend_resolve(_backend)
+        try:
+            module.Ring.unlink(segment)
+        except QueueNotFound:
+            raise QueueNotFound(f"no fastmq queue named {name!r}") from None
+
+    # ------------------------------------------------------------- pickling
+
+    def __reduce__(self):
+        ring = self._live_ring()
+        return (_reopen, (ring.name, ring.anonymous, self._serializer, self.backend))
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _live_ring(self):
+        ring = self._ring
+        if ring.closed:
+            raise QueueClosed("operation on a closed fastmq queue handle")
+        return ring
+
+    def close(self):
+        """Stop using this handle (idempotent); other handles are unaffected."""
+        self._ring.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._ring.closed
+
+    def join_thread(self):
+        """No-op (fastmq has no feeder thread); for multiprocessing.Queue code."""
+
+    def cancel_join_thread(self):
+        """No-op (fastmq has no feeder thread); for multiprocessing.Queue code."""
+
+    def __enter__(self):
+        self._live_ring()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        ring = getattr(self, "_ring", None)
+        if ring is not None:
+            try:
+                ring.close()
+            except Exception:
+                pass
+
+    def __repr__(self):
+        what = f"name={self.name!r}" if self.name is not None else "anonymous"
+        state = "closed" if self._ring.closed else f"maxsize={self._ring.maxsize}"
+        return f"<fastmq.Queue {what} backend={self.backend} {state}>"
+
+    # --------------------------------------------------------- geometry
+
+    @property
+    def maxsize(self) -> int:
+        return self._ring.maxsize
+
+    @property
+    def max_message_size(self) -> int:
+        return self._ring.max_message_size
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._ring.capacity_bytes
+
+    # ------------------------------------------------------- serialization
+
+    def _dumps(self, obj):
+        return self._serializer[0](obj)
+
+    def _loads(self, payload):
+        return self._serializer[1](payload)
+
+    def _encode(self, obj):
+        return self._dumps(obj) if self._serializer else _serialize.encode(obj)
+
+    def _decode(self, payload):
+        return self._loads(payload) if self._serializer else _serialize.decode(payload)
+
+    # --------------------------------------------------------- put / get
+
+    def put(self, obj, block=True, timeout=None):
+        """Serialize ``obj`` and enqueue it; ``Full`` if no room in time."""
+        timeout = _timeout(block, timeout)
+        ring = self._live_ring()
+        if self._serializer:
+            ring.put(self._dumps(obj), timeout)
+        else:
+            _serialize.put_object(ring, obj, timeout)
+
+    def get(self, block=True, timeout=None, *, zero_copy=False):
+        """Dequeue and deserialize one object; ``Empty`` if none in time.
+
+        ``zero_copy=True`` returns numpy arrays (and other out-of-band buffers)
+        as read-only views of shared memory, which stays pinned while they live.
+        """
+        timeout = _timeout(block, timeout)
+        ring = self._live_ring()
+        if not zero_copy or self._serializer:
+            return self._decode(ring.get(timeout))
+        lease = ring.recv(timeout)
+        try:
+            return _serialize.decode(lease.view, zero_copy=True)
+        finally:
+            lease.close()            # deferred while the arrays view it
+
+    def put_nowait(self, obj):
+        return self.put(obj, False)
+
+    def get_nowait(self):
+        return self.get(False)
+
+    def put_many(self, iterable, block=True, timeout=None) -> int:
+        """Enqueue a batch in order; returns how many went in (all of them when
+        blocking without a timeout). Nothing is written if any item is too big."""
+        timeout = _timeout(block, timeout)
+        ring = self._live_ring()
+        payloads = [self._encode(obj) for obj in iterable]
+        _check_sizes(payloads, ring.max_message_size)
+        return ring.put_many(payloads, timeout)
+
+    def get_many(self, max_messages=DEFAULT_GET_MANY, block=True, timeout=None) -> list:
+        """At least one object (``Empty`` where ``get`` would raise), at most
+        ``max_messages``, without waiting for more once one is available."""
+        _check_int("max_messages", max_messages, 1, 1 << 30)
+        timeout = _timeout(block, timeout)
+        return [self._decode(p) for p in self._live_ring().get_many(max_messages, timeout)]
+
+    def put_bytes(self, data, block=True, timeout=None):
+        """Enqueue a bytes-like payload as it is (no serialization)."""
+        timeout = _timeout(block, timeout)
+        self._live_ring().put(data, timeout)
+
+    def get_bytes(self, block=True, timeout=None) -> bytes:
+        """Dequeue one payload as bytes (no deserialization)."""
+        timeout = _timeout(block, timeout)
+        return self._live_ring().get(timeout)
+
+    # ------------------------------------------------------------ inspection
+
+    def qsize(self) -> int:
+        """Approximate number of queued messages (works on every platform)."""
+        return self._live_ring().qsize()
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        return self.qsize() >= self._ring.maxsize
+
+    def stats(self) -> dict:
+        """The ring's counters: depth, capacity, enqueued, dequeued,
+        bytes_in_use, producers, consumers, redelivered, abandoned,
+        dead_lettered, and whatever else the backend reports."""
+        return dict(self._live_ring().stats())
+
+    # ------------------------------------------------------------- zero-copy
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes, timeout=None):
+        """``with q.reserve(n) as buf:`` -- a writable memoryview of ``n`` bytes
+        in the queue, published on normal exit, discarded on an exception.
+        Consumers read it with ``get_bytes()``/``recv()``."""
+        timeout = _timeout(True, timeout)
+        reservation = self._live_ring().reserve(nbytes, timeout)
+        try:
+            yield reservation.view
+        except BaseException:
+            reservation.abort()
+            raise
+        reservation.commit()
+
+    def reserve_array(self, shape, dtype):
+        """A numpy array living in the queue's memory; publish it with
+        ``commit(arr)``. Consumers ``get()`` it back as an ndarray."""
+        np = _numpy()
+        dtype = np.dtype(dtype)
+        if dtype.hasobject:
+            raise TypeError(f"reserve_array needs a dtype without Python objects, not {dtype}")
+        template = np.empty(shape, dtype)     # untouched pages: costs no copy
+        data, raws = _serialize.pickle_with_buffers(template)
+        if len(raws) != 1:
+            raise TypeError(f"numpy did not pickle a {dtype} array out-of-band")
+        header, total, offsets = _serialize.frame_layout(len(data), [raws[0].nbytes])
+        del template, raws
+        reservation = self._live_ring().reserve(total, None)
+        try:
+            _serialize.write_frame(reservation.view[:offsets[0]], header, data, [], [])
+            arr = np.frombuffer(reservation.view, dtype, count=int(np.prod(shape)),
+                                offset=offsets[0]).reshape(shape)
+        except BaseException:
+            reservation.abort()
+            raise
+        key = id(arr)
+        with self._lock:
+            self._reserved_arrays[key] = reservation
+        # Weak: a forgotten array must not keep the handle (and segment) alive.
+        weakref.finalize(arr, _abandon_array, weakref.ref(self), key)
+        return arr
+
+    def commit(self, arr):
+        """Publish an array from ``reserve_array``; it becomes read-only."""
+        with self._lock:
+            reservation = self._reserved_arrays.pop(id(arr), None)
+        if reservation is None:
+            raise ValueError("commit() takes an array returned by this queue's "
+                             "reserve_array() that was not committed yet")
+        arr.flags.writeable = False
+        reservation.commit()
+
+    def recv(self, timeout=None):
+        """``with q.recv() as msg:`` -- ``msg.data`` is a read-only memoryview
+        of the next message in shared memory, pinned while any view of it lives."""
+        timeout = _timeout(True, timeout)
+        return Received(self._live_ring().recv(timeout))
+
+
+class Received:
+    """One message received with ``Queue.recv``.
+
+    ``data`` is a read-only memoryview of the message. Leaving the ``with``
+    block releases it once no view derived from ``data`` is alive (deferred,
+    never an error); ``release()`` releases it now and raises ``BufferError``
+    while such views are alive.
+    """
+
+    __slots__ = ("_lease",)
+
+    def __init__(self, lease):
+        self._lease = lease
+
+    @property
+    def data(self) -> memoryview:
+        return self._lease.view
+
+    @property
+    def nbytes(self) -> int:
+        return self._lease.nbytes
+
+    def release(self):
+        self._lease.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._lease.close()
+
+
+# ------------------------------------------------------------------- helpers
+
+def _backend_resolve(name):
+    if name is not None and name not in _backend.BACKENDS:
+        raise ValueError(f"unknown fastmq backend {name!r}; expected one of "
+                         f"{_backend.BACKENDS}")
+    return _backend.resolve(name)
+
+
+def _check_sizes(payloads, limit):
+    for payload in payloads:
+        n = memoryview(payload).nbytes
+        if n > limit:
+            raise MessageTooLarge(f"message of {n} bytes exceeds this queue's "
+                                  f"max_message_size of {limit} bytes; nothing was sent")
+
+
+def _abandon_array(queue_ref, key):
+    """An array from reserve_array died uncommitted: give its space back."""
+    queue = queue_ref()
+    if queue is None:
+        return
+    with queue._lock:
+        reservation = queue._reserved_arrays.pop(key, None)
+    if reservation is not None:
+        try:
+            reservation.abort()
+        except Exception:
+            pass
+
+
+def _numpy():
+    try:
+        import numpy
+    except ImportError:
+        raise ImportError("reserve_array needs numpy: pip install numpy") from None
+    return numpy
+
+
+def _reopen(segment, anonymous, serializer, backend):
+    """Unpickle a handle: open its segment in this process."""
+    module = _backend.ring_module(backend)
+    try:
+        ring = module.Ring.open(segment)
+    except QueueNotFound:
+        what = "anonymous queue" if anonymous else f"queue {_names.queue_name_of(segment)!r}"
+        raise QueueNotFound(f"cannot unpickle fastmq handle: the {what} no longer "
+                            "exists (every handle to it was closed)") from None
+    return Queue._from_ring(ring, backend, _names.queue_name_of(segment), serializer)
