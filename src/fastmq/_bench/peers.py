@@ -1,0 +1,441 @@
+"""One adapter per queue implementation, all with the same small interface.
+
+A ``Peer`` is created in the parent for one channel (``producers`` x ``consumers``,
+one message ``mode`` and ``size``) *before* the worker processes are forked; each
+worker then asks it for its own end:
+
+* ``peer.sender(i)``   -> object with ``send(msg)``, ``send_many(list)``, ``finish()``
+* ``peer.receiver(j)`` -> object with ``recv()`` (blocking; ``None`` = a wake-up
+  sentinel) and ``recv_many()`` (a list; ``[]`` = wake-up), and ``close()``
+* ``peer.wake(n)`` (parent) puts ``n`` sentinels into the channel so that blocked
+  receivers return; ``peer.close()`` (parent) releases the channel.
+
+Every receiver uses its implementation's natural blocking call, the way an
+application would (no polling loops that would flatter or penalise a peer).
+Each mode maps to the call a user of that library would make:
+
+=========  ======================  =======================  ====================
+mode       fastmq                  multiprocessing          faster-fifo / pyzmq
+=========  ======================  =======================  ====================
+bytes      put_bytes / get_bytes   put / get (pickles)      raw bytes / send, recv
+pickle     put / get               put / get                put / get ; send_pyobj
+batch      put_many / get_many     one by one               put_many / get_many ;
+                                                            one by one
+numpy      put / get(zero_copy)    put / get (pickles)      pickled ; copy=False
+=========  ======================  =======================  ====================
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import uuid
+
+BATCH = 64            # messages per put_many in batch mode
+GET_MANY = 256        # most messages per get_many
+
+_CTX = multiprocessing.get_context("fork")
+
+
+def _sentinel_payload(mode):
+    return None if mode == "pickle" else b""
+
+
+class Peer:
+    """Base class; see the module docstring."""
+
+    name = "?"
+    label = "?"
+    native_batch = False         # has put_many/get_many of its own
+    pairs_only = False           # 1 producer x 1 consumer only (Pipe)
+
+    @classmethod
+    def available(cls):
+        """(True, "") or (False, reason) -- e.g. the package is not installed."""
+        return True, ""
+
+    def __init__(self, producers: int, consumers: int, mode: str, size: int, depth: int):
+        self.producers, self.consumers = producers, consumers
+        self.mode, self.size, self.depth = mode, size, depth
+
+    def supports(self, producers: int, consumers: int, mode: str):
+        return True
+
+    def sender(self, index: int):
+        raise NotImplementedError
+
+    def receiver(self, index: int):
+        raise NotImplementedError
+
+    def wake(self, n: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _Endpoint:
+    """Sender/receiver built from plain callables (keeps per-call overhead minimal)."""
+
+    def __init__(self, send=None, recv=None, send_many=None, recv_many=None,
+                 finish=None, close=None):
+        if send is not None:
+            self.send = send
+            self.send_many = send_many or self._send_each
+        if recv is not None:
+            self.recv = recv
+            self.recv_many = recv_many or self._recv_one
+        self._finish = finish
+        self._close = close
+
+    def _send_each(self, msgs):
+        send = self.send
+        for m in msgs:
+            send(m)
+
+    def _recv_one(self):
+        m = self.recv()
+        return [] if m is None else [m]
+
+    def finish(self):
+        if self._finish is not None:
+            self._finish()
+
+    def close(self):
+        if self._close is not None:
+            self._close()
+
+
+def _unsentinel(get):
+    """Wrap a bytes ``get`` so an empty message (the wake-up) reads as None."""
+    def recv():
+        m = get()
+        return m if len(m) else None
+    return recv
+
+
+# ---------------------------------------------------------------- fastmq --
+
+class FastmqPeer(Peer):
+    name, label = "fastmq", "fastmq"
+    native_batch = True
+
+    @classmethod
+    def available(cls):
+        try:
+            import fastmq
+            fastmq.Queue  # noqa: B018
+        except Exception as exc:  # noqa: BLE001 - report why, never crash the bench
+            return False, f"fastmq.Queue not importable: {exc}"
+        return True, ""
+
+    def __init__(self, producers, consumers, mode, size, depth):
+        super().__init__(producers, consumers, mode, size, depth)
+        import fastmq
+        self.label = f"fastmq ({getattr(fastmq, 'backend', '?')})"
+        room = max(size, 256) + 64 * 1024
+        self.q = fastmq.Queue(maxsize=depth, max_message_size=room,
+                              capacity_bytes=max(depth * room, 1 << 20))
+
+    def sender(self, index):
+        q = self.q
+        if self.mode == "bytes":
+            return _Endpoint(send=q.put_bytes)
+        if self.mode == "batch":
+            return _Endpoint(send=q.put, send_many=q.put_many)
+        return _Endpoint(send=q.put)
+
+    def receiver(self, index):
+        q = self.q
+        if self.mode == "bytes":
+            return _Endpoint(recv=_unsentinel(q.get_bytes))
+        if self.mode == "batch":
+            def recv_many(get_many=q.get_many):
+                # wake-up sentinels (empty) are dropped; the parent wakes again
+                return [m for m in get_many(GET_MANY) if len(m)]
+            return _Endpoint(recv=_unsentinel(q.get), recv_many=recv_many)
+        if self.mode == "numpy":
+            def recv(get=q.get):
+                m = get(zero_copy=True)
+                return None if isinstance(m, bytes) else m
+            return _Endpoint(recv=recv)
+        return _Endpoint(recv=q.get)
+
+    def wake(self, n):
+        for _ in range(n):
+            try:
+                if self.mode == "bytes":
+                    self.q.put_bytes(b"", timeout=1.0)
+                else:
+                    self.q.put(_sentinel_payload(self.mode), timeout=1.0)
+            except Exception:  # noqa: BLE001 - full or closed: best effort
+                return
+
+    def close(self):
+        self.q.close()
+
+
+# ------------------------------------------------------ multiprocessing --
+
+class MpQueuePeer(Peer):
+    name, label = "mp-queue", "multiprocessing.Queue"
+
+    def __init__(self, producers, consumers, mode, size, depth):
+        super().__init__(producers, consumers, mode, size, depth)
+        self.q = _CTX.Queue(maxsize=depth)
+
+    def sender(self, index):
+        q = self.q
+
+        def finish():                 # flush the feeder thread into the pipe
+            q.close()
+            q.join_thread()
+        return _Endpoint(send=q.put, finish=finish)
+
+    def receiver(self, index):
+        get = self.q.get
+        if self.mode in ("bytes", "batch"):
+            return _Endpoint(recv=_unsentinel(get))
+        if self.mode == "numpy":
+            return _Endpoint(recv=lambda: (lambda m: None if isinstance(m, bytes) else m)(get()))
+        return _Endpoint(recv=get)
+
+    def wake(self, n):
+        for _ in range(n):
+            try:
+                self.q.put(_sentinel_payload(self.mode), timeout=1.0)
+            except Exception:  # noqa: BLE001
+                return
+
+    def close(self):
+        self.q.close()
+        self.q.cancel_join_thread()
+
+
+class SimpleQueuePeer(Peer):
+    name, label = "simplequeue", "multiprocessing.SimpleQueue"
+
+    def __init__(self, producers, consumers, mode, size, depth):
+        super().__init__(producers, consumers, mode, size, depth)
+        self.q = _CTX.SimpleQueue()
+
+    def sender(self, index):
+        return _Endpoint(send=self.q.put)
+
+    def receiver(self, index):
+        get = self.q.get
+        if self.mode == "pickle":
+            return _Endpoint(recv=get)
+        if self.mode == "numpy":
+            return _Endpoint(recv=lambda: (lambda m: None if isinstance(m, bytes) else m)(get()))
+        return _Endpoint(recv=_unsentinel(get))
+
+    def wake(self, n):
+        for _ in range(n):
+            self.q.put(_sentinel_payload(self.mode))
+
+    def close(self):
+        self.q.close()
+
+
+class PipePeer(Peer):
+    name, label = "pipe", "multiprocessing.Pipe"
+    pairs_only = True
+
+    def supports(self, producers, consumers, mode):
+        return producers == 1 and consumers == 1
+
+    def __init__(self, producers, consumers, mode, size, depth):
+        super().__init__(producers, consumers, mode, size, depth)
+        self.r, self.w = _CTX.Pipe(duplex=False)
+
+    def sender(self, index):
+        w = self.w
+        if self.mode in ("bytes", "batch"):
+            return _Endpoint(send=w.send_bytes)
+        return _Endpoint(send=w.send)
+
+    def receiver(self, index):
+        r = self.r
+        if self.mode in ("bytes", "batch"):
+            return _Endpoint(recv=_unsentinel(r.recv_bytes))
+        if self.mode == "numpy":
+            return _Endpoint(recv=lambda: (lambda m: None if isinstance(m, bytes) else m)(r.recv()))
+        return _Endpoint(recv=r.recv)
+
+    def wake(self, n):
+        for _ in range(n):
+            if self.mode in ("bytes", "batch"):
+                self.w.send_bytes(b"")
+            else:
+                self.w.send(_sentinel_payload(self.mode))
+
+    def close(self):
+        self.r.close()
+        self.w.close()
+
+
+# ---------------------------------------------------------- faster-fifo --
+
+def _identity(x):
+    return x
+
+
+class FasterFifoPeer(Peer):
+    name, label = "faster-fifo", "faster_fifo.Queue"
+    native_batch = True
+
+    @classmethod
+    def available(cls):
+        try:
+            import faster_fifo  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return False, f"faster-fifo not installed ({exc}); pip install faster-fifo"
+        return True, ""
+
+    def __init__(self, producers, consumers, mode, size, depth):
+        super().__init__(producers, consumers, mode, size, depth)
+        import faster_fifo
+        nbytes = max(depth * (max(size, 256) + 512), 1 << 20)
+        if mode in ("bytes", "batch"):
+            # raw bytes, no pickling: what a faster-fifo user moving bytes would do
+            self.q = faster_fifo.Queue(max_size_bytes=nbytes, maxsize=depth,
+                                       loads=bytes, dumps=bytes)
+        else:
+            self.q = faster_fifo.Queue(max_size_bytes=nbytes, maxsize=depth)
+
+    def sender(self, index):
+        q = self.q
+        # faster-fifo's default timeout is 10 s; the harness bounds waits itself
+        return _Endpoint(send=lambda m: q.put(m, timeout=1e9),
+                         send_many=lambda ms: q.put_many(ms, timeout=1e9))
+
+    def receiver(self, index):
+        q, mode = self.q, self.mode
+
+        def recv():
+            m = q.get(timeout=1e9)
+            if mode == "pickle":
+                return m
+            if mode == "numpy":
+                return None if isinstance(m, bytes) else m
+            return m if len(m) else None
+
+        def recv_many():
+            ms = q.get_many(timeout=1e9, max_messages_to_get=GET_MANY)
+            return [m for m in ms if len(m)]
+        return _Endpoint(recv=recv, recv_many=recv_many)
+
+    def wake(self, n):
+        for _ in range(n):
+            try:
+                self.q.put(_sentinel_payload(self.mode) if self.mode != "bytes" else b"",
+                           timeout=1.0)
+            except Exception:  # noqa: BLE001
+                return
+
+    def close(self):
+        self.q.close()
+
+
+# ---------------------------------------------------------------- pyzmq --
+
+class ZmqPeer(Peer):
+    """PUSH (every producer connects to every consumer) -> PULL (each consumer binds)."""
+
+    name, label = "zmq", "pyzmq PUSH/PULL ipc"
+
+    @classmethod
+    def available(cls):
+        try:
+            import zmq  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return False, f"pyzmq not installed ({exc}); pip install pyzmq"
+        return True, ""
+
+    def __init__(self, producers, consumers, mode, size, depth):
+        super().__init__(producers, consumers, mode, size, depth)
+        tag = uuid.uuid4().hex[:12]
+        self.paths = [f"/tmp/fastmq-bench-{os.getpid()}-{tag}-{j}.ipc" for j in range(consumers)]
+        self.urls = ["ipc://" + p for p in self.paths]
+        self.copy = size < 64 * 1024
+        self.hwm = depth
+
+    def _socket(self, kind):
+        import zmq
+        self._ctx = zmq.Context()
+        s = self._ctx.socket(kind)
+        s.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, self.hwm)
+        s.setsockopt(zmq.LINGER, 10000)
+        return s
+
+    def sender(self, index):
+        import zmq
+        s = self._socket(zmq.PUSH)
+        for u in self.urls:
+            s.connect(u)
+
+        def finish():
+            s.close(linger=10000)
+            self._ctx.term()
+        if self.mode == "pickle":
+            return _Endpoint(send=s.send_pyobj, finish=finish)
+        copy = self.copy
+        return _Endpoint(send=lambda m: s.send(m, copy=copy), finish=finish)
+
+    def receiver(self, index):
+        import zmq
+        s = self._socket(zmq.PULL)
+        s.bind(self.urls[index])
+
+        def close():
+            s.close(linger=0)
+            self._ctx.term()
+        if self.mode == "pickle":
+            return _Endpoint(recv=s.recv_pyobj, close=close)
+        if self.mode == "numpy":
+            import numpy as np
+
+            def recv():
+                f = s.recv(copy=False)
+                return np.frombuffer(f.buffer, dtype=np.uint8) if len(f) else None
+            return _Endpoint(recv=recv, close=close)
+        if self.copy:
+            return _Endpoint(recv=_unsentinel(s.recv), close=close)
+
+        def recv_frame():
+            f = s.recv(copy=False)
+            return f.buffer if len(f) else None
+        return _Endpoint(recv=recv_frame, close=close)
+
+    def wake(self, n):
+        import zmq
+        ctx = zmq.Context()
+        try:
+            for u in self.urls:
+                s = ctx.socket(zmq.PUSH)
+                s.setsockopt(zmq.LINGER, 200)
+                s.setsockopt(zmq.SNDTIMEO, 500)
+                s.connect(u)
+                try:
+                    for _ in range(max(1, n // max(1, len(self.urls)))):
+                        if self.mode == "pickle":
+                            s.send_pyobj(None)
+                        else:
+                            s.send(b"")
+                except zmq.ZMQError:
+                    pass
+                s.close()
+        finally:
+            ctx.term()
+
+    def close(self):
+        for p in self.paths:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+PEERS = {cls.name: cls for cls in
+         (FastmqPeer, MpQueuePeer, SimpleQueuePeer, PipePeer, FasterFifoPeer, ZmqPeer)}
+BASELINE = "mp-queue"

@@ -1,0 +1,328 @@
+"""Run one benchmark cell in real processes, honestly and with every wait bounded.
+
+Throughput cell (``run_throughput``):
+
+1. the parent creates the channel (a ``peers.Peer``) and forks P producers and
+   C consumers; each builds its endpoint, then all of them and the parent meet at
+   a barrier, so process start-up and connection set-up are not timed;
+2. producers send ``count`` messages each (``Builder``), consumers verify every
+   message (``Tally``) and stamp ``time.monotonic_ns()`` (CLOCK_MONOTONIC, one
+   clock for all processes on Linux) after each one;
+3. when the producers are done the parent wakes blocked consumers with sentinels
+   until their published counts add up (or a deadline passes), then stops them;
+4. elapsed = last message verified by any consumer - first producer start.
+
+Any child error, hang (deadline) or verification problem makes the cell fail with
+a ``CellFailed`` that says what happened; every child is reaped (terminated, then
+killed) in ``finally``.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+import traceback
+from array import array
+from multiprocessing.connection import wait as _wait_conns
+
+from .payloads import Builder, Tally, verify
+from .peers import BATCH
+
+CTX = multiprocessing.get_context("fork")
+SETUP_TIMEOUT = 20.0
+
+
+class CellFailed(Exception):
+    """A cell could not be measured: messages lost/corrupted, a peer hung or crashed."""
+
+    def __init__(self, kind: str, problems: list):
+        self.kind, self.problems = kind, list(problems)
+        super().__init__(f"{kind}: " + "; ".join(self.problems[:5]))
+
+
+# ---------------------------------------------------------------- children --
+
+def _child(conn, barrier, body):
+    """Run ``body(barrier)`` in a worker; send its result or the error to the parent."""
+    try:
+        result = body(barrier)
+        conn.send({"ok": True, **result})
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        try:
+            barrier.abort()
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                       "trace": traceback.format_exc()})
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        conn.close()
+
+
+def _producer(peer, index, count, mode, size, batch, barrier, conn):
+    def body(barrier):
+        ep = peer.sender(index)
+        build = Builder(index, size, mode).build
+        barrier.wait(SETUP_TIMEOUT)
+        t0 = time.monotonic_ns()
+        if batch:
+            send_many = ep.send_many
+            for start in range(0, count, BATCH):
+                send_many([build(s) for s in range(start, min(count, start + BATCH))])
+        else:
+            send = ep.send
+            for s in range(count):
+                send(build(s))
+        t1 = time.monotonic_ns()
+        ep.finish()
+        return {"t0": t0, "t1": t1}
+    _child(conn, barrier, body)
+
+
+def _consumer(peer, index, producers, count, mode, size, batch, shared, barrier, conn):
+    def body(barrier):
+        ep = peer.receiver(index)
+        tally = Tally(producers, count, size, mode)
+        check = tally.check
+        now = time.monotonic_ns
+        last = 0
+        stop = len(shared) - 1
+        barrier.wait(SETUP_TIMEOUT)
+        if batch:
+            recv_many = ep.recv_many
+            while True:
+                msgs = recv_many()
+                if not msgs:
+                    shared[index] = tally.received
+                    if shared[stop]:
+                        break
+                    continue
+                for m in msgs:
+                    check(m)
+                last = now()
+        else:
+            recv = ep.recv
+            while True:
+                m = recv()
+                if m is None:
+                    shared[index] = tally.received
+                    if shared[stop]:
+                        break
+                    continue
+                check(m)
+                del m                      # a zero-copy view must not pin its slot
+                last = now()
+        ep.close()
+        return {"last": last, **tally.result()}
+    _child(conn, barrier, body)
+
+
+# ------------------------------------------------------------------ parent --
+
+class _Children:
+    """Started worker processes with their result pipes; reaped in ``reap()``."""
+
+    def __init__(self):
+        self.procs, self.conns, self.roles = [], [], []
+
+    def start(self, role, target, args):
+        r, w = CTX.Pipe(duplex=False)
+        p = CTX.Process(target=target, args=(*args, w), daemon=True, name=f"bench-{role}")
+        p.start()
+        w.close()
+        self.procs.append(p)
+        self.conns.append(r)
+        self.roles.append(role)
+
+    def collect(self, indexes, deadline, on_idle=None):
+        """Results of the given children, or CellFailed on error/timeout."""
+        results, pending = {}, {self.conns[i]: i for i in indexes}
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                names = ", ".join(self.roles[i] for i in sorted(pending.values()))
+                raise CellFailed("timeout", [f"no result from {names} before the deadline "
+                                             "(a peer hung; the processes were killed)"])
+            for c in _wait_conns(list(pending), timeout=min(left, 0.05)):
+                i = pending.pop(c)
+                try:
+                    res = c.recv()
+                except EOFError:
+                    code = self.procs[i].exitcode
+                    raise CellFailed("crash", [f"{self.roles[i]} died without a result "
+                                               f"(exit code {code})"]) from None
+                if not res.get("ok"):
+                    raise CellFailed("error", [f"{self.roles[i]}: {res.get('error')}"])
+                results[i] = res
+            if pending and on_idle is not None:
+                on_idle()
+        return [results[i] for i in indexes]
+
+    def reap(self):
+        for p in self.procs:
+            p.join(timeout=0.5)
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=1.0)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=1.0)
+        for c in self.conns:
+            c.close()
+
+
+def _barrier_start(barrier, kids):
+    try:
+        barrier.wait(SETUP_TIMEOUT)
+    except threading.BrokenBarrierError:
+        # a child failed during set-up; its error is in its pipe
+        try:
+            kids.collect(range(len(kids.procs)), time.monotonic() + 2.0)
+        except CellFailed:
+            raise
+        raise CellFailed("error", ["a worker failed during set-up"]) from None
+
+
+def run_throughput(peer_cls, producers, consumers, mode, size, count, depth,
+                   timeout=30.0) -> dict:
+    """Move ``count`` messages from each of ``producers`` to ``consumers`` processes.
+
+    Returns ``{"messages", "seconds", "msgs_per_s", "bytes_per_s"}``; raises
+    ``CellFailed`` if anything went wrong (including any lost/duplicated/corrupted
+    message).
+    """
+    batch = mode == "batch"
+    peer = peer_cls(producers, consumers, mode, size, depth)
+    kids = _Children()
+    shared = CTX.RawArray("q", consumers + 1)
+    barrier = CTX.Barrier(producers + consumers + 1)
+    try:
+        for j in range(consumers):
+            kids.start(f"consumer {j}", _consumer,
+                       (peer, j, producers, count, mode, size, batch, shared, barrier))
+        for i in range(producers):
+            kids.start(f"producer {i}", _producer,
+                       (peer, i, count, mode, size, batch, barrier))
+        _barrier_start(barrier, kids)
+        deadline = time.monotonic() + timeout
+        cons = list(range(consumers))
+        prods = list(range(consumers, consumers + producers))
+        pres = kids.collect(prods, deadline)
+        total = producers * count
+        while sum(shared[:consumers]) < total and time.monotonic() < deadline:
+            peer.wake(consumers)
+            time.sleep(0.005)
+            if any(not kids.procs[j].is_alive() for j in cons):
+                break
+        shared[consumers] = 1
+        cres = kids.collect(cons, min(deadline + 2.0, time.monotonic() + 5.0),
+                            on_idle=lambda: peer.wake(consumers))
+    finally:
+        kids.reap()
+        try:
+            peer.close()
+        except Exception:  # noqa: BLE001
+            pass
+    problems = verify(cres, producers, count)
+    if problems:
+        raise CellFailed("verification", problems)
+    t0 = min(r["t0"] for r in pres)
+    t1 = max(r["last"] for r in cres)
+    seconds = max(t1 - t0, 1) / 1e9
+    n = producers * count
+    return {"messages": n, "seconds": seconds, "msgs_per_s": n / seconds,
+            "bytes_per_s": n * size / seconds if mode != "pickle" else None}
+
+
+# --------------------------------------------------------------- ping-pong --
+
+def _pinger(ping, pong, size, seconds, warmup, barrier, conn):
+    def body(barrier):
+        s, r = ping.sender(0), pong.receiver(0)
+        build = Builder(0, size, "bytes").build
+        msgs = [build(i) for i in range(64)]
+        barrier.wait(SETUP_TIMEOUT)
+        send, recv, clock = s.send, r.recv, time.perf_counter_ns
+        rtts = array("q")
+        bad = 0
+        end = clock() + int(seconds * 1e9)
+        i = 0
+        while True:
+            m = msgs[i & 63]
+            t0 = clock()
+            send(m)
+            back = recv()
+            t1 = clock()
+            if back is None or bytes(back) != m:
+                bad += 1
+            if i >= warmup:
+                rtts.append(t1 - t0)
+                if t1 > end and len(rtts) >= 200:
+                    break
+            i += 1
+        s.send(b"")                    # tells the echo process to stop
+        s.finish()
+        r.close()
+        return {"rtts": rtts.tobytes(), "bad": bad}
+    _child(conn, barrier, body)
+
+
+def _echoer(ping, pong, barrier, conn):
+    def body(barrier):
+        r, s = ping.receiver(0), pong.sender(0)
+        barrier.wait(SETUP_TIMEOUT)
+        recv, send = r.recv, s.send
+        n = 0
+        while True:
+            m = recv()
+            if m is None:
+                break
+            send(m)
+            n += 1
+        s.finish()
+        r.close()
+        return {"echoed": n}
+    _child(conn, barrier, body)
+
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * (len(sorted_values) - 1)))))
+    return sorted_values[k]
+
+
+def run_pingpong(peer_cls, size=64, seconds=0.3, warmup=200, timeout=30.0) -> dict:
+    """Round trips of one ``size``-byte message between two processes over two
+    channels, blocking waits on both sides. Returns percentiles in microseconds."""
+    ping = peer_cls(1, 1, "bytes", size, 16)
+    pong = peer_cls(1, 1, "bytes", size, 16)
+    kids = _Children()
+    barrier = CTX.Barrier(3)
+    try:
+        kids.start("echo", _echoer, (ping, pong, barrier))
+        kids.start("pinger", _pinger, (ping, pong, size, seconds, warmup, barrier))
+        _barrier_start(barrier, kids)
+        deadline = time.monotonic() + timeout + seconds
+        res = kids.collect([1], deadline)[0]
+        kids.collect([0], time.monotonic() + 5.0, on_idle=lambda: ping.wake(1))
+    finally:
+        kids.reap()
+        for p in (ping, pong):
+            try:
+                p.close()
+            except Exception:  # noqa: BLE001
+                pass
+    if res["bad"]:
+        raise CellFailed("verification", [f"{res['bad']} round trip(s) came back corrupted"])
+    rtts = array("q")
+    rtts.frombytes(res["rtts"])
+    vals = sorted(rtts)
+    return {"round_trips": len(vals),
+            "p50_us": percentile(vals, 50) / 1e3, "p99_us": percentile(vals, 99) / 1e3,
+            "p999_us": percentile(vals, 99.9) / 1e3,
+            "msgs_per_s": len(vals) / (sum(vals) / 1e9) if vals else 0.0}
