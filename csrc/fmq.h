@@ -1,0 +1,152 @@
+/*
+ * fmq.h -- the C core of fastmq: what the Cython binding may call.
+ *
+ * A queue is one POSIX shared-memory segment (see fmq_layout.h for the bytes)
+ * mapped by every process that uses it. This header is the whole surface of
+ * the core; nothing here touches Python. Naming grid (DPDK style):
+ *
+ *   fmq_region_*   create / open / validate / close / unlink a segment
+ *   fmq_ring_*     the slot state machine: reserve (claim to write), commit,
+ *                  peek + claim (to read), release, unclaim
+ *   fmq_pool_*     size-classed blocks for messages too big to live in a slot
+ *   fmq_wait_*     the futex shim (fmq_wait.h), the only OS-specific waiting
+ *   fmq_live_*     participants: registration, liveness
+ *
+ * Return codes: FMQ_OK (0) or a negative FMQ_E* code; the binding maps each
+ * code to exactly one Python exception (its "error funnel"). Functions that can
+ * fail with an errno-style cause leave it in errno.
+ */
+#ifndef FMQ_H
+#define FMQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    FMQ_OK = 0,
+    FMQ_EMPTY = -1,        /* nothing to read right now                      */
+    FMQ_FULL = -2,         /* no free slot right now                         */
+    FMQ_NOSPACE = -3,      /* no free block big enough right now             */
+    FMQ_TOOBIG = -4,       /* message larger than max_message_size           */
+    FMQ_TIMEDOUT = -5,     /* the caller's deadline passed while waiting     */
+    FMQ_AGAIN = -6,        /* a wait slice ended: check signals, retry       */
+    FMQ_EINTR = -7,        /* a signal arrived while waiting                 */
+    FMQ_ECORRUPT = -8,     /* a shared field failed validation               */
+    FMQ_ENOTFOUND = -9,    /* no segment of that name                        */
+    FMQ_EEXIST = -10,      /* segment exists and exist_ok was false          */
+    FMQ_EINVAL = -11,      /* bad argument (message in fmq_last_error)       */
+    FMQ_EOS = -12,         /* an OS call failed; errno says why              */
+    FMQ_ETABLEFULL = -13,  /* participant table full                         */
+    FMQ_ELOST = -14,       /* the slot was taken from us (reaped)            */
+    FMQ_EVERSION = -15,    /* segment written by an incompatible fastmq      */
+    FMQ_ESTATE = -16       /* operation not valid in the current state       */
+};
+
+/* A human-readable reason for the last FMQ_EINVAL / FMQ_ECORRUPT / FMQ_EVERSION
+ * in this thread. */
+const char *fmq_last_error(void);
+
+typedef struct fmq_params {
+    uint64_t maxsize;           /* slots == messages the ring holds, >= 1      */
+    uint64_t max_message_size;  /* bytes, >= 1                                 */
+    uint64_t capacity_bytes;    /* bytes of block pool, >= max_message_size    */
+    uint32_t slot_size;         /* stride of one slot incl. its header; 0=default */
+    uint32_t max_deliveries;    /* for acks (stored now, used later)           */
+    const char *dead_letter;    /* segment name or NULL/""                     */
+} fmq_params;
+
+typedef struct fmq_region fmq_region;   /* one process-local handle */
+
+/* A message claimed for reading, or a slot claimed for writing. */
+typedef struct fmq_msg {
+    uint64_t ticket;
+    uint64_t word;          /* the slot word we claimed with                  */
+    uint32_t len;
+    uint32_t block;         /* FMQ_NO_BLOCK or a block reference              */
+    uint32_t deliveries;
+    int detached;           /* the slot was released, only the block is ours  */
+    unsigned char *data;    /* payload inside the mapping                     */
+} fmq_msg;
+
+#define FMQ_NO_BLOCK 0xFFFFFFFFu
+
+/* ---- process-wide -------------------------------------------------------- */
+int fmq_global_init(void);               /* installs the fork handler         */
+uint64_t fmq_now_ns(void);               /* CLOCK_MONOTONIC                   */
+
+/* ---- region ----------------------------------------------------------------- */
+int fmq_region_create(const char *name, const fmq_params *p, unsigned mode,
+                      int anonymous, int exist_ok, fmq_region **out);
+int fmq_region_open(const char *name, fmq_region **out);
+int fmq_region_unlink(const char *name);
+/* Drop the mapping and the locks; an anonymous segment is unlinked here when
+ * no other handle anywhere holds it. */
+void fmq_region_close(fmq_region *r);
+/* Re-register after fork() (the child must not share the parent's identity). */
+int fmq_region_check_fork(fmq_region *r);
+
+uint64_t fmq_region_maxsize(const fmq_region *r);
+uint64_t fmq_region_max_message_size(const fmq_region *r);
+uint64_t fmq_region_capacity_bytes(const fmq_region *r);
+uint32_t fmq_region_inline_max(const fmq_region *r);
+int fmq_region_is_anonymous(const fmq_region *r);
+const char *fmq_region_name(const fmq_region *r);
+uint32_t fmq_region_max_deliveries(const fmq_region *r);
+const char *fmq_region_dead_letter(const fmq_region *r);
+
+typedef struct fmq_stats {
+    uint64_t depth, capacity, enqueued, dequeued, bytes_in_use;
+    uint64_t producers, consumers, participants;
+    uint64_t redelivered, abandoned, dead_lettered;
+    uint64_t blocks_total, blocks_free_hint;
+} fmq_stats;
+void fmq_region_stats(fmq_region *r, fmq_stats *st);
+uint64_t fmq_ring_depth(fmq_region *r);
+
+/* ---- ring (slots) ------------------------------------------------------------ */
+/* Writing: claim a slot, fill it (inline or point it at a block), commit. */
+int fmq_ring_reserve(fmq_region *r, fmq_msg *m);
+unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m);
+int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake);
+
+/* Reading: find and claim the oldest ready message. */
+int fmq_ring_claim(fmq_region *r, fmq_msg *m);
+/* Give the slot back now but keep the block (large messages, recv leases). */
+int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake);
+/* Done with the message: free the slot (unless detached) and its block ref. */
+int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake);
+/* Undo a claim (e.g. the caller could not allocate): the message stays queued. */
+int fmq_ring_unclaim(fmq_region *r, fmq_msg *m);
+
+/* Wake whoever waits for data / for space, if anyone does. */
+void fmq_ring_wake_consumers(fmq_region *r, int all);
+void fmq_ring_wake_producers(fmq_region *r);
+
+/* Sleep until data might be there / space might be free, the deadline passes
+ * (FMQ_TIMEDOUT; deadline_ns 0 = none), a slice of <= 100 ms ends (FMQ_AGAIN)
+ * or a signal arrives (FMQ_EINTR). Never returns FMQ_OK without re-checking. */
+int fmq_ring_wait_data(fmq_region *r, uint64_t deadline_ns);
+int fmq_ring_wait_space(fmq_region *r, uint64_t deadline_ns, uint64_t need_bytes);
+
+/* ---- pool (blocks) --------------------------------------------------------- */
+int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out);
+unsigned char *fmq_pool_ptr(fmq_region *r, uint32_t block);
+uint64_t fmq_pool_block_size(fmq_region *r, uint32_t block);
+int fmq_pool_ref(fmq_region *r, uint32_t block);
+int fmq_pool_unref(fmq_region *r, uint32_t block);
+
+/* ---- test hooks -------------------------------------------------------------- */
+/* Multi-threaded stress of the ring inside one process (driven from pytest):
+ * nprod producers and ncons consumers move n messages each producer through r;
+ * returns 0 when every message arrived once, in per-producer order, intact. */
+int fmq_selftest_stress(fmq_region *r, int nprod, int ncons, uint64_t n_per_producer,
+                        uint32_t max_len, char *report, size_t report_len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FMQ_H */

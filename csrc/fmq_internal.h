@@ -1,0 +1,75 @@
+/*
+ * fmq_internal.h -- what the core's C files share and nothing else sees:
+ * the process-local handle, error reporting, crash points, small helpers.
+ */
+#ifndef FMQ_INTERNAL_H
+#define FMQ_INTERNAL_H
+
+#include <sys/types.h>
+
+#include "fmq.h"
+#include "fmq_layout.h"
+
+struct fmq_region {
+    unsigned char *base;        /* the mapping                                   */
+    size_t size;
+    int fd;
+    fmq_header *hdr;
+    fmq_ctl *ctl;
+    fmq_participant *parts;
+    unsigned char *ring;
+    fmq_geometry g;             /* validated geometry: never re-read from shm    */
+    uint32_t inline_max;        /* payload bytes that fit in a slot              */
+    int anonymous;
+    char name[256];
+    char dead_letter[FMQ_DEAD_LETTER_MAX];
+    uint32_t max_deliveries;
+    uint32_t me;                /* our participant index                         */
+    uint32_t owner_tag;         /* index << 14 | generation, as in slot words    */
+    fmq_participant *self;
+    unsigned fork_gen;          /* fmq_fork_generation when we registered        */
+    uint32_t roles;             /* roles already published in self->roles        */
+};
+
+/* ---- errors ---------------------------------------------------------------- */
+int fmq_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* ---- crash injection (tests only) -------------------------------------------- */
+#ifdef FMQ_CRASHPOINTS
+void fmq_crashpoint(const char *where);
+#define FMQ_CRASHPOINT(where) fmq_crashpoint(where)
+#else
+#define FMQ_CRASHPOINT(where) ((void)0)
+#endif
+
+/* ---- fork detection ------------------------------------------------------------ */
+extern volatile unsigned fmq_fork_generation;
+
+/* ---- participants (fmq_live.c) --------------------------------------------------- */
+int fmq_live_register(fmq_region *r);
+int fmq_live_is_alive(fmq_region *r, uint32_t idx);
+int fmq_pool_available(fmq_region *r, uint64_t nbytes);
+void fmq_live_unregister(fmq_region *r);
+
+static inline void fmq_count(fmq_region *r, int which, uint64_t n) {
+    /* Relaxed: counters are statistics, never used to order anything. Each
+     * participant writes only its own line, so this does not contend. */
+    atomic_fetch_add_explicit(&r->self->stats[which], n, memory_order_relaxed);
+}
+
+static inline void fmq_set_role(fmq_region *r, uint32_t role) {
+    if (!(r->roles & role)) {
+        r->roles |= role;
+        atomic_fetch_or_explicit(&r->self->roles, role, memory_order_relaxed);
+    }
+}
+
+static inline void fmq_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
+#endif /* FMQ_INTERNAL_H */

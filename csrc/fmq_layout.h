@@ -1,0 +1,207 @@
+/*
+ * fmq_layout.h -- the bytes of a fastmq segment, shared by every process.
+ *
+ * Rules (each enforced by a static assert below, whose message says why):
+ *  - offsets, never pointers: each process maps the segment at its own address;
+ *  - fixed-width types only, so 32/64-bit builds and compilers agree;
+ *  - every hot word alone on a 128-byte line (two 64-byte lines: adjacent-line
+ *    prefetch on x86 makes 64 too small), so producers and consumers do not
+ *    false-share;
+ *  - every field read from the segment is validated before it is trusted
+ *    (fmq_region.c re-derives the whole geometry from four numbers and refuses
+ *    a segment whose header disagrees; per-message fields are range-checked).
+ *
+ * Segment map:
+ *
+ *   [0, 4096)            fmq_header        magic, ABI, layout hash, geometry
+ *   ctl_offset           fmq_ctl           hints, wait words, pool stack heads
+ *   participants_offset  fmq_participant[nparticipants]
+ *   ring_offset          slot_count slots of slot_stride bytes
+ *   per class c:         fmq_block_meta[nblocks_c], then (page aligned) data
+ *
+ * The slot word (64 bits) is the heart of the ring:
+ *
+ *      63                        24 23                 0
+ *     +----------------------------+--------------------+
+ *     | stamp (40 bits, modular)   | owner tag (24 bits)|
+ *     +----------------------------+--------------------+
+ *
+ *   stamp = 4 * lap + phase, lap = ticket / slot_count,
+ *   phase 0 EMPTY (free for lap), 1 WRITING, 2 READY, 3 READING.
+ *   owner = participant index (10 bits) << 14 | generation (14 bits):
+ *   who holds the slot in WRITING/READING, so a dead holder can be found.
+ *   An all-zero slot is EMPTY for lap 0: a fresh (zero-filled) segment needs
+ *   no initialisation of its ring.
+ */
+#ifndef FMQ_LAYOUT_H
+#define FMQ_LAYOUT_H
+
+#include <stdalign.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#define FMQ_MAGIC "FASTMQ\x01N"     /* 8 bytes; 'N' = native backend       */
+#define FMQ_ABI_VERSION 1u
+#define FMQ_LINE 128
+#define FMQ_PAGE 4096
+#define FMQ_MAX_CLASSES 15          /* class 15 would collide with FMQ_NO_BLOCK */
+#define FMQ_MAX_PARTICIPANTS 1024
+#define FMQ_SLOT_HEADER 32
+#define FMQ_DEFAULT_SLOT_SIZE 256
+#define FMQ_MIN_BLOCK 4096
+#define FMQ_MAX_SLOTS (1ull << 24)
+#define FMQ_MAX_BLOCKS_PER_CLASS ((1u << 24) - 1)
+#define FMQ_MAX_MESSAGE (1ull << 40)
+#define FMQ_DEAD_LETTER_MAX 256
+
+/* init_state values */
+#define FMQ_INIT_CREATING 0u
+#define FMQ_INIT_READY 0x52454459u  /* "REDY": a random-looking value, not 1,
+                                       so a zeroed or scribbled header is not
+                                       mistaken for a ready one */
+
+/* slot phases */
+#define FMQ_PH_EMPTY 0u
+#define FMQ_PH_WRITING 1u
+#define FMQ_PH_READY 2u
+#define FMQ_PH_READING 3u
+
+#define FMQ_STAMP_BITS 40
+#define FMQ_OWNER_BITS 24
+#define FMQ_OWNER_MASK ((1ull << FMQ_OWNER_BITS) - 1)
+#define FMQ_GEN_BITS 14
+
+/* block references: class << 24 | index */
+#define FMQ_BLOCK_CLASS(b) ((b) >> 24)
+#define FMQ_BLOCK_INDEX(b) ((b) & 0xFFFFFFu)
+#define FMQ_BLOCK_REF(c, i) (((uint32_t)(c) << 24) | (uint32_t)(i))
+#define FMQ_NIL 0xFFFFFFFFu            /* end of a free stack */
+
+/* per-participant counters (summed by stats) */
+enum {
+    FMQ_ST_ENQUEUED, FMQ_ST_DEQUEUED, FMQ_ST_BYTES_IN, FMQ_ST_BYTES_OUT,
+    FMQ_ST_REDELIVERED, FMQ_ST_ABANDONED, FMQ_ST_DEAD_LETTERED, FMQ_ST_RESERVED_,
+    FMQ_NSTATS
+};
+
+/* participant roles */
+#define FMQ_ROLE_PRODUCER 1u
+#define FMQ_ROLE_CONSUMER 2u
+
+typedef struct fmq_class_desc {
+    uint64_t block_size;
+    uint64_t nblocks;
+    uint64_t meta_offset;
+    uint64_t data_offset;
+} fmq_class_desc;
+
+typedef struct fmq_header {
+    char magic[8];
+    uint32_t abi_version;
+    uint32_t layout_hash;
+    _Atomic uint32_t init_state;
+    uint32_t creator_pid;
+    uint64_t total_size;
+    uint64_t slot_count;
+    uint32_t slot_stride;
+    uint32_t nclasses;
+    uint64_t max_message_size;
+    uint64_t capacity_bytes;
+    uint32_t nparticipants;
+    uint32_t max_deliveries;
+    uint64_t ctl_offset;
+    uint64_t participants_offset;
+    uint64_t ring_offset;
+    uint64_t created_realtime_ns;
+    fmq_class_desc classes[FMQ_MAX_CLASSES];
+    char dead_letter[FMQ_DEAD_LETTER_MAX];
+    uint64_t geometry_check;        /* hash of every field above except init_state */
+} fmq_header;
+
+/* A futex word and the count of sleepers on it share one line: the waker reads
+ * the count right after it bumps the epoch, the sleeper writes both. */
+typedef struct fmq_waitline {
+    alignas(FMQ_LINE) _Atomic uint32_t epoch;
+    _Atomic uint32_t waiters;
+} fmq_waitline;
+
+typedef struct fmq_u64line {
+    alignas(FMQ_LINE) _Atomic uint64_t v;
+} fmq_u64line;
+
+typedef struct fmq_ctl {
+    fmq_u64line tail;                      /* producer ticket hint            */
+    fmq_u64line head;                      /* consumer ticket hint            */
+    fmq_waitline data;                     /* consumers sleep here            */
+    fmq_waitline space;                    /* producers sleep here            */
+    fmq_u64line free_top[FMQ_MAX_CLASSES]; /* tag << 32 | index, per class    */
+    fmq_u64line next_participant;          /* where registration scans first  */
+    alignas(FMQ_LINE) _Atomic uint64_t retired[FMQ_NSTATS]; /* folded counters of
+                                              participants that are gone      */
+} fmq_ctl;
+
+typedef struct fmq_participant {
+    alignas(FMQ_LINE) _Atomic uint64_t ident;   /* pid << 32 | gen << 16 | state */
+    uint64_t start_time;                        /* /proc/<pid>/stat field 22    */
+    _Atomic uint32_t roles;
+    uint32_t reserved_;
+    _Atomic uint64_t stats[FMQ_NSTATS];
+} fmq_participant;
+
+#define FMQ_PART_FREE 0u
+#define FMQ_PART_ACTIVE 1u
+
+typedef struct fmq_slot {
+    _Atomic uint64_t word;
+    uint32_t len;
+    uint32_t block;
+    uint32_t deliveries;
+    uint32_t flags;
+    uint64_t reserved_;
+    /* inline payload follows, slot_stride - FMQ_SLOT_HEADER bytes */
+} fmq_slot;
+
+typedef struct fmq_block_meta {
+    _Atomic uint32_t refs;      /* holders: the queued message, a lease, a
+                                   reservation's live exports               */
+    _Atomic uint32_t next;      /* free-stack link (valid only while free)    */
+    _Atomic uint64_t owner;     /* participant tag of the last allocator     */
+} fmq_block_meta;
+
+_Static_assert(sizeof(fmq_header) <= FMQ_PAGE,
+               "the header must fit the first page: openers map and validate it alone");
+_Static_assert(sizeof(fmq_slot) == FMQ_SLOT_HEADER,
+               "inline payload starts at FMQ_SLOT_HEADER; change both together");
+_Static_assert(sizeof(fmq_participant) == FMQ_LINE,
+               "one participant per line: its counters are written on every message "
+               "and must not false-share with a neighbour's");
+_Static_assert(sizeof(fmq_waitline) == FMQ_LINE && sizeof(fmq_u64line) == FMQ_LINE,
+               "each hot word must own its line");
+_Static_assert(sizeof(fmq_block_meta) == 16, "block metadata is an array indexed by block");
+_Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
+               "shared atomics must have the size of their plain type (lock-free, "
+               "no hidden lock inside shared memory)");
+_Static_assert(FMQ_MAX_PARTICIPANTS <= (1u << (FMQ_OWNER_BITS - FMQ_GEN_BITS)),
+               "the participant index must fit in the owner tag of a slot word");
+_Static_assert(FMQ_STAMP_BITS + FMQ_OWNER_BITS == 64, "the slot word is exactly 64 bits");
+_Static_assert(FMQ_MAX_CLASSES < 15 + 1 && FMQ_MAX_BLOCKS_PER_CLASS < (1u << 24),
+               "a block reference must never equal FMQ_NO_BLOCK");
+
+/* Geometry derived from the creation parameters; identical in every process. */
+typedef struct fmq_geometry {
+    uint64_t slot_count;
+    uint32_t slot_stride;
+    uint32_t nclasses;
+    uint64_t max_message_size;
+    uint64_t capacity_bytes;
+    uint32_t nparticipants;
+    uint64_t ctl_offset, participants_offset, ring_offset, total_size;
+    fmq_class_desc classes[FMQ_MAX_CLASSES];
+} fmq_geometry;
+
+int fmq_geometry_compute(uint64_t slot_count, uint32_t slot_stride,
+                         uint64_t max_message_size, uint64_t capacity_bytes,
+                         fmq_geometry *g);
+uint32_t fmq_layout_hash(void);
+
+#endif /* FMQ_LAYOUT_H */

@@ -1,0 +1,99 @@
+/*
+ * fmq_live.c -- participants: who uses a segment, and whether they still live.
+ *
+ * Algorithm. Every handle owns one entry of the participant table. Ownership
+ * is decided by the kernel, not by the table: a handle takes an exclusive
+ * open-file-description lock (F_OFD_SETLK) on byte FMQ_LOCK_BASE + index of
+ * the segment file, and only the holder of that lock may write the entry. The
+ * kernel drops the lock when the process dies however it dies (SIGKILL, OOM),
+ * so "the lock is free" proves "the previous owner is gone" -- no pid-reuse
+ * trap, no timeout guesswork. Taking a free lock is the claim: whatever the
+ * entry still says about a dead predecessor is then ours to fold away.
+ *
+ * Each (re)use bumps the entry's generation; slot words carry index+generation
+ * as their owner tag, so a tag from a previous occupant never matches.
+ *
+ * Failure model. Death between taking the lock and publishing the entry
+ * leaves an entry that the next claimant simply overwrites. A frozen (SIGSTOP)
+ * process keeps its lock and therefore counts as alive: it is never reaped.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "fmq_internal.h"
+
+#define FMQ_LOCK_BASE (1ll << 40)   /* far past any segment's last byte */
+
+static int fmq_lock_op(int fd, int cmd, short type, uint32_t idx, struct flock *out) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = FMQ_LOCK_BASE + idx;
+    fl.l_len = 1;
+    fl.l_pid = 0;            /* required by OFD locks */
+    int rc = fcntl(fd, cmd, &fl);
+    if (out)
+        *out = fl;
+    return rc;
+}
+
+int fmq_live_register(fmq_region *r) {
+    uint32_t n = r->g.nparticipants;
+    uint32_t start = (uint32_t)(atomic_fetch_add_explicit(&r->ctl->next_participant.v, 1,
+                                                          memory_order_relaxed) % n);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t idx = (start + i) % n;
+        if (fmq_lock_op(r->fd, F_OFD_SETLK, F_WRLCK, idx, NULL) != 0) {
+            if (errno == EAGAIN || errno == EACCES)
+                continue;   /* a live owner holds it */
+            return fmq_fail(FMQ_EOS, "cannot lock participant entry: %s", strerror(errno));
+        }
+        fmq_participant *p = &r->parts[idx];
+        uint64_t old = atomic_load_explicit(&p->ident, memory_order_acquire);
+        /* Fold the predecessor's counters into the segment's retired totals so
+         * stats stay cumulative across handles that come and go. */
+        for (int s = 0; s < FMQ_NSTATS; s++) {
+            uint64_t v = atomic_exchange_explicit(&p->stats[s], 0, memory_order_relaxed);
+            if (v)
+                atomic_fetch_add_explicit(&r->ctl->retired[s], v, memory_order_relaxed);
+        }
+        uint32_t gen = (uint32_t)((old >> 16) + 1) & ((1u << FMQ_GEN_BITS) - 1);
+        atomic_store_explicit(&p->roles, 0, memory_order_relaxed);
+        p->start_time = 0;
+        atomic_store_explicit(&p->ident,
+                              ((uint64_t)(uint32_t)getpid() << 32) | ((uint64_t)gen << 16) |
+                                  FMQ_PART_ACTIVE,
+                              memory_order_release);
+        r->me = idx;
+        r->owner_tag = (idx << FMQ_GEN_BITS) | gen;
+        r->self = p;
+        r->roles = 0;
+        r->fork_gen = fmq_fork_generation;
+        return FMQ_OK;
+    }
+    return fmq_fail(FMQ_ETABLEFULL, "too many open handles on queue %s (%u): close unused "
+                                    "handles", r->name, n);
+}
+
+void fmq_live_unregister(fmq_region *r) {
+    if (!r->self || r->fork_gen != fmq_fork_generation)
+        return;   /* a forked child never registered: the entry is the parent's */
+    uint64_t id = atomic_load_explicit(&r->self->ident, memory_order_relaxed);
+    atomic_store_explicit(&r->self->ident, (id & ~0xFFFFull) | FMQ_PART_FREE,
+                          memory_order_release);
+    /* The lock goes with the descriptor when the caller closes it. */
+}
+
+/* Alive = someone holds the entry's lock. Our own lock never conflicts with
+ * ourselves, so our own index is answered directly. */
+int fmq_live_is_alive(fmq_region *r, uint32_t idx) {
+    if (idx == r->me)
+        return 1;
+    struct flock fl;
+    if (fmq_lock_op(r->fd, F_OFD_GETLK, F_WRLCK, idx, &fl) != 0)
+        return 1;   /* cannot tell: assume alive (never reap on doubt) */
+    return fl.l_type != F_UNLCK;
+}

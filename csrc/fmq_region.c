@@ -1,0 +1,604 @@
+/*
+ * fmq_region.c -- create, open, validate, close and unlink a segment.
+ *
+ * Algorithm. The creator makes the name with O_CREAT|O_EXCL (so exactly one
+ * process initialises it), sizes it, reserves its pages with posix_fallocate
+ * (so a full /dev/shm is an error now, not a SIGBUS on some later write),
+ * writes the header and pool free stacks, and last publishes
+ * init_state = FMQ_INIT_READY with a release store [R-init]. An opener maps
+ * the file, waits (bounded) for READY with an acquire load [A-init], then
+ * re-derives the whole geometry from four numbers in the header and refuses
+ * the segment unless every offset, size and the geometry hash agree with its
+ * own computation. From then on it uses its own copy of the geometry, never
+ * the shared header, so a later scribble over the header cannot send it out of
+ * bounds.
+ *
+ * Failure model. A creator killed before READY leaves a segment that openers
+ * reject with CorruptQueue after a bounded wait (never a hang); an anonymous
+ * one is swept by cleanup once its lock is gone. A handle is one participant
+ * (fmq_live.c); close() drops its registration. Anonymous segments: every
+ * handle holds flock(LOCK_SH) on its own open file description; close() drops
+ * its descriptor without LOCK_UN (a forked child may share the description)
+ * and then unlinks the name only if a fresh descriptor can take LOCK_EX,
+ * i.e. nobody anywhere still holds the segment.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "fmq_internal.h"
+
+/* ======================================================================== */
+/* errors                                                                   */
+/* ======================================================================== */
+
+static __thread char fmq_errbuf[512];
+
+const char *fmq_last_error(void) { return fmq_errbuf; }
+
+int fmq_fail(int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(fmq_errbuf, sizeof fmq_errbuf, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+/* ======================================================================== */
+/* process-wide state                                                       */
+/* ======================================================================== */
+
+volatile unsigned fmq_fork_generation = 0;
+
+static void fmq_on_fork_child(void) {
+    /* The child shares its parent's open file descriptions and therefore its
+     * participant locks; each handle notices this counter and re-registers. */
+    fmq_fork_generation++;
+}
+
+static pthread_once_t fmq_once = PTHREAD_ONCE_INIT;
+static void fmq_init_once(void) { pthread_atfork(NULL, NULL, fmq_on_fork_child); }
+
+int fmq_global_init(void) {
+    pthread_once(&fmq_once, fmq_init_once);
+    return FMQ_OK;
+}
+
+uint64_t fmq_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t fmq_realtime_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+#ifdef FMQ_CRASHPOINTS
+/* FASTMQ_CRASH_AT=<name>[:<nth>] makes the process SIGKILL itself
+ * at the nth time it passes that point, exactly like an OOM kill there. */
+#include <signal.h>
+void fmq_crashpoint(const char *where) {
+    static __thread long hits = 0;
+    const char *spec = getenv("FASTMQ_CRASH_AT");
+    if (!spec)
+        return;
+    size_t n = strlen(where);
+    if (strncmp(spec, where, n) != 0 || (spec[n] != '\0' && spec[n] != ':'))
+        return;
+    long nth = spec[n] == ':' ? atol(spec + n + 1) : 1;
+    if (++hits >= nth)
+        kill(getpid(), SIGKILL);
+}
+#endif
+
+/* ======================================================================== */
+/* geometry                                                                 */
+/* ======================================================================== */
+
+static uint64_t fmq_round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+
+static uint64_t fmq_fnv1a(uint64_t h, const void *p, size_t n) {
+    const unsigned char *c = p;
+    for (size_t i = 0; i < n; i++) {
+        h ^= c[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+uint32_t fmq_layout_hash(void) {
+    /* Everything whose change would make two builds disagree about the bytes. */
+    uint64_t v[] = {
+        sizeof(fmq_header), sizeof(fmq_ctl), sizeof(fmq_participant), sizeof(fmq_slot),
+        sizeof(fmq_block_meta), sizeof(fmq_class_desc), FMQ_MAX_CLASSES, FMQ_NSTATS,
+        offsetof(fmq_header, init_state), offsetof(fmq_header, classes),
+        offsetof(fmq_header, geometry_check), offsetof(fmq_ctl, data),
+        offsetof(fmq_ctl, space), offsetof(fmq_ctl, free_top), offsetof(fmq_ctl, retired),
+        offsetof(fmq_participant, stats), offsetof(fmq_slot, block), FMQ_STAMP_BITS,
+        FMQ_GEN_BITS, FMQ_MIN_BLOCK,
+    };
+    uint64_t h = fmq_fnv1a(1469598103934665603ull, v, sizeof v);
+    return (uint32_t)(h ^ (h >> 32));
+}
+
+/* Size classes grow by 4x from FMQ_MIN_BLOCK; the last class is exactly the
+ * largest message (rounded to a page). The largest class gets half the pool
+ * (at least one block), the smaller classes share the rest evenly (at least
+ * one block each); an exhausted class borrows from larger ones (fmq_pool.c). */
+int fmq_geometry_compute(uint64_t slot_count, uint32_t slot_stride,
+                         uint64_t max_message_size, uint64_t capacity_bytes,
+                         fmq_geometry *g) {
+    memset(g, 0, sizeof *g);
+    if (slot_count < 1 || slot_count > FMQ_MAX_SLOTS)
+        return fmq_fail(FMQ_EINVAL, "maxsize must be between 1 and %llu messages, got %llu",
+                        (unsigned long long)FMQ_MAX_SLOTS, (unsigned long long)slot_count);
+    if (slot_stride < 64 || slot_stride > 65536 || slot_stride % 64)
+        return fmq_fail(FMQ_EINVAL, "slot_size must be a multiple of 64 in [64, 65536], got %u",
+                        slot_stride);
+    if (max_message_size < 1 || max_message_size > FMQ_MAX_MESSAGE)
+        return fmq_fail(FMQ_EINVAL, "max_message_size must be between 1 and %llu bytes, got %llu",
+                        (unsigned long long)FMQ_MAX_MESSAGE, (unsigned long long)max_message_size);
+    if (capacity_bytes < max_message_size || capacity_bytes > 4 * FMQ_MAX_MESSAGE)
+        return fmq_fail(FMQ_EINVAL,
+                        "capacity_bytes must be at least max_message_size (%llu) and at most "
+                        "%llu, got %llu", (unsigned long long)max_message_size,
+                        (unsigned long long)(4 * FMQ_MAX_MESSAGE),
+                        (unsigned long long)capacity_bytes);
+
+    g->slot_count = slot_count;
+    g->slot_stride = slot_stride;
+    g->max_message_size = max_message_size;
+    g->capacity_bytes = capacity_bytes;
+    g->nparticipants = FMQ_MAX_PARTICIPANTS;
+
+    uint64_t top = fmq_round_up(max_message_size, FMQ_PAGE);
+    uint64_t sizes[FMQ_MAX_CLASSES];
+    uint32_t n = 0;
+    for (uint64_t b = FMQ_MIN_BLOCK; b < top && n < FMQ_MAX_CLASSES - 1; b *= 4)
+        sizes[n++] = b;
+    sizes[n++] = top;
+    g->nclasses = n;
+
+    uint64_t top_blocks = capacity_bytes / 2 / top;
+    if (top_blocks < 1)
+        top_blocks = 1;
+    uint64_t rest = capacity_bytes > top_blocks * top ? capacity_bytes - top_blocks * top : 0;
+    for (uint32_t c = 0; c < n; c++) {
+        uint64_t nb = c == n - 1 ? top_blocks : (rest / (n - 1)) / sizes[c];
+        if (nb < 1)
+            nb = 1;
+        if (nb > FMQ_MAX_BLOCKS_PER_CLASS)
+            nb = FMQ_MAX_BLOCKS_PER_CLASS;
+        g->classes[c].block_size = sizes[c];
+        g->classes[c].nblocks = nb;
+    }
+
+    uint64_t off = FMQ_PAGE;
+    g->ctl_offset = off;
+    off = fmq_round_up(off + sizeof(fmq_ctl), FMQ_LINE);
+    g->participants_offset = off;
+    off = fmq_round_up(off + (uint64_t)g->nparticipants * sizeof(fmq_participant), FMQ_PAGE);
+    g->ring_offset = off;
+    off = fmq_round_up(off + slot_count * slot_stride, FMQ_PAGE);
+    for (uint32_t c = 0; c < n; c++) {
+        g->classes[c].meta_offset = off;
+        off = fmq_round_up(off + g->classes[c].nblocks * sizeof(fmq_block_meta), FMQ_PAGE);
+        g->classes[c].data_offset = off;
+        off += g->classes[c].nblocks * g->classes[c].block_size;
+        if (off > (1ull << 46))
+            return fmq_fail(FMQ_EINVAL, "the queue would need more than 64 TiB; "
+                                        "reduce capacity_bytes or maxsize");
+    }
+    g->total_size = off;
+    return FMQ_OK;
+}
+
+static uint64_t fmq_geometry_check(const fmq_header *h) {
+    /* Hash every header byte before init_state and from classes to the
+     * check itself, skipping only the mutable init_state word. */
+    uint64_t x = fmq_fnv1a(1469598103934665603ull, h, offsetof(fmq_header, init_state));
+    size_t from = offsetof(fmq_header, creator_pid);
+    return fmq_fnv1a(x, (const char *)h + from, offsetof(fmq_header, geometry_check) - from);
+}
+
+/* ======================================================================== */
+/* names                                                                    */
+/* ======================================================================== */
+
+static int fmq_name_ok(const char *name) {
+    size_t n = strlen(name);
+    if (n < 1 || n > 250 || name[0] == '.')
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = name[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-'))
+            return 0;
+    }
+    return 1;
+}
+
+static int fmq_shm_path(const char *name, char *out, size_t outlen) {
+    if (!fmq_name_ok(name))
+        return fmq_fail(FMQ_EINVAL, "invalid segment name %.64s: use 1-250 characters of "
+                                    "[A-Za-z0-9._-], not starting with '.'", name);
+    snprintf(out, outlen, "/%s", name);
+    return FMQ_OK;
+}
+
+/* ======================================================================== */
+/* mapping and validation                                                   */
+/* ======================================================================== */
+
+static fmq_region *fmq_region_new(const char *name, int fd) {
+    fmq_region *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->fd = fd;
+    snprintf(r->name, sizeof r->name, "%s", name);
+    return r;
+}
+
+static void fmq_region_bind(fmq_region *r) {
+    r->hdr = (fmq_header *)r->base;
+    r->ctl = (fmq_ctl *)(r->base + r->g.ctl_offset);
+    r->parts = (fmq_participant *)(r->base + r->g.participants_offset);
+    r->ring = r->base + r->g.ring_offset;
+    r->inline_max = r->g.slot_stride - FMQ_SLOT_HEADER;
+}
+
+static void fmq_region_free(fmq_region *r) {
+    if (r->base && r->base != MAP_FAILED)
+        munmap(r->base, r->size);
+    if (r->fd >= 0)
+        close(r->fd);
+    free(r);
+}
+
+static int fmq_validate(fmq_region *r, size_t file_size) {
+    const fmq_header *h = r->hdr;
+    if (memcmp(h->magic, FMQ_MAGIC, 6) != 0)
+        return fmq_fail(FMQ_ECORRUPT, "segment %s is not a fastmq queue (bad magic)", r->name);
+    if (memcmp(h->magic, FMQ_MAGIC, 8) != 0)
+        return fmq_fail(FMQ_EVERSION, "segment %s was made by another fastmq backend or "
+                                      "format (magic %.8s)", r->name, h->magic);
+    if (h->abi_version != FMQ_ABI_VERSION)
+        return fmq_fail(FMQ_EVERSION, "segment %s has format version %u; this fastmq reads "
+                                      "version %u (use the same fastmq version everywhere)",
+                        r->name, h->abi_version, FMQ_ABI_VERSION);
+    if (h->layout_hash != fmq_layout_hash())
+        return fmq_fail(FMQ_EVERSION, "segment %s has a different shared layout (built by an "
+                                      "incompatible fastmq build)", r->name);
+    if (h->geometry_check != fmq_geometry_check(h))
+        return fmq_fail(FMQ_ECORRUPT, "segment %s header is corrupted (checksum mismatch)",
+                        r->name);
+    fmq_geometry g;
+    if (fmq_geometry_compute(h->slot_count, h->slot_stride, h->max_message_size,
+                             h->capacity_bytes, &g) != FMQ_OK)
+        return fmq_fail(FMQ_ECORRUPT, "segment %s has an impossible geometry: %s", r->name,
+                        fmq_last_error());
+    if (g.total_size != h->total_size || g.total_size != file_size ||
+        g.nclasses != h->nclasses || g.ctl_offset != h->ctl_offset ||
+        g.participants_offset != h->participants_offset || g.ring_offset != h->ring_offset ||
+        g.nparticipants != h->nparticipants ||
+        memcmp(g.classes, h->classes, sizeof g.classes) != 0)
+        return fmq_fail(FMQ_ECORRUPT, "segment %s is truncated or its geometry is inconsistent "
+                                      "(file %zu bytes, expected %llu)", r->name, file_size,
+                        (unsigned long long)g.total_size);
+    r->g = g;
+    memcpy(r->dead_letter, h->dead_letter, sizeof r->dead_letter);
+    r->dead_letter[sizeof r->dead_letter - 1] = '\0';
+    r->max_deliveries = h->max_deliveries;
+    return FMQ_OK;
+}
+
+/* ======================================================================== */
+/* create / open                                                            */
+/* ======================================================================== */
+
+static void fmq_pool_init(fmq_region *r) {
+    for (uint32_t c = 0; c < r->g.nclasses; c++) {
+        fmq_block_meta *m = (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
+        uint64_t nb = r->g.classes[c].nblocks;
+        for (uint64_t i = 0; i < nb; i++) {
+            atomic_store_explicit(&m[i].refs, 0, memory_order_relaxed);
+            atomic_store_explicit(&m[i].next, i + 1 < nb ? (uint32_t)(i + 1) : FMQ_NIL,
+                                  memory_order_relaxed);
+        }
+        atomic_store_explicit(&r->ctl->free_top[c].v, 0, memory_order_relaxed);
+    }
+}
+
+static int fmq_os_fail(const char *what, const char *name) {
+    int e = errno;
+    int rc = fmq_fail(FMQ_EOS, "%s %s: %s", what, name, strerror(e));
+    errno = e;
+    return rc;
+}
+
+int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int anonymous,
+                      int exist_ok, fmq_region **out) {
+    char path[300];
+    int rc = fmq_shm_path(name, path, sizeof path);
+    if (rc)
+        return rc;
+    uint32_t stride = p->slot_size ? p->slot_size : FMQ_DEFAULT_SLOT_SIZE;
+    fmq_geometry g;
+    if ((rc = fmq_geometry_compute(p->maxsize, stride, p->max_message_size, p->capacity_bytes,
+                                   &g)))
+        return rc;
+    if (p->dead_letter && strlen(p->dead_letter) >= FMQ_DEAD_LETTER_MAX)
+        return fmq_fail(FMQ_EINVAL, "dead_letter name too long");
+
+    int fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode & 0777);
+    if (fd < 0) {
+        if (errno == EEXIST) {
+            if (exist_ok)
+                return fmq_region_open(name, out);
+            return fmq_fail(FMQ_EEXIST, "queue segment %s already exists", name);
+        }
+        return fmq_os_fail("cannot create shared memory", name);
+    }
+    fmq_region *r = fmq_region_new(name, fd);
+    if (!r) {
+        close(fd);
+        shm_unlink(path);
+        return fmq_fail(FMQ_EOS, "out of memory");
+    }
+    /* shm_open applies the umask; the caller's mode is what they asked for. */
+    (void)fchmod(fd, mode & 0777);
+    if (anonymous && flock(fd, LOCK_SH) != 0)
+        goto os_error;
+    r->anonymous = anonymous;
+    if (ftruncate(fd, (off_t)g.total_size) != 0)
+        goto os_error;
+    rc = posix_fallocate(fd, 0, (off_t)g.total_size);
+    if (rc != 0) {
+        errno = rc;
+        if (rc == ENOSPC || rc == ENOMEM) {
+            int e = errno;
+            shm_unlink(path);
+            fmq_region_free(r);
+            errno = e;
+            return fmq_fail(FMQ_EOS, "not enough space in /dev/shm for queue %s (%llu bytes); "
+                                     "reduce capacity_bytes/maxsize or enlarge /dev/shm",
+                            name, (unsigned long long)g.total_size);
+        }
+        /* EOPNOTSUPP etc.: carry on; pages come on first touch */
+    }
+    r->size = g.total_size;
+    r->base = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (r->base == MAP_FAILED)
+        goto os_error;
+    r->g = g;
+    fmq_region_bind(r);
+
+    fmq_header *h = r->hdr;
+    memcpy(h->magic, FMQ_MAGIC, 8);
+    h->abi_version = FMQ_ABI_VERSION;
+    h->layout_hash = fmq_layout_hash();
+    h->creator_pid = (uint32_t)getpid();
+    h->total_size = g.total_size;
+    h->slot_count = g.slot_count;
+    h->slot_stride = g.slot_stride;
+    h->nclasses = g.nclasses;
+    h->max_message_size = g.max_message_size;
+    h->capacity_bytes = g.capacity_bytes;
+    h->nparticipants = g.nparticipants;
+    h->max_deliveries = p->max_deliveries;
+    h->ctl_offset = g.ctl_offset;
+    h->participants_offset = g.participants_offset;
+    h->ring_offset = g.ring_offset;
+    h->created_realtime_ns = fmq_realtime_ns();
+    memcpy(h->classes, g.classes, sizeof h->classes);
+    if (p->dead_letter)
+        snprintf(h->dead_letter, sizeof h->dead_letter, "%s", p->dead_letter);
+    h->geometry_check = fmq_geometry_check(h);
+    memcpy(r->dead_letter, h->dead_letter, sizeof r->dead_letter);
+    r->max_deliveries = p->max_deliveries;
+    fmq_pool_init(r);
+    FMQ_CRASHPOINT("init.before_ready");
+    /* [R-init] everything above is visible to whoever acquires READY. */
+    atomic_store_explicit(&h->init_state, FMQ_INIT_READY, memory_order_release);
+
+    if ((rc = fmq_live_register(r)) != FMQ_OK) {
+        shm_unlink(path);
+        fmq_region_free(r);
+        return rc;
+    }
+    *out = r;
+    return FMQ_OK;
+
+os_error:
+    rc = fmq_os_fail("cannot set up shared memory for", name);
+    shm_unlink(path);
+    fmq_region_free(r);
+    return rc;
+}
+
+int fmq_region_open(const char *name, fmq_region **out) {
+    char path[300];
+    int rc = fmq_shm_path(name, path, sizeof path);
+    if (rc)
+        return rc;
+    int fd = shm_open(path, O_RDWR | O_CLOEXEC, 0);
+    if (fd < 0) {
+        if (errno == ENOENT)
+            return fmq_fail(FMQ_ENOTFOUND, "no queue segment named %s", name);
+        return fmq_os_fail("cannot open shared memory", name);
+    }
+    fmq_region *r = fmq_region_new(name, fd);
+    if (!r) {
+        close(fd);
+        return fmq_fail(FMQ_EOS, "out of memory");
+    }
+    r->anonymous = strncmp(name, "fastmq-anon-", 12) == 0;
+    if (r->anonymous && flock(fd, LOCK_SH) != 0) {
+        rc = fmq_os_fail("cannot lock", name);
+        fmq_region_free(r);
+        return rc;
+    }
+
+    /* The creator may still be sizing or initialising: wait for it, bounded. */
+    uint64_t deadline = fmq_now_ns() + 2000000000ull;
+    struct stat st;
+    for (;;) {
+        if (fstat(fd, &st) != 0) {
+            rc = fmq_os_fail("cannot stat", name);
+            fmq_region_free(r);
+            return rc;
+        }
+        if ((size_t)st.st_size >= sizeof(fmq_header)) {
+            r->size = (size_t)st.st_size;
+            r->base = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            if (r->base == MAP_FAILED) {
+                r->base = NULL;
+                rc = fmq_os_fail("cannot map", name);
+                fmq_region_free(r);
+                return rc;
+            }
+            /* [A-init] pairs with [R-init] in fmq_region_create. */
+            uint32_t st8 = atomic_load_explicit(&((fmq_header *)r->base)->init_state,
+                                                memory_order_acquire);
+            if (st8 == FMQ_INIT_READY)
+                break;
+            if (st8 != FMQ_INIT_CREATING) {
+                fmq_region_free(r);
+                return fmq_fail(FMQ_ECORRUPT, "segment %s is corrupted (bad init state %#x)",
+                                name, st8);
+            }
+            munmap(r->base, r->size);
+            r->base = NULL;
+        }
+        if (fmq_now_ns() > deadline) {
+            fmq_region_free(r);
+            return fmq_fail(FMQ_ECORRUPT, "segment %s is truncated or its creator died during "
+                                          "initialization (size %lld bytes); remove it with "
+                                          "Queue.unlink", name, (long long)st.st_size);
+        }
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    r->hdr = (fmq_header *)r->base;
+    if ((rc = fmq_validate(r, r->size)) != FMQ_OK) {
+        fmq_region_free(r);
+        return rc;
+    }
+    fmq_region_bind(r);
+    if ((rc = fmq_live_register(r)) != FMQ_OK) {
+        fmq_region_free(r);
+        return rc;
+    }
+    *out = r;
+    return FMQ_OK;
+}
+
+int fmq_region_unlink(const char *name) {
+    char path[300];
+    int rc = fmq_shm_path(name, path, sizeof path);
+    if (rc)
+        return rc;
+    if (shm_unlink(path) != 0) {
+        if (errno == ENOENT)
+            return fmq_fail(FMQ_ENOTFOUND, "no queue segment named %s", name);
+        return fmq_os_fail("cannot unlink", name);
+    }
+    return FMQ_OK;
+}
+
+void fmq_region_close(fmq_region *r) {
+    if (!r)
+        return;
+    fmq_live_unregister(r);
+    munmap(r->base, r->size);
+    r->base = NULL;
+    /* Close without LOCK_UN: a forked child may share this description. */
+    close(r->fd);
+    r->fd = -1;
+    if (r->anonymous) {
+        char path[300];
+        snprintf(path, sizeof path, "/%s", r->name);
+        int fd = shm_open(path, O_RDWR | O_CLOEXEC, 0);
+        if (fd >= 0) {
+            if (flock(fd, LOCK_EX | LOCK_NB) == 0)
+                shm_unlink(path);   /* nobody else holds it: we were the last */
+            close(fd);
+        }
+    }
+    free(r);
+}
+
+int fmq_region_check_fork(fmq_region *r) {
+    if (r->fork_gen == fmq_fork_generation)
+        return FMQ_OK;
+    /* We are a forked child using the parent's handle. Give ourselves our own
+     * open file description (so our locks are ours) and our own identity. */
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", r->fd);
+    int fd = open(proc, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return fmq_os_fail("cannot reopen after fork", r->name);
+    if (r->anonymous && flock(fd, LOCK_SH) != 0) {
+        close(fd);
+        return fmq_os_fail("cannot lock after fork", r->name);
+    }
+    close(r->fd);   /* the parent's description stays open in the parent */
+    r->fd = fd;
+    r->roles = 0;
+    return fmq_live_register(r);
+}
+
+/* ======================================================================== */
+/* accessors and stats                                                      */
+/* ======================================================================== */
+
+uint64_t fmq_region_maxsize(const fmq_region *r) { return r->g.slot_count; }
+uint64_t fmq_region_max_message_size(const fmq_region *r) { return r->g.max_message_size; }
+uint64_t fmq_region_capacity_bytes(const fmq_region *r) { return r->g.capacity_bytes; }
+uint32_t fmq_region_inline_max(const fmq_region *r) { return r->inline_max; }
+int fmq_region_is_anonymous(const fmq_region *r) { return r->anonymous; }
+const char *fmq_region_name(const fmq_region *r) { return r->name; }
+uint32_t fmq_region_max_deliveries(const fmq_region *r) { return r->max_deliveries; }
+const char *fmq_region_dead_letter(const fmq_region *r) { return r->dead_letter; }
+
+void fmq_region_stats(fmq_region *r, fmq_stats *st) {
+    uint64_t sum[FMQ_NSTATS];
+    memset(st, 0, sizeof *st);
+    for (int i = 0; i < FMQ_NSTATS; i++)
+        sum[i] = atomic_load_explicit(&r->ctl->retired[i], memory_order_relaxed);
+    for (uint32_t p = 0; p < r->g.nparticipants; p++) {
+        fmq_participant *pp = &r->parts[p];
+        uint64_t id = atomic_load_explicit(&pp->ident, memory_order_acquire);
+        for (int i = 0; i < FMQ_NSTATS; i++)
+            sum[i] += atomic_load_explicit(&pp->stats[i], memory_order_relaxed);
+        if ((id & 0xFFFF) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, p)) {
+            uint32_t roles = atomic_load_explicit(&pp->roles, memory_order_relaxed);
+            st->participants++;
+            st->producers += (roles & FMQ_ROLE_PRODUCER) != 0;
+            st->consumers += (roles & FMQ_ROLE_CONSUMER) != 0;
+        }
+    }
+    st->capacity = r->g.slot_count;
+    st->enqueued = sum[FMQ_ST_ENQUEUED];
+    st->dequeued = sum[FMQ_ST_DEQUEUED];
+    st->depth = fmq_ring_depth(r);
+    st->bytes_in_use = sum[FMQ_ST_BYTES_IN] > sum[FMQ_ST_BYTES_OUT]
+                           ? sum[FMQ_ST_BYTES_IN] - sum[FMQ_ST_BYTES_OUT] : 0;
+    st->redelivered = sum[FMQ_ST_REDELIVERED];
+    st->abandoned = sum[FMQ_ST_ABANDONED];
+    st->dead_lettered = sum[FMQ_ST_DEAD_LETTERED];
+    for (uint32_t c = 0; c < r->g.nclasses; c++)
+        st->blocks_total += r->g.classes[c].nblocks;
+}

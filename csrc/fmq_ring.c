@@ -1,0 +1,387 @@
+/*
+ * fmq_ring.c -- the slot ring: a bounded MPMC queue of fixed slots.
+ *
+ * Algorithm (Vyukov's bounded queue, claimed on the slot word itself). Ticket
+ * t lives in slot t % slot_count on lap t / slot_count. Each slot word holds
+ * stamp = 4*lap + phase and the owner tag of whoever holds it (fmq_layout.h).
+ *
+ *   producer: find the first ticket whose slot is EMPTY for its lap and CAS it
+ *             to WRITING(me); fill; CAS WRITING(me) -> READY       (commit)
+ *   consumer: find the first ticket whose slot is READY for its lap and CAS it
+ *             to READING(me); copy; CAS READING(me) -> EMPTY(lap+1) (release)
+ *
+ * Because a claim is a CAS on the slot word, every held slot names its holder
+ * (the crash-recovery reaper needs that), and commit/release are CASes too: if
+ * a reaper took the slot from a holder it believed dead, the late holder gets
+ * FMQ_ELOST instead of overwriting the reaper's work.
+ *
+ * The tail/head counters are hints anyone may advance. Producers claim
+ * tickets strictly in order (a producer only passes a slot already claimed
+ * for its lap), so "slot at the hint is EMPTY for its lap" means the ring is
+ * empty there, and "slot still holds the previous lap" means it is full. The
+ * head hint never passes a slot in READING: a claim can then be undone in
+ * place (fmq_ring_unclaim) and the message is found again by the next scan.
+ *
+ * Stamps are 40-bit and compared modulo 2^40 (fmq_stamp_diff), so the laps
+ * may wrap: only differences of a few laps are ever compared.
+ *
+ * Memory order (acquire/release pairs):
+ *   [A-rsv]   producer reads EMPTY      <- [R-rel]    consumer's release CAS:
+ *             the consumer's reads of the old payload happen before our writes.
+ *   [R-commit] producer's commit CAS     -> [A-claim]  consumer's load/CAS:
+ *             len, block and payload are visible before READY is.
+ *   waiting:  the publishing CAS (commit, release, block push) and the
+ *             waker's load of the waiter count are seq_cst; so are the
+ *             sleeper's increment of the count and its re-check loads. In
+ *             that single total order (Dekker) either the waker sees the
+ *             sleeper or the sleeper sees the new state; never neither.
+ *
+ * Failure model. A producer killed in WRITING leaves its slot WRITING: the
+ * consumers stop there until recovery (fmq_live) proves it dead and skips it.
+ * A consumer killed in READING likewise blocks producers one lap later until
+ * recovered. A killed sleeper leaves a waiter count one too high, which costs
+ * only a spurious futex wake.
+ */
+#include <limits.h>
+#include <sched.h>
+
+#include "fmq_internal.h"
+#include "fmq_wait.h"
+
+#define FMQ_STAMP_MASK ((1ull << FMQ_STAMP_BITS) - 1)
+#define FMQ_SPIN_NS 30000ull        /* spin this long before sleeping            */
+#define FMQ_SPIN_PAUSE_NS 5000ull   /* ... the first part with pause, then yield */
+#define FMQ_SLICE_NS 100000000ull   /* longest single sleep: Ctrl-C, close()     */
+
+/* ======================================================================== */
+/* slot words                                                               */
+/* ======================================================================== */
+
+static inline fmq_slot *fmq_slot_at(fmq_region *r, uint64_t t) {
+    return (fmq_slot *)(r->ring + (t % r->g.slot_count) * r->g.slot_stride);
+}
+
+static inline uint64_t fmq_lap_stamp(fmq_region *r, uint64_t t) {
+    return ((t / r->g.slot_count) * 4) & FMQ_STAMP_MASK;
+}
+
+static inline uint64_t fmq_word(uint64_t stamp, uint32_t owner) {
+    return ((stamp & FMQ_STAMP_MASK) << FMQ_OWNER_BITS) | owner;
+}
+
+static inline uint64_t fmq_stamp(uint64_t w) { return w >> FMQ_OWNER_BITS; }
+
+/* a - b for 40-bit modular stamps, as a small signed number */
+static inline int64_t fmq_stamp_diff(uint64_t a, uint64_t b) {
+    return (int64_t)((a - b) << FMQ_OWNER_BITS) >> FMQ_OWNER_BITS;
+}
+
+static inline void fmq_advance_max(_Atomic uint64_t *hint, uint64_t v) {
+    uint64_t cur = atomic_load_explicit(hint, memory_order_relaxed);
+    while (cur < v && !atomic_compare_exchange_weak_explicit(hint, &cur, v, memory_order_relaxed,
+                                                             memory_order_relaxed))
+        ;
+}
+
+/* Move the head hint over every fully consumed slot at its position. */
+static void fmq_advance_head(fmq_region *r) {
+    uint64_t h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+    for (uint64_t n = 0; n < r->g.slot_count; n++) {
+        uint64_t w = atomic_load_explicit(&fmq_slot_at(r, h)->word, memory_order_relaxed);
+        if (fmq_stamp_diff(fmq_stamp(w), fmq_lap_stamp(r, h) + FMQ_PH_READY) < 2)
+            return;
+        if (!atomic_compare_exchange_strong_explicit(&r->ctl->head.v, &h, h + 1,
+                                                     memory_order_relaxed, memory_order_relaxed))
+            return;   /* someone else advanced it; they carry on */
+        h++;
+    }
+}
+
+/* ======================================================================== */
+/* writing                                                                  */
+/* ======================================================================== */
+
+int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
+    fmq_set_role(r, FMQ_ROLE_PRODUCER);
+    uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+    for (uint64_t scanned = 0;; scanned++) {
+        fmq_slot *s = fmq_slot_at(r, t);
+        uint64_t want = fmq_lap_stamp(r, t) + FMQ_PH_EMPTY;
+        uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);   /* [A-rsv] */
+        int64_t d = fmq_stamp_diff(fmq_stamp(w), want);
+        if (d == 0) {
+            uint64_t mine = fmq_word(want + FMQ_PH_WRITING, r->owner_tag);
+            if (atomic_compare_exchange_strong_explicit(&s->word, &w, mine,
+                                                        memory_order_acquire,
+                                                        memory_order_relaxed)) {
+                FMQ_CRASHPOINT("ring.reserve.claimed");
+                fmq_advance_max(&r->ctl->tail.v, t + 1);
+                m->ticket = t;
+                m->word = mine;
+                m->detached = 0;
+                m->block = FMQ_NO_BLOCK;
+                return FMQ_OK;
+            }
+            continue;   /* lost the race for this ticket: look again */
+        }
+        if (d < 0)
+            return FMQ_FULL;   /* the previous lap's message is still here */
+        t++;                   /* already claimed for this lap: the next one */
+        if (scanned > r->g.slot_count + 2 * FMQ_MAX_PARTICIPANTS)
+            return fmq_fail(FMQ_ECORRUPT, "ring slot words are corrupted (no free slot "
+                                          "found after a full scan)");
+        uint64_t hint = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+        if (hint > t)
+            t = hint;
+    }
+}
+
+unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m) {
+    return (unsigned char *)fmq_slot_at(r, m->ticket) + FMQ_SLOT_HEADER;
+}
+
+int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake) {
+    fmq_slot *s = fmq_slot_at(r, m->ticket);
+    s->len = len;
+    s->block = block;
+    s->deliveries = 0;
+    s->flags = 0;
+    FMQ_CRASHPOINT("ring.commit.before_publish");
+    uint64_t expect = m->word;
+    uint64_t ready = fmq_word(fmq_lap_stamp(r, m->ticket) + FMQ_PH_READY, 0);
+    if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, ready,
+                                                 memory_order_seq_cst,       /* [R-commit] */
+                                                 memory_order_relaxed))
+        return FMQ_ELOST;
+    fmq_count(r, FMQ_ST_ENQUEUED, 1);
+    fmq_count(r, FMQ_ST_BYTES_IN, len);
+    if (wake)
+        fmq_ring_wake_consumers(r, 0);
+    return FMQ_OK;
+}
+
+/* ======================================================================== */
+/* reading                                                                  */
+/* ======================================================================== */
+
+int fmq_ring_claim(fmq_region *r, fmq_msg *m) {
+    fmq_set_role(r, FMQ_ROLE_CONSUMER);
+    uint64_t h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+    for (uint64_t scanned = 0;; scanned++) {
+        fmq_slot *s = fmq_slot_at(r, h);
+        uint64_t want = fmq_lap_stamp(r, h) + FMQ_PH_READY;
+        uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);   /* [A-claim] */
+        int64_t d = fmq_stamp_diff(fmq_stamp(w), want);
+        if (d == 0) {
+            uint64_t mine = fmq_word(want + 1 /* READING */, r->owner_tag);
+            if (!atomic_compare_exchange_strong_explicit(&s->word, &w, mine,
+                                                         memory_order_acquire,
+                                                         memory_order_relaxed))
+                continue;
+            FMQ_CRASHPOINT("ring.claim.claimed");
+            uint32_t len = s->len, block = s->block;
+            m->ticket = h;
+            m->word = mine;
+            m->len = len;
+            m->block = block;
+            m->deliveries = s->deliveries;
+            m->detached = 0;
+            if (block == FMQ_NO_BLOCK) {
+                if (len > r->inline_max)
+                    goto corrupt;
+                m->data = (unsigned char *)s + FMQ_SLOT_HEADER;
+            } else {
+                m->data = fmq_pool_ptr(r, block);
+                if (!m->data || len > fmq_pool_block_size(r, block))
+                    goto corrupt;
+            }
+            return FMQ_OK;
+        corrupt:
+            /* Leave the slot claimed (it can never be delivered sanely) and say so. */
+            return fmq_fail(FMQ_ECORRUPT, "message at ticket %llu has an invalid length or "
+                                          "block (len %u, block %#x)", (unsigned long long)h,
+                            len, block);
+        }
+        if (d < 0)
+            return FMQ_EMPTY;   /* EMPTY or WRITING for this lap */
+        if (d >= 2) {
+            /* fully consumed: move the hint on if it is right here */
+            uint64_t e = h;
+            atomic_compare_exchange_strong_explicit(&r->ctl->head.v, &e, h + 1,
+                                                    memory_order_relaxed, memory_order_relaxed);
+        }
+        h++;   /* d == 1: being read by someone else; look past it */
+        if (scanned > r->g.slot_count + 2 * FMQ_MAX_PARTICIPANTS)
+            return fmq_fail(FMQ_ECORRUPT, "ring slot words are corrupted");
+        uint64_t hint = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+        if (hint > h)
+            h = hint;
+    }
+}
+
+static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
+    fmq_slot *s = fmq_slot_at(r, m->ticket);
+    uint64_t expect = m->word;
+    uint64_t next = fmq_word(fmq_lap_stamp(r, m->ticket) + 4 /* EMPTY, next lap */, 0);
+    FMQ_CRASHPOINT("ring.release.before_free");
+    if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, next,
+                                                 memory_order_seq_cst,        /* [R-rel] */
+                                                 memory_order_relaxed))
+        return FMQ_ELOST;
+    m->detached = 1;
+    fmq_count(r, FMQ_ST_DEQUEUED, 1);
+    fmq_count(r, FMQ_ST_BYTES_OUT, m->len);
+    fmq_advance_head(r);
+    if (wake)
+        fmq_ring_wake_producers(r);
+    return FMQ_OK;
+}
+
+int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake) {
+    if (m->detached)
+        return FMQ_OK;
+    return fmq_ring_free_slot(r, m, wake);
+}
+
+int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake) {
+    int rc = FMQ_OK;
+    if (!m->detached)
+        rc = fmq_ring_free_slot(r, m, wake);
+    if (m->block != FMQ_NO_BLOCK && rc == FMQ_OK) {
+        uint32_t b = m->block;
+        m->block = FMQ_NO_BLOCK;
+        rc = fmq_pool_unref(r, b);
+    }
+    return rc;
+}
+
+int fmq_ring_unclaim(fmq_region *r, fmq_msg *m) {
+    if (m->detached)
+        return fmq_fail(FMQ_ESTATE, "cannot unclaim a detached message");
+    fmq_slot *s = fmq_slot_at(r, m->ticket);
+    uint64_t expect = m->word;
+    uint64_t ready = fmq_word(fmq_lap_stamp(r, m->ticket) + FMQ_PH_READY, 0);
+    if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, ready,
+                                                 memory_order_seq_cst, memory_order_relaxed))
+        return FMQ_ELOST;
+    fmq_ring_wake_consumers(r, 0);
+    return FMQ_OK;
+}
+
+uint64_t fmq_ring_depth(fmq_region *r) {
+    uint64_t h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+    uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+    if (t <= h)
+        return 0;
+    return t - h > r->g.slot_count ? r->g.slot_count : t - h;
+}
+
+/* ======================================================================== */
+/* waiting                                                                  */
+/* ======================================================================== */
+
+/* Callers have just published with a seq_cst RMW (commit, free, push), so this
+ * seq_cst load is ordered after it in the single total order; the sleeper's
+ * seq_cst increment + re-check is the other half (see header). */
+static void fmq_wake(fmq_waitline *wl, int n) {
+    if (atomic_load_explicit(&wl->waiters, memory_order_seq_cst) == 0)
+        return;
+    atomic_fetch_add_explicit(&wl->epoch, 1, memory_order_seq_cst);
+    fmq_wait_wake(&wl->epoch, n);
+}
+
+void fmq_ring_wake_consumers(fmq_region *r, int all) { fmq_wake(&r->ctl->data, all ? INT_MAX : 1); }
+void fmq_ring_wake_producers(fmq_region *r) { fmq_wake(&r->ctl->space, INT_MAX); }
+
+/* Is some slot READY (a claim could succeed)? Same scan as fmq_ring_claim. */
+static int fmq_has_data(fmq_region *r, uint64_t unused) {
+    (void)unused;
+    uint64_t h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+    for (uint64_t n = 0; n <= r->g.slot_count; n++, h++) {
+        uint64_t w = atomic_load_explicit(&fmq_slot_at(r, h)->word, memory_order_seq_cst);
+        int64_t d = fmq_stamp_diff(fmq_stamp(w), fmq_lap_stamp(r, h) + FMQ_PH_READY);
+        if (d == 0)
+            return 1;
+        if (d < 0)
+            return 0;
+    }
+    return 1;   /* could not decide: let the caller try */
+}
+
+/* Is a slot (need == 0) or a block of need bytes free? */
+static int fmq_has_space(fmq_region *r, uint64_t need) {
+    if (need)
+        return fmq_pool_available(r, need);
+    uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+    for (uint64_t n = 0; n <= r->g.slot_count; n++, t++) {
+        uint64_t w = atomic_load_explicit(&fmq_slot_at(r, t)->word, memory_order_seq_cst);
+        int64_t d = fmq_stamp_diff(fmq_stamp(w), fmq_lap_stamp(r, t) + FMQ_PH_EMPTY);
+        if (d == 0)
+            return 1;
+        if (d < 0)
+            return 0;
+    }
+    return 1;
+}
+
+static int fmq_wait_for(fmq_region *r, fmq_waitline *wl, int (*ready)(fmq_region *, uint64_t),
+                        uint64_t arg, uint64_t deadline_ns) {
+    /* 1. Spin briefly: a message usually arrives within microseconds under
+     *    load, and a futex round trip costs more than that. After a short
+     *    busy phase, yield so that on an oversubscribed machine the process we
+     *    are waiting for gets the core. */
+    uint64_t start = fmq_now_ns(), now = start;
+    uint64_t spin_until = start + FMQ_SPIN_NS;
+    if (deadline_ns && spin_until > deadline_ns)
+        spin_until = deadline_ns;
+    for (unsigned i = 0;; i++) {
+        if (ready(r, arg))
+            return FMQ_OK;
+        if ((i & 7) == 7) {
+            now = fmq_now_ns();
+            if (now >= spin_until)
+                break;
+        }
+        if (now - start < FMQ_SPIN_PAUSE_NS) {
+            for (int k = 0; k < 16; k++)
+                fmq_cpu_relax();
+        } else {
+            sched_yield();
+        }
+    }
+    if (deadline_ns && now >= deadline_ns)
+        return FMQ_TIMEDOUT;
+
+    /* 2. Sleep on the epoch word, at most one slice. */
+    atomic_fetch_add_explicit(&wl->waiters, 1, memory_order_seq_cst);
+    uint32_t epoch = atomic_load_explicit(&wl->epoch, memory_order_seq_cst);
+    if (ready(r, arg)) {
+        atomic_fetch_sub_explicit(&wl->waiters, 1, memory_order_relaxed);
+        return FMQ_OK;
+    }
+    uint64_t slice = FMQ_SLICE_NS;
+    if (deadline_ns) {
+        now = fmq_now_ns();
+        if (now >= deadline_ns) {
+            atomic_fetch_sub_explicit(&wl->waiters, 1, memory_order_relaxed);
+            return FMQ_TIMEDOUT;
+        }
+        if (deadline_ns - now < slice)
+            slice = deadline_ns - now;
+    }
+    int rc = fmq_wait_on(&wl->epoch, epoch, slice);
+    atomic_fetch_sub_explicit(&wl->waiters, 1, memory_order_relaxed);
+    if (rc == FMQ_EINTR)
+        return FMQ_EINTR;
+    if (rc == FMQ_TIMEDOUT)
+        return deadline_ns && fmq_now_ns() >= deadline_ns ? FMQ_TIMEDOUT : FMQ_AGAIN;
+    return FMQ_OK;
+}
+
+int fmq_ring_wait_data(fmq_region *r, uint64_t deadline_ns) {
+    return fmq_wait_for(r, &r->ctl->data, fmq_has_data, 0, deadline_ns);
+}
+
+int fmq_ring_wait_space(fmq_region *r, uint64_t deadline_ns, uint64_t need_bytes) {
+    return fmq_wait_for(r, &r->ctl->space, fmq_has_space, need_bytes, deadline_ns);
+}

@@ -1,0 +1,94 @@
+# Declarations of the C core (csrc/fmq.h) for the Cython binding. Extern only:
+# no Python-visible definitions live here.
+from libc.stdint cimport uint32_t, uint64_t
+
+
+cdef extern from "fmq.h" nogil:
+    enum:
+        FMQ_OK
+        FMQ_EMPTY
+        FMQ_FULL
+        FMQ_NOSPACE
+        FMQ_TOOBIG
+        FMQ_TIMEDOUT
+        FMQ_AGAIN
+        FMQ_EINTR
+        FMQ_ECORRUPT
+        FMQ_ENOTFOUND
+        FMQ_EEXIST
+        FMQ_EINVAL
+        FMQ_EOS
+        FMQ_ETABLEFULL
+        FMQ_ELOST
+        FMQ_EVERSION
+        FMQ_ESTATE
+
+    uint32_t FMQ_NO_BLOCK
+
+    ctypedef struct fmq_params:
+        uint64_t maxsize
+        uint64_t max_message_size
+        uint64_t capacity_bytes
+        uint32_t slot_size
+        uint32_t max_deliveries
+        const char *dead_letter
+
+    ctypedef struct fmq_region:
+        pass
+
+    ctypedef struct fmq_msg:
+        uint64_t ticket
+        uint64_t word
+        uint32_t len
+        uint32_t block
+        uint32_t deliveries
+        int detached
+        unsigned char *data
+
+    ctypedef struct fmq_stats:
+        uint64_t depth, capacity, enqueued, dequeued, bytes_in_use
+        uint64_t producers, consumers, participants
+        uint64_t redelivered, abandoned, dead_lettered
+        uint64_t blocks_total, blocks_free_hint
+
+    const char *fmq_last_error()
+    int fmq_global_init()
+    uint64_t fmq_now_ns()
+
+    int fmq_region_create(const char *name, const fmq_params *p, unsigned mode,
+                          int anonymous, int exist_ok, fmq_region **out)
+    int fmq_region_open(const char *name, fmq_region **out)
+    int fmq_region_unlink(const char *name)
+    void fmq_region_close(fmq_region *r)
+    int fmq_region_check_fork(fmq_region *r)
+    uint64_t fmq_region_maxsize(const fmq_region *r)
+    uint64_t fmq_region_max_message_size(const fmq_region *r)
+    uint64_t fmq_region_capacity_bytes(const fmq_region *r)
+    uint32_t fmq_region_inline_max(const fmq_region *r)
+    int fmq_region_is_anonymous(const fmq_region *r)
+    const char *fmq_region_name(const fmq_region *r)
+    uint32_t fmq_region_max_deliveries(const fmq_region *r)
+    const char *fmq_region_dead_letter(const fmq_region *r)
+    void fmq_region_stats(fmq_region *r, fmq_stats *st)
+    uint64_t fmq_ring_depth(fmq_region *r)
+
+    int fmq_ring_reserve(fmq_region *r, fmq_msg *m)
+    unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m)
+    int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake)
+    int fmq_ring_claim(fmq_region *r, fmq_msg *m)
+    int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake)
+    int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake)
+    int fmq_ring_unclaim(fmq_region *r, fmq_msg *m)
+    void fmq_ring_wake_consumers(fmq_region *r, int all)
+    void fmq_ring_wake_producers(fmq_region *r)
+    int fmq_ring_wait_data(fmq_region *r, uint64_t deadline_ns)
+    int fmq_ring_wait_space(fmq_region *r, uint64_t deadline_ns, uint64_t need_bytes)
+
+    int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out)
+    unsigned char *fmq_pool_ptr(fmq_region *r, uint32_t block)
+    uint64_t fmq_pool_block_size(fmq_region *r, uint32_t block)
+    int fmq_pool_ref(fmq_region *r, uint32_t block)
+    int fmq_pool_unref(fmq_region *r, uint32_t block)
+
+    int fmq_selftest_stress(fmq_region *r, int nprod, int ncons, uint64_t n_per_producer,
+                            uint32_t max_len, char *report, size_t report_len)

@@ -1,0 +1,727 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""fastmq._core -- the thin Cython binding of the C core (backend "native").
+
+Implements the ring contract written down in ``fastmq/_ring_protocol.py``.
+What lives here and nowhere else:
+
+* the error funnel (``_raise``): one place that turns a C return code into the
+  Python exception API.md promises, and runs pending signal handlers;
+* the wait loops: the GIL is released while waiting (and while copying large
+  payloads); every wait is sliced (<= 100 ms in C) so Ctrl-C and ``close()``
+  from another thread are noticed promptly;
+* buffer exporters (``Reservation``, ``Lease``) that count their exports and
+  keep their block -- and the mapping -- alive until the last view is gone.
+
+Threads: a ``Ring`` may be shared by threads. Its ``busy``/``pins`` counters
+are only touched with the GIL held, so they need no atomics; ``close()`` while
+another thread waits or a view is alive defers the unmap until they finish.
+Fork: every entry point calls ``fmq_region_check_fork`` so a child re-registers
+under its own identity before touching the ring.
+"""
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport errno
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy
+
+import os as _os
+
+from fastmq.errors import (CorruptQueue, Empty, Error, Full, LeaseLost, MessageTooLarge,
+                           QueueClosed, QueueExists, QueueNotFound)
+
+backend_name = "native"
+
+# Copies at least this large are done with the GIL released: below it the
+# release/re-acquire costs more than it frees up for other threads.
+cdef Py_ssize_t _NOGIL_COPY = 64 * 1024
+
+fmq_global_init()
+
+
+# ======================================================================== #
+# error funnel                                                             #
+# ======================================================================== #
+
+cdef int _raise(int rc, str what="") except -1:
+    """Map a C return code to its exception (always raises for rc != 0)."""
+    cdef int err = errno
+    msg = fmq_last_error().decode("utf-8", "replace")
+    if rc == FMQ_EMPTY or rc == FMQ_TIMEDOUT and what == "get":
+        raise Empty()
+    if rc == FMQ_FULL or rc == FMQ_NOSPACE or rc == FMQ_TIMEDOUT:
+        raise Full()
+    if rc == FMQ_TOOBIG:
+        raise MessageTooLarge(what or "message exceeds the queue's max_message_size")
+    if rc == FMQ_ECORRUPT or rc == FMQ_EVERSION:
+        raise CorruptQueue(msg)
+    if rc == FMQ_ENOTFOUND:
+        raise QueueNotFound(msg)
+    if rc == FMQ_EEXIST:
+        raise QueueExists(msg)
+    if rc == FMQ_EINVAL or rc == FMQ_ESTATE:
+        raise ValueError(msg)
+    if rc == FMQ_ELOST:
+        raise LeaseLost("the slot was reclaimed by crash recovery before this call finished")
+    if rc == FMQ_ETABLEFULL:
+        raise Error(msg)
+    if rc == FMQ_EOS:
+        raise OSError(err, msg)
+    raise Error("fastmq internal error %d: %s" % (rc, msg))
+
+
+cdef inline uint64_t _deadline(object timeout, bint *nonblock) except? 1:
+    """None -> 0 (wait forever); 0 -> non-blocking; > 0 -> absolute monotonic ns."""
+    if timeout is None:
+        nonblock[0] = False
+        return 0
+    cdef double t = timeout
+    if t <= 0:
+        nonblock[0] = True
+        return 0
+    nonblock[0] = False
+    return fmq_now_ns() + <uint64_t>(t * 1e9) + 1
+
+
+# ======================================================================== #
+# Ring                                                                     #
+# ======================================================================== #
+
+cdef class Ring:
+    """One process-local handle on a queue segment (see _ring_protocol.Ring)."""
+    cdef fmq_region *r
+    cdef int busy          # calls in progress (GIL held while counting)
+    cdef int pins          # live Reservations/Leases (views may point into the map)
+    cdef bint _closed
+    cdef readonly str name
+    cdef readonly bint anonymous
+    cdef readonly object maxsize, max_message_size, capacity_bytes
+    cdef Py_ssize_t _max_msg
+    cdef uint32_t _inline_max
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self.r = NULL
+
+    cdef _bind(self, fmq_region *r):
+        self.r = r
+        self.name = fmq_region_name(r).decode()
+        self.anonymous = fmq_region_is_anonymous(r) != 0
+        self.maxsize = fmq_region_maxsize(r)
+        self.max_message_size = fmq_region_max_message_size(r)
+        self.capacity_bytes = fmq_region_capacity_bytes(r)
+        self._max_msg = <Py_ssize_t>fmq_region_max_message_size(r)
+        self._inline_max = fmq_region_inline_max(r)
+
+    @classmethod
+    def create(cls, str name, *, maxsize, max_message_size, capacity_bytes, mode=0o600,
+               exist_ok=False, anonymous=False, max_deliveries=20, dead_letter="",
+               slot_size=0):
+        cdef fmq_params p
+        cdef fmq_region *r = NULL
+        cdef bytes bname = name.encode()
+        cdef bytes bdead = (dead_letter or "").encode()
+        for label, v in (("maxsize", maxsize), ("max_message_size", max_message_size),
+                         ("capacity_bytes", capacity_bytes), ("max_deliveries", max_deliveries),
+                         ("slot_size", slot_size)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError("%s must be an int, not %s" % (label, type(v).__name__))
+            if v < 0 or v >= 2 ** 63:
+                raise ValueError("%s out of range: %r" % (label, v))
+        if max_deliveries >= 2 ** 32 or slot_size >= 2 ** 32:
+            raise ValueError("max_deliveries/slot_size out of range")
+        p.maxsize = maxsize
+        p.max_message_size = max_message_size
+        p.capacity_bytes = capacity_bytes
+        p.slot_size = slot_size
+        p.max_deliveries = max_deliveries
+        p.dead_letter = bdead
+        cdef int rc = fmq_region_create(bname, &p, mode, 1 if anonymous else 0,
+                                        1 if exist_ok else 0, &r)
+        if rc != FMQ_OK:
+            _raise(rc)
+        cdef Ring self = Ring.__new__(Ring)
+        self._bind(r)
+        return self
+
+    @classmethod
+    def open(cls, str name):
+        cdef fmq_region *r = NULL
+        cdef bytes bname = name.encode()
+        cdef int rc = fmq_region_open(bname, &r)
+        if rc != FMQ_OK:
+            _raise(rc)
+        cdef Ring self = Ring.__new__(Ring)
+        self._bind(r)
+        return self
+
+    @staticmethod
+    def unlink(str name):
+        cdef bytes bname = name.encode()
+        cdef int rc = fmq_region_unlink(bname)
+        if rc != FMQ_OK:
+            _raise(rc)
+
+    # ---- lifetime ------------------------------------------------------- #
+
+    cdef inline int _enter(self) except -1:
+        if self._closed:
+            raise QueueClosed("queue handle is closed")
+        cdef int rc = fmq_region_check_fork(self.r)
+        if rc != FMQ_OK:
+            _raise(rc)
+        self.busy += 1
+        return 0
+
+    cdef inline void _leave(self):
+        self.busy -= 1
+        if self._closed and self.busy == 0 and self.pins == 0:
+            self._unmap()
+
+    cdef void _unmap(self):
+        if self.r != NULL:
+            fmq_region_close(self.r)
+            self.r = NULL
+
+    cdef void _unpin(self):
+        self.pins -= 1
+        if self._closed and self.busy == 0 and self.pins == 0:
+            self._unmap()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def close(self):
+        """Idempotent. Views into this mapping stay valid until released."""
+        self._closed = True
+        if self.busy == 0 and self.pins == 0:
+            self._unmap()
+
+    def __dealloc__(self):
+        # busy/pins hold references to us, so nothing can be using the map now.
+        if self.r != NULL:
+            fmq_region_close(self.r)
+            self.r = NULL
+
+    # ---- waiting -------------------------------------------------------- #
+
+    cdef int _wait(self, bint for_space, uint64_t deadline, uint64_t need) except -1:
+        """Sleep until worth retrying; raise Full/Empty at the deadline."""
+        cdef int rc
+        with nogil:
+            if for_space:
+                rc = fmq_ring_wait_space(self.r, deadline, need)
+            else:
+                rc = fmq_ring_wait_data(self.r, deadline)
+        if rc == FMQ_TIMEDOUT:
+            if for_space:
+                raise Full()
+            raise Empty()
+        if rc == FMQ_AGAIN or rc == FMQ_EINTR:
+            PyErr_CheckSignals()          # KeyboardInterrupt etc. raise here
+            if self._closed:
+                raise QueueClosed("queue handle was closed while waiting")
+        return 0
+
+    # ---- writing -------------------------------------------------------- #
+
+    cdef int _alloc_block(self, Py_ssize_t n, bint nonblock, uint64_t deadline,
+                          uint32_t *block) except -1:
+        cdef int rc
+        while True:
+            rc = fmq_pool_alloc(self.r, <uint64_t>n, block)
+            if rc == FMQ_OK:
+                return 0
+            if rc != FMQ_NOSPACE:
+                _raise(rc)
+            if nonblock:
+                raise Full()
+            self._wait(True, deadline, <uint64_t>n)
+
+    cdef int _claim_slot(self, fmq_msg *m, bint nonblock, uint64_t deadline) except -1:
+        cdef int rc
+        while True:
+            rc = fmq_ring_reserve(self.r, m)
+            if rc == FMQ_OK:
+                return 0
+            if rc != FMQ_FULL:
+                _raise(rc)
+            if nonblock:
+                raise Full()
+            self._wait(True, deadline, 0)
+
+    cdef int _put_raw(self, const unsigned char *src, Py_ssize_t n, bint nonblock,
+                      uint64_t deadline, int wake) except -1:
+        cdef uint32_t block = FMQ_NO_BLOCK
+        cdef unsigned char *dst
+        cdef fmq_msg m
+        cdef int rc
+        if n > <Py_ssize_t>self._inline_max:
+            self._alloc_block(n, nonblock, deadline, &block)
+            dst = fmq_pool_ptr(self.r, block)
+            if n >= _NOGIL_COPY:
+                with nogil:
+                    memcpy(dst, src, n)
+            else:
+                memcpy(dst, src, n)
+            try:
+                self._claim_slot(&m, nonblock, deadline)
+            except BaseException:
+                fmq_pool_unref(self.r, block)     # nothing was published
+                raise
+        else:
+            self._claim_slot(&m, nonblock, deadline)
+            memcpy(fmq_ring_inline_ptr(self.r, &m), src, n)
+        rc = fmq_ring_commit(self.r, &m, <uint32_t>n, block, wake)
+        if rc != FMQ_OK:
+            if block != FMQ_NO_BLOCK:
+                fmq_pool_unref(self.r, block)
+            _raise(rc)
+        return 0
+
+    cdef inline int _check_size(self, Py_ssize_t n) except -1:
+        if n > self._max_msg:
+            raise MessageTooLarge(
+                "message of %d bytes exceeds this queue's max_message_size of %d bytes "
+                "(create the queue with a larger max_message_size)" % (n, self._max_msg))
+        return 0
+
+    def put(self, data, timeout=None):
+        """Enqueue one bytes-like object (copied once into shared memory)."""
+        cdef Py_buffer view
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        self._enter()
+        try:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                self._check_size(view.len)
+                self._put_raw(<const unsigned char *>view.buf, view.len, nonblock, deadline, 1)
+            finally:
+                PyBuffer_Release(&view)
+        finally:
+            self._leave()
+
+    def put_many(self, items, timeout=None):
+        """Enqueue in order; returns how many went in (see the ring contract)."""
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        cdef Py_buffer view
+        cdef Py_ssize_t i, n, done = 0
+        if not isinstance(items, (list, tuple)):
+            items = list(items)
+        n = len(items)
+        self._enter()
+        try:
+            # Every size is checked before anything is written: a batch with
+            # one oversize item is rejected whole, not half-sent.
+            for i in range(n):
+                PyObject_GetBuffer(items[i], &view, PyBUF_SIMPLE)
+                try:
+                    self._check_size(view.len)
+                finally:
+                    PyBuffer_Release(&view)
+            for i in range(n):
+                PyObject_GetBuffer(items[i], &view, PyBUF_SIMPLE)
+                try:
+                    try:
+                        # First try without blocking; before any wait, wake the
+                        # consumers of what is already in, or they may sleep
+                        # while we wait for them to make room.
+                        self._put_raw(<const unsigned char *>view.buf, view.len, True, 0, 0)
+                    except Full:
+                        fmq_ring_wake_consumers(self.r, 1)
+                        if nonblock:
+                            break
+                        try:
+                            self._put_raw(<const unsigned char *>view.buf, view.len, False,
+                                          deadline, 0)
+                        except Full:
+                            break
+                finally:
+                    PyBuffer_Release(&view)
+                done += 1
+        finally:
+            if self.r != NULL and done:
+                fmq_ring_wake_consumers(self.r, 1)
+            self._leave()
+        return done
+
+    def reserve(self, Py_ssize_t nbytes, timeout=None):
+        """Space for one message of nbytes, written in place (a block)."""
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        cdef uint32_t block = FMQ_NO_BLOCK
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        self._check_size(nbytes)
+        self._enter()
+        try:
+            self._alloc_block(nbytes if nbytes > 0 else 1, nonblock, deadline, &block)
+            res = Reservation._new(self, block, nbytes)
+        finally:
+            self._leave()
+        return res
+
+    # ---- reading -------------------------------------------------------- #
+
+    cdef int _claim_msg(self, fmq_msg *m, bint nonblock, uint64_t deadline) except -1:
+        cdef int rc
+        while True:
+            rc = fmq_ring_claim(self.r, m)
+            if rc == FMQ_OK:
+                return 0
+            if rc != FMQ_EMPTY:
+                _raise(rc)
+            if nonblock:
+                raise Empty()
+            self._wait(False, deadline, 0)
+
+    cdef bytes _take_bytes(self, fmq_msg *m, int wake):
+        """Copy a claimed message out and release it; unclaim on failure."""
+        cdef bytes out
+        cdef int rc
+        cdef char *dst
+        try:
+            out = PyBytes_FromStringAndSize(NULL, m.len)
+        except BaseException:
+            fmq_ring_unclaim(self.r, m)           # the message stays queued
+            raise
+        dst = PyBytes_AS_STRING(out)
+        if m.block != FMQ_NO_BLOCK and m.len >= _NOGIL_COPY:
+            # Free the slot before the long copy: only the block stays pinned.
+            rc = fmq_ring_detach(self.r, m, wake)
+            if rc != FMQ_OK:
+                _raise(rc)
+            with nogil:
+                memcpy(dst, m.data, m.len)
+        else:
+            memcpy(dst, m.data, m.len)
+        rc = fmq_ring_release(self.r, m, wake)
+        if rc != FMQ_OK:
+            _raise(rc)
+        return out
+
+    def get(self, timeout=None):
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        cdef fmq_msg m
+        self._enter()
+        try:
+            self._claim_msg(&m, nonblock, deadline)
+            return self._take_bytes(&m, 1)
+        finally:
+            self._leave()
+
+    def get_many(self, Py_ssize_t max_messages, timeout=None):
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        cdef fmq_msg m
+        cdef list out = []
+        cdef int rc
+        if max_messages < 1:
+            raise ValueError("max_messages must be >= 1")
+        self._enter()
+        try:
+            self._claim_msg(&m, nonblock, deadline)
+            out.append(self._take_bytes(&m, 0))
+            while len(out) < max_messages:
+                rc = fmq_ring_claim(self.r, &m)
+                if rc == FMQ_EMPTY:
+                    break
+                if rc != FMQ_OK:
+                    _raise(rc)
+                out.append(self._take_bytes(&m, 0))
+        finally:
+            if self.r != NULL:
+                fmq_ring_wake_producers(self.r)
+            self._leave()
+        return out
+
+    def recv(self, timeout=None):
+        """Receive one message without copying it out (large ones) -> Lease."""
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        cdef fmq_msg m
+        self._enter()
+        try:
+            self._claim_msg(&m, nonblock, deadline)
+            if m.block == FMQ_NO_BLOCK:
+                # Small: a private copy is cheaper than pinning, and frees the
+                # slot at once.
+                return Lease._new_copy(self, self._take_bytes(&m, 1))
+            return Lease._new_block(self, &m)
+        finally:
+            self._leave()
+
+    # ---- state ---------------------------------------------------------- #
+
+    def qsize(self):
+        self._enter()
+        try:
+            return fmq_ring_depth(self.r)
+        finally:
+            self._leave()
+
+    def stats(self):
+        cdef fmq_stats st
+        self._enter()
+        try:
+            fmq_region_stats(self.r, &st)
+        finally:
+            self._leave()
+        return {
+            "depth": st.depth, "capacity": st.capacity, "enqueued": st.enqueued,
+            "dequeued": st.dequeued, "bytes_in_use": st.bytes_in_use,
+            "producers": st.producers, "consumers": st.consumers,
+            "participants": st.participants, "redelivered": st.redelivered,
+            "abandoned": st.abandoned, "dead_lettered": st.dead_lettered,
+            "blocks_total": st.blocks_total, "max_message_size": self.max_message_size,
+            "capacity_bytes": self.capacity_bytes,
+        }
+
+    @property
+    def max_deliveries(self):
+        return fmq_region_max_deliveries(self.r) if self.r != NULL else None
+
+    @property
+    def dead_letter(self):
+        return fmq_region_dead_letter(self.r).decode() if self.r != NULL else None
+
+    @property
+    def inline_max(self):
+        return self._inline_max
+
+    def _selftest_stress(self, int nprod, int ncons, uint64_t n_per_producer,
+                         uint32_t max_len):
+        """Run the C multi-threaded ring stress on this segment -> (ok, report)."""
+        cdef char report[512]
+        cdef int rc
+        self._enter()
+        try:
+            with nogil:
+                rc = fmq_selftest_stress(self.r, nprod, ncons, n_per_producer, max_len,
+                                         report, sizeof(report))
+        finally:
+            self._leave()
+        return rc == FMQ_OK, report.decode("utf-8", "replace")
+
+
+# ======================================================================== #
+# buffer exporters                                                         #
+# ======================================================================== #
+
+cdef class _Exporter:
+    """Exports one contiguous byte range and counts the exports.
+
+    The memoryview handed to users is made from this object, so CPython's
+    managed buffer holds exactly one export of ours for as long as that
+    memoryview, any slice of it, or anything built on it (numpy arrays) lives.
+    When the count drops to zero after close(), the memory is given back.
+    """
+    cdef Ring ring
+    cdef unsigned char *ptr
+    cdef Py_ssize_t size
+    cdef bint readonly_
+    cdef int exports
+    cdef bint closing
+    cdef bint freed
+    cdef object _view
+    cdef Py_ssize_t shape[1]
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        if self.freed:
+            raise BufferError("this message's memory was already released")
+        if self.readonly_ and (flags & PyBUF_WRITABLE):
+            raise BufferError("message data is read-only")
+        self.shape[0] = self.size
+        buffer.buf = <void *>self.ptr
+        buffer.obj = self
+        buffer.len = self.size
+        buffer.readonly = 1 if self.readonly_ else 0
+        buffer.itemsize = 1
+        buffer.format = "B"
+        buffer.ndim = 1
+        buffer.shape = self.shape
+        buffer.strides = NULL
+        buffer.suboffsets = NULL
+        buffer.internal = NULL
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self.exports -= 1
+        if self.exports == 0 and self.closing:
+            self._free()
+
+    cdef void _free(self):
+        pass
+
+    @property
+    def view(self):
+        if self._view is None:
+            if self.freed or self.closing:
+                raise ValueError("the view was released")
+            self._view = memoryview(self)
+        return self._view
+
+    @property
+    def nbytes(self):
+        return self.size
+
+    def close(self):
+        """Give the memory back now, or when the last view is released."""
+        if self.freed:
+            return
+        self.closing = True
+        self._view = None          # our own reference; users' views keep theirs
+        if self.exports == 0:
+            self._free()
+
+    def release(self):
+        """Give the memory back now; BufferError while derived views are alive."""
+        if self.freed:
+            return
+        if self._view is not None:
+            try:
+                self._view.release()
+            except BufferError:
+                raise BufferError("cannot release: %s views derived from the message "
+                                  "data are still alive" % "some") from None
+            self._view = None
+        if self.exports:
+            self.closing = True      # released after all when they go (deferred)
+            raise BufferError("cannot release: views derived from the message data are "
+                              "still alive; they keep it pinned until they are released")
+        self.closing = True
+        self._free()
+
+
+cdef class Reservation(_Exporter):
+    """Writable space in one block; commit() publishes it (see the contract)."""
+    cdef uint32_t block
+    cdef int state        # 0 open, 1 committed, 2 aborted
+
+    @staticmethod
+    cdef Reservation _new(Ring ring, uint32_t block, Py_ssize_t nbytes):
+        cdef Reservation self = Reservation.__new__(Reservation)
+        self.ring = ring
+        self.block = block
+        self.ptr = fmq_pool_ptr(ring.r, block)
+        self.size = nbytes
+        self.readonly_ = False
+        ring.pins += 1
+        return self
+
+    cdef void _free(self):
+        if self.freed:
+            return
+        self.freed = True
+        if self.ring.r != NULL:
+            fmq_pool_unref(self.ring.r, self.block)   # our pin; the message has its own
+        self.ring._unpin()
+
+    def commit(self, length=None):
+        cdef Py_ssize_t n = self.size if length is None else length
+        cdef fmq_msg m
+        cdef int rc
+        if self.state != 0:
+            raise ValueError("reservation already %s" %
+                             ("committed" if self.state == 1 else "aborted"))
+        if n < 0 or n > self.size:
+            raise ValueError("length must be between 0 and %d" % self.size)
+        self.ring._enter()
+        try:
+            rc = fmq_pool_ref(self.ring.r, self.block)     # the message's reference
+            if rc != FMQ_OK:
+                _raise(rc)
+            try:
+                self.ring._claim_slot(&m, False, 0)
+            except BaseException:
+                fmq_pool_unref(self.ring.r, self.block)
+                raise
+            rc = fmq_ring_commit(self.ring.r, &m, <uint32_t>n, self.block, 1)
+            if rc != FMQ_OK:
+                fmq_pool_unref(self.ring.r, self.block)
+                _raise(rc)
+            self.state = 1
+        finally:
+            self.ring._leave()
+        self.close()
+
+    def abort(self):
+        if self.state != 0:
+            raise ValueError("reservation already %s" %
+                             ("committed" if self.state == 1 else "aborted"))
+        self.state = 2
+        self.close()
+
+    def __dealloc__(self):
+        if not self.freed and self.ring is not None:
+            self._free()
+
+
+cdef class Lease(_Exporter):
+    """A received message whose bytes stay in place (see the contract)."""
+    cdef uint32_t block
+    cdef bytes _copy
+    cdef readonly uint32_t deliveries
+
+    @staticmethod
+    cdef Lease _new_copy(Ring ring, bytes data):
+        cdef Lease self = Lease.__new__(Lease)
+        self.ring = ring
+        self.block = FMQ_NO_BLOCK
+        self._copy = data
+        self.ptr = <unsigned char *>PyBytes_AS_STRING(data)
+        self.size = len(data)
+        self.readonly_ = True
+        ring.pins += 1
+        return self
+
+    @staticmethod
+    cdef Lease _new_block(Ring ring, fmq_msg *m):
+        cdef int rc = fmq_ring_detach(ring.r, m, 1)   # slot free now; block is ours
+        if rc != FMQ_OK:
+            _raise(rc)
+        cdef Lease self = Lease.__new__(Lease)
+        self.ring = ring
+        self.block = m.block
+        self.ptr = m.data
+        self.size = m.len
+        self.readonly_ = True
+        self.deliveries = m.deliveries
+        ring.pins += 1
+        return self
+
+    cdef void _free(self):
+        if self.freed:
+            return
+        self.freed = True
+        if self.block != FMQ_NO_BLOCK and self.ring.r != NULL:
+            fmq_pool_unref(self.ring.r, self.block)
+        self._copy = None
+        self.ring._unpin()
+
+    def __dealloc__(self):
+        if not self.freed and self.ring is not None:
+            self._free()
+
+
+def list_segments():
+    """Names of native fastmq segments under /dev/shm."""
+    out = []
+    try:
+        names = _os.listdir("/dev/shm")
+    except OSError:
+        return out
+    for n in sorted(names):
+        if not n.startswith("fastmq-"):
+            continue
+        try:
+            with open("/dev/shm/" + n, "rb") as f:
+                if f.read(8) == b"FASTMQ\x01N":
+                    out.append(n)
+        except OSError:
+            pass
+    return out
