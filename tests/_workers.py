@@ -166,6 +166,11 @@ def through_queue_child(outer, backend_expected):
     outer.close()
 
 
+def relay(dst, src):
+    """Move one message from src to dst."""
+    dst.put(src.get(timeout=CHILD_TIMEOUT), timeout=CHILD_TIMEOUT)
+
+
 def hold_and_wait(q, ready, release):
     """Hold a handle until told to go (used by leftover/cleanup tests)."""
     q.put_bytes(b"child-was-here", timeout=CHILD_TIMEOUT)

@@ -122,7 +122,7 @@ def test_stats_keys_and_counters(mq):
     for k in STATS_KEYS:
         assert isinstance(st[k], int) and st[k] >= 0, (k, st[k])
     q.put(1)
-    q.put_bytes(b"x" * 5000)
+    q.put(b"x" * 5000)
     q.put_many([2, 3])
     q.get()
     st = q.stats()

@@ -170,7 +170,7 @@ q = fastmq.Queue.open(sys.argv[1], _backend=sys.argv[2])
 print("READY", flush=True)
 t0 = time.monotonic()
 try:
-    q.get({timeout})
+    q.get(timeout={timeout})
     print("RETURNED", flush=True)
 except KeyboardInterrupt:
     print("KBI %.3f" % (time.monotonic() - t0), flush=True)

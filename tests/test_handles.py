@@ -86,17 +86,31 @@ def test_handle_through_queue_to_other_process(mq, backend, method):
         g.reap()
 
 
-def test_handle_through_queue_after_sender_closed(mq):
-    """The received handle keeps the segment alive even if the sender's
-    handle is closed before the receiver unpickles it."""
+def test_handle_through_queue_after_all_handles_closed(mq):
+    """API: an anonymous queue lives until its last open handle is closed; a
+    pickled handle still in flight is not an open handle.  Unpickling it after
+    every handle closed is a clear QueueNotFound, never a crash or a zombie
+    segment."""
+    outer = mq.Queue()
+    inner = mq.Queue()
+    inner.put("lost with the queue")
+    outer.put(inner)
+    inner.close()
+    with pytest.raises(fastmq.QueueNotFound):
+        outer.get(timeout=5)
+
+
+def test_handle_through_queue_while_sender_open(mq):
     outer = mq.Queue()
     inner = mq.Queue()
     inner.put("kept")
     outer.put(inner)
-    inner.close()
     inner2 = outer.get(timeout=5)
+    inner.close()  # the receiver's handle keeps the queue alive now
     try:
         assert inner2.get(timeout=5) == "kept"
+        inner2.put("again")
+        assert inner2.get(timeout=5) == "again"
     finally:
         inner2.close()
 
@@ -182,10 +196,9 @@ import fastmq
 q = fastmq.Queue(_backend=sys.argv[1])
 q2 = fastmq.Queue(maxsize=3, _backend=sys.argv[1])
 mine = sorted(anon() - before)
-def child(q, q2):
-    q.put(q2.get(timeout=30))
+import _workers
 ctx = mp.get_context(sys.argv[2])
-p = ctx.Process(target=child, args=(q, q2))
+p = ctx.Process(target=_workers.relay, args=(q, q2))
 p.start()
 q2.put("x")
 assert q.get(timeout=30) == "x"
