@@ -11,6 +11,8 @@ import pickle
 
 import pytest
 
+import fastmq
+
 import _workers as W
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,11 +89,19 @@ def test_mixed_size_storm(mq, children, tmp_path, producers, consumers):
     """Mixed sizes with a tiny block pool and a tiny ring: the pool is exhausted
     (producers block on bytes, not only on slots) and the ring wraps many times."""
     max_size = 256 * 1024
+    geometry = {"maxsize": 8, "max_message_size": max_size, "capacity_bytes": 1024 * 1024}
+    # the geometry really exhausts the pool: big messages fill it before the slots
+    probe = mq.Queue(**geometry)
+    n = 0
+    with pytest.raises(fastmq.Full):
+        for n in range(1, 9):
+            probe.put_bytes(b"p" * 250_000, block=False)
+    assert n - 1 < 8, "capacity_bytes did not limit the queue before maxsize did"
+    probe.close()
     per = 2400 // producers
     q = run_mpmc(mq, children, tmp_path, producers=producers, consumers=consumers,
                  per_producer=per, spec="mixed", kind="bytes", max_size=max_size,
-                 queue_kw={"maxsize": 8, "max_message_size": max_size,
-                           "capacity_bytes": 2 * 1024 * 1024})
+                 queue_kw=geometry)
     st = q.stats()
     # the ring of 8 slots wrapped hundreds of times
     assert st["enqueued"] == producers * per + consumers
@@ -104,4 +114,4 @@ def test_mixed_size_storm_pickled_batches(mq, children, tmp_path):
     run_mpmc(mq, children, tmp_path, producers=4, consumers=4, per_producer=400,
              spec="mixed", kind="pickle", batch=5, max_size=max_size - 200,
              queue_kw={"maxsize": 8, "max_message_size": max_size,
-                       "capacity_bytes": 2 * 1024 * 1024})
+                       "capacity_bytes": 1024 * 1024})
