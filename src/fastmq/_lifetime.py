@@ -125,16 +125,27 @@ def _same_file(path: str, fd: int) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+_ATTACH_PATIENCE = 1.0     # seconds; a closer holds LOCK_EX only for a moment
+
+
 def attach(path: str, fd: int) -> bool:
     """Register ``fd`` as a user of the anonymous segment at ``path``.
 
     Returns False when the segment is being removed (its last user closed it
     concurrently); the caller then reports it as not found.
     """
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
+    deadline = time.monotonic() + _ATTACH_PATIENCE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            # A closer or cleanup() is probing with LOCK_EX; it either gives
+            # up (someone else holds the segment) or unlinks it, which the
+            # inode check below detects.
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
     return _same_file(path, fd)
 
 

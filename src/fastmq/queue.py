@@ -11,7 +11,6 @@ inherited through ``fork()`` works in the child as it is.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import weakref
@@ -177,6 +176,9 @@ class Queue:
 
     def __reduce__(self):
         ring = self._live_ring()
+        # A pickled handle is not an open handle: if every open handle of an
+        # anonymous queue closes before the copy is loaded, loading it raises
+        # QueueNotFound (API: the memory lives until the last handle closes).
         return (_reopen, (ring.name, ring.anonymous, self._serializer, self.backend))
 
     # ------------------------------------------------------------ lifecycle
@@ -328,19 +330,17 @@ class Queue:
 
     # ------------------------------------------------------------- zero-copy
 
-    @contextlib.contextmanager
     def reserve(self, nbytes, timeout=None):
         """``with q.reserve(n) as buf:`` -- a writable memoryview of ``n`` bytes
         in the queue, published on normal exit, discarded on an exception.
-        Consumers read it with ``get_bytes()``/``recv()``."""
-        timeout = _timeout(True, timeout)
-        reservation = self._live_ring().reserve(nbytes, timeout)
-        try:
-            yield reservation.view
-        except BaseException:
-            reservation.abort()
-            raise
-        reservation.commit()
+        Consumers read it with ``get_bytes()``/``recv()``. Bad sizes raise here,
+        before the ``with`` block; the space is claimed on entering it."""
+        _check_int("nbytes", nbytes, 0, MAX_MESSAGE_SIZE)
+        ring = self._live_ring()
+        if nbytes > ring.max_message_size:
+            raise MessageTooLarge(f"reservation of {nbytes} bytes exceeds this queue's "
+                                  f"max_message_size of {ring.max_message_size} bytes")
+        return _ReservationContext(ring, nbytes, _timeout(True, timeout))
 
     def reserve_array(self, shape, dtype):
         """A numpy array living in the queue's memory; publish it with
@@ -385,6 +385,28 @@ class Queue:
         of the next message in shared memory, pinned while any view of it lives."""
         timeout = _timeout(True, timeout)
         return Received(self._live_ring().recv(timeout))
+
+
+class _ReservationContext:
+    """What ``Queue.reserve`` returns: claims the space on ``__enter__``."""
+
+    __slots__ = ("_ring", "_nbytes", "_timeout", "_reservation")
+
+    def __init__(self, ring, nbytes, timeout):
+        self._ring, self._nbytes, self._timeout = ring, nbytes, timeout
+        self._reservation = None
+
+    def __enter__(self) -> memoryview:
+        if self._reservation is not None:
+            raise RuntimeError("a reserve() context can be entered only once")
+        self._reservation = self._ring.reserve(self._nbytes, self._timeout)
+        return self._reservation.view
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self._reservation.commit()
+        else:
+            self._reservation.abort()
 
 
 class Received:
@@ -466,5 +488,5 @@ def _reopen(segment, anonymous, serializer, backend):
     except QueueNotFound:
         what = "anonymous queue" if anonymous else f"queue {_names.queue_name_of(segment)!r}"
         raise QueueNotFound(f"cannot unpickle fastmq handle: the {what} no longer "
-                            "exists (every handle to it was closed)") from None
+                            "exists (every open handle to it was closed)") from None
     return Queue._from_ring(ring, backend, _names.queue_name_of(segment), serializer)
