@@ -539,20 +539,80 @@ class Reservation:
 
 
 class Lease:
-    """A received message (already removed from the queue), as a read-only view."""
+    """A received message (already removed from the queue), as a read-only view.
+
+    The bytes are a private copy, so nothing needs pinning; ``release()``
+    still raises ``BufferError`` while views derived from ``view`` are alive,
+    exactly like the native backend (and ``mmap.close()``).
+    """
 
     def __init__(self, data: bytes):
         self.nbytes = len(data)
-        self.view = memoryview(data).toreadonly()
+        self.view = memoryview(data)        # bytes: already read-only
 
     def release(self):
-        self.view.release()      # BufferError while exports of view are alive
+        view = self.view
+        try:
+            derived = _derived_views(view)
+        except ValueError:                   # already released: idempotent
+            return
+        if derived:
+            raise BufferError(f"cannot release a message while {derived} view(s) "
+                              "of its data are alive")
+        view.release()                       # also BufferError if exported
 
     def close(self):
         try:
             self.view.release()
         except BufferError:
             pass                 # deferred: the copy is freed with its last export
+
+
+def _probe_managed_buffer_layout():
+    """How to count the views sharing a memoryview's managed buffer, or None.
+
+    Slices, ``memoryview(view)`` and casts register on the managed buffer
+    (CPython's ``_PyManagedBufferObject.exports``), not on the view, so
+    ``view.release()`` alone cannot see them. Reading that counter needs the
+    struct layout; it is verified here on a scratch view and the check is
+    skipped (not guessed) on an interpreter where it does not match.
+    """
+    try:
+        import ctypes
+        import sys
+        if sys.implementation.name != "cpython":
+            return None
+        ptr = ctypes.sizeof(ctypes.c_void_p)
+        ssize = ctypes.sizeof(ctypes.c_ssize_t)
+        mbuf_at = 3 * ptr                              # after PyObject_VAR_HEAD
+        exports_at = 2 * ptr + max(ctypes.sizeof(ctypes.c_int), ssize)  # flags, pad
+
+        def count(view):
+            mbuf = ctypes.c_void_p.from_address(id(view) + mbuf_at).value
+            return ctypes.c_ssize_t.from_address(mbuf + exports_at).value
+
+        scratch = memoryview(b"probe")
+        if count(scratch) != 1:
+            return None
+        a, b = scratch[1:], memoryview(scratch)
+        if count(scratch) != 3:
+            return None
+        del a, b
+        return count if count(scratch) == 1 else None
+    except Exception:
+        return None
+
+
+_managed_buffer_views = _probe_managed_buffer_layout()
+
+
+def _derived_views(view) -> int:
+    """Views alive besides ``view`` itself (0 when that cannot be known)."""
+    if view.obj is None:                     # released: .obj raises ValueError
+        return 0
+    if _managed_buffer_views is None:
+        return 0
+    return max(_managed_buffer_views(view) - 1, 0)
 
 
 # -------------------------------------------------------------- module functions
