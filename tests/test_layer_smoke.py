@@ -1,0 +1,328 @@
+"""Smoke tests of the Python layer (Queue, framing, names, lifetime), run
+against every available backend. The behaviour suite proper lives in the other
+test modules; these check the layer's own seams end to end.
+
+Every wait is bounded and every child process is reaped in ``finally``.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import fastmq
+from fastmq import _backend, _lifetime, _names, _serialize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+
+
+def _backends():
+    names = ["pure"]
+    if _backend.native_available():
+        names.append("native")
+    return names
+
+
+@pytest.fixture(params=_backends())
+def be(request):
+    return request.param
+
+
+@pytest.fixture
+def handles():
+    made = []
+    yield made
+    for q in made:
+        q.close()
+
+
+def _anon(be, handles, **kw):
+    q = fastmq.Queue(_backend=be, **kw)
+    handles.append(q)
+    return q
+
+
+def _reap(procs):
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+# ------------------------------------------------------------------ module
+
+def test_module_surface():
+    assert fastmq.backend in ("native", "pure")
+    assert isinstance(fastmq.__version__, str)
+    assert issubclass(fastmq.BadMessage, fastmq.Error)
+
+
+def test_forcing_native_without_core_explains_the_fix():
+    code = ("import sys; sys.modules['fastmq._core'] = None\n"
+            "import fastmq")
+    env = dict(os.environ, FASTMQ_BACKEND="native", PYTHONPATH=SRC)
+    proc = subprocess.run([sys.executable, "-c", code], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr
+    assert "FASTMQ_BACKEND=pure" in proc.stderr and "C compiler" in proc.stderr
+
+
+def test_import_does_not_import_numpy():
+    code = "import sys, fastmq; print('numpy' in sys.modules)"
+    env = dict(os.environ, FASTMQ_BACKEND="pure", PYTHONPATH=SRC)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+# ------------------------------------------------------------------- names
+
+@pytest.mark.parametrize("bad", ["", ".hidden", "a/b", "../x", "x" * 201, "sp ace", "é"])
+def test_bad_names_rejected(bad):
+    with pytest.raises(ValueError, match="invalid queue name"):
+        _names.segment_for(bad)
+
+
+def test_name_mapping():
+    assert _names.segment_for("orders.v1_x-2") == "fastmq-q-orders.v1_x-2"
+    anon = _names.anonymous_segment()
+    assert anon.startswith(f"fastmq-anon-{os.getpid()}-")
+
+
+# ----------------------------------------------------------------- framing
+
+def test_small_objects_are_plain_pickles():
+    assert _serialize.encode({"a": 1}) == pickle.dumps({"a": 1}, protocol=5)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"hello", b"\x00FQ5", b"\x00FQ5" + b"\xff" * 40,
+                                     b"\x80\x05\x95garbage"])
+def test_garbage_is_a_clear_error(garbage):
+    with pytest.raises(fastmq.Error):
+        _serialize.decode(garbage)
+
+
+def test_numpy_round_trip_copy_and_zero_copy(be, handles):
+    np = pytest.importorskip("numpy")
+    q = _anon(be, handles, max_message_size=1 << 20)
+    a = np.arange(1000, dtype=np.float64)
+    f = np.asfortranarray(np.arange(12).reshape(3, 4))
+    strided = np.arange(20)[::3]
+    q.put({"a": a, "f": f, "s": strided})
+    got = q.get(timeout=5)
+    assert got["a"].flags.writeable and np.array_equal(got["a"], a)
+    assert np.array_equal(got["f"], f) and np.array_equal(got["s"], strided)
+    q.put(a)
+    view = q.get(timeout=5, zero_copy=True)
+    assert not view.flags.writeable and np.array_equal(view, a)
+
+
+def test_reserve_array_and_commit(be, handles):
+    np = pytest.importorskip("numpy")
+    q = _anon(be, handles)
+    arr = q.reserve_array((3, 5), "int32")
+    arr[:] = 7
+    q.commit(arr)
+    assert not arr.flags.writeable
+    got = q.get(timeout=5)
+    assert got.shape == (3, 5) and got.dtype == np.int32 and (got == 7).all()
+    with pytest.raises(ValueError):
+        q.commit(arr)
+
+
+def test_reserve_commits_or_aborts(be, handles):
+    q = _anon(be, handles)
+    with q.reserve(4) as buf:
+        buf[:] = b"abcd"
+    with pytest.raises(RuntimeError):
+        with q.reserve(4) as buf:
+            buf[:2] = b"zz"
+            raise RuntimeError("abort me")
+    assert q.get_bytes(timeout=5) == b"abcd"
+    assert q.empty()
+
+
+def test_recv_and_custom_serializer(be, handles):
+    q = _anon(be, handles, serializer=(lambda o: repr(o).encode(), lambda b: eval(bytes(b))))
+    q.put([1, 2])
+    assert q.get(timeout=5) == [1, 2]
+    q.put_bytes(b"raw")
+    with q.recv(timeout=5) as msg:
+        assert bytes(msg.data) == b"raw" and msg.data.readonly
+
+
+# --------------------------------------------------------- blocking & args
+
+def test_timeout_semantics(be, handles):
+    q = _anon(be, handles, maxsize=1)
+    with pytest.raises(ValueError, match="non-negative"):
+        q.get(timeout=-1)
+    t0 = time.monotonic()
+    with pytest.raises(fastmq.Empty):
+        q.get(timeout=0.2)
+    assert 0.15 < time.monotonic() - t0 < 3
+    q.put(1)
+    with pytest.raises(fastmq.Full):
+        q.put(2, block=False)
+    with pytest.raises(fastmq.Full):
+        q.put(2, timeout=0.05)
+    assert q.put_many([3, 4], block=False) == 0
+    assert q.get_nowait() == 1
+
+
+@pytest.mark.parametrize("kw, exc", [({"maxsize": -1}, ValueError), ({"maxsize": 1.5}, TypeError),
+                                     ({"maxsize": 2 ** 25}, ValueError),
+                                     ({"max_message_size": 0}, ValueError),
+                                     ({"max_message_size": 100, "capacity_bytes": 10}, ValueError),
+                                     ({"serializer": pickle.dumps}, TypeError)])
+def test_bad_geometry(be, kw, exc):
+    with pytest.raises(exc):
+        fastmq.Queue(_backend=be, **kw)
+
+
+def test_defaults(be, handles):
+    q = _anon(be, handles)
+    assert q.maxsize == 8192 and q.max_message_size == 16 << 20
+    assert q.capacity_bytes == 64 << 20
+
+
+def test_closed_handle(be, handles):
+    q = _anon(be, handles)
+    q.close()
+    q.close()
+    with pytest.raises(fastmq.QueueClosed):
+        q.put(1)
+    with pytest.raises(fastmq.QueueClosed):
+        pickle.dumps(q)
+
+
+# ------------------------------------------------------- named queues
+
+def test_named_create_open_unlink(be):
+    name = f"smoke-{os.getpid()}-{time.monotonic_ns()}"
+    q = fastmq.Queue.create(name, maxsize=5, _backend=be)
+    try:
+        with pytest.raises(fastmq.QueueExists):
+            fastmq.Queue.create(name, _backend=be)
+        same = fastmq.Queue.create(name, exist_ok=True, maxsize=9, _backend=be)
+        assert same.maxsize == 5
+        with fastmq.Queue.open(name, _backend=be) as other:
+            other.put("hi")
+        assert same.get(timeout=5) == "hi"
+        same.close()
+    finally:
+        fastmq.Queue.unlink(name, _backend=be)
+        q.close()
+    with pytest.raises(fastmq.QueueNotFound, match=name):
+        fastmq.Queue.open(name, _backend=be)
+
+
+# ------------------------------------------------------------ processes
+
+def _echo(inbox, outbox):
+    outbox.put(("echo", inbox.get(timeout=30)), timeout=30)
+
+
+def _via_queue(carrier):
+    inner = carrier.get(timeout=30)
+    inner.put("through a queue", timeout=30)
+    inner.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_multiprocess_round_trip(be, handles, method):
+    np = pytest.importorskip("numpy")
+    inbox, outbox = _anon(be, handles), _anon(be, handles)
+    ctx = mp.get_context(method)
+    p = ctx.Process(target=_echo, args=(inbox, outbox))
+    try:
+        p.start()
+        inbox.put(np.arange(5))
+        tag, arr = outbox.get(timeout=60)
+        assert tag == "echo" and arr.tolist() == [0, 1, 2, 3, 4]
+    finally:
+        _reap([p])
+    assert p.exitcode == 0
+
+
+def test_handle_through_another_queue(be, handles):
+    carrier, inner = _anon(be, handles), _anon(be, handles)
+    p = mp.get_context("spawn").Process(target=_via_queue, args=(carrier,))
+    try:
+        p.start()
+        carrier.put(inner)
+        assert inner.get(timeout=60) == "through a queue"
+    finally:
+        _reap([p])
+    assert p.exitcode == 0
+
+
+def test_fork_child_uses_inherited_handle(be, handles):
+    q = _anon(be, handles)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            q.put(("child", os.getpid()), timeout=10)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        tag, child = q.get(timeout=30)
+        assert (tag, child) == ("child", pid)
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    q.put("parent still works")
+    assert q.get(timeout=5) == "parent still works"
+
+
+# -------------------------------------------------------------- lifetime
+
+def test_anonymous_segment_removed_when_last_handle_closes(be):
+    q = fastmq.Queue(_backend=be)
+    path = _lifetime.segment_path(q._ring.name)
+    clone = pickle.loads(pickle.dumps(q))
+    q.close()
+    assert os.path.exists(path), "a clone still holds it"
+    clone.put(1)
+    del clone                        # garbage collection closes the last one
+    import gc
+    gc.collect()
+    assert not os.path.exists(path)
+
+
+def test_cleanup_removes_orphans_of_killed_processes(be):
+    code = textwrap.dedent("""
+        import os, sys, fastmq
+        q = fastmq.Queue(_backend=sys.argv[1])
+        print(q._ring.name, flush=True)
+        os.kill(os.getpid(), 9)
+    """)
+    env = dict(os.environ, PYTHONPATH=SRC)
+    proc = subprocess.run([sys.executable, "-c", code, be], env=env,
+                          capture_output=True, text=True, timeout=60)
+    seg = proc.stdout.strip()
+    path = _lifetime.segment_path(seg)
+    assert seg.startswith("fastmq-anon-") and os.path.exists(path)
+    assert fastmq.cleanup() >= 0 and os.path.exists(path), "too young to reap"
+    old = time.time() - 3600
+    os.utime(path, (old, old))       # ctime stays recent: age is max(mtime, ctime)
+    try:
+        orig, _lifetime.ORPHAN_AGE = _lifetime.ORPHAN_AGE, -1.0
+        assert fastmq.cleanup() >= 1
+    finally:
+        _lifetime.ORPHAN_AGE = orig
+    assert not os.path.exists(path)
