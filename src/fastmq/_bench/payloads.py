@@ -103,11 +103,10 @@ class Tally:
         self.producers, self.count, self.size, self.mode = producers, count, size, mode
         self.seen = [bytearray(count) for _ in range(producers)]
         self.last = [-1] * producers
-        self.received = 0
         self.errors: list = []           # first few problems, as text
         self.n_errors = 0
         if mode == "pickle":
-            self.check = self._check_object
+            self.check = self._object_checker()
             return
         self.bodies = [body_for(p, size) for p in range(producers)]
         if size > FULL_CHECK_MAX or mode == "numpy":
@@ -117,7 +116,7 @@ class Tally:
                             for b in self.bodies]
             self.check = self._check_large
         else:
-            self.check = self._check_small
+            self.check = self._small_checker()
 
     def _fail(self, text: str) -> None:
         self.n_errors += 1
@@ -125,6 +124,7 @@ class Tally:
             self.errors.append(text)
 
     def _mark(self, p: int, seq: int) -> None:
+        """Record (producer, seq) and report what is wrong with it, if anything."""
         if not 0 <= p < self.producers or not 0 <= seq < self.count:
             self._fail(f"header out of range: producer={p} seq={seq}")
             return
@@ -136,20 +136,55 @@ class Tally:
         if seq <= self.last[p]:
             self._fail(f"out of order: producer {p} seq {seq} after {self.last[p]}")
         self.last[p] = seq
-        self.received += 1
 
-    def _check_small(self, msg) -> None:
-        if type(msg) is not bytes:
-            msg = bytes(msg)
-        if len(msg) != self.size:
-            self._fail(f"wrong length {len(msg)} (expected {self.size})")
-            return
-        p, size, seq = HEADER.unpack_from(msg)
-        if (p >= self.producers or size != self.size or TRAILER.unpack_from(msg, self.size - 8)[0] != seq
-                or not msg.startswith(self.bodies[p], HEADER.size)):
-            self._fail(f"corrupt message (header producer={p} seq={seq})")
-            return
-        self._mark(p, seq)
+    @property
+    def received(self) -> int:
+        return sum(s.count(1) for s in self.seen)
+
+    def _small_checker(self):
+        """The hot path for small messages as one closure: it runs once per
+        message in every consumer, so it is kept to a handful of C calls."""
+        unpack = struct.Struct(f"<IIQ{self.size - OVERHEAD}sQ").unpack
+        size, bodies, seen, last = self.size, self.bodies, self.seen, self.last
+        nprod, count, fail, mark = self.producers, self.count, self._fail, self._mark
+
+        def check(msg):
+            if len(msg) != size:
+                fail(f"wrong length {len(msg)} (expected {size})")
+                return
+            p, sz, seq, body, tail = unpack(msg)
+            if sz != size or tail != seq or p >= nprod or seq >= count or body != bodies[p]:
+                fail(f"corrupt message (header producer={p} seq={seq} trailer seq={tail})")
+                return
+            s = seen[p]
+            if s[seq] or seq <= last[p]:
+                mark(p, seq)                # the slow path says what is wrong
+                return
+            s[seq] = 1
+            last[p] = seq
+        return check
+
+    def _object_checker(self):
+        seen, last, nprod, count = self.seen, self.last, self.producers, self.count
+        fail, mark = self._fail, self._mark
+
+        def check(obj):
+            try:
+                p, seq = obj[0], obj[1]
+                good = obj == object_for(p, seq) and p < nprod and seq < count
+            except Exception as exc:  # noqa: BLE001 - anything odd is a corrupt message
+                fail(f"corrupt object {obj!r:.80}: {exc}")
+                return
+            if not good:
+                fail(f"corrupt object {obj!r:.80}")
+                return
+            s = seen[p]
+            if s[seq] or seq <= last[p]:
+                mark(p, seq)
+                return
+            s[seq] = 1
+            last[p] = seq
+        return check
 
     def _check_large(self, msg) -> None:
         mv = memoryview(msg)
@@ -167,18 +202,6 @@ class Tally:
                     break
         if not ok:
             self._fail(f"corrupt message (header producer={p} seq={seq})")
-            return
-        self._mark(p, seq)
-
-    def _check_object(self, obj) -> None:
-        try:
-            p, seq = obj[0], obj[1]
-            good = obj == object_for(p, seq)
-        except Exception as exc:  # noqa: BLE001 - anything odd is a corrupt message
-            self._fail(f"corrupt object {obj!r:.80}: {exc}")
-            return
-        if not good:
-            self._fail(f"corrupt object {obj!r:.80}")
             return
         self._mark(p, seq)
 

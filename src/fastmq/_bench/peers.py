@@ -5,6 +5,7 @@ one message ``mode`` and ``size``) *before* the worker processes are forked; eac
 worker then asks it for its own end:
 
 * ``peer.sender(i)``   -> object with ``send(msg)``, ``send_many(list)``, ``finish()``
+  (flush what the library buffers, e.g. mp.Queue's feeder thread) and ``close()``
 * ``peer.receiver(j)`` -> object with ``recv()`` (blocking; ``None`` = a wake-up
   sentinel) and ``recv_many()`` (a list; ``[]`` = wake-up), and ``close()``
 * ``peer.wake(n)`` (parent) puts ``n`` sentinels into the channel so that blocked
@@ -374,59 +375,59 @@ class ZmqPeer(Peer):
         for u in self.urls:
             s.connect(u)
 
-        def finish():
-            s.close(linger=10000)
+        def close():
+            s.close(linger=2000)
             self._ctx.term()
         if self.mode == "pickle":
-            return _Endpoint(send=s.send_pyobj, finish=finish)
+            return _Endpoint(send=s.send_pyobj, close=close)
         copy = self.copy
-        return _Endpoint(send=lambda m: s.send(m, copy=copy), finish=finish)
+        return _Endpoint(send=lambda m: s.send(m, copy=copy), close=close)
 
     def receiver(self, index):
         import zmq
         s = self._socket(zmq.PULL)
+        # Wake-ups are receive timeouts (no extra connections): a timed-out recv
+        # reads as the sentinel. RCVTIMEO costs nothing while messages flow.
+        s.setsockopt(zmq.RCVTIMEO, 20)
         s.bind(self.urls[index])
+        again = zmq.Again
 
         def close():
             s.close(linger=0)
             self._ctx.term()
         if self.mode == "pickle":
-            return _Endpoint(recv=s.recv_pyobj, close=close)
-        if self.mode == "numpy":
+            def recv():
+                try:
+                    return s.recv_pyobj()
+                except again:
+                    return None
+        elif self.mode == "numpy":
             import numpy as np
 
             def recv():
-                f = s.recv(copy=False)
+                try:
+                    f = s.recv(copy=False)
+                except again:
+                    return None
                 return np.frombuffer(f.buffer, dtype=np.uint8) if len(f) else None
-            return _Endpoint(recv=recv, close=close)
-        if self.copy:
-            return _Endpoint(recv=_unsentinel(s.recv), close=close)
-
-        def recv_frame():
-            f = s.recv(copy=False)
-            return f.buffer if len(f) else None
-        return _Endpoint(recv=recv_frame, close=close)
+        elif self.copy:
+            def recv():
+                try:
+                    m = s.recv()
+                except again:
+                    return None
+                return m if m else None
+        else:
+            def recv():
+                try:
+                    f = s.recv(copy=False)
+                except again:
+                    return None
+                return f.buffer if len(f) else None
+        return _Endpoint(recv=recv, close=close)
 
     def wake(self, n):
-        import zmq
-        ctx = zmq.Context()
-        try:
-            for u in self.urls:
-                s = ctx.socket(zmq.PUSH)
-                s.setsockopt(zmq.LINGER, 200)
-                s.setsockopt(zmq.SNDTIMEO, 500)
-                s.connect(u)
-                try:
-                    for _ in range(max(1, n // max(1, len(self.urls)))):
-                        if self.mode == "pickle":
-                            s.send_pyobj(None)
-                        else:
-                            s.send(b"")
-                except zmq.ZMQError:
-                    pass
-                s.close()
-        finally:
-            ctx.term()
+        pass                      # receivers time out by themselves (RCVTIMEO)
 
     def close(self):
         for p in self.paths:

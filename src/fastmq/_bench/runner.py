@@ -47,7 +47,10 @@ def _child(conn, barrier, body):
     """Run ``body(barrier)`` in a worker; send its result or the error to the parent."""
     try:
         result = body(barrier)
+        after = result.pop("after", None)
         conn.send({"ok": True, **result})
+        if after is not None:
+            after()
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         try:
             barrier.abort()
@@ -62,7 +65,7 @@ def _child(conn, barrier, body):
         conn.close()
 
 
-def _producer(peer, index, count, mode, size, batch, barrier, conn):
+def _producer(peer, index, count, mode, size, batch, release, barrier, conn):
     def body(barrier):
         ep = peer.sender(index)
         build = Builder(index, size, mode).build
@@ -78,7 +81,13 @@ def _producer(peer, index, count, mode, size, batch, barrier, conn):
                 send(build(s))
         t1 = time.monotonic_ns()
         ep.finish()
-        return {"t0": t0, "t1": t1}
+
+        def after():
+            # Stay alive (channel open) until the consumers have everything: some
+            # transports (zmq) drop what is in flight when the sending side exits.
+            release.wait(SETUP_TIMEOUT + 60)
+            ep.close()
+        return {"t0": t0, "t1": t1, "after": after}
     _child(conn, barrier, body)
 
 
@@ -200,13 +209,14 @@ def run_throughput(peer_cls, producers, consumers, mode, size, count, depth,
     kids = _Children()
     shared = CTX.RawArray("q", consumers + 1)
     barrier = CTX.Barrier(producers + consumers + 1)
+    release = CTX.Event()
     try:
         for j in range(consumers):
             kids.start(f"consumer {j}", _consumer,
                        (peer, j, producers, count, mode, size, batch, shared, barrier))
         for i in range(producers):
             kids.start(f"producer {i}", _producer,
-                       (peer, i, count, mode, size, batch, barrier))
+                       (peer, i, count, mode, size, batch, release, barrier))
         _barrier_start(barrier, kids)
         deadline = time.monotonic() + timeout
         cons = list(range(consumers))
@@ -222,6 +232,7 @@ def run_throughput(peer_cls, producers, consumers, mode, size, count, depth,
         cres = kids.collect(cons, min(deadline + 2.0, time.monotonic() + 5.0),
                             on_idle=lambda: peer.wake(consumers))
     finally:
+        release.set()
         kids.reap()
         try:
             peer.close()
@@ -240,7 +251,7 @@ def run_throughput(peer_cls, producers, consumers, mode, size, count, depth,
 
 # --------------------------------------------------------------- ping-pong --
 
-def _pinger(ping, pong, size, seconds, warmup, barrier, conn):
+def _pinger(ping, pong, size, seconds, warmup, stop, barrier, conn):
     def body(barrier):
         s, r = ping.sender(0), pong.receiver(0)
         build = Builder(0, size, "bytes").build
@@ -256,6 +267,8 @@ def _pinger(ping, pong, size, seconds, warmup, barrier, conn):
             t0 = clock()
             send(m)
             back = recv()
+            while back is None:        # a receive timeout (zmq), not an answer
+                back = recv()
             t1 = clock()
             if back is None or bytes(back) != m:
                 bad += 1
@@ -264,14 +277,15 @@ def _pinger(ping, pong, size, seconds, warmup, barrier, conn):
                 if t1 > end and len(rtts) >= 200:
                     break
             i += 1
-        s.send(b"")                    # tells the echo process to stop
+        stop.value = 1
+        s.send(b"")                    # wakes the echo process, which sees ``stop``
         s.finish()
         r.close()
         return {"rtts": rtts.tobytes(), "bad": bad}
     _child(conn, barrier, body)
 
 
-def _echoer(ping, pong, barrier, conn):
+def _echoer(ping, pong, stop, barrier, conn):
     def body(barrier):
         r, s = ping.receiver(0), pong.sender(0)
         barrier.wait(SETUP_TIMEOUT)
@@ -280,7 +294,9 @@ def _echoer(ping, pong, barrier, conn):
         while True:
             m = recv()
             if m is None:
-                break
+                if stop.value:
+                    break
+                continue
             send(m)
             n += 1
         s.finish()
@@ -303,12 +319,14 @@ def run_pingpong(peer_cls, size=64, seconds=0.3, warmup=200, timeout=30.0) -> di
     pong = peer_cls(1, 1, "bytes", size, 16)
     kids = _Children()
     barrier = CTX.Barrier(3)
+    stop = CTX.RawValue("i", 0)
     try:
-        kids.start("echo", _echoer, (ping, pong, barrier))
-        kids.start("pinger", _pinger, (ping, pong, size, seconds, warmup, barrier))
+        kids.start("echo", _echoer, (ping, pong, stop, barrier))
+        kids.start("pinger", _pinger, (ping, pong, size, seconds, warmup, stop, barrier))
         _barrier_start(barrier, kids)
         deadline = time.monotonic() + timeout + seconds
         res = kids.collect([1], deadline)[0]
+        stop.value = 1
         kids.collect([0], time.monotonic() + 5.0, on_idle=lambda: ping.wake(1))
     finally:
         kids.reap()

@@ -1,0 +1,329 @@
+"""``fastmq bench``: fastmq side by side with the queues people use today.
+
+Scenarios (``--scenarios``, ids or shell patterns; ``fastmq bench --list``):
+P x C producer/consumer processes, 64 B / 4 KiB / 1 MiB raw bytes, small pickled
+objects, batches, 1 MiB numpy arrays (``put`` + ``get(zero_copy=True)``) and a
+64 B ping-pong latency test over two queues with blocking waits.
+
+Peers (``--peers``): fastmq, multiprocessing.Queue, SimpleQueue, Pipe (1x1 only),
+and faster-fifo and pyzmq when they are installed (``pip install 'fastmq[bench]'``).
+
+Method (what makes the numbers honest, see ``fastmq._bench.runner``): processes
+start first and meet at a barrier, so start-up is not timed; one clock
+(CLOCK_MONOTONIC) across processes; every message is verified by its consumer
+(per-producer order, payload, no loss, no duplicate) and any problem fails the
+run with exit status 1; each cell is sized by time from a short calibration run;
+the median of ``--repeat`` runs is shown with the spread (min..max); reference
+limits (single-core memcpy, bare Python call) are measured on the spot; ratios
+are against multiprocessing.Queue and against the best other peer of the table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from ._bench import report
+from ._bench.peers import PEERS
+from ._bench.progress import Progress
+from ._bench.reference import measure as measure_reference
+from ._bench.runner import CellFailed, run_pingpong, run_throughput
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: str
+    kind: str            # "throughput" | "pingpong"
+    producers: int
+    consumers: int
+    mode: str            # bytes | pickle | batch | numpy
+    size: int            # bytes per message (0 for pickled objects)
+    title: str
+
+    @property
+    def depth(self) -> int:
+        """Queue bound in messages, the same for every peer."""
+        return 8 if self.size >= MiB else 1024
+
+
+def _size_tag(size):
+    return f"{size // MiB}m" if size >= MiB else f"{size // KiB}k" if size >= KiB else str(size)
+
+
+def _size_text(size):
+    return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB" if size >= KiB else f"{size} B"
+
+
+def _tp(p, c, mode, size=0):
+    what = {"bytes": f"{_size_text(size)} raw bytes (put_bytes/get_bytes)",
+            "pickle": "small pickled objects (put/get)",
+            "batch": f"{_size_text(size)} bytes in batches (put_many/get_many)",
+            "numpy": f"{_size_text(size)} numpy arrays (put/get(zero_copy=True))"}[mode]
+    sid = f"{p}x{c}-{mode}" + (f"-{_size_tag(size)}" if mode != "pickle" else "")
+    return Scenario(sid, "throughput", p, c, mode, size, f"{p} producer(s) x {c} consumer(s), {what}")
+
+
+SCENARIOS = [
+    _tp(1, 1, "bytes", 64), _tp(1, 1, "bytes", 4 * KiB), _tp(1, 1, "bytes", MiB),
+    _tp(2, 2, "bytes", 64), _tp(2, 2, "bytes", 4 * KiB), _tp(4, 4, "bytes", 64),
+    _tp(1, 1, "pickle"), _tp(2, 2, "pickle"),
+    _tp(1, 1, "batch", 64), _tp(2, 2, "batch", 64),
+    _tp(1, 1, "numpy", MiB),
+    Scenario("pingpong-64", "pingpong", 1, 1, "bytes", 64,
+             "round trip of 64 B over two queues, blocking waits"),
+]
+BY_ID = {s.id: s for s in SCENARIOS}
+DEFAULT_IDS = ["1x1-bytes-64", "1x1-bytes-4k", "1x1-bytes-1m", "2x2-bytes-64", "2x2-bytes-4k",
+               "4x4-bytes-64", "1x1-pickle", "2x2-pickle", "1x1-batch-64", "1x1-numpy-1m",
+               "pingpong-64"]
+QUICK_IDS = ["1x1-bytes-64", "2x2-bytes-64", "1x1-pickle", "1x1-batch-64", "1x1-numpy-1m",
+             "pingpong-64"]
+
+# first (calibration) message count per producer, before sizing runs by time
+_FIRST_COUNT = {64: 3000, 4 * KiB: 1500, MiB: 24, 0: 2000}
+_MIN_COUNT = {MiB: 16}
+
+
+def select_scenarios(spec):
+    if not spec:
+        return None
+    chosen = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if part == "all":
+            hits = [s.id for s in SCENARIOS]
+        else:
+            hits = [s.id for s in SCENARIOS if fnmatch.fnmatchcase(s.id, part)]
+        if not hits:
+            raise ValueError(f"unknown scenario {part!r}; known: {', '.join(BY_ID)}")
+        chosen += [h for h in hits if h not in chosen]
+    return [BY_ID[i] for i in chosen]
+
+
+def select_peers(spec):
+    if not spec:
+        return list(PEERS)
+    names = [p.strip() for p in spec.split(",") if p.strip()]
+    bad = [n for n in names if n not in PEERS]
+    if bad:
+        raise ValueError(f"unknown peer {bad[0]!r}; known: {', '.join(PEERS)}")
+    return names
+
+
+# --------------------------------------------------------------- measuring --
+
+def _summarise(runs, keys):
+    med = {k: statistics.median(r[k] for r in runs) if runs[0].get(k) is not None else None
+           for k in keys}
+    lo = {k: min(r[k] for r in runs) if runs[0].get(k) is not None else None for k in keys}
+    hi = {k: max(r[k] for r in runs) if runs[0].get(k) is not None else None for k in keys}
+    return med, lo, hi
+
+
+def _measure_cell(peer_cls, scen, repeat, target, timeout, progress, label):
+    if scen.kind == "pingpong":
+        runs = []
+        for i in range(repeat):
+            progress.step(f"{scen.id} | {label} | run {i + 1}/{repeat}")
+            runs.append(run_pingpong(peer_cls, scen.size, seconds=target, timeout=timeout))
+        verified = sum(r["round_trips"] for r in runs)
+        return runs, verified, ("p50_us", "p99_us", "p999_us", "msgs_per_s")
+    p, c = scen.producers, scen.consumers
+    count = max(_MIN_COUNT.get(scen.size, 200), int(_FIRST_COUNT.get(scen.size, 2000) * target / 0.3))
+    progress.step(f"{scen.id} | {label} | calibrating")
+    first = run_throughput(peer_cls, p, c, scen.mode, scen.size, count, scen.depth, timeout)
+    verified = first["messages"]
+    runs = [first] if 0.5 * target <= first["seconds"] <= 2 * target else []
+    per_producer = first["msgs_per_s"] / p
+    count = max(_MIN_COUNT.get(scen.size, 200), min(20_000_000, int(per_producer * target)))
+    while len(runs) < repeat:
+        progress.step(f"{scen.id} | {label} | run {len(runs) + 1}/{repeat} ({count * p:,} msgs)")
+        r = run_throughput(peer_cls, p, c, scen.mode, scen.size, count, scen.depth, timeout)
+        verified += r["messages"]
+        runs.append(r)
+    return runs, verified, ("msgs_per_s", "bytes_per_s", "seconds")
+
+
+def _machine():
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import fastmq
+        version, backend = fastmq.__version__, getattr(fastmq, "backend", "?")
+    except Exception:  # noqa: BLE001
+        version, backend = "?", "unavailable"
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": cpu,
+            "python": platform.python_version(), "fastmq": version, "backend": backend}
+
+
+def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,
+              command="fastmq bench", peer_classes=None):
+    """Run the benchmark; return the result document (see ``report``)."""
+    classes = dict(PEERS)
+    classes.update(peer_classes or {})
+    progress = Progress(total=0, quiet=quiet)
+    doc = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "command": command, "machine": _machine(), "repeat": repeat,
+           "target_seconds": target, "scenarios": [asdict(s) for s in scenarios],
+           "cells": [], "skipped": [], "notes": [], "unavailable": {}}
+    usable = []
+    for name in peer_names:
+        ok, why = classes[name].available()
+        if ok:
+            usable.append(name)
+        else:
+            doc["unavailable"][name] = why
+            doc["skipped"].append(f"{name}: {why}")
+    if "numpy" in {s.mode for s in scenarios}:
+        try:
+            import numpy  # noqa: F401
+        except ImportError:
+            doc["skipped"].append("numpy scenarios: numpy is not installed")
+            scenarios = [s for s in scenarios if s.mode != "numpy"]
+            doc["scenarios"] = [asdict(s) for s in scenarios]
+    plan = [(s, n) for s in scenarios for n in usable
+            if classes[n].supports(classes[n], s.producers, s.consumers, s.mode)]
+    progress.total = len(plan)
+    progress.step("measuring reference limits (memcpy, Python call)")
+    doc["reference"] = measure_reference()
+    doc["notes"].append("messages > 64 KiB are verified at header, trailer and 8 sampled "
+                        "64-byte windows; smaller ones byte for byte")
+    try:
+        for scen, name in plan:
+            cls = classes[name]
+            label = cls.label
+            if name == "fastmq":
+                label = f"fastmq ({doc['machine']['backend']})"
+            cell = {"scenario": scen.id, "kind": scen.kind, "peer": name, "label": label,
+                    "one_by_one": scen.mode == "batch" and not cls.native_batch}
+            try:
+                runs, verified, keys = _measure_cell(cls, scen, repeat, target, timeout,
+                                                     progress, label)
+            except CellFailed as exc:
+                cell.update(status="failed" if exc.kind == "verification" else exc.kind,
+                            error=str(exc))
+                progress.warn(f"!!! {scen.id} / {label}: {exc}")
+            else:
+                med, lo, hi = _summarise(runs, keys)
+                cell.update(status="ok", runs=runs, median=med, min=lo, max=hi,
+                            verified_messages=verified)
+            doc["cells"].append(cell)
+            progress.advance()
+    finally:
+        progress.close()
+    for scen in scenarios:
+        report.add_ratios([c for c in doc["cells"] if c["scenario"] == scen.id])
+    return doc
+
+
+# --------------------------------------------------------------------- CLI --
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer, shorter scenarios (< 20 s); still verifies every message")
+    parser.add_argument("--scenarios", metavar="IDS",
+                        help="comma-separated scenario ids or patterns (e.g. '1x1-*', 'all'); "
+                             "see --list")
+    parser.add_argument("--peers", metavar="NAMES",
+                        help=f"comma-separated peers (default: all installed): {', '.join(PEERS)}")
+    parser.add_argument("--repeat", type=int, metavar="N",
+                        help="runs per cell; the median is shown (default 3, --quick 1)")
+    parser.add_argument("--seconds", type=float, metavar="S",
+                        help="target duration of one run (default 0.25, --quick 0.1)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                        help="a run that takes longer is killed and reported (default 30)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw a chart (needs matplotlib)")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and peers, then exit")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+
+def run_from_args(args, parser=None) -> int:
+    def usage(msg):
+        if parser is not None:
+            parser.error(msg)          # exits with status 2
+        raise SystemExit(2)
+    if args.list:
+        for s in SCENARIOS:
+            mark = "default" if s.id in DEFAULT_IDS else ""
+            mark += (", " if mark else "") + "quick" if s.id in QUICK_IDS else ""
+            print(f"{s.id:<16} {s.title}" + (f"  [{mark}]" if mark else ""))
+        print()
+        for name, cls in PEERS.items():
+            ok, why = cls.available()
+            print(f"{name:<12} {cls.label}" + ("" if ok else f"  (unavailable: {why})"))
+        return 0
+    try:
+        scenarios = select_scenarios(args.scenarios)
+        peers = select_peers(args.peers)
+    except ValueError as exc:
+        usage(str(exc))
+    if scenarios is None:
+        scenarios = [BY_ID[i] for i in (QUICK_IDS if args.quick else DEFAULT_IDS)]
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    target = args.seconds if args.seconds is not None else (0.1 if args.quick else 0.25)
+    if repeat < 1 or target <= 0 or args.timeout <= 0:
+        usage("--repeat must be >= 1 and --seconds/--timeout > 0")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fastmq bench: error: --plot needs matplotlib (pip install matplotlib)",
+                  file=sys.stderr)
+            return 1
+    command = "fastmq bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "fastmq bench"
+    t0 = time.monotonic()
+    try:
+        doc = run_bench(scenarios, peers, repeat, target, args.timeout, args.quiet,
+                        command=command.strip())
+    except KeyboardInterrupt:
+        print("fastmq bench: interrupted", file=sys.stderr)
+        return 130
+    doc["wall_seconds"] = time.monotonic() - t0
+    print(report.format_table(doc))
+    print(f"(wall time {doc['wall_seconds']:.1f} s)")
+    status = 0
+    if args.json:
+        report.write_json(doc, args.json)
+    if args.plot:
+        try:
+            report.plot(doc, args.plot)
+        except Exception as exc:  # noqa: BLE001 - a chart problem is not a crash
+            print(f"fastmq bench: error: could not draw {args.plot}: {exc}", file=sys.stderr)
+            status = 1
+    failed = [c for c in doc["cells"] if c["status"] != "ok"]
+    if failed:
+        print(f"fastmq bench: FAILED: {len(failed)} cell(s) lost, duplicated or corrupted "
+              "messages, crashed or hung (see above)", file=sys.stderr)
+        status = 1
+    if "fastmq" in doc["unavailable"]:
+        print(f"fastmq bench: error: fastmq itself is not usable: {doc['unavailable']['fastmq']}",
+              file=sys.stderr)
+        status = 1
+    return status
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastmq bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv), parser)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
