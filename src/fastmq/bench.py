@@ -261,9 +261,8 @@ def run_from_args(args, parser=None) -> int:
         raise SystemExit(2)
     if args.list:
         for s in SCENARIOS:
-            mark = "default" if s.id in DEFAULT_IDS else ""
-            mark += (", " if mark else "") + "quick" if s.id in QUICK_IDS else ""
-            print(f"{s.id:<16} {s.title}" + (f"  [{mark}]" if mark else ""))
+            sets = [n for n, ids in (("default", DEFAULT_IDS), ("quick", QUICK_IDS)) if s.id in ids]
+            print(f"{s.id:<16} {s.title}" + (f"  [{', '.join(sets)}]" if sets else ""))
         print()
         for name, cls in PEERS.items():
             ok, why = cls.available()
