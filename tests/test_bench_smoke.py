@@ -1,0 +1,187 @@
+"""``fastmq bench`` completes and verifies, and its verification really fails
+loudly when a transport loses, duplicates or corrupts a message.
+
+The quick run asserts no speed: only that every message arrived intact.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+fastmq = pytest.importorskip("fastmq")
+
+from fastmq import bench  # noqa: E402
+from fastmq._bench import peers, report  # noqa: E402
+from fastmq._bench.runner import CellFailed, run_pingpong, run_throughput  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+
+
+def test_quick_bench_completes_and_verifies(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "fastmq", "bench", "--quick",
+                          "--peers", "fastmq,mp-queue", "--json", str(out)],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "all " in res.stdout and "cells verified" in res.stdout
+    doc = json.loads(out.read_text())
+    assert {c["peer"] for c in doc["cells"]} == {"fastmq", "mp-queue"}
+    assert {c["scenario"] for c in doc["cells"]} == set(bench.QUICK_IDS)
+    for cell in doc["cells"]:
+        assert cell["status"] == "ok", cell
+        assert cell["verified_messages"] > 0
+    assert doc["reference"]["memcpy_bytes_per_s"] > 0
+
+
+# ------------------------------------------------------- faulty transports --
+
+class LossyPeer(peers.MpQueuePeer):
+    """Drops every 97th message on the sending side."""
+    name, label = "lossy", "lossy test peer"
+
+    def sender(self, index):
+        ep = super().sender(index)
+        send, n = ep.send, [0]
+
+        def lossy(m):
+            n[0] += 1
+            if n[0] % 97:
+                send(m)
+        ep.send = lossy
+        return ep
+
+
+class DuplicatingPeer(peers.MpQueuePeer):
+    name, label = "dup", "duplicating test peer"
+
+    def sender(self, index):
+        ep = super().sender(index)
+        send, n = ep.send, [0]
+
+        def dup(m):
+            send(m)
+            n[0] += 1
+            if n[0] == 50:
+                send(m)
+        ep.send = dup
+        return ep
+
+
+class CorruptingPeer(peers.MpQueuePeer):
+    name, label = "corrupt", "corrupting test peer"
+
+    def sender(self, index):
+        ep = super().sender(index)
+        send, n = ep.send, [0]
+
+        def corrupt(m):
+            n[0] += 1
+            if n[0] == 10 and isinstance(m, bytes):
+                b = bytearray(m)
+                b[len(b) // 2] ^= 0xFF
+                m = bytes(b)
+            send(m)
+        ep.send = corrupt
+        return ep
+
+
+class HungPeer(peers.MpQueuePeer):
+    """A consumer that never returns."""
+    name, label = "hung", "hung test peer"
+
+    def receiver(self, index):
+        ep = super().receiver(index)
+        ep.recv = lambda: time.sleep(3600)
+        return ep
+
+
+def _no_children_left():
+    deadline = time.monotonic() + 5
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("mode,size", [("bytes", 64), ("pickle", 0), ("bytes", 1 << 20)])
+def test_lost_messages_fail_loudly(mode, size):
+    with pytest.raises(CellFailed) as info:
+        run_throughput(LossyPeer, 1, 1, mode, size, 300, 16, timeout=3)
+    assert info.value.kind == "verification"
+    assert "LOST" in str(info.value)
+    assert _no_children_left()
+
+
+def test_duplicates_fail_loudly():
+    with pytest.raises(CellFailed) as info:
+        run_throughput(DuplicatingPeer, 1, 1, "bytes", 64, 300, 64, timeout=5)
+    assert "duplicate" in str(info.value)
+
+
+def test_duplicates_across_consumers_fail_loudly():
+    with pytest.raises(CellFailed) as info:
+        run_throughput(DuplicatingPeer, 2, 2, "bytes", 64, 300, 64, timeout=5)
+    assert "duplicate" in str(info.value).lower()
+
+
+def test_corruption_fails_loudly():
+    with pytest.raises(CellFailed) as info:
+        run_throughput(CorruptingPeer, 1, 1, "bytes", 4096, 300, 64, timeout=5)
+    assert "corrupt" in str(info.value)
+
+
+def test_hung_peer_is_killed_and_reported():
+    t0 = time.monotonic()
+    with pytest.raises(CellFailed) as info:
+        run_throughput(HungPeer, 1, 1, "bytes", 64, 200, 8, timeout=2)
+    assert info.value.kind == "timeout"
+    assert time.monotonic() - t0 < 20
+    assert _no_children_left()
+
+
+def test_bench_exit_status_is_nonzero_on_loss(monkeypatch, capsys):
+    monkeypatch.setitem(peers.PEERS, "lossy", LossyPeer)
+    status = bench.main(["--peers", "lossy,mp-queue", "--scenarios", "1x1-bytes-64",
+                         "--repeat", "1", "--seconds", "0.05", "--timeout", "3", "-q"])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert "FAILED" in out and "LOST" in out
+    assert "FAILED" in err
+
+
+def test_every_peer_moves_every_mode():
+    """Each installed peer passes verification in each mode it supports (tiny runs)."""
+    for name, cls in peers.PEERS.items():
+        if not cls.available()[0]:
+            continue
+        for mode, size in (("bytes", 64), ("pickle", 0), ("batch", 64)):
+            r = run_throughput(cls, 1, 1, mode, size, 200, 64, timeout=20)
+            assert r["messages"] == 200, (name, mode)
+        r = run_pingpong(cls, 64, seconds=0.02, warmup=10, timeout=20)
+        assert r["round_trips"] >= 200 and r["p50_us"] > 0, name
+
+
+def test_report_ratios_and_table():
+    cells = [
+        {"scenario": "s", "kind": "throughput", "peer": "fastmq", "label": "fastmq", "status": "ok",
+         "median": {"msgs_per_s": 100.0, "bytes_per_s": None}, "min": {"msgs_per_s": 90.0},
+         "max": {"msgs_per_s": 110.0}},
+        {"scenario": "s", "kind": "throughput", "peer": "mp-queue", "label": "mp", "status": "ok",
+         "median": {"msgs_per_s": 10.0, "bytes_per_s": None}, "min": {"msgs_per_s": 9.0},
+         "max": {"msgs_per_s": 11.0}},
+        {"scenario": "s", "kind": "throughput", "peer": "zmq", "label": "zmq", "status": "ok",
+         "median": {"msgs_per_s": 50.0, "bytes_per_s": None}, "min": {"msgs_per_s": 40.0},
+         "max": {"msgs_per_s": 60.0}},
+    ]
+    report.add_ratios(cells)
+    assert cells[0]["vs_baseline"] == pytest.approx(10.0)
+    assert cells[0]["vs_best_other"] == pytest.approx(2.0)
+    assert cells[2]["vs_best_other"] == pytest.approx(0.5)

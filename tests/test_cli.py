@@ -1,0 +1,173 @@
+"""The ``fastmq`` command line against real named queues, in subprocesses.
+
+Exit codes (API.md): 0 ok, 1 error with a one-line message and no traceback,
+2 usage.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+fastmq = pytest.importorskip("fastmq")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def fmq(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "fastmq", *args], capture_output=True,
+                          text=True, timeout=timeout, env=_env())
+
+
+def assert_one_line_error(res, *needles):
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert "Traceback" not in res.stderr, res.stderr
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("fastmq: error:"), err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.fixture
+def named():
+    """A fresh named queue holding 3 messages; unlinked afterwards."""
+    name = f"clitest-{uuid.uuid4().hex[:10]}"
+    q = fastmq.Queue.create(name, maxsize=64)
+    for i in range(3):
+        q.put_bytes(b"x" * (i + 1))
+    yield name
+    q.close()
+    try:
+        fastmq.Queue.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def test_version():
+    res = fmq("--version")
+    assert res.returncode == 0
+    assert fastmq.__version__ in res.stdout
+
+
+def test_no_command_is_usage_error():
+    res = fmq()
+    assert res.returncode == 2
+    assert "usage" in res.stderr
+
+
+def test_unknown_command_and_missing_argument_are_usage_errors():
+    assert fmq("frobnicate").returncode == 2
+    assert fmq("stat").returncode == 2
+    assert fmq("rm").returncode == 2
+
+
+def test_ls_shows_queue_with_depth_and_owner(named):
+    res = fmq("ls")
+    assert res.returncode == 0, res.stderr
+    rows = [line.split() for line in res.stdout.splitlines()]
+    row = next(r for r in rows if r and r[0] == named)
+    assert row[1] == "3"                       # depth
+    assert row[-1] == "ok"
+    import pwd
+    assert pwd.getpwuid(os.getuid()).pw_name in " ".join(row)
+
+
+def test_ls_survives_a_segment_it_cannot_open():
+    name = f"clitest-bad-{uuid.uuid4().hex[:8]}"
+    path = f"/dev/shm/fastmq-q-{name}"
+    with open(path, "wb") as f:
+        f.write(b"\x00garbage" * 100)
+    try:
+        res = fmq("ls")
+        assert res.returncode == 0, res.stderr
+        row = next(line for line in res.stdout.splitlines() if line.startswith(name))
+        assert "Corrupt" in row or "Error" in row, row
+    finally:
+        os.unlink(path)
+
+
+def test_stat(named):
+    res = fmq("stat", named)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for key in ("depth", "capacity", "enqueued", "dequeued", "bytes_in_use", "producers",
+                "consumers", "redelivered", "abandoned", "dead_lettered"):
+        assert key in out
+    depth_line = next(line for line in out.splitlines() if line.split()[:1] == ["depth"])
+    assert depth_line.split()[1] == "3"
+
+
+def test_stat_watch_refreshes_until_interrupted(named):
+    p = subprocess.Popen([sys.executable, "-m", "fastmq", "stat", named, "--watch",
+                          "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=_env())
+    try:
+        time.sleep(1.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+    assert p.returncode == 0, err
+    assert out.count("queue " + named) >= 2          # refreshed at least once
+    assert "Traceback" not in err
+
+
+def test_stat_missing_queue_is_one_line_error():
+    assert_one_line_error(fmq("stat", f"nope-{uuid.uuid4().hex[:8]}"), "no fastmq queue")
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", ".hidden", "a/b", "x" * 300])
+def test_bad_names_are_one_line_errors(bad):
+    assert_one_line_error(fmq("stat", bad), "invalid queue name")
+    assert_one_line_error(fmq("rm", bad), "invalid queue name")
+
+
+def test_pending(named):
+    res = fmq("pending", named)
+    q = fastmq.Queue.open(named)
+    has_pending = hasattr(q, "pending")
+    q.close()
+    if has_pending:
+        assert res.returncode == 0, res.stderr
+    else:
+        assert_one_line_error(res, "pending")
+
+
+def test_pending_missing_queue():
+    assert_one_line_error(fmq("pending", f"nope-{uuid.uuid4().hex[:8]}"))
+
+
+def test_rm(named):
+    res = fmq("rm", named)
+    assert res.returncode == 0, res.stderr
+    assert not os.path.exists(f"/dev/shm/fastmq-q-{named}")
+    with pytest.raises(fastmq.QueueNotFound):
+        fastmq.Queue.open(named)
+    assert_one_line_error(fmq("rm", named), "no fastmq queue")
+
+
+def test_bench_usage_errors():
+    assert fmq("bench", "--scenarios", "no-such-scenario").returncode == 2
+    assert fmq("bench", "--peers", "no-such-peer").returncode == 2
+    assert fmq("bench", "--repeat", "0").returncode == 2
+
+
+def test_bench_list():
+    res = fmq("bench", "--list")
+    assert res.returncode == 0
+    assert "1x1-bytes-64" in res.stdout and "mp-queue" in res.stdout
