@@ -132,6 +132,8 @@ def test_stats_keys_and_counters(mq):
     st = q.stats()
     assert (st["enqueued"], st["dequeued"], st["depth"]) == (4, 4, 0)
     assert st["redelivered"] == st["abandoned"] == st["dead_lettered"] == 0
+    # this process both put and got: it counts as a live producer and consumer
+    assert st["producers"] >= 1 and st["consumers"] >= 1
 
 
 def test_stats_shared_between_handles(mq, qname):
@@ -336,3 +338,54 @@ def test_works_in_forked_child_after_use_in_parent(mq, children):
     children.join(30, [p])
     assert ok.value == 1
     assert q.get(timeout=5) == "from child"
+
+
+def test_get_many_bad_max_messages(mq):
+    q = mq.Queue()
+    q.put(1)
+    with pytest.raises(ValueError):
+        q.get_many(0)
+    with pytest.raises(ValueError):
+        q.get_many(-3)
+    with pytest.raises(TypeError):
+        q.get_many("3")
+    assert q.get_many(1, timeout=5) == [1]
+
+
+def test_named_queue_file_mode(mq, qname):
+    import os
+    import stat
+    from conftest import Shm
+    mq.create(qname)
+    assert stat.S_IMODE(os.stat(Shm.segment_of_named(qname)).st_mode) == 0o600
+    other = qname + "-m"
+    old = os.umask(0o022)
+    try:
+        mq.create(other, mode=0o640)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(Shm.segment_of_named(other)).st_mode) == 0o640
+
+
+def test_forcing_missing_native_backend_is_import_error_that_says_why():
+    from conftest import run_python
+    code = """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "fastmq._core":
+                    raise ImportError("extension hidden by the test")
+        sys.meta_path.insert(0, Block())
+        try:
+            import fastmq
+        except ImportError as e:
+            print("IMPORTERROR", e)
+        else:
+            print("IMPORTED", fastmq.backend)
+    """
+    res = run_python(code, env={"FASTMQ_BACKEND": "native"})
+    assert "IMPORTERROR" in res.stdout, res.stdout + res.stderr
+    assert "native" in res.stdout or "_core" in res.stdout
+    # without the variable, a missing extension falls back to pure
+    res = run_python(code, env={"FASTMQ_BACKEND": ""})
+    assert "IMPORTED pure" in res.stdout, res.stdout + res.stderr

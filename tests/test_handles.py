@@ -28,14 +28,60 @@ def test_anonymous_handle_passes_to_process(mq, backend, method):
         q.put(21)
         x, doubled, child_backend, _ = reply.get(timeout=60)
         assert (x, doubled) == (21, 42)
-        if child_backend is not None:
-            assert child_backend == backend, "the child must use the parent's backend"
+        assert child_backend == backend, "the child must use the parent's backend"
         g.join(60, [p])
     finally:
         g.reap()
     # the parent's handles still work after the child closed its copies
     q.put_bytes(b"still")
     assert q.get_bytes(timeout=5) == b"still"
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_named_handle_passes_to_process(mq, qname, backend, method):
+    q = mq.create(qname, maxsize=5)
+    reply = mq.Queue()
+    g = ChildGroup(mp.get_context(method))
+    try:
+        p = g.start(W.echo_child, q, reply, backend)
+        q.put("n")
+        assert reply.get(timeout=60)[:3] == ("n", "nn", backend)
+        g.join(60, [p])
+    finally:
+        g.reap()
+    assert q.stats()["capacity"] == 5
+
+
+def test_raw_os_fork_child_uses_handle(mq):
+    q = mq.Queue()
+    back = mq.Queue()
+    q.put("parent")
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            if q.get(timeout=10) == "parent":
+                back.put("child")
+                code = 0
+        finally:
+            os._exit(code)
+    try:
+        got = back.get(timeout=20)
+    finally:
+        deadline = time.monotonic() + 20
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("forked child hung")
+            time.sleep(0.01)
+    assert got == "child"
+    assert os.waitstatus_to_exitcode(status) == 0
+    q.put("parent still works")
+    assert q.get(timeout=5) == "parent still works"
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
