@@ -25,6 +25,16 @@ from libc.errno cimport errno
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
+
+cdef extern from "Python.h":
+    # CPython's memoryview internals (Include/cpython/memoryobject.h), read-only:
+    # the only way to know whether slices of a memoryview are still alive.
+    ctypedef struct _PyManagedBufferObject:
+        Py_ssize_t exports
+    ctypedef struct PyMemoryViewObject:
+        _PyManagedBufferObject *mbuf
+        Py_ssize_t exports
+
 import os as _os
 
 from fastmq.errors import (CorruptQueue, Empty, Error, Full, LeaseLost, MessageTooLarge,
@@ -359,7 +369,7 @@ cdef class Ring:
         self._enter()
         try:
             self._alloc_block(nbytes if nbytes > 0 else 1, nonblock, deadline, &block)
-            res = Reservation._new(self, block, nbytes)
+            res = Reservation._new(self, block, nbytes, timeout)
         finally:
             self._leave()
         return res
@@ -582,30 +592,41 @@ cdef class _Exporter:
         """Give the memory back now; BufferError while derived views are alive."""
         if self.freed:
             return
-        if self._view is not None:
-            try:
-                self._view.release()
-            except BufferError:
-                raise BufferError("cannot release: %s views derived from the message "
-                                  "data are still alive" % "some") from None
-            self._view = None
-        if self.exports:
-            self.closing = True      # released after all when they go (deferred)
+        if self._derived_views_alive():
             raise BufferError("cannot release: views derived from the message data are "
-                              "still alive; they keep it pinned until they are released")
+                              "still alive; release them first (or leave the with-block "
+                              "and the memory is freed when the last one goes)")
+        if self._view is not None:
+            self._view.release()     # ours alone: drops our single export
+            self._view = None
         self.closing = True
-        self._free()
+        if self.exports == 0:
+            self._free()
+
+    cdef bint _derived_views_alive(self):
+        """Is anything but our own cached memoryview using our memory?
+
+        Slices and casts of a memoryview share its managed buffer (they do not
+        export from us again), so the managed buffer's own count of registered
+        memoryviews is what tells whether users still hold one."""
+        cdef PyMemoryViewObject *mv
+        if self._view is None:
+            return self.exports > 0
+        mv = <PyMemoryViewObject *>self._view
+        return self.exports > 1 or mv.exports > 0 or mv.mbuf.exports > 1
 
 
 cdef class Reservation(_Exporter):
     """Writable space in one block; commit() publishes it (see the contract)."""
     cdef uint32_t block
     cdef int state        # 0 open, 1 committed, 2 aborted
+    cdef object timeout   # reserve()'s timeout also bounds commit()'s wait for a slot
 
     @staticmethod
-    cdef Reservation _new(Ring ring, uint32_t block, Py_ssize_t nbytes):
+    cdef Reservation _new(Ring ring, uint32_t block, Py_ssize_t nbytes, object timeout):
         cdef Reservation self = Reservation.__new__(Reservation)
         self.ring = ring
+        self.timeout = timeout
         self.block = block
         self.ptr = fmq_pool_ptr(ring.r, block)
         self.size = nbytes
@@ -622,9 +643,14 @@ cdef class Reservation(_Exporter):
         self.ring._unpin()
 
     def commit(self, length=None):
+        """Publish the first ``length`` bytes. Waits for a free slot at most the
+        timeout given to reserve(); on Full the reservation stays open (commit
+        again, or abort)."""
         cdef Py_ssize_t n = self.size if length is None else length
         cdef fmq_msg m
         cdef int rc
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(self.timeout, &nonblock)
         if self.state != 0:
             raise ValueError("reservation already %s" %
                              ("committed" if self.state == 1 else "aborted"))
@@ -636,7 +662,7 @@ cdef class Reservation(_Exporter):
             if rc != FMQ_OK:
                 _raise(rc)
             try:
-                self.ring._claim_slot(&m, False, 0)
+                self.ring._claim_slot(&m, nonblock, deadline)
             except BaseException:
                 fmq_pool_unref(self.ring.r, self.block)
                 raise
