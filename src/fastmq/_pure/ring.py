@@ -261,8 +261,12 @@ class Ring:
         """Run ``fn(fd, state, *args)`` under both locks (see module doc)."""
         with self._h.lock:
             fd = self._fd()
-            fcntl.lockf(fd, fcntl.LOCK_EX, 1, LOCK_BYTE)
             try:
+                # Inside the try: a KeyboardInterrupt right after the lock is
+                # granted must not leave it held. Unlocking a byte we do not
+                # hold is a harmless no-op, and no other thread of this
+                # process can hold it (we hold the process-wide lock).
+                fcntl.lockf(fd, fcntl.LOCK_EX, 1, LOCK_BYTE)
                 return fn(fd, self._read_state(fd), *args)
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1, LOCK_BYTE)
