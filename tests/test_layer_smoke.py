@@ -326,3 +326,28 @@ def test_cleanup_removes_orphans_of_killed_processes(be):
     finally:
         _lifetime.ORPHAN_AGE = orig
     assert not os.path.exists(path)
+
+
+# ------------------------------------------------------- executor initializer
+
+_worker_queue = None
+
+
+def _init_worker(q):
+    global _worker_queue
+    _worker_queue = q
+
+
+def _work(x):
+    _worker_queue.put(x * 2, timeout=30)
+    return os.getpid()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_process_pool_initializer(be, handles, method):
+    from concurrent.futures import ProcessPoolExecutor
+    q = _anon(be, handles)
+    with ProcessPoolExecutor(2, mp_context=mp.get_context(method),
+                             initializer=_init_worker, initargs=(q,)) as pool:
+        list(pool.map(_work, range(6), timeout=60))
+    assert sorted(q.get(timeout=10) for _ in range(6)) == [0, 2, 4, 6, 8, 10]
