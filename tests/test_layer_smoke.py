@@ -351,3 +351,24 @@ def test_process_pool_initializer(be, handles, method):
                              initializer=_init_worker, initargs=(q,)) as pool:
         list(pool.map(_work, range(6), timeout=60))
     assert sorted(q.get(timeout=10) for _ in range(6)) == [0, 2, 4, 6, 8, 10]
+
+
+# ------------------------------------------------- undecodable messages
+
+def test_bad_message_in_a_batch_loses_nothing(be, handles):
+    q = _anon(be, handles)
+    q.put(1)
+    q.put_bytes(b"not a pickle")
+    q.put(2)
+    q.put(3)
+    assert q.get_many(10, timeout=5) == [1]          # stops before the bad one
+    with pytest.raises(fastmq.BadMessage) as info:
+        q.get_many(10, timeout=5)
+    assert info.value.payload == b"not a pickle"
+    assert q.get(timeout=5) == 2                     # the rest is still delivered
+    assert q.get_many(10, timeout=5) == [3]
+    q.put_bytes(b"raw again")
+    q.put(4)
+    with pytest.raises(fastmq.BadMessage):
+        q.get_many(10, timeout=5)
+    assert q.get_bytes(timeout=5) == pickle.dumps(4, protocol=5)

@@ -40,7 +40,12 @@ _ENTRY = struct.Struct("<QQ")
 
 
 class BadMessage(Error, pickle.UnpicklingError):
-    """A message is neither a pickle nor a valid fastmq frame."""
+    """A message is neither a pickle nor a valid fastmq frame.
+
+    ``payload`` holds the message's raw bytes, so nothing is lost.
+    """
+
+    payload = None
 
 
 def _align(n: int) -> int:
@@ -150,7 +155,17 @@ def decode(payload, zero_copy: bool = False):
     result is independent of ``payload`` (and numpy arrays are writable).
     ``zero_copy=True`` passes slices of ``payload`` itself, so arrays view the
     message memory (read-only) and keep it alive.
+    A malformed message raises ``BadMessage`` carrying its raw bytes.
     """
+    try:
+        return _decode(payload, zero_copy)
+    except BadMessage as exc:
+        if exc.payload is None:
+            exc.payload = bytes(payload)
+        raise
+
+
+def _decode(payload, zero_copy):
     view = memoryview(payload)
     if view.nbytes >= 4 and view[:4] == MAGIC:
         stream, entries = parse_frame(view)

@@ -11,7 +11,9 @@ inherited through ``fork()`` works in the child as it is.
 """
 from __future__ import annotations
 
+import collections
 import math
+import os
 import threading
 import weakref
 
@@ -130,6 +132,12 @@ class Queue:
         self._serializer = serializer
         self._reserved_arrays = {}        # id(array) -> Reservation (reserve_array)
         self._lock = threading.Lock()
+        # Payloads this handle dequeued but could not deliver yet because an
+        # earlier one in the same batch failed to deserialize (see
+        # _decode_batch). Served before the ring by every get*. Keyed by pid:
+        # a forked child must not deliver its parent's copies a second time.
+        self._stash = collections.deque()
+        self._stash_pid = os.getpid()
 
     @classmethod
     def create(cls, name, *, maxsize=0, max_message_size=None, capacity_bytes=None,
@@ -251,6 +259,35 @@ class Queue:
     def _decode(self, payload):
         return self._loads(payload) if self._serializer else _serialize.decode(payload)
 
+    def _decode_batch(self, payloads):
+        """Decode in order; if one fails, nothing after it is lost.
+
+        The objects before the failing one are returned and the rest (the
+        failing one first) kept for the next call, which then raises for it;
+        if the very first fails, its error is raised and the rest are kept.
+        """
+        out = []
+        for i, payload in enumerate(payloads):
+            try:
+                out.append(self._decode(payload))
+            except BaseException:
+                keep = payloads[i:] if out else payloads[i + 1:]
+                with self._lock:
+                    self._stash.extendleft(reversed(keep))
+                if out:
+                    return out
+                raise
+        return out
+
+    def _unstash(self, limit):
+        if not self._stash:                    # the common case, no lock needed
+            return []
+        with self._lock:
+            if self._stash_pid != os.getpid():
+                self._stash.clear()            # inherited through fork: not ours
+                self._stash_pid = os.getpid()
+            return [self._stash.popleft() for _ in range(min(limit, len(self._stash)))]
+
     # --------------------------------------------------------- put / get
 
     def put(self, obj, block=True, timeout=None):
@@ -270,6 +307,9 @@ class Queue:
         """
         timeout = _timeout(block, timeout)
         ring = self._live_ring()
+        stashed = self._unstash(1)
+        if stashed:
+            return self._decode_batch(stashed)[0]
         if not zero_copy or self._serializer:
             return self._decode(ring.get(timeout))
         lease = ring.recv(timeout)
@@ -298,7 +338,9 @@ class Queue:
         ``max_messages``, without waiting for more once one is available."""
         _check_int("max_messages", max_messages, 1, 1 << 30)
         timeout = _timeout(block, timeout)
-        return [self._decode(p) for p in self._live_ring().get_many(max_messages, timeout)]
+        ring = self._live_ring()
+        payloads = self._unstash(max_messages) or ring.get_many(max_messages, timeout)
+        return self._decode_batch(payloads)
 
     def put_bytes(self, data, block=True, timeout=None):
         """Enqueue a bytes-like payload as it is (no serialization)."""
@@ -308,7 +350,9 @@ class Queue:
     def get_bytes(self, block=True, timeout=None) -> bytes:
         """Dequeue one payload as bytes (no deserialization)."""
         timeout = _timeout(block, timeout)
-        return self._live_ring().get(timeout)
+        ring = self._live_ring()
+        stashed = self._unstash(1)
+        return bytes(stashed[0]) if stashed else ring.get(timeout)
 
     # ------------------------------------------------------------ inspection
 
@@ -384,7 +428,9 @@ class Queue:
         """``with q.recv() as msg:`` -- ``msg.data`` is a read-only memoryview
         of the next message in shared memory, pinned while any view of it lives."""
         timeout = _timeout(True, timeout)
-        return Received(self._live_ring().recv(timeout))
+        ring = self._live_ring()
+        stashed = self._unstash(1)
+        return Received(_CopiedLease(stashed[0]) if stashed else ring.recv(timeout))
 
 
 class _ReservationContext:
@@ -407,6 +453,25 @@ class _ReservationContext:
             self._reservation.commit()
         else:
             self._reservation.abort()
+
+
+class _CopiedLease:
+    """A Lease over a private copy (a stashed payload, see Queue._decode_batch)."""
+
+    __slots__ = ("view", "nbytes")
+
+    def __init__(self, payload):
+        self.view = memoryview(bytes(payload))
+        self.nbytes = self.view.nbytes
+
+    def release(self):
+        self.view.release()
+
+    def close(self):
+        try:
+            self.view.release()
+        except BufferError:
+            pass
 
 
 class Received:
