@@ -167,10 +167,25 @@ def test_blocked_get_wakes_in_thread(mq):
 SIGINT_CHILD = r"""
 import sys, time, fastmq
 q = fastmq.Queue.open(sys.argv[1], _backend=sys.argv[2])
+op = sys.argv[3]
+if op in ("put", "put_bytes", "put_many"):
+    while not q.full():
+        q.put_nowait(0)
 print("READY", flush=True)
 t0 = time.monotonic()
 try:
-    q.get(timeout={timeout})
+    if op == "put":
+        q.put(1, timeout={timeout})
+    elif op == "put_bytes":
+        q.put_bytes(b"1", timeout={timeout})
+    elif op == "put_many":
+        q.put_many([1, 2], timeout={timeout})
+    elif op == "recv":
+        q.recv(timeout={timeout})
+    elif op == "get_many":
+        q.get_many(4, timeout={timeout})
+    else:
+        getattr(q, op)(timeout={timeout})
     print("RETURNED", flush=True)
 except KeyboardInterrupt:
     print("KBI %.3f" % (time.monotonic() - t0), flush=True)
@@ -178,11 +193,13 @@ except KeyboardInterrupt:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("op", ["get", "get_bytes", "get_many", "recv", "put", "put_bytes",
+                                "put_many"])
 @pytest.mark.parametrize("timeout", [None, 30])
-def test_sigint_interrupts_blocked_get(mq, qname, backend, timeout):
-    mq.create(qname)
+def test_sigint_interrupts_blocked_call(mq, qname, backend, timeout, op):
+    mq.create(qname, maxsize=4)
     code = textwrap.dedent(SIGINT_CHILD.format(timeout=timeout))
-    proc = subprocess.Popen([sys.executable, "-c", code, qname, backend],
+    proc = subprocess.Popen([sys.executable, "-c", code, qname, backend, op],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
