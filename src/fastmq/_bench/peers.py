@@ -362,22 +362,23 @@ class ZmqPeer(Peer):
         self.hwm = depth
 
     def _socket(self, kind):
+        """A fresh context (one per end: the process may be a forked child) and socket."""
         import zmq
-        self._ctx = zmq.Context()
-        s = self._ctx.socket(kind)
+        ctx = zmq.Context()
+        s = ctx.socket(kind)
         s.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, self.hwm)
         s.setsockopt(zmq.LINGER, 10000)
-        return s
+        return ctx, s
 
     def sender(self, index):
         import zmq
-        s = self._socket(zmq.PUSH)
+        ctx, s = self._socket(zmq.PUSH)
         for u in self.urls:
             s.connect(u)
 
         def close():
             s.close(linger=2000)
-            self._ctx.term()
+            ctx.term()
         if self.mode == "pickle":
             return _Endpoint(send=s.send_pyobj, close=close)
         copy = self.copy
@@ -385,7 +386,7 @@ class ZmqPeer(Peer):
 
     def receiver(self, index):
         import zmq
-        s = self._socket(zmq.PULL)
+        ctx, s = self._socket(zmq.PULL)
         # Wake-ups are receive timeouts (no extra connections): a timed-out recv
         # reads as the sentinel. RCVTIMEO costs nothing while messages flow.
         s.setsockopt(zmq.RCVTIMEO, 20)
@@ -394,7 +395,7 @@ class ZmqPeer(Peer):
 
         def close():
             s.close(linger=0)
-            self._ctx.term()
+            ctx.term()
         if self.mode == "pickle":
             def recv():
                 try:
