@@ -245,7 +245,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, metavar="N",
                         help="runs per cell; the median is shown (default 3, --quick 1)")
     parser.add_argument("--seconds", type=float, metavar="S",
-                        help="target duration of one run (default 0.25, --quick 0.1)")
+                        help="target duration of one run (default 0.2, --quick 0.1)")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="a run that takes longer is killed and reported (default 30)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -276,7 +276,7 @@ def run_from_args(args, parser=None) -> int:
     if scenarios is None:
         scenarios = [BY_ID[i] for i in (QUICK_IDS if args.quick else DEFAULT_IDS)]
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
-    target = args.seconds if args.seconds is not None else (0.1 if args.quick else 0.25)
+    target = args.seconds if args.seconds is not None else (0.1 if args.quick else 0.2)
     if repeat < 1 or target <= 0 or args.timeout <= 0:
         usage("--repeat must be >= 1 and --seconds/--timeout > 0")
     if args.plot:

@@ -5,6 +5,8 @@
   1 MiB message costs at least one such copy.
 * ``python_call_ns()``  -- cost of one bare Python function call per message in a
   loop, i.e. the ceiling any Python-level ``put``+``get`` pair stays below.
+* ``verify_ns()``       -- the harness's own per-message check in every consumer, so
+  the reader knows the ceiling it puts on every peer alike.
 """
 from __future__ import annotations
 
@@ -53,8 +55,22 @@ def python_call_ns(n: int = 200_000) -> float:
     return best
 
 
+def verify_ns(n: int = 20_000) -> float:
+    """What the consumer-side check of one 64 B message costs (``Tally.check`` plus
+    the clock read): every consumer in every cell pays it, for every peer alike."""
+    from .payloads import Builder, Tally
+    build = Builder(0, 64, "bytes").build
+    msgs = [build(i) for i in range(n)]
+    check, now = Tally(1, n, 64, "bytes").check, time.monotonic_ns
+    t0 = time.perf_counter_ns()
+    for m in msgs:
+        check(m)
+        now()
+    return (time.perf_counter_ns() - t0) / n
+
+
 def measure() -> dict:
     bw = memcpy_bandwidth()
     call = python_call_ns()
     return {"memcpy_bytes_per_s": bw, "python_call_ns": call,
-            "python_call_msgs_per_s": 1e9 / call}
+            "python_call_msgs_per_s": 1e9 / call, "verify_ns": verify_ns()}

@@ -53,7 +53,8 @@ def format_table(doc: dict) -> str:
                  f"fastmq {m['fastmq']} backend {m['backend']}")
     lines.append(f"reference: single-core memcpy {ref['memcpy_bytes_per_s'] / 1e9:.2f} GB/s; "
                  f"bare Python call {ref['python_call_ns']:.0f} ns "
-                 f"(= {human(ref['python_call_msgs_per_s'])} calls/s)")
+                 f"(= {human(ref['python_call_msgs_per_s'])} calls/s); the harness's own "
+                 f"per-message verification {ref.get('verify_ns', float('nan')):.0f} ns (64 B)")
     lines.append(f"method: median of {doc['repeat']} run(s), spread = min..max; "
                  f"~{doc['target_seconds']:.2g} s per run; barrier start; every message verified")
     for note in doc.get("notes", []):
@@ -116,6 +117,7 @@ def plot(doc: dict, path: str) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError as exc:
         raise RuntimeError("--plot needs matplotlib (pip install matplotlib, or "
                            "pip install 'fastmq[bench]')") from exc
@@ -125,7 +127,7 @@ def plot(doc: dict, path: str) -> None:
         raise RuntimeError("nothing to plot: no scenario has a successful cell")
     cols = 3
     rows = (len(scens) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat[len(scens):]:
         ax.axis("off")
     for ax, scen in zip(axes.flat, scens):
@@ -142,10 +144,17 @@ def plot(doc: dict, path: str) -> None:
         ax.set_yticks(list(y))
         ax.set_yticklabels(names, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_title(f"{scen['id']}: {scen['title']}", fontsize=8)
-        ax.set_xlabel("round trip p50, µs (lower is better)" if latency
-                      else "messages/s (higher is better)", fontsize=7)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human(v)))
+        top = max(v + h for v, h in zip(vals, hi)) or 1
+        ax.set_xlim(0, top * 1.35)
+        for yi, v, h, c in zip(y, vals, hi, cells):
+            r = c.get("vs_baseline")
+            text = (f"{v:.1f} us" if latency else human(v)) + (f"  ({ratio(r)})" if r else "")
+            ax.text(v + h + top * 0.02, yi, text, va="center", fontsize=6)
+        short = scen["title"].split(", ", 1)[-1]
+        ax.set_title(f"{scen['id']}: {short}", fontsize=8)
+        ax.set_xlabel("round trip p50 in us, lower is better (x = speed-up vs mp.Queue)"
+                      if latency else "messages/s, higher is better (x = vs mp.Queue)", fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
     m = doc["machine"]
     fig.suptitle(f"fastmq bench, {doc['date']}: {m['cpus']} CPUs, Python {m['python']} "
