@@ -28,10 +28,17 @@ def test_quick_bench_completes_and_verifies(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        import matplotlib  # noqa: F401
+        chart = ["--plot", str(tmp_path / "bench.png")]
+    except ImportError:
+        chart = []
     res = subprocess.run([sys.executable, "-m", "fastmq", "bench", "--quick",
-                          "--peers", "fastmq,mp-queue", "--json", str(out)],
+                          "--peers", "fastmq,mp-queue", "--json", str(out), *chart],
                          capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
+    if chart:
+        assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "all " in res.stdout and "cells verified" in res.stdout
     doc = json.loads(out.read_text())
     assert {c["peer"] for c in doc["cells"]} == {"fastmq", "mp-queue"}
@@ -185,3 +192,16 @@ def test_report_ratios_and_table():
     assert cells[0]["vs_baseline"] == pytest.approx(10.0)
     assert cells[0]["vs_best_other"] == pytest.approx(2.0)
     assert cells[2]["vs_best_other"] == pytest.approx(0.5)
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    code = ("import sys; sys.modules['matplotlib'] = None; from fastmq.cli import main; "
+            f"sys.exit(main(['bench', '--plot', {str(tmp_path / 'x.png')!r}, "
+            "'--scenarios', 'pingpong-64', '--peers', 'mp-queue', '-q']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "matplotlib" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "x.png").exists()

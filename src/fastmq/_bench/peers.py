@@ -106,6 +106,14 @@ class _Endpoint:
             self._close()
 
 
+def _array_or_none(get):
+    """Wrap a numpy-mode ``get``: the wake-up sentinel (``b""``) reads as None."""
+    def recv():
+        m = get()
+        return None if isinstance(m, bytes) else m
+    return recv
+
+
 def _unsentinel(get):
     """Wrap a bytes ``get`` so an empty message (the wake-up) reads as None."""
     def recv():
@@ -197,7 +205,7 @@ class MpQueuePeer(Peer):
         if self.mode in ("bytes", "batch"):
             return _Endpoint(recv=_unsentinel(get))
         if self.mode == "numpy":
-            return _Endpoint(recv=lambda: (lambda m: None if isinstance(m, bytes) else m)(get()))
+            return _Endpoint(recv=_array_or_none(get))
         return _Endpoint(recv=get)
 
     def wake(self, n):
@@ -227,7 +235,7 @@ class SimpleQueuePeer(Peer):
         if self.mode == "pickle":
             return _Endpoint(recv=get)
         if self.mode == "numpy":
-            return _Endpoint(recv=lambda: (lambda m: None if isinstance(m, bytes) else m)(get()))
+            return _Endpoint(recv=_array_or_none(get))
         return _Endpoint(recv=_unsentinel(get))
 
     def wake(self, n):
@@ -260,7 +268,7 @@ class PipePeer(Peer):
         if self.mode in ("bytes", "batch"):
             return _Endpoint(recv=_unsentinel(r.recv_bytes))
         if self.mode == "numpy":
-            return _Endpoint(recv=lambda: (lambda m: None if isinstance(m, bytes) else m)(r.recv()))
+            return _Endpoint(recv=_array_or_none(r.recv))
         return _Endpoint(recv=r.recv)
 
     def wake(self, n):
