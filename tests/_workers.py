@@ -197,3 +197,54 @@ def blocked_get_cpu(q, timeout, result_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("not a script")
+
+
+# ---------------------------------------------------------------- zero-copy
+
+def zc_producer(q, pid, n, use_reserve):
+    """Send n arrays; array k of producer p is filled with a known pattern."""
+    import numpy as np
+    for k in range(n):
+        length = 1000 + (k * 7919) % 60000
+        if use_reserve and k % 2 == 0:
+            arr = q.reserve_array((length,), np.uint32)
+            arr[:] = np.arange(length, dtype=np.uint32) * 3 + pid * 1_000_000 + k
+            q.commit(arr)
+        else:
+            q.put(np.arange(length, dtype=np.uint32) * 3 + pid * 1_000_000 + k,
+                  timeout=CHILD_TIMEOUT)
+    q.close()
+
+
+def _zc_expected(pid, k, length):
+    import numpy as np
+    return np.arange(length, dtype=np.uint32) * 3 + pid * 1_000_000 + k
+
+
+def zc_consumer(q, result_path, hold):
+    """Receive arrays zero-copy until None; keep the last ``hold`` of them
+    alive and re-verify every held one after each receive."""
+    import collections
+    import numpy as np
+    held = collections.deque()
+    got, error = [], None
+    try:
+        while True:
+            arr = q.get(timeout=CHILD_TIMEOUT, zero_copy=True)
+            if arr is None:
+                break
+            first = int(arr[0])
+            pid, k = divmod(first, 1_000_000)
+            if not np.array_equal(arr, _zc_expected(pid, k, arr.shape[0])):
+                raise AssertionError(f"array p{pid} k{k} arrived wrong")
+            got.append((pid, k))
+            held.append((pid, k, arr))
+            if len(held) > hold:
+                held.popleft()
+            for hp, hk, ha in held:
+                if not np.array_equal(ha, _zc_expected(hp, hk, ha.shape[0])):
+                    raise AssertionError(f"held array p{hp} k{hk} changed under us")
+    except BaseException:
+        error = traceback.format_exc()
+    _report(result_path, {"got": got, "error": error})
+    q.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import time
 import weakref
 import zlib
 
@@ -593,6 +594,84 @@ def test_256_mib_round_trip(mq):
         assert np.array_equal(v, a[::-1])
         del v
     assert q.qsize() == 0
+
+
+# ------------------------------------------------------------- processes
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("use_reserve", [False, True], ids=["put", "reserve_array"])
+def test_zero_copy_between_processes_with_held_arrays(mq, tmp_path, use_reserve):
+    """2 producers -> 2 consumers of numpy arrays; consumers receive with
+    get(zero_copy=True) and keep their last 6 arrays alive, re-checking them
+    after every receive while the small pool is recycled around them."""
+    import pickle as _pickle
+    import _workers as W
+    from conftest import ChildGroup
+    import multiprocessing as mp
+    q = mq.Queue(maxsize=8, max_message_size=512 * KiB, capacity_bytes=8 * MiB)
+    paths = [str(tmp_path / f"zc{i}") for i in range(2)]
+    per = 150
+    g = ChildGroup(mp.get_context("fork"))
+    try:
+        cons = [g.start(W.zc_consumer, q, paths[i], 6) for i in range(2)]
+        prods = [g.start(W.zc_producer, q, p, per, use_reserve) for p in range(2)]
+        g.join(90, prods)
+        for _ in range(2):
+            q.put(None, timeout=30)
+        g.join(90, cons)
+    finally:
+        g.reap()
+    got = []
+    for path in paths:
+        with open(path, "rb") as f:
+            rep = _pickle.load(f)
+        assert rep["error"] is None, rep["error"]
+        got += rep["got"]
+    assert sorted(got) == [(p, k) for p in range(2) for k in range(per)]
+
+
+def test_reserve_blocks_when_pool_exhausted(mq):
+    """Issue 3: an exhausted pool blocks like a full queue (with timeout)."""
+    q = mq.Queue(maxsize=64, max_message_size=256 * KiB, capacity_bytes=1 * MiB)
+    n = fill_count(q, 200 * KiB, limit=64)
+    assert 0 < n < 64, "the pool never ran out before the slots"
+    for _ in range(n):
+        q.put_bytes(b"y" * (200 * KiB), block=False)
+    t0 = time.monotonic()
+    with pytest.raises(fastmq.Full):
+        with q.reserve(200 * KiB, timeout=0.2):
+            pass
+    assert 0.15 <= time.monotonic() - t0 <= 2.0
+    t0 = time.monotonic()
+    with pytest.raises(fastmq.Full):
+        q.put_bytes(b"x" * (200 * KiB), timeout=0.2)
+    assert 0.15 <= time.monotonic() - t0 <= 2.0
+    q.get_bytes(timeout=5)
+    with q.reserve(200 * KiB, timeout=5) as buf:  # room again
+        buf[:4] = b"last"
+    assert q.qsize() == n
+
+
+def test_open_reservations_hold_pool_space(mq, backend):
+    native_only(backend, "the pure backend's reservation is a private buffer that "
+                         "takes pool space only at commit")
+    import contextlib
+    q = mq.Queue(maxsize=64, max_message_size=256 * KiB, capacity_bytes=1 * MiB)
+    with contextlib.ExitStack() as stack:
+        n = 0
+        with pytest.raises(fastmq.Full):
+            for n in range(1, 65):
+                buf = stack.enter_context(q.reserve(200 * KiB, timeout=0.2))
+                buf[:4] = b"%04d" % n
+        del buf
+        assert n < 64, "the pool never ran out"
+        t0 = time.monotonic()
+        with pytest.raises(fastmq.Full):
+            q.put_bytes(b"x" * (200 * KiB), timeout=0.2)
+        assert 0.15 <= time.monotonic() - t0 <= 2.0
+    # leaving the stack committed the reservations that fitted (last entered first)
+    got = [q.get_bytes(timeout=5)[:4] for _ in range(n - 1)]
+    assert got == [b"%04d" % i for i in reversed(range(1, n))]
 
 
 # ------------------------------------------------------------- threads
