@@ -389,3 +389,44 @@ def test_forcing_missing_native_backend_is_import_error_that_says_why():
     # without the variable, a missing extension falls back to pure
     res = run_python(code, env={"FASTMQ_BACKEND": ""})
     assert "IMPORTED pure" in res.stdout, res.stdout + res.stderr
+
+
+def _drain(q):
+    """Everything q still delivers (errors for undecodable messages counted)."""
+    got, errors = [], 0
+    while True:
+        try:
+            got += q.get_many(10, timeout=0.2)
+        except fastmq.Empty:
+            return got, errors
+        except pickle.UnpicklingError:
+            errors += 1
+
+
+def test_undecodable_message_in_batch_loses_nothing(mq):
+    q = mq.Queue()
+    q.put(1)
+    q.put_bytes(b"\x00not a pickle")
+    q.put(2)
+    q.put(3)
+    got, errors = _drain(q)
+    assert got == [1, 2, 3]
+    assert errors == 1
+
+
+def test_undecodable_message_then_close_loses_nothing_for_others(mq, qname):
+    """DESIGN Promise 1: a message get_many() has not returned was not handed
+    over; if its consumer goes away, it is still there for the others."""
+    a = mq.create(qname)
+    b = mq.open(qname)
+    a.put(1)
+    a.put_bytes(b"\x00not a pickle")
+    a.put(2)
+    a.put(3)
+    try:
+        first = b.get_many(10, timeout=5)
+    except pickle.UnpicklingError:
+        first = []
+    b.close()
+    rest, _ = _drain(a)
+    assert sorted(first + rest) == [1, 2, 3], (first, rest)
