@@ -471,6 +471,7 @@ def _arrays():
     out["broadcast"] = np.broadcast_to(np.arange(5.0), (4, 5))
     out["bool-mask"] = np.arange(100) % 3 == 0
     out["unaligned"] = np.frombuffer(bytes(range(65)), dtype=np.uint8)[1:].view(np.uint32)
+    out["object-dtype"] = np.array([1, "a", None, (2, 3)], dtype=object)
     out["large"] = np.arange(300_000, dtype=np.float64)
     out["large-strided"] = np.arange(600_000, dtype=np.int32)[::3]
     return out
@@ -496,6 +497,43 @@ def test_numpy_roundtrip(mq, key, zero_copy):
         got[...] = got  # writable for real
     del got
     gc.collect()
+
+
+def test_numpy_through_put_many_get_many(mq):
+    q = mq.Queue()
+    arrays = [np.arange(n, dtype=np.int16) for n in (0, 1, 1000, 50_000)]
+    arrays.append(np.arange(100.0).reshape(10, 10).T)
+    assert q.put_many(arrays) == len(arrays)
+    got = []
+    while len(got) < len(arrays):
+        got += q.get_many(10, timeout=5)
+    for a, b in zip(arrays, got):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.timeout(60)
+def test_put_array_makes_no_intermediate_copy(mq, backend):
+    native_only(backend, "the pure backend's reservation is a private buffer (one "
+                         "extra copy by design)")
+    import tracemalloc
+    a = np.ones(32 * MiB // 8)
+    q = mq.Queue(max_message_size=40 * MiB, capacity_bytes=48 * MiB)
+    tracemalloc.start()
+    try:
+        q.put(a)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MiB, f"put() of a 32 MiB array allocated {peak / MiB:.1f} MiB"
+    tracemalloc.start()
+    try:
+        got = q.get(timeout=10, zero_copy=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MiB, f"get(zero_copy=True) allocated {peak / MiB:.1f} MiB"
+    assert got.shape == a.shape and float(got.sum()) == float(a.size)
 
 
 def test_numpy_in_containers_zero_copy(mq):
