@@ -144,12 +144,17 @@ class FastmqPeer(Peer):
         room = max(size, 256) + 64 * 1024
         self.q = fastmq.Queue(maxsize=depth, max_message_size=room,
                               capacity_bytes=max(depth * room, 1 << 20))
+        # Batches of raw bytes: use a bytes batch API when the Queue has one,
+        # else put_many/get_many (which pickle each item).
+        self.raw_batch = all(hasattr(self.q, a) for a in ("put_many_bytes", "get_many_bytes"))
 
     def sender(self, index):
         q = self.q
         if self.mode == "bytes":
             return _Endpoint(send=q.put_bytes)
         if self.mode == "batch":
+            if self.raw_batch:
+                return _Endpoint(send=q.put_bytes, send_many=q.put_many_bytes)
             return _Endpoint(send=q.put, send_many=q.put_many)
         return _Endpoint(send=q.put)
 
@@ -158,10 +163,13 @@ class FastmqPeer(Peer):
         if self.mode == "bytes":
             return _Endpoint(recv=_unsentinel(q.get_bytes))
         if self.mode == "batch":
-            def recv_many(get_many=q.get_many):
+            get_many = q.get_many_bytes if self.raw_batch else q.get_many
+
+            def recv_many(get_many=get_many):
                 # wake-up sentinels (empty) are dropped; the parent wakes again
                 return [m for m in get_many(GET_MANY) if len(m)]
-            return _Endpoint(recv=_unsentinel(q.get), recv_many=recv_many)
+            return _Endpoint(recv=_unsentinel(q.get_bytes if self.raw_batch else q.get),
+                             recv_many=recv_many)
         if self.mode == "numpy":
             def recv(get=q.get):
                 m = get(zero_copy=True)
@@ -172,7 +180,7 @@ class FastmqPeer(Peer):
     def wake(self, n):
         for _ in range(n):
             try:
-                if self.mode == "bytes":
+                if self.mode == "bytes" or (self.mode == "batch" and self.raw_batch):
                     self.q.put_bytes(b"", timeout=1.0)
                 else:
                     self.q.put(_sentinel_payload(self.mode), timeout=1.0)
