@@ -165,3 +165,109 @@ def test_queue_matches_stdlib_model(backend):
         machine,
         settings=settings(max_examples=60, stateful_step_count=40, deadline=None,
                           suppress_health_check=list(HealthCheck)))
+
+
+def make_pin_machine(backend):
+    """Zero-copy pinning as a state machine: held recv views and zero-copy
+    arrays must keep their bytes while the queue recycles slots and blocks."""
+    import collections
+    import gc
+
+    np = pytest.importorskip("numpy")
+    sizes = st.sampled_from([0, 1, 100, 2000, 30_000, 100_000, 128 * 1024])
+
+    class PinMachine(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            self.q = fastmq.Queue(maxsize=6, max_message_size=128 * 1024,
+                                  capacity_bytes=1024 * 1024, _backend=backend)
+            self.model = collections.deque()
+            self.held = []  # (view-like, expected bytes)
+            self.counter = 0
+
+        def teardown(self):
+            self.held.clear()
+            gc.collect()
+            self.q.close()
+
+        def _payload(self, n):
+            self.counter += 1
+            return (self.counter.to_bytes(4, "little") * (n // 4 + 1))[:n]
+
+        @rule(n=sizes)
+        def put(self, n):
+            data = self._payload(n)
+            try:
+                self.q.put_bytes(data, block=False)
+            except fastmq.Full:
+                # full is only acceptable when something occupies the queue
+                assert self.model or self.held, "Full on an empty queue with nothing pinned"
+                return
+            self.model.append(data)
+
+        @rule(n=sizes)
+        def put_array(self, n):
+            n = min(n, 120_000)  # room for the pickle framing
+            arr = np.frombuffer(self._payload(n), dtype=np.uint8).copy()
+            try:
+                self.q.put(arr, block=False)
+            except fastmq.Full:
+                assert self.model or self.held, "Full on an empty queue with nothing pinned"
+                return
+            self.model.append(("array", arr.tobytes()))
+
+        @rule()
+        def get(self):
+            if not self.model:
+                with pytest.raises(fastmq.Empty):
+                    self.q.get_bytes(block=False)
+                return
+            exp = self.model.popleft()
+            if isinstance(exp, tuple):
+                got = self.q.get(block=False)
+                assert got.tobytes() == exp[1]
+            else:
+                assert self.q.get_bytes(block=False) == exp
+
+        @rule(cut=st.integers(min_value=0, max_value=50))
+        def recv_and_hold(self, cut):
+            if not self.model:
+                with pytest.raises(fastmq.Empty):
+                    self.q.recv(timeout=0)
+                return
+            exp = self.model.popleft()
+            if isinstance(exp, tuple):
+                arr = self.q.get(block=False, zero_copy=True)
+                assert arr.tobytes() == exp[1]
+                self.held.append((arr[cut:], exp[1][cut:]))
+                return
+            with self.q.recv(timeout=0) as msg:
+                assert bytes(msg.data) == exp
+                self.held.append((msg.data[cut:], exp[cut:]))
+
+        @rule(data=st.data())
+        def drop_hold(self, data):
+            if self.held:
+                i = data.draw(st.integers(min_value=0, max_value=len(self.held) - 1))
+                del self.held[i]
+                gc.collect()
+
+        @invariant()
+        def held_views_never_change(self):
+            for view, exp in self.held:
+                got = view.tobytes() if hasattr(view, "tobytes") else bytes(view)
+                assert got == exp, "a held zero-copy view changed"
+
+        @invariant()
+        def depth_matches(self):
+            assert self.q.qsize() == len(self.model)
+
+    return PinMachine
+
+
+@pytest.mark.timeout(240)
+def test_zero_copy_pins_state_machine(backend):
+    run_state_machine_as_test(
+        make_pin_machine(backend),
+        settings=settings(max_examples=60, stateful_step_count=50, deadline=None,
+                          suppress_health_check=list(HealthCheck)))
