@@ -292,3 +292,73 @@ def test_cpu_of_blocked_put_is_near_zero(mq):
     t1 = os.times()
     cpu = (t1.user - t0.user) + (t1.system - t0.system)
     assert cpu < 0.2, f"a put blocked for 2 s used {cpu:.3f} s of CPU"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("op", ["get", "put"])
+def test_signal_handler_exception_escapes_blocked_call(mq, op):
+    """Python signal handlers run while a call is blocked (not only Ctrl-C):
+    an exception raised by the handler ends the call promptly."""
+    class Alarm(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Alarm()
+
+    q = mq.Queue(maxsize=1)
+    if op == "put":
+        q.put(0)
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        t0 = time.monotonic()
+        with pytest.raises(Alarm):
+            if op == "get":
+                q.get(timeout=20)
+            else:
+                q.put(1, timeout=20)
+        dt = time.monotonic() - t0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert dt < 1.3, f"the handler's exception took {dt:.2f}s to surface"
+    # the queue is intact afterwards
+    if op == "get":
+        q.put("ok")
+    assert q.get(timeout=5) in ("ok", 0)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("op", ["get", "get_many", "recv", "put"])
+def test_blocked_call_releases_the_gil(mq, op):
+    q = mq.Queue(maxsize=1)
+    if op == "put":
+        q.put(0)
+    count = [0]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            count[0] += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        time.sleep(0.05)
+        before = count[0]
+        with pytest.raises(fastmq.Full if op == "put" else fastmq.Empty):
+            if op == "put":
+                q.put(1, timeout=1.0)
+            elif op == "get_many":
+                q.get_many(5, timeout=1.0)
+            elif op == "recv":
+                q.recv(timeout=1.0)
+            else:
+                q.get(timeout=1.0)
+        during = count[0] - before
+    finally:
+        stop.set()
+        t.join(5)
+    # a thread that holds the GIL for the whole second lets the spinner do
+    # (almost) nothing; with the GIL released it runs millions of loops
+    assert during > 100_000, f"the other thread only ran {during} loops in 1 s"
