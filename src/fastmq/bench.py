@@ -168,8 +168,13 @@ def _machine():
         version, backend = fastmq.__version__, getattr(fastmq, "backend", "?")
     except Exception:  # noqa: BLE001
         version, backend = "?", "unavailable"
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": cpu,
-            "python": platform.python_version(), "fastmq": version, "backend": backend}
+            "python": platform.python_version(), "fastmq": version, "backend": backend,
+            "loadavg_1min_at_start": load}
 
 
 def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,

@@ -50,7 +50,8 @@ def format_table(doc: dict) -> str:
     m, ref = doc["machine"], doc["reference"]
     lines.append(f"fastmq bench  {doc['date']}  ({doc['command']})")
     lines.append(f"machine: {m['platform']}, {m['cpus']} CPUs ({m['cpu']}), Python {m['python']}, "
-                 f"fastmq {m['fastmq']} backend {m['backend']}")
+                 f"fastmq {m['fastmq']} backend {m['backend']}; load average at start "
+                 f"{m.get('loadavg_1min_at_start')} (other work on the machine skews results)")
     lines.append(f"reference: single-core memcpy {ref['memcpy_bytes_per_s'] / 1e9:.2f} GB/s; "
                  f"bare Python call {ref['python_call_ns']:.0f} ns "
                  f"(= {human(ref['python_call_msgs_per_s'])} calls/s); the harness's own "
