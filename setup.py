@@ -7,7 +7,6 @@ Environment switches (read at build time):
 * ``FASTMQ_SANITIZE=address,undefined`` -- build with those sanitizers and frame
                                  pointers; run the tests with the ASan runtime
                                  preloaded (see .ci/run).
-* ``FASTMQ_CRASHPOINTS=1``   -- compile the crash-injection points (tests only).
 * ``FASTMQ_DEBUG=1``         -- -O0 -g.
 """
 import glob
@@ -36,8 +35,6 @@ if _flag("FASTMQ_WERROR"):
     compile_args.append("-Werror")
 if _flag("FASTMQ_DEBUG"):
     compile_args += ["-O0", "-g3"]
-if _flag("FASTMQ_CRASHPOINTS"):
-    macros.append(("FMQ_CRASHPOINTS", "1"))
 
 sanitize = os.environ.get("FASTMQ_SANITIZE", "").strip()
 if sanitize:

@@ -102,7 +102,8 @@ typedef struct fmq_stats {
     uint64_t depth, capacity, enqueued, dequeued, bytes_in_use;
     uint64_t producers, consumers, participants;
     uint64_t redelivered, abandoned, dead_lettered;
-    uint64_t blocks_total, blocks_free_hint;
+    uint64_t blocks_total, reclaimed, recoveries;
+    uint64_t stall_ticket, stall_since_ns, stall_pid, stall_phase;  /* ticket 0: none */
 } fmq_stats;
 void fmq_region_stats(fmq_region *r, fmq_stats *st);
 uint64_t fmq_ring_depth(fmq_region *r);
@@ -111,11 +112,15 @@ uint64_t fmq_ring_depth(fmq_region *r);
 /* Writing: claim a slot, fill it (inline or point it at a block), commit. */
 int fmq_ring_reserve(fmq_region *r, fmq_msg *m);
 unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m);
-int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake);
+/* Publish. With a block: the ring takes its share; keep_writer keeps ours too
+ * (a reservation whose views are still alive), otherwise ours is dropped. */
+int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
+                    int keep_writer);
 
 /* Reading: find and claim the oldest ready message. */
 int fmq_ring_claim(fmq_region *r, fmq_msg *m);
-/* Give the slot back now but keep the block (large messages, recv leases). */
+/* Hand the message over but keep the block (recv leases): the block's ring
+ * share becomes our reader share and the slot is freed at once. */
 int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake);
 /* Done with the message: free the slot (unless detached) and its block ref. */
 int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake);
@@ -136,8 +141,16 @@ int fmq_ring_wait_space(fmq_region *r, uint64_t deadline_ns, uint64_t need_bytes
 int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out);
 unsigned char *fmq_pool_ptr(fmq_region *r, uint32_t block);
 uint64_t fmq_pool_block_size(fmq_region *r, uint32_t block);
-int fmq_pool_ref(fmq_region *r, uint32_t block);
-int fmq_pool_unref(fmq_region *r, uint32_t block);
+/* Drop our share of a block: as its writer (reservation views gone, or a put
+ * that never published) or as its reader (a recv() lease released). */
+int fmq_pool_release_writer(fmq_region *r, uint32_t block);
+int fmq_pool_release_reader(fmq_region *r, uint32_t block);
+
+/* ---- crash recovery --------------------------------------------------------- */
+/* Reap every participant that is provably dead (its lock is gone): its slots
+ * are repaired (a half-written message skipped, an unfinished read put back)
+ * and its blocks freed. Returns the number reaped, or a negative FMQ_E*. */
+int fmq_recover(fmq_region *r);
 
 /* ---- test hooks -------------------------------------------------------------- */
 /* Multi-threaded stress of the ring inside one process (driven from pytest):

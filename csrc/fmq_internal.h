@@ -35,12 +35,13 @@ struct fmq_region {
 int fmq_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* ---- crash injection (tests only) -------------------------------------------- */
-#ifdef FMQ_CRASHPOINTS
+/* Compiled into every build (one predictable branch each) and armed only
+ * when FASTMQ_CRASH_AT was set at import, so the crash tests exercise the very
+ * binary users run, not a special build. */
+extern const char *fmq_crash_spec;
 void fmq_crashpoint(const char *where);
-#define FMQ_CRASHPOINT(where) fmq_crashpoint(where)
-#else
-#define FMQ_CRASHPOINT(where) ((void)0)
-#endif
+#define FMQ_CRASHPOINT(where) \
+    do { if (__builtin_expect(fmq_crash_spec != NULL, 0)) fmq_crashpoint(where); } while (0)
 
 /* ---- fork detection ------------------------------------------------------------ */
 extern volatile unsigned fmq_fork_generation;
@@ -49,6 +50,14 @@ extern volatile unsigned fmq_fork_generation;
 int fmq_live_register(fmq_region *r);
 int fmq_live_is_alive(fmq_region *r, uint32_t idx);
 int fmq_pool_available(fmq_region *r, uint64_t nbytes);
+int fmq_pool_transition(fmq_region *r, uint32_t block, uint64_t mask, uint64_t expect,
+                        uint64_t set);
+void fmq_pool_free_block(fmq_region *r, uint32_t c, uint32_t idx);   /* state already 0 */
+#define FMQ_WRITER_MASK ((uint64_t)FMQ_OWNER_MASK)
+#define FMQ_READER_MASK ((uint64_t)FMQ_OWNER_MASK << 24)
+/* crash recovery (fmq_recover.c) */
+void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t since_ns);
+void fmq_reap_tag(fmq_region *r, uint32_t dead_tag);
 void fmq_live_unregister(fmq_region *r);
 
 static inline void fmq_count(fmq_region *r, int which, uint64_t n) {

@@ -80,7 +80,7 @@
 /* per-participant counters (summed by stats) */
 enum {
     FMQ_ST_ENQUEUED, FMQ_ST_DEQUEUED, FMQ_ST_BYTES_IN, FMQ_ST_BYTES_OUT,
-    FMQ_ST_REDELIVERED, FMQ_ST_ABANDONED, FMQ_ST_DEAD_LETTERED, FMQ_ST_RESERVED_,
+    FMQ_ST_REDELIVERED, FMQ_ST_ABANDONED, FMQ_ST_DEAD_LETTERED, FMQ_ST_RECLAIMED,
     FMQ_NSTATS
 };
 
@@ -136,6 +136,13 @@ typedef struct fmq_ctl {
     fmq_waitline space;                    /* producers sleep here            */
     fmq_u64line free_top[FMQ_MAX_CLASSES]; /* tag << 32 | index, per class    */
     fmq_u64line next_participant;          /* where registration scans first  */
+    alignas(FMQ_LINE) struct {             /* the last stall a waiter saw      */
+        _Atomic uint64_t ticket;           /* slot ticket + 1 (0 = none)       */
+        _Atomic uint64_t since_ns;         /* CLOCK_MONOTONIC when first seen  */
+        _Atomic uint32_t pid;              /* the live owner that holds it     */
+        _Atomic uint32_t phase;            /* FMQ_PH_WRITING / FMQ_PH_READING  */
+    } stall;
+    fmq_u64line recoveries;                /* dead participants reaped         */
     alignas(FMQ_LINE) _Atomic uint64_t retired[FMQ_NSTATS]; /* folded counters of
                                               participants that are gone      */
 } fmq_ctl;
@@ -161,11 +168,22 @@ typedef struct fmq_slot {
     /* inline payload follows, slot_stride - FMQ_SLOT_HEADER bytes */
 } fmq_slot;
 
+/* Who holds a block, in one word so every hand-off is one CAS and every
+ * holder is named (a dead holder's share can be taken back):
+ *   bits  0..23  writer tag: the producer filling it, or keeping views of it
+ *   bits 24..47  reader tag: the consumer copying it out, or a recv() lease
+ *   bit  48      IN_RING: a queued message (slot) refers to it
+ * The block is free exactly when the word is 0. */
+#define FMQ_BLK_WRITER(w) ((uint32_t)((w) & FMQ_OWNER_MASK))
+#define FMQ_BLK_READER(w) ((uint32_t)(((w) >> 24) & FMQ_OWNER_MASK))
+#define FMQ_BLK_IN_RING (1ull << 48)
+#define FMQ_BLK_MAKE(writer, reader, in_ring) \
+    ((uint64_t)(writer) | ((uint64_t)(reader) << 24) | ((in_ring) ? FMQ_BLK_IN_RING : 0))
+
 typedef struct fmq_block_meta {
-    _Atomic uint32_t refs;      /* holders: the queued message, a lease, a
-                                   reservation's live exports               */
+    _Atomic uint64_t state;     /* holders, see above                         */
     _Atomic uint32_t next;      /* free-stack link (valid only while free)    */
-    _Atomic uint64_t owner;     /* participant tag of the last allocator     */
+    uint32_t reserved_;
 } fmq_block_meta;
 
 _Static_assert(sizeof(fmq_header) <= FMQ_PAGE,

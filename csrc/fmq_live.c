@@ -53,6 +53,13 @@ int fmq_live_register(fmq_region *r) {
         }
         fmq_participant *p = &r->parts[idx];
         uint64_t old = atomic_load_explicit(&p->ident, memory_order_acquire);
+        uint32_t old_gen = (uint32_t)(old >> 16) & ((1u << FMQ_GEN_BITS) - 1);
+        if ((old & 0xFFFF) == FMQ_PART_ACTIVE) {
+            /* The previous occupant died without closing: take back what it
+             * held before its identity is gone for good. */
+            fmq_reap_tag(r, (idx << FMQ_GEN_BITS) | old_gen);
+            atomic_fetch_add_explicit(&r->ctl->recoveries.v, 1, memory_order_relaxed);
+        }
         /* Fold the predecessor's counters into the segment's retired totals so
          * stats stay cumulative across handles that come and go. */
         for (int s = 0; s < FMQ_NSTATS; s++) {
@@ -60,7 +67,9 @@ int fmq_live_register(fmq_region *r) {
             if (v)
                 atomic_fetch_add_explicit(&r->ctl->retired[s], v, memory_order_relaxed);
         }
-        uint32_t gen = (uint32_t)((old >> 16) + 1) & ((1u << FMQ_GEN_BITS) - 1);
+        uint32_t gen = (old_gen + 1) & ((1u << FMQ_GEN_BITS) - 1);
+        if (gen == 0)
+            gen = 1;   /* tag 0 means "nobody" in slot and block words */
         atomic_store_explicit(&p->roles, 0, memory_order_relaxed);
         p->start_time = 0;
         atomic_store_explicit(&p->ident,

@@ -7,20 +7,22 @@
  * between our read and our CAS (ABA) never matches. LIFO keeps recently used,
  * cache-warm blocks in play and leaves the rest of the pool untouched.
  * A request takes the smallest class that fits and borrows from larger classes
- * when that one is exhausted. A block carries a reference count: the queued
- * message holds one; a zero-copy lease or a reservation whose views are still
- * alive holds others. The block returns to its free stack when the count
- * reaches zero, so memory that Python can still see is never handed out again.
+ * when that one is exhausted. A block's state word names its holders (see
+ * fmq_layout.h): the writer, the reader, and whether a queued message refers
+ * to it. Every hand-off (writer -> ring -> reader) is one CAS on that word, and
+ * the block returns to its free stack when the word reaches zero, so memory
+ * that Python can still see is never handed out again.
  *
  * Memory order. [R-push] the CAS that publishes a block on the stack is a
  * release, pairing with [A-pop], the acquire load/CAS that takes it: the link
  * we read under it is the one written before the push.
  *
- * Failure model. A process killed between pop and recording the block in a
- * slot or lease leaks that block until the crash-recovery audit reclaims it
- * (the block's owner tag names the allocator). Every index read from shared
- * memory is range-checked: a scribbled stack gives FMQ_ECORRUPT, never a wild
- * pointer.
+ * Failure model. Because every holder is named, recovery (fmq_recover.c)
+ * clears a dead participant's writer/reader share of every block and frees
+ * the blocks nobody else holds. The one unnamed instant is between the pop
+ * and the store of the writer tag (two instructions): a SIGKILL exactly there
+ * leaks one block. Every index read from shared memory is range-checked: a
+ * scribbled stack gives FMQ_ECORRUPT, never a wild pointer.
  */
 #include "fmq_internal.h"
 
@@ -93,8 +95,10 @@ int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
             return rc;
         FMQ_CRASHPOINT("pool.alloc.popped");
         fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
-        atomic_store_explicit(&m->owner, r->owner_tag, memory_order_relaxed);
-        atomic_store_explicit(&m->refs, 1, memory_order_relaxed);
+        /* A free block's state is 0 and nobody else can see it: a plain store.
+         * The window between the pop above and this store is the one place a
+         * SIGKILL leaks a block (it is then neither free nor named). */
+        atomic_store_explicit(&m->state, FMQ_BLK_MAKE(r->owner_tag, 0, 0), memory_order_relaxed);
         *block_out = FMQ_BLOCK_REF(c, idx);
         return FMQ_OK;
     }
@@ -125,29 +129,44 @@ uint64_t fmq_pool_block_size(fmq_region *r, uint32_t block) {
     return fmq_pool_valid(r, block) ? r->g.classes[FMQ_BLOCK_CLASS(block)].block_size : 0;
 }
 
-int fmq_pool_ref(fmq_region *r, uint32_t block) {
-    if (!fmq_pool_valid(r, block))
-        return fmq_fail(FMQ_ECORRUPT, "invalid block reference %#x", block);
-    fmq_block_meta *m = &fmq_pool_meta(r, FMQ_BLOCK_CLASS(block))[FMQ_BLOCK_INDEX(block)];
-    atomic_fetch_add_explicit(&m->refs, 1, memory_order_relaxed);
-    return FMQ_OK;
+static inline _Atomic uint64_t *fmq_pool_state(fmq_region *r, uint32_t block) {
+    return &fmq_pool_meta(r, FMQ_BLOCK_CLASS(block))[FMQ_BLOCK_INDEX(block)].state;
 }
 
-int fmq_pool_unref(fmq_region *r, uint32_t block) {
+/* One hand-off: the bits under mask must equal expect; they become set.
+ * When the word drops to 0 the block is free and goes back on its stack.
+ * acq_rel: a holder's accesses to the block happen before the next holder's. */
+int fmq_pool_transition(fmq_region *r, uint32_t block, uint64_t mask, uint64_t expect,
+                        uint64_t set) {
     if (!fmq_pool_valid(r, block))
         return fmq_fail(FMQ_ECORRUPT, "invalid block reference %#x", block);
-    uint32_t c = FMQ_BLOCK_CLASS(block), idx = FMQ_BLOCK_INDEX(block);
-    fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
-    /* acq_rel: every holder's reads of the block happen before it is reused. */
-    uint32_t before = atomic_fetch_add_explicit(&m->refs, (uint32_t)-1, memory_order_acq_rel);
-    if (before == 0) {
-        atomic_store_explicit(&m->refs, 0, memory_order_relaxed);
-        return fmq_fail(FMQ_ECORRUPT, "block %#x released more often than taken", block);
+    _Atomic uint64_t *st = fmq_pool_state(r, block);
+    uint64_t cur = atomic_load_explicit(st, memory_order_acquire);
+    for (;;) {
+        if ((cur & mask) != expect)
+            return fmq_fail(FMQ_ELOST, "block %#x is not held as expected (state %#llx)",
+                            block, (unsigned long long)cur);
+        uint64_t want = (cur & ~mask) | set;
+        if (atomic_compare_exchange_weak_explicit(st, &cur, want, memory_order_acq_rel,
+                                                  memory_order_acquire)) {
+            if (want == 0) {
+                FMQ_CRASHPOINT("pool.free.before_push");
+                fmq_pool_push(r, FMQ_BLOCK_CLASS(block), FMQ_BLOCK_INDEX(block));
+                fmq_ring_wake_producers(r);
+            }
+            return FMQ_OK;
+        }
     }
-    if (before == 1) {
-        FMQ_CRASHPOINT("pool.free.before_push");
-        fmq_pool_push(r, c, idx);
-        fmq_ring_wake_producers(r);
-    }
-    return FMQ_OK;
+}
+
+int fmq_pool_release_writer(fmq_region *r, uint32_t block) {
+    return fmq_pool_transition(r, block, FMQ_WRITER_MASK, r->owner_tag, 0);
+}
+
+int fmq_pool_release_reader(fmq_region *r, uint32_t block) {
+    return fmq_pool_transition(r, block, FMQ_READER_MASK, (uint64_t)r->owner_tag << 24, 0);
+}
+
+void fmq_pool_free_block(fmq_region *r, uint32_t c, uint32_t idx) {
+    fmq_pool_push(r, c, idx);
 }

@@ -66,7 +66,12 @@ static void fmq_on_fork_child(void) {
 }
 
 static pthread_once_t fmq_once = PTHREAD_ONCE_INIT;
-static void fmq_init_once(void) { pthread_atfork(NULL, NULL, fmq_on_fork_child); }
+static void fmq_init_once(void) {
+    pthread_atfork(NULL, NULL, fmq_on_fork_child);
+    const char *spec = getenv("FASTMQ_CRASH_AT");
+    if (spec && *spec)
+        fmq_crash_spec = strdup(spec);
+}
 
 int fmq_global_init(void) {
     pthread_once(&fmq_once, fmq_init_once);
@@ -85,23 +90,21 @@ static uint64_t fmq_realtime_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-#ifdef FMQ_CRASHPOINTS
-/* FASTMQ_CRASH_AT=<name>[:<nth>] makes the process SIGKILL itself
- * at the nth time it passes that point, exactly like an OOM kill there. */
+/* FASTMQ_CRASH_AT=<name>[:<nth>] (read once, at import) makes the process
+ * SIGKILL itself the nth time it passes that crash point, exactly like an OOM
+ * kill at that instruction. Tests only; unset, each point costs one branch. */
 #include <signal.h>
+const char *fmq_crash_spec = NULL;
 void fmq_crashpoint(const char *where) {
-    static __thread long hits = 0;
-    const char *spec = getenv("FASTMQ_CRASH_AT");
-    if (!spec)
-        return;
+    static _Atomic long hits = 0;
+    const char *spec = fmq_crash_spec;
     size_t n = strlen(where);
     if (strncmp(spec, where, n) != 0 || (spec[n] != '\0' && spec[n] != ':'))
         return;
     long nth = spec[n] == ':' ? atol(spec + n + 1) : 1;
-    if (++hits >= nth)
+    if (atomic_fetch_add(&hits, 1) + 1 >= nth)
         kill(getpid(), SIGKILL);
 }
-#endif
 
 /* ======================================================================== */
 /* geometry                                                                 */
@@ -313,7 +316,7 @@ static void fmq_pool_init(fmq_region *r) {
         fmq_block_meta *m = (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
         uint64_t nb = r->g.classes[c].nblocks;
         for (uint64_t i = 0; i < nb; i++) {
-            atomic_store_explicit(&m[i].refs, 0, memory_order_relaxed);
+            atomic_store_explicit(&m[i].state, 0, memory_order_relaxed);
             atomic_store_explicit(&m[i].next, i + 1 < nb ? (uint32_t)(i + 1) : FMQ_NIL,
                                   memory_order_relaxed);
         }
@@ -601,4 +604,12 @@ void fmq_region_stats(fmq_region *r, fmq_stats *st) {
     st->dead_lettered = sum[FMQ_ST_DEAD_LETTERED];
     for (uint32_t c = 0; c < r->g.nclasses; c++)
         st->blocks_total += r->g.classes[c].nblocks;
+    st->reclaimed = sum[FMQ_ST_RECLAIMED];
+    st->recoveries = atomic_load_explicit(&r->ctl->recoveries.v, memory_order_relaxed);
+    st->stall_ticket = atomic_load_explicit(&r->ctl->stall.ticket, memory_order_acquire);
+    if (st->stall_ticket) {
+        st->stall_since_ns = atomic_load_explicit(&r->ctl->stall.since_ns, memory_order_relaxed);
+        st->stall_pid = atomic_load_explicit(&r->ctl->stall.pid, memory_order_relaxed);
+        st->stall_phase = atomic_load_explicit(&r->ctl->stall.phase, memory_order_relaxed);
+    }
 }

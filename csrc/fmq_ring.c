@@ -52,6 +52,7 @@
 #define FMQ_SPIN_NS 30000ull        /* spin this long before sleeping            */
 #define FMQ_SPIN_PAUSE_NS 5000ull   /* ... the first part with pause, then yield */
 #define FMQ_SLICE_NS 100000000ull   /* longest single sleep: Ctrl-C, close()     */
+#define FMQ_STALL_NS 100000000ull   /* a slot unchanged this long: check its owner */
 
 /* ======================================================================== */
 /* slot words                                                               */
@@ -140,19 +141,34 @@ unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m) {
     return (unsigned char *)fmq_slot_at(r, m->ticket) + FMQ_SLOT_HEADER;
 }
 
-int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake) {
+int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
+                    int keep_writer) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
+    int rc;
     s->len = len;
     s->block = block;
     s->deliveries = 0;
     s->flags = 0;
+    /* The ring takes its share of the block before the message is visible;
+     * a producer killed between here and the publish leaves a WRITING slot
+     * and a block marked IN_RING that no published slot names: recovery tells
+     * exactly that apart (fmq_recover.c) and frees both. */
+    if (block != FMQ_NO_BLOCK &&
+        (rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING, 0, FMQ_BLK_IN_RING)) != FMQ_OK)
+        return rc;
     FMQ_CRASHPOINT("ring.commit.before_publish");
     uint64_t expect = m->word;
     uint64_t ready = fmq_word(fmq_lap_stamp(r, m->ticket) + FMQ_PH_READY, 0);
     if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, ready,
                                                  memory_order_seq_cst,       /* [R-commit] */
-                                                 memory_order_relaxed))
-        return FMQ_ELOST;
+                                                 memory_order_relaxed)) {
+        if (block != FMQ_NO_BLOCK)
+            fmq_pool_transition(r, block, FMQ_BLK_IN_RING, FMQ_BLK_IN_RING, 0);
+        return fmq_fail(FMQ_ELOST, "the slot being written was reclaimed by crash recovery");
+    }
+    FMQ_CRASHPOINT("ring.commit.published");
+    if (block != FMQ_NO_BLOCK && !keep_writer)
+        fmq_pool_transition(r, block, FMQ_WRITER_MASK, r->owner_tag, 0);
     fmq_count(r, FMQ_ST_ENQUEUED, 1);
     fmq_count(r, FMQ_ST_BYTES_IN, len);
     if (wake)
@@ -221,13 +237,22 @@ int fmq_ring_claim(fmq_region *r, fmq_msg *m) {
 
 static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
+    int rc;
+    /* The block's ring share becomes our reader share while we still hold the
+     * slot: a consumer killed between the two steps leaves a READING slot whose
+     * block names it as reader, and recovery turns both back (fmq_recover.c). */
+    if (m->block != FMQ_NO_BLOCK &&
+        (rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
+                                  FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24)) != FMQ_OK)
+        return rc;
     uint64_t expect = m->word;
     uint64_t next = fmq_word(fmq_lap_stamp(r, m->ticket) + 4 /* EMPTY, next lap */, 0);
     FMQ_CRASHPOINT("ring.release.before_free");
     if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, next,
                                                  memory_order_seq_cst,        /* [R-rel] */
                                                  memory_order_relaxed))
-        return FMQ_ELOST;
+        return fmq_fail(FMQ_ELOST, "the slot being read was reclaimed by crash recovery");
+    FMQ_CRASHPOINT("ring.release.freed");
     m->detached = 1;
     fmq_count(r, FMQ_ST_DEQUEUED, 1);
     fmq_count(r, FMQ_ST_BYTES_OUT, m->len);
@@ -250,7 +275,7 @@ int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake) {
     if (m->block != FMQ_NO_BLOCK && rc == FMQ_OK) {
         uint32_t b = m->block;
         m->block = FMQ_NO_BLOCK;
-        rc = fmq_pool_unref(r, b);
+        rc = fmq_pool_release_reader(r, b);
     }
     return rc;
 }
@@ -263,7 +288,7 @@ int fmq_ring_unclaim(fmq_region *r, fmq_msg *m) {
     uint64_t ready = fmq_word(fmq_lap_stamp(r, m->ticket) + FMQ_PH_READY, 0);
     if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, ready,
                                                  memory_order_seq_cst, memory_order_relaxed))
-        return FMQ_ELOST;
+        return fmq_fail(FMQ_ELOST, "the slot was reclaimed by crash recovery");
     fmq_ring_wake_consumers(r, 0);
     return FMQ_OK;
 }
@@ -293,23 +318,37 @@ static void fmq_wake(fmq_waitline *wl, int n) {
 void fmq_ring_wake_consumers(fmq_region *r, int all) { fmq_wake(&r->ctl->data, all ? INT_MAX : 1); }
 void fmq_ring_wake_producers(fmq_region *r) { fmq_wake(&r->ctl->space, INT_MAX); }
 
+/* What a waiter is stuck behind: the slot that blocks progress and the word
+ * it had (to notice that it has not changed), or ticket ~0 for "nothing in
+ * particular" (an empty queue, a genuinely full one, an exhausted pool). */
+typedef struct {
+    uint64_t ticket, word;
+} fmq_blocker;
+
 /* Is some slot READY (a claim could succeed)? Same scan as fmq_ring_claim. */
-static int fmq_has_data(fmq_region *r, uint64_t unused) {
+static int fmq_has_data(fmq_region *r, uint64_t unused, fmq_blocker *b) {
     (void)unused;
     uint64_t h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+    b->ticket = ~0ull;
     for (uint64_t n = 0; n <= r->g.slot_count; n++, h++) {
         uint64_t w = atomic_load_explicit(&fmq_slot_at(r, h)->word, memory_order_seq_cst);
         int64_t d = fmq_stamp_diff(fmq_stamp(w), fmq_lap_stamp(r, h) + FMQ_PH_READY);
         if (d == 0)
             return 1;
-        if (d < 0)
+        if (d < 0) {
+            if (d == -1) {          /* WRITING: a producer has not committed yet */
+                b->ticket = h;
+                b->word = w;
+            }
             return 0;
+        }
     }
     return 1;   /* could not decide: let the caller try */
 }
 
 /* Is a slot (need == 0) or a block of need bytes free? */
-static int fmq_has_space(fmq_region *r, uint64_t need) {
+static int fmq_has_space(fmq_region *r, uint64_t need, fmq_blocker *b) {
+    b->ticket = ~0ull;
     if (need)
         return fmq_pool_available(r, need);
     uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
@@ -318,14 +357,43 @@ static int fmq_has_space(fmq_region *r, uint64_t need) {
         int64_t d = fmq_stamp_diff(fmq_stamp(w), fmq_lap_stamp(r, t) + FMQ_PH_EMPTY);
         if (d == 0)
             return 1;
-        if (d < 0)
+        if (d < 0) {
+            uint32_t ph = (uint32_t)(fmq_stamp(w) & 3);
+            if (ph == FMQ_PH_READING || ph == FMQ_PH_WRITING) {
+                b->ticket = t;
+                b->word = w;
+            }
             return 0;
+        }
     }
     return 1;
 }
 
-static int fmq_wait_for(fmq_region *r, fmq_waitline *wl, int (*ready)(fmq_region *, uint64_t),
-                        uint64_t arg, uint64_t deadline_ns) {
+/* Per thread: the blocker this thread has been waiting behind, and since when. */
+static __thread uint64_t fmq_tl_stall_ticket = ~0ull, fmq_tl_stall_word, fmq_tl_stall_since;
+
+static void fmq_note_blocker(fmq_region *r, const fmq_blocker *b, int pool_wait) {
+    uint64_t now = fmq_now_ns();
+    if (b->ticket == ~0ull) {
+        fmq_tl_stall_ticket = ~0ull;
+        if (pool_wait)
+            fmq_recover(r);   /* exhausted pool: a dead holder may be the reason */
+        return;
+    }
+    if (b->ticket != fmq_tl_stall_ticket || b->word != fmq_tl_stall_word) {
+        fmq_tl_stall_ticket = b->ticket;
+        fmq_tl_stall_word = b->word;
+        fmq_tl_stall_since = now;
+        return;
+    }
+    if (now - fmq_tl_stall_since >= FMQ_STALL_NS)
+        fmq_recover_stalled(r, b->ticket, b->word, fmq_tl_stall_since);
+}
+
+static int fmq_wait_for(fmq_region *r, fmq_waitline *wl,
+                        int (*ready)(fmq_region *, uint64_t, fmq_blocker *), uint64_t arg,
+                        uint64_t deadline_ns) {
+    fmq_blocker blk;
     /* 1. Spin briefly: a message usually arrives within microseconds under
      *    load, and a futex round trip costs more than that. After a short
      *    busy phase, yield so that on an oversubscribed machine the process we
@@ -335,7 +403,7 @@ static int fmq_wait_for(fmq_region *r, fmq_waitline *wl, int (*ready)(fmq_region
     if (deadline_ns && spin_until > deadline_ns)
         spin_until = deadline_ns;
     for (unsigned i = 0;; i++) {
-        if (ready(r, arg))
+        if (ready(r, arg, &blk))
             return FMQ_OK;
         if ((i & 7) == 7) {
             now = fmq_now_ns();
@@ -355,7 +423,7 @@ static int fmq_wait_for(fmq_region *r, fmq_waitline *wl, int (*ready)(fmq_region
     /* 2. Sleep on the epoch word, at most one slice. */
     atomic_fetch_add_explicit(&wl->waiters, 1, memory_order_seq_cst);
     uint32_t epoch = atomic_load_explicit(&wl->epoch, memory_order_seq_cst);
-    if (ready(r, arg)) {
+    if (ready(r, arg, &blk)) {
         atomic_fetch_sub_explicit(&wl->waiters, 1, memory_order_relaxed);
         return FMQ_OK;
     }
@@ -371,11 +439,14 @@ static int fmq_wait_for(fmq_region *r, fmq_waitline *wl, int (*ready)(fmq_region
     }
     int rc = fmq_wait_on(&wl->epoch, epoch, slice);
     atomic_fetch_sub_explicit(&wl->waiters, 1, memory_order_relaxed);
-    if (rc == FMQ_EINTR)
-        return FMQ_EINTR;
-    if (rc == FMQ_TIMEDOUT)
-        return deadline_ns && fmq_now_ns() >= deadline_ns ? FMQ_TIMEDOUT : FMQ_AGAIN;
-    return FMQ_OK;
+    if (rc == FMQ_TIMEDOUT) {
+        /* A whole slice without a wake: is a dead process the reason? */
+        fmq_note_blocker(r, &blk, wl == &r->ctl->space && arg != 0);
+        if (deadline_ns && fmq_now_ns() >= deadline_ns)
+            return FMQ_TIMEDOUT;
+        return FMQ_AGAIN;
+    }
+    return rc == FMQ_EINTR ? FMQ_EINTR : FMQ_OK;
 }
 
 int fmq_ring_wait_data(fmq_region *r, uint64_t deadline_ns) {

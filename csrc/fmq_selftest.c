@@ -107,7 +107,7 @@ static void *fmq_st_producer(void *p) {
         }
         if (block == FMQ_NO_BLOCK)
             memcpy(fmq_ring_inline_ptr(r, &m), buf, len);
-        if (fmq_ring_commit(r, &m, len, block, 1) != FMQ_OK) {
+        if (fmq_ring_commit(r, &m, len, block, 1, 0) != FMQ_OK) {
             fmq_st_fail(st, "commit lost its slot", seq, 0);
             goto out;
         }

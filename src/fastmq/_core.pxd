@@ -49,7 +49,8 @@ cdef extern from "fmq.h" nogil:
         uint64_t depth, capacity, enqueued, dequeued, bytes_in_use
         uint64_t producers, consumers, participants
         uint64_t redelivered, abandoned, dead_lettered
-        uint64_t blocks_total, blocks_free_hint
+        uint64_t blocks_total, reclaimed, recoveries
+        uint64_t stall_ticket, stall_since_ns, stall_pid, stall_phase
 
     const char *fmq_last_error()
     int fmq_global_init()
@@ -74,7 +75,8 @@ cdef extern from "fmq.h" nogil:
 
     int fmq_ring_reserve(fmq_region *r, fmq_msg *m)
     unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m)
-    int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake)
+    int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
+                        int keep_writer)
     int fmq_ring_claim(fmq_region *r, fmq_msg *m)
     int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake)
     int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake)
@@ -87,8 +89,9 @@ cdef extern from "fmq.h" nogil:
     int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out)
     unsigned char *fmq_pool_ptr(fmq_region *r, uint32_t block)
     uint64_t fmq_pool_block_size(fmq_region *r, uint32_t block)
-    int fmq_pool_ref(fmq_region *r, uint32_t block)
-    int fmq_pool_unref(fmq_region *r, uint32_t block)
+    int fmq_pool_release_writer(fmq_region *r, uint32_t block)
+    int fmq_pool_release_reader(fmq_region *r, uint32_t block)
+    int fmq_recover(fmq_region *r)
 
     int fmq_selftest_stress(fmq_region *r, int nprod, int ncons, uint64_t n_per_producer,
                             uint32_t max_len, char *report, size_t report_len)

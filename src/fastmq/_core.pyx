@@ -21,6 +21,7 @@ under its own identity before touching the ring.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.errno cimport errno
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
@@ -278,15 +279,15 @@ cdef class Ring:
             try:
                 self._claim_slot(&m, nonblock, deadline)
             except BaseException:
-                fmq_pool_unref(self.r, block)     # nothing was published
+                fmq_pool_release_writer(self.r, block)     # nothing was published
                 raise
         else:
             self._claim_slot(&m, nonblock, deadline)
             memcpy(fmq_ring_inline_ptr(self.r, &m), src, n)
-        rc = fmq_ring_commit(self.r, &m, <uint32_t>n, block, wake)
+        rc = fmq_ring_commit(self.r, &m, <uint32_t>n, block, wake, 0)
         if rc != FMQ_OK:
             if block != FMQ_NO_BLOCK:
-                fmq_pool_unref(self.r, block)
+                fmq_pool_release_writer(self.r, block)
             _raise(rc)
         return 0
 
@@ -399,11 +400,10 @@ cdef class Ring:
             fmq_ring_unclaim(self.r, m)           # the message stays queued
             raise
         dst = PyBytes_AS_STRING(out)
-        if m.block != FMQ_NO_BLOCK and m.len >= _NOGIL_COPY:
-            # Free the slot before the long copy: only the block stays pinned.
-            rc = fmq_ring_detach(self.r, m, wake)
-            if rc != FMQ_OK:
-                _raise(rc)
+        # The slot stays claimed during the copy: the hand-over is the release
+        # below, so a process killed mid-copy gives the message back (crash
+        # recovery puts the slot back to READY).
+        if m.len >= _NOGIL_COPY:
             with nogil:
                 memcpy(dst, m.data, m.len)
         else:
@@ -424,27 +424,66 @@ cdef class Ring:
         finally:
             self._leave()
 
-    def get_many(self, Py_ssize_t max_messages, timeout=None):
+    def get_many(self, Py_ssize_t max_messages, timeout=None, decode=None):
+        """At least one message (waiting up to timeout), at most max_messages.
+
+        The batch is handed over as a whole: every message is claimed first,
+        then copied (and passed through ``decode`` if given), and only then are
+        the slots released. If ``decode`` raises for one message, that message
+        is consumed (it is the bad one), every other message of the batch goes
+        back to the queue in place, and the error propagates. Any other failure
+        (MemoryError, KeyboardInterrupt) gives the whole batch back. A process
+        killed meanwhile gives it back too (crash recovery), so nothing is lost
+        that the caller did not receive.
+        """
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(timeout, &nonblock)
-        cdef fmq_msg m
+        cdef fmq_msg *msgs
+        cdef Py_ssize_t k = 0, i, j, bad = -1
         cdef list out = []
+        cdef bytes raw
         cdef int rc
         if max_messages < 1:
             raise ValueError("max_messages must be >= 1")
         self._enter()
+        msgs = <fmq_msg *>PyMem_Malloc(max_messages * sizeof(fmq_msg))
+        if msgs == NULL:
+            self._leave()
+            raise MemoryError()
         try:
-            self._claim_msg(&m, nonblock, deadline)
-            out.append(self._take_bytes(&m, 0))
-            while len(out) < max_messages:
-                rc = fmq_ring_claim(self.r, &m)
+            self._claim_msg(&msgs[0], nonblock, deadline)
+            k = 1
+            while k < max_messages:
+                rc = fmq_ring_claim(self.r, &msgs[k])
                 if rc == FMQ_EMPTY:
                     break
                 if rc != FMQ_OK:
                     _raise(rc)
-                out.append(self._take_bytes(&m, 0))
+                k += 1
+            try:
+                for i in range(k):
+                    raw = PyBytes_FromStringAndSize(<char *>msgs[i].data, msgs[i].len)
+                    if decode is None:
+                        out.append(raw)
+                    else:
+                        bad = i
+                        out.append(decode(raw))
+                        bad = -1
+            except BaseException:
+                for j in range(k):
+                    if j == bad:
+                        fmq_ring_release(self.r, &msgs[j], 0)    # the undecodable one
+                    else:
+                        fmq_ring_unclaim(self.r, &msgs[j])      # back, in place
+                k = 0
+                raise
+            for i in range(k):
+                rc = fmq_ring_release(self.r, &msgs[i], 0)
+                if rc != FMQ_OK:
+                    _raise(rc)
         finally:
-            if self.r != NULL:
+            PyMem_Free(msgs)
+            if self.r != NULL and k:
                 fmq_ring_wake_producers(self.r)
             self._leave()
         return out
@@ -487,9 +526,28 @@ cdef class Ring:
             "producers": st.producers, "consumers": st.consumers,
             "participants": st.participants, "redelivered": st.redelivered,
             "abandoned": st.abandoned, "dead_lettered": st.dead_lettered,
-            "blocks_total": st.blocks_total, "max_message_size": self.max_message_size,
+            "blocks_total": st.blocks_total, "reclaimed_blocks": st.reclaimed,
+            "recoveries": st.recoveries,
+            "stalled": None if st.stall_ticket == 0 else {
+                "pid": st.stall_pid, "since_seconds": (fmq_now_ns() - st.stall_since_ns) / 1e9,
+                "phase": "writing" if st.stall_phase == 1 else "reading",
+                "ticket": st.stall_ticket - 1},
+            "max_message_size": self.max_message_size,
             "capacity_bytes": self.capacity_bytes,
         }
+
+    def recover(self):
+        """Reap every provably dead participant now; returns how many."""
+        cdef int rc
+        self._enter()
+        try:
+            with nogil:
+                rc = fmq_recover(self.r)
+        finally:
+            self._leave()
+        if rc < 0:
+            _raise(rc)
+        return rc
 
     @property
     def max_deliveries(self):
@@ -639,7 +697,7 @@ cdef class Reservation(_Exporter):
             return
         self.freed = True
         if self.ring.r != NULL:
-            fmq_pool_unref(self.ring.r, self.block)   # our pin; the message has its own
+            fmq_pool_release_writer(self.ring.r, self.block)   # our share; the ring has its own
         self.ring._unpin()
 
     def commit(self, length=None):
@@ -658,17 +716,11 @@ cdef class Reservation(_Exporter):
             raise ValueError("length must be between 0 and %d" % self.size)
         self.ring._enter()
         try:
-            rc = fmq_pool_ref(self.ring.r, self.block)     # the message's reference
+            self.ring._claim_slot(&m, nonblock, deadline)
+            # keep_writer: our views may still be alive; our share of the
+            # block is dropped when the last one goes (_free).
+            rc = fmq_ring_commit(self.ring.r, &m, <uint32_t>n, self.block, 1, 1)
             if rc != FMQ_OK:
-                _raise(rc)
-            try:
-                self.ring._claim_slot(&m, nonblock, deadline)
-            except BaseException:
-                fmq_pool_unref(self.ring.r, self.block)
-                raise
-            rc = fmq_ring_commit(self.ring.r, &m, <uint32_t>n, self.block, 1)
-            if rc != FMQ_OK:
-                fmq_pool_unref(self.ring.r, self.block)
                 _raise(rc)
             self.state = 1
         finally:
@@ -725,7 +777,7 @@ cdef class Lease(_Exporter):
             return
         self.freed = True
         if self.block != FMQ_NO_BLOCK and self.ring.r != NULL:
-            fmq_pool_unref(self.ring.r, self.block)
+            fmq_pool_release_reader(self.ring.r, self.block)
         self._copy = None
         self.ring._unpin()
 

@@ -1,0 +1,211 @@
+/*
+ * fmq_recover.c -- crash recovery: taking back what a dead process held.
+ *
+ * When. A waiter whose progress is blocked by one slot for FMQ_STALL_NS (a
+ * WRITING slot at the consumers' head, a READING/WRITING slot at the
+ * producers' tail) checks that slot's owner; a producer waiting on an
+ * exhausted pool checks everyone; registration reaps the previous occupant of
+ * the entry it takes. Nothing is ever reaped on a timeout alone: only an owner
+ * whose participant lock the kernel has dropped (fmq_live.c) is dead. A live
+ * but frozen owner (SIGSTOP, a debugger) is recorded in ctl->stall and shown
+ * by stats() instead.
+ *
+ * Who. The reaper first takes the dead participant's lock itself, so no other
+ * process can register into that entry (or reap it twice) meanwhile; if the
+ * reaper dies too, the lock drops again and the next one redoes the work.
+ * Every repair below is a CAS from the exact state the dead process left, so
+ * repeating it is harmless and a late live owner gets FMQ_ELOST, never a
+ * corrupted slot.
+ *
+ * What (for the dead participant's tag T):
+ *  1. Slots. WRITING(T): the message was never published -> the slot is
+ *     skipped (stamp moved to the next lap's EMPTY) and counted as abandoned.
+ *     READING(T): the consumer died before the hand-over (the release CAS) ->
+ *     the block's share goes back to the ring and the slot back to READY in
+ *     place; the head hint never passes a READING slot, so the next claim
+ *     finds it again. No loss, no duplicate: the application never saw it.
+ *  2. Blocks. Every block naming T as writer or reader loses that share. A
+ *     block that T marked IN_RING but whose slot was never published (T died
+ *     inside fmq_ring_commit) is recognised by not being named by any
+ *     READY/READING slot, and loses that share too. Blocks whose word reaches
+ *     zero go back to their free stacks (counted as reclaimed).
+ */
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "fmq_internal.h"
+
+#define FMQ_LOCK_BASE (1ll << 40)   /* same bytes as fmq_live.c */
+
+static int fmq_entry_lock(fmq_region *r, uint32_t idx, short type) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = FMQ_LOCK_BASE + idx;
+    fl.l_len = 1;
+    return fcntl(r->fd, F_OFD_SETLK, &fl);
+}
+
+static inline fmq_slot *fmq_rslot(fmq_region *r, uint64_t i) {
+    return (fmq_slot *)(r->ring + i * r->g.slot_stride);
+}
+
+/* Index of a block across all classes, for the "published" bitmap. */
+static int64_t fmq_block_ordinal(fmq_region *r, uint32_t block) {
+    uint32_t c = FMQ_BLOCK_CLASS(block);
+    if (c >= r->g.nclasses || FMQ_BLOCK_INDEX(block) >= r->g.classes[c].nblocks)
+        return -1;
+    int64_t base = 0;
+    for (uint32_t k = 0; k < c; k++)
+        base += (int64_t)r->g.classes[k].nblocks;
+    return base + FMQ_BLOCK_INDEX(block);
+}
+
+void fmq_reap_tag(fmq_region *r, uint32_t tag) {
+    uint64_t total = 0;
+    for (uint32_t c = 0; c < r->g.nclasses; c++)
+        total += r->g.classes[c].nblocks;
+    unsigned char *published = calloc(total ? total : 1, 1);
+    uint64_t abandoned = 0, reclaimed = 0;
+
+    /* 1. slots */
+    for (uint64_t i = 0; i < r->g.slot_count; i++) {
+        fmq_slot *s = fmq_rslot(r, i);
+        uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);
+        uint64_t stamp = w >> FMQ_OWNER_BITS;
+        uint32_t phase = (uint32_t)(stamp & 3);
+        uint32_t owner = (uint32_t)(w & FMQ_OWNER_MASK);
+        if ((phase == FMQ_PH_READY || phase == FMQ_PH_READING) && s->block != FMQ_NO_BLOCK) {
+            int64_t o = fmq_block_ordinal(r, s->block);
+            if (o >= 0 && published)
+                published[o] = 1;
+        }
+        if (owner != tag || owner == 0)
+            continue;
+        if (phase == FMQ_PH_WRITING) {
+            uint64_t next = ((stamp - FMQ_PH_WRITING + 4) & ((1ull << FMQ_STAMP_BITS) - 1))
+                            << FMQ_OWNER_BITS;
+            FMQ_CRASHPOINT("recover.before_skip");
+            if (atomic_compare_exchange_strong_explicit(&s->word, &w, next,
+                                                        memory_order_seq_cst,
+                                                        memory_order_relaxed))
+                abandoned++;
+        } else if (phase == FMQ_PH_READING) {
+            uint32_t b = s->block;
+            if (b != FMQ_NO_BLOCK && fmq_block_ordinal(r, b) >= 0) {
+                /* reader share (if it got that far) back to the ring */
+                fmq_pool_transition(r, b, FMQ_BLK_IN_RING | FMQ_READER_MASK,
+                                    (uint64_t)tag << 24, FMQ_BLK_IN_RING);
+            }
+            uint64_t ready = ((stamp - FMQ_PH_READING + FMQ_PH_READY) &
+                              ((1ull << FMQ_STAMP_BITS) - 1)) << FMQ_OWNER_BITS;
+            FMQ_CRASHPOINT("recover.before_unclaim");
+            atomic_compare_exchange_strong_explicit(&s->word, &w, ready, memory_order_seq_cst,
+                                                    memory_order_relaxed);
+        }
+    }
+
+    /* 2. blocks */
+    for (uint32_t c = 0; c < r->g.nclasses; c++) {
+        fmq_block_meta *meta = (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
+        int64_t base = fmq_block_ordinal(r, FMQ_BLOCK_REF(c, 0));
+        for (uint64_t i = 0; i < r->g.classes[c].nblocks; i++) {
+            _Atomic uint64_t *st = &meta[i].state;
+            uint64_t cur = atomic_load_explicit(st, memory_order_acquire);
+            for (;;) {
+                uint64_t want = cur;
+                if (FMQ_BLK_WRITER(cur) == tag) {
+                    want &= ~FMQ_WRITER_MASK;
+                    if ((cur & FMQ_BLK_IN_RING) && published && !published[base + (int64_t)i])
+                        want &= ~FMQ_BLK_IN_RING;   /* died inside commit */
+                }
+                if (FMQ_BLK_READER(cur) == tag)
+                    want &= ~FMQ_READER_MASK;
+                if (want == cur)
+                    break;
+                if (atomic_compare_exchange_weak_explicit(st, &cur, want, memory_order_acq_rel,
+                                                          memory_order_acquire)) {
+                    if (want == 0) {
+                        fmq_pool_free_block(r, c, (uint32_t)i);
+                        reclaimed++;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    free(published);
+    /* Straight into the segment's totals: the reaper may not be registered
+     * yet (fmq_live_register reaps its entry's predecessor first). */
+    if (abandoned)
+        atomic_fetch_add_explicit(&r->ctl->retired[FMQ_ST_ABANDONED], abandoned,
+                                  memory_order_relaxed);
+    if (reclaimed)
+        atomic_fetch_add_explicit(&r->ctl->retired[FMQ_ST_RECLAIMED], reclaimed,
+                                  memory_order_relaxed);
+    fmq_ring_wake_consumers(r, 1);
+    fmq_ring_wake_producers(r);
+}
+
+int fmq_recover(fmq_region *r) {
+    int reaped = 0;
+    for (uint32_t idx = 0; idx < r->g.nparticipants; idx++) {
+        fmq_participant *p = &r->parts[idx];
+        uint64_t id = atomic_load_explicit(&p->ident, memory_order_acquire);
+        if ((id & 0xFFFF) != FMQ_PART_ACTIVE || idx == r->me)
+            continue;
+        if (fmq_live_is_alive(r, idx))
+            continue;
+        /* Take its lock: nobody registers here or reaps it meanwhile. */
+        if (fmq_entry_lock(r, idx, F_WRLCK) != 0)
+            continue;
+        if (atomic_load_explicit(&p->ident, memory_order_acquire) == id) {
+            uint32_t gen = (uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1);
+            fmq_reap_tag(r, (idx << FMQ_GEN_BITS) | gen);
+            atomic_store_explicit(&p->ident, (id & ~0xFFFFull) | FMQ_PART_FREE,
+                                  memory_order_release);
+            atomic_fetch_add_explicit(&r->ctl->recoveries.v, 1, memory_order_relaxed);
+            reaped++;
+        }
+        fmq_entry_lock(r, idx, F_UNLCK);
+    }
+    return reaped;
+}
+
+void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t since_ns) {
+    uint32_t owner = (uint32_t)(word & FMQ_OWNER_MASK);
+    uint32_t idx = owner >> FMQ_GEN_BITS;
+    uint32_t gen = owner & ((1u << FMQ_GEN_BITS) - 1);
+    if (owner == 0 || idx >= r->g.nparticipants)
+        return;
+    fmq_participant *p = &r->parts[idx];
+    uint64_t id = atomic_load_explicit(&p->ident, memory_order_acquire);
+    int same_gen = ((uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1)) == gen;
+    if (same_gen && (id & 0xFFFF) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx)) {
+        /* Alive but not moving (frozen): report, never reap. */
+        atomic_store_explicit(&r->ctl->stall.pid, (uint32_t)(id >> 32), memory_order_relaxed);
+        atomic_store_explicit(&r->ctl->stall.phase, (uint32_t)((word >> FMQ_OWNER_BITS) & 3),
+                              memory_order_relaxed);
+        atomic_store_explicit(&r->ctl->stall.since_ns, since_ns, memory_order_relaxed);
+        atomic_store_explicit(&r->ctl->stall.ticket, ticket + 1, memory_order_release);
+        return;
+    }
+    if (same_gen && (id & 0xFFFF) == FMQ_PART_ACTIVE) {
+        fmq_recover(r);
+    } else {
+        /* The entry was freed or reused since: the owner is gone, and whoever
+         * reused the entry should have reaped it; make sure. */
+        if (fmq_entry_lock(r, idx, F_WRLCK) == 0) {
+            fmq_reap_tag(r, owner);
+            fmq_entry_lock(r, idx, F_UNLCK);
+        } else {
+            fmq_reap_tag(r, owner);   /* held by a live new occupant: tag differs, safe */
+        }
+    }
+    uint64_t cur = atomic_load_explicit(&r->ctl->stall.ticket, memory_order_relaxed);
+    if (cur == ticket + 1)
+        atomic_store_explicit(&r->ctl->stall.ticket, 0, memory_order_relaxed);
+}
