@@ -101,16 +101,6 @@ class CorruptingPeer(peers.MpQueuePeer):
         return ep
 
 
-class HungPeer(peers.MpQueuePeer):
-    """A consumer that never returns."""
-    name, label = "hung", "hung test peer"
-
-    def receiver(self, index):
-        ep = super().receiver(index)
-        ep.recv = lambda: time.sleep(3600)
-        return ep
-
-
 def _no_children_left():
     deadline = time.monotonic() + 5
     while multiprocessing.active_children() and time.monotonic() < deadline:
@@ -145,10 +135,23 @@ def test_corruption_fails_loudly():
     assert "corrupt" in str(info.value)
 
 
-def test_hung_peer_is_killed_and_reported():
+def _hung(base):
+    class Hung(base):
+        """A consumer that never reads again."""
+
+        def receiver(self, index):
+            ep = super().receiver(index)
+            ep.recv = lambda: time.sleep(3600)
+            return ep
+    return Hung
+
+
+@pytest.mark.parametrize("base", [peers.MpQueuePeer, peers.SimpleQueuePeer, peers.PipePeer])
+def test_hung_peer_is_killed_and_reported(base):
     t0 = time.monotonic()
     with pytest.raises(CellFailed) as info:
-        run_throughput(HungPeer, 1, 1, "bytes", 64, 200, 8, timeout=2)
+        # 20k x 4 KiB: far more than a pipe holds, so the producer blocks too
+        run_throughput(_hung(base), 1, 1, "bytes", 4096, 20_000, 8, timeout=2)
     assert info.value.kind == "timeout"
     assert time.monotonic() - t0 < 20
     assert _no_children_left()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import uuid
 
 BATCH = 64            # messages per put_many in batch mode
@@ -104,6 +105,15 @@ class _Endpoint:
     def close(self):
         if self._close is not None:
             self._close()
+
+
+def _writable(fileno: int, timeout: float = 0.5) -> bool:
+    """True if a small write to this pipe will not block (the parent's wake-ups
+    must never hang on a peer whose consumer stopped reading)."""
+    try:
+        return bool(select.select([], [fileno], [], timeout)[1])
+    except (OSError, ValueError):
+        return False
 
 
 def _array_or_none(get):
@@ -248,6 +258,8 @@ class SimpleQueuePeer(Peer):
 
     def wake(self, n):
         for _ in range(n):
+            if not _writable(self.q._writer.fileno()):
+                return
             self.q.put(_sentinel_payload(self.mode))
 
     def close(self):
@@ -281,6 +293,8 @@ class PipePeer(Peer):
 
     def wake(self, n):
         for _ in range(n):
+            if not _writable(self.w.fileno()):
+                return
             if self.mode in ("bytes", "batch"):
                 self.w.send_bytes(b"")
             else:
