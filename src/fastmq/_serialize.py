@@ -166,6 +166,8 @@ def decode(payload, zero_copy: bool = False):
 
 
 def _decode(payload, zero_copy):
+    if type(payload) is bytes and payload[:1] == b"\x80":
+        return _loads(payload, None)          # the common case: a plain pickle
     view = memoryview(payload)
     if view.nbytes >= 4 and view[:4] == MAGIC:
         stream, entries = parse_frame(view)
