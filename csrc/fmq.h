@@ -43,7 +43,8 @@ enum {
     FMQ_ETABLEFULL = -13,  /* participant table full                         */
     FMQ_ELOST = -14,       /* the slot was taken from us (reaped)            */
     FMQ_EVERSION = -15,    /* segment written by an incompatible fastmq      */
-    FMQ_ESTATE = -16       /* operation not valid in the current state       */
+    FMQ_ESTATE = -16,      /* operation not valid in the current state       */
+    FMQ_EDEADINIT = -17    /* the segment's creator died while initialising  */
 };
 
 /* A human-readable reason for the last FMQ_EINVAL / FMQ_ECORRUPT / FMQ_EVERSION

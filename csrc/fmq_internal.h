@@ -49,6 +49,8 @@ extern volatile unsigned fmq_fork_generation;
 /* ---- participants (fmq_live.c) --------------------------------------------------- */
 int fmq_live_register(fmq_region *r);
 int fmq_live_is_alive(fmq_region *r, uint32_t idx);
+int fmq_live_init_lock(int fd, short type);
+int fmq_live_init_in_progress(int fd);
 int fmq_pool_available(fmq_region *r, uint64_t nbytes);
 int fmq_pool_transition(fmq_region *r, uint32_t block, uint64_t mask, uint64_t expect,
                         uint64_t set);
@@ -58,6 +60,7 @@ void fmq_pool_free_block(fmq_region *r, uint32_t c, uint32_t idx);   /* state al
 /* crash recovery (fmq_recover.c) */
 void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t since_ns);
 void fmq_reap_tag(fmq_region *r, uint32_t dead_tag);
+void fmq_audit_if_alone(fmq_region *r);
 void fmq_live_unregister(fmq_region *r);
 
 static inline void fmq_count(fmq_region *r, int which, uint64_t n) {

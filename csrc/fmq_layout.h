@@ -53,12 +53,17 @@
 #define FMQ_MAX_BLOCKS_PER_CLASS ((1u << 24) - 1)
 #define FMQ_MAX_MESSAGE (1ull << 40)
 #define FMQ_DEAD_LETTER_MAX 256
+/* Kernel lock bytes, far past any segment's end: participant i locks
+ * FMQ_LOCK_BASE + i; the creator locks FMQ_LOCK_BASE - 1 while initialising. */
+#define FMQ_LOCK_BASE (1ll << 40)
+#define FMQ_INIT_LOCK (FMQ_LOCK_BASE - 1)
 
 /* init_state values */
 #define FMQ_INIT_CREATING 0u
 #define FMQ_INIT_READY 0x52454459u  /* "REDY": a random-looking value, not 1,
                                        so a zeroed or scribbled header is not
                                        mistaken for a ready one */
+#define FMQ_INIT_AUDITING 0x41554454u  /* "AUDT": a lone opener is auditing */
 
 /* slot phases */
 #define FMQ_PH_EMPTY 0u

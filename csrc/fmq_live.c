@@ -24,7 +24,6 @@
 
 #include "fmq_internal.h"
 
-#define FMQ_LOCK_BASE (1ll << 40)   /* far past any segment's last byte */
 
 static int fmq_lock_op(int fd, int cmd, short type, uint32_t idx, struct flock *out) {
     struct flock fl;
@@ -104,5 +103,30 @@ int fmq_live_is_alive(fmq_region *r, uint32_t idx) {
     struct flock fl;
     if (fmq_lock_op(r->fd, F_OFD_GETLK, F_WRLCK, idx, &fl) != 0)
         return 1;   /* cannot tell: assume alive (never reap on doubt) */
+    return fl.l_type != F_UNLCK;
+}
+
+/* The creator holds FMQ_INIT_LOCK from creating the name until the segment is
+ * READY, so an opener can tell "still initialising" (lock held) from "the
+ * creator died half-way" (lock free, segment not READY). */
+int fmq_live_init_lock(int fd, short type) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = FMQ_INIT_LOCK;
+    fl.l_len = 1;
+    return fcntl(fd, F_OFD_SETLK, &fl);
+}
+
+int fmq_live_init_in_progress(int fd) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = FMQ_INIT_LOCK;
+    fl.l_len = 1;
+    if (fcntl(fd, F_OFD_GETLK, &fl) != 0)
+        return 1;   /* cannot tell: assume alive, keep waiting (bounded) */
     return fl.l_type != F_UNLCK;
 }

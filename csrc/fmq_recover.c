@@ -37,7 +37,6 @@
 
 #include "fmq_internal.h"
 
-#define FMQ_LOCK_BASE (1ll << 40)   /* same bytes as fmq_live.c */
 
 static int fmq_entry_lock(fmq_region *r, uint32_t idx, short type) {
     struct flock fl;
@@ -208,4 +207,56 @@ void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t
     uint64_t cur = atomic_load_explicit(&r->ctl->stall.ticket, memory_order_relaxed);
     if (cur == ticket + 1)
         atomic_store_explicit(&r->ctl->stall.ticket, 0, memory_order_relaxed);
+}
+
+/* The full audit, run by an opener that finds itself alone: every block must
+ * be free (on its stack) or named by a holder. A block that is neither was
+ * lost in one of the two unnamed instants (fmq_pool.c) and goes back on its
+ * stack. Only safe with nobody else moving blocks, so it runs with the init
+ * lock held and init_state switched away from READY: a process that opens
+ * meanwhile waits (fmq_region_open re-checks READY after registering). */
+void fmq_audit_if_alone(fmq_region *r) {
+    if (fmq_live_init_lock(r->fd, F_WRLCK) != 0)
+        return;   /* someone else is initialising or auditing */
+    uint32_t expect = FMQ_INIT_READY;
+    if (!atomic_compare_exchange_strong(&r->hdr->init_state, &expect, FMQ_INIT_AUDITING)) {
+        fmq_live_init_lock(r->fd, F_UNLCK);
+        return;
+    }
+    fmq_recover(r);
+    int alone = 1;
+    for (uint32_t idx = 0; idx < r->g.nparticipants && alone; idx++) {
+        uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
+        if (idx != r->me && (id & 0xFFFF) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx))
+            alone = 0;
+    }
+    uint64_t reclaimed = 0;
+    for (uint32_t c = 0; alone && c < r->g.nclasses; c++) {
+        uint64_t nb = r->g.classes[c].nblocks;
+        fmq_block_meta *meta = (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
+        unsigned char *on_stack = calloc(nb, 1);
+        if (!on_stack)
+            break;
+        uint32_t i = (uint32_t)atomic_load(&r->ctl->free_top[c].v);
+        int sane = 1;
+        for (uint64_t steps = 0; i != FMQ_NIL; steps++) {
+            if (i >= nb || steps > nb || on_stack[i]) {
+                sane = 0;   /* a scribbled stack: leave it to CorruptQueue checks */
+                break;
+            }
+            on_stack[i] = 1;
+            i = atomic_load_explicit(&meta[i].next, memory_order_relaxed);
+        }
+        for (uint64_t b = 0; sane && b < nb; b++)
+            if (!on_stack[b] && atomic_load(&meta[b].state) == 0) {
+                fmq_pool_free_block(r, c, (uint32_t)b);
+                reclaimed++;
+            }
+        free(on_stack);
+    }
+    if (reclaimed)
+        atomic_fetch_add_explicit(&r->ctl->retired[FMQ_ST_RECLAIMED], reclaimed,
+                                  memory_order_relaxed);
+    atomic_store_explicit(&r->hdr->init_state, FMQ_INIT_READY, memory_order_release);
+    fmq_live_init_lock(r->fd, F_UNLCK);
 }

@@ -348,12 +348,24 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     int fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode & 0777);
     if (fd < 0) {
         if (errno == EEXIST) {
-            if (exist_ok)
-                return fmq_region_open(name, out);
-            return fmq_fail(FMQ_EEXIST, "queue segment %s already exists", name);
+            if (!exist_ok)
+                return fmq_fail(FMQ_EEXIST, "queue segment %s already exists", name);
+            rc = fmq_region_open(name, out);
+            if (rc != FMQ_EDEADINIT)
+                return rc;
+            /* Its creator died half-way: nobody can be using it. Start over. */
+            shm_unlink(path);
+            fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode & 0777);
+            if (fd < 0)
+                return errno == EEXIST ? fmq_region_open(name, out)
+                                       : fmq_os_fail("cannot create shared memory", name);
+        } else {
+            return fmq_os_fail("cannot create shared memory", name);
         }
-        return fmq_os_fail("cannot create shared memory", name);
     }
+    /* Held until READY (released when the descriptor's lock is dropped below,
+     * or by the kernel if we die): tells openers we are still working. */
+    fmq_live_init_lock(fd, F_WRLCK);
     fmq_region *r = fmq_region_new(name, fd);
     if (!r) {
         close(fd);
@@ -415,6 +427,7 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     FMQ_CRASHPOINT("init.before_ready");
     /* [R-init] everything above is visible to whoever acquires READY. */
     atomic_store_explicit(&h->init_state, FMQ_INIT_READY, memory_order_release);
+    fmq_live_init_lock(fd, F_UNLCK);
 
     if ((rc = fmq_live_register(r)) != FMQ_OK) {
         shm_unlink(path);
@@ -477,13 +490,22 @@ int fmq_region_open(const char *name, fmq_region **out) {
                                                 memory_order_acquire);
             if (st8 == FMQ_INIT_READY)
                 break;
-            if (st8 != FMQ_INIT_CREATING) {
+            if (st8 != FMQ_INIT_CREATING && st8 != FMQ_INIT_AUDITING) {
                 fmq_region_free(r);
                 return fmq_fail(FMQ_ECORRUPT, "segment %s is corrupted (bad init state %#x)",
                                 name, st8);
             }
             munmap(r->base, r->size);
             r->base = NULL;
+        }
+        /* Not ready and nobody initialising: the creator died half-way. (A
+         * brand-new name may not have its init lock yet for a few
+         * microseconds, so give it a short grace period first.) */
+        if (!fmq_live_init_in_progress(fd) && fmq_now_ns() + 1900000000ull > deadline) {
+            fmq_region_free(r);
+            return fmq_fail(FMQ_EDEADINIT, "segment %s is unusable: its creator died during "
+                                           "initialization; remove it with Queue.unlink (or "
+                                           "create it again with exist_ok=True)", name);
         }
         if (fmq_now_ns() > deadline) {
             fmq_region_free(r);
@@ -504,6 +526,19 @@ int fmq_region_open(const char *name, fmq_region **out) {
         fmq_region_free(r);
         return rc;
     }
+    /* An audit may have started between our READY check and our
+     * registration; it could not see us, so wait for it to finish. */
+    for (uint64_t until = fmq_now_ns() + 2000000000ull;
+         atomic_load_explicit(&r->hdr->init_state, memory_order_acquire) != FMQ_INIT_READY;) {
+        if (fmq_now_ns() > until) {
+            fmq_live_unregister(r);
+            fmq_region_free(r);
+            return fmq_fail(FMQ_ECORRUPT, "segment %s stayed busy (audit) too long", name);
+        }
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    fmq_audit_if_alone(r);
     *out = r;
     return FMQ_OK;
 }

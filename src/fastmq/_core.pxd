@@ -22,6 +22,7 @@ cdef extern from "fmq.h" nogil:
         FMQ_ELOST
         FMQ_EVERSION
         FMQ_ESTATE
+        FMQ_EDEADINIT
 
     uint32_t FMQ_NO_BLOCK
 

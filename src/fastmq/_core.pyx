@@ -64,7 +64,7 @@ cdef int _raise(int rc, str what="") except -1:
         raise Full()
     if rc == FMQ_TOOBIG:
         raise MessageTooLarge(what or "message exceeds the queue's max_message_size")
-    if rc == FMQ_ECORRUPT or rc == FMQ_EVERSION:
+    if rc == FMQ_ECORRUPT or rc == FMQ_EVERSION or rc == FMQ_EDEADINIT:
         raise CorruptQueue(msg)
     if rc == FMQ_ENOTFOUND:
         raise QueueNotFound(msg)
