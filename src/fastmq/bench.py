@@ -51,7 +51,7 @@ class Scenario:
     @property
     def depth(self) -> int:
         """Queue bound in messages, the same for every peer."""
-        return 8 if self.size >= MiB else 1024
+        return 2 if self.size >= 64 * MiB else 8 if self.size >= MiB else 1024
 
 
 def _size_tag(size):
@@ -76,7 +76,7 @@ SCENARIOS = [
     _tp(2, 2, "bytes", 64), _tp(2, 2, "bytes", 4 * KiB), _tp(4, 4, "bytes", 64),
     _tp(1, 1, "pickle"), _tp(2, 2, "pickle"),
     _tp(1, 1, "batch", 64), _tp(2, 2, "batch", 64),
-    _tp(1, 1, "numpy", MiB),
+    _tp(1, 1, "numpy", MiB), _tp(1, 1, "numpy", 64 * MiB),
     Scenario("pingpong-64", "pingpong", 1, 1, "bytes", 64,
              "round trip of 64 B over two queues, blocking waits"),
 ]
@@ -88,8 +88,8 @@ QUICK_IDS = ["1x1-bytes-64", "2x2-bytes-64", "1x1-pickle", "1x1-batch-64", "1x1-
              "pingpong-64"]
 
 # first (calibration) message count per producer, before sizing runs by time
-_FIRST_COUNT = {64: 3000, 4 * KiB: 1500, MiB: 24, 0: 2000}
-_MIN_COUNT = {MiB: 16}
+_FIRST_COUNT = {64: 3000, 4 * KiB: 1500, MiB: 24, 64 * MiB: 4, 0: 2000}
+_MIN_COUNT = {MiB: 16, 64 * MiB: 4}
 
 
 def select_scenarios(spec):
@@ -224,6 +224,9 @@ def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,
                 cell.update(status="failed" if exc.kind == "verification" else exc.kind,
                             error=str(exc))
                 progress.warn(f"!!! {scen.id} / {label}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - one broken peer must not end the run
+                cell.update(status="error", error=f"{type(exc).__name__}: {exc}")
+                progress.warn(f"!!! {scen.id} / {label}: {type(exc).__name__}: {exc}")
             else:
                 med, lo, hi = _summarise(runs, keys)
                 cell.update(status="ok", runs=runs, median=med, min=lo, max=hi,

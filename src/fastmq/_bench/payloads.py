@@ -17,8 +17,10 @@ Raw layout (``bytes``/``batch``/``numpy`` modes), ``size`` bytes in all::
 compares all of it.
 
 The sender reuses a pool of buffers for large messages and rewrites only the
-header and trailer in place; ``POOL`` is larger than any queue depth used by the
-benchmark, so a buffer is never rewritten while a peer may still be reading it.
+header and trailer in place; the pool (``pool_size``) is larger than the number of
+messages any peer can have in flight (its queue bound, twice over for zmq's send
+and receive high-water marks), so a buffer is never rewritten while a peer may
+still be reading it.
 """
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ FULL_CHECK_MAX = 64 * 1024
 SAMPLES = 8
 WINDOW = 64
 POOL = 32
+
+
+def pool_size(depth: int) -> int:
+    """Buffers a large-message producer cycles through for a channel of ``depth``."""
+    return 2 * depth + 4
 
 MODES = ("bytes", "pickle", "batch", "numpy")
 
@@ -51,8 +58,8 @@ def object_for(producer: int, seq: int):
 class Builder:
     """Makes the messages of one producer (``build(seq)`` -> payload)."""
 
-    def __init__(self, producer: int, size: int, mode: str):
-        self.producer, self.size, self.mode = producer, size, mode
+    def __init__(self, producer: int, size: int, mode: str, pool: int = POOL):
+        self.producer, self.size, self.mode, self.pool = producer, size, mode, pool
         if mode == "pickle":
             self.build = self._build_object
             return
@@ -61,10 +68,11 @@ class Builder:
         if mode == "numpy":
             import numpy as np
             template = np.frombuffer(self._raw(0), dtype=np.uint8)
-            self._pool = [template.copy() for _ in range(POOL)]
+            self._pool = [template.copy() for _ in range(pool)]
             self.build = self._build_pooled
         elif size > FULL_CHECK_MAX:
-            self._pool = [bytearray(self._raw(0)) for _ in range(POOL)]
+            raw = self._raw(0)
+            self._pool = [bytearray(raw) for _ in range(pool)]
             self.build = self._build_pooled
         else:
             self.build = self._build_small
@@ -78,7 +86,7 @@ class Builder:
                          seq.to_bytes(8, "little")))
 
     def _build_pooled(self, seq: int):
-        buf = self._pool[seq % POOL]
+        buf = self._pool[seq % self.pool]
         HEADER.pack_into(buf, 0, self.producer, self.size, seq)
         TRAILER.pack_into(buf, self.size - 8, seq)
         return buf

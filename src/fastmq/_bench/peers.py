@@ -71,8 +71,29 @@ class Peer:
     def wake(self, n: int) -> None:
         raise NotImplementedError
 
+    def warm(self) -> None:
+        """Fill the channel once and drain it (parent, before the workers start), so
+        shared memory pages are faulted in before timing, as in a long-lived
+        application. Only peers with their own shared buffers need it."""
+
     def close(self) -> None:
         pass
+
+
+def _fill_and_drain(put_nowait, get, size, depth):
+    if size < 64 * 1024:
+        return
+    import queue
+    blob = bytes(size)
+    n = 0
+    try:
+        for _ in range(depth):
+            put_nowait(blob)
+            n += 1
+    except queue.Full:            # the byte pool, not the message bound, was the limit
+        pass
+    for _ in range(n):
+        get()
 
 
 class _Endpoint:
@@ -152,11 +173,18 @@ class FastmqPeer(Peer):
         import fastmq
         self.label = f"fastmq ({getattr(fastmq, 'backend', '?')})"
         room = max(size, 256) + 64 * 1024
+        # bytes for ``depth`` messages twice over, so that the message bound (the
+        # same for every peer), not the block pool's size classes, limits the queue
         self.q = fastmq.Queue(maxsize=depth, max_message_size=room,
-                              capacity_bytes=max(depth * room, 1 << 20))
+                              capacity_bytes=max(2 * depth * room, 1 << 20))
         # Batches of raw bytes: use a bytes batch API when the Queue has one,
         # else put_many/get_many (which pickle each item).
         self.raw_batch = all(hasattr(self.q, a) for a in ("put_many_bytes", "get_many_bytes"))
+
+    def warm(self):
+        q = self.q
+        _fill_and_drain(lambda b: q.put_bytes(b, block=False), lambda: q.get_bytes(timeout=10),
+                        self.size, self.depth)
 
     def sender(self, index):
         q = self.q
@@ -333,6 +361,11 @@ class FasterFifoPeer(Peer):
                                        loads=bytes, dumps=bytes)
         else:
             self.q = faster_fifo.Queue(max_size_bytes=nbytes, maxsize=depth)
+
+    def warm(self):
+        q = self.q
+        _fill_and_drain(lambda b: q.put(b, block=False), lambda: q.get(timeout=10),
+                        self.size, self.depth)
 
     def sender(self, index):
         q = self.q

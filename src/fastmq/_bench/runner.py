@@ -26,7 +26,7 @@ import traceback
 from array import array
 from multiprocessing.connection import wait as _wait_conns
 
-from .payloads import Builder, Tally, verify
+from .payloads import Builder, Tally, pool_size, verify
 from .peers import BATCH
 
 CTX = multiprocessing.get_context("fork")
@@ -68,7 +68,7 @@ def _child(conn, barrier, body):
 def _producer(peer, index, count, mode, size, batch, release, barrier, conn):
     def body(barrier):
         ep = peer.sender(index)
-        build = Builder(index, size, mode).build
+        build = Builder(index, size, mode, pool_size(peer.depth)).build
         barrier.wait(SETUP_TIMEOUT)
         t0 = time.monotonic_ns()
         if batch:
@@ -196,6 +196,24 @@ def _barrier_start(barrier, kids):
         raise CellFailed("error", ["a worker failed during set-up"]) from None
 
 
+def _make_peer(peer_cls, producers, consumers, mode, size, depth, warm=True):
+    """Create (and warm) a channel; any failure is the peer's, reported as a cell error."""
+    try:
+        peer = peer_cls(producers, consumers, mode, size, depth)
+    except Exception as exc:  # noqa: BLE001
+        raise CellFailed("error", [f"creating the channel failed: {type(exc).__name__}: {exc}"]) from exc
+    if warm:
+        try:
+            peer.warm()
+        except Exception as exc:  # noqa: BLE001
+            try:
+                peer.close()
+            except Exception:  # noqa: BLE001
+                pass
+            raise CellFailed("error", [f"warming the channel failed: {type(exc).__name__}: {exc}"]) from exc
+    return peer
+
+
 def run_throughput(peer_cls, producers, consumers, mode, size, count, depth,
                    timeout=30.0) -> dict:
     """Move ``count`` messages from each of ``producers`` to ``consumers`` processes.
@@ -205,7 +223,7 @@ def run_throughput(peer_cls, producers, consumers, mode, size, count, depth,
     message).
     """
     batch = mode == "batch"
-    peer = peer_cls(producers, consumers, mode, size, depth)
+    peer = _make_peer(peer_cls, producers, consumers, mode, size, depth)
     kids = _Children()
     shared = CTX.RawArray("q", consumers + 1)
     barrier = CTX.Barrier(producers + consumers + 1)
@@ -315,8 +333,8 @@ def percentile(sorted_values, q):
 def run_pingpong(peer_cls, size=64, seconds=0.3, warmup=200, timeout=30.0) -> dict:
     """Round trips of one ``size``-byte message between two processes over two
     channels, blocking waits on both sides. Returns percentiles in microseconds."""
-    ping = peer_cls(1, 1, "bytes", size, 16)
-    pong = peer_cls(1, 1, "bytes", size, 16)
+    ping = _make_peer(peer_cls, 1, 1, "bytes", size, 16, warm=False)
+    pong = _make_peer(peer_cls, 1, 1, "bytes", size, 16, warm=False)
     kids = _Children()
     barrier = CTX.Barrier(3)
     stop = CTX.RawValue("i", 0)
