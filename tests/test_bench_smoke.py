@@ -208,3 +208,17 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "matplotlib" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("mode", ["numpy", "reserve"])
+def test_fastmq_numpy_paths_verify(mode):
+    pytest.importorskip("numpy")
+    r = run_throughput(peers.FastmqPeer, 1, 1, mode, 1 << 20, 40, 8, timeout=30)
+    assert r["messages"] == 40 and r["bytes_per_s"] > 0
+
+
+def test_reserve_mode_is_fastmq_only():
+    assert peers.FastmqPeer.supports(1, 1, "reserve")
+    assert not any(cls.supports(1, 1, "reserve") for name, cls in peers.PEERS.items()
+                   if name != "fastmq")
+    assert not peers.PipePeer.supports(2, 2, "bytes")

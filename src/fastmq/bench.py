@@ -66,7 +66,9 @@ def _tp(p, c, mode, size=0):
     what = {"bytes": f"{_size_text(size)} raw bytes (put_bytes/get_bytes)",
             "pickle": "small pickled objects (put/get)",
             "batch": f"{_size_text(size)} bytes in batches (put_many/get_many)",
-            "numpy": f"{_size_text(size)} numpy arrays (put/get(zero_copy=True))"}[mode]
+            "numpy": f"{_size_text(size)} numpy arrays (put/get(zero_copy=True))",
+            "reserve": f"{_size_text(size)} numpy arrays filled in place "
+                       "(reserve_array/commit, get(zero_copy=True))"}[mode]
     sid = f"{p}x{c}-{mode}" + (f"-{_size_tag(size)}" if mode != "pickle" else "")
     return Scenario(sid, "throughput", p, c, mode, size, f"{p} producer(s) x {c} consumer(s), {what}")
 
@@ -76,7 +78,7 @@ SCENARIOS = [
     _tp(2, 2, "bytes", 64), _tp(2, 2, "bytes", 4 * KiB), _tp(4, 4, "bytes", 64),
     _tp(1, 1, "pickle"), _tp(2, 2, "pickle"),
     _tp(1, 1, "batch", 64), _tp(2, 2, "batch", 64),
-    _tp(1, 1, "numpy", MiB), _tp(1, 1, "numpy", 64 * MiB),
+    _tp(1, 1, "numpy", MiB), _tp(1, 1, "numpy", 64 * MiB), _tp(1, 1, "reserve", MiB),
     Scenario("pingpong-64", "pingpong", 1, 1, "bytes", 64,
              "round trip of 64 B over two queues, blocking waits"),
 ]
@@ -195,15 +197,15 @@ def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,
         else:
             doc["unavailable"][name] = why
             doc["skipped"].append(f"{name}: {why}")
-    if "numpy" in {s.mode for s in scenarios}:
+    if {"numpy", "reserve"} & {s.mode for s in scenarios}:
         try:
             import numpy  # noqa: F401
         except ImportError:
             doc["skipped"].append("numpy scenarios: numpy is not installed")
-            scenarios = [s for s in scenarios if s.mode != "numpy"]
+            scenarios = [s for s in scenarios if s.mode not in ("numpy", "reserve")]
             doc["scenarios"] = [asdict(s) for s in scenarios]
     plan = [(s, n) for s in scenarios for n in usable
-            if classes[n].supports(classes[n], s.producers, s.consumers, s.mode)]
+            if classes[n].supports(s.producers, s.consumers, s.mode)]
     progress.total = len(plan)
     progress.step("measuring reference limits (memcpy, Python call)")
     doc["reference"] = measure_reference()

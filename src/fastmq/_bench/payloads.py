@@ -40,7 +40,7 @@ def pool_size(depth: int) -> int:
     """Buffers a large-message producer cycles through for a channel of ``depth``."""
     return 2 * depth + 4
 
-MODES = ("bytes", "pickle", "batch", "numpy")
+MODES = ("bytes", "pickle", "batch", "numpy", "reserve")
 
 
 def body_for(producer: int, size: int) -> bytes:
@@ -65,7 +65,7 @@ class Builder:
             return
         self.body = body_for(producer, size)
         self._head = struct.Struct("<II").pack(producer, size)
-        if mode == "numpy":
+        if mode in ("numpy", "reserve"):
             import numpy as np
             template = np.frombuffer(self._raw(0), dtype=np.uint8)
             self._pool = [template.copy() for _ in range(pool)]
@@ -117,7 +117,7 @@ class Tally:
             self.check = self._object_checker()
             return
         self.bodies = [body_for(p, size) for p in range(producers)]
-        if size > FULL_CHECK_MAX or mode == "numpy":
+        if size > FULL_CHECK_MAX or mode in ("numpy", "reserve"):
             n = size - OVERHEAD - WINDOW
             self.offsets = [HEADER.size + (n * i) // max(1, SAMPLES - 1) for i in range(SAMPLES)]
             self.windows = [[b[o - HEADER.size:o - HEADER.size + WINDOW] for o in self.offsets]

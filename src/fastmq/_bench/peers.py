@@ -59,8 +59,11 @@ class Peer:
         self.producers, self.consumers = producers, consumers
         self.mode, self.size, self.depth = mode, size, depth
 
-    def supports(self, producers: int, consumers: int, mode: str):
-        return True
+    @classmethod
+    def supports(cls, producers: int, consumers: int, mode: str) -> bool:
+        """Whether this peer can run a P x C channel in ``mode`` ("reserve" --
+        filling an array in place in the queue's memory -- is fastmq's own)."""
+        return mode != "reserve"
 
     def sender(self, index: int):
         raise NotImplementedError
@@ -160,6 +163,10 @@ class FastmqPeer(Peer):
     native_batch = True
 
     @classmethod
+    def supports(cls, producers, consumers, mode):
+        return True
+
+    @classmethod
     def available(cls):
         try:
             import fastmq
@@ -194,6 +201,16 @@ class FastmqPeer(Peer):
             if self.raw_batch:
                 return _Endpoint(send=q.put_bytes, send_many=q.put_many_bytes)
             return _Endpoint(send=q.put, send_many=q.put_many)
+        if self.mode == "reserve":
+            import numpy as np
+            reserve_array, commit = q.reserve_array, q.commit
+
+            def send(msg):
+                # the producer writes its data straight into the queue's memory
+                arr = reserve_array(msg.shape, np.uint8)
+                arr[...] = msg
+                commit(arr)
+            return _Endpoint(send=send)
         return _Endpoint(send=q.put)
 
     def receiver(self, index):
@@ -208,7 +225,7 @@ class FastmqPeer(Peer):
                 return [m for m in get_many(GET_MANY) if len(m)]
             return _Endpoint(recv=_unsentinel(q.get_bytes if self.raw_batch else q.get),
                              recv_many=recv_many)
-        if self.mode == "numpy":
+        if self.mode in ("numpy", "reserve"):
             def recv(get=q.get):
                 m = get(zero_copy=True)
                 return None if isinstance(m, bytes) else m
@@ -298,8 +315,9 @@ class PipePeer(Peer):
     name, label = "pipe", "multiprocessing.Pipe"
     pairs_only = True
 
-    def supports(self, producers, consumers, mode):
-        return producers == 1 and consumers == 1
+    @classmethod
+    def supports(cls, producers, consumers, mode):
+        return producers == 1 and consumers == 1 and mode != "reserve"
 
     def __init__(self, producers, consumers, mode, size, depth):
         super().__init__(producers, consumers, mode, size, depth)
