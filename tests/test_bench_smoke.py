@@ -167,14 +167,26 @@ def test_bench_exit_status_is_nonzero_on_loss(monkeypatch, capsys):
     assert "FAILED" in err
 
 
+def _has_numpy():
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def test_every_peer_moves_every_mode():
     """Each installed peer passes verification in each mode it supports (tiny runs)."""
     for name, cls in peers.PEERS.items():
         if not cls.available()[0]:
             continue
-        for mode, size in (("bytes", 64), ("pickle", 0), ("batch", 64)):
-            r = run_throughput(cls, 1, 1, mode, size, 200, 64, timeout=20)
-            assert r["messages"] == 200, (name, mode)
+        for mode, size, count, depth in (("bytes", 64, 200, 64), ("pickle", 0, 200, 64),
+                                         ("batch", 64, 200, 64), ("bytes", 1 << 20, 20, 8),
+                                         ("numpy", 1 << 20, 20, 8)):
+            if mode == "numpy" and not _has_numpy():
+                continue
+            r = run_throughput(cls, 1, 1, mode, size, count, depth, timeout=20)
+            assert r["messages"] == count, (name, mode)
         r = run_pingpong(cls, 64, seconds=0.02, warmup=10, timeout=20)
         assert r["round_trips"] >= 200 and r["p50_us"] > 0, name
 
