@@ -123,3 +123,62 @@ def cleanup_orphans() -> int:
 
 def list_segments() -> Iterable[str]:
     """Names of fastmq segments of this backend present on the host."""
+
+
+# ---------------------------------------------------------------------------
+# At-least-once delivery (leases). Both backends implement these Ring methods.
+#
+# A leased message has left the ring but not the queue: it lives in the
+# segment's in-flight table (so it survives the death of its consumer) until
+# it is acked, or its lease expires / its consumer is provably dead, in which
+# case it goes back to the BACK of the queue with delivery count + 1. A message
+# whose delivery count would exceed the queue's max_deliveries is dead-lettered
+# instead: dropped and counted (stats()["dead_lettered"]) when the queue has no
+# dead_letter name, otherwise parked for the Python layer to forward (see
+# take_dead_letters).
+#
+# Lease ids are (slot, token) pairs: ``slot`` indexes the in-flight table and
+# ``token`` changes every time that entry is reused, so a stale ack can never
+# hit another message.
+# ---------------------------------------------------------------------------
+
+class LeaseRing(Protocol):
+    def lease(self, max_messages: int, timeout: Optional[float],
+              lease_seconds: float) -> list:
+        """Like get_many, but each message is leased, not consumed. Returns a
+        list of (slot, token, payload: bytes, delivery_count: int). Waits up to
+        timeout for the first one (Empty otherwise); also waits while the
+        in-flight table is full (it holds ``maxsize`` entries). Before taking,
+        expired/dead leases are redelivered (cheap when none are due)."""
+
+    def ack(self, slot: int, token: int) -> None:
+        """Done with it. LeaseLost if the lease expired (even if nobody took the
+        message again yet), was requeued, or is not this handle's."""
+
+    def ack_many(self, pairs: Sequence) -> list:
+        """Ack several (slot, token) pairs; returns a list of booleans (False =
+        lease lost) in the same order; never raises LeaseLost."""
+
+    def nack(self, slot: int, token: int, requeue: bool = True) -> None:
+        """Give it back now (requeue=True: to the back of the queue with
+        delivery count + 1, or dead-lettered past max_deliveries;
+        requeue=False: dead-letter it now). LeaseLost as for ack."""
+
+    def touch(self, slot: int, token: int, seconds: float) -> None:
+        """Extend the lease to now + seconds. LeaseLost as for ack."""
+
+    def pending(self) -> list:
+        """In-flight messages: dicts with id (slot), token, pid (holder; 0 if
+        orphaned), idle (seconds since leased), delivery_count, expires_in."""
+
+    def redeliver_due(self) -> int:
+        """Requeue every lease that expired or whose holder is dead; returns
+        how many. Called by lease()/waits; exposed for tests and the CLI."""
+
+    def take_dead_letters(self, max_messages: int) -> list:
+        """Parked dead letters (only with a dead_letter queue name): list of
+        (slot, token, payload). The caller puts each payload on the dead-letter
+        queue and then calls ack_dead(slot, token); a crash in between makes it
+        parked again (at-least-once into the dead-letter queue)."""
+
+    def ack_dead(self, slot: int, token: int) -> None: ...
