@@ -131,28 +131,81 @@ def _summarise(runs, keys):
     return med, lo, hi
 
 
-def _measure_cell(peer_cls, scen, repeat, target, timeout, progress, label):
-    if scen.kind == "pingpong":
-        runs = []
-        for i in range(repeat):
-            progress.step(f"{scen.id} | {label} | run {i + 1}/{repeat}")
-            runs.append(run_pingpong(peer_cls, scen.size, seconds=target, timeout=timeout))
-        verified = sum(r["round_trips"] for r in runs)
-        return runs, verified, ("p50_us", "p99_us", "p999_us", "msgs_per_s")
-    p, c = scen.producers, scen.consumers
-    count = max(_MIN_COUNT.get(scen.size, 200), int(_FIRST_COUNT.get(scen.size, 2000) * target / 0.3))
-    progress.step(f"{scen.id} | {label} | calibrating")
-    first = run_throughput(peer_cls, p, c, scen.mode, scen.size, count, scen.depth, timeout)
-    verified = first["messages"]
-    runs = [first] if 0.5 * target <= first["seconds"] <= 2 * target else []
-    per_producer = first["msgs_per_s"] / p
-    count = max(_MIN_COUNT.get(scen.size, 200), min(20_000_000, int(per_producer * target)))
-    while len(runs) < repeat:
-        progress.step(f"{scen.id} | {label} | run {len(runs) + 1}/{repeat} ({count * p:,} msgs)")
-        r = run_throughput(peer_cls, p, c, scen.mode, scen.size, count, scen.depth, timeout)
-        verified += r["messages"]
-        runs.append(r)
-    return runs, verified, ("msgs_per_s", "bytes_per_s", "seconds")
+class _Cell:
+    """One (scenario, peer) pair being measured: calibration, then its runs.
+
+    The runs of all peers of a scenario are interleaved (peer A run 1, peer B run
+    1, ..., peer A run 2, ...), so a burst of other load on the machine hits every
+    peer alike instead of all the repeats of one peer.
+    """
+
+    def __init__(self, scen, name, cls, label, progress):
+        self.scen, self.cls, self.label, self.progress = scen, cls, label, progress
+        self.runs, self.verified, self.count = [], 0, 0
+        self.failure = None
+        self.doc = {"scenario": scen.id, "kind": scen.kind, "peer": name, "label": label,
+                    "one_by_one": scen.mode == "batch" and not cls.native_batch}
+
+    def _attempt(self, what, fn):
+        if self.failure is not None:
+            self.progress.advance()
+            return
+        self.progress.step(f"{self.scen.id} | {self.label} | {what}")
+        try:
+            fn()
+        except CellFailed as exc:
+            self.failure = ("failed" if exc.kind == "verification" else exc.kind, str(exc))
+            self.progress.warn(f"!!! {self.scen.id} / {self.label}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one broken peer must not end the run
+            self.failure = ("error", f"{type(exc).__name__}: {exc}")
+            self.progress.warn(f"!!! {self.scen.id} / {self.label}: {self.failure[1]}")
+        self.progress.advance()
+
+    def calibrate(self, target, timeout):
+        scen = self.scen
+        if scen.kind == "pingpong":
+            return
+
+        def first_run():
+            count = max(_MIN_COUNT.get(scen.size, 200),
+                        int(_FIRST_COUNT.get(scen.size, 2000) * target / 0.3))
+            r = run_throughput(self.cls, scen.producers, scen.consumers, scen.mode, scen.size,
+                               count, scen.depth, timeout)
+            self.verified += r["messages"]
+            if 0.5 * target <= r["seconds"] <= 2 * target:
+                self.runs.append(r)          # already the right length: it counts
+            self.count = max(_MIN_COUNT.get(scen.size, 200),
+                             min(20_000_000, int(r["msgs_per_s"] / scen.producers * target)))
+        self._attempt("calibrating", first_run)
+
+    def run_once(self, i, repeat, target, timeout):
+        scen = self.scen
+        if len(self.runs) >= repeat:
+            self.progress.advance()
+            return
+
+        def one():
+            if scen.kind == "pingpong":
+                r = run_pingpong(self.cls, scen.size, seconds=target, timeout=timeout)
+                self.verified += r["round_trips"]
+            else:
+                r = run_throughput(self.cls, scen.producers, scen.consumers, scen.mode,
+                                   scen.size, self.count, scen.depth, timeout)
+                self.verified += r["messages"]
+            self.runs.append(r)
+        extra = f" ({self.count * scen.producers:,} msgs)" if self.count else ""
+        self._attempt(f"run {len(self.runs) + 1}/{repeat}{extra}", one)
+
+    def result(self) -> dict:
+        if self.failure is not None:
+            self.doc.update(status=self.failure[0], error=self.failure[1])
+            return self.doc
+        keys = (("p50_us", "p99_us", "p999_us", "msgs_per_s") if self.scen.kind == "pingpong"
+                else ("msgs_per_s", "bytes_per_s", "seconds"))
+        med, lo, hi = _summarise(self.runs, keys)
+        self.doc.update(status="ok", runs=self.runs, median=med, min=lo, max=hi,
+                        verified_messages=self.verified)
+        return self.doc
 
 
 def _machine():
@@ -204,37 +257,28 @@ def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,
             doc["skipped"].append("numpy scenarios: numpy is not installed")
             scenarios = [s for s in scenarios if s.mode not in ("numpy", "reserve")]
             doc["scenarios"] = [asdict(s) for s in scenarios]
-    plan = [(s, n) for s in scenarios for n in usable
-            if classes[n].supports(s.producers, s.consumers, s.mode)]
-    progress.total = len(plan)
+    plan = {s.id: [n for n in usable if classes[n].supports(s.producers, s.consumers, s.mode)]
+            for s in scenarios}
+    progress.total = sum(len(plan[s.id]) * (repeat + (s.kind != "pingpong")) for s in scenarios)
     progress.step("measuring reference limits (memcpy, Python call)")
     doc["reference"] = measure_reference()
     doc["notes"].append("messages > 64 KiB are verified at header, trailer and 8 sampled "
                         "64-byte windows; smaller ones byte for byte")
     try:
-        for scen, name in plan:
-            cls = classes[name]
-            label = cls.label
-            if name == "fastmq":
-                label = f"fastmq ({doc['machine']['backend']})"
-            cell = {"scenario": scen.id, "kind": scen.kind, "peer": name, "label": label,
-                    "one_by_one": scen.mode == "batch" and not cls.native_batch}
-            try:
-                runs, verified, keys = _measure_cell(cls, scen, repeat, target, timeout,
-                                                     progress, label)
-            except CellFailed as exc:
-                cell.update(status="failed" if exc.kind == "verification" else exc.kind,
-                            error=str(exc))
-                progress.warn(f"!!! {scen.id} / {label}: {exc}")
-            except Exception as exc:  # noqa: BLE001 - one broken peer must not end the run
-                cell.update(status="error", error=f"{type(exc).__name__}: {exc}")
-                progress.warn(f"!!! {scen.id} / {label}: {type(exc).__name__}: {exc}")
-            else:
-                med, lo, hi = _summarise(runs, keys)
-                cell.update(status="ok", runs=runs, median=med, min=lo, max=hi,
-                            verified_messages=verified)
-            doc["cells"].append(cell)
-            progress.advance()
+        for scen in scenarios:
+            cells = []
+            for name in plan[scen.id]:
+                cls = classes[name]
+                label = cls.label
+                if name == "fastmq":
+                    label = f"fastmq ({doc['machine']['backend']})"
+                cells.append(_Cell(scen, name, cls, label, progress))
+            for cell in cells:
+                cell.calibrate(target, timeout)
+            for i in range(repeat):
+                for cell in cells:
+                    cell.run_once(i, repeat, target, timeout)
+            doc["cells"] += [cell.result() for cell in cells]
     finally:
         progress.close()
     for scen in scenarios:
