@@ -147,6 +147,31 @@ uint64_t fmq_pool_block_size(fmq_region *r, uint32_t block);
 int fmq_pool_release_writer(fmq_region *r, uint32_t block);
 int fmq_pool_release_reader(fmq_region *r, uint32_t block);
 
+/* ---- leases: at-least-once delivery (fmq_lease.c) -------------------------- */
+/* Move a claimed message (fmq_ring_claim) into a free in-flight entry, leased
+ * to us until now + lease_ns, and free its slot. FMQ_FULL: no free entry (the
+ * caller unclaims and waits with fmq_lease_wait_free). */
+int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot,
+                   uint32_t *token, uint32_t *deliveries);
+/* Payload of an entry we hold (LEASED or TAKING by us). */
+int fmq_lease_payload(fmq_region *r, uint32_t slot, uint32_t token, const unsigned char **data,
+                      uint32_t *len);
+int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token);
+int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue);
+int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease_ns);
+/* Requeue due leases (expired, or holder dead). force=0 returns at once
+ * unless the earliest deadline passed or a liveness sweep is due. */
+int fmq_lease_redeliver_due(fmq_region *r, int force);
+int fmq_lease_wait_free(fmq_region *r, uint64_t deadline_ns);
+typedef struct fmq_pending {
+    uint32_t slot, token, pid, deliveries, state;
+    uint64_t leased_ns, deadline_ns;
+} fmq_pending;
+int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max);
+int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token);
+int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token);
+uint32_t fmq_lease_count(const fmq_region *r);
+
 /* ---- crash recovery --------------------------------------------------------- */
 /* Reap every participant that is provably dead (its lock is gone): its slots
  * are repaired (a half-written message skipped, an unfinished read put back)

@@ -18,6 +18,7 @@ struct fmq_region {
     fmq_ctl *ctl;
     fmq_participant *parts;
     unsigned char *ring;
+    unsigned char *leases;
     fmq_geometry g;             /* validated geometry: never re-read from shm    */
     uint32_t inline_max;        /* payload bytes that fit in a slot              */
     int anonymous;
@@ -61,6 +62,14 @@ void fmq_pool_free_block(fmq_region *r, uint32_t c, uint32_t idx);   /* state al
 void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t since_ns);
 void fmq_reap_tag(fmq_region *r, uint32_t dead_tag);
 void fmq_audit_if_alone(fmq_region *r);
+/* leases (fmq_lease.c) */
+typedef struct fmq_taken {
+    uint64_t *tickets;          /* src tickets of a dead tag's leased entries */
+    size_t n;
+} fmq_taken;
+void fmq_lease_reap(fmq_region *r, uint32_t dead_tag, fmq_taken *taken);
+int fmq_tag_is_dead(fmq_region *r, uint32_t tag);
+int fmq_ring_free_moved(fmq_region *r, fmq_msg *m);
 void fmq_live_unregister(fmq_region *r);
 
 static inline void fmq_count(fmq_region *r, int which, uint64_t n) {

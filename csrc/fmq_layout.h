@@ -17,6 +17,7 @@
  *   ctl_offset           fmq_ctl           hints, wait words, pool stack heads
  *   participants_offset  fmq_participant[nparticipants]
  *   ring_offset          slot_count slots of slot_stride bytes
+ *   lease_offset         slot_count in-flight entries of slot_stride + 64 bytes
  *   per class c:         fmq_block_meta[nblocks_c], then (page aligned) data
  *
  * The slot word (64 bits) is the heart of the ring:
@@ -117,6 +118,7 @@ typedef struct fmq_header {
     uint64_t ctl_offset;
     uint64_t participants_offset;
     uint64_t ring_offset;
+    uint64_t lease_offset;
     uint64_t created_realtime_ns;
     fmq_class_desc classes[FMQ_MAX_CLASSES];
     char dead_letter[FMQ_DEAD_LETTER_MAX];
@@ -148,6 +150,9 @@ typedef struct fmq_ctl {
         _Atomic uint32_t phase;            /* FMQ_PH_WRITING / FMQ_PH_READING  */
     } stall;
     fmq_u64line recoveries;                /* dead participants reaped         */
+    fmq_u64line lease_hint;                /* where lease takers scan first    */
+    fmq_u64line next_due;                  /* earliest lease deadline (a hint) */
+    fmq_u64line last_scan;                 /* last full lease scan (ns)        */
     alignas(FMQ_LINE) _Atomic uint64_t retired[FMQ_NSTATS]; /* folded counters of
                                               participants that are gone      */
 } fmq_ctl;
@@ -185,6 +190,32 @@ typedef struct fmq_slot {
 #define FMQ_BLK_MAKE(writer, reader, in_ring) \
     ((uint64_t)(writer) | ((uint64_t)(reader) << 24) | ((in_ring) ? FMQ_BLK_IN_RING : 0))
 
+/* An in-flight (leased) message: it has left the ring but not the queue.
+ * The word packs token(32) << 32 | state(8) << 24 | owner tag(24); the token
+ * changes on every reuse so a stale ack never matches another message.
+ * holder names the block share: reader(holder) while a live consumer holds
+ * the lease, or IN_RING (holder 0) while the entry is orphaned or parked. */
+#define FMQ_LS_FREE 0u
+#define FMQ_LS_FILLING 1u
+#define FMQ_LS_LEASED 2u
+#define FMQ_LS_REQUEUING 3u
+#define FMQ_LS_DEAD 4u       /* parked for the dead-letter queue */
+#define FMQ_LS_TAKING 5u     /* being forwarded to the dead-letter queue */
+#define FMQ_LS_ACKING 6u     /* acked; its block share being dropped */
+#define FMQ_LEASE_HEADER 64
+typedef struct fmq_lease {
+    _Atomic uint64_t word;
+    _Atomic uint64_t deadline_ns;   /* CLOCK_MONOTONIC; 0 = due now */
+    uint64_t src_ticket;            /* ring ticket it was taken from */
+    uint64_t leased_ns;
+    uint32_t len;
+    uint32_t block;
+    uint32_t deliveries;            /* this delivery's count (1 = first) */
+    _Atomic uint32_t holder;
+    uint64_t reserved_[2];
+    /* inline payload follows */
+} fmq_lease;
+
 typedef struct fmq_block_meta {
     _Atomic uint64_t state;     /* holders, see above                         */
     _Atomic uint32_t next;      /* free-stack link (valid only while free)    */
@@ -200,6 +231,8 @@ _Static_assert(sizeof(fmq_participant) == FMQ_LINE,
                "and must not false-share with a neighbour's");
 _Static_assert(sizeof(fmq_waitline) == FMQ_LINE && sizeof(fmq_u64line) == FMQ_LINE,
                "each hot word must own its line");
+_Static_assert(sizeof(fmq_lease) == FMQ_LEASE_HEADER,
+               "an entry's inline payload starts at FMQ_LEASE_HEADER and must hold a slot's");
 _Static_assert(sizeof(fmq_block_meta) == 16, "block metadata is an array indexed by block");
 _Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
                "shared atomics must have the size of their plain type (lock-free, "
@@ -218,7 +251,8 @@ typedef struct fmq_geometry {
     uint64_t max_message_size;
     uint64_t capacity_bytes;
     uint32_t nparticipants;
-    uint64_t ctl_offset, participants_offset, ring_offset, total_size;
+    uint64_t ctl_offset, participants_offset, ring_offset, lease_offset, total_size;
+    uint32_t lease_stride;
     fmq_class_desc classes[FMQ_MAX_CLASSES];
 } fmq_geometry;
 

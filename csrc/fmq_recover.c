@@ -63,12 +63,27 @@ static int64_t fmq_block_ordinal(fmq_region *r, uint32_t block) {
     return base + FMQ_BLOCK_INDEX(block);
 }
 
+/* Was the message in slot i (at the lap its stamp says) moved into an entry? */
+static int fmq_was_taken(fmq_region *r, const fmq_taken *t, uint64_t i, uint64_t stamp) {
+    uint64_t lap = stamp >> 2, mask = (1ull << (FMQ_STAMP_BITS - 2)) - 1;
+    for (size_t k = 0; k < t->n; k++)
+        if (t->tickets[k] % r->g.slot_count == i &&
+            ((t->tickets[k] / r->g.slot_count) & mask) == lap)
+            return 1;
+    return 0;
+}
+
 void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     uint64_t total = 0;
     for (uint32_t c = 0; c < r->g.nclasses; c++)
         total += r->g.classes[c].nblocks;
     unsigned char *published = calloc(total ? total : 1, 1);
     uint64_t abandoned = 0, reclaimed = 0;
+
+    /* 0. in-flight entries first: they decide whether a READING slot of the
+     *    dead tag is a message to put back or one already moved to an entry. */
+    fmq_taken taken = {calloc(r->g.slot_count, sizeof(uint64_t)), 0};
+    fmq_lease_reap(r, tag, &taken);
 
     /* 1. slots */
     for (uint64_t i = 0; i < r->g.slot_count; i++) {
@@ -92,6 +107,12 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
                                                         memory_order_seq_cst,
                                                         memory_order_relaxed))
                 abandoned++;
+        } else if (phase == FMQ_PH_READING && fmq_was_taken(r, &taken, i, stamp)) {
+            /* moved into an in-flight entry that now owns the block: free it */
+            uint64_t next = ((stamp - FMQ_PH_READING + 4) & ((1ull << FMQ_STAMP_BITS) - 1))
+                            << FMQ_OWNER_BITS;
+            atomic_compare_exchange_strong_explicit(&s->word, &w, next, memory_order_seq_cst,
+                                                    memory_order_relaxed);
         } else if (phase == FMQ_PH_READING) {
             uint32_t b = s->block;
             if (b != FMQ_NO_BLOCK && fmq_block_ordinal(r, b) >= 0) {
@@ -137,6 +158,7 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
         }
     }
     free(published);
+    free(taken.tickets);
     /* Straight into the segment's totals: the reaper may not be registered
      * yet (fmq_live_register reaps its entry's predecessor first). */
     if (abandoned)

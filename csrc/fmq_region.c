@@ -130,6 +130,7 @@ uint32_t fmq_layout_hash(void) {
         offsetof(fmq_header, geometry_check), offsetof(fmq_ctl, data),
         offsetof(fmq_ctl, space), offsetof(fmq_ctl, free_top), offsetof(fmq_ctl, retired),
         offsetof(fmq_participant, stats), offsetof(fmq_slot, block), FMQ_STAMP_BITS,
+        sizeof(fmq_lease), offsetof(fmq_lease, holder), offsetof(fmq_header, lease_offset),
         FMQ_GEN_BITS, FMQ_MIN_BLOCK,
     };
     uint64_t h = fmq_fnv1a(1469598103934665603ull, v, sizeof v);
@@ -195,6 +196,9 @@ int fmq_geometry_compute(uint64_t slot_count, uint32_t slot_stride,
     off = fmq_round_up(off + (uint64_t)g->nparticipants * sizeof(fmq_participant), FMQ_PAGE);
     g->ring_offset = off;
     off = fmq_round_up(off + slot_count * slot_stride, FMQ_PAGE);
+    g->lease_offset = off;
+    g->lease_stride = slot_stride + 64;   /* header + a slot's inline payload */
+    off = fmq_round_up(off + slot_count * g->lease_stride, FMQ_PAGE);
     for (uint32_t c = 0; c < n; c++) {
         g->classes[c].meta_offset = off;
         off = fmq_round_up(off + g->classes[c].nblocks * sizeof(fmq_block_meta), FMQ_PAGE);
@@ -259,6 +263,7 @@ static void fmq_region_bind(fmq_region *r) {
     r->ctl = (fmq_ctl *)(r->base + r->g.ctl_offset);
     r->parts = (fmq_participant *)(r->base + r->g.participants_offset);
     r->ring = r->base + r->g.ring_offset;
+    r->leases = r->base + r->g.lease_offset;
     r->inline_max = r->g.slot_stride - FMQ_SLOT_HEADER;
 }
 
@@ -295,6 +300,7 @@ static int fmq_validate(fmq_region *r, size_t file_size) {
     if (g.total_size != h->total_size || g.total_size != file_size ||
         g.nclasses != h->nclasses || g.ctl_offset != h->ctl_offset ||
         g.participants_offset != h->participants_offset || g.ring_offset != h->ring_offset ||
+        g.lease_offset != h->lease_offset ||
         g.nparticipants != h->nparticipants ||
         memcmp(g.classes, h->classes, sizeof g.classes) != 0)
         return fmq_fail(FMQ_ECORRUPT, "segment %s is truncated or its geometry is inconsistent "
@@ -416,6 +422,7 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     h->ctl_offset = g.ctl_offset;
     h->participants_offset = g.participants_offset;
     h->ring_offset = g.ring_offset;
+    h->lease_offset = g.lease_offset;
     h->created_realtime_ns = fmq_realtime_ns();
     memcpy(h->classes, g.classes, sizeof h->classes);
     if (p->dead_letter)

@@ -121,6 +121,7 @@ int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
                 m->word = mine;
                 m->detached = 0;
                 m->block = FMQ_NO_BLOCK;
+                m->deliveries = 0;   /* a redelivery sets its count before commit */
                 return FMQ_OK;
             }
             continue;   /* lost the race for this ticket: look again */
@@ -147,7 +148,7 @@ int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int
     int rc;
     s->len = len;
     s->block = block;
-    s->deliveries = 0;
+    s->deliveries = m->deliveries;
     s->flags = 0;
     /* The ring takes its share of the block before the message is visible;
      * a producer killed between here and the publish leaves a WRITING slot
@@ -259,6 +260,23 @@ static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
     fmq_advance_head(r);
     if (wake)
         fmq_ring_wake_producers(r);
+    return FMQ_OK;
+}
+
+/* The message moved into the in-flight table (fmq_lease.c), which took over
+ * the block share: free the slot without touching the block. */
+int fmq_ring_free_moved(fmq_region *r, fmq_msg *m) {
+    fmq_slot *s = fmq_slot_at(r, m->ticket);
+    uint64_t expect = m->word;
+    uint64_t next = fmq_word(fmq_lap_stamp(r, m->ticket) + 4, 0);
+    if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, next, memory_order_seq_cst,
+                                                 memory_order_relaxed))
+        return fmq_fail(FMQ_ELOST, "the slot being leased was reclaimed by crash recovery");
+    m->detached = 1;
+    fmq_count(r, FMQ_ST_DEQUEUED, 1);
+    fmq_count(r, FMQ_ST_BYTES_OUT, m->len);
+    fmq_advance_head(r);
+    fmq_ring_wake_producers(r);
     return FMQ_OK;
 }
 
@@ -450,6 +468,8 @@ static int fmq_wait_for(fmq_region *r, fmq_waitline *wl,
 }
 
 int fmq_ring_wait_data(fmq_region *r, uint64_t deadline_ns) {
+    if (fmq_lease_redeliver_due(r, 0) > 0)
+        return FMQ_OK;   /* something just came back: retry at once */
     return fmq_wait_for(r, &r->ctl->data, fmq_has_data, 0, deadline_ns);
 }
 

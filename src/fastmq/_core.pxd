@@ -94,5 +94,22 @@ cdef extern from "fmq.h" nogil:
     int fmq_pool_release_reader(fmq_region *r, uint32_t block)
     int fmq_recover(fmq_region *r)
 
+    int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot,
+                       uint32_t *token, uint32_t *deliveries)
+    int fmq_lease_payload(fmq_region *r, uint32_t slot, uint32_t token,
+                          const unsigned char **data, uint32_t *len)
+    int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token)
+    int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue)
+    int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease_ns)
+    int fmq_lease_redeliver_due(fmq_region *r, int force)
+    int fmq_lease_wait_free(fmq_region *r, uint64_t deadline_ns)
+    ctypedef struct fmq_pending:
+        uint32_t slot, token, pid, deliveries, state
+        uint64_t leased_ns, deadline_ns
+    int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max)
+    int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token)
+    int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token)
+    uint32_t fmq_lease_count(const fmq_region *r)
+
     int fmq_selftest_stress(fmq_region *r, int nprod, int ncons, uint64_t n_per_producer,
                             uint32_t max_len, char *report, size_t report_len)

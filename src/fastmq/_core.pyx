@@ -73,7 +73,7 @@ cdef int _raise(int rc, str what="") except -1:
     if rc == FMQ_EINVAL or rc == FMQ_ESTATE:
         raise ValueError(msg)
     if rc == FMQ_ELOST:
-        raise LeaseLost("the slot was reclaimed by crash recovery before this call finished")
+        raise LeaseLost(msg)
     if rc == FMQ_ETABLEFULL:
         raise Error(msg)
     if rc == FMQ_EOS:
@@ -503,6 +503,157 @@ cdef class Ring:
             return Lease._new_block(self, &m)
         finally:
             self._leave()
+
+    # ---- leases (at-least-once) ---------------------------------------- #
+
+    cdef tuple _lease_payload(self, uint32_t slot, uint32_t token, uint32_t deliveries):
+        cdef const unsigned char *data
+        cdef uint32_t n
+        cdef int rc = fmq_lease_payload(self.r, slot, token, &data, &n)
+        if rc != FMQ_OK:
+            _raise(rc)
+        return (slot, token, PyBytes_FromStringAndSize(<const char *>data, n), deliveries)
+
+    def lease(self, Py_ssize_t max_messages, timeout, double lease_seconds):
+        """Lease up to max_messages (at least one, waiting up to timeout):
+        a list of (slot, token, payload, delivery_count)."""
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        cdef uint64_t lease_ns
+        cdef fmq_msg m
+        cdef uint32_t slot, token, deliveries
+        cdef list out = []
+        cdef int rc
+        if max_messages < 1:
+            raise ValueError("max_messages must be >= 1")
+        if not lease_seconds > 0 or lease_seconds > 1e9:
+            raise ValueError("lease must be a positive number of seconds")
+        lease_ns = <uint64_t>(lease_seconds * 1e9)
+        self._enter()
+        try:
+            fmq_lease_redeliver_due(self.r, 0)
+            while len(out) < max_messages:
+                if out:
+                    rc = fmq_ring_claim(self.r, &m)
+                    if rc == FMQ_EMPTY:
+                        break
+                    if rc != FMQ_OK:
+                        _raise(rc)
+                else:
+                    self._claim_msg(&m, nonblock, deadline)
+                rc = fmq_lease_take(self.r, &m, lease_ns, &slot, &token, &deliveries)
+                if rc == FMQ_FULL:
+                    # The in-flight table is full: put the message back and wait
+                    # for acks (or return what we have).
+                    fmq_ring_unclaim(self.r, &m)
+                    if out:
+                        break
+                    if nonblock:
+                        raise Empty()
+                    rc = fmq_lease_wait_free(self.r, deadline)
+                    if rc == FMQ_TIMEDOUT:
+                        raise Empty()
+                    PyErr_CheckSignals()
+                    continue
+                if rc != FMQ_OK:
+                    _raise(rc)
+                out.append(self._lease_payload(slot, token, deliveries))
+        finally:
+            self._leave()
+        return out
+
+    def ack(self, uint32_t slot, uint32_t token):
+        self._enter()
+        try:
+            rc = fmq_lease_ack(self.r, slot, token)
+        finally:
+            self._leave()
+        if rc != FMQ_OK:
+            _raise(rc)
+
+    def ack_many(self, pairs):
+        cdef list out = []
+        self._enter()
+        try:
+            for slot, token in pairs:
+                out.append(fmq_lease_ack(self.r, slot, token) == FMQ_OK)
+        finally:
+            self._leave()
+        return out
+
+    def nack(self, uint32_t slot, uint32_t token, bint requeue=True):
+        self._enter()
+        try:
+            rc = fmq_lease_nack(self.r, slot, token, 1 if requeue else 0)
+        finally:
+            self._leave()
+        if rc != FMQ_OK:
+            _raise(rc)
+
+    def touch(self, uint32_t slot, uint32_t token, double seconds):
+        if not seconds > 0 or seconds > 1e9:
+            raise ValueError("seconds must be a positive number")
+        self._enter()
+        try:
+            rc = fmq_lease_touch(self.r, slot, token, <uint64_t>(seconds * 1e9))
+        finally:
+            self._leave()
+        if rc != FMQ_OK:
+            _raise(rc)
+
+    def redeliver_due(self):
+        self._enter()
+        try:
+            rc = fmq_lease_redeliver_due(self.r, 1)
+        finally:
+            self._leave()
+        if rc < 0:
+            _raise(rc)
+        return rc
+
+    def pending(self):
+        cdef fmq_pending *buf
+        cdef int n, i
+        cdef uint64_t now
+        self._enter()
+        try:
+            buf = <fmq_pending *>PyMem_Malloc(fmq_lease_count(self.r) * sizeof(fmq_pending))
+            if buf == NULL:
+                raise MemoryError()
+            try:
+                n = fmq_lease_pending(self.r, buf, fmq_lease_count(self.r))
+                now = fmq_now_ns()
+                return [{"id": buf[i].slot, "token": buf[i].token, "pid": buf[i].pid,
+                         "idle": (now - buf[i].leased_ns) / 1e9,
+                         "delivery_count": buf[i].deliveries,
+                         "expires_in": (<double>buf[i].deadline_ns - <double>now) / 1e9}
+                        for i in range(n)]
+            finally:
+                PyMem_Free(buf)
+        finally:
+            self._leave()
+
+    def take_dead_letters(self, Py_ssize_t max_messages):
+        cdef uint32_t slot, token
+        cdef list out = []
+        self._enter()
+        try:
+            while len(out) < max_messages:
+                if fmq_lease_take_dead(self.r, &slot, &token) != FMQ_OK:
+                    break
+                out.append(self._lease_payload(slot, token, 0)[:3])
+        finally:
+            self._leave()
+        return out
+
+    def ack_dead(self, uint32_t slot, uint32_t token):
+        self._enter()
+        try:
+            rc = fmq_lease_ack_dead(self.r, slot, token)
+        finally:
+            self._leave()
+        if rc != FMQ_OK:
+            _raise(rc)
 
     # ---- state ---------------------------------------------------------- #
 

@@ -1,0 +1,474 @@
+/*
+ * fmq_lease.c -- at-least-once delivery: the in-flight table.
+ *
+ * Algorithm. get_message() claims a slot as get() does (fmq_ring_claim), then
+ * moves the message into a FREE entry of the in-flight table:
+ *   entry FREE -> FILLING(me)          claim the entry (token + 1)
+ *   copy len/block/inline payload, deadline = now + lease
+ *   block IN_RING -> reader(me)        the block share follows the message
+ *   entry FILLING(me) -> LEASED(me)
+ *   slot READING(me) -> EMPTY(next)    the ring slot is free for producers
+ * ack:  LEASED(me) -> FREE, then our reader share of the block is dropped.
+ * Redelivery (lease expired, holder dead, nack): whoever notices takes the
+ * entry LEASED -> REQUEUING(me), turns the block share back into IN_RING,
+ * copies the payload into a NEW message at the back of the ring (its own
+ * block) with delivery count kept, and only then frees the entry and its old
+ * block. Re-enqueue before free: a crash in between gives a duplicate, never a
+ * loss (and never two messages sharing one block). Past max_deliveries the
+ * message is dead-lettered instead: dropped and counted, or parked (DEAD) for
+ * the Python layer to forward to the dead-letter queue.
+ *
+ * Deadlines are CLOCK_MONOTONIC, which is one clock for all processes of a
+ * host. ctl->next_due holds (a lower bound of) the earliest deadline so the
+ * common check is one load; a liveness sweep (holders whose kernel lock is
+ * gone, or who closed their handle) runs at most once a second.
+ *
+ * Races. ack vs expiry: both are CASes on the entry word from LEASED(holder);
+ * exactly one wins, so a message is either acked or redelivered, never both.
+ * touch vs expiry: touch re-checks the word after moving the deadline, and
+ * the redeliverer re-checks the deadline after taking the entry.
+ *
+ * Failure model: see fmq_lease_reap (called by crash recovery for a dead tag).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "fmq_internal.h"
+#include "fmq_wait.h"
+
+#define FMQ_LTOKEN(w) ((uint32_t)((w) >> 32))
+#define FMQ_LSTATE(w) ((uint32_t)(((w) >> 24) & 0xFF))
+#define FMQ_LOWNER(w) ((uint32_t)((w) & FMQ_OWNER_MASK))
+#define FMQ_LWORD(tok, st, own) \
+    (((uint64_t)(tok) << 32) | ((uint64_t)(st) << 24) | (uint64_t)(own))
+#define FMQ_SWEEP_NS 1000000000ull
+
+static inline fmq_lease *fmq_lease_at(const fmq_region *r, uint32_t i) {
+    return (fmq_lease *)(r->leases + (uint64_t)i * r->g.lease_stride);
+}
+
+static inline unsigned char *fmq_lease_inline(fmq_lease *e) {
+    return (unsigned char *)e + FMQ_LEASE_HEADER;
+}
+
+uint32_t fmq_lease_count(const fmq_region *r) { return (uint32_t)r->g.slot_count; }
+
+static void fmq_lower_next_due(fmq_region *r, uint64_t due) {
+    uint64_t cur = atomic_load_explicit(&r->ctl->next_due.v, memory_order_relaxed);
+    while ((cur == 0 || due < cur) &&
+           !atomic_compare_exchange_weak_explicit(&r->ctl->next_due.v, &cur, due,
+                                                  memory_order_relaxed, memory_order_relaxed))
+        ;
+}
+
+/* The block share of an entry becomes IN_RING (holder 0); tolerant of having
+ * been done already by a predecessor that died half-way. */
+static void fmq_lease_share_to_ring(fmq_region *r, fmq_lease *e) {
+    uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);
+    if (holder && e->block != FMQ_NO_BLOCK)
+        fmq_pool_transition(r, e->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
+                            (uint64_t)holder << 24, FMQ_BLK_IN_RING);
+    atomic_store_explicit(&e->holder, 0, memory_order_release);
+}
+
+/* Drop the entry's block share (the message is gone or has a new copy). */
+static void fmq_lease_drop_share(fmq_region *r, fmq_lease *e) {
+    if (e->block == FMQ_NO_BLOCK)
+        return;
+    uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);
+    if (holder)
+        fmq_pool_transition(r, e->block, FMQ_READER_MASK, (uint64_t)holder << 24, 0);
+    else
+        fmq_pool_transition(r, e->block, FMQ_BLK_IN_RING, FMQ_BLK_IN_RING, 0);
+}
+
+/* ======================================================================== */
+/* taking                                                                   */
+/* ======================================================================== */
+
+int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_out,
+                   uint32_t *token_out, uint32_t *deliveries_out) {
+    uint32_t n = fmq_lease_count(r);
+    uint32_t start = (uint32_t)(atomic_load_explicit(&r->ctl->lease_hint.v,
+                                                     memory_order_relaxed) % n);
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t i = (start + k) % n;
+        fmq_lease *e = fmq_lease_at(r, i);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        if (FMQ_LSTATE(w) != FMQ_LS_FREE)
+            continue;
+        uint32_t tok = FMQ_LTOKEN(w) + 1;
+        if (!atomic_compare_exchange_strong_explicit(
+                &e->word, &w, FMQ_LWORD(tok, FMQ_LS_FILLING, r->owner_tag),
+                memory_order_acq_rel, memory_order_relaxed))
+            continue;
+        atomic_store_explicit(&e->holder, 0, memory_order_relaxed);  /* no share yet */
+        atomic_store_explicit(&r->ctl->lease_hint.v, i + 1, memory_order_relaxed);
+        uint64_t now = fmq_now_ns();
+        e->src_ticket = m->ticket;
+        e->leased_ns = now;
+        e->len = m->len;
+        e->block = m->block;
+        e->deliveries = m->deliveries + 1;
+        if (m->block == FMQ_NO_BLOCK) {
+            memcpy(fmq_lease_inline(e), m->data, m->len);
+            atomic_store_explicit(&e->holder, 0, memory_order_relaxed);
+        } else {
+            int rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
+                                         FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24);
+            if (rc != FMQ_OK) {
+                atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
+                                      memory_order_release);
+                return rc;
+            }
+            atomic_store_explicit(&e->holder, r->owner_tag, memory_order_relaxed);
+        }
+        atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed);
+        FMQ_CRASHPOINT("lease.take.filled");
+        atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_LEASED, r->owner_tag),
+                              memory_order_release);
+        fmq_lower_next_due(r, now + lease_ns);
+        FMQ_CRASHPOINT("lease.take.leased");
+        int rc = fmq_ring_free_moved(r, m);
+        if (rc != FMQ_OK)
+            return rc;
+        *slot_out = i;
+        *token_out = tok;
+        *deliveries_out = e->deliveries;
+        return FMQ_OK;
+    }
+    return FMQ_FULL;
+}
+
+static fmq_lease *fmq_lease_mine(fmq_region *r, uint32_t slot, uint32_t token, uint32_t state,
+                                 uint64_t *w_out) {
+    if (slot >= fmq_lease_count(r))
+        return NULL;
+    fmq_lease *e = fmq_lease_at(r, slot);
+    uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+    if (w != FMQ_LWORD(token, state, r->owner_tag))
+        return NULL;
+    *w_out = w;
+    return e;
+}
+
+int fmq_lease_payload(fmq_region *r, uint32_t slot, uint32_t token, const unsigned char **data,
+                      uint32_t *len) {
+    uint64_t w;
+    fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
+    if (!e)
+        e = fmq_lease_mine(r, slot, token, FMQ_LS_TAKING, &w);
+    if (!e)
+        return fmq_fail(FMQ_ELOST, "lease lost");
+    if (e->block == FMQ_NO_BLOCK) {
+        if (e->len > r->inline_max)
+            return fmq_fail(FMQ_ECORRUPT, "in-flight entry %u has an invalid length", slot);
+        *data = fmq_lease_inline(e);
+    } else {
+        *data = fmq_pool_ptr(r, e->block);
+        if (!*data || e->len > fmq_pool_block_size(r, e->block))
+            return fmq_fail(FMQ_ECORRUPT, "in-flight entry %u has an invalid block", slot);
+    }
+    *len = e->len;
+    return FMQ_OK;
+}
+
+/* ======================================================================== */
+/* ack / touch                                                              */
+/* ======================================================================== */
+
+int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token) {
+    uint64_t w;
+    fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
+    if (!e)
+        return fmq_fail(FMQ_ELOST, "the lease was lost (expired and redelivered, or "
+                                   "reclaimed)");
+    if (fmq_now_ns() > atomic_load_explicit(&e->deadline_ns, memory_order_acquire))
+        return fmq_fail(FMQ_ELOST, "the lease expired; the message will be redelivered");
+    if (!atomic_compare_exchange_strong_explicit(&e->word, &w,
+                                                 FMQ_LWORD(token, FMQ_LS_ACKING, r->owner_tag),
+                                                 memory_order_acq_rel, memory_order_relaxed))
+        return fmq_fail(FMQ_ELOST, "the lease was lost to a concurrent redelivery");
+    /* ACKING(me) while we drop the share: a crash here is finished by the
+     * reaper (entry freed; our reader share cleared by the block pass). */
+    FMQ_CRASHPOINT("lease.ack.claimed");
+    fmq_lease_drop_share(r, e);
+    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
+    fmq_ring_wake_producers(r);   /* lease takers wait on the space line too */
+    return FMQ_OK;
+}
+
+int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease_ns) {
+    uint64_t w;
+    fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
+    uint64_t now = fmq_now_ns();
+    if (!e || now > atomic_load_explicit(&e->deadline_ns, memory_order_acquire))
+        return fmq_fail(FMQ_ELOST, "the lease expired or was lost");
+    atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_seq_cst);
+    if (atomic_load_explicit(&e->word, memory_order_seq_cst) != w)
+        return fmq_fail(FMQ_ELOST, "the lease was lost to a concurrent redelivery");
+    return FMQ_OK;
+}
+
+/* ======================================================================== */
+/* redelivery                                                               */
+/* ======================================================================== */
+
+/* Entry is REQUEUING(me) (or we otherwise own it). Returns FMQ_OK when it was
+ * requeued or dead-lettered, FMQ_FULL when there was no room (the entry is
+ * then parked as an orphaned, due lease for a later attempt). */
+static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int force_dead) {
+    fmq_lease_share_to_ring(r, e);
+    int dead = force_dead || (r->max_deliveries && e->deliveries >= r->max_deliveries);
+    if (dead) {
+        if (r->dead_letter[0]) {
+            atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_DEAD, 0),
+                                  memory_order_release);
+            return FMQ_OK;
+        }
+        fmq_lease_drop_share(r, e);
+        atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
+        fmq_count(r, FMQ_ST_DEAD_LETTERED, 1);
+        return FMQ_OK;
+    }
+    uint32_t nb = FMQ_NO_BLOCK;
+    const unsigned char *src = e->block == FMQ_NO_BLOCK ? fmq_lease_inline(e)
+                                                        : fmq_pool_ptr(r, e->block);
+    int rc = FMQ_OK;
+    if (!src || (e->block == FMQ_NO_BLOCK && e->len > r->inline_max))
+        rc = fmq_fail(FMQ_ECORRUPT, "in-flight entry is corrupted");
+    if (rc == FMQ_OK && e->len > r->inline_max) {
+        rc = fmq_pool_alloc(r, e->len, &nb);
+        if (rc == FMQ_OK)
+            memcpy(fmq_pool_ptr(r, nb), src, e->len);
+    }
+    fmq_msg m;
+    if (rc == FMQ_OK) {
+        rc = fmq_ring_reserve(r, &m);
+        if (rc != FMQ_OK && nb != FMQ_NO_BLOCK)
+            fmq_pool_release_writer(r, nb);
+    }
+    if (rc != FMQ_OK) {
+        /* No room now: park it as an orphaned lease that is due at once. */
+        atomic_store_explicit(&e->deadline_ns, 0, memory_order_relaxed);
+        atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_LEASED, 0),
+                              memory_order_release);
+        fmq_lower_next_due(r, 1);
+        return rc == FMQ_NOSPACE ? FMQ_FULL : rc;
+    }
+    if (nb == FMQ_NO_BLOCK)
+        memcpy(fmq_ring_inline_ptr(r, &m), src, e->len);
+    m.deliveries = e->deliveries;
+    FMQ_CRASHPOINT("lease.requeue.before_commit");
+    rc = fmq_ring_commit(r, &m, e->len, nb, 1, 0);
+    if (rc != FMQ_OK)
+        return rc;
+    FMQ_CRASHPOINT("lease.requeue.committed");
+    fmq_lease_drop_share(r, e);
+    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
+    fmq_count(r, FMQ_ST_REDELIVERED, 1);
+    return FMQ_OK;
+}
+
+int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue) {
+    uint64_t w;
+    fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
+    if (!e || fmq_now_ns() > atomic_load_explicit(&e->deadline_ns, memory_order_acquire))
+        return fmq_fail(FMQ_ELOST, "the lease expired or was lost");
+    if (!atomic_compare_exchange_strong_explicit(
+            &e->word, &w, FMQ_LWORD(token, FMQ_LS_REQUEUING, r->owner_tag),
+            memory_order_acq_rel, memory_order_relaxed))
+        return fmq_fail(FMQ_ELOST, "the lease was lost to a concurrent redelivery");
+    int rc = fmq_lease_requeue(r, e, token, !requeue);
+    return rc == FMQ_FULL ? FMQ_OK : rc;   /* parked: redelivered when room frees */
+}
+
+int fmq_tag_is_dead(fmq_region *r, uint32_t tag) {
+    uint32_t idx = tag >> FMQ_GEN_BITS, gen = tag & ((1u << FMQ_GEN_BITS) - 1);
+    if (tag == 0 || idx >= r->g.nparticipants)
+        return 0;
+    if (tag == r->owner_tag)
+        return 0;
+    uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
+    if (((uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1)) != gen)
+        return 1;                                   /* entry reused: gone */
+    if ((id & 0xFFFF) != FMQ_PART_ACTIVE)
+        return 1;                                   /* closed its handle */
+    return !fmq_live_is_alive(r, idx);
+}
+
+int fmq_lease_redeliver_due(fmq_region *r, int force) {
+    uint64_t now = fmq_now_ns();
+    uint64_t due = atomic_load_explicit(&r->ctl->next_due.v, memory_order_relaxed);
+    uint64_t last = atomic_load_explicit(&r->ctl->last_scan.v, memory_order_relaxed);
+    int sweep = now - last >= FMQ_SWEEP_NS && due != 0;   /* due 0: nothing ever leased */
+    if (!force && !sweep && (due == 0 || now < due))
+        return 0;
+    if (!force && !atomic_compare_exchange_strong(&r->ctl->last_scan.v, &last, now))
+        return 0;   /* someone else is scanning right now */
+    if (force)
+        atomic_store(&r->ctl->last_scan.v, now);
+    int n = 0, any = 0;
+    uint64_t next = ~0ull;
+    for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
+        fmq_lease *e = fmq_lease_at(r, i);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        if (FMQ_LSTATE(w) != FMQ_LS_LEASED)
+            continue;
+        any = 1;
+        uint64_t dl = atomic_load_explicit(&e->deadline_ns, memory_order_acquire);
+        uint32_t owner = FMQ_LOWNER(w);
+        int is_due = dl <= now || (owner && fmq_tag_is_dead(r, owner));
+        if (!is_due) {
+            if (dl < next)
+                next = dl;
+            continue;
+        }
+        uint32_t tok = FMQ_LTOKEN(w);
+        if (!atomic_compare_exchange_strong_explicit(
+                &e->word, &w, FMQ_LWORD(tok, FMQ_LS_REQUEUING, r->owner_tag),
+                memory_order_acq_rel, memory_order_relaxed))
+            continue;
+        if (owner && atomic_load_explicit(&e->deadline_ns, memory_order_seq_cst) > now &&
+            !fmq_tag_is_dead(r, owner)) {
+            /* touched meanwhile: give it back */
+            atomic_store_explicit(&e->word, w, memory_order_release);
+            continue;
+        }
+        if (fmq_lease_requeue(r, e, tok, 0) == FMQ_OK)
+            n++;
+        else
+            next = 1;   /* parked for lack of room: retry at the next chance */
+    }
+    atomic_store_explicit(&r->ctl->next_due.v, any ? (next == ~0ull ? now + FMQ_SWEEP_NS : next)
+                                                   : 0,
+                          memory_order_relaxed);
+    return n;
+}
+
+static int fmq_has_free_lease(fmq_region *r) {
+    for (uint32_t i = 0; i < fmq_lease_count(r); i++)
+        if (FMQ_LSTATE(atomic_load_explicit(&fmq_lease_at(r, i)->word, memory_order_seq_cst)) ==
+            FMQ_LS_FREE)
+            return 1;
+    return 0;
+}
+
+int fmq_lease_wait_free(fmq_region *r, uint64_t deadline_ns) {
+    /* Rare (the table holds maxsize entries): a plain sliced sleep on the
+     * space line, which ack and redelivery wake. */
+    fmq_waitline *wl = &r->ctl->space;
+    fmq_lease_redeliver_due(r, 0);
+    atomic_fetch_add_explicit(&wl->waiters, 1, memory_order_seq_cst);
+    uint32_t epoch = atomic_load_explicit(&wl->epoch, memory_order_seq_cst);
+    int rc = FMQ_OK;
+    if (!fmq_has_free_lease(r)) {
+        uint64_t now = fmq_now_ns(), slice = 100000000ull;
+        if (deadline_ns && deadline_ns <= now)
+            rc = FMQ_TIMEDOUT;
+        else {
+            if (deadline_ns && deadline_ns - now < slice)
+                slice = deadline_ns - now;
+            rc = fmq_wait_on(&wl->epoch, epoch, slice);
+            if (rc == FMQ_TIMEDOUT)
+                rc = deadline_ns && fmq_now_ns() >= deadline_ns ? FMQ_TIMEDOUT : FMQ_AGAIN;
+        }
+    }
+    atomic_fetch_sub_explicit(&wl->waiters, 1, memory_order_relaxed);
+    return rc;
+}
+
+/* ======================================================================== */
+/* introspection and dead letters                                           */
+/* ======================================================================== */
+
+int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max) {
+    int n = 0;
+    for (uint32_t i = 0; i < fmq_lease_count(r) && n < max; i++) {
+        fmq_lease *e = fmq_lease_at(r, i);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        uint32_t st = FMQ_LSTATE(w);
+        if (st != FMQ_LS_LEASED && st != FMQ_LS_REQUEUING)
+            continue;
+        uint32_t owner = FMQ_LOWNER(w), idx = owner >> FMQ_GEN_BITS;
+        uint32_t pid = 0;
+        if (owner && idx < r->g.nparticipants)
+            pid = (uint32_t)(atomic_load_explicit(&r->parts[idx].ident, memory_order_relaxed) >>
+                             32);
+        out[n].slot = i;
+        out[n].token = FMQ_LTOKEN(w);
+        out[n].pid = pid;
+        out[n].deliveries = e->deliveries;
+        out[n].state = st;
+        out[n].leased_ns = e->leased_ns;
+        out[n].deadline_ns = atomic_load_explicit(&e->deadline_ns, memory_order_relaxed);
+        n++;
+    }
+    return n;
+}
+
+int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token) {
+    for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
+        fmq_lease *e = fmq_lease_at(r, i);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        if (FMQ_LSTATE(w) != FMQ_LS_DEAD)
+            continue;
+        if (atomic_compare_exchange_strong_explicit(
+                &e->word, &w, FMQ_LWORD(FMQ_LTOKEN(w), FMQ_LS_TAKING, r->owner_tag),
+                memory_order_acq_rel, memory_order_relaxed)) {
+            *slot = i;
+            *token = FMQ_LTOKEN(w);
+            return FMQ_OK;
+        }
+    }
+    return FMQ_EMPTY;
+}
+
+int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token) {
+    uint64_t w;
+    fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_TAKING, &w);
+    if (!e)
+        return fmq_fail(FMQ_ELOST, "dead letter no longer held");
+    fmq_lease_drop_share(r, e);
+    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
+    fmq_count(r, FMQ_ST_DEAD_LETTERED, 1);
+    fmq_ring_wake_producers(r);
+    return FMQ_OK;
+}
+
+/* ======================================================================== */
+/* crash recovery of a dead tag's entries (before the slot and block passes) */
+/* ======================================================================== */
+
+void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
+    for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
+        fmq_lease *e = fmq_lease_at(r, i);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        if (FMQ_LOWNER(w) != tag || FMQ_LSTATE(w) == FMQ_LS_FREE)
+            continue;
+        uint32_t st = FMQ_LSTATE(w), tok = FMQ_LTOKEN(w);
+        if (st == FMQ_LS_FILLING) {
+            /* An unfinished take: its slot is still READING(tag) and the slot
+             * pass puts the message back, so the entry is simply dropped. */
+            fmq_lease_share_to_ring(r, e);
+            atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
+                                  memory_order_release);
+        } else if (st == FMQ_LS_ACKING) {
+            /* An unfinished ack: the message is done; the block pass clears
+             * the reader share, the entry is freed here. */
+            atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
+                                  memory_order_release);
+        } else if (st == FMQ_LS_LEASED || st == FMQ_LS_REQUEUING) {
+            if (st == FMQ_LS_LEASED && taken->tickets)
+                taken->tickets[taken->n++] = e->src_ticket;
+            fmq_lease_share_to_ring(r, e);
+            atomic_store_explicit(&e->deadline_ns, 0, memory_order_relaxed);
+            atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_LEASED, 0),
+                                  memory_order_release);
+            fmq_lower_next_due(r, 1);
+        } else if (st == FMQ_LS_TAKING) {
+            atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_DEAD, 0),
+                                  memory_order_release);
+        }
+    }
+}
