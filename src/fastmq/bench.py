@@ -84,7 +84,7 @@ SCENARIOS = [
 ]
 BY_ID = {s.id: s for s in SCENARIOS}
 DEFAULT_IDS = ["1x1-bytes-64", "1x1-bytes-4k", "1x1-bytes-1m", "2x2-bytes-64", "2x2-bytes-4k",
-               "4x4-bytes-64", "1x1-pickle", "2x2-pickle", "1x1-batch-64", "1x1-numpy-1m",
+               "4x4-bytes-64", "1x1-pickle", "1x1-batch-64", "1x1-numpy-1m",
                "1x1-reserve-1m", "pingpong-64"]
 QUICK_IDS = ["1x1-bytes-64", "2x2-bytes-64", "1x1-pickle", "1x1-batch-64", "1x1-numpy-1m",
              "pingpong-64"]
