@@ -646,7 +646,11 @@ def test_zero_copy_between_processes_with_held_arrays(mq, tmp_path, use_reserve)
     import _workers as W
     from conftest import ChildGroup
     import multiprocessing as mp
-    q = mq.Queue(maxsize=8, max_message_size=512 * KiB, capacity_bytes=8 * MiB)
+    # up to 2 x 6 held + 8 queued + 2 being written arrays of <= 240 KiB: the
+    # pool must have room for all of them in their size class (the native pool
+    # gives each class only a share of capacity_bytes), else this deadlocks by
+    # construction
+    q = mq.Queue(maxsize=8, max_message_size=512 * KiB, capacity_bytes=64 * MiB)
     paths = [str(tmp_path / f"zc{i}") for i in range(2)]
     per = 150
     g = ChildGroup(mp.get_context("fork"))
