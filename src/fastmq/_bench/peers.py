@@ -353,10 +353,6 @@ class PipePeer(Peer):
 
 # ---------------------------------------------------------- faster-fifo --
 
-def _identity(x):
-    return x
-
-
 class FasterFifoPeer(Peer):
     name, label = "faster-fifo", "faster_fifo.Queue"
     native_batch = True

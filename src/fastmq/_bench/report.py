@@ -141,10 +141,10 @@ def plot(doc: dict, path: str) -> None:
         hi = [c["max"][key] - c["median"][key] for c in cells]
         colors = ["tab:red" if c["peer"] == "fastmq" else "tab:gray" for c in cells]
         y = range(len(cells))
-        ax.barh(list(y), vals, xerr=[lo, hi], color=colors, capsize=2)
+        ax.barh(list(y), vals, xerr=[lo, hi], color=colors, capsize=2, height=0.7)
         ax.set_yticks(list(y))
         ax.set_yticklabels(names, fontsize=7)
-        ax.invert_yaxis()
+        ax.set_ylim(max(len(cells), 5) - 0.5, -0.5)     # top to bottom, same bar size
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human(v)))
         top = max(v + h for v, h in zip(vals, hi)) or 1
         ax.set_xlim(0, top * 1.35)
