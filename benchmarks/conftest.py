@@ -35,10 +35,6 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.benchmark)
 
 
-def available_peers():
-    return [name for name, cls in peers.PEERS.items() if cls.available()[0]]
-
-
 @pytest.fixture
 def channel():
     """``channel(peer_name, mode, size, depth=1024)`` -> (sender, receiver) of one

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+from fastmq._bench import peers as _peers
 from fastmq._bench.payloads import Builder, Tally
 from fastmq._bench.peers import BATCH
 
-from conftest import available_peers
-
-PEERS = available_peers()
+PEERS = [name for name, cls in _peers.PEERS.items() if cls.available()[0]]
 # Pipe and SimpleQueue are one OS pipe: a put+get pair in one process measures the same
 # syscalls as between processes; mp.Queue's feeder thread makes its put+get slow here,
 # which is what a one-process user of it pays too.
