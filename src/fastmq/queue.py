@@ -6,8 +6,9 @@ messages, normalise ``block``/``timeout`` the way the stdlib does, serialize
 picklable. Everything that touches shared memory -- blocking, locking,
 crash safety, fork handling -- belongs to the ring (``_ring_protocol``).
 
-The handle keeps no per-process state besides the ring itself, so a handle
-inherited through ``fork()`` works in the child as it is.
+The handle keeps no per-process state besides the ring itself (and a
+pid-keyed stash of already-dequeued payloads, see ``_decode_batch``), so a
+handle inherited through ``fork()`` works in the child as it is.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import collections
 import math
 import os
 import threading
+import warnings
 import weakref
 
 from . import _backend, _names, _serialize
@@ -30,6 +32,7 @@ MAX_MAXSIZE = 1 << 24
 MAX_MESSAGE_SIZE = 1 << 31
 MAX_CAPACITY_BYTES = 1 << 40
 DEFAULT_GET_MANY = 1024
+_STASH_RETURN_TIMEOUT = 1.0               # seconds close() waits to give messages back
 
 
 # ------------------------------------------------------------ argument checks
@@ -198,8 +201,31 @@ class Queue:
         return ring
 
     def close(self):
-        """Stop using this handle (idempotent); other handles are unaffected."""
+        """Stop using this handle (idempotent); other handles are unaffected.
+
+        Messages this handle dequeued but never handed to the caller (the
+        rest of a batch behind an undecodable one) go back to the queue first.
+        """
+        self._return_stash()
         self._ring.close()
+
+    def _return_stash(self):
+        if not self._stash or self._ring.closed:
+            return
+        with self._lock:
+            mine = self._stash_pid == os.getpid()
+            payloads = list(self._stash) if mine else []
+            self._stash.clear()
+        if not payloads:
+            return
+        try:
+            returned = self._ring.put_many(payloads, _STASH_RETURN_TIMEOUT)
+        except Exception:
+            returned = 0
+        if returned < len(payloads):
+            warnings.warn(f"fastmq: {len(payloads) - returned} undelivered message(s) "
+                          "could not be returned to the full queue at close() and were "
+                          "dropped", RuntimeWarning, stacklevel=3)
 
     @property
     def closed(self) -> bool:
@@ -219,10 +245,9 @@ class Queue:
         self.close()
 
     def __del__(self):
-        ring = getattr(self, "_ring", None)
-        if ring is not None:
+        if getattr(self, "_ring", None) is not None:
             try:
-                ring.close()
+                self.close()
             except Exception:
                 pass
 
@@ -304,6 +329,7 @@ class Queue:
 
         ``zero_copy=True`` returns numpy arrays (and other out-of-band buffers)
         as read-only views of shared memory, which stays pinned while they live.
+        (With a custom ``serializer`` it has no effect: ``loads`` gets bytes.)
         """
         timeout = _timeout(block, timeout)
         ring = self._live_ring()
@@ -386,9 +412,11 @@ class Queue:
                                   f"max_message_size of {ring.max_message_size} bytes")
         return _ReservationContext(ring, nbytes, _timeout(True, timeout))
 
-    def reserve_array(self, shape, dtype):
+    def reserve_array(self, shape, dtype, *, timeout=None):
         """A numpy array living in the queue's memory; publish it with
-        ``commit(arr)``. Consumers ``get()`` it back as an ndarray."""
+        ``commit(arr)``. Consumers ``get()`` it back as an ndarray.
+        ``Full`` if no room within ``timeout`` (default: wait)."""
+        timeout = _timeout(True, timeout)
         np = _numpy()
         dtype = np.dtype(dtype)
         if dtype.hasobject:
@@ -399,7 +427,7 @@ class Queue:
             raise TypeError(f"numpy did not pickle a {dtype} array out-of-band")
         header, total, offsets = _serialize.frame_layout(len(data), [raws[0].nbytes])
         del template, raws
-        reservation = self._live_ring().reserve(total, None)
+        reservation = self._live_ring().reserve(total, timeout)
         try:
             _serialize.write_frame(reservation.view[:offsets[0]], header, data, [], [])
             arr = np.frombuffer(reservation.view, dtype, count=int(np.prod(shape)),
