@@ -340,7 +340,10 @@ def run_from_args(args, parser=None) -> int:
             print("fastmq bench: error: --plot needs matplotlib (pip install matplotlib)",
                   file=sys.stderr)
             return 1
-    command = "fastmq bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "fastmq bench"
+    rest = sys.argv[1:]
+    if rest[:1] == ["bench"]:          # fastmq bench ... / python -m fastmq bench ...
+        rest = rest[1:]
+    command = " ".join(["fastmq bench", *rest])
     t0 = time.monotonic()
     try:
         doc = run_bench(scenarios, peers, repeat, target, args.timeout, args.quiet,
