@@ -352,3 +352,104 @@ def test_corrupt_open_does_not_break_other_queues(mq, qname, backend):
     """
     res = run_python(code, timeout=60)
     assert "corrupt ok" in res.stdout and "still fine" in res.stdout, res.stdout + res.stderr
+
+
+# ------------------------------------------------------------ corrupt bodies
+
+USE_CHILD = r"""
+import sys, fastmq
+results = []
+try:
+    q = fastmq.Queue.open(sys.argv[1], _backend=sys.argv[2])
+except BaseException as e:
+    print("OPEN", type(e).__name__, flush=True)
+    sys.exit(0)
+print("OPEN ok", flush=True)
+for name, call in [("get", lambda: q.get_bytes(timeout=0.5)),
+                   ("get2", lambda: q.get_bytes(timeout=0.5)),
+                   ("put", lambda: q.put_bytes(b"x" * 3000, timeout=0.5)),
+                   ("put_small", lambda: q.put_bytes(b"y", timeout=0.5)),
+                   ("get_many", lambda: q.get_many(5, timeout=0.5)),
+                   ("recv", lambda: q.recv(timeout=0.5).close()),
+                   ("qsize", q.qsize), ("stats", q.stats)]:
+    try:
+        call()
+        print(name, "ok", flush=True)
+    except BaseException as e:
+        print(name, type(e).__name__, flush=True)
+q.close()
+print("DONE", flush=True)
+"""
+
+
+def _scribble_body(path, seed, start, length):
+    size = os.path.getsize(path)
+    start = min(start, size)
+    n = max(0, min(length, size - start))
+    _patch(path, start, random.Random(seed).randbytes(n))
+
+
+BODY_CORRUPTIONS = {
+    "page1-random": lambda p: _scribble_body(p, 11, 4096, 4096),
+    "control-and-slots-random": lambda p: _scribble_body(p, 12, 4096, 64 * 1024),
+    "everything-after-header": lambda p: _scribble_body(p, 13, 4096, 1 << 30),
+    "ones-after-header": lambda p: _patch(p, 4096, b"\xff" * (os.path.getsize(p) - 4096)),
+    "header-tail-random": lambda p: _scribble_body(p, 14, 64, 4096 - 64),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", sorted(BODY_CORRUPTIONS))
+def test_corrupted_body_never_kills_the_process(mq, qname, backend, how):
+    """Scribbles beyond the validated header: every call either works or raises
+    a Python exception; the process never dies from a signal or hangs."""
+    q = mq.create(qname, maxsize=8, max_message_size=64 * 1024, capacity_bytes=1 << 20)
+    q.put_bytes(b"small")
+    q.put_bytes(b"L" * 20000)
+    q.close()
+    path = Shm.segment_of_named(qname)
+    BODY_CORRUPTIONS[how](path)
+    import subprocess
+    import sys
+    import textwrap
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(USE_CHILD), qname, backend],
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode >= 0, (
+        f"died from signal {-proc.returncode}:\n{proc.stdout}\n{proc.stderr[-2000:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DONE" in proc.stdout or proc.stdout.startswith("OPEN "), proc.stdout
+    if proc.stdout.startswith("OPEN ") and "OPEN ok" not in proc.stdout:
+        assert "CorruptQueue" in proc.stdout, proc.stdout
+
+
+SCRIBBLE_WHILE_OPEN = r"""
+import os, sys, random, fastmq
+q = fastmq.Queue.open(sys.argv[1], _backend=sys.argv[2])
+path = sys.argv[3]
+q.put_bytes(b"before")
+with open(path, "r+b") as f:   # someone scribbles over the header meanwhile
+    f.write(random.Random(5).randbytes(4096))
+out = []
+for call in (lambda: q.get_bytes(timeout=0.5), lambda: q.put_bytes(b"after", timeout=0.5),
+             lambda: q.get_bytes(timeout=0.5), q.qsize, q.stats):
+    try:
+        call()
+        out.append("ok")
+    except BaseException as e:
+        out.append(type(e).__name__)
+q.close()
+print("DONE", out, flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_header_scribbled_while_open_never_kills_the_process(mq, qname, backend):
+    mq.create(qname, maxsize=8).close()
+    path = Shm.segment_of_named(qname)
+    import subprocess
+    import sys
+    import textwrap
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIBBLE_WHILE_OPEN),
+                           qname, backend, path], capture_output=True, text=True, timeout=50)
+    assert proc.returncode >= 0, f"died from signal {-proc.returncode}: {proc.stderr[-2000:]}"
+    assert "DONE" in proc.stdout, proc.stdout + proc.stderr[-2000:]
