@@ -637,11 +637,16 @@ def test_creator_killed_during_init_open_raises_corrupt_queue(kids):
         line = opener.expect("", timeout=5)
         assert line.startswith("CorruptQueue"), line
         assert took < 10, f"open() took {took:.1f}s to give up"
-        # the documented way out: unlink and create again
-        fastmq.Queue.unlink(name, _backend="native")
-        q = fastmq.Queue.create(name, maxsize=CAP, _backend="native")
+        # the documented ways out: create(exist_ok=True) repairs it in place ...
+        q = fastmq.Queue.create(name, maxsize=CAP, exist_ok=True, _backend="native")
         q.put("ok")
         assert q.get(timeout=2) == "ok"
+        q.close()
+        # ... and unlink + create starts afresh
+        fastmq.Queue.unlink(name, _backend="native")
+        q = fastmq.Queue.create(name, maxsize=CAP, _backend="native")
+        q.put("ok2")
+        assert q.get(timeout=2) == "ok2"
         q.close()
     finally:
         try:
