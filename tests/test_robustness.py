@@ -375,3 +375,64 @@ def test_threads_inside_several_processes(mq, tmp_path):
             got += pickle.load(f)
     expected = sorted((p, t, i) for p in range(2) for t in range(3) for i in range(per))
     assert sorted(got) == expected
+
+
+# ------------------------------------------------------------ fork while busy
+
+def _child_after_busy_fork(q, other, results):
+    t0 = time.monotonic()
+    try:
+        q.put("from child", timeout=10)
+        other.put_bytes(b"x", timeout=10)
+        assert other.get_bytes(timeout=10) == b"x"
+        q.close()
+        other.close()
+        results.put(("ok", time.monotonic() - t0))
+    except BaseException as e:
+        results.put((f"{type(e).__name__}: {e}", time.monotonic() - t0))
+
+
+@pytest.mark.parametrize("parent_op", ["get", "put"])
+def test_fork_while_another_thread_is_blocked(mq, parent_op):
+    """A thread of the parent sits in a blocking call on the same handle
+    when the process forks: the child's copy must work and close normally."""
+    q = mq.Queue(maxsize=2)
+    other = mq.Queue()
+    if parent_op == "put":
+        q.put("filler")
+        q.put("filler")
+    done = []
+
+    def blocked():
+        try:
+            if parent_op == "get":
+                done.append(q.get(timeout=20))
+            else:
+                q.put("from parent thread", timeout=20)
+                done.append("put")
+        except BaseException as e:
+            done.append(e)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    time.sleep(0.3)  # the thread is (very likely) inside the blocking call now
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    g = ChildGroup(ctx)
+    try:
+        if parent_op == "put":  # room for both the thread's and the child's put
+            assert q.get_many(2, timeout=10) == ["filler", "filler"]
+        p = g.start(_child_after_busy_fork, q, other, results)
+        outcome, dt = results.get(timeout=30)
+        g.join(30, [p])
+    finally:
+        g.reap()
+        t.join(30)
+    assert outcome == "ok", outcome
+    assert not t.is_alive()
+    if parent_op == "get":
+        assert done == ["from child"]
+    else:
+        assert done == ["put"]
+        assert sorted([q.get(timeout=5), q.get(timeout=5)]) == ["from child",
+                                                                "from parent thread"]
