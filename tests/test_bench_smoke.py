@@ -14,14 +14,16 @@ import time
 
 import pytest
 
-fastmq = pytest.importorskip("fastmq")
+import fastmq  # noqa: E402  (the package under test: never skip it)
 
 from fastmq import bench  # noqa: E402
 from fastmq._bench import peers, report  # noqa: E402
 from fastmq._bench.runner import CellFailed, run_pingpong, run_throughput  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(HERE), "src")
+# Children import the fastmq this process imported (installed, with its
+# compiled core), not the bare source tree.
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(fastmq.__file__)))
 
 
 def test_quick_bench_completes_and_verifies(tmp_path):

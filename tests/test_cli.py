@@ -14,15 +14,18 @@ import uuid
 
 import pytest
 
-fastmq = pytest.importorskip("fastmq")
+import fastmq
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(HERE), "src")
+# The children must import the very fastmq this process imported (the
+# installed one, with its compiled core) -- not the bare source tree, which
+# has no extension after a plain `pip install .` and would fall back to the
+# pure backend.
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastmq.__file__)))
 
 
 def _env():
     env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = PKG_PARENT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
