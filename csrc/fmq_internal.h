@@ -50,6 +50,8 @@ extern volatile unsigned fmq_fork_generation;
 /* ---- participants (fmq_live.c) --------------------------------------------------- */
 int fmq_live_register(fmq_region *r);
 int fmq_live_is_alive(fmq_region *r, uint32_t idx);
+struct flock;
+int fmq_live_lock_byte(int fd, int cmd, short type, long long at, struct flock *out);
 int fmq_live_init_lock(int fd, short type);
 int fmq_live_init_in_progress(int fd);
 int fmq_pool_available(fmq_region *r, uint64_t nbytes);

@@ -24,19 +24,23 @@
 
 #include "fmq_internal.h"
 
-
-static int fmq_lock_op(int fd, int cmd, short type, uint32_t idx, struct flock *out) {
+/* One byte-range OFD lock operation on byte `at` (cmd F_OFD_SETLK/GETLK). */
+int fmq_live_lock_byte(int fd, int cmd, short type, long long at, struct flock *out) {
     struct flock fl;
     memset(&fl, 0, sizeof fl);
     fl.l_type = type;
     fl.l_whence = SEEK_SET;
-    fl.l_start = FMQ_LOCK_BASE + idx;
+    fl.l_start = at;
     fl.l_len = 1;
     fl.l_pid = 0;            /* required by OFD locks */
     int rc = fcntl(fd, cmd, &fl);
     if (out)
         *out = fl;
     return rc;
+}
+
+static int fmq_lock_op(int fd, int cmd, short type, uint32_t idx, struct flock *out) {
+    return fmq_live_lock_byte(fd, cmd, type, FMQ_LOCK_BASE + idx, out);
 }
 
 int fmq_live_register(fmq_region *r) {
@@ -110,23 +114,12 @@ int fmq_live_is_alive(fmq_region *r, uint32_t idx) {
  * READY, so an opener can tell "still initialising" (lock held) from "the
  * creator died half-way" (lock free, segment not READY). */
 int fmq_live_init_lock(int fd, short type) {
-    struct flock fl;
-    memset(&fl, 0, sizeof fl);
-    fl.l_type = type;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = FMQ_INIT_LOCK;
-    fl.l_len = 1;
-    return fcntl(fd, F_OFD_SETLK, &fl);
+    return fmq_live_lock_byte(fd, F_OFD_SETLK, type, FMQ_INIT_LOCK, NULL);
 }
 
 int fmq_live_init_in_progress(int fd) {
     struct flock fl;
-    memset(&fl, 0, sizeof fl);
-    fl.l_type = F_WRLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = FMQ_INIT_LOCK;
-    fl.l_len = 1;
-    if (fcntl(fd, F_OFD_GETLK, &fl) != 0)
+    if (fmq_live_lock_byte(fd, F_OFD_GETLK, F_WRLCK, FMQ_INIT_LOCK, &fl) != 0)
         return 1;   /* cannot tell: assume alive, keep waiting (bounded) */
     return fl.l_type != F_UNLCK;
 }

@@ -39,13 +39,7 @@
 
 
 static int fmq_entry_lock(fmq_region *r, uint32_t idx, short type) {
-    struct flock fl;
-    memset(&fl, 0, sizeof fl);
-    fl.l_type = type;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = FMQ_LOCK_BASE + idx;
-    fl.l_len = 1;
-    return fcntl(r->fd, F_OFD_SETLK, &fl);
+    return fmq_live_lock_byte(r->fd, F_OFD_SETLK, type, FMQ_LOCK_BASE + idx, NULL);
 }
 
 static inline fmq_slot *fmq_rslot(fmq_region *r, uint64_t i) {

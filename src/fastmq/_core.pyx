@@ -562,14 +562,27 @@ cdef class Ring:
             self._leave()
         return out
 
-    def ack(self, uint32_t slot, uint32_t token):
+    cdef int _lease_op(self, int op, uint32_t slot, uint32_t token, uint64_t arg) except -1:
+        """One call on a held lease (op: 0 ack, 1 nack, 2 touch, 3 ack_dead)."""
+        cdef int rc
         self._enter()
         try:
-            rc = fmq_lease_ack(self.r, slot, token)
+            if op == 0:
+                rc = fmq_lease_ack(self.r, slot, token)
+            elif op == 1:
+                rc = fmq_lease_nack(self.r, slot, token, <int>arg)
+            elif op == 2:
+                rc = fmq_lease_touch(self.r, slot, token, arg)
+            else:
+                rc = fmq_lease_ack_dead(self.r, slot, token)
         finally:
             self._leave()
         if rc != FMQ_OK:
             _raise(rc)
+        return 0
+
+    def ack(self, uint32_t slot, uint32_t token):
+        self._lease_op(0, slot, token, 0)
 
     def ack_many(self, pairs):
         cdef list out = []
@@ -582,24 +595,12 @@ cdef class Ring:
         return out
 
     def nack(self, uint32_t slot, uint32_t token, bint requeue=True):
-        self._enter()
-        try:
-            rc = fmq_lease_nack(self.r, slot, token, 1 if requeue else 0)
-        finally:
-            self._leave()
-        if rc != FMQ_OK:
-            _raise(rc)
+        self._lease_op(1, slot, token, 1 if requeue else 0)
 
     def touch(self, uint32_t slot, uint32_t token, double seconds):
         if not seconds > 0 or seconds > 1e9:
             raise ValueError("seconds must be a positive number")
-        self._enter()
-        try:
-            rc = fmq_lease_touch(self.r, slot, token, <uint64_t>(seconds * 1e9))
-        finally:
-            self._leave()
-        if rc != FMQ_OK:
-            _raise(rc)
+        self._lease_op(2, slot, token, <uint64_t>(seconds * 1e9))
 
     def redeliver_due(self):
         self._enter()
@@ -647,13 +648,7 @@ cdef class Ring:
         return out
 
     def ack_dead(self, uint32_t slot, uint32_t token):
-        self._enter()
-        try:
-            rc = fmq_lease_ack_dead(self.r, slot, token)
-        finally:
-            self._leave()
-        if rc != FMQ_OK:
-            _raise(rc)
+        self._lease_op(3, slot, token, 0)
 
     # ---- state ---------------------------------------------------------- #
 
