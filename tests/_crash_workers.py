@@ -156,6 +156,8 @@ def role_reap(a):
     import fastmq
     q = fastmq.Queue.open(a.queue)
     print("ready", flush=True)
+    if a.wait:
+        sys.stdin.readline()                  # the test says when
     n = q._ring.recover()
     print(f"reaped {n}", flush=True)
     q.close()
@@ -196,14 +198,22 @@ def role_anon_users(a):
     for p in users:
         p.start()
     q.put(make_msg(0, 0, SIZES["block"]))
-    print(f"segment {q._ring.name} " + " ".join(str(p.pid) for p in users), flush=True)
-    time.sleep(600)
+    # the users have attached once their messages arrive (ours comes first)
+    got = sorted(q.get(timeout=30)[0] for _ in range(3))
+    assert got == [0, 1, 2], got
+    line = f"segment {q._ring.name} " + " ".join(str(p.pid) for p in users) + "\n"
+    os.write(1, line.encode())            # one write: never interleaved
+    time.sleep(120)
 
 
 def _anon_user(q, i):
+    try:                                  # never outlive the group leader
+        import ctypes
+        ctypes.CDLL(None).prctl(1, 9)     # PR_SET_PDEATHSIG, SIGKILL
+    except Exception:
+        pass
     q.put(make_msg(i + 1, 0, SIZES["inline"]))
-    print(f"user {os.getpid()}", flush=True)
-    time.sleep(600)
+    time.sleep(120)
 
 
 ROLES = {
@@ -223,6 +233,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=20.0)
     ap.add_argument("--log", default=None)
+    ap.add_argument("--wait", action="store_true", help="reap: wait for a stdin line")
     a = ap.parse_args(argv)
     ROLES[a.role](a)
 
