@@ -453,3 +453,24 @@ def test_header_scribbled_while_open_never_kills_the_process(mq, qname, backend)
                            qname, backend, path], capture_output=True, text=True, timeout=50)
     assert proc.returncode >= 0, f"died from signal {-proc.returncode}: {proc.stderr[-2000:]}"
     assert "DONE" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_put_bytes_odd_buffers_are_exact_or_refused(mq):
+    """Non-contiguous or multi-dimensional buffers: the bytes that arrive are
+    exactly the buffer's logical bytes, or the call is refused with a clear
+    error and nothing is queued -- never wrong or partial bytes."""
+    np = pytest.importorskip("numpy")
+    q = mq.Queue()
+    cases = [memoryview(b"abcdefgh")[::2], memoryview(b"abcdefgh")[::-1],
+             np.arange(12, dtype=np.int32).reshape(3, 4),
+             np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2],
+             np.arange(12, dtype=np.int32).reshape(3, 4).T,
+             memoryview(np.arange(6, dtype=np.float64)).cast("B")]
+    for buf in cases:
+        expect = buf.tobytes()
+        try:
+            q.put_bytes(buf)
+        except (TypeError, ValueError, BufferError):
+            assert q.qsize() == 0
+            continue
+        assert q.get_bytes(timeout=5) == expect, repr(buf)
