@@ -887,4 +887,5 @@ def test_soak_short(tmp_path):
     assert res["lost"] == 0, res                         # beyond the at-most-once bound
     assert res["lost_after_handover"] <= res["lost_after_handover_bound"], res
     assert res["bad_inflight"] == 0, res
+    assert res["hung"] == 0 and not res["errors"], res["errors"]
     assert res["delivered"] > 0 and res["committed"] > 0
