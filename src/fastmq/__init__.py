@@ -11,6 +11,7 @@ from . import _backend, _lifetime
 from .errors import (CorruptQueue, Empty, Error, Full, LeaseLost, MessageTooLarge,
                      QueueClosed, QueueExists, QueueNotFound)
 from .queue import Queue, Received
+from .acks import Message, TooManyInFlight
 from ._serialize import BadMessage
 
 __version__ = "0.1.0"
@@ -19,7 +20,8 @@ backend = _backend.DEFAULT
 __all__ = [
     "Queue", "Received", "cleanup", "backend", "__version__",
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
-    "QueueExists", "CorruptQueue", "LeaseLost", "BadMessage",
+    "QueueExists", "CorruptQueue", "LeaseLost", "BadMessage", "Message",
+    "TooManyInFlight",
 ]
 
 

@@ -19,7 +19,7 @@ import threading
 import warnings
 import weakref
 
-from . import _backend, _names, _serialize
+from . import _backend, _names, _serialize, acks
 from .errors import MessageTooLarge, QueueClosed, QueueNotFound
 
 __all__ = ["Queue", "Received", "DEFAULT_MAXSIZE", "DEFAULT_MAX_MESSAGE_SIZE",
@@ -396,7 +396,9 @@ class Queue:
         """The ring's counters: depth, capacity, enqueued, dequeued,
         bytes_in_use, producers, consumers, redelivered, abandoned,
         dead_lettered, and whatever else the backend reports."""
-        return dict(self._live_ring().stats())
+        ring = self._live_ring()
+        self._acks.forward_dead_letters(ring, force=True)  # parked dead letters first
+        return dict(ring.stats())
 
     # ------------------------------------------------------------- zero-copy
 
@@ -459,6 +461,80 @@ class Queue:
         ring = self._live_ring()
         stashed = self._unstash(1)
         return Received(_CopiedLease(stashed[0]) if stashed else ring.recv(timeout))
+
+    # ------------------------------------------- at-least-once (see acks.py)
+    #
+    # Every method of this block delegates to ``fastmq.acks``; the per-handle
+    # state (in-flight count, dead-letter queue handle) lives in ``_acks_state``,
+    # created on first use.
+
+    @property
+    def _acks(self):
+        state = self.__dict__.get("_acks_state")
+        if state is None:
+            state = self.__dict__.setdefault("_acks_state", acks.Acks(self))
+        return state
+
+    @property
+    def max_in_flight(self) -> int:
+        """Most un-acked leased messages this handle may hold (default
+        10,000); beyond it ``get_message``/``get_messages`` raise
+        ``fastmq.TooManyInFlight`` (they never block on it). Settable."""
+        return self._acks.max_in_flight
+
+    @max_in_flight.setter
+    def max_in_flight(self, value):
+        self._acks.max_in_flight = acks.check_max_in_flight(value)
+
+    @property
+    def in_flight(self) -> int:
+        """Un-acked messages this handle (in this process) holds."""
+        return self._acks.in_flight
+
+    def get_message(self, block=True, timeout=None, lease=acks.DEFAULT_LEASE):
+        """Lease the next message -> ``fastmq.Message`` (at-least-once).
+
+        The message is not consumed until ``msg.ack()``: if the lease
+        (``lease`` seconds) runs out first, or this process dies, it goes back
+        to the BACK of the queue with ``delivery_count + 1``. ``Empty`` as for
+        ``get``; ``TooManyInFlight`` when this handle already holds
+        ``max_in_flight`` un-acked messages.
+        """
+        return self.get_messages(1, block, timeout, lease)[0]
+
+    def get_messages(self, max_messages=acks.DEFAULT_GET_MESSAGES, block=True,
+                     timeout=None, lease=acks.DEFAULT_LEASE) -> list:
+        """Batch form of ``get_message``: at least one leased message
+        (``Empty`` where ``get`` would raise), at most ``max_messages``
+        (fewer if the in-flight bound leaves less room), without waiting for
+        more once one is available. Each has its own lease."""
+        _check_int("max_messages", max_messages, 1, 1 << 30)
+        timeout = _timeout(block, timeout)
+        lease = acks.check_lease(lease)
+        return self._acks.get_messages(self._live_ring(), max_messages, timeout, lease)
+
+    def ack_many(self, messages) -> int:
+        """Ack several leased messages in one call; returns how many were
+        acked now. Unlike ``Message.ack()``, a lost lease is not an exception
+        here: that message is simply not counted (it was or will be
+        redelivered). Messages already acked are skipped (not counted)."""
+        return self._acks.ack_many(self._live_ring(), messages)
+
+    def pending(self) -> list:
+        """In-flight (leased, un-acked) messages of the whole queue, as dicts:
+        ``id``, ``pid`` (holder; 0 if orphaned), ``idle`` (seconds since
+        leased), ``delivery_count``, plus ``token`` and ``expires_in``.
+        Expired leases are redelivered first, so they are not listed."""
+        return acks.pending(self._acks, self._live_ring())
+
+    def redeliver_expired(self) -> int:
+        """Requeue now every expired lease and every lease of a dead
+        consumer (normally done by the next ``get_message``); returns how
+        many."""
+        ring = self._live_ring()
+        n = ring.redeliver_due()
+        self._acks.forward_dead_letters(ring, force=True)
+        return n
 
 
 class _ReservationContext:
