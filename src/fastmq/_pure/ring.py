@@ -6,8 +6,13 @@ One file per segment under /dev/shm::
 
     [0, 4096)        header page: geometry (written once by the creator, magic
                      last), then the live state line, then the participant table
-    [4096, end)      data area: a byte ring of records ``u32 length | payload``;
-                     a record may wrap around the end of the area
+    [4096, ...)      data area: a byte ring of records
+                     ``u32 length | u32 deliveries | payload``; a record may wrap
+                     around the end of the area. ``deliveries`` counts earlier
+                     deliveries of a redelivered message; its top bit marks a
+                     record consumed out of order (``TOMBSTONE``, see get_many)
+    [..., end)       the in-flight table and payload areas of leased messages
+                     (at-least-once delivery: see ``leases.py``)
 
 Mutual exclusion is two locks, always taken in this order:
 
@@ -47,6 +52,7 @@ import time
 import weakref
 
 from .. import _lifetime
+from . import leases
 from ..errors import (CorruptQueue, Empty, Full, MessageTooLarge, QueueClosed,
                       QueueExists, QueueNotFound)
 
@@ -56,10 +62,11 @@ __all__ = ["Ring", "Reservation", "Lease", "cleanup_orphans", "list_segments",
 # -------------------------------------------------------------------- layout
 
 MAGIC = b"FMQPURE\x01"          # the native core uses a different magic
-VERSION = 1
+VERSION = 2                     # 2: deliveries in records, in-flight table
 HEADER_SIZE = 4096
 DATA_OFFSET = HEADER_SIZE
-RECORD_HEADER = struct.Struct("<I")   # payload length before each record
+RECORD_HEADER = struct.Struct("<II")  # payload length, deliveries | TOMBSTONE
+TOMBSTONE = 1 << 31
 MAX_MAXSIZE = 1 << 24
 MAX_MESSAGE_SIZE = (1 << 32) - 1      # a record length is a u32
 MAX_CAPACITY = 1 << 40
@@ -69,7 +76,8 @@ FLAG_ANONYMOUS = 1
 # data_offset, file_size, flags, max_deliveries, dead_letter (utf-8, padded)
 GEOMETRY = struct.Struct("<8sIIQQQQQQQ256s")
 GEOMETRY_OFFSET = 0
-# head, tail, count, epoch, enqueued, dequeued, (2 spare) -- one 64-byte line
+# head, tail, count, epoch, enqueued, dequeued, redelivered, dead_lettered
+# -- one 64-byte line, followed at 576 by the lease state line (leases.py)
 STATE = struct.Struct("<8Q")
 STATE_OFFSET = 512
 EPOCH_OFFSET = STATE_OFFSET + 3 * 8
@@ -82,7 +90,8 @@ ROLE_PRODUCER, ROLE_CONSUMER = 1, 2
 LOCK_BYTE = HEADER_SIZE - 1           # record-locked byte (advisory; never read)
 
 assert GEOMETRY_OFFSET + GEOMETRY.size <= STATE_OFFSET
-assert STATE_OFFSET + STATE.size <= PARTICIPANTS_OFFSET
+assert STATE_OFFSET + STATE.size == leases.LEASE_STATE_OFFSET
+assert leases.LEASE_STATE_OFFSET + leases.LEASE_STATE.size <= PARTICIPANTS_OFFSET
 assert PARTICIPANTS_OFFSET + MAX_PARTICIPANTS * PARTICIPANT.size <= LOCK_BYTE
 assert STATE_OFFSET % 64 == 0 and STATE.size == 64   # never crosses a page
 
@@ -151,7 +160,7 @@ def _as_bytes_view(data) -> memoryview:
     return view.cast("B") if (view.format != "B" or view.ndim != 1) else view
 
 
-class Ring:
+class Ring(leases.LeaseMixin):
     """A queue segment opened by this process (see module docstring)."""
 
     # ---------------------------------------------------------- lifecycle
@@ -162,7 +171,12 @@ class Ring:
         self.name = name
         self.anonymous = bool(flags & FLAG_ANONYMOUS)
         self.dead_letter = dead_letter.rstrip(b"\0").decode("utf-8", "replace")
-        self._area = self._file_size - DATA_OFFSET
+        self._area = self.capacity_bytes + RECORD_HEADER.size
+        self._table_offset, self._halves_offset, _ = leases.layout(
+            DATA_OFFSET + self._area, self.maxsize, self.capacity_bytes)
+        self._handle_id = int.from_bytes(os.urandom(4), "little") or 1
+        self._owner = None                 # (pid, start time, handle id), see leases
+        self._ever_leased = False
         self._h = handle
         self._registered = {}          # pid -> roles already registered
         self._finalizer = weakref.finalize(self, handle.close)
@@ -190,7 +204,7 @@ class Ring:
         # The data area carries a record header per message on top of the
         # payloads, so a message of max_message_size always fits an empty ring.
         area = capacity_bytes + RECORD_HEADER.size
-        file_size = DATA_OFFSET + area
+        file_size = leases.layout(DATA_OFFSET + area, maxsize, capacity_bytes)[2]
         try:
             lock = _lifetime.inode_lock(fd)
             if anonymous:
@@ -201,7 +215,8 @@ class Ring:
                         capacity_bytes, DATA_OFFSET, file_size,
                         FLAG_ANONYMOUS if anonymous else 0, max_deliveries, dead)
             os.pwrite(fd, GEOMETRY.pack(*geometry), GEOMETRY_OFFSET)
-            os.pwrite(fd, STATE.pack(*[0] * 8), STATE_OFFSET)
+            os.pwrite(fd, STATE.pack(*[0] * 8) + leases.LEASE_STATE.pack(*[0] * 8),
+                      STATE_OFFSET)
             os.pwrite(fd, MAGIC, GEOMETRY_OFFSET)   # last: the segment is valid now
         except BaseException:
             try:
@@ -244,6 +259,10 @@ class Ring:
             raise QueueNotFound(f"no segment {name!r} in /dev/shm") from None
 
     def close(self):
+        try:
+            self.release_handle_leases()     # a departed holder's leases come back
+        except Exception:
+            pass                             # they come back on expiry instead
         self._finalizer()
 
     def __repr__(self):
@@ -333,13 +352,13 @@ class Ring:
 
     # ------------------------------------------------ locked operations
 
-    def _put_locked(self, fd, state, views):
+    def _put_locked(self, fd, state, views, deliveries=0):
         """Append as many of ``views`` as fit; return how many."""
         done = 0
         for view in views:
             if not self._fits(state, len(view)):
                 break
-            self._write_at(fd, state[1], RECORD_HEADER.pack(len(view)))
+            self._write_at(fd, state[1], RECORD_HEADER.pack(len(view), deliveries))
             self._write_at(fd, state[1] + RECORD_HEADER.size, view)
             state[1] += RECORD_HEADER.size + len(view)
             state[2] += 1
@@ -349,23 +368,59 @@ class Ring:
             self._write_state(fd, state)     # publish: after all bytes are in
         return done
 
-    def _get_locked(self, fd, state, max_messages):
+    def _read_records(self, fd, state, max_messages):
+        """Up to ``max_messages`` records from the head, without consuming
+        them: ``(payload, deliveries, position, head after it, records
+        consumed up to it)`` each. Tombstones are skipped (they count as
+        consumed); a queue holding only tombstones is emptied here."""
         out = []
-        while state[2] and len(out) < max_messages:
-            head = state[0]
-            (length,) = RECORD_HEADER.unpack(self._read_at(fd, head, RECORD_HEADER.size))
+        head, consumed = state[0], 0
+        while consumed < state[2] and len(out) < max_messages:
+            length, deliveries = RECORD_HEADER.unpack(
+                self._read_at(fd, head, RECORD_HEADER.size))
             if length > self.max_message_size or \
                     RECORD_HEADER.size + length > state[1] - head:
                 raise CorruptQueue(f"segment {self.name!r} holds a record of "
                                    f"impossible length {length}")
-            out.append(self._read_at(fd, head + RECORD_HEADER.size, length))
-            state[0] += RECORD_HEADER.size + length
-            state[2] -= 1
-            state[5] += 1
-        if out:
-            if state[2] == 0:                # keep positions small and tidy
-                state[0] = state[1] = 0
-            self._write_state(fd, state)     # hand-over happens here
+            at = head
+            head += RECORD_HEADER.size + length
+            consumed += 1
+            if not deliveries & TOMBSTONE:
+                out.append((self._read_at(fd, at + RECORD_HEADER.size, length),
+                            deliveries, at, head, consumed))
+        if not out and consumed == state[2] and consumed:
+            state[0] = state[1] = state[2] = 0       # only tombstones were left
+            self._write_state(fd, state)
+        return out
+
+    def _consume(self, fd, state, records):
+        """Hand ``records`` (from ``_read_records``) over: one state write."""
+        _, _, _, state[0], consumed = records[-1]
+        state[2] -= consumed
+        state[5] += len(records)
+        if state[2] == 0:                    # keep positions small and tidy
+            state[0] = state[1] = 0
+        self._write_state(fd, state)         # hand-over happens here
+
+    def _get_locked(self, fd, state, max_messages, decode=None):
+        records = self._read_records(fd, state, max_messages)
+        if not records:
+            return []
+        if decode is None:
+            out = [r[0] for r in records]
+        else:
+            out = []
+            for payload, _, at, _, _ in records:
+                try:
+                    out.append(decode(payload))
+                except Exception:
+                    # The undecodable one is consumed (one header write inside
+                    # the record: a tombstone every reader skips); the rest
+                    # of the batch stays queued in place. Nothing else changed.
+                    self._write_at(fd, at, RECORD_HEADER.pack(len(payload), TOMBSTONE))
+                    self._write_state(fd, state)      # epoch: wake waiters
+                    raise
+        self._consume(fd, state, records)
         return out
 
     # ----------------------------------------------------------- waiting
@@ -460,14 +515,18 @@ class Ring:
     def get(self, timeout):
         return self.get_many(1, timeout)[0]
 
-    def get_many(self, max_messages, timeout):
+    def get_many(self, max_messages, timeout, decode=None):
+        """See the contract; with ``decode``, each payload is decoded under
+        the lock, before the hand-over: if ``decode`` raises for one, that
+        one is consumed, the rest of the batch stays queued in place, and
+        the error propagates (as in the native core)."""
         if isinstance(max_messages, bool) or not isinstance(max_messages, int):
             raise TypeError("max_messages must be an int")
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, got {max_messages}")
         self._register(ROLE_CONSUMER)
-        got = self._wait(lambda: self._locked(self._get_locked, max_messages) or _AGAIN,
-                         timeout)
+        got = self._wait(lambda: self._locked(self._get_locked, max_messages, decode)
+                         or _AGAIN, timeout)
         if got is _AGAIN:
             raise Empty("queue is empty")
         return got
@@ -493,14 +552,15 @@ class Ring:
 
     def stats(self):
         def read(fd, state):
-            return state, self._participants(fd)
-        state, (producers, consumers) = self._locked(read)
+            return state, self._participants(fd), self.in_flight_count(fd)
+        state, (producers, consumers), in_flight = self._locked(read)
         return {
             "depth": state[2], "capacity": self.maxsize,
             "enqueued": state[4], "dequeued": state[5],
             "bytes_in_use": state[1] - state[0],
             "producers": producers, "consumers": consumers,
-            "redelivered": 0, "abandoned": 0, "dead_lettered": 0,
+            "redelivered": state[6], "abandoned": 0, "dead_lettered": state[7],
+            "in_flight": in_flight,
             "max_message_size": self.max_message_size,
             "capacity_bytes": self.capacity_bytes,
             "backend": "pure",
@@ -647,8 +707,10 @@ def _read_geometry(fd, name):
         _validate_geometry(maxsize, mms, capacity)
     except (TypeError, ValueError) as exc:
         raise CorruptQueue(f"segment {name!r} has an invalid header: {exc}") from None
+    expected = leases.layout(DATA_OFFSET + capacity + RECORD_HEADER.size, maxsize,
+                             capacity)[2]
     if header_size != HEADER_SIZE or data_off != DATA_OFFSET or \
-            file_size != DATA_OFFSET + capacity + RECORD_HEADER.size or file_size != size:
+            file_size != expected or file_size != size:
         raise CorruptQueue(f"segment {name!r} has an inconsistent layout (header "
                            f"{header_size}, data at {data_off}, recorded size "
                            f"{file_size}, actual size {size})")
