@@ -68,7 +68,9 @@ def _tp(p, c, mode, size=0):
             "batch": f"{_size_text(size)} bytes in batches (put_many/get_many)",
             "numpy": f"{_size_text(size)} numpy arrays (put/get(zero_copy=True))",
             "reserve": f"{_size_text(size)} numpy arrays filled in place "
-                       "(reserve_array/commit, get(zero_copy=True))"}[mode]
+                       "(reserve_array/commit, get(zero_copy=True))",
+            "acks": f"{_size_text(size)} raw bytes: auto-ack get_bytes vs at-least-once "
+                    "get_message+ack and get_messages+ack_many (fastmq only)"}[mode]
     sid = f"{p}x{c}-{mode}" + (f"-{_size_tag(size)}" if mode != "pickle" else "")
     return Scenario(sid, "throughput", p, c, mode, size, f"{p} producer(s) x {c} consumer(s), {what}")
 
@@ -79,6 +81,7 @@ SCENARIOS = [
     _tp(1, 1, "pickle"), _tp(2, 2, "pickle"),
     _tp(1, 1, "batch", 64), _tp(2, 2, "batch", 64),
     _tp(1, 1, "numpy", MiB), _tp(1, 1, "numpy", 64 * MiB), _tp(1, 1, "reserve", MiB),
+    _tp(1, 1, "acks", 64),
     Scenario("pingpong-64", "pingpong", 1, 1, "bytes", 64,
              "round trip of 64 B over two queues, blocking waits"),
 ]

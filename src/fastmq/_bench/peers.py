@@ -23,7 +23,13 @@ pickle     put / get               put / get                put / get ; send_pyo
 batch      put_many / get_many     one by one               put_many / get_many ;
                                                             one by one
 numpy      put / get(zero_copy)    put / get (pickles)      pickled ; copy=False
+acks       put_bytes / get_bytes   (fastmq only)            (fastmq only)
 =========  ======================  =======================  ====================
+
+``acks`` is fastmq's own: the same raw bytes received three ways, as three
+peers -- auto-ack ``get_bytes`` ("fastmq"), ``get_message`` + ``ack``
+("fastmq-ack") and ``get_messages`` + ``ack_many`` ("fastmq-ack-many") -- so
+the table shows what at-least-once delivery costs.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ BATCH = 64            # messages per put_many in batch mode
 GET_MANY = 256        # most messages per get_many
 
 _CTX = multiprocessing.get_context("fork")
+FASTMQ_ONLY_MODES = ("reserve", "acks")     # no other library has these
 
 
 def _sentinel_payload(mode):
@@ -49,6 +56,7 @@ class Peer:
     label = "?"
     native_batch = False         # has put_many/get_many of its own
     pairs_only = False           # 1 producer x 1 consumer only (Pipe)
+    recv_in_batches = False      # consumers call recv_many() in every mode
 
     @classmethod
     def available(cls):
@@ -62,8 +70,9 @@ class Peer:
     @classmethod
     def supports(cls, producers: int, consumers: int, mode: str) -> bool:
         """Whether this peer can run a P x C channel in ``mode`` ("reserve" --
-        filling an array in place in the queue's memory -- is fastmq's own)."""
-        return mode != "reserve"
+        filling an array in place in the queue's memory -- and "acks" are
+        fastmq's own)."""
+        return mode not in FASTMQ_ONLY_MODES
 
     def sender(self, index: int):
         raise NotImplementedError
@@ -195,7 +204,7 @@ class FastmqPeer(Peer):
 
     def sender(self, index):
         q = self.q
-        if self.mode == "bytes":
+        if self.mode in ("bytes", "acks"):
             return _Endpoint(send=q.put_bytes)
         if self.mode == "batch":
             if self.raw_batch:
@@ -215,7 +224,7 @@ class FastmqPeer(Peer):
 
     def receiver(self, index):
         q = self.q
-        if self.mode == "bytes":
+        if self.mode in ("bytes", "acks"):
             return _Endpoint(recv=_unsentinel(q.get_bytes))
         if self.mode == "batch":
             get_many = q.get_many_bytes if self.raw_batch else q.get_many
@@ -235,7 +244,7 @@ class FastmqPeer(Peer):
     def wake(self, n):
         for _ in range(n):
             try:
-                if self.mode == "bytes" or (self.mode == "batch" and self.raw_batch):
+                if self.mode in ("bytes", "acks") or (self.mode == "batch" and self.raw_batch):
                     self.q.put_bytes(b"", timeout=1.0)
                 else:
                     self.q.put(_sentinel_payload(self.mode), timeout=1.0)
@@ -244,6 +253,64 @@ class FastmqPeer(Peer):
 
     def close(self):
         self.q.close()
+
+
+class FastmqAckPeer(FastmqPeer):
+    """fastmq, at-least-once: ``get_message()`` + ``msg.ack()`` per message."""
+
+    name, label = "fastmq-ack", "fastmq get_message+ack"
+
+    @classmethod
+    def supports(cls, producers, consumers, mode):
+        return mode == "acks"
+
+    def __init__(self, producers, consumers, mode, size, depth):
+        super().__init__(producers, consumers, mode, size, depth)
+        import fastmq
+        self.label = f"fastmq ({getattr(fastmq, 'backend', '?')}) get_message+ack"
+
+    def receiver(self, index):
+        get_message = self.q.get_message
+
+        def recv():
+            m = get_message()
+            m.ack()
+            data = m.data
+            return data if len(data) else None
+        return _Endpoint(recv=recv)
+
+
+class FastmqAckManyPeer(FastmqPeer):
+    """fastmq, at-least-once in batches: ``get_messages()`` + ``ack_many()``."""
+
+    name, label = "fastmq-ack-many", "fastmq get_messages+ack_many"
+    recv_in_batches = True       # the producer still sends one by one
+
+    @classmethod
+    def supports(cls, producers, consumers, mode):
+        return mode == "acks"
+
+    def __init__(self, producers, consumers, mode, size, depth):
+        super().__init__(producers, consumers, mode, size, depth)
+        import fastmq
+        self.label = f"fastmq ({getattr(fastmq, 'backend', '?')}) get_messages+ack_many"
+
+    def receiver(self, index):
+        q = self.q
+        get_messages, ack_many = q.get_messages, q.ack_many
+
+        def recv():
+            m = get_messages(1)[0]
+            m.ack()
+            data = m.data
+            return data if len(data) else None
+
+        def recv_many():
+            msgs = get_messages(GET_MANY)
+            ack_many(msgs)
+            # wake-up sentinels (empty) are dropped; the parent wakes again
+            return [d for d in (m.data for m in msgs) if len(d)]
+        return _Endpoint(recv=recv, recv_many=recv_many)
 
 
 # ------------------------------------------------------ multiprocessing --
@@ -317,7 +384,7 @@ class PipePeer(Peer):
 
     @classmethod
     def supports(cls, producers, consumers, mode):
-        return producers == 1 and consumers == 1 and mode != "reserve"
+        return producers == 1 and consumers == 1 and mode not in FASTMQ_ONLY_MODES
 
     def __init__(self, producers, consumers, mode, size, depth):
         super().__init__(producers, consumers, mode, size, depth)
@@ -516,5 +583,5 @@ class ZmqPeer(Peer):
 
 
 PEERS = {cls.name: cls for cls in
-         (FastmqPeer, MpQueuePeer, SimpleQueuePeer, PipePeer, FasterFifoPeer, ZmqPeer)}
+         (FastmqPeer, FastmqAckPeer, FastmqAckManyPeer, MpQueuePeer, SimpleQueuePeer, PipePeer, FasterFifoPeer, ZmqPeer)}
 BASELINE = "mp-queue"

@@ -231,7 +231,8 @@ def run_throughput(peer_cls, producers, consumers, mode, size, count, depth,
     try:
         for j in range(consumers):
             kids.start(f"consumer {j}", _consumer,
-                       (peer, j, producers, count, mode, size, batch, shared, barrier))
+                       (peer, j, producers, count, mode, size,
+                        batch or peer.recv_in_batches, shared, barrier))
         for i in range(producers):
             kids.start(f"producer {i}", _producer,
                        (peer, i, count, mode, size, batch, release, barrier))
