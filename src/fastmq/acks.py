@@ -31,6 +31,7 @@ import math
 import os
 import threading
 import time
+from itertools import repeat
 
 from .errors import Error, LeaseLost, QueueNotFound
 
@@ -55,8 +56,19 @@ class TooManyInFlight(Error):
 
 # --------------------------------------------------------------- the message
 
-_UNSET = object()
 _HELD, _ACKED, _NACKED, _LOST = range(4)
+
+# Bumped in every forked child: per-handle state inherited through fork()
+# belongs to the parent (cheaper than comparing os.getpid() on every call).
+_fork_generation = 0
+
+
+def _after_fork_in_child():
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Message:
@@ -73,35 +85,49 @@ class Message:
       ``LeaseLost`` once the lease expired, even if nobody took it yet.
     """
 
-    __slots__ = ("_queue", "_ring", "_slot", "_token", "_payload", "_value",
-                 "_state", "_counter", "delivery_count", "__weakref__")
+    # Three stores per message: building Messages is the hot path of
+    # get_messages(). ``_lease`` is the ring's (slot, token, payload,
+    # delivery_count) tuple as it came; ``_value`` stays unset until read.
+    __slots__ = ("_ctx", "_lease", "_state", "_value", "__weakref__")
 
-    def __init__(self, queue, ring, counter, slot, token, payload, delivery_count):
-        self._queue = queue
-        self._ring = ring
-        self._counter = counter
-        self._slot = slot
-        self._token = token
-        self._payload = payload
-        self._value = _UNSET
+    def __init__(self, ctx, leased):
+        self._ctx = ctx
+        self._lease = leased
         self._state = _HELD
-        self.delivery_count = delivery_count
+
+    @property
+    def _slot(self):
+        return self._lease[0]
+
+    @property
+    def _token(self):
+        return self._lease[1]
+
+    @property
+    def _payload(self):
+        return self._lease[2]
+
+    @property
+    def delivery_count(self) -> int:
+        return self._lease[3]
 
     # ---- content
 
     @property
     def data(self) -> memoryview:
-        return memoryview(self._payload)          # bytes: read-only already
+        return memoryview(self._lease[2])         # bytes: read-only already
 
     @property
     def value(self):
-        if self._value is _UNSET:
-            self._value = self._queue._decode(self._payload)
-        return self._value
+        try:
+            return self._value
+        except AttributeError:
+            self._value = self._ctx.queue._decode(self._payload)
+            return self._value
 
     @property
     def redelivered(self) -> bool:
-        return self.delivery_count > 1
+        return self._lease[3] > 1
 
     @property
     def id(self) -> int:
@@ -120,15 +146,19 @@ class Message:
     def ack(self) -> None:
         """Done with it: the message leaves the queue for good. A second
         ``ack()`` is a no-op; ``ack()`` after ``nack()`` raises ``LeaseLost``."""
-        if self._state == _ACKED:
-            return
-        self._check_held("ack")
+        state = self._state
+        if state != _HELD:
+            if state == _ACKED:
+                return
+            self._check_held("ack")
+        ctx, lease = self._ctx, self._lease
         try:
-            self._ring.ack(self._slot, self._token)
+            ctx.ring.ack(lease[0], lease[1])
         except LeaseLost:
             self._settle(_LOST)
             raise
-        self._settle(_ACKED)
+        self._state = _ACKED
+        ctx.count -= 1                    # see _Lessee: no lock needed
 
     def nack(self, requeue: bool = True) -> None:
         """Give the message back now: to the back of the queue with
@@ -136,21 +166,21 @@ class Message:
         with ``requeue=False``, dead-letter it at once."""
         self._check_held("nack")
         try:
-            self._ring.nack(self._slot, self._token, bool(requeue))
+            self._ctx.ring.nack(self._slot, self._token, bool(requeue))
         except LeaseLost:
             self._settle(_LOST)
             raise
         self._settle(_NACKED)
         # Past max_deliveries (or requeue=False) it is parked now: forward it
         # at this handle's next chance.
-        self._queue._acks.dead_letter_hint()
+        self._ctx.acks.dead_letter_hint()
 
     def touch(self, seconds: float = DEFAULT_LEASE) -> None:
         """Extend the lease to now + ``seconds``."""
         seconds = check_lease(seconds, "seconds")
         self._check_held("touch")
         try:
-            self._ring.touch(self._slot, self._token, seconds)
+            self._ctx.ring.touch(self._slot, self._token, seconds)
         except LeaseLost:
             self._settle(_LOST)
             raise
@@ -164,14 +194,14 @@ class Message:
 
     def _settle(self, state):
         if self._state == _HELD:
-            self._counter.release(1)
+            self._ctx.release(1)
         self._state = state
 
     def __del__(self):
         # A message dropped un-acked no longer counts against the in-flight
         # bound of its handle; the ring redelivers it when its lease expires.
         if getattr(self, "_state", None) == _HELD:
-            self._counter.release(1)
+            self._ctx.release(1)
 
     def __repr__(self):
         state = ("held", "acked", "nacked", "lost")[self._state]
@@ -179,30 +209,34 @@ class Message:
                 f"{len(self._payload)} bytes {state}>")
 
 
-class _InFlight:
-    """Un-acked messages of one handle in one process (a fork gets a new one)."""
+class _Lessee:
+    """One handle's consumer in one process (a fork gets a new one): what its
+    Messages point back to, and its count of un-acked messages."""
 
-    __slots__ = ("count", "_lock")
+    __slots__ = ("acks", "queue", "ring", "count")
 
-    def __init__(self):
+    def __init__(self, acks, ring):
+        self.acks, self.queue, self.ring = acks, acks.queue, ring
         self.count = 0
-        self._lock = threading.Lock()
 
+    # Plain int updates, no lock (a lock costs more than the rest of an ack):
+    # under the GIL ``self.count += n`` runs no Python code in between, so
+    # the count never drifts; reserve()'s check-then-add may overshoot the
+    # bound by one batch when threads race on one handle -- acceptable for a
+    # prefetch-style bound.
     def reserve(self, wanted, bound):
-        with self._lock:
-            room = bound - self.count
-            if room <= 0:
-                raise TooManyInFlight(
-                    f"this handle already holds {self.count} un-acked message(s) "
-                    f"(max_in_flight={bound}); ack or nack some first, or raise "
-                    "q.max_in_flight")
-            n = min(wanted, room)
-            self.count += n
-            return n
+        room = bound - self.count
+        if room <= 0:
+            raise TooManyInFlight(
+                f"this handle already holds {self.count} un-acked message(s) "
+                f"(max_in_flight={bound}); ack or nack some first, or raise "
+                "q.max_in_flight")
+        n = wanted if wanted < room else room
+        self.count += n
+        return n
 
     def release(self, n):
-        with self._lock:
-            self.count -= n
+        self.count -= n
 
 
 # ------------------------------------------------------------ argument checks
@@ -230,57 +264,74 @@ class Acks:
     def __init__(self, queue, max_in_flight=DEFAULT_MAX_IN_FLIGHT):
         self.queue = queue
         self.max_in_flight = check_max_in_flight(max_in_flight)
-        self._pid = os.getpid()
-        self._counter = _InFlight()
-        self._dlq = None                 # the dead-letter Queue, opened lazily
-        self._unforwarded = []           # taken dead letters the DLQ had no room for
+        self._generation = _fork_generation
+        self._lessee = None
+        self._dead_letter = None          # the ring's dead-letter name, read once
+        self._dlq = None                  # the dead-letter Queue, opened lazily
+        self._unforwarded = []            # taken dead letters the DLQ had no room for
         self._next_dead_check = 0.0
         self._lock = threading.Lock()
 
-    def counter(self):
-        if self._pid != os.getpid():     # inherited through fork: not ours
-            self._pid, self._counter = os.getpid(), _InFlight()
-            self._dlq, self._unforwarded = None, []
-        return self._counter
+    def lessee(self, ring):
+        lessee = self._lessee
+        if lessee is None or self._generation != _fork_generation:
+            if self._generation != _fork_generation:   # inherited: not ours
+                self._generation = _fork_generation
+                self._dlq, self._unforwarded = None, []
+            lessee = self._lessee = _Lessee(self, ring)
+            self._dead_letter = getattr(ring, "dead_letter", "") or ""
+        return lessee
 
     @property
     def in_flight(self) -> int:
-        return self.counter().count
+        lessee = self._lessee
+        return lessee.count if lessee and self._generation == _fork_generation else 0
 
     # ---- leasing
 
     def get_messages(self, ring, max_messages, timeout, lease):
-        self.forward_dead_letters(ring)
-        counter = self.counter()
-        n = counter.reserve(max_messages, self.max_in_flight)
+        lessee = self._lessee
+        if lessee is None or self._generation != _fork_generation:
+            lessee = self.lessee(ring)
+        if self._dead_letter:
+            self.forward_dead_letters(ring)
+        n = lessee.reserve(max_messages, self.max_in_flight)
         try:
             leased = ring.lease(n, timeout, lease)
         except BaseException:
-            counter.release(n)
+            lessee.release(n)
             raise
         if len(leased) < n:
-            counter.release(n - len(leased))
-        queue = self.queue
-        return [Message(queue, ring, counter, slot, token, payload, deliveries)
-                for slot, token, payload, deliveries in leased]
+            lessee.release(n - len(leased))
+        return list(map(Message, repeat(lessee, len(leased)), leased))
 
     def ack_many(self, ring, messages):
-        held = []
+        lessee = self._lessee
+        if lessee is None or self._generation != _fork_generation:
+            lessee = self.lessee(ring)
+        held, pairs = [], []
         for m in messages:
-            if not isinstance(m, Message):
+            if m.__class__ is not Message:
                 raise TypeError(f"ack_many takes fastmq.Message objects, not "
                                 f"{type(m).__name__}")
             if m._state == _HELD:
-                if m._ring is not ring:
-                    raise ValueError(f"{m!r} was not leased through this queue handle")
+                if m._ctx is not lessee:
+                    raise ValueError(f"{m!r} was not leased through this queue handle "
+                                     "in this process")
                 held.append(m)
+                lease = m._lease
+                pairs.append((lease[0], lease[1]))
         if not held:
             return 0
-        results = ring.ack_many([(m._slot, m._token) for m in held])
+        results = ring.ack_many(pairs)
         acked = 0
         for m, ok in zip(held, results):
-            m._settle(_ACKED if ok else _LOST)
-            acked += bool(ok)
+            if ok:
+                m._state = _ACKED
+                acked += 1
+            else:
+                m._state = _LOST
+        lessee.release(len(held))         # once for the batch
         return acked
 
     # ---- dead letters
@@ -292,7 +343,8 @@ class Acks:
     def forward_dead_letters(self, ring, force=False):
         """Move parked dead letters to the dead-letter queue (cheap when the
         queue has none configured or it was checked a moment ago)."""
-        name = getattr(ring, "dead_letter", "")
+        self.lessee(ring)
+        name = self._dead_letter
         if not name:
             return 0
         now = time.monotonic()
@@ -302,7 +354,6 @@ class Acks:
         if not self._lock.acquire(blocking=False):
             return 0                     # another thread is forwarding
         try:
-            self.counter()               # resets inherited state after fork
             return self._forward_locked(ring, name)
         finally:
             self._lock.release()

@@ -500,7 +500,12 @@ class Queue:
         ``get``; ``TooManyInFlight`` when this handle already holds
         ``max_in_flight`` un-acked messages.
         """
-        return self.get_messages(1, block, timeout, lease)[0]
+        if not block or timeout is not None:
+            timeout = _timeout(block, timeout)
+        if lease.__class__ is not float or not 0.0 < lease <= acks.MAX_LEASE:
+            lease = acks.check_lease(lease)
+        state = self.__dict__.get("_acks_state") or self._acks
+        return state.get_messages(self._live_ring(), 1, timeout, lease)[0]
 
     def get_messages(self, max_messages=acks.DEFAULT_GET_MESSAGES, block=True,
                      timeout=None, lease=acks.DEFAULT_LEASE) -> list:
@@ -508,17 +513,23 @@ class Queue:
         (``Empty`` where ``get`` would raise), at most ``max_messages``
         (fewer if the in-flight bound leaves less room), without waiting for
         more once one is available. Each has its own lease."""
-        _check_int("max_messages", max_messages, 1, 1 << 30)
-        timeout = _timeout(block, timeout)
-        lease = acks.check_lease(lease)
-        return self._acks.get_messages(self._live_ring(), max_messages, timeout, lease)
+        # Validation inlined for the common arguments: this is a hot path.
+        if max_messages.__class__ is not int or not 1 <= max_messages <= 1 << 30:
+            _check_int("max_messages", max_messages, 1, 1 << 30)
+        if not block or timeout is not None:
+            timeout = _timeout(block, timeout)
+        if lease.__class__ is not float or not 0.0 < lease <= acks.MAX_LEASE:
+            lease = acks.check_lease(lease)
+        state = self.__dict__.get("_acks_state") or self._acks
+        return state.get_messages(self._live_ring(), max_messages, timeout, lease)
 
     def ack_many(self, messages) -> int:
         """Ack several leased messages in one call; returns how many were
         acked now. Unlike ``Message.ack()``, a lost lease is not an exception
         here: that message is simply not counted (it was or will be
         redelivered). Messages already acked are skipped (not counted)."""
-        return self._acks.ack_many(self._live_ring(), messages)
+        state = self.__dict__.get("_acks_state") or self._acks
+        return state.ack_many(self._live_ring(), messages)
 
     def pending(self) -> list:
         """In-flight (leased, un-acked) messages of the whole queue, as dicts:
