@@ -437,8 +437,10 @@ def test_consumer_killed_at(cq, kids, tmp_path, point, fate, reclaimed, size):
     died_by_sigkill(child)
     by_child = received_in(child.log)
     assert [(p, s) for p, s, _ in by_child] == [(0, s) for s in range(k)]
-    # Another consumer and a producer keep going; the producer laps the ring
-    # and meets the dead consumer's slot (if it still holds one).
+    # Another consumer (a new handle: opening reaps dead participants) and a
+    # producer keep going; the producer laps the ring and meets the dead
+    # consumer's slot if it is still held. (An *already open* consumer alone
+    # does not bring it back: test_dead_consumers_message_comes_back_without_lapping.)
     col = Collector(name)
     try:
         committed |= put_range(q, 2, range(3 * CAP), nbytes)
