@@ -234,7 +234,7 @@ class LeaseMixin:
         room_entries = len(free) + (self.maxsize - ls[_HWM])
         records = self._read_records(fd, state, min(max_messages, room_entries))
         if not records:
-            return []
+            return self._release_parked(fd, state, ls, entries, lease_ns)
         need = sum(len(r[0]) for r in records)
         if ls[_TAIL] + need > self.capacity_bytes:
             self._compact(fd, ls, entries)
@@ -245,8 +245,8 @@ class LeaseMixin:
             total += len(payload)
             fit += 1
         records = records[:fit]
-        if not records:
-            return []                      # in-flight bytes full: wait for acks
+        if not records:                    # in-flight bytes full
+            return self._release_parked(fd, state, ls, self._entries(fd, ls), lease_ns)
         pid, start, handle = self._me()
         ls[_ATTEMPT] += 1
         self._write_lstate(fd, ls)         # intent (see _recover)
@@ -278,6 +278,37 @@ class LeaseMixin:
             ls[_NEXT_DUE] = due
         self._commit(fd, state, ls)        # the hand-over
         return out
+
+    def _release_parked(self, fd, state, ls, entries, lease_ns):
+        """The queue is full AND the in-flight table (or payload area) is
+        full of leases that are due but could not be requeued for lack of
+        room: nothing could ever move again (a take needs a free entry, a
+        requeue needs room in the ring). Break the cycle by redelivering one
+        such message in place, to this taker: same entry, delivery count + 1,
+        new holder and deadline (one entry write, so crash-safe). The only
+        case where a redelivered message does not go to the back."""
+        if not state[2]:
+            return []
+        now = now_ns()
+        for e in entries:
+            if e.state != LEASED or (e.deadline_ns > now and not self._holder_gone(e)):
+                continue
+            if e.deliveries >= self.max_deliveries:
+                self._requeue(fd, state, ls, e)            # dead-letters it: room
+                return []
+            pid, start, handle = self._me()
+            e.token = (e.token + 1) & 0xFFFFFFFF or 1
+            e.pid, e.start, e.handle = pid, start, handle
+            e.deliveries += 1
+            e.leased_ns, e.deadline_ns = now, now + lease_ns
+            self._write_entry(fd, e)
+            state[6] += 1                                  # redelivered
+            self._write_state(fd, state)
+            if ls[_NEXT_DUE] == 0 or e.deadline_ns < ls[_NEXT_DUE]:
+                ls[_NEXT_DUE] = e.deadline_ns
+                self._write_lstate(fd, ls)
+            return [(e.index, e.token, self._payload(fd, ls, e), e.deliveries)]
+        return []
 
     def _grow(self, ls):
         index = ls[_HWM]
