@@ -510,3 +510,56 @@ def test_redelivery_into_a_full_queue_loses_nothing(mq):
     assert sorted(seen) == [("a", 2), ("b", 2), ("c", 1), ("d", 1)]
     assert q.qsize() == 0 and q.pending() == []
     del leased
+
+
+# ------------------------------------------- kill -9 at random points, repeatedly
+
+def _record_then_ack(backend, name, log_path, seed):
+    """Record each id (one O_APPEND write) BEFORE acking it: a kill between
+    the two gives a duplicate record, never a missing one."""
+    q = fastmq.Queue.open(name, _backend=backend)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    rng = random.Random(seed)
+    while True:
+        try:
+            batch = q.get_messages(rng.randint(1, 16), timeout=0.2, lease=1.0)
+        except fastmq.Empty:
+            continue
+        os.write(fd, "".join(f"{m.value}\n" for m in batch).encode())
+        if rng.random() < 0.5:
+            q.ack_many(batch)
+        else:
+            for m in batch:
+                m.ack()
+
+
+def test_consumers_sigkilled_at_random_points_lose_nothing(mq, backend, children, tmp_path):
+    n = 3000
+    name, q = _named(mq, maxsize=4096)
+    q.put_many(range(n))
+    log = tmp_path / "acked.log"
+    rng = random.Random(11)
+    end = time.monotonic() + 5.0
+    seed = 0
+    while time.monotonic() < end:
+        procs = [children.start(_record_then_ack, backend, name, str(log), seed + i)
+                 for i in range(2)]
+        seed += 2
+        time.sleep(rng.uniform(0.05, 0.4))
+        for p in procs:
+            os.kill(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.join(10)
+            assert p.exitcode == -signal.SIGKILL
+    seen = set(int(x) for x in log.read_text().split()) if log.exists() else set()
+    deadline = time.monotonic() + 30
+    while len(seen) < n and time.monotonic() < deadline:
+        try:
+            got = q.get_messages(512, timeout=0.5, lease=60)
+        except fastmq.Empty:
+            continue
+        seen.update(m.value for m in got)
+        q.ack_many(got)
+    assert seen == set(range(n)), f"lost: {sorted(set(range(n)) - seen)[:20]}"
+    assert wait_until(lambda: not q.pending() and q.qsize() == 0, 10), \
+        (q.pending()[:5], q.qsize())
