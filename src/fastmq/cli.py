@@ -139,22 +139,22 @@ def cmd_pending(args) -> int:
     fastmq = _fastmq()
     q = fastmq.Queue.open(args.name)
     try:
-        if not hasattr(q, "pending"):
-            raise UserError("this fastmq version has no Queue.pending() yet "
-                            "(at-least-once delivery is not available)")
-        items = q.pending()
+        items = q.pending()       # also redelivers expired leases first
     finally:
         q.close()
     if not items:
         print(f"no messages in flight in {args.name}")
         return 0
-    print(f"{'ID':>12}  {'PID':>8}  {'IDLE s':>8}  {'DELIVERIES':>10}")
-    for m in items:
-        idle = m.get("idle")
-        idle = f"{idle:.1f}" if isinstance(idle, (int, float)) else str(idle)
-        print(f"{m.get('id', '?')!s:>12}  {m.get('pid', '?')!s:>8}  {idle:>8}  "
-              f"{m.get('delivery_count', '?')!s:>10}")
+    print(f"{'ID':>8}  {'PID':>8}  {'IDLE s':>8}  {'EXPIRES IN s':>12}  {'DELIVERIES':>10}")
+    for m in sorted(items, key=lambda m: -m.get("idle", 0)):
+        pid = m.get("pid") or "orphan"     # 0: its holder is gone, due now
+        print(f"{m.get('id', '?')!s:>8}  {pid!s:>8}  {_seconds(m.get('idle')):>8}  "
+              f"{_seconds(m.get('expires_in')):>12}  {m.get('delivery_count', '?')!s:>10}")
     return 0
+
+
+def _seconds(value):
+    return f"{value:.1f}" if isinstance(value, (int, float)) else "?"
 
 
 def cmd_rm(args) -> int:
