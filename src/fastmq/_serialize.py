@@ -98,6 +98,9 @@ def write_frame(dest: memoryview, header: bytes, data: bytes, raws, offsets):
 
 def encode(obj):
     """The whole message as one bytes-like object (used by batches)."""
+    data = _plain_pickle(obj)
+    if data is not None:
+        return data
     data, raws = pickle_with_buffers(obj)
     if not raws:
         return data
@@ -109,6 +112,10 @@ def encode(obj):
 
 def put_object(ring, obj, timeout):
     """Serialize ``obj`` into ``ring``, copying array data exactly once."""
+    data = _plain_pickle(obj)
+    if data is not None:
+        ring.put(data, timeout)
+        return
     data, raws = pickle_with_buffers(obj)
     if not raws:
         ring.put(data, timeout)
@@ -157,6 +164,13 @@ def decode(payload, zero_copy: bool = False):
     message memory (read-only) and keep it alive.
     A malformed message raises ``BadMessage`` carrying its raw bytes.
     """
+    if type(payload) is bytes and payload[:1] == b"\x80":
+        # The common case, a plain pickle, without the frames below; any
+        # unpickling failure takes the full path for its BadMessage.
+        try:
+            return _pickle_loads(payload)
+        except _UNPICKLE_ERRORS:
+            pass
     try:
         return _decode(payload, zero_copy)
     except BadMessage as exc:
@@ -180,6 +194,36 @@ def _decode(payload, zero_copy):
         raise BadMessage("message is neither a pickle nor a fastmq frame "
                          "(was it sent with put_bytes()? read it with get_bytes())")
     return _loads(view, None)
+
+
+_pickle_loads = pickle.loads
+_pickle_dumps = pickle.dumps
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, IndexError, struct.error)
+# Objects of these types cannot hold out-of-band buffers: pickle them directly.
+_NO_BUFFERS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
+class _HasBuffers(Exception):
+    """Raised by _refuse_buffers to abandon a first, buffer-less pickling."""
+
+
+def _refuse_buffers(pickle_buffer):
+    raise _HasBuffers
+
+
+def _plain_pickle(obj):
+    """The pickle of ``obj`` if it has no out-of-band buffers, else None.
+
+    Most messages are small and buffer-less; pickling them with a callback
+    that refuses buffers costs nothing extra, and only objects that do carry
+    buffers (numpy arrays) are pickled a second time by the framing path --
+    cheaply, since their data is not part of the pickle."""
+    if type(obj) in _NO_BUFFERS:
+        return _pickle_dumps(obj, PROTOCOL)
+    try:
+        return _pickle_dumps(obj, PROTOCOL, buffer_callback=_refuse_buffers)
+    except _HasBuffers:
+        return None
 
 
 def _loads(stream, buffers):

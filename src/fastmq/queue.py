@@ -97,8 +97,12 @@ class Queue:
     * ``max_message_size`` -- largest message in bytes (after pickling);
       ``None`` means 16 MiB.
     * ``capacity_bytes`` -- shared memory for message bytes; ``None`` means
-      ``max(64 MiB, 2 * max_message_size)``. Memory is only committed as it
-      is used.
+      ``max(64 MiB, 2 * max_message_size)``. The native backend reserves
+      it all in /dev/shm when the queue is created (so a full /dev/shm is an
+      error now, never a SIGBUS later) and splits it into size classes
+      growing by 4x up to ``max_message_size``: the largest class gets half,
+      the others share the rest, and a message may borrow a bigger block, so
+      messages of one size can use only part of ``capacity_bytes``.
     * ``serializer`` -- ``(dumps, loads)``; default pickle protocol 5 with
       out-of-band buffers (numpy arrays are copied once, straight into
       shared memory).
@@ -133,6 +137,9 @@ class Queue:
         self.backend = backend
         self.name = name                  # None for anonymous queues
         self._serializer = serializer
+        # The native ring decodes inside its claim, so an undecodable message
+        # never costs the rest of a batch (see Ring.get_many).
+        self._ring_decodes = backend == "native"
         self._reserved_arrays = {}        # id(array) -> Reservation (reserve_array)
         self._lock = threading.Lock()
         # Payloads this handle dequeued but could not deliver yet because an
@@ -315,14 +322,19 @@ class Queue:
 
     # --------------------------------------------------------- put / get
 
+    # The hot paths below avoid helper calls on purpose: with the C ring a put
+    # or get costs a few hundred nanoseconds, so every extra Python frame
+    # shows. ``timeout`` is normalised only when it is not the common default,
+    # and a closed handle is detected by the ring itself (QueueClosed).
+
     def put(self, obj, block=True, timeout=None):
         """Serialize ``obj`` and enqueue it; ``Full`` if no room in time."""
-        timeout = _timeout(block, timeout)
-        ring = self._live_ring()
-        if self._serializer:
-            ring.put(self._dumps(obj), timeout)
+        if not block or timeout is not None:
+            timeout = _timeout(block, timeout)
+        if self._serializer is None:
+            _serialize.put_object(self._ring, obj, timeout)
         else:
-            _serialize.put_object(ring, obj, timeout)
+            self._ring.put(self._dumps(obj), timeout)
 
     def get(self, block=True, timeout=None, *, zero_copy=False):
         """Dequeue and deserialize one object; ``Empty`` if none in time.
@@ -331,14 +343,17 @@ class Queue:
         as read-only views of shared memory, which stays pinned while they live.
         (With a custom ``serializer`` it has no effect: ``loads`` gets bytes.)
         """
-        timeout = _timeout(block, timeout)
-        ring = self._live_ring()
-        stashed = self._unstash(1)
-        if stashed:
-            return self._decode_batch(stashed)[0]
-        if not zero_copy or self._serializer:
-            return self._decode(ring.get(timeout))
-        lease = ring.recv(timeout)
+        if not block or timeout is not None:
+            timeout = _timeout(block, timeout)
+        if self._stash:
+            stashed = self._unstash(1)
+            if stashed:
+                return self._decode_batch(stashed)[0]
+        if self._serializer is not None:
+            return self._loads(self._ring.get(timeout))
+        if not zero_copy:
+            return _serialize.decode(self._ring.get(timeout))
+        lease = self._ring.recv(timeout)
         try:
             return _serialize.decode(lease.view, zero_copy=True)
         finally:
@@ -353,32 +368,63 @@ class Queue:
     def put_many(self, iterable, block=True, timeout=None) -> int:
         """Enqueue a batch in order; returns how many went in (all of them when
         blocking without a timeout). Nothing is written if any item is too big."""
-        timeout = _timeout(block, timeout)
-        ring = self._live_ring()
-        payloads = [self._encode(obj) for obj in iterable]
-        _check_sizes(payloads, ring.max_message_size)
-        return ring.put_many(payloads, timeout)
+        if not block or timeout is not None:
+            timeout = _timeout(block, timeout)
+        encode = self._encode if self._serializer is not None else _serialize.encode
+        payloads = [encode(obj) for obj in iterable]
+        # The ring checks every size before writing anything, too; checking
+        # here first gives the message that names the batch.
+        _check_sizes(payloads, self._ring.max_message_size)
+        return self._ring.put_many(payloads, timeout)
 
     def get_many(self, max_messages=DEFAULT_GET_MANY, block=True, timeout=None) -> list:
         """At least one object (``Empty`` where ``get`` would raise), at most
-        ``max_messages``, without waiting for more once one is available."""
+        ``max_messages``, without waiting for more once one is available.
+
+        If a message cannot be deserialized, it is consumed and its error
+        raised; the rest of the batch stays in the queue (native backend:
+        in place, in order)."""
         _check_int("max_messages", max_messages, 1, 1 << 30)
-        timeout = _timeout(block, timeout)
-        ring = self._live_ring()
-        payloads = self._unstash(max_messages) or ring.get_many(max_messages, timeout)
+        if not block or timeout is not None:
+            timeout = _timeout(block, timeout)
+        if self._ring_decodes:
+            return self._ring.get_many(max_messages, timeout, self._decode)
+        payloads = self._unstash(max_messages) or self._ring.get_many(max_messages, timeout)
         return self._decode_batch(payloads)
 
     def put_bytes(self, data, block=True, timeout=None):
         """Enqueue a bytes-like payload as it is (no serialization)."""
-        timeout = _timeout(block, timeout)
-        self._live_ring().put(data, timeout)
+        if not block or timeout is not None:
+            timeout = _timeout(block, timeout)
+        self._ring.put(data, timeout)
 
     def get_bytes(self, block=True, timeout=None) -> bytes:
         """Dequeue one payload as bytes (no deserialization)."""
-        timeout = _timeout(block, timeout)
-        ring = self._live_ring()
-        stashed = self._unstash(1)
-        return bytes(stashed[0]) if stashed else ring.get(timeout)
+        if not block or timeout is not None:
+            timeout = _timeout(block, timeout)
+        if self._stash:
+            stashed = self._unstash(1)
+            if stashed:
+                return bytes(stashed[0])
+        return self._ring.get(timeout)
+
+    def put_many_bytes(self, items, block=True, timeout=None) -> int:
+        """``put_many`` for bytes-like payloads, sent as they are: the fastest
+        way to move many small messages (one call, one wake-up)."""
+        if not block or timeout is not None:
+            timeout = _timeout(block, timeout)
+        return self._ring.put_many(items, timeout)
+
+    def get_many_bytes(self, max_messages=DEFAULT_GET_MANY, block=True, timeout=None) -> list:
+        """``get_many`` returning the payloads as bytes (no deserialization)."""
+        _check_int("max_messages", max_messages, 1, 1 << 30)
+        if not block or timeout is not None:
+            timeout = _timeout(block, timeout)
+        if self._stash:
+            stashed = self._unstash(max_messages)
+            if stashed:
+                return [bytes(p) for p in stashed]
+        return self._ring.get_many(max_messages, timeout)
 
     # ------------------------------------------------------------ inspection
 
