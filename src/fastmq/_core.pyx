@@ -427,19 +427,20 @@ cdef class Ring:
     def get_many(self, Py_ssize_t max_messages, timeout=None, decode=None):
         """At least one message (waiting up to timeout), at most max_messages.
 
-        The batch is handed over as a whole: every message is claimed first,
-        then copied (and passed through ``decode`` if given), and only then are
-        the slots released. If ``decode`` raises for one message, that message
-        is consumed (it is the bad one), every other message of the batch goes
-        back to the queue in place, and the error propagates. Any other failure
-        (MemoryError, KeyboardInterrupt) gives the whole batch back. A process
-        killed meanwhile gives it back too (crash recovery), so nothing is lost
-        that the caller did not receive.
+        The batch is handed over only as far as it is returned: every message
+        is claimed first, then copied (and passed through ``decode`` if given),
+        and only then are the slots of the returned ones released. If
+        ``decode`` raises for a message, the ones decoded before it are
+        returned and it and everything after it go back to the queue in place;
+        if it is the first, it is consumed (it is the bad one) and its error
+        propagates. Any other failure (MemoryError, KeyboardInterrupt) gives
+        the whole batch back. A process killed meanwhile gives it back too
+        (crash recovery), so nothing is lost that the caller did not receive.
         """
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(timeout, &nonblock)
         cdef fmq_msg *msgs
-        cdef Py_ssize_t k = 0, i, j, bad = -1
+        cdef Py_ssize_t k = 0, i, j, bad = -1, keep
         cdef list out = []
         cdef bytes raw
         cdef int rc
@@ -469,15 +470,23 @@ cdef class Ring:
                         bad = i
                         out.append(decode(raw))
                         bad = -1
-            except BaseException:
-                for j in range(k):
-                    if j == bad:
-                        fmq_ring_release(self.r, &msgs[j], 0)    # the undecodable one
-                    else:
-                        fmq_ring_unclaim(self.r, &msgs[j])      # back, in place
-                k = 0
-                raise
-            for i in range(k):
+            except BaseException as exc:
+                if bad >= 0 and not isinstance(exc, Exception):
+                    bad = -1                    # Ctrl-C while decoding: not a bad message
+                if bad > 0:
+                    keep = bad                  # return what decoded; the rest back
+                elif bad == 0:
+                    fmq_ring_release(self.r, &msgs[0], 0)   # the undecodable one
+                    keep = 1
+                else:
+                    keep = 0                    # not a decode error: all back
+                for j in range(keep, k):
+                    fmq_ring_unclaim(self.r, &msgs[j])
+                if bad <= 0:
+                    k = keep
+                    raise
+                k = keep
+            for i in range(1 if bad == 0 else 0, k):
                 rc = fmq_ring_release(self.r, &msgs[i], 0)
                 if rc != FMQ_OK:
                     _raise(rc)
@@ -486,7 +495,7 @@ cdef class Ring:
             if self.r != NULL and k:
                 fmq_ring_wake_producers(self.r)
             self._leave()
-        return out
+        return out[:k] if decode is not None else out
 
     def recv(self, timeout=None):
         """Receive one message without copying it out (large ones) -> Lease."""
