@@ -40,6 +40,7 @@ import collections
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,11 +149,14 @@ def _pct(values, q):
 
 
 def run(seconds=60.0, producers=3, consumers=3, workdir=None, seed=None, verbose=True,
-        maxsize=64, pause_prob=0.3):
-    """Run the soak; return the figures (see the module docstring)."""
+        maxsize=64, pause_prob=0.3, keep_logs=False):
+    """Run the soak; return the figures (see the module docstring). The logs
+    go to ``workdir`` (kept), or to a temporary directory that is removed
+    afterwards unless ``keep_logs``."""
     import fastmq
     seed = random.randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
+    scratch = workdir is None and not keep_logs
     workdir = workdir or tempfile.mkdtemp(prefix="fastmq-soak-")
     os.makedirs(workdir, exist_ok=True)
     name = f"fmqsoak-{os.getpid()}-{rng.randrange(1 << 32):08x}"
@@ -364,6 +368,8 @@ def run(seconds=60.0, producers=3, consumers=3, workdir=None, seed=None, verbose
         inflight += extra
     bound = res["consumer_kills"] * MAX_BATCH
     after_handover = min(missing, bound)
+    if scratch:
+        shutil.rmtree(workdir, ignore_errors=True)
     return {
         "seconds": seconds, "seed": seed, "producers": producers, "consumers": consumers,
         "maxsize": maxsize, "kills": res["kills"], "producer_kills": res["producer_kills"],
@@ -424,7 +430,8 @@ def main(argv=None):
     ap.add_argument("--consumers", type=int, default=3)
     ap.add_argument("--maxsize", type=int, default=64)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--workdir", default=None, help="keep the per-process logs here")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the temporary logs")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--quiet", action="store_true")
     # worker mode (internal)
@@ -437,7 +444,8 @@ def main(argv=None):
     if a.role:
         (_producer if a.role == "producer" else _consumer)(a)
         return 0
-    r = run(a.seconds, a.producers, a.consumers, a.workdir, a.seed, not a.quiet, a.maxsize)
+    r = run(a.seconds, a.producers, a.consumers, a.workdir, a.seed, not a.quiet, a.maxsize,
+            keep_logs=a.keep_logs)
     print(format_summary(r))
     if a.json:
         with open(a.json, "w") as f:
