@@ -148,6 +148,7 @@ typedef struct fmq_ctl {
         _Atomic uint64_t since_ns;         /* CLOCK_MONOTONIC when first seen  */
         _Atomic uint32_t pid;              /* the live owner that holds it     */
         _Atomic uint32_t phase;            /* FMQ_PH_WRITING / FMQ_PH_READING  */
+        _Atomic uint64_t word;             /* the slot word it was stuck with  */
     } stall;
     fmq_u64line recoveries;                /* dead participants reaped         */
     fmq_u64line lease_hint;                /* where lease takers scan first    */

@@ -205,6 +205,7 @@ void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t
         atomic_store_explicit(&r->ctl->stall.phase, (uint32_t)((word >> FMQ_OWNER_BITS) & 3),
                               memory_order_relaxed);
         atomic_store_explicit(&r->ctl->stall.since_ns, since_ns, memory_order_relaxed);
+        atomic_store_explicit(&r->ctl->stall.word, word, memory_order_relaxed);
         atomic_store_explicit(&r->ctl->stall.ticket, ticket + 1, memory_order_release);
         return;
     }

@@ -451,6 +451,20 @@ os_error:
     return rc;
 }
 
+/* AUDITING with nobody holding the init lock: the lone opener that was
+ * auditing died. The audit only ever makes the pool more complete, so the
+ * segment is as usable as before it started: put it back to READY (under the
+ * init lock, so two openers do not race). Returns 1 if it is READY now. */
+static int fmq_region_end_dead_audit(fmq_region *r, int fd) {
+    if (fmq_live_init_lock(fd, F_WRLCK) != 0)
+        return 0;   /* an auditor is alive and working */
+    uint32_t expect = FMQ_INIT_AUDITING;
+    atomic_compare_exchange_strong(&((fmq_header *)r->base)->init_state, &expect,
+                                   FMQ_INIT_READY);
+    fmq_live_init_lock(fd, F_UNLCK);
+    return atomic_load(&((fmq_header *)r->base)->init_state) == FMQ_INIT_READY;
+}
+
 int fmq_region_open(const char *name, fmq_region **out) {
     char path[300];
     int rc = fmq_shm_path(name, path, sizeof path);
@@ -477,6 +491,7 @@ int fmq_region_open(const char *name, fmq_region **out) {
     /* The creator may still be sizing or initialising: wait for it, bounded. */
     uint64_t deadline = fmq_now_ns() + 2000000000ull;
     struct stat st;
+    int creating = 1;   /* a file too short for a header is still being created */
     for (;;) {
         if (fstat(fd, &st) != 0) {
             rc = fmq_os_fail("cannot stat", name);
@@ -502,13 +517,17 @@ int fmq_region_open(const char *name, fmq_region **out) {
                 return fmq_fail(FMQ_ECORRUPT, "segment %s is corrupted (bad init state %#x)",
                                 name, st8);
             }
+            if (st8 == FMQ_INIT_AUDITING && fmq_region_end_dead_audit(r, fd))
+                continue;   /* the auditor died: the segment is READY again */
+            creating = st8 == FMQ_INIT_CREATING;
             munmap(r->base, r->size);
             r->base = NULL;
         }
         /* Not ready and nobody initialising: the creator died half-way. (A
          * brand-new name may not have its init lock yet for a few
          * microseconds, so give it a short grace period first.) */
-        if (!fmq_live_init_in_progress(fd) && fmq_now_ns() + 1900000000ull > deadline) {
+        if (creating && !fmq_live_init_in_progress(fd) &&
+            fmq_now_ns() + 1900000000ull > deadline) {
             fmq_region_free(r);
             return fmq_fail(FMQ_EDEADINIT, "segment %s is unusable: its creator died during "
                                            "initialization; remove it with Queue.unlink (or "
@@ -537,6 +556,8 @@ int fmq_region_open(const char *name, fmq_region **out) {
      * registration; it could not see us, so wait for it to finish. */
     for (uint64_t until = fmq_now_ns() + 2000000000ull;
          atomic_load_explicit(&r->hdr->init_state, memory_order_acquire) != FMQ_INIT_READY;) {
+        if (fmq_region_end_dead_audit(r, r->fd))
+            continue;
         if (fmq_now_ns() > until) {
             fmq_live_unregister(r);
             fmq_region_free(r);
@@ -649,6 +670,19 @@ void fmq_region_stats(fmq_region *r, fmq_stats *st) {
     st->reclaimed = sum[FMQ_ST_RECLAIMED];
     st->recoveries = atomic_load_explicit(&r->ctl->recoveries.v, memory_order_relaxed);
     st->stall_ticket = atomic_load_explicit(&r->ctl->stall.ticket, memory_order_acquire);
+    if (st->stall_ticket) {
+        /* Report it only while that slot is still stuck as it was: a frozen
+         * process that resumed has moved on, and the record is stale. */
+        uint64_t t = st->stall_ticket - 1;
+        const fmq_slot *s = (const fmq_slot *)(r->ring + (t % r->g.slot_count) *
+                                                             r->g.slot_stride);
+        if (atomic_load_explicit(&s->word, memory_order_acquire) !=
+            atomic_load_explicit(&r->ctl->stall.word, memory_order_relaxed)) {
+            uint64_t expect = st->stall_ticket;
+            atomic_compare_exchange_strong(&r->ctl->stall.ticket, &expect, 0);
+            st->stall_ticket = 0;
+        }
+    }
     if (st->stall_ticket) {
         st->stall_since_ns = atomic_load_explicit(&r->ctl->stall.since_ns, memory_order_relaxed);
         st->stall_pid = atomic_load_explicit(&r->ctl->stall.pid, memory_order_relaxed);

@@ -53,6 +53,7 @@
 #define FMQ_SPIN_PAUSE_NS 5000ull   /* ... the first part with pause, then yield */
 #define FMQ_SLICE_NS 100000000ull   /* longest single sleep: Ctrl-C, close()     */
 #define FMQ_STALL_NS 100000000ull   /* a slot unchanged this long: check its owner */
+#define FMQ_RECOVER_EVERY_NS 1000000000ull  /* a stuck waiter's full recovery pass */
 
 /* ======================================================================== */
 /* slot words                                                               */
@@ -353,6 +354,13 @@ static int fmq_has_data(fmq_region *r, uint64_t unused, fmq_blocker *b) {
         int64_t d = fmq_stamp_diff(fmq_stamp(w), fmq_lap_stamp(r, h) + FMQ_PH_READY);
         if (d == 0)
             return 1;
+        if (d == 1 && b->ticket == ~0ull) {
+            /* READING: a consumer holds it. Not in our way now, but if that
+             * consumer died before the hand-over, this is the message we are
+             * waiting for -- so it is what to check when nothing arrives. */
+            b->ticket = h;
+            b->word = w;
+        }
         if (d < 0) {
             if (d == -1) {          /* WRITING: a producer has not committed yet */
                 b->ticket = h;
@@ -378,7 +386,7 @@ static int fmq_has_space(fmq_region *r, uint64_t need, fmq_blocker *b) {
         if (d < 0) {
             uint32_t ph = (uint32_t)(fmq_stamp(w) & 3);
             if (ph == FMQ_PH_READING || ph == FMQ_PH_WRITING) {
-                b->ticket = t;
+                b->ticket = t - r->g.slot_count;   /* the held message's ticket */
                 b->word = w;
             }
             return 0;
@@ -387,11 +395,20 @@ static int fmq_has_space(fmq_region *r, uint64_t need, fmq_blocker *b) {
     return 1;
 }
 
-/* Per thread: the blocker this thread has been waiting behind, and since when. */
+/* Per thread: the blocker this thread has been waiting behind, and since when;
+ * and when it last ran a full recovery pass while getting nowhere. */
 static __thread uint64_t fmq_tl_stall_ticket = ~0ull, fmq_tl_stall_word, fmq_tl_stall_since;
+static __thread uint64_t fmq_tl_last_recover;
 
 static void fmq_note_blocker(fmq_region *r, const fmq_blocker *b, int pool_wait) {
     uint64_t now = fmq_now_ns();
+    /* Whatever the visible blocker is (or whether there is one), a waiter
+     * that has made no progress for a while looks for any dead participant
+     * once a second: a dead holder may be behind a live one in the scan. */
+    if (now - fmq_tl_last_recover >= FMQ_RECOVER_EVERY_NS) {
+        fmq_tl_last_recover = now;
+        fmq_recover(r);
+    }
     if (b->ticket == ~0ull) {
         fmq_tl_stall_ticket = ~0ull;
         if (pool_wait)
