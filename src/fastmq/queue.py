@@ -6,17 +6,17 @@ messages, normalise ``block``/``timeout`` the way the stdlib does, serialize
 picklable. Everything that touches shared memory -- blocking, locking,
 crash safety, fork handling -- belongs to the ring (``_ring_protocol``).
 
-The handle keeps no per-process state besides the ring itself (and a
-pid-keyed stash of already-dequeued payloads, see ``_decode_batch``), so a
-handle inherited through ``fork()`` works in the child as it is.
+The handle keeps no per-process state besides the ring itself (and, once
+``get_message`` was used, the at-least-once bookkeeping of ``acks.py``, which
+a forked child resets), so a handle inherited through ``fork()`` works in the
+child as it is. Batches are decoded by the ring inside its claim
+(``Ring.get_many(..., decode)``), so an undecodable message never costs the
+rest of a batch and the handle holds no dequeued-but-undelivered payloads.
 """
 from __future__ import annotations
 
-import collections
 import math
-import os
 import threading
-import warnings
 import weakref
 
 from . import _backend, _names, _serialize, acks
@@ -32,7 +32,6 @@ MAX_MAXSIZE = 1 << 24
 MAX_MESSAGE_SIZE = 1 << 31
 MAX_CAPACITY_BYTES = 1 << 40
 DEFAULT_GET_MANY = 1024
-_STASH_RETURN_TIMEOUT = 1.0               # seconds close() waits to give messages back
 
 
 # ------------------------------------------------------------ argument checks
@@ -137,17 +136,8 @@ class Queue:
         self.backend = backend
         self.name = name                  # None for anonymous queues
         self._serializer = serializer
-        # The native ring decodes inside its claim, so an undecodable message
-        # never costs the rest of a batch (see Ring.get_many).
-        self._ring_decodes = backend == "native"
         self._reserved_arrays = {}        # id(array) -> Reservation (reserve_array)
         self._lock = threading.Lock()
-        # Payloads this handle dequeued but could not deliver yet because an
-        # earlier one in the same batch failed to deserialize (see
-        # _decode_batch). Served before the ring by every get*. Keyed by pid:
-        # a forked child must not deliver its parent's copies a second time.
-        self._stash = collections.deque()
-        self._stash_pid = os.getpid()
 
     @classmethod
     def create(cls, name, *, maxsize=0, max_message_size=None, capacity_bytes=None,
@@ -210,29 +200,12 @@ class Queue:
     def close(self):
         """Stop using this handle (idempotent); other handles are unaffected.
 
-        Messages this handle dequeued but never handed to the caller (the
-        rest of a batch behind an undecodable one) go back to the queue first.
-        """
-        self._return_stash()
+        Messages this handle leased with ``get_message`` and did not ack go
+        back to the queue (the handle departed; see ``acks.py``)."""
+        state = self.__dict__.get("_acks_state")
+        if state is not None:
+            state.close()                 # the dead-letter queue handle, if any
         self._ring.close()
-
-    def _return_stash(self):
-        if not self._stash or self._ring.closed:
-            return
-        with self._lock:
-            mine = self._stash_pid == os.getpid()
-            payloads = list(self._stash) if mine else []
-            self._stash.clear()
-        if not payloads:
-            return
-        try:
-            returned = self._ring.put_many(payloads, _STASH_RETURN_TIMEOUT)
-        except Exception:
-            returned = 0
-        if returned < len(payloads):
-            warnings.warn(f"fastmq: {len(payloads) - returned} undelivered message(s) "
-                          "could not be returned to the full queue at close() and were "
-                          "dropped", RuntimeWarning, stacklevel=3)
 
     @property
     def closed(self) -> bool:
@@ -291,35 +264,6 @@ class Queue:
     def _decode(self, payload):
         return self._loads(payload) if self._serializer else _serialize.decode(payload)
 
-    def _decode_batch(self, payloads):
-        """Decode in order; if one fails, nothing after it is lost.
-
-        The objects before the failing one are returned and the rest (the
-        failing one first) kept for the next call, which then raises for it;
-        if the very first fails, its error is raised and the rest are kept.
-        """
-        out = []
-        for i, payload in enumerate(payloads):
-            try:
-                out.append(self._decode(payload))
-            except BaseException:
-                keep = payloads[i:] if out else payloads[i + 1:]
-                with self._lock:
-                    self._stash.extendleft(reversed(keep))
-                if out:
-                    return out
-                raise
-        return out
-
-    def _unstash(self, limit):
-        if not self._stash:                    # the common case, no lock needed
-            return []
-        with self._lock:
-            if self._stash_pid != os.getpid():
-                self._stash.clear()            # inherited through fork: not ours
-                self._stash_pid = os.getpid()
-            return [self._stash.popleft() for _ in range(min(limit, len(self._stash)))]
-
     # --------------------------------------------------------- put / get
 
     # The hot paths below avoid helper calls on purpose: with the C ring a put
@@ -345,10 +289,6 @@ class Queue:
         """
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        if self._stash:
-            stashed = self._unstash(1)
-            if stashed:
-                return self._decode_batch(stashed)[0]
         if self._serializer is not None:
             return self._loads(self._ring.get(timeout))
         if not zero_copy:
@@ -381,16 +321,13 @@ class Queue:
         """At least one object (``Empty`` where ``get`` would raise), at most
         ``max_messages``, without waiting for more once one is available.
 
-        If a message cannot be deserialized, it is consumed and its error
-        raised; the rest of the batch stays in the queue (native backend:
-        in place, in order)."""
+        If a message cannot be deserialized, the ones before it are returned
+        and it and the rest stay in the queue, in place and in order; the
+        next call, which finds it first, consumes it and raises its error."""
         _check_int("max_messages", max_messages, 1, 1 << 30)
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        if self._ring_decodes:
-            return self._ring.get_many(max_messages, timeout, self._decode)
-        payloads = self._unstash(max_messages) or self._ring.get_many(max_messages, timeout)
-        return self._decode_batch(payloads)
+        return self._ring.get_many(max_messages, timeout, self._decode)
 
     def put_bytes(self, data, block=True, timeout=None):
         """Enqueue a bytes-like payload as it is (no serialization)."""
@@ -402,10 +339,6 @@ class Queue:
         """Dequeue one payload as bytes (no deserialization)."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        if self._stash:
-            stashed = self._unstash(1)
-            if stashed:
-                return bytes(stashed[0])
         return self._ring.get(timeout)
 
     def put_many_bytes(self, items, block=True, timeout=None) -> int:
@@ -420,10 +353,6 @@ class Queue:
         _check_int("max_messages", max_messages, 1, 1 << 30)
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        if self._stash:
-            stashed = self._unstash(max_messages)
-            if stashed:
-                return [bytes(p) for p in stashed]
         return self._ring.get_many(max_messages, timeout)
 
     # ------------------------------------------------------------ inspection
@@ -504,9 +433,7 @@ class Queue:
         """``with q.recv() as msg:`` -- ``msg.data`` is a read-only memoryview
         of the next message in shared memory, pinned while any view of it lives."""
         timeout = _timeout(True, timeout)
-        ring = self._live_ring()
-        stashed = self._unstash(1)
-        return Received(_CopiedLease(stashed[0]) if stashed else ring.recv(timeout))
+        return Received(self._live_ring().recv(timeout))
 
     # ------------------------------------------- at-least-once (see acks.py)
     #
@@ -614,25 +541,6 @@ class _ReservationContext:
             self._reservation.commit()
         else:
             self._reservation.abort()
-
-
-class _CopiedLease:
-    """A Lease over a private copy (a stashed payload, see Queue._decode_batch)."""
-
-    __slots__ = ("view", "nbytes")
-
-    def __init__(self, payload):
-        self.view = memoryview(bytes(payload))
-        self.nbytes = self.view.nbytes
-
-    def release(self):
-        self.view.release()
-
-    def close(self):
-        try:
-            self.view.release()
-        except BufferError:
-            pass
 
 
 class Received:

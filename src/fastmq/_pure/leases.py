@@ -253,7 +253,7 @@ class LeaseMixin:
         base = self._halves_offset + ls[_HALF] * self.capacity_bytes
         now = now_ns()
         out = []
-        for payload, deliveries, _, _, _ in records:
+        for payload, deliveries, _ in records:
             index = free.pop(0) if free else self._grow(ls)
             old = self._entry_raw(fd, index)
             e = _Entry(index, old)
@@ -267,8 +267,8 @@ class LeaseMixin:
             ls[_TAIL] += len(payload)
             self._write_entry(fd, e)
             out.append((index, e.token, payload, e.deliveries))
-        _, _, _, state[0], consumed = records[-1]
-        state[2] -= consumed
+        state[0] = records[-1][2]
+        state[2] -= len(records)
         state[5] += len(records)
         if state[2] == 0:
             state[0] = state[1] = 0

@@ -9,8 +9,7 @@ One file per segment under /dev/shm::
     [4096, ...)      data area: a byte ring of records
                      ``u32 length | u32 deliveries | payload``; a record may wrap
                      around the end of the area. ``deliveries`` counts earlier
-                     deliveries of a redelivered message; its top bit marks a
-                     record consumed out of order (``TOMBSTONE``, see get_many)
+                     deliveries of a redelivered message (leases)
     [..., end)       the in-flight table and payload areas of leased messages
                      (at-least-once delivery: see ``leases.py``)
 
@@ -65,8 +64,7 @@ MAGIC = b"FMQPURE\x01"          # the native core uses a different magic
 VERSION = 2                     # 2: deliveries in records, in-flight table
 HEADER_SIZE = 4096
 DATA_OFFSET = HEADER_SIZE
-RECORD_HEADER = struct.Struct("<II")  # payload length, deliveries | TOMBSTONE
-TOMBSTONE = 1 << 31
+RECORD_HEADER = struct.Struct("<II")  # payload length, earlier deliveries
 MAX_MAXSIZE = 1 << 24
 MAX_MESSAGE_SIZE = (1 << 32) - 1      # a record length is a u32
 MAX_CAPACITY = 1 << 40
@@ -370,33 +368,25 @@ class Ring(leases.LeaseMixin):
 
     def _read_records(self, fd, state, max_messages):
         """Up to ``max_messages`` records from the head, without consuming
-        them: ``(payload, deliveries, position, head after it, records
-        consumed up to it)`` each. Tombstones are skipped (they count as
-        consumed); a queue holding only tombstones is emptied here."""
+        them: ``(payload, deliveries, head after it)`` each."""
         out = []
-        head, consumed = state[0], 0
-        while consumed < state[2] and len(out) < max_messages:
+        head = state[0]
+        while len(out) < state[2] and len(out) < max_messages:
             length, deliveries = RECORD_HEADER.unpack(
                 self._read_at(fd, head, RECORD_HEADER.size))
             if length > self.max_message_size or \
                     RECORD_HEADER.size + length > state[1] - head:
                 raise CorruptQueue(f"segment {self.name!r} holds a record of "
                                    f"impossible length {length}")
-            at = head
+            payload = self._read_at(fd, head + RECORD_HEADER.size, length)
             head += RECORD_HEADER.size + length
-            consumed += 1
-            if not deliveries & TOMBSTONE:
-                out.append((self._read_at(fd, at + RECORD_HEADER.size, length),
-                            deliveries, at, head, consumed))
-        if not out and consumed == state[2] and consumed:
-            state[0] = state[1] = state[2] = 0       # only tombstones were left
-            self._write_state(fd, state)
+            out.append((payload, deliveries, head))
         return out
 
     def _consume(self, fd, state, records):
-        """Hand ``records`` (from ``_read_records``) over: one state write."""
-        _, _, _, state[0], consumed = records[-1]
-        state[2] -= consumed
+        """Hand the first ``len(records)`` messages over: one state write."""
+        state[0] = records[-1][2]
+        state[2] -= len(records)
         state[5] += len(records)
         if state[2] == 0:                    # keep positions small and tidy
             state[0] = state[1] = 0
@@ -410,17 +400,19 @@ class Ring(leases.LeaseMixin):
             out = [r[0] for r in records]
         else:
             out = []
-            for payload, _, at, _, _ in records:
+            for payload, _, _ in records:
                 try:
                     out.append(decode(payload))
                 except Exception:
-                    # The undecodable one is consumed (one header write inside
-                    # the record: a tombstone every reader skips); the rest
-                    # of the batch stays queued in place. Nothing else changed.
-                    self._write_at(fd, at, RECORD_HEADER.pack(len(payload), TOMBSTONE))
-                    self._write_state(fd, state)      # epoch: wake waiters
+                    # Return what decoded; the bad one and the rest stay
+                    # queued in place. If the bad one comes first, it is
+                    # consumed and its error propagates. (Any other
+                    # BaseException: nothing was consumed.)
+                    if out:
+                        break
+                    self._consume(fd, state, records[:1])
                     raise
-        self._consume(fd, state, records)
+        self._consume(fd, state, records[:len(out)])
         return out
 
     # ----------------------------------------------------------- waiting
@@ -517,9 +509,10 @@ class Ring(leases.LeaseMixin):
 
     def get_many(self, max_messages, timeout, decode=None):
         """See the contract; with ``decode``, each payload is decoded under
-        the lock, before the hand-over: if ``decode`` raises for one, that
-        one is consumed, the rest of the batch stays queued in place, and
-        the error propagates (as in the native core)."""
+        the lock, before the hand-over, as in the native core: if ``decode``
+        raises for one, the ones decoded before it are returned and it and
+        the rest stay queued in place; if it is the first, it is consumed
+        and its error propagates."""
         if isinstance(max_messages, bool) or not isinstance(max_messages, int):
             raise TypeError("max_messages must be an int")
         if max_messages < 1:
