@@ -260,10 +260,20 @@ def test_in_flight_bound_raises_too_many_in_flight(mq):
     one = q.get_messages(10, timeout=5)
     assert len(one) == 1
     one[0].nack()                              # nack frees room too
-    del got[1]                                 # so does dropping a message
-    assert q.in_flight == 1
-    assert len(q.get_messages(10, timeout=5)) == 2
-    assert q.qsize() == 10 - 3 - 2 - 1 + 1     # the nacked one went back
+    assert q.in_flight == 2
+    assert len(q.get_messages(10, timeout=5)) == 1
+    assert q.qsize() == 10 - 3 - 1 - 1 + 1     # the nacked one went back
+
+
+def test_dropped_messages_count_until_their_lease_expires(mq):
+    q = mq.Queue(maxsize=32)
+    q.max_in_flight = 2
+    q.put_many(range(6))
+    q.get_messages(2, timeout=5, lease=0.2)    # dropped at once, never acked
+    with pytest.raises(fastmq.TooManyInFlight):
+        q.get_message(timeout=5)               # their leases still hold
+    time.sleep(0.3)
+    assert len(q.get_messages(10, timeout=5)) == 2    # expired: room again
 
 
 # ------------------------------------------------------ consumer death

@@ -16,7 +16,8 @@ module only adds what is per handle:
 * the in-flight bound (``Queue.max_in_flight``): leasing more than that many
   un-acked messages on one handle raises ``TooManyInFlight`` rather than
   blocking, because the only way to free room is for the *same* consumer to
-  ack, so blocking would deadlock a single-threaded consumer;
+  ack, so blocking would deadlock a single-threaded consumer. A message
+  dropped without ack/nack keeps counting until its lease expires;
 * forwarding of parked dead letters to the dead-letter queue, done
   opportunistically (and throttled) by ``get_message``/``get_messages``/
   ``pending``/``stats`` of a queue handle that has a ``dead_letter`` name.
@@ -88,7 +89,7 @@ class Message:
     # Three stores per message: building Messages is the hot path of
     # get_messages(). ``_lease`` is the ring's (slot, token, payload,
     # delivery_count) tuple as it came; ``_value`` stays unset until read.
-    __slots__ = ("_ctx", "_lease", "_state", "_value", "__weakref__")
+    __slots__ = ("_ctx", "_lease", "_state", "_value")
 
     def __init__(self, ctx, leased):
         self._ctx = ctx
@@ -197,12 +198,6 @@ class Message:
             self._ctx.release(1)
         self._state = state
 
-    def __del__(self):
-        # A message dropped un-acked no longer counts against the in-flight
-        # bound of its handle; the ring redelivers it when its lease expires.
-        if getattr(self, "_state", None) == _HELD:
-            self._ctx.release(1)
-
     def __repr__(self):
         state = ("held", "acked", "nacked", "lost")[self._state]
         return (f"<fastmq.Message id={self._slot} delivery_count={self.delivery_count} "
@@ -227,6 +222,8 @@ class _Lessee:
     def reserve(self, wanted, bound):
         room = bound - self.count
         if room <= 0:
+            room = bound - self.recount()
+        if room <= 0:
             raise TooManyInFlight(
                 f"this handle already holds {self.count} un-acked message(s) "
                 f"(max_in_flight={bound}); ack or nack some first, or raise "
@@ -237,6 +234,18 @@ class _Lessee:
 
     def release(self, n):
         self.count -= n
+
+    def recount(self):
+        """Correct the count for messages dropped without ack/nack (no
+        ``__del__`` hook: it would cost every message). They hold their
+        lease until it expires, so they count until then: the ring's
+        in-flight entries held by this process bound the true number."""
+        pid = os.getpid()
+        held = sum(1 for entry in self.ring.pending()
+                   if entry.get("pid") == pid and entry.get("expires_in", 1) > 0)
+        if held < self.count:
+            self.count = held
+        return self.count
 
 
 # ------------------------------------------------------------ argument checks
