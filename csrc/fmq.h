@@ -163,6 +163,10 @@ int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease
  * unless the earliest deadline passed or a liveness sweep is due. */
 int fmq_lease_redeliver_due(fmq_region *r, int force);
 int fmq_lease_wait_free(fmq_region *r, uint64_t deadline_ns);
+/* Both the table and the ring full, a lease due: take that message directly
+ * (a redelivery). FMQ_EMPTY if there is none to take. */
+int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot, uint32_t *token,
+                    uint32_t *deliveries);
 typedef struct fmq_pending {
     uint32_t slot, token, pid, deliveries, state;
     uint64_t leased_ns, deadline_ns;

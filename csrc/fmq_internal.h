@@ -71,6 +71,7 @@ typedef struct fmq_taken {
 } fmq_taken;
 void fmq_lease_reap(fmq_region *r, uint32_t dead_tag, fmq_taken *taken);
 int fmq_tag_is_dead(fmq_region *r, uint32_t tag);
+int fmq_tag_crashed(fmq_region *r, uint32_t tag);
 int fmq_ring_free_moved(fmq_region *r, fmq_msg *m);
 void fmq_live_unregister(fmq_region *r);
 

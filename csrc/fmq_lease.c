@@ -308,7 +308,7 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
         return 0;   /* someone else is scanning right now */
     if (force)
         atomic_store(&r->ctl->last_scan.v, now);
-    int n = 0, any = 0;
+    int n = 0, any = 0, need_recover = 0;
     uint64_t next = ~0ull;
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
         fmq_lease *e = fmq_lease_at(r, i);
@@ -318,7 +318,16 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
         any = 1;
         uint64_t dl = atomic_load_explicit(&e->deadline_ns, memory_order_acquire);
         uint32_t owner = FMQ_LOWNER(w);
-        int is_due = dl <= now || (owner && fmq_tag_is_dead(r, owner));
+        int dead = owner && fmq_tag_is_dead(r, owner);
+        if (dead && fmq_tag_crashed(r, owner)) {
+            /* Killed, not closed: it may have died between LEASED and freeing
+             * the ring slot, so the slot may still hold the same message.
+             * Only crash recovery sorts that out (it frees such a slot instead
+             * of putting it back); it leaves the entry orphaned and due. */
+            need_recover = 1;
+            continue;
+        }
+        int is_due = dl <= now || dead;
         if (!is_due) {
             if (dl < next)
                 next = dl;
@@ -343,7 +352,68 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
     atomic_store_explicit(&r->ctl->next_due.v, any ? (next == ~0ull ? now + FMQ_SWEEP_NS : next)
                                                    : 0,
                           memory_order_relaxed);
+    if (need_recover && fmq_recover(r) > 0)
+        n += fmq_lease_redeliver_due(r, 1);   /* the entries it orphaned are due now */
     return n;
+}
+
+/* Killed (its participant entry still ACTIVE under the same generation, but
+ * its kernel lock gone), as opposed to having closed its handle cleanly. */
+int fmq_tag_crashed(fmq_region *r, uint32_t tag) {
+    uint32_t idx = tag >> FMQ_GEN_BITS, gen = tag & ((1u << FMQ_GEN_BITS) - 1);
+    if (idx >= r->g.nparticipants)
+        return 0;
+    uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
+    return ((uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1)) == gen &&
+           (id & 0xFFFF) == FMQ_PART_ACTIVE && !fmq_live_is_alive(r, idx);
+}
+
+/* The in-flight table and the ring are both full and a lease is due: its
+ * message cannot go back to the ring (no slot) and no new lease can be taken
+ * (no entry) -- each would wait for the other. Break the tie by handing the
+ * due message straight to this taker, as a redelivery (count + 1, new token,
+ * so the old holder's ack fails). It skips the queue only in this case. */
+int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32_t *token_out,
+                    uint32_t *deliveries_out) {
+    uint64_t now = fmq_now_ns();
+    for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
+        fmq_lease *e = fmq_lease_at(r, i);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        if (FMQ_LSTATE(w) != FMQ_LS_LEASED)
+            continue;
+        uint32_t owner = FMQ_LOWNER(w);
+        if (atomic_load_explicit(&e->deadline_ns, memory_order_acquire) > now &&
+            !(owner && fmq_tag_is_dead(r, owner)))
+            continue;
+        if (owner && fmq_tag_crashed(r, owner))
+            continue;   /* crash recovery first (see fmq_lease_redeliver_due) */
+        uint32_t tok = FMQ_LTOKEN(w);
+        if (!atomic_compare_exchange_strong_explicit(
+                &e->word, &w, FMQ_LWORD(tok, FMQ_LS_REQUEUING, r->owner_tag),
+                memory_order_acq_rel, memory_order_relaxed))
+            continue;
+        if (r->max_deliveries && e->deliveries >= r->max_deliveries) {
+            fmq_lease_requeue(r, e, tok, 1);   /* dead-letter it instead */
+            continue;
+        }
+        fmq_lease_share_to_ring(r, e);
+        if (e->block != FMQ_NO_BLOCK &&
+            fmq_pool_transition(r, e->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
+                                FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24) == FMQ_OK)
+            atomic_store_explicit(&e->holder, r->owner_tag, memory_order_release);
+        e->deliveries++;
+        e->leased_ns = now;
+        atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed);
+        atomic_store_explicit(&e->word, FMQ_LWORD(tok + 1, FMQ_LS_LEASED, r->owner_tag),
+                              memory_order_release);
+        fmq_lower_next_due(r, now + lease_ns);
+        fmq_count(r, FMQ_ST_REDELIVERED, 1);
+        *slot_out = i;
+        *token_out = tok + 1;
+        *deliveries_out = e->deliveries;
+        return FMQ_OK;
+    }
+    return FMQ_EMPTY;
 }
 
 static int fmq_has_free_lease(fmq_region *r) {

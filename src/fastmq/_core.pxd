@@ -103,6 +103,8 @@ cdef extern from "fmq.h" nogil:
     int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease_ns)
     int fmq_lease_redeliver_due(fmq_region *r, int force)
     int fmq_lease_wait_free(fmq_region *r, uint64_t deadline_ns)
+    int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot, uint32_t *token,
+                        uint32_t *deliveries)
     ctypedef struct fmq_pending:
         uint32_t slot, token, pid, deliveries, state
         uint64_t leased_ns, deadline_ns

@@ -557,6 +557,11 @@ cdef class Ring:
                     fmq_ring_unclaim(self.r, &m)
                     if out:
                         break
+                    # If the ring is full too and a lease is due, neither can
+                    # make room for the other: take that message directly.
+                    if fmq_lease_adopt(self.r, lease_ns, &slot, &token, &deliveries) == FMQ_OK:
+                        out.append(self._lease_payload(slot, token, deliveries))
+                        continue
                     if nonblock:
                         raise Empty()
                     rc = fmq_lease_wait_free(self.r, deadline)
