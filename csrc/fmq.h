@@ -120,6 +120,7 @@ int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int
 
 /* Reading: find and claim the oldest ready message. */
 int fmq_ring_claim(fmq_region *r, fmq_msg *m);
+int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from_ticket);
 /* Hand the message over but keep the block (recv leases): the block's ring
  * share becomes our reader share and the slot is freed at once. */
 int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake);

@@ -182,9 +182,17 @@ int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int
 /* reading                                                                  */
 /* ======================================================================== */
 
-int fmq_ring_claim(fmq_region *r, fmq_msg *m) {
+int fmq_ring_claim(fmq_region *r, fmq_msg *m) { return fmq_ring_claim_from(r, m, 0); }
+
+/* Claim, scanning from ticket `from` if that is past the head hint. A batch
+ * (get_many) holds its earlier claims while it takes more, and the head hint
+ * does not pass READING slots: without this, each further claim would rescan
+ * the batch so far (quadratic in the batch size). */
+int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
     fmq_set_role(r, FMQ_ROLE_CONSUMER);
     uint64_t h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+    if (from > h)
+        h = from;
     for (uint64_t scanned = 0;; scanned++) {
         fmq_slot *s = fmq_slot_at(r, h);
         uint64_t want = fmq_lap_stamp(r, h) + FMQ_PH_READY;

@@ -79,6 +79,7 @@ cdef extern from "fmq.h" nogil:
     int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
                         int keep_writer)
     int fmq_ring_claim(fmq_region *r, fmq_msg *m)
+    int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from_ticket)
     int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake)
     int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake)
     int fmq_ring_unclaim(fmq_region *r, fmq_msg *m)

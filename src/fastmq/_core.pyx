@@ -455,7 +455,7 @@ cdef class Ring:
             self._claim_msg(&msgs[0], nonblock, deadline)
             k = 1
             while k < max_messages:
-                rc = fmq_ring_claim(self.r, &msgs[k])
+                rc = fmq_ring_claim_from(self.r, &msgs[k], msgs[k - 1].ticket + 1)
                 if rc == FMQ_EMPTY:
                     break
                 if rc != FMQ_OK:
