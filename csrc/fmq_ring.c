@@ -245,19 +245,13 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
     }
 }
 
-static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
+/* READING(me) -> EMPTY for the next lap [R-rel], then the bookkeeping of a
+ * message that has left the ring. The block, if any, is the caller's business
+ * (a reader share for get/recv, the in-flight entry's share for a lease). */
+static int fmq_ring_retire_slot(fmq_region *r, fmq_msg *m, int wake) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
-    int rc;
-    /* The block's ring share becomes our reader share while we still hold the
-     * slot: a consumer killed between the two steps leaves a READING slot whose
-     * block names it as reader, and recovery turns both back (fmq_recover.c). */
-    if (m->block != FMQ_NO_BLOCK &&
-        (rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
-                                  FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24)) != FMQ_OK)
-        return rc;
     uint64_t expect = m->word;
     uint64_t next = fmq_word(fmq_lap_stamp(r, m->ticket) + 4 /* EMPTY, next lap */, 0);
-    FMQ_CRASHPOINT("ring.release.before_free");
     if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, next,
                                                  memory_order_seq_cst,        /* [R-rel] */
                                                  memory_order_relaxed))
@@ -272,21 +266,23 @@ static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
     return FMQ_OK;
 }
 
+static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
+    int rc;
+    /* The block's ring share becomes our reader share while we still hold the
+     * slot: a consumer killed between the two steps leaves a READING slot whose
+     * block names it as reader, and recovery turns both back (fmq_recover.c). */
+    if (m->block != FMQ_NO_BLOCK &&
+        (rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
+                                  FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24)) != FMQ_OK)
+        return rc;
+    FMQ_CRASHPOINT("ring.release.before_free");
+    return fmq_ring_retire_slot(r, m, wake);
+}
+
 /* The message moved into the in-flight table (fmq_lease.c), which took over
  * the block share: free the slot without touching the block. */
 int fmq_ring_free_moved(fmq_region *r, fmq_msg *m) {
-    fmq_slot *s = fmq_slot_at(r, m->ticket);
-    uint64_t expect = m->word;
-    uint64_t next = fmq_word(fmq_lap_stamp(r, m->ticket) + 4, 0);
-    if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, next, memory_order_seq_cst,
-                                                 memory_order_relaxed))
-        return fmq_fail(FMQ_ELOST, "the slot being leased was reclaimed by crash recovery");
-    m->detached = 1;
-    fmq_count(r, FMQ_ST_DEQUEUED, 1);
-    fmq_count(r, FMQ_ST_BYTES_OUT, m->len);
-    fmq_advance_head(r);
-    fmq_ring_wake_producers(r);
-    return FMQ_OK;
+    return fmq_ring_retire_slot(r, m, 1);
 }
 
 int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake) {

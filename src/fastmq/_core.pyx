@@ -250,17 +250,25 @@ cdef class Ring:
                 raise Full()
             self._wait(True, deadline, <uint64_t>n)
 
-    cdef int _claim_slot(self, fmq_msg *m, bint nonblock, uint64_t deadline) except -1:
+    cdef int _claim(self, fmq_msg *m, bint for_write, bint nonblock,
+                    uint64_t deadline) except -1:
+        """Claim a slot to write (FULL -> wait for space) or a message to read
+        (EMPTY -> wait for data), until the deadline."""
         cdef int rc
         while True:
-            rc = fmq_ring_reserve(self.r, m)
+            rc = fmq_ring_reserve(self.r, m) if for_write else fmq_ring_claim(self.r, m)
             if rc == FMQ_OK:
                 return 0
-            if rc != FMQ_FULL:
+            if rc != (FMQ_FULL if for_write else FMQ_EMPTY):
                 _raise(rc)
             if nonblock:
-                raise Full()
-            self._wait(True, deadline, 0)
+                if for_write:
+                    raise Full()
+                raise Empty()
+            self._wait(for_write, deadline, 0)
+
+    cdef inline int _claim_slot(self, fmq_msg *m, bint nonblock, uint64_t deadline) except -1:
+        return self._claim(m, True, nonblock, deadline)
 
     cdef int _put_raw(self, const unsigned char *src, Py_ssize_t n, bint nonblock,
                       uint64_t deadline, int wake) except -1:
@@ -377,17 +385,8 @@ cdef class Ring:
 
     # ---- reading -------------------------------------------------------- #
 
-    cdef int _claim_msg(self, fmq_msg *m, bint nonblock, uint64_t deadline) except -1:
-        cdef int rc
-        while True:
-            rc = fmq_ring_claim(self.r, m)
-            if rc == FMQ_OK:
-                return 0
-            if rc != FMQ_EMPTY:
-                _raise(rc)
-            if nonblock:
-                raise Empty()
-            self._wait(False, deadline, 0)
+    cdef inline int _claim_msg(self, fmq_msg *m, bint nonblock, uint64_t deadline) except -1:
+        return self._claim(m, False, nonblock, deadline)
 
     cdef bytes _take_bytes(self, fmq_msg *m, int wake):
         """Copy a claimed message out and release it; unclaim on failure."""
