@@ -157,6 +157,12 @@ int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot,
 /* Payload of an entry we hold (LEASED or TAKING by us). */
 int fmq_lease_payload(fmq_region *r, uint32_t slot, uint32_t token, const unsigned char **data,
                       uint32_t *len);
+/* Zero-copy view of a held block payload: pin it (FMQ_AGAIN: inline or not
+ * pinnable, copy it instead); unpin when the last view is gone. The block
+ * stays valid until then even if the lease ends (ack, expiry, redelivery). */
+int fmq_lease_pin(fmq_region *r, uint32_t slot, uint32_t token, const unsigned char **data,
+                  uint32_t *len, uint32_t *block);
+int fmq_lease_unpin(fmq_region *r, uint32_t slot, uint32_t token, uint32_t block);
 int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token);
 int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue);
 int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease_ns);

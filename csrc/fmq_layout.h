@@ -42,7 +42,7 @@
 #include <stdint.h>
 
 #define FMQ_MAGIC "FASTMQ\x01N"     /* 8 bytes; 'N' = native backend       */
-#define FMQ_ABI_VERSION 1u
+#define FMQ_ABI_VERSION 2u
 #define FMQ_LINE 128
 #define FMQ_PAGE 4096
 #define FMQ_MAX_CLASSES 15          /* class 15 would collide with FMQ_NO_BLOCK */
@@ -213,9 +213,22 @@ typedef struct fmq_lease {
     uint32_t block;
     uint32_t deliveries;            /* this delivery's count (1 = first) */
     _Atomic uint32_t holder;
-    uint64_t reserved_[2];
+    _Atomic uint64_t pin;           /* token << 32 | FMQ_PIN_*, see below */
+    uint64_t reserved_;
     /* inline payload follows */
 } fmq_lease;
+
+/* Zero-copy views of a leased block payload (Message.data). While the holder
+ * has views, the entry's pin is PINNED: whoever ends the lease (ack, expiry,
+ * nack, dead-lettering) then leaves the holder's reader share on the block
+ * and marks the pin HANDED instead of freeing the block, so the views stay
+ * valid; the holder drops that share when its last view goes (a failed
+ * PINNED -> NONE CAS tells it the share was handed over). A pin carries the
+ * entry's token, so a stale one never matches a reused entry. */
+#define FMQ_PIN_NONE 0u
+#define FMQ_PIN_PINNED 1u
+#define FMQ_PIN_HANDED 2u
+#define FMQ_PIN(tok, st) (((uint64_t)(tok) << 32) | (uint64_t)(st))
 
 typedef struct fmq_block_meta {
     _Atomic uint64_t state;     /* holders, see above                         */

@@ -18,6 +18,14 @@
  * message is dead-lettered instead: dropped and counted, or parked (DEAD) for
  * the Python layer to forward to the dead-letter queue.
  *
+ * Zero-copy pins. The holder may view a block payload in place
+ * (fmq_lease_pin). Whoever ends such a lease -- ack, expiry, nack,
+ * dead-lettering -- hands the holder's reader share over to the holder
+ * (pin PINNED -> HANDED) instead of freeing the block, and the holder frees
+ * it when its last view goes (fmq_lease_unpin). A requeue first adds the
+ * queue's IN_RING share next to the holder's, so the block survives the
+ * holder's death while the payload is copied into the new message.
+ *
  * Deadlines are CLOCK_MONOTONIC, which is one clock for all processes of a
  * host. ctl->next_due holds (a lower bound of) the earliest deadline so the
  * common check is one load; a liveness sweep (holders whose kernel lock is
@@ -28,7 +36,9 @@
  * touch vs expiry: touch re-checks the word after moving the deadline, and
  * the redeliverer re-checks the deadline after taking the entry.
  *
- * Failure model: see fmq_lease_reap (called by crash recovery for a dead tag).
+ * Failure model: see fmq_lease_reap (called by crash recovery for a dead
+ * tag). A dead holder's handed-over shares are cleared by the block pass of
+ * crash recovery like any reader share.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -61,25 +71,47 @@ static void fmq_lower_next_due(fmq_region *r, uint64_t due) {
         ;
 }
 
-/* The block share of an entry becomes IN_RING (holder 0); tolerant of having
- * been done already by a predecessor that died half-way. */
-static void fmq_lease_share_to_ring(fmq_region *r, fmq_lease *e) {
+/* A pinned holder's share stays with the holder (see FMQ_PIN_* in
+ * fmq_layout.h): PINNED -> HANDED. Returns 1 if the share is now (or was
+ * already) the holder's own rather than the entry's. */
+static int fmq_lease_hand_pin(fmq_lease *e, uint32_t tok) {
+    uint64_t p = FMQ_PIN(tok, FMQ_PIN_PINNED);
+    if (atomic_compare_exchange_strong_explicit(&e->pin, &p, FMQ_PIN(tok, FMQ_PIN_HANDED),
+                                                memory_order_seq_cst, memory_order_seq_cst))
+        return 1;
+    return p == FMQ_PIN(tok, FMQ_PIN_HANDED);
+}
+
+/* The entry's block share becomes IN_RING (holder 0); tolerant of having been
+ * done already, wholly or in part, by a predecessor that died half-way. The
+ * queue takes its IN_RING share BEFORE the holder's reader share is let go or
+ * handed over, so the block outlives the holder's death while we copy it. */
+static void fmq_lease_share_to_ring(fmq_region *r, fmq_lease *e, uint32_t tok) {
     uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);
-    if (holder && e->block != FMQ_NO_BLOCK)
-        fmq_pool_transition(r, e->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
-                            (uint64_t)holder << 24, FMQ_BLK_IN_RING);
+    if (holder && e->block != FMQ_NO_BLOCK) {
+        uint64_t h = (uint64_t)holder << 24;
+        const uint64_t mask = FMQ_BLK_IN_RING | FMQ_READER_MASK;
+        fmq_pool_transition(r, e->block, mask, h, h | FMQ_BLK_IN_RING);
+        FMQ_CRASHPOINT("lease.share.co_owned");
+        if (!fmq_lease_hand_pin(e, tok))
+            fmq_pool_transition(r, e->block, mask, h | FMQ_BLK_IN_RING, FMQ_BLK_IN_RING);
+    }
     atomic_store_explicit(&e->holder, 0, memory_order_release);
 }
 
-/* Drop the entry's block share (the message is gone or has a new copy). */
-static void fmq_lease_drop_share(fmq_region *r, fmq_lease *e) {
+/* Drop the entry's block share (the message is gone or has a new copy). A
+ * live holder's handed-over share stays: the block is freed when it goes. */
+static void fmq_lease_drop_share(fmq_region *r, fmq_lease *e, uint32_t tok) {
     if (e->block == FMQ_NO_BLOCK)
         return;
     uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);
-    if (holder)
-        fmq_pool_transition(r, e->block, FMQ_READER_MASK, (uint64_t)holder << 24, 0);
-    else
+    if (holder) {
+        if (!fmq_lease_hand_pin(e, tok))
+            fmq_pool_transition(r, e->block, FMQ_READER_MASK, (uint64_t)holder << 24, 0);
+        atomic_store_explicit(&e->holder, 0, memory_order_release);
+    } else {
         fmq_pool_transition(r, e->block, FMQ_BLK_IN_RING, FMQ_BLK_IN_RING, 0);
+    }
 }
 
 /* ======================================================================== */
@@ -103,6 +135,7 @@ int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_
                 memory_order_acq_rel, memory_order_relaxed))
             continue;
         atomic_store_explicit(&e->holder, 0, memory_order_relaxed);  /* no share yet */
+        atomic_store_explicit(&e->pin, FMQ_PIN(tok, FMQ_PIN_NONE), memory_order_relaxed);
         atomic_store_explicit(&r->ctl->lease_hint.v, i + 1, memory_order_relaxed);
         uint64_t now = fmq_now_ns();
         e->src_ticket = m->ticket;
@@ -173,6 +206,53 @@ int fmq_lease_payload(fmq_region *r, uint32_t slot, uint32_t token, const unsign
     return FMQ_OK;
 }
 
+/* Pin a held block payload for zero-copy views (see FMQ_PIN_* in
+ * fmq_layout.h). FMQ_AGAIN: nothing to pin (an inline payload, or a block
+ * whose share the entry holds as IN_RING): copy it with fmq_lease_payload.
+ * The pin CAS and the re-read of the entry word are seq_cst, as are the
+ * ender's CAS of the word and its hand-over CAS of the pin: either we see the
+ * lease ended (and back out), or the ender sees our pin (and hands over). */
+int fmq_lease_pin(fmq_region *r, uint32_t slot, uint32_t token, const unsigned char **data,
+                  uint32_t *len, uint32_t *block) {
+    uint64_t w;
+    fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
+    if (!e)
+        return fmq_fail(FMQ_ELOST, "lease lost");
+    uint32_t b = e->block, n = e->len;
+    if (b == FMQ_NO_BLOCK || atomic_load_explicit(&e->holder, memory_order_acquire) !=
+                                 r->owner_tag)
+        return FMQ_AGAIN;
+    const unsigned char *p = fmq_pool_ptr(r, b);
+    if (!p || n > fmq_pool_block_size(r, b))
+        return fmq_fail(FMQ_ECORRUPT, "in-flight entry %u has an invalid block", slot);
+    uint64_t pin = FMQ_PIN(token, FMQ_PIN_NONE);
+    if (!atomic_compare_exchange_strong_explicit(&e->pin, &pin, FMQ_PIN(token, FMQ_PIN_PINNED),
+                                                 memory_order_seq_cst, memory_order_seq_cst))
+        return fmq_fail(FMQ_ESTATE, "in-flight entry %u is already pinned", slot);
+    if (atomic_load_explicit(&e->word, memory_order_seq_cst) != w) {
+        fmq_lease_unpin(r, slot, token, b);   /* ended meanwhile: back out */
+        return fmq_fail(FMQ_ELOST, "lease lost");
+    }
+    *data = p;
+    *len = n;
+    *block = b;
+    return FMQ_OK;
+}
+
+/* The holder's last view of a pinned payload is gone. */
+int fmq_lease_unpin(fmq_region *r, uint32_t slot, uint32_t token, uint32_t block) {
+    if (slot >= fmq_lease_count(r))
+        return fmq_fail(FMQ_EINVAL, "no in-flight entry %u", slot);
+    fmq_lease *e = fmq_lease_at(r, slot);
+    uint64_t pin = FMQ_PIN(token, FMQ_PIN_PINNED);
+    if (atomic_compare_exchange_strong_explicit(&e->pin, &pin, FMQ_PIN(token, FMQ_PIN_NONE),
+                                                memory_order_seq_cst, memory_order_seq_cst))
+        return FMQ_OK;                /* still the entry's share */
+    /* Only the lease's ender moves a pin off PINNED (to HANDED; a reused
+     * entry went through that first), so the share is ours to drop. */
+    return fmq_pool_release_reader(r, block);
+}
+
 /* ======================================================================== */
 /* ack / touch                                                              */
 /* ======================================================================== */
@@ -192,7 +272,7 @@ int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token) {
     /* ACKING(me) while we drop the share: a crash here is finished by the
      * reaper (entry freed; our reader share cleared by the block pass). */
     FMQ_CRASHPOINT("lease.ack.claimed");
-    fmq_lease_drop_share(r, e);
+    fmq_lease_drop_share(r, e, token);
     atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
     fmq_ring_wake_producers(r);   /* lease takers wait on the space line too */
     return FMQ_OK;
@@ -218,7 +298,7 @@ int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease
  * requeued or dead-lettered, FMQ_FULL when there was no room (the entry is
  * then parked as an orphaned, due lease for a later attempt). */
 static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int force_dead) {
-    fmq_lease_share_to_ring(r, e);
+    fmq_lease_share_to_ring(r, e, token);
     int dead = force_dead || (r->max_deliveries && e->deliveries >= r->max_deliveries);
     if (dead) {
         if (r->dead_letter[0]) {
@@ -226,7 +306,7 @@ static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int fo
                                   memory_order_release);
             return FMQ_OK;
         }
-        fmq_lease_drop_share(r, e);
+        fmq_lease_drop_share(r, e, token);
         atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
         fmq_count(r, FMQ_ST_DEAD_LETTERED, 1);
         return FMQ_OK;
@@ -264,7 +344,7 @@ static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int fo
     if (rc != FMQ_OK)
         return rc;
     FMQ_CRASHPOINT("lease.requeue.committed");
-    fmq_lease_drop_share(r, e);
+    fmq_lease_drop_share(r, e, token);
     atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
     fmq_count(r, FMQ_ST_REDELIVERED, 1);
     return FMQ_OK;
@@ -396,11 +476,14 @@ int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32
             fmq_lease_requeue(r, e, tok, 1);   /* dead-letter it instead */
             continue;
         }
-        fmq_lease_share_to_ring(r, e);
+        fmq_lease_share_to_ring(r, e, tok);
+        /* Our own reader share, unless the old holder's views still have
+         * one (then the entry keeps its IN_RING share and we cannot pin). */
         if (e->block != FMQ_NO_BLOCK &&
             fmq_pool_transition(r, e->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
                                 FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24) == FMQ_OK)
             atomic_store_explicit(&e->holder, r->owner_tag, memory_order_release);
+        atomic_store_explicit(&e->pin, FMQ_PIN(tok + 1, FMQ_PIN_NONE), memory_order_relaxed);
         e->deliveries++;
         e->leased_ns = now;
         atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed);
@@ -499,7 +582,7 @@ int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token) {
     fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_TAKING, &w);
     if (!e)
         return fmq_fail(FMQ_ELOST, "dead letter no longer held");
-    fmq_lease_drop_share(r, e);
+    fmq_lease_drop_share(r, e, token);
     atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
     fmq_count(r, FMQ_ST_DEAD_LETTERED, 1);
     fmq_ring_wake_producers(r);
@@ -520,7 +603,7 @@ void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
         if (st == FMQ_LS_FILLING) {
             /* An unfinished take: its slot is still READING(tag) and the slot
              * pass puts the message back, so the entry is simply dropped. */
-            fmq_lease_share_to_ring(r, e);
+            fmq_lease_share_to_ring(r, e, tok);
             atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
                                   memory_order_release);
         } else if (st == FMQ_LS_ACKING) {
@@ -531,7 +614,7 @@ void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
         } else if (st == FMQ_LS_LEASED || st == FMQ_LS_REQUEUING) {
             if (st == FMQ_LS_LEASED && taken->tickets)
                 taken->tickets[taken->n++] = e->src_ticket;
-            fmq_lease_share_to_ring(r, e);
+            fmq_lease_share_to_ring(r, e, tok);
             atomic_store_explicit(&e->deadline_ns, 0, memory_order_relaxed);
             atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_LEASED, 0),
                                   memory_order_release);
