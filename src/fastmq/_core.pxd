@@ -99,6 +99,9 @@ cdef extern from "fmq.h" nogil:
                        uint32_t *token, uint32_t *deliveries)
     int fmq_lease_payload(fmq_region *r, uint32_t slot, uint32_t token,
                           const unsigned char **data, uint32_t *len)
+    int fmq_lease_pin(fmq_region *r, uint32_t slot, uint32_t token,
+                      const unsigned char **data, uint32_t *len, uint32_t *block)
+    int fmq_lease_unpin(fmq_region *r, uint32_t slot, uint32_t token, uint32_t block)
     int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token)
     int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue)
     int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease_ns)

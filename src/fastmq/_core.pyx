@@ -22,9 +22,12 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.memoryview cimport PyMemoryView_FromObject
+cimport cython
 from libc.errno cimport errno
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
+from posix.unistd cimport getpid, pid_t
 
 
 cdef extern from "Python.h":
@@ -514,17 +517,48 @@ cdef class Ring:
 
     # ---- leases (at-least-once) ---------------------------------------- #
 
-    cdef tuple _lease_payload(self, uint32_t slot, uint32_t token, uint32_t deliveries):
+    cdef object _lease_payload(self, uint32_t slot, uint32_t token):
+        """A private copy of a held lease's payload."""
         cdef const unsigned char *data
         cdef uint32_t n
         cdef int rc = fmq_lease_payload(self.r, slot, token, &data, &n)
         if rc != FMQ_OK:
             _raise(rc)
-        return (slot, token, PyBytes_FromStringAndSize(<const char *>data, n), deliveries)
+        return PyBytes_FromStringAndSize(<const char *>data, n)
 
-    def lease(self, Py_ssize_t max_messages, timeout, double lease_seconds):
-        """Lease up to max_messages (at least one, waiting up to timeout):
-        a list of (slot, token, payload, delivery_count)."""
+    cdef object _leased(self, type cls, object ctx, uint32_t slot, uint32_t token,
+                        uint32_t deliveries):
+        """A new message of class cls for a lease we just took; None if the
+        lease was lost already (it is redelivered: skip it)."""
+        cdef const unsigned char *data
+        cdef uint32_t n, block
+        cdef int rc = fmq_lease_pin(self.r, slot, token, &data, &n, &block)
+        if rc == FMQ_OK:          # a block: views of it, pinned (see fmq_lease_pin)
+            payload = _PinnedPayload._new(self, slot, token, block, data, n)
+        elif rc == FMQ_AGAIN:     # inline: a private copy is cheaper than a pin
+            rc = fmq_lease_payload(self.r, slot, token, &data, &n)
+            if rc == FMQ_ELOST:
+                return None
+            if rc != FMQ_OK:
+                _raise(rc)
+            payload = PyBytes_FromStringAndSize(<const char *>data, n)
+        elif rc == FMQ_ELOST:
+            return None
+        else:
+            _raise(rc)
+        # __new__ without __init__: a few C stores, no argument parsing.
+        cdef LeasedMessage msg = LeasedMessage.__new__(cls)
+        msg._ctx = ctx
+        msg._slot = slot
+        msg._token = token
+        msg.delivery_count = deliveries
+        msg._payload = payload
+        return msg
+
+    def lease(self, Py_ssize_t max_messages, timeout, double lease_seconds, ctx):
+        """Lease up to max_messages (at least one, waiting up to timeout): a
+        list of ``ctx.message_class`` objects (a LeasedMessage subclass) that
+        point back to ``ctx``."""
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(timeout, &nonblock)
         cdef uint64_t lease_ns
@@ -532,6 +566,9 @@ cdef class Ring:
         cdef uint32_t slot, token, deliveries
         cdef list out = []
         cdef int rc
+        cdef type cls = ctx.message_class
+        if not issubclass(cls, LeasedMessage):
+            raise TypeError("ctx.message_class must subclass LeasedMessage")
         if max_messages < 1:
             raise ValueError("max_messages must be >= 1")
         if not lease_seconds > 0 or lease_seconds > 1e9:
@@ -559,7 +596,9 @@ cdef class Ring:
                     # If the ring is full too and a lease is due, neither can
                     # make room for the other: take that message directly.
                     if fmq_lease_adopt(self.r, lease_ns, &slot, &token, &deliveries) == FMQ_OK:
-                        out.append(self._lease_payload(slot, token, deliveries))
+                        msg = self._leased(cls, ctx, slot, token, deliveries)
+                        if msg is not None:
+                            out.append(msg)
                         continue
                     if nonblock:
                         raise Empty()
@@ -570,7 +609,9 @@ cdef class Ring:
                     continue
                 if rc != FMQ_OK:
                     _raise(rc)
-                out.append(self._lease_payload(slot, token, deliveries))
+                msg = self._leased(cls, ctx, slot, token, deliveries)
+                if msg is not None:
+                    out.append(msg)
         finally:
             self._leave()
         return out
@@ -597,15 +638,38 @@ cdef class Ring:
     def ack(self, uint32_t slot, uint32_t token):
         self._lease_op(0, slot, token, 0)
 
-    def ack_many(self, pairs):
-        cdef list out = []
+    def ack_many(self, messages, ctx):
+        """Ack every held message of ``messages`` (all leased through ``ctx``;
+        anything else goes to ``ctx.reject(m)``, which raises, before any is
+        acked). Sets each one's state; returns (acked, settled): settled
+        counts the held ones, acked those whose lease was still ours."""
+        cdef LeasedMessage msg
+        cdef Py_ssize_t acked = 0, settled = 0
+        if not isinstance(messages, (list, tuple)):
+            messages = list(messages)
+        cdef object cls = ctx.message_class
+        if not issubclass(cls, LeasedMessage):
+            raise TypeError("ctx.message_class must subclass LeasedMessage")
+        for m in messages:       # validate all first: a bad item acks none
+            if not isinstance(m, cls) or (
+                    (<LeasedMessage>m)._state == HELD and (<LeasedMessage>m)._ctx is not ctx):
+                ctx.reject(m)
+                raise TypeError("ack_many: %r cannot be acked here" % (m,))
         self._enter()
         try:
-            for slot, token in pairs:
-                out.append(fmq_lease_ack(self.r, slot, token) == FMQ_OK)
+            for m in messages:
+                msg = <LeasedMessage>m
+                if msg._state != HELD:
+                    continue
+                settled += 1
+                if fmq_lease_ack(self.r, msg._slot, msg._token) == FMQ_OK:
+                    msg._state = ACKED
+                    acked += 1
+                else:
+                    msg._state = LOST
         finally:
             self._leave()
-        return out
+        return acked, settled
 
     def nack(self, uint32_t slot, uint32_t token, bint requeue=True):
         self._lease_op(1, slot, token, 1 if requeue else 0)
@@ -655,7 +719,7 @@ cdef class Ring:
             while len(out) < max_messages:
                 if fmq_lease_take_dead(self.r, &slot, &token) != FMQ_OK:
                     break
-                out.append(self._lease_payload(slot, token, 0)[:3])
+                out.append((slot, token, self._lease_payload(slot, token)))
         finally:
             self._leave()
         return out
@@ -733,6 +797,60 @@ cdef class Ring:
         finally:
             self._leave()
         return rc == FMQ_OK, report.decode("utf-8", "replace")
+
+
+# ======================================================================== #
+# leased messages                                                          #
+# ======================================================================== #
+
+# Settlement states of a leased message (the same numbers in both backends).
+cdef enum:
+    HELD = 0
+    ACKED = 1
+    NACKED = 2
+    LOST = 3
+
+
+@cython.auto_pickle(False)
+cdef class LeasedMessage:
+    """What a leased message is made of; ``fastmq.Message`` (acks.py) adds
+    the behaviour. A C type so that ``Ring.lease`` builds one with a few
+    stores and ``Ring.ack_many`` settles one without Python attribute lookups:
+    those were most of the cost of at-least-once batches."""
+    cdef readonly object _ctx            # the consumer (acks._Lessee) it belongs to
+    cdef readonly uint32_t _slot         # in-flight entry
+    cdef readonly uint32_t _token        # that entry's use count: stale acks fail
+    cdef readonly uint32_t delivery_count
+    cdef readonly object _payload        # bytes
+    cdef public int _state               # HELD/ACKED/NACKED/LOST
+
+    def __init__(self, ctx, uint32_t slot, uint32_t token, payload, uint32_t delivery_count):
+        # Used by the pure backend; Ring.lease fills the fields directly.
+        self._ctx = ctx
+        self._slot = slot
+        self._token = token
+        self._payload = payload
+        self.delivery_count = delivery_count
+
+    @property
+    def data(self):
+        """Read-only memoryview of the payload: of shared memory for a
+        payload in a block (pinned while this message or any view of it
+        lives), else of a private copy."""
+        return PyMemoryView_FromObject(self._payload)
+
+    @property
+    def redelivered(self):
+        return self.delivery_count > 1
+
+    @property
+    def id(self):
+        """The in-flight entry, as in ``Queue.pending()[i]["id"]``."""
+        return self._slot
+
+    @property
+    def token(self):
+        return self._token
 
 
 # ======================================================================== #
@@ -944,6 +1062,43 @@ cdef class Lease(_Exporter):
         if not self.freed and self.ring is not None:
             self._free()
 
+
+
+cdef class _PinnedPayload(_Exporter):
+    """A leased message's payload left in its block (Message.data), pinned
+    (fmq_lease_pin) until this object -- held by the Message and by every
+    view of it -- is gone: an ack or a redelivery meanwhile never frees memory
+    that Python can still see, and data stays readable after ack()."""
+    cdef uint32_t slot, token, block
+    cdef pid_t pid           # a forked child's copy must not unpin the parent's pin
+
+    @staticmethod
+    cdef _PinnedPayload _new(Ring ring, uint32_t slot, uint32_t token, uint32_t block,
+                             const unsigned char *data, uint32_t n):
+        cdef _PinnedPayload self = _PinnedPayload.__new__(_PinnedPayload)
+        self.ring = ring
+        self.slot, self.token, self.block = slot, token, block
+        self.ptr = <unsigned char *>data
+        self.size = n
+        self.readonly_ = True
+        self.pid = getpid()
+        ring.pins += 1
+        return self
+
+    cdef void _free(self):
+        if self.freed:
+            return
+        self.freed = True
+        if self.ring.r != NULL and self.pid == getpid():
+            fmq_lease_unpin(self.ring.r, self.slot, self.token, self.block)
+        self.ring._unpin()
+
+    def __len__(self):
+        return self.size
+
+    def __dealloc__(self):
+        if not self.freed and self.ring is not None:
+            self._free()
 
 def list_segments():
     """Names of native fastmq segments under /dev/shm."""

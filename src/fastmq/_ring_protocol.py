@@ -143,21 +143,30 @@ def list_segments() -> Iterable[str]:
 # ---------------------------------------------------------------------------
 
 class LeaseRing(Protocol):
+    # ``ctx`` below is the consumer the messages belong to (acks._Lessee): it
+    # has ``message_class`` (a subclass of the LeasedMessage in use: _core's,
+    # else _pure/message.py's -- fields _ctx, _slot, _token, _payload,
+    # delivery_count, _state) and ``reject(m)``, which raises the error for a
+    # message that ack_many cannot take.
+
     def lease(self, max_messages: int, timeout: Optional[float],
-              lease_seconds: float) -> list:
+              lease_seconds: float, ctx) -> list:
         """Like get_many, but each message is leased, not consumed. Returns a
-        list of (slot, token, payload: bytes, delivery_count: int). Waits up to
-        timeout for the first one (Empty otherwise); also waits while the
-        in-flight table is full (it holds ``maxsize`` entries). Before taking,
-        expired/dead leases are redelivered (cheap when none are due)."""
+        list of ``ctx.message_class`` objects with _ctx = ctx and state HELD.
+        Waits up to timeout for the first one (Empty otherwise); also waits
+        while the in-flight table is full (it holds ``maxsize`` entries).
+        Before taking, expired/dead leases are redelivered (cheap when none are
+        due)."""
 
     def ack(self, slot: int, token: int) -> None:
         """Done with it. LeaseLost if the lease expired (even if nobody took the
         message again yet), was requeued, or is not this handle's."""
 
-    def ack_many(self, pairs: Sequence) -> list:
-        """Ack several (slot, token) pairs; returns a list of booleans (False =
-        lease lost) in the same order; never raises LeaseLost."""
+    def ack_many(self, messages: Sequence, ctx) -> tuple:
+        """Ack every HELD message of the batch and set its state (ACKED, or
+        LOST when the lease was lost; never raises LeaseLost); messages not
+        HELD are skipped. All are validated first (``ctx.reject``). Returns
+        (acked, settled = how many were HELD)."""
 
     def nack(self, slot: int, token: int, requeue: bool = True) -> None:
         """Give it back now (requeue=True: to the back of the queue with

@@ -22,9 +22,13 @@ module only adds what is per handle:
   opportunistically (and throttled) by ``get_message``/``get_messages``/
   ``pending``/``stats`` of a queue handle that has a ``dead_letter`` name.
 
-Zero-copy: a leased message is copied out of shared memory once, into a
-private ``bytes``; ``Message.data`` is a read-only view of that copy, so it
-never pins shared memory and stays valid after ``ack()``.
+Zero-copy (native backend): a payload that lives in a pool block is not
+copied out; ``Message.data`` views it in place, like ``Queue.recv()``. The
+in-flight entry records the pin, so whoever ends the lease -- this consumer's
+ack, or another process redelivering an expired lease -- leaves the block to
+the Message and its views; it is freed when the last of them goes
+(``fmq_lease_pin`` in ``csrc/fmq_lease.c``), so ``data`` and ``value`` stay
+readable after ``ack()``. Small (inline) payloads are copied into a ``bytes``.
 """
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ import math
 import os
 import threading
 import time
-from itertools import repeat
 
+from . import _backend
 from .errors import Error, LeaseLost, QueueNotFound
 
 __all__ = ["Message", "TooManyInFlight", "DEFAULT_LEASE", "DEFAULT_MAX_IN_FLIGHT"]
@@ -57,7 +61,17 @@ class TooManyInFlight(Error):
 
 # --------------------------------------------------------------- the message
 
-_HELD, _ACKED, _NACKED, _LOST = range(4)
+def _fields_type():
+    """The C ``LeasedMessage`` when the extension imports (both backends then
+    build it), else the pure-Python one with the same fields."""
+    if _backend.native_available():
+        return _backend.ring_module("native").LeasedMessage
+    from ._pure.message import LeasedMessage
+    return LeasedMessage
+
+
+# Settlement states, shared with both backends' LeasedMessage / ack_many.
+from ._pure.message import ACKED as _ACKED, HELD as _HELD, LOST as _LOST, NACKED as _NACKED  # noqa: E402
 
 # Bumped in every forked child: per-handle state inherited through fork()
 # belongs to the parent (cheaper than comparing os.getpid() on every call).
@@ -72,11 +86,16 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Message:
+class Message(_fields_type()):
     """A message leased with ``Queue.get_message()``; ack it when done.
 
     * ``value`` -- the deserialized object (decoded on first access);
-    * ``data`` -- read-only memoryview of the payload bytes (a private copy);
+    * ``data`` -- read-only memoryview of the payload. Native backend: a
+      payload too big for a slot stays in shared memory and ``data`` views
+      it in place, pinned while this Message or any view of it lives (past
+      ``ack()``, and past a redelivery of an expired lease to someone else);
+      drop the Message and its views to give the memory back. Small payloads
+      are a private copy (copying 200 bytes is cheaper than a pin);
     * ``delivery_count`` -- 1 on the first delivery; ``redelivered`` -- > 1;
     * ``id`` -- the in-flight entry, as in ``Queue.pending()[i]["id"]``
       (reused once this message is acked);
@@ -84,59 +103,30 @@ class Message:
       now (``requeue=False``: dead-letter it); ``touch(seconds)`` -- extend
       the lease to now + seconds. ``ack``/``nack``/``touch`` raise
       ``LeaseLost`` once the lease expired, even if nobody took it yet.
+
+    The fields (``_ctx``, the consumer it belongs to; ``_slot``/``_token``,
+    its in-flight entry; ``_payload``; ``_state``) are set by the ring's
+    ``lease()`` -- a C type in the native build, because building and
+    settling Messages is the hot path of ``get_messages``/``ack_many``.
     """
 
-    # Three stores per message: building Messages is the hot path of
-    # get_messages(). ``_lease`` is the ring's (slot, token, payload,
-    # delivery_count) tuple as it came; ``_value`` stays unset until read.
-    __slots__ = ("_ctx", "_lease", "_state", "_value")
-
-    def __init__(self, ctx, leased):
-        self._ctx = ctx
-        self._lease = leased
-        self._state = _HELD
-
-    @property
-    def _slot(self):
-        return self._lease[0]
-
-    @property
-    def _token(self):
-        return self._lease[1]
-
-    @property
-    def _payload(self):
-        return self._lease[2]
-
-    @property
-    def delivery_count(self) -> int:
-        return self._lease[3]
+    __slots__ = ("_value",)
 
     # ---- content
-
-    @property
-    def data(self) -> memoryview:
-        return memoryview(self._lease[2])         # bytes: read-only already
 
     @property
     def value(self):
         try:
             return self._value
         except AttributeError:
-            self._value = self._ctx.queue._decode(self._payload)
-            return self._value
-
-    @property
-    def redelivered(self) -> bool:
-        return self._lease[3] > 1
-
-    @property
-    def id(self) -> int:
-        return self._slot
-
-    @property
-    def token(self) -> int:
-        return self._token
+            pass
+        payload, queue = self._payload, self._ctx.queue
+        if payload.__class__ is not bytes:        # left in its block (native)
+            payload = self.data
+            if queue._serializer is not None:     # custom loads() get bytes, as from get()
+                payload = payload.tobytes()
+        self._value = queue._decode(payload)
+        return self._value
 
     @property
     def acked(self) -> bool:
@@ -152,9 +142,9 @@ class Message:
             if state == _ACKED:
                 return
             self._check_held("ack")
-        ctx, lease = self._ctx, self._lease
+        ctx = self._ctx
         try:
-            ctx.ring.ack(lease[0], lease[1])
+            ctx.ring.ack(self._slot, self._token)
         except LeaseLost:
             self._settle(_LOST)
             raise
@@ -209,10 +199,17 @@ class _Lessee:
     Messages point back to, and its count of un-acked messages."""
 
     __slots__ = ("acks", "queue", "ring", "count")
+    message_class = Message          # what ring.lease() builds
 
     def __init__(self, acks, ring):
         self.acks, self.queue, self.ring = acks, acks.queue, ring
         self.count = 0
+
+    def reject(self, m):
+        """ring.ack_many() found ``m`` in its batch: say what is wrong."""
+        if not isinstance(m, Message):
+            raise TypeError(f"ack_many takes fastmq.Message objects, not {type(m).__name__}")
+        raise ValueError(f"{m!r} was not leased through this queue handle in this process")
 
     # Plain int updates, no lock (a lock costs more than the rest of an ack):
     # under the GIL ``self.count += n`` runs no Python code in between, so
@@ -306,41 +303,20 @@ class Acks:
             self.forward_dead_letters(ring)
         n = lessee.reserve(max_messages, self.max_in_flight)
         try:
-            leased = ring.lease(n, timeout, lease)
+            leased = ring.lease(n, timeout, lease, lessee)
         except BaseException:
             lessee.release(n)
             raise
         if len(leased) < n:
             lessee.release(n - len(leased))
-        return list(map(Message, repeat(lessee, len(leased)), leased))
+        return leased
 
     def ack_many(self, ring, messages):
         lessee = self._lessee
         if lessee is None or self._generation != _fork_generation:
             lessee = self.lessee(ring)
-        held, pairs = [], []
-        for m in messages:
-            if m.__class__ is not Message:
-                raise TypeError(f"ack_many takes fastmq.Message objects, not "
-                                f"{type(m).__name__}")
-            if m._state == _HELD:
-                if m._ctx is not lessee:
-                    raise ValueError(f"{m!r} was not leased through this queue handle "
-                                     "in this process")
-                held.append(m)
-                lease = m._lease
-                pairs.append((lease[0], lease[1]))
-        if not held:
-            return 0
-        results = ring.ack_many(pairs)
-        acked = 0
-        for m, ok in zip(held, results):
-            if ok:
-                m._state = _ACKED
-                acked += 1
-            else:
-                m._state = _LOST
-        lessee.release(len(held))         # once for the batch
+        acked, settled = ring.ack_many(messages, lessee)
+        lessee.release(settled)           # once for the batch
         return acked
 
     # ---- dead letters

@@ -45,6 +45,7 @@ import struct
 import time
 
 from ..errors import CorruptQueue, LeaseLost
+from .message import ack_messages
 
 # lease state: attempt, committed, tail, active_half, next_due_ns,
 # last_sweep_ns, hwm, spare
@@ -195,7 +196,7 @@ class LeaseMixin:
 
     # ------------------------------------------------------------ taking
 
-    def lease(self, max_messages, timeout, lease_seconds):
+    def lease(self, max_messages, timeout, lease_seconds, ctx):
         from .ring import _AGAIN, ROLE_CONSUMER
         from ..errors import Empty
         if isinstance(max_messages, bool) or not isinstance(max_messages, int):
@@ -221,7 +222,9 @@ class LeaseMixin:
             got = self._wait(attempt, 0 if timeout == 0 else
                              (0.05 if left is None else min(0.05, left)))
             if got is not _AGAIN:
-                return got
+                cls = ctx.message_class
+                return [cls(ctx, slot, token, payload, deliveries)
+                        for slot, token, payload, deliveries in got]
             if timeout == 0:
                 raise Empty("queue is empty")
 
@@ -341,8 +344,11 @@ class LeaseMixin:
     def ack(self, slot, token):
         self._lease_op(self._ack_locked, [(slot, token)], True)
 
-    def ack_many(self, pairs):
-        pairs = [(s, t) for s, t in pairs]
+    def ack_many(self, messages, ctx):
+        return ack_messages(self, messages, ctx)
+
+    def _ack_pairs(self, pairs):
+        """[(slot, token)] -> [acked?] (a lost lease is False, not an error)."""
         return self._lease_op(self._ack_locked, pairs, False)
 
     def _ack_locked(self, fd, state, ls, pairs, strict):
