@@ -109,6 +109,28 @@ def backend(request, monkeypatch):
 
 # ---------------------------------------------------------------- names
 
+def native_only(backend, why):
+    """Skip the pure half of a test that is native by nature, saying why."""
+    if backend != "native":
+        pytest.skip(f"native-only: {why}")
+
+
+def pool_room(q, size, limit=200):
+    """How many ``size``-byte messages fit in ``q`` right now (drained again):
+    a block pinned or leaked anywhere shows up as one fewer."""
+    import fastmq
+    n = 0
+    try:
+        while n < limit:
+            q.put_bytes(b"f" * size, block=False)
+            n += 1
+    except fastmq.Full:
+        pass
+    for _ in range(n):
+        q.get_bytes(timeout=5)
+    return n
+
+
 def unique_name(tag="t"):
     return f"fmqtest-{tag}-{os.getpid()}-{uuid.uuid4().hex[:10]}"
 

@@ -471,6 +471,9 @@ def test_large_leased_messages_round_trip_without_leaking_memory(mq):
     assert [m.delivery_count for m in again] == [2] * 4
     assert q.ack_many(again) == 4
     assert wait_until(lambda: q.stats()["bytes_in_use"] == 0, 5), q.stats()
+    # Native: each Message keeps its big payload pinned in shared memory while
+    # it lives (m.data views it in place), so drop them before reusing it.
+    del first, again
     for b in big:                                     # the memory is reusable
         q.put_bytes(b, timeout=5)
     assert [q.get_bytes(timeout=5) for _ in big] == big
@@ -598,15 +601,12 @@ def test_taker_killed_mid_lease_loses_and_duplicates_nothing(mq, backend, point)
     each message must come back exactly once (DESIGN Promise 1: before the
     hand-over, no loss and no duplicate).
 
-    KNOWN NATIVE BUG at "lease.take.leased" (fails on native, deliberately
-    not skipped): the entry is already LEASED(dead taker) while the ring slot
-    is still READING(dead taker). The next lease() runs the liveness sweep
-    (fmq_lease_redeliver_due: holder dead), which requeues the entry's copy
-    at the back with delivery_count 2; ~0.1 s later crash recovery's slot
-    pass puts the READING slot's message back too (delivery_count 1). Seen:
-    [b/1, c/1, a/2, a/1] -- "a" delivered twice. fmq_lease_reap's
-    ``taken->tickets`` (which would let the slot pass drop the moved slot)
-    only helps when reap runs before the sweep has requeued the entry.
+    "lease.take.leased" is the hard case on native: the entry is already
+    LEASED(dead taker) while the ring slot is still READING(dead taker), so
+    requeueing the entry AND putting the slot back would deliver "a" twice
+    (this test caught exactly that once). A crashed holder's leases are
+    therefore left to crash recovery, whose slot pass frees such a slot
+    instead of putting it back (fmq_lease_redeliver_due, fmq_tag_crashed).
     """
     name, q = _named(mq, maxsize=16)
     q.put_many(["a", "b", "c"])

@@ -23,34 +23,18 @@ import zlib
 import pytest
 
 import fastmq
-from conftest import run_python
+from conftest import native_only, pool_room, run_python
 
 np = pytest.importorskip("numpy")  # the numpy-less behaviour is tested in a subprocess
 
 KiB, MiB = 1024, 1024 * 1024
-
-
-def native_only(backend, why):
-    if backend != "native":
-        pytest.skip(f"native-only: {why}")
-
 
 POOL = {"maxsize": 64, "max_message_size": 1 * MiB, "capacity_bytes": 4 * MiB}
 BIG = 200 * KiB
 
 
 def fill_count(q, size=BIG, limit=200):
-    """How many ``size``-byte messages fit right now (then drained again)."""
-    n = 0
-    try:
-        while n < limit:
-            q.put_bytes(b"f" * size, block=False)
-            n += 1
-    except fastmq.Full:
-        pass
-    for _ in range(n):
-        q.get_bytes(timeout=5)
-    return n
+    return pool_room(q, size, limit)
 
 
 def pattern(n, seed):
