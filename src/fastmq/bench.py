@@ -81,7 +81,7 @@ SCENARIOS = [
     _tp(1, 1, "pickle"), _tp(2, 2, "pickle"),
     _tp(1, 1, "batch", 64), _tp(2, 2, "batch", 64),
     _tp(1, 1, "numpy", MiB), _tp(1, 1, "numpy", 64 * MiB), _tp(1, 1, "reserve", MiB),
-    _tp(1, 1, "acks", 64),
+    _tp(1, 1, "acks", 64), _tp(1, 1, "acks", MiB),
     Scenario("pingpong-64", "pingpong", 1, 1, "bytes", 64,
              "round trip of 64 B over two queues, blocking waits"),
 ]
