@@ -111,3 +111,40 @@ def test_fastmq_numpy_1m_zero_copy(benchmark, fastmq_queue):
         out = q.get(zero_copy=True)
         return int(out[100])
     assert benchmark(op) == int(arr[100])
+
+
+def test_fastmq_async_put_get_small_object(benchmark, fastmq_queue):
+    """``await put_async(obj)`` + ``await get_async()`` of a small object in a
+    running event loop, next to ``asyncio.Queue`` (one process: the cost of
+    the awaits themselves; neither waits, the queue never runs empty)."""
+    import asyncio
+    q = fastmq_queue
+    loop = asyncio.new_event_loop()
+
+    async def rounds(n=100):
+        for i in range(n):
+            await q.put_async(("job", i))
+            out = await q.get_async()
+        return out
+    try:
+        assert benchmark(lambda: loop.run_until_complete(rounds())) == ("job", 99)
+    finally:
+        loop.close()
+
+
+def test_asyncio_queue_put_get_small_object(benchmark):
+    """The same 100 rounds through ``asyncio.Queue`` (in-process only: the
+    floor for an awaited put + get)."""
+    import asyncio
+    loop = asyncio.new_event_loop()
+    aq = asyncio.Queue()
+
+    async def rounds(n=100):
+        for i in range(n):
+            await aq.put(("job", i))
+            out = await aq.get()
+        return out
+    try:
+        assert benchmark(lambda: loop.run_until_complete(rounds())) == ("job", 99)
+    finally:
+        loop.close()

@@ -238,6 +238,32 @@ cdef class Ring:
                 raise QueueClosed("queue handle was closed while waiting")
         return 0
 
+    def wait(self, bint for_space, double timeout, Py_ssize_t need=0):
+        """Sleep until a message looks ready to take (for_space False), or a
+        slot and ``need`` bytes look free, for at most ``timeout`` seconds and
+        one wait slice: True if so, else False. Takes nothing; never raises
+        Empty or Full (the asyncio waiter threads' wait)."""
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout if timeout > 0 else 1e-9, &nonblock)
+        cdef int rc
+        cdef uint64_t n = <uint64_t>need if need > 0 else 0
+        self._enter()
+        try:
+            with nogil:
+                if for_space:
+                    rc = fmq_ring_wait_space(self.r, deadline, 0)
+                    if rc == FMQ_OK and n > self._inline_max:
+                        rc = fmq_ring_wait_space(self.r, deadline, n)
+                else:
+                    rc = fmq_ring_wait_data(self.r, deadline)
+        finally:
+            self._leave()
+        if rc == FMQ_OK:
+            return True
+        if rc == FMQ_TIMEDOUT or rc == FMQ_AGAIN or rc == FMQ_EINTR:
+            return False
+        _raise(rc)
+
     # ---- writing -------------------------------------------------------- #
 
     cdef int _alloc_block(self, Py_ssize_t n, bint nonblock, uint64_t deadline,

@@ -7,8 +7,9 @@ picklable. Everything that touches shared memory -- blocking, locking,
 crash safety, fork handling -- belongs to the ring (``_ring_protocol``).
 
 The handle keeps no per-process state besides the ring itself (and, once
-``get_message`` was used, the at-least-once bookkeeping of ``acks.py``, which
-a forked child resets), so a handle inherited through ``fork()`` works in the
+``get_message`` was used, the at-least-once bookkeeping of ``acks.py``, and
+once an ``*_async`` method waited, its waiter threads (``asyncio_support``);
+a forked child resets both), so a handle inherited through ``fork()`` works in the
 child as it is. Batches are decoded by the ring inside its claim
 (``Ring.get_many(..., decode)``), so an undecodable message never costs the
 rest of a batch and the handle holds no dequeued-but-undelivered payloads.
@@ -19,8 +20,8 @@ import math
 import threading
 import weakref
 
-from . import _backend, _names, _serialize, acks
-from .errors import MessageTooLarge, QueueClosed, QueueNotFound
+from . import _backend, _names, _serialize, acks, asyncio_support
+from .errors import Full, MessageTooLarge, QueueClosed, QueueNotFound
 
 __all__ = ["Queue", "Received", "DEFAULT_MAXSIZE", "DEFAULT_MAX_MESSAGE_SIZE",
            "MIN_CAPACITY_BYTES"]
@@ -519,6 +520,50 @@ class Queue:
         n = ring.redeliver_due()
         self._acks.forward_dead_letters(ring, force=True)
         return n
+
+    # ------------------------------------------- asyncio (see asyncio_support)
+    #
+    # Each tries the operation without blocking; if it would block, the
+    # coroutine parks while a waiter thread sleeps in the ring's wait for it.
+    # Waiting takes nothing, so a cancelled (or timed-out) await loses nothing.
+
+    async def get_async(self, timeout=None):
+        """``get()`` for asyncio: await the next object (``Empty`` after
+        ``timeout`` seconds; None waits forever). An idle await costs no CPU."""
+        timeout = _timeout(True, timeout)
+        return await asyncio_support.call(self, lambda: self.get(block=False), False, timeout)
+
+    async def put_async(self, obj, timeout=None):
+        """``put()`` for asyncio: await room for ``obj`` (``Full`` after
+        ``timeout`` seconds; None waits forever)."""
+        timeout = _timeout(True, timeout)
+        try:
+            return self.put(obj, block=False)
+        except Full:
+            if timeout == 0:
+                raise
+        # Serialized once, here: retries must not pickle again, and the wait
+        # needs the size to wait for room that fits.
+        payload = self._encode(obj)
+        ring = self._live_ring()
+        return await asyncio_support.call(self, lambda: ring.put(payload, 0), True, timeout,
+                                          len(payload))
+
+    async def get_many_async(self, max_messages=DEFAULT_GET_MANY, timeout=None) -> list:
+        """``get_many()`` for asyncio: at least one object, at most
+        ``max_messages``, without waiting for more once one is available."""
+        _check_int("max_messages", max_messages, 1, 1 << 30)
+        timeout = _timeout(True, timeout)
+        return await asyncio_support.call(
+            self, lambda: self.get_many(max_messages, block=False), False, timeout)
+
+    async def get_message_async(self, timeout=None, lease=acks.DEFAULT_LEASE):
+        """``get_message()`` for asyncio: await the next message, leased
+        (ack it when done; see ``get_message``)."""
+        timeout = _timeout(True, timeout)
+        lease = acks.check_lease(lease)
+        return await asyncio_support.call(
+            self, lambda: self.get_message(block=False, lease=lease), False, timeout)
 
 
 class _ReservationContext:

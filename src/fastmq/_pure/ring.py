@@ -437,6 +437,18 @@ class Ring(leases.LeaseMixin):
                     delay = _FIRST_SLEEP
                     break
 
+    def wait(self, for_space, timeout, need=0):
+        """Sleep until a message looks ready to take (for_space False), or
+        room for a ``need``-byte message, at most ``timeout`` seconds: True if
+        so, else False. Takes nothing (the asyncio waiter threads' wait)."""
+        if for_space:
+            def ready(fd, state):
+                return self._fits(state, need) or _AGAIN
+        else:
+            def ready(fd, state):
+                return state[2] > 0 or _AGAIN
+        return self._wait(lambda: self._locked(ready), timeout) is not _AGAIN
+
     # ------------------------------------------------------ participants
 
     def _register(self, role):
