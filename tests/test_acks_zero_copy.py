@@ -75,6 +75,17 @@ def in_mapping(addr, q):
 
 # ------------------------------------------------------------------ views
 
+def _leased_big(mq, tag, seed, lease=30.0):
+    """A queue (named if ``tag``), its free room, and one big message of it
+    leased by us: (name, queue, room, payload, message)."""
+    name = unique_name(tag) if tag else None
+    q = mq.create(name, **POOL) if tag else mq.Queue(**POOL)
+    before = room(q)
+    data = pattern(BIG, seed)
+    q.put_bytes(data)
+    return name, q, before, data, q.get_message(timeout=5, lease=lease)
+
+
 def test_big_payload_is_viewed_in_place(mq, backend):
     native_only(backend, "the pure backend has no shared mapping to view")
     q = mq.Queue(**POOL)
@@ -89,11 +100,7 @@ def test_big_payload_is_viewed_in_place(mq, backend):
 
 
 def test_view_outlives_ack_and_block_comes_back_after(mq):
-    q = mq.Queue(**POOL)
-    before = room(q)
-    data = pattern(BIG, 2)
-    q.put_bytes(data)
-    m = q.get_message(timeout=5)
+    _, q, before, data, m = _leased_big(mq, None, 2)
     view = m.data[10:]                    # a derived view keeps the pin
     m.ack()
     assert q.pending() == []
@@ -151,16 +158,6 @@ def test_custom_serializer_gets_bytes_from_a_pinned_payload(mq):
 
 
 # ------------------------------------------------ other processes meanwhile
-
-def _leased_big(mq, tag, seed, lease):
-    """A named queue (and its free room) with one big message, leased by us."""
-    name = unique_name(tag)
-    q = mq.create(name, **POOL)
-    before = room(q)
-    data = pattern(BIG, seed)
-    q.put_bytes(data)
-    return name, q, before, data, q.get_message(timeout=5, lease=lease)
-
 
 def _take_redelivered(backend, name, size, seed, done):
     q = fastmq.Queue.open(name, _backend=backend)
@@ -236,11 +233,7 @@ def test_killed_holder_with_live_view_loses_nothing_and_leaks_nothing(mq, backen
 
 
 def test_nack_with_live_view_requeues_a_copy(mq):
-    q = mq.Queue(**POOL)
-    before = room(q)
-    data = pattern(BIG, 5)
-    q.put_bytes(data)
-    m = q.get_message(timeout=5)
+    _, q, before, data, m = _leased_big(mq, None, 5)
     view = m.data
     m.nack()
     again = q.get_message(timeout=5)

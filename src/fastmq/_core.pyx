@@ -925,8 +925,35 @@ cdef class _Exporter:
         if self.exports == 0 and self.closing:
             self._free()
 
+    cdef void _attach(self, Ring ring, unsigned char *ptr, Py_ssize_t size, bint readonly):
+        """Export ptr[0:size] of ring's mapping, which stays mapped (a pin on
+        the Ring) until _free."""
+        self.ring = ring
+        self.ptr = ptr
+        self.size = size
+        self.readonly_ = readonly
+        ring.pins += 1
+
     cdef void _free(self):
+        """Once: give the memory back (_give_back) and unpin the mapping."""
+        if self.freed:
+            return
+        self.freed = True
+        if self.ring.r != NULL:
+            self._give_back()
+        self.ring._unpin()
+
+    cdef void _give_back(self):
+        """What this kind of export holds in shared memory (the mapping is
+        still there when this runs). C fields only: it may run from
+        __dealloc__, after a subclass's object fields were cleared."""
         pass
+
+    def __dealloc__(self):
+        # Nothing else refers to us: no view and no user, so free now. The
+        # subclass's C fields (block, slot...) are still intact here.
+        if not self.freed and self.ring is not None:
+            self._free()
 
     @property
     def view(self):
@@ -986,22 +1013,13 @@ cdef class Reservation(_Exporter):
     @staticmethod
     cdef Reservation _new(Ring ring, uint32_t block, Py_ssize_t nbytes, object timeout):
         cdef Reservation self = Reservation.__new__(Reservation)
-        self.ring = ring
         self.timeout = timeout
         self.block = block
-        self.ptr = fmq_pool_ptr(ring.r, block)
-        self.size = nbytes
-        self.readonly_ = False
-        ring.pins += 1
+        self._attach(ring, fmq_pool_ptr(ring.r, block), nbytes, False)
         return self
 
-    cdef void _free(self):
-        if self.freed:
-            return
-        self.freed = True
-        if self.ring.r != NULL:
-            fmq_pool_release_writer(self.ring.r, self.block)   # our share; the ring has its own
-        self.ring._unpin()
+    cdef void _give_back(self):
+        fmq_pool_release_writer(self.ring.r, self.block)   # our share; the ring has its own
 
     def commit(self, length=None):
         """Publish the first ``length`` bytes. Waits for a free slot at most the
@@ -1037,9 +1055,6 @@ cdef class Reservation(_Exporter):
         self.state = 2
         self.close()
 
-    def __dealloc__(self):
-        if not self.freed and self.ring is not None:
-            self._free()
 
 
 cdef class Lease(_Exporter):
@@ -1051,13 +1066,9 @@ cdef class Lease(_Exporter):
     @staticmethod
     cdef Lease _new_copy(Ring ring, bytes data):
         cdef Lease self = Lease.__new__(Lease)
-        self.ring = ring
         self.block = FMQ_NO_BLOCK
         self._copy = data
-        self.ptr = <unsigned char *>PyBytes_AS_STRING(data)
-        self.size = len(data)
-        self.readonly_ = True
-        ring.pins += 1
+        self._attach(ring, <unsigned char *>PyBytes_AS_STRING(data), len(data), True)
         return self
 
     @staticmethod
@@ -1066,27 +1077,17 @@ cdef class Lease(_Exporter):
         if rc != FMQ_OK:
             _raise(rc)
         cdef Lease self = Lease.__new__(Lease)
-        self.ring = ring
         self.block = m.block
-        self.ptr = m.data
-        self.size = m.len
-        self.readonly_ = True
         self.deliveries = m.deliveries
-        ring.pins += 1
+        self._attach(ring, m.data, m.len, True)
         return self
 
-    cdef void _free(self):
-        if self.freed:
-            return
-        self.freed = True
-        if self.block != FMQ_NO_BLOCK and self.ring.r != NULL:
+    cdef void _give_back(self):
+        # C fields only: this may run from _Exporter.__dealloc__, after our
+        # object fields (_copy) were cleared.
+        if self.block != FMQ_NO_BLOCK:
             fmq_pool_release_reader(self.ring.r, self.block)
-        self._copy = None
-        self.ring._unpin()
 
-    def __dealloc__(self):
-        if not self.freed and self.ring is not None:
-            self._free()
 
 
 
@@ -1102,29 +1103,18 @@ cdef class _PinnedPayload(_Exporter):
     cdef _PinnedPayload _new(Ring ring, uint32_t slot, uint32_t token, uint32_t block,
                              const unsigned char *data, uint32_t n):
         cdef _PinnedPayload self = _PinnedPayload.__new__(_PinnedPayload)
-        self.ring = ring
         self.slot, self.token, self.block = slot, token, block
-        self.ptr = <unsigned char *>data
-        self.size = n
-        self.readonly_ = True
         self.pid = getpid()
-        ring.pins += 1
+        self._attach(ring, <unsigned char *>data, n, True)
         return self
 
-    cdef void _free(self):
-        if self.freed:
-            return
-        self.freed = True
-        if self.ring.r != NULL and self.pid == getpid():
+    cdef void _give_back(self):
+        if self.pid == getpid():
             fmq_lease_unpin(self.ring.r, self.slot, self.token, self.block)
-        self.ring._unpin()
 
     def __len__(self):
         return self.size
 
-    def __dealloc__(self):
-        if not self.freed and self.ring is not None:
-            self._free()
 
 def list_segments():
     """Names of native fastmq segments under /dev/shm."""
