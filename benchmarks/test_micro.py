@@ -148,3 +148,30 @@ def test_asyncio_queue_put_get_small_object(benchmark):
         assert benchmark(lambda: loop.run_until_complete(rounds())) == ("job", 99)
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("kind,queues", [("direct", 1), ("topic", 1), ("fanout", 4)])
+def test_fastmq_exchange_publish_small_object(benchmark, kind, queues):
+    """``Exchange.publish`` of a small object + ``get`` from each queue it
+    reaches (compare with test_fastmq_put_get_pickled: the routing's cost)."""
+    import uuid
+    fastmq = pytest.importorskip("fastmq")
+    tag = uuid.uuid4().hex[:8]
+    names = [f"bench-{tag}-{i}" for i in range(queues)]
+    qs = [fastmq.Queue.create(n, maxsize=1024) for n in names]
+    ex = fastmq.Exchange.create(f"bench-{tag}", kind)
+    try:
+        for n in names:
+            ex.bind(n, "orders.*" if kind == "topic" else "orders.eu")
+        obj = {"id": 1, "item": "widget", "qty": 3}
+
+        def op():
+            ex.publish(obj, "orders.eu")
+            return [q.get() for q in qs][-1]
+        assert benchmark(op) == obj
+    finally:
+        ex.close()
+        fastmq.Exchange.unlink(ex.name)
+        for q, n in zip(qs, names):
+            q.close()
+            fastmq.Queue.unlink(n)

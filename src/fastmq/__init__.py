@@ -12,6 +12,7 @@ from .errors import (CorruptQueue, Empty, Error, Full, LeaseLost, MessageTooLarg
                      QueueClosed, QueueExists, QueueNotFound)
 from .queue import Queue, Received
 from .acks import Message, TooManyInFlight
+from .exchange import Exchange
 from ._serialize import BadMessage
 
 __version__ = "0.1.0"
@@ -21,7 +22,7 @@ __all__ = [
     "Queue", "Received", "cleanup", "backend", "__version__",
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
     "QueueExists", "CorruptQueue", "LeaseLost", "BadMessage", "Message",
-    "TooManyInFlight",
+    "TooManyInFlight", "Exchange",
 ]
 
 

@@ -1,10 +1,10 @@
 """The ``fastmq`` command (also ``python -m fastmq``).
 
     fastmq bench [...]            the comparison benchmark (fastmq.bench)
-    fastmq ls                     named queues on this host: depth, capacity, owner
+    fastmq ls                     named queues (depth, capacity, owner) and exchanges
     fastmq stat NAME [--watch]    the stats block of one queue (live with --watch)
     fastmq pending NAME           messages in flight (leased, not yet acked)
-    fastmq rm NAME                unlink a named queue (open handles keep working)
+    fastmq rm NAME                unlink a named queue or exchange (handles keep working)
     fastmq --version
 
 Exit status: 0 ok; 1 error, with a one-line message on stderr and no traceback
@@ -20,6 +20,7 @@ import time
 
 SHM_DIR = "/dev/shm"
 QUEUE_PREFIX = "fastmq-q-"
+EXCHANGE_PREFIX = "fastmq-x-"
 STAT_KEYS = ("depth", "capacity", "enqueued", "dequeued", "bytes_in_use", "producers",
              "consumers", "redelivered", "abandoned", "dead_lettered")
 
@@ -72,8 +73,14 @@ def cmd_ls(args) -> int:
         entries = sorted(e for e in os.listdir(args.shm_dir) if e.startswith(QUEUE_PREFIX))
     except OSError as exc:
         raise UserError(f"cannot list {args.shm_dir}: {exc.strerror or exc}") from None
+    exchanges = sorted(e[len(EXCHANGE_PREFIX):] for e in os.listdir(args.shm_dir)
+                       if e.startswith(EXCHANGE_PREFIX))
+    if not entries and not exchanges:
+        print(f"no named fastmq queues in {args.shm_dir}")
+        return 0
     if not entries:
         print(f"no named fastmq queues in {args.shm_dir}")
+        _ls_exchanges(fastmq, exchanges)
         return 0
     rows = [("NAME", "DEPTH", "CAPACITY", "BYTES", "OWNER", "MODE", "STATUS")]
     for entry in entries:
@@ -95,10 +102,29 @@ def cmd_ls(args) -> int:
                          str(size), owner, mode, "ok"))
         except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others
             rows.append((name, "-", "-", str(size), owner, mode, _describe(exc)))
+    _print_table(rows)
+    _ls_exchanges(fastmq, exchanges)
+    return 0
+
+
+def _print_table(rows):
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    return 0
+
+
+def _ls_exchanges(fastmq, names):
+    if not names:
+        return
+    rows = [("EXCHANGE", "KIND", "BINDINGS", "STATUS")]
+    for name in names:
+        try:
+            with fastmq.Exchange.open(name) as ex:
+                rows.append((name, ex.kind, str(len(ex.bindings())), "ok"))
+        except Exception as exc:  # noqa: BLE001 - one bad file must not hide the others
+            rows.append((name, "-", "-", _describe(exc)))
+    print()
+    _print_table(rows)
 
 
 def _stats_block(name: str, stats: dict) -> str:
@@ -158,9 +184,17 @@ def _seconds(value):
 
 
 def cmd_rm(args) -> int:
+    """Unlink queues, or exchanges of that name when there is no such queue."""
     fastmq = _fastmq()
     for name in args.names:
-        fastmq.Queue.unlink(name)
+        try:
+            fastmq.Queue.unlink(name)
+        except fastmq.QueueNotFound:
+            try:
+                fastmq.Exchange.unlink(name)
+            except fastmq.QueueNotFound:
+                raise fastmq.QueueNotFound(f"no fastmq queue or exchange named {name!r}") \
+                    from None
     return 0
 
 
@@ -201,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(p)
     p.set_defaults(func=cmd_bench, _parser=p)
 
-    p = sub.add_parser("ls", help="list the named queues on this host")
+    p = sub.add_parser("ls", help="list the named queues and exchanges on this host")
     p.add_argument("--shm-dir", default=SHM_DIR, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ls)
 
@@ -215,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=cmd_pending)
 
-    p = sub.add_parser("rm", help="unlink named queues (open handles keep working)")
+    p = sub.add_parser("rm", help="unlink named queues or exchanges (open handles keep working)")
     p.add_argument("names", nargs="+", metavar="NAME")
     p.set_defaults(func=cmd_rm)
     return parser
