@@ -106,6 +106,12 @@ class Ring(Protocol):
     def reserve(self, nbytes: int, timeout: Optional[float]) -> Reservation: ...
     def recv(self, timeout: Optional[float]) -> Lease: ...
 
+    def wait(self, for_space: bool, timeout: float, need: int = 0) -> bool:
+        """Sleep until a message looks ready to take (for_space False), or a
+        slot and ``need`` bytes look free, at most ``timeout`` seconds (the
+        native ring also returns after one wait slice): True if so. Takes
+        nothing and never raises Empty/Full (for the asyncio waiters)."""
+
     def qsize(self) -> int: ...
     def stats(self) -> dict:
         """At least: depth, capacity, enqueued, dequeued, bytes_in_use,
