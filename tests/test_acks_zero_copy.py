@@ -308,6 +308,17 @@ def _stress_payload(i):
     return i.to_bytes(8, "little") + pattern(STRESS_SIZE - 8, i % 251)
 
 
+def _send_what_fits(q, sent, n):
+    """Put stress messages sent..n-1 until the queue is full; the new ``sent``."""
+    while sent < n:
+        try:
+            q.put_bytes(_stress_payload(sent), block=False)
+        except fastmq.Full:
+            break
+        sent += 1
+    return sent
+
+
 def _stress_consumer(backend, name, log, seed, seconds):
     """Lease batches with short random leases; check every view twice (at
     once, and again later while other processes churn the pool); ack 60%,
@@ -375,12 +386,7 @@ def test_pinned_leases_survive_kills_expiry_and_churn(mq, backend, children, tmp
     end = time.monotonic() + seconds
     sent = kills = 0
     while time.monotonic() < end:
-        while sent < n:
-            try:
-                q.put_bytes(_stress_payload(sent), block=False)
-            except fastmq.Full:
-                break
-            sent += 1
+        sent = _send_what_fits(q, sent, n)
         time.sleep(0.4)
         live = [p for p in procs if p.is_alive()]
         if live and time.monotonic() < end - 1:
@@ -399,12 +405,7 @@ def test_pinned_leases_survive_kills_expiry_and_churn(mq, backend, children, tmp
     # back on recovery)
     deadline = time.monotonic() + 30
     while len(acked) < n and time.monotonic() < deadline:
-        while sent < n:
-            try:
-                q.put_bytes(_stress_payload(sent), block=False)
-            except fastmq.Full:
-                break
-            sent += 1
+        sent = _send_what_fits(q, sent, n)
         try:
             got = q.get_messages(16, timeout=0.5, lease=30)
         except fastmq.Empty:

@@ -38,6 +38,8 @@ import threading
 import time
 
 from . import _backend
+# Settlement states, shared with both backends' LeasedMessage / ack_many.
+from ._pure.message import ACKED as _ACKED, HELD as _HELD, LOST as _LOST, NACKED as _NACKED
 from .errors import Error, LeaseLost, QueueNotFound
 
 __all__ = ["Message", "TooManyInFlight", "DEFAULT_LEASE", "DEFAULT_MAX_IN_FLIGHT"]
@@ -68,10 +70,6 @@ def _fields_type():
         return _backend.ring_module("native").LeasedMessage
     from ._pure.message import LeasedMessage
     return LeasedMessage
-
-
-# Settlement states, shared with both backends' LeasedMessage / ack_many.
-from ._pure.message import ACKED as _ACKED, HELD as _HELD, LOST as _LOST, NACKED as _NACKED  # noqa: E402
 
 # Bumped in every forked child: per-handle state inherited through fork()
 # belongs to the parent (cheaper than comparing os.getpid() on every call).

@@ -20,7 +20,6 @@ import time
 
 SHM_DIR = "/dev/shm"
 QUEUE_PREFIX = "fastmq-q-"
-EXCHANGE_PREFIX = "fastmq-x-"
 STAT_KEYS = ("depth", "capacity", "enqueued", "dequeued", "bytes_in_use", "producers",
              "consumers", "redelivered", "abandoned", "dead_lettered")
 
@@ -73,19 +72,19 @@ def cmd_ls(args) -> int:
         entries = sorted(e for e in os.listdir(args.shm_dir) if e.startswith(QUEUE_PREFIX))
     except OSError as exc:
         raise UserError(f"cannot list {args.shm_dir}: {exc.strerror or exc}") from None
-    exchanges = sorted(e[len(EXCHANGE_PREFIX):] for e in os.listdir(args.shm_dir)
-                       if e.startswith(EXCHANGE_PREFIX))
-    if not entries and not exchanges:
+    if entries:
+        _ls_queues(fastmq, args.shm_dir, entries)
+    else:
         print(f"no named fastmq queues in {args.shm_dir}")
-        return 0
-    if not entries:
-        print(f"no named fastmq queues in {args.shm_dir}")
-        _ls_exchanges(fastmq, exchanges)
-        return 0
+    _ls_exchanges(fastmq, fastmq.Exchange.list_names(args.shm_dir))
+    return 0
+
+
+def _ls_queues(fastmq, shm_dir, entries):
     rows = [("NAME", "DEPTH", "CAPACITY", "BYTES", "OWNER", "MODE", "STATUS")]
     for entry in entries:
         name = entry[len(QUEUE_PREFIX):]
-        path = os.path.join(args.shm_dir, entry)
+        path = os.path.join(shm_dir, entry)
         try:
             st = os.stat(path)
             owner, mode, size = _owner(st.st_uid), oct(st.st_mode & 0o777)[2:], st.st_size
@@ -103,8 +102,6 @@ def cmd_ls(args) -> int:
         except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others
             rows.append((name, "-", "-", str(size), owner, mode, _describe(exc)))
     _print_table(rows)
-    _ls_exchanges(fastmq, exchanges)
-    return 0
 
 
 def _print_table(rows):

@@ -185,10 +185,10 @@ class Exchange:
             raise QueueNotFound(f"no fastmq exchange named {name!r}") from None
 
     @staticmethod
-    def list_names():
+    def list_names(shm_dir=SHM_DIR):
         """Names of the exchanges on this host."""
         try:
-            entries = os.listdir(SHM_DIR)
+            entries = os.listdir(shm_dir)
         except OSError:
             return []
         return sorted(e[len(PREFIX):] for e in entries if e.startswith(PREFIX))
@@ -259,17 +259,21 @@ class Exchange:
             version, _, offset, length = self._read_header()
             if version == self._version:
                 return
-            raw = os.pread(self._fd, length, offset)
+            kind, bindings = self._read_body(offset, length)
+        self._kind, self._bindings = kind, bindings
+        self._routes = {}
+        self._version = version
+
+    def _read_body(self, offset, length):
+        """(kind, [(queue, key)]) from the body the header points at."""
         try:
-            body = json.loads(raw)
+            body = json.loads(os.pread(self._fd, length, offset))
             kind, bindings = body["kind"], [(str(q), str(k)) for q, k in body["bindings"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptQueue(f"exchange {self.name!r}: unreadable bindings ({exc})") from None
         if kind not in KINDS:
             raise CorruptQueue(f"exchange {self.name!r}: unknown kind {kind!r}")
-        self._kind, self._bindings = kind, bindings
-        self._routes = {}
-        self._version = version
+        return kind, bindings
 
     def _write_body(self, version, body, turn, current):
         """Write ``body`` clear of the ``current`` (offset, length), then the
@@ -295,16 +299,11 @@ class Exchange:
         with self._locked(LOCK_EX):
             version, turn, offset, length = self._read_header()
             self._version = None                     # re-read below, in any case
-            try:
-                body = json.loads(os.pread(self._fd, length, offset))
-                bindings = [tuple(b) for b in body["bindings"]]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise CorruptQueue(f"exchange {self.name!r}: unreadable bindings "
-                                   f"({exc})") from None
+            kind, bindings = self._read_body(offset, length)
             new = edit(bindings)
             if new != bindings:
-                body["bindings"] = [list(b) for b in new]
-                self._write_body(version, body, turn, (offset, length))
+                self._write_body(version, {"kind": kind, "bindings": [list(b) for b in new]},
+                                 turn, (offset, length))
         self._refresh()
 
     # -------------------------------------------------------------- bindings
