@@ -82,13 +82,21 @@ def _want_extension():
     return False
 
 
-def _extensions():
+def _cythonize(extensions):
     try:
         from Cython.Build import cythonize
     except ImportError:  # pragma: no cover - Cython is a build requirement
         sys.exit("fastmq needs Cython>=3 to build its extension (pip install Cython), "
                  "or set FASTMQ_PURE_ONLY=1 for the pure-Python backend only")
+    return cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False,
+                             "embedsignature": True},
+    )
 
+
+def _extensions():
     compile_args = ["-std=c11", "-O2", "-Wall", "-Wextra", "-fno-strict-aliasing",
                     "-D_GNU_SOURCE"]
     link_args = []
@@ -117,20 +125,22 @@ def _extensions():
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     )
-    return cythonize(
-        [core],
-        language_level=3,
-        compiler_directives={"boundscheck": False, "wraparound": False,
-                             "embedsignature": True},
-    )
+    return [core]
 
 
 class build_ext_strict(build_ext):
-    """Hold csrc/ to -Werror but not Cython's generated ``_core.c``.
+    """Cythonize when the extension is built, and hold csrc/ to -Werror but not
+    Cython's generated ``_core.c``.
 
     setuptools compiles every source of an Extension with one flag set; the
     generated file is not ours to fix, so only it gets its -Werror removed.
     """
+
+    def finalize_options(self):
+        # Cythonize here, not at import: building the sdist or the metadata
+        # has no use for the generated C.
+        self.distribution.ext_modules[:] = _cythonize(self.distribution.ext_modules)
+        super().finalize_options()
 
     def build_extension(self, ext):
         original = self.compiler._compile

@@ -27,7 +27,8 @@ part() { printf -- '--- wheels: %s (t+%ss)\n' "$1" "$(( $(date +%s) - t0 ))"; }
 fail() { printf 'wheels.sh: FAILED: %s\n' "$*" >&2; exit 1; }
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+multi_pid=
+trap '[ -z "$multi_pid" ] || kill "$multi_pid" 2>/dev/null; wait; rm -rf "$work"' EXIT
 mkdir -p "$work/dist" "$work/wheel" "$work/repaired" "$work/smoke" "$work/logs"
 # The smoke test runs from a directory without the checkout's conftest.py, so
 # it can only import the installed fastmq.
@@ -52,9 +53,10 @@ part "sdist"
 $PY -m build --sdist -o "$work/dist" . >"$work/logs/sdist.log" 2>&1 \
     || { cat "$work/logs/sdist.log"; fail "sdist"; }
 sdist=$(ls "$work/dist"/fastmq-*.tar.gz)
+tar tzf "$sdist" >"$work/logs/sdist.list"   # (grep -q on a pipe: SIGPIPE)
 for f in LICENSE docs/PYPI.md csrc/fmq.h src/fastmq/py.typed src/fastmq/_core.pyi \
          tests/test_wheel_smoke.py; do
-    tar tzf "$sdist" | grep -q "^fastmq-[^/]*/$f\$" || fail "$f missing from the sdist"
+    grep -q "^fastmq-[^/]*/$f\$" "$work/logs/sdist.list" || fail "$f missing from the sdist"
 done
 echo "sdist: $(basename "$sdist") $(( $(stat -c %s "$sdist") / 1024 )) KiB"
 
@@ -92,10 +94,10 @@ auditwheel show "$wheel" >"$work/logs/show.log" 2>&1 || { cat "$work/logs/show.l
 grep -q "manylinux_2_17_$(uname -m)" "$work/logs/show.log" \
     || { cat "$work/logs/show.log"; fail "the wheel needs a newer glibc than 2.17"; }
 case $(basename "$wheel") in
-    *manylinux_2_17_*manylinux2014_*) ;;
+    *manylinux_2_17_*manylinux2014_*|*manylinux2014_*manylinux_2_17_*) ;;
     *) fail "unexpected wheel tag: $(basename "$wheel")" ;;
 esac
-so_info=$(cd "$work" && $PY -m zipfile -l "$wheel" | grep '_core.*\.so')
+so_info=$(cd "$work" && $PY -m zipfile -l "$wheel" >"$work/logs/wheel.list" && grep '_core.*\.so' "$work/logs/wheel.list")
 file_out=$(cd "$work" && $PY -m zipfile -e "$wheel" unpacked && file unpacked/fastmq/_core*.so)
 case $file_out in *", stripped"*) ;; *) fail "the wheel's extension is not stripped: $file_out" ;; esac
 echo "wheel: $(basename "$wheel") $(( $(stat -c %s "$wheel") / 1024 )) KiB; $so_info"
