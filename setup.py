@@ -17,8 +17,13 @@ The C core is Linux-only (futexes, ``F_OFD_*`` record locks,
     says so in capitals rather than failing, so ``pip install fastmq`` from the
     sdist still gives a working package on a machine without gcc.
 * **Anywhere else** (macOS, Windows, BSDs): no extension is attempted and the
-  result is a pure-Python wheel (``py3-none-any``) whose ``fastmq.backend`` is
-  "pure".
+  result is a pure-Python install whose ``fastmq.backend`` is "pure".
+
+``FASTMQ_WHEEL_PLATFORM=<platform tag>`` (e.g. ``macosx_10_9_universal2``,
+``win_amd64``) tags a pure wheel for that platform only (``py3-none-<tag>``)
+instead of ``py3-none-any``: a wheel that installs anywhere would also win over
+the sdist on Linux architectures without a binary wheel, which should compile
+the C core instead.
 
 Other environment switches (read at build time):
 
@@ -41,6 +46,7 @@ import os
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
 
 
@@ -159,7 +165,18 @@ class build_ext_strict(build_ext):
             self.compiler._compile = original
 
 
+class bdist_wheel_platform(bdist_wheel):
+    """A pure wheel tagged for one platform (FASTMQ_WHEEL_PLATFORM), see above."""
+
+    def get_tag(self):
+        python, abi, plat = super().get_tag()
+        forced = os.environ.get("FASTMQ_WHEEL_PLATFORM", "").strip()
+        if forced and self.root_is_pure:
+            return "py3", "none", forced
+        return python, abi, plat
+
+
 setup(
     ext_modules=_extensions() if _want_extension() else [],
-    cmdclass={"build_ext": build_ext_strict},
+    cmdclass={"build_ext": build_ext_strict, "bdist_wheel": bdist_wheel_platform},
 )

@@ -27,8 +27,14 @@ part() { printf -- '--- wheels: %s (t+%ss)\n' "$1" "$(( $(date +%s) - t0 ))"; }
 fail() { printf 'wheels.sh: FAILED: %s\n' "$*" >&2; exit 1; }
 
 work=$(mktemp -d)
-multi_pid=
-trap '[ -z "$multi_pid" ] || kill "$multi_pid" 2>/dev/null; wait; rm -rf "$work"' EXIT
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
 mkdir -p "$work/dist" "$work/wheel" "$work/repaired" "$work/smoke" "$work/logs"
 # The smoke test runs from a directory without the checkout's conftest.py, so
 # it can only import the installed fastmq.
@@ -62,7 +68,7 @@ echo "sdist: $(basename "$sdist") $(( $(stat -c %s "$sdist") / 1024 )) KiB"
 
 # Background: the other Python versions build while the wheel is made here.
 versions=()
-for d in "$HOME"/.pyenv/versions/3.*; do
+for d in $(ls -d "$HOME"/.pyenv/versions/3.* 2>/dev/null | sort -V); do
     v=$(basename "$d")
     case $v in 3.9.*|3.1[0-9].*) ;; *) continue ;; esac
     [ -x "$d/bin/python3" ] || continue
@@ -76,10 +82,12 @@ multi() {
         "$sdist" >"$work/logs/py-$v.log" 2>&1 && echo ok >"$work/logs/py-$v.rc" \
         || echo failed >"$work/logs/py-$v.rc"
 }
-# One background worker walks the list, so there are at most two builds at
-# once (it and the wheel build in the foreground).
-( for v in "${versions[@]}"; do multi "$v"; done ) &
-multi_pid=$!
+# Two workers, each walking every other version: the first starts now, beside
+# the wheel build in the foreground; the second once that build is done. So at
+# most two compilers run at once (the machine has two cores).
+worker() { local i; for ((i = $1; i < ${#versions[@]}; i += 2)); do multi "${versions[$i]}"; done; }
+worker 0 &
+pids+=($!)
 
 part "wheel for glibc 2.17 ($(uname -m)), built from the sdist"
 target="$(uname -m)-linux-gnu.2.17"
@@ -102,6 +110,9 @@ file_out=$(cd "$work" && $PY -m zipfile -e "$wheel" unpacked && file unpacked/fa
 case $file_out in *", stripped"*) ;; *) fail "the wheel's extension is not stripped: $file_out" ;; esac
 echo "wheel: $(basename "$wheel") $(( $(stat -c %s "$wheel") / 1024 )) KiB; $so_info"
 
+worker 1 &
+pids+=($!)
+
 part "install the wheel into a clean venv; smoke test against it"
 venv_smoke "$PY" "$work/venv-wheel" native "$wheel"
 
@@ -117,7 +128,7 @@ part "typing: mypy --strict, pyright --strict on tests/typing/sample_user.py"
     "$REPO/tests/typing/sample_user.py")
 
 part "wait for the other Python versions (${versions[*]})"
-wait "$multi_pid"
+wait "${pids[@]}"
 bad=0
 for v in "${versions[@]}"; do
     if [ "$(cat "$work/logs/py-$v.rc" 2>/dev/null)" = ok ]; then
