@@ -45,6 +45,7 @@ def main() -> int:
         results.get_nowait()
     except fastmq.Empty:
         pass
+    ready: list[fastmq.Queue[int]] = fastmq.wait([jobs], timeout=0)
 
     raw: fastmq.Queue[bytes] = fastmq.Queue()
     with raw.reserve(5) as buf:
@@ -57,7 +58,7 @@ def main() -> int:
     stats = raw.stats()
     print(f"{sum(squares.values())} {greeting} {first!r} {second!r} {depth} "
           f"{stats['enqueued']} backend={fastmq.backend} {fastmq.__version__} "
-          f"{os.getpid() > 0}")
+          f"{os.getpid() > 0} {len(ready)}")
     for q in (jobs, results, raw):
         q.close()
     return 0
