@@ -45,8 +45,9 @@ cp tests/test_wheel_smoke.py "$work/smoke/"
 venv_smoke() {
     local python=$1 venv=$2 backend=$3
     shift 3
-    "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q "$@" "pytest>=7" "pytest-timeout>=2"
+    # No pip inside (ensurepip costs seconds per venv): this pip installs into it.
+    "$python" -m venv --without-pip "$venv"
+    $PY -m pip --python "$venv/bin/python" install -q "$@" "pytest>=7" "pytest-timeout>=2"
     (cd "$work/smoke" && FASTMQ_SMOKE_INSTALLED=1 FASTMQ_SMOKE_BACKEND=$backend \
         "$venv/bin/python" -m pytest -q -p no:cacheprovider test_wheel_smoke.py)
 }
@@ -117,10 +118,15 @@ part "install the wheel into a clean venv; smoke test against it"
 venv_smoke "$PY" "$work/venv-wheel" native "$wheel"
 
 part "sdist with no compiler (CC=false): pure backend"
-CC=false venv_smoke "$PY" "$work/venv-nocc" pure --no-cache-dir "$sdist"
+# From another path: pip caches the wheel it built from a local sdist by the
+# sdist's path, and the native cp311 wheel built above must not be reused.
+mkdir "$work/nocc" && cp "$sdist" "$work/nocc/"
+CC=false venv_smoke "$PY" "$work/venv-nocc" pure "$work/nocc/$(basename "$sdist")"
 
 part "typing: mypy --strict, pyright --strict on tests/typing/sample_user.py"
-"$work/venv-wheel/bin/python" -m pip install -q mypy "pyright[nodejs]"
+# pyright runs on node: the machine's if it has one, else one from PyPI.
+pyright=pyright; command -v node >/dev/null || pyright="pyright[nodejs]"
+$PY -m pip --python "$work/venv-wheel/bin/python" install -q mypy "$pyright"
 (cd "$work" && "$work/venv-wheel/bin/python" -m mypy --strict --no-incremental \
     "$REPO/tests/typing/sample_user.py")
 # The file's "# pyright: strict" comment selects pyright's strict mode.
