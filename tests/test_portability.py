@@ -193,3 +193,33 @@ def test_missing_native_core_warns_once_naming_the_cause():
 def test_no_warning_when_pure_is_asked_for():
     got = _child(_NO_CORE, _env(FASTMQ_BACKEND="pure"))
     assert got == {"backend": "pure", "warnings": []}
+
+
+def test_the_command_line_follows_fastmq_shm_dir(tmp_path):
+    import subprocess
+    import sys
+    shm = tmp_path / "cli-shm"
+    name = f"porta-cli-{uuid.uuid4().hex[:10]}"
+    env = _env(FASTMQ_BACKEND="pure", FASTMQ_SHM_DIR=str(shm))
+    env["PYTHONPATH"] = os.path.dirname(PKG) + os.pathsep + env.get("PYTHONPATH", "")
+    _child(f"""
+        import json, fastmq
+        q = fastmq.Queue.create({name!r}); q.put(1); q.put(2); q.close()
+        print(json.dumps(True))
+    """, env)
+
+    def fmq(*args):
+        return subprocess.run([sys.executable, "-m", "fastmq", *args], capture_output=True,
+                              text=True, timeout=60, env=env)
+    try:
+        res = fmq("ls", "--json")
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert doc["directory"] == str(shm)
+        assert [(q["name"], q["depth"]) for q in doc["queues"]] == [(name, 2)]
+        res = fmq("rm", name)
+        assert res.returncode == 0, res.stderr
+        assert os.listdir(shm) == []
+    finally:
+        for f in os.listdir(shm):
+            os.unlink(shm / f)
