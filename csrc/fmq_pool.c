@@ -81,7 +81,9 @@ static int fmq_pool_class_for(fmq_region *r, uint64_t nbytes) {
 }
 
 int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
-    if (nbytes > r->g.max_message_size)
+    /* A slot records a message's length in 32 bits: never hand out room for
+     * more than it can say. */
+    if (nbytes > r->g.max_message_size || nbytes > UINT32_MAX)
         return FMQ_TOOBIG;
     int c0 = fmq_pool_class_for(r, nbytes);
     if (c0 < 0)

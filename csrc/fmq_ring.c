@@ -147,6 +147,21 @@ static void fmq_ring_check_hints(fmq_region *r) {
     uint64_t t0 = atomic_load_explicit(&r->ctl->tail.v, memory_order_acquire);
     uint64_t head, tail;
     fmq_ring_scan_hints(r, t0, &head, &tail);
+    if (tail < t0) {
+        /* Tickets below the tail hint that nobody claimed: producers claim in
+         * order, so these are holes a scribbled tail made producers jump
+         * over, and consumers would wait at the first one forever. Each is
+         * closed as an empty turn (EMPTY for its lap -> EMPTY for the next),
+         * by a CAS from exactly EMPTY: a producer that claims it meanwhile
+         * wins, and the hole was not one. */
+        for (uint64_t x = tail, k = 0; x < t0 && k < r->g.slot_count; x++, k++) {
+            _Atomic uint64_t *sw = &fmq_slot_at(r, x)->word;
+            uint64_t w = fmq_word(fmq_lap_stamp(r, x) + FMQ_PH_EMPTY, 0);
+            atomic_compare_exchange_strong_explicit(
+                sw, &w, fmq_word(fmq_lap_stamp(r, x) + 4, 0), memory_order_seq_cst,
+                memory_order_relaxed);
+        }
+    }
     if (head < h0 || tail < t0)
         fmq_ring_repair_hints(r);
 }

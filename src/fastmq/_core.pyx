@@ -147,6 +147,10 @@ cdef class Ring:
                 raise ValueError("%s out of range: %r" % (label, v))
         if max_deliveries >= 2 ** 32 or slot_size >= 2 ** 32:
             raise ValueError("max_deliveries/slot_size out of range")
+        if max_message_size > _MAX_FORMAT_LEN:
+            # As the pure backend: a message's length is recorded in 32 bits.
+            raise ValueError("max_message_size must be between 1 and %d bytes, got %d"
+                             % (_MAX_FORMAT_LEN, max_message_size))
         p.maxsize = maxsize
         p.max_message_size = max_message_size
         p.capacity_bytes = capacity_bytes
