@@ -97,10 +97,19 @@ int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
             return rc;
         FMQ_CRASHPOINT("pool.alloc.popped");
         fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
-        /* A free block's state is 0 and nobody else can see it: a plain store.
-         * The window between the pop above and this store is the one place a
-         * SIGKILL leaks a block (it is then neither free nor named). */
-        atomic_store_explicit(&m->state, FMQ_BLK_MAKE(r->owner_tag, 0, 0), memory_order_relaxed);
+        /* A free block's state is 0 and nobody else can see it, so the CAS
+         * from 0 always succeeds -- unless the stack was scribbled and named
+         * a block somebody holds: that one is never handed out (it stays off
+         * the stack; the message that holds it is untouched). The window
+         * between the pop above and this CAS is the one place a SIGKILL
+         * leaks a block (it is then neither free nor named). */
+        uint64_t zero = 0;
+        if (!atomic_compare_exchange_strong_explicit(&m->state, &zero,
+                                                     FMQ_BLK_MAKE(r->owner_tag, 0, 0),
+                                                     memory_order_relaxed,
+                                                     memory_order_relaxed))
+            return fmq_fail(FMQ_ECORRUPT, "block pool free stack named block %#x, which is "
+                                          "in use", FMQ_BLOCK_REF(c, idx));
         *block_out = FMQ_BLOCK_REF(c, idx);
         return FMQ_OK;
     }
