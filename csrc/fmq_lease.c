@@ -704,6 +704,10 @@ int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token) {
                                                  FMQ_LWORD(token, FMQ_LS_ACKING, r->owner_tag),
                                                  memory_order_seq_cst, memory_order_relaxed))
         return fmq_fail(FMQ_ELOST, "dead letter no longer held");
+    /* ACKING(me): a crash from here on leaves the entry to the reaper, which
+     * frees it; the block's IN_RING share then stays (one leaked block)
+     * rather than a dead letter forwarded again from a block freed already. */
+    FMQ_CRASHPOINT("lease.ackdead.claimed");
     fmq_lease_drop_share(r, e, token, FMQ_ONCE(e->block));
     atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0),
                           memory_order_release);                           /* [R-free] */
@@ -733,6 +737,7 @@ int fmq_lease_release_owned(fmq_region *r) {
                 continue;
             /* Back of the queue now, delivery count kept (a departed holder,
              * as if its lease had expired); no room: parked, due at once. */
+            FMQ_CRASHPOINT("lease.release.requeuing");
             fmq_lease_requeue(r, e, tok, 0);
             n++;
         } else if (st == FMQ_LS_TAKING) {
@@ -787,9 +792,14 @@ void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
                                                              memory_order_relaxed))
                     continue;                                              /* [S-end] */
                 w = claimed;
-                if (taken->tickets)
-                    taken->tickets[taken->n++] = FMQ_ONCE(e->src_ticket);
+                FMQ_CRASHPOINT("lease.reap.claimed");
             }
+            /* Also for REQUEUING(tag): a reaper killed right after the claim
+             * above leaves that, and the slot the message came from may
+             * still be READING(tag) (the taker died before freeing it). A
+             * ticket only matches a slot still READING(tag) at its lap. */
+            if (taken->tickets)
+                taken->tickets[taken->n++] = FMQ_ONCE(e->src_ticket);
             fmq_lease_share_to_ring(r, e, tok, block);
             atomic_store_explicit(&e->deadline_ns, 0, memory_order_relaxed);
             atomic_compare_exchange_strong_explicit(&e->word, &w,

@@ -447,3 +447,91 @@ def test_recovery_of_a_dead_producer_that_kept_its_view_against_every_in_flight_
             res.abort()
     with pytest.raises(fastmq.Empty):             # exactly once
         (q if not q.closed else other).get_bytes(timeout=0.2)
+
+
+# ---------------------------------------------------------------- crash points in flight
+
+_ACTOR = textwrap.dedent("""
+    import sys, time
+    import fastmq
+    name, action = sys.argv[1], sys.argv[2]
+    q = fastmq.Queue.open(name, _backend="native")
+    if action == "reap":
+        print("ready", flush=True)
+        q._ring.recover()              # killed inside by the crash point
+    else:
+        m = q.get_message(timeout=10, lease=60)
+        if action == "nack":
+            m.nack()
+        elif action == "close":
+            q.close()                  # hands the lease back
+        elif action == "dead":
+            m.nack(requeue=False)
+            q.redeliver_expired()      # forwards it: take, put, ack_dead
+        elif action == "hold":
+            print("leased", flush=True)
+            time.sleep(60)
+    print("survived", flush=True)
+""")
+
+CRASHES = [
+    ("nack", "lease.share.co_owned"),
+    ("nack", "lease.requeue.before_commit"),
+    ("nack", "lease.requeue.committed"),
+    ("close", "lease.release.requeuing"),
+    ("close", "lease.requeue.before_commit"),
+    ("dead", "lease.ackdead.claimed"),
+    ("reap", "lease.reap.claimed"),
+]
+
+
+@pytest.mark.parametrize("action,point", CRASHES)
+def test_a_process_killed_at_an_in_flight_crash_point_loses_nothing_and_delivers_nothing_foreign(
+        mq, qname, kids, backend, action, point):
+    native_only(backend, "crash points are compiled into the C core")
+    dlq_name = qname + "-dlq"
+    dlq = mq.create(dlq_name, maxsize=4)
+    mq.names.append(dlq_name)
+    q = mq.create(qname, maxsize=8, dead_letter=dlq_name)
+    q.put_bytes(PAYLOAD)
+    env = dict(os.environ, FASTMQ_CRASH_AT=point)
+    if action == "reap":
+        holder = kids.start(_ACTOR, qname, "hold")
+        kids.expect(holder, "leased")
+        kids.kill(holder)                          # a dead holder to reap
+    p = subprocess.Popen([sys.executable, "-c", _ACTOR, qname, action], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kids.procs.append(p)
+    p.wait(30)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr.read())
+    _recover(q)
+    junk = []
+    try:
+        while len(junk) < 64:                      # any wrongly freed block: scribbled
+            res = q._ring.reserve(BLOCK, 0)
+            res.view[:] = b"J" * BLOCK
+            junk.append(res)
+    except fastmq.Full:
+        pass
+    seen = []
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and not (seen and time.monotonic() > deadline - 5):
+        q.redeliver_expired()
+        for src in (q, dlq):
+            try:
+                if src is q:
+                    m = q.get_message(timeout=0.1, lease=60)
+                    seen.append(bytes(m.data))
+                    m.ack()
+                else:
+                    seen.append(dlq.get_bytes(timeout=0.1))
+            except fastmq.Empty:
+                pass
+    try:
+        assert seen, "the message was lost"
+        assert all(s == PAYLOAD for s in seen), [s[:8] for s in seen]
+        for res in junk:
+            assert bytes(res.view) == b"J" * BLOCK
+    finally:
+        for res in junk:
+            res.abort()
