@@ -535,3 +535,63 @@ def test_a_process_killed_at_an_in_flight_crash_point_loses_nothing_and_delivers
     finally:
         for res in junk:
             res.abort()
+
+
+# ---------------------------------------------------------------- double fetch
+
+_FLIPPER = textwrap.dedent("""
+    import mmap, os, struct, sys, time
+    path, lease, stride, n, seconds = sys.argv[1], *map(int, sys.argv[2:5]), float(sys.argv[5])
+    fd = os.open(path, os.O_RDWR)
+    m = mmap.mmap(fd, os.fstat(fd).st_size)
+    offs = [lease + i * stride + 32 for i in range(n)]      # in-flight entry lengths
+    good, bad = struct.pack("<I", 8), struct.pack("<I", 0x7FFFFFF0)
+    end = time.monotonic() + seconds
+    print("flipping", flush=True)
+    while time.monotonic() < end:
+        for _ in range(2000):
+            for off in offs:
+                m[off:off + 4] = bad
+                m[off:off + 4] = good
+""")
+
+_LEASER = textwrap.dedent("""
+    import sys, time
+    import fastmq
+    q = fastmq.Queue.open(sys.argv[1], _backend="native")
+    end = time.monotonic() + float(sys.argv[2])
+    got = corrupt = 0
+    while time.monotonic() < end:
+        try:
+            q.put_bytes(b"x" * 8, timeout=1)
+        except fastmq.Full:
+            pass
+        try:
+            for m in q.get_messages(4, timeout=0.2, lease=0.05):
+                assert bytes(m.data) == b"x" * 8, bytes(m.data)[:16]
+                got += 1
+                try:
+                    m.ack()
+                except fastmq.LeaseLost:
+                    pass
+        except (fastmq.Empty, fastmq.CorruptQueue, fastmq.TooManyInFlight):
+            corrupt += 1
+    print("got", got, "corrupt", corrupt, flush=True)
+""")
+
+
+def test_an_in_flight_length_changed_under_the_reader_is_checked_and_used_from_one_read(
+        mq, qname, kids, backend, seg_of):
+    native_only(backend, "writes into the native in-flight table")
+    q = mq.create(qname, maxsize=4)
+    seg = seg_of(q)
+    seconds = 4
+    flipper = kids.start(_FLIPPER, seg.path, seg.lease, seg.lease_stride, seg.slot_count,
+                         seconds)
+    kids.expect(flipper, "flipping")
+    leaser = kids.start(_LEASER, qname, seconds)
+    out, err = leaser.communicate(timeout=seconds + 30)
+    assert leaser.returncode >= 0, (f"the consumer died by signal "
+                                    f"{signal.Signals(-leaser.returncode).name}\n{err[-2000:]}")
+    assert leaser.returncode == 0, err[-2000:]
+    assert out.startswith("got") and int(out.split()[1]) > 0, out
