@@ -218,7 +218,8 @@ int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_
             if (rc != FMQ_OK) {
                 atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
                                       memory_order_release);                 /* [R-free] */
-                return rc;
+                /* The block is not the queue's: a damaged slot, consumed. */
+                return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
             }
             atomic_store_explicit(&e->holder, r->owner_tag, memory_order_relaxed);
         }

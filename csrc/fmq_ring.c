@@ -424,6 +424,25 @@ static int fmq_ring_retire_slot(fmq_region *r, fmq_msg *m, int wake) {
     return FMQ_OK;
 }
 
+int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m) {
+    fmq_slot *s = fmq_slot_at(r, m->ticket);
+    uint64_t expect = m->word;
+    uint64_t next = fmq_word(fmq_lap_stamp(r, m->ticket) + 4 /* EMPTY, next lap */, 0);
+    if (atomic_compare_exchange_strong_explicit(&s->word, &expect, next,
+                                                memory_order_seq_cst,        /* [R-rel] */
+                                                memory_order_relaxed)) {
+        fmq_count(r, FMQ_ST_ABANDONED, 1);
+        fmq_advance_head(r);
+        fmq_ring_wake_producers(r);
+    }
+    uint32_t b = m->block;
+    m->detached = 1;
+    m->block = FMQ_NO_BLOCK;   /* we hold no share of it */
+    return fmq_fail(FMQ_ECORRUPT, "message at ticket %llu names block %#x, which is not "
+                                  "queued; it was skipped and counted in "
+                                  "stats()[\"abandoned\"]", (unsigned long long)m->ticket, b);
+}
+
 static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
     int rc;
     /* The block's ring share becomes our reader share while we still hold the
@@ -432,7 +451,10 @@ static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
     if (m->block != FMQ_NO_BLOCK &&
         (rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
                                   FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24)) != FMQ_OK)
-        return rc;
+        /* The block is not the queue's (a damaged slot, e.g. a phase flipped
+         * back to READY over a consumed message): never deliver it, and do
+         * not leave the slot READING, which would wedge the ring a lap on. */
+        return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
     FMQ_CRASHPOINT("ring.release.before_free");
     return fmq_ring_retire_slot(r, m, wake);
 }

@@ -595,3 +595,28 @@ def test_an_in_flight_length_changed_under_the_reader_is_checked_and_used_from_o
                                     f"{signal.Signals(-leaser.returncode).name}\n{err[-2000:]}")
     assert leaser.returncode == 0, err[-2000:]
     assert out.startswith("got") and int(out.split()[1]) > 0, out
+
+
+@pytest.mark.parametrize("how", ["get", "recv", "get_many", "get_message"])
+def test_a_slot_flipped_back_to_ready_over_a_consumed_block_message_is_skipped(
+        mq, backend, seg_of, how):
+    native_only(backend, "writes into the native ring")
+    q = mq.Queue(maxsize=1)
+    seg = seg_of(q)
+    q.put_bytes(b"o" * BLOCK)
+    assert q.get_bytes(timeout=1) == b"o" * BLOCK  # its block is free again
+    off = seg.slot(0)
+    seg.u64(off, seg.u64(off) + (2 << 24))         # EMPTY -> READY, same lap: stale record
+    with pytest.raises(fastmq.CorruptQueue):
+        if how == "get":
+            q.get_bytes(timeout=1)
+        elif how == "recv":
+            q._ring.recv(1)
+        elif how == "get_many":
+            q._ring.get_many(4, 1, None)
+        else:
+            q.get_message(timeout=1)
+    assert q.stats()["abandoned"] == 1
+    for i in range(3):                             # the ring keeps moving, lap after lap
+        q.put_bytes(b"n%d" % i, timeout=1)
+        assert q.get_bytes(timeout=1) == b"n%d" % i

@@ -549,10 +549,20 @@ cdef class Ring:
                     k = keep
                     raise
                 k = keep
+            damaged = None
             for i in range(1 if bad == 0 else 0, k):
                 rc = fmq_ring_release(self.r, &msgs[i], 0)
                 if rc != FMQ_OK:
-                    _raise(rc)
+                    # Damaged (consumed and counted by the core): every other
+                    # message is released -- handed over -- and returned.
+                    if damaged is None:
+                        damaged = []
+                    damaged.append(i)
+            if damaged is not None:
+                out = [x for i, x in enumerate(out[:k]) if i not in damaged]
+                k = len(out)
+                if not out:
+                    _raise(FMQ_ECORRUPT)
         finally:
             PyMem_Free(msgs)
             if self.r != NULL and k:
@@ -675,6 +685,8 @@ cdef class Ring:
                         raise QueueClosed("queue handle was closed while waiting")
                     continue
                 if rc != FMQ_OK:
+                    if out:
+                        break      # what is leased already is returned
                     _raise(rc)
                 msg = self._leased(cls, ctx, slot, token, deliveries)
                 if msg is not None:
