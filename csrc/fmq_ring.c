@@ -584,7 +584,7 @@ static int fmq_has_space(fmq_region *r, uint64_t need, fmq_blocker *b) {
 /* Per thread: the blocker this thread has been waiting behind, and since when;
  * and when it last ran a full recovery pass while getting nowhere. */
 static __thread uint64_t fmq_tl_stall_ticket = ~0ull, fmq_tl_stall_word, fmq_tl_stall_since;
-static __thread uint64_t fmq_tl_last_recover;
+static __thread uint64_t fmq_tl_last_recover, fmq_tl_last_hint_check;
 
 static void fmq_note_blocker(fmq_region *r, const fmq_blocker *b, int pool_wait) {
     uint64_t now = fmq_now_ns();
@@ -594,7 +594,14 @@ static void fmq_note_blocker(fmq_region *r, const fmq_blocker *b, int pool_wait)
     if (now - fmq_tl_last_recover >= FMQ_RECOVER_EVERY_NS) {
         fmq_tl_last_recover = now;
         fmq_recover(r);
-        fmq_ring_check_hints(r);   /* or a scribbled hint hides what we wait for */
+        /* Or a scribbled hint hides what we wait for. The check reads every
+         * slot word, so big rings run it less often: about one slot word per
+         * 15 us of waiting (once a second up to 64 Ki slots). */
+        uint64_t every = FMQ_RECOVER_EVERY_NS * (r->g.slot_count / 65536 + 1);
+        if (now - fmq_tl_last_hint_check >= every) {
+            fmq_tl_last_hint_check = now;
+            fmq_ring_check_hints(r);
+        }
     }
     if (b->ticket == ~0ull) {
         fmq_tl_stall_ticket = ~0ull;

@@ -146,12 +146,22 @@ def test_a_handle_holding_the_whole_in_flight_table_gets_too_many_in_flight(mq):
     assert q.get_message(timeout=5).value == 4    # room again: the next message
 
 
-def test_max_message_size_beyond_a_32_bit_length_is_refused(backend):
-    name = unique_name("big")
-    with pytest.raises(ValueError, match="max_message_size"):
-        fastmq.Queue.create(name, maxsize=4, max_message_size=2 ** 32,
-                            capacity_bytes=2 ** 32 + 2 ** 20, _backend=backend)
-    assert not os.path.exists("/dev/shm/fastmq-q-" + name)
+def test_a_ring_refuses_a_max_message_size_its_32_bit_lengths_cannot_record(backend):
+    # Queue.create caps max_message_size lower; the ring itself must refuse
+    # what a slot's 32-bit length field cannot carry (both backends alike).
+    from fastmq import _backend
+    ring_cls = _backend.ring_module(backend).Ring
+    name = "fastmq-q-" + unique_name("big")
+    try:
+        with pytest.raises(ValueError, match="max_message_size"):
+            ring = ring_cls.create(name, maxsize=4, max_message_size=2 ** 32,
+                                   capacity_bytes=2 ** 32 + 2 ** 20)
+            ring.close()
+    finally:
+        try:
+            ring_cls.unlink(name)
+        except Exception:
+            pass
 
 
 # ---------------------------------------------------------------- close hands back
