@@ -56,9 +56,25 @@
  * between two reads, and a length checked in one load and used from another
  * is a wild copy.
  *
+ * Departure. A handle that closes hands its leases back at once
+ * (fmq_lease_release_owned: requeued, delivery count kept) and parks again
+ * the dead letters it took but did not forward; the once-a-second sweep does
+ * the same for a handle that went without closing the table (its
+ * participant entry is free or reused) -- a crashed one is left to crash
+ * recovery.
+ *
+ * Damage. An entry whose length does not fit its block (or slot), or whose
+ * block reference is invalid, is never copied or delivered: whoever finds it
+ * while owning the entry frees it and counts it as abandoned
+ * (fmq_lease_discard_corrupt), dropping its block share only when nothing
+ * else names that block.
+ *
  * Failure model: see fmq_lease_reap (called by crash recovery for a dead
  * tag). A dead holder's handed-over shares are cleared by the block pass of
- * crash recovery like any reader share.
+ * crash recovery like any reader share. A dead letter's ack killed after
+ * its ACKING claim leaks that one block (the reaper frees the entry; the
+ * IN_RING share stays) rather than forwarding the letter again from a block
+ * already freed.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -623,7 +639,10 @@ static int fmq_has_free_lease(fmq_region *r) {
  * state: the binding calls it with the GIL released. */
 int fmq_lease_wait_free(fmq_region *r, uint64_t deadline_ns) {
     /* Rare (the table holds maxsize entries): a plain sliced sleep on the
-     * space line, which ack and redelivery wake. */
+     * space line, which ack and redelivery wake. Their FREE store is a
+     * release, not part of the seq_cst order of our count increment and
+     * re-check, so a wake can be missed; the slice bounds that to 100 ms
+     * (a seq_cst store on every ack would cost more than it saves here). */
     fmq_waitline *wl = &r->ctl->space;
     fmq_lease_redeliver_due(r, 0);
     atomic_fetch_add_explicit(&wl->waiters, 1, memory_order_seq_cst);

@@ -22,7 +22,9 @@
  * the blocks nobody else holds. The one unnamed instant is between the pop
  * and the store of the writer tag (two instructions): a SIGKILL exactly there
  * leaks one block. Every index read from shared memory is range-checked: a
- * scribbled stack gives FMQ_ECORRUPT, never a wild pointer.
+ * scribbled stack gives FMQ_ECORRUPT, never a wild pointer; and a popped
+ * block is taken by a CAS of its state from 0, so a scribbled stack that
+ * names a block somebody holds never hands that block out again.
  */
 #include "fmq_internal.h"
 
