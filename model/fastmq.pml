@@ -316,10 +316,11 @@ inline auto_ack_get(me, t, ok, b, id, x1, x2) {
 /* ======================================================================== */
 
 /* model: lease.hand_pin -- PINNED -> HANDED; ok = 1 if the share is the holder's */
-inline hand_pin(tok, ok) {
+inline hand_pin(tok, ok, dropping) {
     d_step {
         if
-        :: epin == PIN_PINNED && epintok == tok -> epin = PIN_HANDED; ok = 1
+        :: epin == PIN_PINNED && epintok == tok -> epin = PIN_HANDED; ok = 1;
+           if :: dropping -> edropped = 1 :: else -> skip fi   /* the share is the views' now */
         :: else -> ok = (epin == PIN_HANDED && epintok == tok)
         fi
     }
@@ -332,7 +333,7 @@ inline share_to_ring(tok, h, ok) {
     if
     :: h != NONE && eblk != NOBLK ->
         d_step { if :: br[eblk] == h && !bring[eblk] -> bring[eblk] = 1 :: else -> skip fi };
-        hand_pin(tok, ok);                            /* lease.share.co_owned */
+        hand_pin(tok, ok, 0);                         /* lease.share.co_owned */
         if
         :: !ok -> d_step {
                 if :: br[eblk] == h && bring[eblk] -> br[eblk] = NONE :: else -> skip fi }
@@ -351,13 +352,14 @@ inline drop_share(tok, h, ok) {
         h = eholder;
         if
         :: h != NONE ->
-            hand_pin(tok, ok);
+            hand_pin(tok, ok, 1);
             if
-            :: !ok -> d_step { if :: br[eblk] == h -> br[eblk] = NONE; free_if_zero(eblk)
+            :: !ok -> d_step { if :: br[eblk] == h -> br[eblk] = NONE; edropped = 1;
+                                                       free_if_zero(eblk)
                                :: else -> skip fi }
             :: else -> skip
             fi;
-            d_step { eholder = NONE; edropped = 1 }
+            d_step { eholder = NONE }
         :: else ->
             d_step { if :: bring[eblk] -> bring[eblk] = 0; edropped = 1; free_if_zero(eblk)
                      :: else -> skip fi }
