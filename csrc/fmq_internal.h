@@ -73,6 +73,7 @@ void fmq_lease_reap(fmq_region *r, uint32_t dead_tag, fmq_taken *taken);
 int fmq_tag_is_dead(fmq_region *r, uint32_t tag);
 int fmq_tag_crashed(fmq_region *r, uint32_t tag);
 int fmq_ring_free_moved(fmq_region *r, fmq_msg *m);
+int fmq_ring_is_reading(fmq_region *r, uint64_t t, uint32_t owner);
 /* A claimed slot whose block is not the queue's: consume it as damaged
  * (counted as abandoned); returns FMQ_ECORRUPT. */
 int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m);

@@ -74,7 +74,12 @@
  * crash recovery like any reader share. A dead letter's ack killed after
  * its ACKING claim leaks that one block (the reaper frees the entry; the
  * IN_RING share stays) rather than forwarding the letter again from a block
- * already freed.
+ * already freed. A requeue settles its entry the same way once the copy is
+ * committed (fmq_lease_settle): ACKING before the share is dropped, so no
+ * entry ever names a block it may no longer hold while recovery could still
+ * act on it. A redeliverer never requeues a lease whose take has not freed
+ * its ring slot yet (fmq_lease_take_unfinished). model/fastmq.pml checks
+ * these rules (its README lists the counterexamples that led to them).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -131,6 +136,7 @@ static void fmq_lower_next_due(fmq_region *r, uint64_t due) {
 /* A pinned holder's share stays with the holder (see FMQ_PIN_* in
  * fmq_layout.h): PINNED -> HANDED. Returns 1 if the share is now (or was
  * already) the holder's own rather than the entry's. */
+/* model: lease.hand_pin */
 static int fmq_lease_hand_pin(fmq_lease *e, uint32_t tok) {
     uint64_t p = FMQ_PIN(tok, FMQ_PIN_PINNED);
     if (atomic_compare_exchange_strong_explicit(&e->pin, &p, FMQ_PIN(tok, FMQ_PIN_HANDED),
@@ -145,6 +151,7 @@ static int fmq_lease_hand_pin(fmq_lease *e, uint32_t tok) {
  * queue takes its IN_RING share BEFORE the holder's reader share is let go or
  * handed over, so the block outlives the holder's death while we copy it.
  * block: the entry's block, read once by the caller. */
+/* model: lease.share_to_ring */
 static void fmq_lease_share_to_ring(fmq_region *r, fmq_lease *e, uint32_t tok, uint32_t block) {
     uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);
     if (holder && block != FMQ_NO_BLOCK) {
@@ -160,6 +167,7 @@ static void fmq_lease_share_to_ring(fmq_region *r, fmq_lease *e, uint32_t tok, u
 
 /* Drop the entry's block share (the message is gone or has a new copy). A
  * live holder's handed-over share stays: the block is freed when it goes. */
+/* model: lease.drop_share */
 static void fmq_lease_drop_share(fmq_region *r, fmq_lease *e, uint32_t tok, uint32_t block) {
     if (block == FMQ_NO_BLOCK)
         return;
@@ -199,6 +207,7 @@ static void fmq_lease_discard_corrupt(fmq_region *r, fmq_lease *e, uint32_t tok)
 /* taking                                                                   */
 /* ======================================================================== */
 
+/* model: lease.take */
 int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_out,
                    uint32_t *token_out, uint32_t *deliveries_out) {
     uint32_t n = fmq_lease_count(r);
@@ -293,6 +302,7 @@ int fmq_lease_payload(fmq_region *r, uint32_t slot, uint32_t token, const unsign
  * ender's CAS of the word and its hand-over CAS of the pin [S-end]: either
  * we see the lease ended (and back out), or the ender sees our pin (and
  * hands over). */
+/* model: lease.pin */
 int fmq_lease_pin(fmq_region *r, uint32_t slot, uint32_t token, const unsigned char **data,
                   uint32_t *len, uint32_t *block) {
     uint64_t w;
@@ -330,6 +340,7 @@ int fmq_lease_pin(fmq_region *r, uint32_t slot, uint32_t token, const unsigned c
 }
 
 /* The holder's last view of a pinned payload is gone. */
+/* model: lease.unpin */
 int fmq_lease_unpin(fmq_region *r, uint32_t slot, uint32_t token, uint32_t block) {
     if (slot >= fmq_lease_count(r))
         return fmq_fail(FMQ_EINVAL, "no in-flight entry %u", slot);
@@ -347,6 +358,7 @@ int fmq_lease_unpin(fmq_region *r, uint32_t slot, uint32_t token, uint32_t block
 /* ack / touch                                                              */
 /* ======================================================================== */
 
+/* model: lease.ack */
 int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token) {
     uint64_t w;
     fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
@@ -370,6 +382,7 @@ int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token) {
     return FMQ_OK;
 }
 
+/* model: lease.touch */
 int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease_ns) {
     uint64_t w;
     fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
@@ -395,10 +408,30 @@ int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease
 /* redelivery                                                               */
 /* ======================================================================== */
 
+/* The entry's message is done with (its copy is committed, or it is dropped
+ * as a dead letter): ACKING(me) first, then its block share goes, then FREE.
+ * ACKING is what tells crash recovery that the entry's share may already be
+ * gone: a requeuer killed after the drop but still REQUEUING would have its
+ * entry orphaned and requeued again from a block that was freed and perhaps
+ * reused (a duplicate with foreign bytes, and a second drop of a share that
+ * is not its own). Killed between the ACKING store and the drop, it leaks
+ * the block's queue share instead (recovery cannot tell it from a reused
+ * block's). In the model this is the settle step of lease.requeue. */
+static void fmq_lease_settle(fmq_region *r, fmq_lease *e, uint32_t token, uint32_t block) {
+    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_ACKING, r->owner_tag),
+                          memory_order_release);
+    FMQ_CRASHPOINT("lease.requeue.settling");
+    fmq_lease_drop_share(r, e, token, block);
+    FMQ_CRASHPOINT("lease.requeue.dropped");
+    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0),
+                          memory_order_release);                           /* [R-free] */
+}
+
 /* Entry is REQUEUING(me) (or we otherwise own it). Returns FMQ_OK when it was
  * requeued, dead-lettered or (corrupted) discarded, FMQ_FULL when there was
  * no room (the entry is then parked as an orphaned, due lease for a later
  * attempt). */
+/* model: lease.requeue */
 static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int force_dead) {
     uint32_t len, block;
     const unsigned char *src = fmq_lease_src(r, e, &len, &block);   /* read once */
@@ -417,9 +450,7 @@ static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int fo
                                   memory_order_release);
             return FMQ_OK;
         }
-        fmq_lease_drop_share(r, e, token, block);
-        atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0),
-                              memory_order_release);                       /* [R-free] */
+        fmq_lease_settle(r, e, token, block);
         fmq_count(r, FMQ_ST_DEAD_LETTERED, 1);
         return FMQ_OK;
     }
@@ -452,13 +483,12 @@ static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int fo
     if (rc != FMQ_OK)
         return rc;
     FMQ_CRASHPOINT("lease.requeue.committed");
-    fmq_lease_drop_share(r, e, token, block);
-    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0),
-                          memory_order_release);                           /* [R-free] */
+    fmq_lease_settle(r, e, token, block);
     fmq_count(r, FMQ_ST_REDELIVERED, 1);
     return FMQ_OK;
 }
 
+/* model: lease.nack */
 int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue) {
     uint64_t w;
     fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
@@ -486,6 +516,21 @@ int fmq_tag_is_dead(fmq_region *r, uint32_t tag) {
     return !fmq_live_is_alive(r, idx);
 }
 
+/* The take that made this lease may not have finished: the holder frees the
+ * ring slot the message came from only after its LEASED store
+ * (fmq_lease_take), and it may be frozen or slow right there while its lease
+ * runs out. Requeueing then would leave two copies if the holder died next:
+ * ours, and the slot's, which crash recovery puts back because the entry no
+ * longer names the holder (and whose block our requeue has freed). So while
+ * that slot is still READING by the holder at the message's lap, the entry
+ * is given back and tried again later. The slot never returns to that word
+ * once freed, so one load after taking the entry decides it.
+ * In the model this is the give-back step of lease.redeliver_due. */
+static int fmq_lease_take_unfinished(fmq_region *r, fmq_lease *e, uint32_t owner) {
+    return fmq_ring_is_reading(r, FMQ_ONCE(e->src_ticket), owner);
+}
+
+/* model: lease.redeliver_due */
 int fmq_lease_redeliver_due(fmq_region *r, int force) {
     uint64_t now = fmq_now_ns();
     uint64_t due = atomic_load_explicit(&r->ctl->next_due.v, memory_order_relaxed);
@@ -544,6 +589,11 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
             atomic_store_explicit(&e->word, w, memory_order_release);      /* [R-lease] */
             continue;
         }
+        if (owner && fmq_lease_take_unfinished(r, e, owner)) {
+            atomic_store_explicit(&e->word, w, memory_order_release);      /* [R-lease] */
+            next = 1;   /* due still: look again at the next chance */
+            continue;
+        }
         if (fmq_lease_requeue(r, e, tok, 0) == FMQ_OK)
             n++;
         else
@@ -592,6 +642,10 @@ int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32
                 &e->word, &w, FMQ_LWORD(tok, FMQ_LS_REQUEUING, r->owner_tag),
                 memory_order_seq_cst, memory_order_relaxed))               /* [S-end] */
             continue;
+        if (owner && fmq_lease_take_unfinished(r, e, owner)) {
+            atomic_store_explicit(&e->word, w, memory_order_release);      /* [R-lease] */
+            continue;
+        }
         uint32_t len, block;
         if (!fmq_lease_src(r, e, &len, &block)) {
             fmq_lease_discard_corrupt(r, e, tok);
@@ -693,6 +747,7 @@ int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max) {
     return n;
 }
 
+/* model: lease.take_dead */
 int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token) {
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
         fmq_lease *e = fmq_lease_at(r, i);
@@ -715,6 +770,7 @@ int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token) {
     return FMQ_EMPTY;
 }
 
+/* model: lease.ack_dead */
 int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token) {
     uint64_t w;
     fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_TAKING, &w);
@@ -780,6 +836,7 @@ int fmq_lease_release_owned(fmq_region *r) {
  * only reaper of this tag; live processes may still act on the same entries
  * (a redeliverer that saw the tag closed, a taker after a FREE entry), so
  * every step is a CAS from the word we read, never a blind store. */
+/* model: recover.lease_reap */
 void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
         fmq_lease *e = fmq_lease_at(r, i);

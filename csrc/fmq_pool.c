@@ -82,6 +82,7 @@ static int fmq_pool_class_for(fmq_region *r, uint64_t nbytes) {
     return -1;
 }
 
+/* model: pool.alloc */
 int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
     /* A slot records a message's length in 32 bits: never hand out room for
      * more than it can say. */
@@ -172,10 +173,12 @@ int fmq_pool_transition(fmq_region *r, uint32_t block, uint64_t mask, uint64_t e
     }
 }
 
+/* model: pool.release_writer */
 int fmq_pool_release_writer(fmq_region *r, uint32_t block) {
     return fmq_pool_transition(r, block, FMQ_WRITER_MASK, r->owner_tag, 0);
 }
 
+/* model: pool.release_reader */
 int fmq_pool_release_reader(fmq_region *r, uint32_t block) {
     return fmq_pool_transition(r, block, FMQ_READER_MASK, (uint64_t)r->owner_tag << 24, 0);
 }

@@ -88,7 +88,7 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     fmq_taken taken = {calloc(r->g.slot_count, sizeof(uint64_t)), 0};
     fmq_lease_reap(r, tag, &taken);
 
-    /* 1. slots */
+    /* 1. slots (model: recover.slot_pass) */
     for (uint64_t i = 0; i < r->g.slot_count; i++) {
         fmq_slot *s = fmq_rslot(r, i);
         uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);   /* [A-reap] */
@@ -132,7 +132,8 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
         }
     }
 
-    /* 2. blocks. Blocks that in-flight entries name count as published too:
+    /* 2. blocks (model: recover.block_pass). Blocks that in-flight entries
+     * name count as published too:
      *    an entry parked, orphaned or dead-lettered holds the IN_RING share
      *    of a message that has left the ring, and when its producer kept a
      *    reservation view after commit, the dead producer's writer tag is
@@ -183,6 +184,7 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     fmq_ring_wake_producers(r);
 }
 
+/* model: recover.reap */
 int fmq_recover(fmq_region *r) {
     int reaped = 0;
     for (uint32_t idx = 0; idx < r->g.nparticipants; idx++) {

@@ -190,6 +190,7 @@ static void fmq_ring_scan_hints(fmq_region *r, uint64_t ref_ticket, uint64_t *he
 /* writing                                                                  */
 /* ======================================================================== */
 
+/* model: ring.reserve */
 int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
     fmq_set_role(r, FMQ_ROLE_PRODUCER);
     uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
@@ -249,6 +250,7 @@ unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m) {
     return (unsigned char *)fmq_slot_at(r, m->ticket) + FMQ_SLOT_HEADER;
 }
 
+/* model: ring.commit */
 int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
                     int keep_writer) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
@@ -320,6 +322,7 @@ static void fmq_ring_discard(fmq_region *r, fmq_slot *s, uint64_t ticket, uint64
     }
 }
 
+/* model: ring.claim */
 int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
     fmq_set_role(r, FMQ_ROLE_CONSUMER);
     uint64_t h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
@@ -406,6 +409,7 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
 /* READING(me) -> EMPTY for the next lap [R-rel], then the bookkeeping of a
  * message that has left the ring. The block, if any, is the caller's business
  * (a reader share for get/recv, the in-flight entry's share for a lease). */
+/* model: ring.retire */
 static int fmq_ring_retire_slot(fmq_region *r, fmq_msg *m, int wake) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
     uint64_t expect = m->word;
@@ -443,6 +447,7 @@ int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m) {
                                   "stats()[\"abandoned\"]", (unsigned long long)m->ticket, b);
 }
 
+/* model: ring.free_slot */
 static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
     int rc;
     /* The block's ring share becomes our reader share while we still hold the
@@ -494,6 +499,13 @@ int fmq_ring_unclaim(fmq_region *r, fmq_msg *m) {
         return fmq_fail(FMQ_ELOST, "the slot was reclaimed by crash recovery");
     fmq_ring_wake_consumers(r, 0);
     return FMQ_OK;
+}
+
+/* Is ticket t's slot still READING by owner at t's lap? One load; a slot
+ * never returns to that word once released (its stamp only moves on). */
+int fmq_ring_is_reading(fmq_region *r, uint64_t t, uint32_t owner) {
+    uint64_t w = atomic_load_explicit(&fmq_slot_at(r, t)->word, memory_order_acquire);
+    return w == fmq_word(fmq_lap_stamp(r, t) + FMQ_PH_READING, owner);
 }
 
 uint64_t fmq_ring_depth(fmq_region *r) {

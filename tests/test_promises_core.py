@@ -488,6 +488,9 @@ CRASHES = [
     ("nack", "lease.share.co_owned"),
     ("nack", "lease.requeue.before_commit"),
     ("nack", "lease.requeue.committed"),
+    ("nack", "lease.requeue.settling"),
+    ("nack", "lease.requeue.dropped"),
+    ("close", "lease.requeue.dropped"),
     ("close", "lease.release.requeuing"),
     ("close", "lease.requeue.before_commit"),
     ("dead", "lease.ackdead.claimed"),
@@ -630,3 +633,71 @@ def test_a_slot_flipped_back_to_ready_over_a_consumed_block_message_is_skipped(
     for i in range(3):                             # the ring keeps moving, lap after lap
         q.put_bytes(b"n%d" % i, timeout=1)
         assert q.get_bytes(timeout=1) == b"n%d" % i
+
+
+# ------------------------------------------------- a lease that runs out mid-take
+
+_MIDTAKE = textwrap.dedent("""
+    import sys
+    import fastmq
+    q = fastmq.Queue.open(sys.argv[1], _backend="native")
+    q.get_message(timeout=10, lease=0.2)   # frozen inside, after the LEASED store
+""")
+
+
+def _wait_stopped(pid, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop at its crash point")
+
+
+def test_a_lease_that_runs_out_before_its_take_freed_the_slot_is_not_requeued_under_it(
+        mq, qname, kids, backend):
+    """The holder is frozen between the LEASED store and freeing the ring slot
+    its message came from; its lease runs out there and a redelivery pass
+    runs; then the holder is SIGKILLed. The message must come back exactly
+    once and intact: a redeliverer that requeued it under the unfinished take
+    would free its block, and recovery would put the slot's copy back too,
+    naming that freed block (found by the protocol model, model/README.md)."""
+    native_only(backend, "crash points are compiled into the C core")
+    q = mq.create(qname, maxsize=8)
+    q.put_bytes(PAYLOAD)
+    env = dict(os.environ, FASTMQ_CRASH_AT="lease.take.leased", FASTMQ_CRASH_SIGNAL="STOP")
+    p = subprocess.Popen([sys.executable, "-c", _MIDTAKE, qname], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kids.procs.append(p)
+    _wait_stopped(p.pid)
+    time.sleep(0.4)                                # its lease has run out
+    q.redeliver_expired()
+    kids.kill(p)
+    _recover(q)
+    junk = []
+    try:
+        while len(junk) < 64:                      # any wrongly freed block: scribbled
+            res = q._ring.reserve(BLOCK, 0)
+            res.view[:] = b"J" * BLOCK
+            junk.append(res)
+    except fastmq.Full:
+        pass
+    seen = []
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            q.redeliver_expired()
+            try:
+                m = q.get_message(timeout=0.1, lease=60)
+            except fastmq.Empty:
+                continue
+            seen.append(bytes(m.data))
+            m.ack()
+        assert [s[:8] for s in seen] == [PAYLOAD[:8]], [s[:8] for s in seen]
+        assert seen == [PAYLOAD]
+        for res in junk:
+            assert bytes(res.view) == b"J" * BLOCK
+    finally:
+        for res in junk:
+            res.abort()
