@@ -20,7 +20,7 @@ import math
 import threading
 import weakref
 
-from . import _backend, _names, _serialize, acks, asyncio_support
+from . import _backend, _location, _names, _serialize, acks, asyncio_support
 from .errors import Full, MessageTooLarge, QueueClosed, QueueNotFound
 
 __all__ = ["Queue", "Received", "DEFAULT_MAXSIZE", "DEFAULT_MAX_MESSAGE_SIZE",
@@ -143,9 +143,16 @@ class Queue:
     @classmethod
     def create(cls, name, *, maxsize=0, max_message_size=None, capacity_bytes=None,
                mode=0o600, exist_ok=False, serializer=None, max_deliveries=20,
-               dead_letter=None, _backend=None):
+               dead_letter=None, _backend=None, url=None):
         """Create the named queue ``name`` (``QueueExists`` if it exists, unless
-        ``exist_ok=True``, which opens it -- its own sizes win)."""
+        ``exist_ok=True``, which opens it -- its own sizes win). ``url``: where
+        (None: ``$FASTMQ_URL``, else this host's shared memory; see ``_location``)."""
+        impl = _location.queue_class(url)
+        if impl is not None:
+            return impl.create(name, url=url, maxsize=maxsize, max_message_size=max_message_size,
+                               capacity_bytes=capacity_bytes, mode=mode, exist_ok=exist_ok,
+                               serializer=serializer, max_deliveries=max_deliveries,
+                               dead_letter=dead_letter)
         segment = _names.segment_for(name)
         geometry = _geometry(maxsize, max_message_size, capacity_bytes)
         serializer = _check_serializer(serializer)
@@ -160,8 +167,11 @@ class Queue:
         return cls._from_ring(ring, backend, name, serializer)
 
     @classmethod
-    def open(cls, name, serializer=None, *, _backend=None):
+    def open(cls, name, serializer=None, *, _backend=None, url=None):
         """Open the existing named queue ``name`` (``QueueNotFound`` if absent)."""
+        impl = _location.queue_class(url)
+        if impl is not None:
+            return impl.open(name, serializer, url=url)
         segment = _names.segment_for(name)
         serializer = _check_serializer(serializer)
         backend, module = _backend_resolve(_backend)
@@ -172,8 +182,11 @@ class Queue:
         return cls._from_ring(ring, backend, name, serializer)
 
     @staticmethod
-    def unlink(name, *, _backend=None):
+    def unlink(name, *, _backend=None, url=None):
         """Remove the name ``name``; handles already open keep working."""
+        impl = _location.queue_class(url)
+        if impl is not None:
+            return impl.unlink(name, url=url)
         segment = _names.segment_for(name)
         _, module = _backend_resolve(_backend)
         try:
