@@ -195,6 +195,22 @@ def cmd_rm(args) -> int:
     return 0
 
 
+def _located(args):
+    """The command for a ``--url`` / ``FASTMQ_URL`` elsewhere than this host's
+    shared memory (``fastmq._redis.cli``), or None."""
+    if args.command not in ("ls", "stat", "pending", "rm"):
+        return None
+    from . import _location
+    if _location.resolve(args.url)[0] == "shm":
+        return None
+    try:
+        from ._redis import cli as located
+    except ImportError as exc:
+        raise UserError(f"{args.url or os.environ.get(_location.ENV)!r} needs the redis client "
+                        f"library: pip install fastmq[redis] ({exc})") from None
+    return located.COMMANDS[args.command]
+
+
 def cmd_bench(args) -> int:
     from . import bench
     return bench.run_from_args(args, args._parser)
@@ -234,20 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ls", help="list the named queues and exchanges on this host")
     p.add_argument("--shm-dir", default=SHM_DIR, help=argparse.SUPPRESS)
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("stat", help="show a queue's stats block")
     p.add_argument("name")
     p.add_argument("-w", "--watch", action="store_true", help="refresh until Ctrl-C")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_stat)
 
     p = sub.add_parser("pending", help="list a queue's in-flight (unacked) messages")
     p.add_argument("name")
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_pending)
 
     p = sub.add_parser("rm", help="unlink named queues or exchanges (open handles keep working)")
     p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_rm)
     return parser
 
@@ -263,7 +283,7 @@ def main(argv=None) -> int:
     if getattr(args, "interval", 1.0) <= 0:
         parser.error("--interval must be > 0")
     try:
-        return args.func(args)
+        return (_located(args) or args.func)(args)
     except KeyboardInterrupt:
         print("fastmq: interrupted", file=sys.stderr)
         return 130

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import os
 import secrets
 import socket
@@ -227,7 +228,7 @@ class RedisQueue(Queue):
         self._stash = collections.deque()
         self._id_pid = None
         self._id = None
-        self._seq = 0
+        self._local = threading.local()
         self._dlq = None
         self._dl_checked = 0.0
         self._leased = False
@@ -366,13 +367,25 @@ class RedisQueue(Queue):
         return self._dead_letter
 
     def _ident(self):
+        """This handle's consumer identity in this process."""
         pid = os.getpid()
         if self._id_pid != pid:            # first use, or a forked child
-            self._id_pid = pid
-            self._id = f"{_HOST}:{pid}:{secrets.token_hex(6)}"
-            self._seq = 0
-            self._leased = False
+            with self._lock:
+                if self._id_pid != pid:
+                    self._id = f"{_HOST}:{pid}:{secrets.token_hex(6)}"
+                    self._leased = False
+                    self._id_pid = pid     # last: another thread may read _id now
         return self._id
+
+    def _request(self):
+        """(producer identity, request number) for a put: one producer per
+        thread, so a retried request is always that producer's last one."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.producer = f"{self._ident()}/{threading.get_ident()}"
+            local.seq = itertools.count(1)
+            local.pid = os.getpid()
+        return local.producer, next(local.seq)
 
     # ------------------------------------------------------------------- put
 
@@ -398,11 +411,9 @@ class RedisQueue(Queue):
         link, prefix = self._link, self._prefix
         while done < total or total == 0:
             chunk = payloads if atomic else payloads[done:done + PUT_CHUNK]
-            ident = self._ident()
-            self._seq += 1
+            producer, seq = self._request()
             n, last = link.call("put", self._mkey,
-                                (prefix, ident, self._seq, int(atomic), wait_ms, *chunk),
-                                timeout)
+                                (prefix, producer, seq, int(atomic), wait_ms, *chunk), timeout)
             done += n
             if n == len(chunk):
                 if total == 0:
@@ -758,19 +769,15 @@ class RedisQueue(Queue):
         deadline = None if not timeout else time.monotonic() + timeout
         wait_ms = 0 if timeout == 0 else FLAG_TTL_MS
         link, prefix = self._link, self._prefix
-        ident = self._ident()
-        self._seq += 1
-        seq = self._seq                    # one request: a retry is applied once
         while True:
+            producer, seq = self._request()
             n, last = await link.acall("put", self._mkey,
-                                       (prefix, ident, seq, 0, wait_ms, payload), timeout)
+                                       (prefix, producer, seq, 0, wait_ms, payload), timeout)
             if n == 1:
                 return
             left = None if deadline is None else deadline - time.monotonic()
             if timeout == 0 or (left is not None and left <= 0):
                 raise Full(f"queue {self.name!r} stayed full ({self._maxsize} messages)")
-            self._seq += 1
-            seq = self._seq
             await link.await_signal(prefix + "fr", last, WAIT if left is None else left)
 
 

