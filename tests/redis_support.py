@@ -105,7 +105,7 @@ class RedisServer:
             a += ["--requirepass", self.password]
         if self.acl_user:
             user, pw = self.acl_user
-            a += ["--user", f"{user} on >{pw} ~* &* +@all"]
+            a += ["--user", user, "on", f">{pw}", "~*", "&*", "+@all"]
         return a + self.extra
 
     @property

@@ -5,8 +5,9 @@
 lost its script cache, e.g. after a restart). A connection failure is retried
 with backoff (50 ms doubling to 1 s) for the call's outage budget: its own
 timeout when it has one (at least ``MIN_OUTAGE`` seconds, so a non-blocking
-call still tries to reconnect once or twice), else ``Link.retry_window``
-seconds (default 10). Past the budget the call raises ``fastmq.Unavailable``
+call still tries to reconnect once or twice), else the retry window: 10
+seconds, or ``retry_window=SECONDS`` in the url's query
+(``redis://host:6379/0?retry_window=30``). Past the budget the call raises ``fastmq.Unavailable``
 naming the url with its credentials masked. redis-py's own retries are off so
 that this is the only retry loop: a retried ``put`` carries the same request
 number and is applied once (see ``scripts.PUT``).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import urllib.parse
 
 import redis
 import redis.asyncio
@@ -54,11 +56,36 @@ def _options(url):
     return opts
 
 
+def _own_options(url):
+    """Strip fastmq's own query parameter (``retry_window=SECONDS``) from
+    ``url``; returns (the url for redis-py, retry_window or None)."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    window = None
+    kept = []
+    for k, v in query:
+        if k == "retry_window":
+            try:
+                window = float(v)
+            except ValueError:
+                raise ValueError(f"retry_window in {mask(url)!r} must be a number of seconds") \
+                    from None
+            if not window >= 0:
+                raise ValueError(f"retry_window in {mask(url)!r} must be >= 0")
+        else:
+            kept.append((k, v))
+    if window is None:
+        return url, None
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept))), window
+
+
 class Link:
     def __init__(self, url, retry_window=10.0):
         self.url = url
         self.masked = mask(url)
-        self.retry_window = retry_window
+        url, window = _own_options(url)
+        self.retry_window = retry_window if window is None else window
+        self._redis_url = url
         self.closed = False
         try:
             self.client = redis.Redis.from_url(url, **_options(url))
@@ -149,7 +176,7 @@ class Link:
             with self._alock:
                 for old in [lp for lp in self._aclients if lp.is_closed()]:
                     del self._aclients[old]
-                client = redis.asyncio.Redis.from_url(self.url, **_options(self.url))
+                client = redis.asyncio.Redis.from_url(self._redis_url, **_options(self._redis_url))
                 entry = (client, {n: client.register_script(s) for n, s in _SOURCES.items()})
                 self._aclients[loop] = entry
         return entry
