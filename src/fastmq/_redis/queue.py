@@ -650,12 +650,11 @@ class RedisQueue(Queue):
         """In-flight messages: ``id``, ``pid`` (holder), ``idle`` (seconds
         since leased), ``delivery_count``, ``consumer``, ``expires_in``."""
         self._check_open()
-        now, metas, deadlines = self._link.call("pending", self._mkey, (self._prefix,))
-        dl = {deadlines[i].decode(): float(deadlines[i + 1]) for i in range(0, len(deadlines), 2)}
+        now, metas, _ = self._link.call("pending", self._mkey, (self._prefix,))
         out = []
         for i in range(0, len(metas), 2):
             id_ = metas[i].decode()
-            count, consumer, leased_at = metas[i + 1].decode().split(" ")
+            count, consumer, leased_at, _bytes, deadline = metas[i + 1].decode().split(" ")
             try:
                 pid = int(consumer.split(":")[-2])
             except (IndexError, ValueError):
@@ -663,7 +662,7 @@ class RedisQueue(Queue):
             out.append({"id": id_, "pid": pid, "consumer": consumer,
                         "idle": max(0.0, (now - int(leased_at)) / 1000.0),
                         "delivery_count": int(count), "token": id_,
-                        "expires_in": (dl.get(id_, now) - now) / 1000.0})
+                        "expires_in": (int(deadline) - now) / 1000.0})
         return out
 
     def redeliver_expired(self) -> int:

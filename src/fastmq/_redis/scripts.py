@@ -15,16 +15,22 @@ Keys of a queue (prefix ``P = fmq:{name}:``):
   its data (restart without persistence) gives ``QueueNotFound``, never a
   silent empty queue.
 * ``P s`` -- stream of ready messages, oldest first. Field ``d`` is the
-  payload, ``c`` (absent on a first delivery) the deliveries so far.
+  payload, ``c`` (absent on a first delivery) the deliveries so far. A take
+  reads the first n entries and trims them with ``XTRIM MINID`` (exact, just
+  past the last one read): whole stream nodes go at once, where ``XDEL``
+  would leave tombstones to skip. ``MAXLEN`` is never used (it would delete
+  unread messages); ``maxsize`` is checked before ``XADD``.
 * ``P L`` / ``P Lm`` / ``P Ld`` -- leased messages: payload by entry id;
-  ``"<delivery_count> <consumer> <leased_at_ms>"`` by id; the lease deadline
-  (server clock, ``TIME``, in ms) by id. An id is the message's stream id of
-  *this* delivery: a redelivery re-appends the message at the back (a new
-  id), so an old holder's ``ack`` finds nothing and is refused.
-* ``P o:<consumer>`` -- set of the ids a consumer holds; ``P C`` -- zset of
-  consumers by heartbeat deadline. A consumer whose heartbeat lapsed is
-  gone: its leases are given back (counted ``abandoned``) by the next script
-  that reclaims.
+  ``"<delivery_count> <consumer> <leased_at_ms> <bytes> <deadline_ms>"`` by
+  id (the owner check compares its prefix, so an ack needs no other read);
+  ids by lease deadline (server clock, ``TIME``), for finding the expired
+  ones. An id is the message's stream id of *this* delivery: a redelivery
+  re-appends the message at the back (a new id), so an old holder's ``ack``
+  finds nothing and is refused.
+* ``P C`` -- zset of leasing consumers by heartbeat deadline. A consumer
+  whose heartbeat lapsed is gone: its leases (found by a scan of ``Lm``, a
+  rare event) are given back, counted ``abandoned``, by the next script that
+  reclaims.
 * ``P D`` -- stream of parked dead letters, forwarded by the client to the
   dead-letter queue (another slot in a cluster, so not from a script).
 * ``P sig`` / ``P fr`` -- one-entry streams that a waiting consumer /
@@ -71,16 +77,10 @@ local function give_back(id, why, dead)
   local payload = redis.call('HGET', P .. 'L', id)
   local meta = redis.call('HGET', P .. 'Lm', id)
   redis.call('ZREM', P .. 'Ld', id)
-  if not payload or not meta then
-    redis.call('HDEL', P .. 'L', id)
-    redis.call('HDEL', P .. 'Lm', id)
-    return 0
-  end
-  local count, consumer = string.match(meta, '^(%d+) (%S+) ')
-  count = tonumber(count)
   redis.call('HDEL', P .. 'L', id)
   redis.call('HDEL', P .. 'Lm', id)
-  redis.call('SREM', P .. 'o:' .. consumer, id)
+  if not payload or not meta then return 0 end
+  local count = tonumber(string.match(meta, '^(%d+) '))
   local maxdel = tonumber(redis.call('HGET', P .. 'm', 'maxdel') or '20')
   if not dead and count < maxdel then
     redis.call('XADD', P .. 's', '*', 'd', payload, 'c', count)
@@ -97,6 +97,17 @@ local function give_back(id, why, dead)
   end
   return 1
 end
+-- The ids leased by the consumers in the set `who`, oldest first.
+local function leases_of(who)
+  local all = redis.call('HGETALL', P .. 'Lm')
+  local ids = {}
+  for i = 1, #all, 2 do
+    local c = string.match(all[i + 1], '^%d+ (%S+) ')
+    if who[c] then ids[#ids + 1] = all[i] end
+  end
+  table.sort(ids, id_less)
+  return ids
+end
 -- Give back the expired leases and the leases of consumers whose heartbeat
 -- lapsed (bounded work per call; the rest goes at the next call).
 local function reclaim(now)
@@ -104,14 +115,27 @@ local function reclaim(now)
   local due = redis.call('ZRANGEBYSCORE', P .. 'Ld', '-inf', now, 'LIMIT', 0, 256)
   for _, id in ipairs(due) do n = n + give_back(id, false, false) end
   local gone = redis.call('ZRANGEBYSCORE', P .. 'C', '-inf', now, 'LIMIT', 0, 16)
-  for _, c in ipairs(gone) do
-    local ids = redis.call('SMEMBERS', P .. 'o:' .. c)
-    table.sort(ids, id_less)
-    for _, id in ipairs(ids) do n = n + give_back(id, 'abandoned', false) end
-    redis.call('DEL', P .. 'o:' .. c)
-    redis.call('ZREM', P .. 'C', c)
+  if #gone > 0 then
+    local who = {}
+    for _, c in ipairs(gone) do who[c] = true end
+    for _, id in ipairs(leases_of(who)) do n = n + give_back(id, 'abandoned', false) end
+    redis.call('ZREM', P .. 'C', unpack(gone))
   end
   return n
+end
+-- Take the first `n` ready entries (read, then trimmed just past the last).
+local function take(n)
+  local ents = redis.call('XRANGE', P .. 's', '-', '+', 'COUNT', n)
+  if #ents > 0 then
+    local ms, seq = string.match(ents[#ents][1], '^(%d+)-(%d+)$')
+    redis.call('XTRIM', P .. 's', 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+  end
+  return ents
+end
+-- The lease fields of a meta string: bytes, deadline.
+local function lease_tail(meta)
+  local len, dl = string.match(meta, ' (%d+) (%d+)$')
+  return tonumber(len), tonumber(dl)
 end
 local function exists()
   if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -140,9 +164,6 @@ return redis.call('HMGET', KEYS[1], 'maxsize', 'mms', 'maxbytes', 'maxdel', 'dlq
 
 UNLINK = r"""
 local e = exists() if e then return e end
-for _, c in ipairs(redis.call('ZRANGE', P .. 'C', 0, -1)) do
-  redis.call('DEL', P .. 'o:' .. c)
-end
 for _, k in ipairs({'m', 's', 'L', 'Lm', 'Ld', 'C', 'D', 'sig', 'fr', 'gw', 'pw', 'seq',
                     'P', 'G'}) do
   redis.call('DEL', P .. k)
@@ -216,19 +237,18 @@ GET = r"""
 local e = exists() if e then return e end
 local now = now_ms()
 reclaim(now)
-local ents = redis.call('XRANGE', P .. 's', '-', '+', 'COUNT', ARGV[2])
+local ents = take(ARGV[2])
 if #ents == 0 then
   if tonumber(ARGV[4]) > 0 then redis.call('SET', P .. 'gw', '1', 'PX', ARGV[4]) end
+  redis.call('ZADD', P .. 'G', now, ARGV[3])
   return {0, last_id(P .. 'sig')}
 end
-local out, ids, total = {#ents}, {}, 0
+local out, total = {#ents}, 0
 for i, ent in ipairs(ents) do
-  ids[i] = ent[1]
   local payload = ent[2][2]
   out[i + 1] = payload
   total = total + string.len(payload)
 end
-redis.call('XDEL', P .. 's', unpack(ids))
 redis.call('HINCRBY', KEYS[1], 'dequeued', #ents)
 redis.call('HINCRBY', KEYS[1], 'bytes', -total)
 redis.call('ZADD', P .. 'G', now, ARGV[3])
@@ -242,30 +262,29 @@ LEASE = r"""
 local e = exists() if e then return e end
 local now = now_ms()
 reclaim(now)
-local ents = redis.call('XRANGE', P .. 's', '-', '+', 'COUNT', ARGV[2])
+local ents = take(ARGV[2])
+local consumer = ARGV[3]
 if #ents == 0 then
   if tonumber(ARGV[6]) > 0 then redis.call('SET', P .. 'gw', '1', 'PX', ARGV[6]) end
+  redis.call('ZADD', P .. 'G', now, consumer)
   return {0, last_id(P .. 'sig')}
 end
-local consumer = ARGV[3]
 local deadline = now + tonumber(ARGV[4])
-local out, ids, L, Lm, Ld = {#ents, now}, {}, {}, {}, {}
-local suffix = ' ' .. consumer .. ' ' .. now
+local out, L, Lm, Ld = {#ents, now}, {}, {}, {}
+local mid = ' ' .. consumer .. ' ' .. now .. ' '
+local tail = ' ' .. deadline
 for i, ent in ipairs(ents) do
   local id, f = ent[1], ent[2]
   local count = 1
   if f[4] then count = tonumber(f[4]) + 1 end
-  ids[i] = id
   L[2 * i - 1], L[2 * i] = id, f[2]
-  Lm[2 * i - 1], Lm[2 * i] = id, count .. suffix
+  Lm[2 * i - 1], Lm[2 * i] = id, count .. mid .. string.len(f[2]) .. tail
   Ld[2 * i - 1], Ld[2 * i] = deadline, id
   out[3 * i], out[3 * i + 1], out[3 * i + 2] = id, count, f[2]
 end
-redis.call('XDEL', P .. 's', unpack(ids))
 redis.call('HSET', P .. 'L', unpack(L))
 redis.call('HSET', P .. 'Lm', unpack(Lm))
 redis.call('ZADD', P .. 'Ld', unpack(Ld))
-redis.call('SADD', P .. 'o:' .. consumer, unpack(ids))
 redis.call('ZADD', P .. 'C', now + tonumber(ARGV[5]), consumer)
 redis.call('ZADD', P .. 'G', now, consumer)
 signal('pw', P .. 'fr')
@@ -282,16 +301,16 @@ for i = 3, #ARGV, 2 do
   want[#want + 1] = ARGV[i + 1] .. ' ' .. consumer .. ' '
 end
 local metas = redis.call('HMGET', P .. 'Lm', unpack(ids))
-local dls = redis.call('ZMSCORE', P .. 'Ld', unpack(ids))
 local res, ok, total = {}, {}, 0
 for i, id in ipairs(ids) do
   local meta = metas[i]
   res[i] = 0
   if meta and string.sub(meta, 1, #want[i]) == want[i] then
-    if dls[i] and tonumber(dls[i]) >= now then
+    local len, dl = lease_tail(meta)
+    if dl >= now then
       res[i] = 1
       ok[#ok + 1] = id
-      total = total + redis.call('HSTRLEN', P .. 'L', id)
+      total = total + len
     else
       give_back(id, false, false)      -- expired: it goes back now
     end
@@ -301,7 +320,6 @@ if #ok > 0 then
   redis.call('HDEL', P .. 'L', unpack(ok))
   redis.call('HDEL', P .. 'Lm', unpack(ok))
   redis.call('ZREM', P .. 'Ld', unpack(ok))
-  redis.call('SREM', P .. 'o:' .. consumer, unpack(ok))
   redis.call('HINCRBY', KEYS[1], 'dequeued', #ok)
   redis.call('HINCRBY', KEYS[1], 'bytes', -total)
   signal('pw', P .. 'fr')
@@ -316,13 +334,15 @@ local id = ARGV[3]
 local want = ARGV[4] .. ' ' .. ARGV[2] .. ' '
 local meta = redis.call('HGET', P .. 'Lm', id)
 if not meta or string.sub(meta, 1, #want) ~= want then return 0 end
-local dl = redis.call('ZSCORE', P .. 'Ld', id)
-if not dl or tonumber(dl) < now then
+local _, dl = lease_tail(meta)
+if dl < now then
   give_back(id, false, false)
   return 0
 end
 if ARGV[5] == 'touch' then
-  redis.call('ZADD', P .. 'Ld', 'XX', now + tonumber(ARGV[6]), id)
+  local deadline = now + tonumber(ARGV[6])
+  redis.call('HSET', P .. 'Lm', id, string.match(meta, '^(.* )%d+$') .. deadline)
+  redis.call('ZADD', P .. 'Ld', 'XX', deadline, id)
   return 1
 end
 give_back(id, false, ARGV[5] == 'dead')
@@ -330,20 +350,16 @@ return 1
 """
 
 # ARGV: P, consumer, heartbeat_ms, depart ('1': give every lease back, forget it)
+# -> how many leases were given back
 HEARTBEAT = r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local now = now_ms()
 local consumer = ARGV[2]
 if ARGV[4] == '1' then
-  local ids = redis.call('SMEMBERS', P .. 'o:' .. consumer)
-  table.sort(ids, id_less)
-  for _, id in ipairs(ids) do give_back(id, false, false) end
-  redis.call('DEL', P .. 'o:' .. consumer)
+  for _, id in ipairs(leases_of({[consumer] = true})) do give_back(id, false, false) end
   redis.call('ZREM', P .. 'C', consumer)
 else
-  if redis.call('EXISTS', P .. 'o:' .. consumer) == 1 then
-    redis.call('ZADD', P .. 'C', now + tonumber(ARGV[3]), consumer)
-  end
+  redis.call('ZADD', P .. 'C', 'XX', now + tonumber(ARGV[3]), consumer)
 end
 return reclaim(now)
 """
