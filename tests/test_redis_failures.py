@@ -253,12 +253,12 @@ def test_brief_outage_is_survived_by_a_blocking_put(fresh_server):
 
 def test_retried_put_is_applied_once(rq):
     q = rq.create()
-    args = (q._prefix, "producer-x", 7, 0, 0, b"payload")
+    args = (q._prefix, "producer-x", 7, 0, 0, 0, b"0:payload")
     assert q._link.call("put", q._mkey, args)[0] == 1
     assert q._link.call("put", q._mkey, args)[0] == 1    # the same request again
     assert q.qsize() == 1
-    assert q._link.call("put", q._mkey, (q._prefix, "producer-x", 8, 0, 0, b"p2"))[0] == 1
-    assert q.qsize() == 2
+    assert q._link.call("put", q._mkey, (q._prefix, "producer-x", 8, 0, 0, 0, b"0:p2"))[0] == 1
+    assert q.get_many_bytes(10) == [b"payload", b"p2"]
 
 
 def test_credentials_never_shown(fresh_server):

@@ -219,7 +219,7 @@ class RedisExchange(Exchange):
                 continue
             queue = res[1].decode()[len("fmq:{"):-len("}:")]
             if res[0] == -3:
-                raise MessageTooLarge(f"exchange {self.name!r}: a message of {len(payload)} "
+                raise MessageTooLarge(f"exchange {self.name!r}: a message of {len(payload) - 2} "
                                       f"bytes exceeds queue {queue!r}'s max_message_size")
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -245,8 +245,8 @@ class RedisExchange(Exchange):
 
 
 def _payload(obj):
-    data = _serialize.encode(obj)
-    return data if type(data) is bytes else bytes(data)
+    """The queue element for ``obj`` (see ``scripts``: ``0:`` + the payload)."""
+    return b"0:" + _serialize.encode(obj)
 
 
 def _link(url, retry_window):

@@ -229,6 +229,7 @@ class RedisQueue(Queue):
         self._id_pid = None
         self._id = None
         self._local = threading.local()
+        self._active_at = -1e9
         self._dlq = None
         self._dl_checked = 0.0
         self._leased = False
@@ -377,6 +378,15 @@ class RedisQueue(Queue):
                     self._id_pid = pid     # last: another thread may read _id now
         return self._id
 
+    def _activity(self):
+        """'1' at most once a second: the call also records this handle as
+        active, for ``stats()["producers"/"consumers"]``."""
+        now = time.monotonic()
+        if now - self._active_at < 1.0:
+            return "0"
+        self._active_at = now
+        return "1"
+
     def _request(self):
         """(producer identity, request number) for a put: one producer per
         thread, so a retried request is always that producer's last one."""
@@ -413,7 +423,8 @@ class RedisQueue(Queue):
             chunk = payloads if atomic else payloads[done:done + PUT_CHUNK]
             producer, seq = self._request()
             n, last = link.call("put", self._mkey,
-                                (prefix, producer, seq, int(atomic), wait_ms, *chunk), timeout)
+                                (prefix, producer, seq, int(atomic), wait_ms, self._activity(),
+                                 *[b"0:" + p for p in chunk]), timeout)
             done += n
             if n == len(chunk):
                 if total == 0:
@@ -471,10 +482,12 @@ class RedisQueue(Queue):
         link, prefix, n = self._link, self._prefix, min(n, TAKE_MAX)
         while True:
             if lease_ms is None:
-                res = link.call("get", self._mkey, (prefix, n, self._ident(), wait_ms), timeout)
+                res = link.call("get", self._mkey,
+                                (prefix, n, self._ident(), wait_ms, self._activity()), timeout)
             else:
                 res = link.call("lease", self._mkey,
-                                (prefix, n, self._ident(), lease_ms, _HB_MS, wait_ms), timeout)
+                                (prefix, n, self._ident(), lease_ms, _HB_MS, wait_ms,
+                                 self._activity()), timeout)
             if res[0]:
                 return res
             if timeout == 0:
@@ -492,7 +505,7 @@ class RedisQueue(Queue):
                     out.append(self._stash.popleft())
             if out:
                 return out
-        return self._take(n, timeout)[1:]
+        return [e[e.index(b":") + 1:] for e in self._take(n, timeout)[1:]]
 
     def _decode_batch(self, payloads):
         out = []
@@ -654,7 +667,7 @@ class RedisQueue(Queue):
         out = []
         for i in range(0, len(metas), 2):
             id_ = metas[i].decode()
-            count, consumer, leased_at, _bytes, deadline = metas[i + 1].decode().split(" ")
+            count, consumer, leased_at, deadline, _batch = metas[i + 1].decode().split(" ")
             try:
                 pid = int(consumer.split(":")[-2])
             except (IndexError, ValueError):
@@ -683,19 +696,19 @@ class RedisQueue(Queue):
         if not force and now - self._dl_checked < 0.25:
             return
         self._dl_checked = now
+        token = secrets.token_hex(8)
         for _ in range(64):
-            parked = self._link.call("parked", self._mkey, (self._prefix, 256))
+            parked = self._link.call("parked", self._mkey, (self._prefix, 256, token))
             if not parked:
                 return
             try:
                 if self._dlq is None:
                     self._dlq = RedisQueue.open(self._dead_letter, url=self._link.url)
-                n = self._dlq._put(parked[1::2], 0)
+                n = self._dlq._put(parked, 0)
             except QueueNotFound:
-                return                              # kept parked until it exists
-            if n:
-                self._link.call("unpark", self._mkey, (self._prefix, *parked[0:2 * n:2]))
-            if n < len(parked) // 2:
+                n = 0                               # kept parked until it exists
+            self._link.call("unpark", self._mkey, (self._prefix, token, n))
+            if n < len(parked):
                 return
 
     # -------------------------------------------------------------- asyncio
@@ -707,10 +720,12 @@ class RedisQueue(Queue):
         link, prefix, n = self._link, self._prefix, min(n, TAKE_MAX)
         while True:
             if lease_ms is None:
-                coro = link.acall("get", self._mkey, (prefix, n, self._ident(), wait_ms), timeout)
+                coro = link.acall("get", self._mkey,
+                                  (prefix, n, self._ident(), wait_ms, self._activity()), timeout)
             else:
                 coro = link.acall("lease", self._mkey,
-                                  (prefix, n, self._ident(), lease_ms, _HB_MS, wait_ms), timeout)
+                                  (prefix, n, self._ident(), lease_ms, _HB_MS, wait_ms,
+                                   self._activity()), timeout)
             task = asyncio.ensure_future(coro)
             try:
                 res = await asyncio.shield(task)
@@ -733,21 +748,21 @@ class RedisQueue(Queue):
         res = task.result()
         if res[0]:
             with self._lock:
-                self._stash.extend(res[1:])
+                self._stash.extend(e[e.index(b":") + 1:] for e in res[1:])
 
     async def get_async(self, timeout=None):
         """``get()`` for asyncio (``redis.asyncio``; an idle await costs no CPU)."""
         timeout = _timeout(True, timeout)
         if self._stash:
             return self.get(block=False)
-        return self._decode_batch((await self._atake(1, timeout))[1:])[0]
+        return self._decode_batch(_strip((await self._atake(1, timeout))[1:]))[0]
 
     async def get_many_async(self, max_messages=DEFAULT_GET_MANY, timeout=None) -> list:
         _check_int("max_messages", max_messages, 1, 1 << 30)
         timeout = _timeout(True, timeout)
         if self._stash:
             return self.get_many(max_messages, block=False)
-        return self._decode_batch((await self._atake(max_messages, timeout))[1:])
+        return self._decode_batch(_strip((await self._atake(max_messages, timeout))[1:]))
 
     async def get_message_async(self, timeout=None, lease=acks.DEFAULT_LEASE):
         timeout = _timeout(True, timeout)
@@ -771,7 +786,8 @@ class RedisQueue(Queue):
         while True:
             producer, seq = self._request()
             n, last = await link.acall("put", self._mkey,
-                                       (prefix, producer, seq, 0, wait_ms, payload), timeout)
+                                       (prefix, producer, seq, 0, wait_ms, self._activity(),
+                                        b"0:" + payload), timeout)
             if n == 1:
                 return
             left = None if deadline is None else deadline - time.monotonic()
@@ -781,6 +797,11 @@ class RedisQueue(Queue):
 
 
 WAIT = 3600.0          # "forever", one slice at a time
+
+
+def _strip(elements):
+    """Payloads of queue elements ("<deliveries>:<payload>")."""
+    return [e[e.index(b":") + 1:] for e in elements]
 
 
 def _link(url, retry_window):

@@ -14,26 +14,40 @@ Keys of a queue (prefix ``P = fmq:{name}:``):
   every script fails with ``FMQNOTFOUND`` without it, so a server that lost
   its data (restart without persistence) gives ``QueueNotFound``, never a
   silent empty queue.
-* ``P s`` -- stream of ready messages, oldest first. Field ``d`` is the
-  payload, ``c`` (absent on a first delivery) the deliveries so far. A take
-  reads the first n entries and trims them with ``XTRIM MINID`` (exact, just
-  past the last one read): whole stream nodes go at once, where ``XDEL``
-  would leave tombstones to skip. ``MAXLEN`` is never used (it would delete
-  unread messages); ``maxsize`` is checked before ``XADD``.
-* ``P L`` / ``P Lm`` / ``P Ld`` -- leased messages: payload by entry id;
-  ``"<delivery_count> <consumer> <leased_at_ms> <bytes> <deadline_ms>"`` by
-  id (the owner check compares its prefix, so an ack needs no other read);
-  ids by lease deadline (server clock, ``TIME``), for finding the expired
-  ones. An id is the message's stream id of *this* delivery: a redelivery
-  re-appends the message at the back (a new id), so an old holder's ``ack``
-  finds nothing and is refused.
+* ``P q`` -- list of ready messages, oldest first, each ``"<c>:<payload>"``
+  where ``c`` counts the deliveries so far (``0`` for a new message; the
+  client adds the ``0:`` on put and strips the header on get). A list, not a
+  stream, for the data: ``RPUSH``/``LPOP`` move a whole batch in one command
+  and hand Lua flat strings, where ``XADD`` per message and ``XRANGE``
+  (nested entries) cost about three times as much server time per message
+  here; the stream features (ids, consumer groups) are not used anyway (see
+  the end of this note). ``maxsize`` is checked before the push, so nothing
+  is ever trimmed.
+* ``P L`` -- leased messages by lease id: ``"<delivery_count> <consumer>
+  <leased_at_ms> <deadline_ms> <batch>\n<payload>"``. The owner check of an
+  ack compares the prefix ``"<delivery_count> <consumer> "``, and the
+  deadline (server clock, ``TIME``) is in the record, so an ack reads one
+  hash. A lease id (from the counter ``lseq`` in ``P m``) names *this*
+  delivery: a redelivery re-appends the message at the back and the next
+  lease gets a new id, so an old holder's ``ack`` finds nothing and is
+  refused.
+* ``P Ld`` / ``P Lb`` / ``P Lbc`` / ``P Lo:<consumer>`` -- lease batches:
+  the messages leased by one call share one deadline entry (zset ``Ld``:
+  batch -> deadline), one member list (``Lb``: batch -> "consumer id id..."),
+  one count of the members not settled yet (``Lbc``) and one entry in their
+  consumer's set of batches (``Lo:<consumer>``), so a lease or an ack costs
+  a few commands per batch, not per message. ``touch`` moves a message to a
+  batch of its own (``t<id>``); a due batch gives back the members whose own
+  deadline passed.
 * ``P C`` -- zset of leasing consumers by heartbeat deadline. A consumer
-  whose heartbeat lapsed is gone: its leases (found by a scan of ``Lm``, a
-  rare event) are given back, counted ``abandoned``, by the next script that
-  reclaims.
-* ``P D`` -- stream of parked dead letters, forwarded by the client to the
-  dead-letter queue (another slot in a cluster, so not from a script).
-* ``P sig`` / ``P fr`` -- one-entry streams that a waiting consumer /
+  whose heartbeat lapsed is gone: its leases are given back, counted
+  ``abandoned``, by the next script that reclaims.
+* ``P D`` -- list of parked dead letters, forwarded by the client to the
+  dead-letter queue (another slot in a cluster, so not from a script) under
+  the short lock ``P fwd``: one forwarder at a time, and a batch leaves
+  ``D`` only after it is in the dead-letter queue (a forwarder that dies
+  between the two forwards that batch twice; nothing is lost).
+* ``P sig`` / ``P fr`` -- one-entry streams (the one use of streams) that a waiting consumer /
   producer blocks on with ``XREAD BLOCK`` (from the id the failed attempt
   returned, so no wake-up is lost); ``P gw`` / ``P pw`` -- short-lived flags
   saying somebody waits, so the hot paths signal only when it matters.
@@ -41,9 +55,9 @@ Keys of a queue (prefix ``P = fmq:{name}:``):
   after a lost reply is applied once. ``P P`` / ``P G`` -- zsets of producers
   and consumers by last activity (for ``stats()``), pruned as they age.
 
-Consumers never use consumer groups: raw ``XACK`` has no owner check and
-``XCLAIM`` keeps an old id (a "requeued" message would jump the line); the
-lease structures above give both the owner check and re-append at the back.
+No consumer groups: raw ``XACK`` has no owner check and ``XCLAIM`` keeps an
+old id (a "requeued" message would jump the line); the lease structures
+above give both the owner check and re-append at the back.
 """
 from __future__ import annotations
 
@@ -64,32 +78,51 @@ local function signal(flag, key)
   end
 end
 local function id_less(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, bm = tonumber(am), tonumber(bm)
-  if am ~= bm then return am < bm end
-  return tonumber(as) < tonumber(bs)
+  return tonumber(a) < tonumber(b)
+end
+-- A lease record: its fields, and the payload.
+local function parse(v)
+  local meta = string.match(v, '^([^\n]*)\n')
+  local count, consumer, lat, dl, batch = string.match(meta, '^(%d+) (%S+) (%d+) (%d+) (%S+)$')
+  return tonumber(count), consumer, lat, tonumber(dl), batch, #meta
+end
+-- `k` members of lease batch `b` were settled; the batch goes with its last.
+local function release(b, k, force)
+  local left = 0
+  if not force then left = redis.call('HINCRBY', P .. 'Lbc', b, -k) end
+  if left <= 0 then
+    local v = redis.call('HGET', P .. 'Lb', b)
+    if v then redis.call('SREM', P .. 'Lo:' .. string.match(v, '^(%S+)'), b) end
+    redis.call('ZREM', P .. 'Ld', b)
+    redis.call('HDEL', P .. 'Lb', b)
+    redis.call('HDEL', P .. 'Lbc', b)
+  end
+end
+local function new_batch(b, consumer, deadline, ids)
+  redis.call('ZADD', P .. 'Ld', deadline, b)
+  redis.call('HSET', P .. 'Lb', b, consumer .. ' ' .. table.concat(ids, ' '))
+  redis.call('HSET', P .. 'Lbc', b, #ids)
+  redis.call('SADD', P .. 'Lo:' .. consumer, b)
 end
 -- End the lease of entry `id`: back to the queue (with one more delivery
 -- counted), or dead-lettered past max_deliveries / when `dead` is true.
 -- `why` is the counter bumped on a requeue besides 'redelivered'.
 local function give_back(id, why, dead)
-  local payload = redis.call('HGET', P .. 'L', id)
-  local meta = redis.call('HGET', P .. 'Lm', id)
-  redis.call('ZREM', P .. 'Ld', id)
+  local v = redis.call('HGET', P .. 'L', id)
+  if not v then return 0 end
+  local count, _, _, _, batch, mlen = parse(v)
+  local payload = string.sub(v, mlen + 2)
   redis.call('HDEL', P .. 'L', id)
-  redis.call('HDEL', P .. 'Lm', id)
-  if not payload or not meta then return 0 end
-  local count = tonumber(string.match(meta, '^(%d+) '))
+  release(batch, 1)
   local maxdel = tonumber(redis.call('HGET', P .. 'm', 'maxdel') or '20')
   if not dead and count < maxdel then
-    redis.call('XADD', P .. 's', '*', 'd', payload, 'c', count)
+    redis.call('RPUSH', P .. 'q', count .. ':' .. payload)
     redis.call('HINCRBY', P .. 'm', 'redelivered', 1)
     if why then redis.call('HINCRBY', P .. 'm', why, 1) end
     signal('gw', P .. 'sig')
   else
     if redis.call('HGET', P .. 'm', 'dlq') ~= '' then
-      redis.call('XADD', P .. 'D', '*', 'd', payload)
+      redis.call('RPUSH', P .. 'D', payload)
     else
       redis.call('HINCRBY', P .. 'm', 'bytes', -string.len(payload))
     end
@@ -97,45 +130,61 @@ local function give_back(id, why, dead)
   end
   return 1
 end
--- The ids leased by the consumers in the set `who`, oldest first.
-local function leases_of(who)
-  local all = redis.call('HGETALL', P .. 'Lm')
-  local ids = {}
-  for i = 1, #all, 2 do
-    local c = string.match(all[i + 1], '^%d+ (%S+) ')
-    if who[c] then ids[#ids + 1] = all[i] end
+-- The ids still leased in batch `b` (and that batch's consumer).
+local function members(b)
+  local v = redis.call('HGET', P .. 'Lb', b)
+  local ids, consumer = {}, nil
+  if v then
+    for w in string.gmatch(v, '%S+') do
+      if consumer == nil then consumer = w else ids[#ids + 1] = w end
+    end
+  end
+  return ids, consumer
+end
+-- Give back every message of consumer `c` (heartbeat lapsed, or departing).
+local function give_back_all(c, why)
+  local n, ids = 0, {}
+  for _, b in ipairs(redis.call('SMEMBERS', P .. 'Lo:' .. c)) do
+    local mine = members(b)
+    for _, id in ipairs(mine) do ids[#ids + 1] = id end
   end
   table.sort(ids, id_less)
-  return ids
+  for _, id in ipairs(ids) do
+    local v = redis.call('HGET', P .. 'L', id)
+    if v then
+      local _, consumer = parse(v)
+      if consumer == c then n = n + give_back(id, why, false) end
+    end
+  end
+  for _, b in ipairs(redis.call('SMEMBERS', P .. 'Lo:' .. c)) do release(b, 0, true) end
+  redis.call('DEL', P .. 'Lo:' .. c)
+  return n
 end
 -- Give back the expired leases and the leases of consumers whose heartbeat
 -- lapsed (bounded work per call; the rest goes at the next call).
 local function reclaim(now)
   local n = 0
-  local due = redis.call('ZRANGEBYSCORE', P .. 'Ld', '-inf', now, 'LIMIT', 0, 256)
-  for _, id in ipairs(due) do n = n + give_back(id, false, false) end
+  local due = redis.call('ZRANGEBYSCORE', P .. 'Ld', '-inf', now, 'LIMIT', 0, 64)
+  for _, b in ipairs(due) do
+    for _, id in ipairs(members(b)) do
+      local v = redis.call('HGET', P .. 'L', id)
+      if v then
+        local _, _, _, dl, batch = parse(v)
+        if batch == b and dl <= now then n = n + give_back(id, false, false) end
+      end
+    end
+    release(b, 0, true)
+  end
   local gone = redis.call('ZRANGEBYSCORE', P .. 'C', '-inf', now, 'LIMIT', 0, 16)
-  if #gone > 0 then
-    local who = {}
-    for _, c in ipairs(gone) do who[c] = true end
-    for _, id in ipairs(leases_of(who)) do n = n + give_back(id, 'abandoned', false) end
-    redis.call('ZREM', P .. 'C', unpack(gone))
+  for _, c in ipairs(gone) do
+    n = n + give_back_all(c, 'abandoned')
+    redis.call('ZREM', P .. 'C', c)
   end
   return n
 end
--- Take the first `n` ready entries (read, then trimmed just past the last).
+-- Take the first `n` ready messages.
 local function take(n)
-  local ents = redis.call('XRANGE', P .. 's', '-', '+', 'COUNT', n)
-  if #ents > 0 then
-    local ms, seq = string.match(ents[#ents][1], '^(%d+)-(%d+)$')
-    redis.call('XTRIM', P .. 's', 'MINID', ms .. '-' .. (tonumber(seq) + 1))
-  end
-  return ents
-end
--- The lease fields of a meta string: bytes, deadline.
-local function lease_tail(meta)
-  local len, dl = string.match(meta, ' (%d+) (%d+)$')
-  return tonumber(len), tonumber(dl)
+  return redis.call('LPOP', P .. 'q', n) or {}
 end
 local function exists()
   if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -164,20 +213,22 @@ return redis.call('HMGET', KEYS[1], 'maxsize', 'mms', 'maxbytes', 'maxdel', 'dlq
 
 UNLINK = r"""
 local e = exists() if e then return e end
-for _, k in ipairs({'m', 's', 'L', 'Lm', 'Ld', 'C', 'D', 'sig', 'fr', 'gw', 'pw', 'seq',
-                    'P', 'G'}) do
+for _, c in ipairs(redis.call('ZRANGE', P .. 'C', 0, -1)) do
+  redis.call('DEL', P .. 'Lo:' .. c)
+end
+for _, k in ipairs({'m', 'q', 'L', 'Ld', 'Lb', 'Lbc', 'C', 'D', 'sig', 'fr', 'gw', 'pw', 'seq',
+                    'P', 'G', 'fwd'}) do
   redis.call('DEL', P .. k)
 end
 return 1
 """
 
-# ARGV: P, producer, seq, atomic, wait_ms, payload...
+# ARGV: P, producer, seq, atomic, wait_ms, activity, "0:"payload...
 # -> {count put, id to wait from (when not all went in)}
 PUT = r"""
 local m = redis.call('HMGET', KEYS[1], 'maxsize', 'maxbytes')
 if not m[1] then return redis.error_reply('FMQNOTFOUND') end
 local producer, seq = ARGV[2], tonumber(ARGV[3])
-local now = now_ms()
 if producer ~= '' then
   local last = redis.call('HGET', P .. 'seq', producer)
   if last then
@@ -185,11 +236,12 @@ if producer ~= '' then
     if tonumber(lseq) == seq then return {tonumber(lcount), '0-0'} end
   end
 end
-local n = #ARGV - 5
+local first = 7
+local n = #ARGV - first + 1
 local maxsize, maxbytes = tonumber(m[1]), tonumber(m[2])
 local room = n
 if maxsize > 0 then
-  room = maxsize - redis.call('XLEN', P .. 's')
+  room = maxsize - redis.call('LLEN', P .. 'q')
   if room > n then room = n end
   if room < 0 then room = 0 end
 end
@@ -199,7 +251,7 @@ if maxbytes > 0 then
   local used = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
   local fit = 0
   for i = 1, room do
-    local len = string.len(ARGV[5 + i])
+    local len = string.len(ARGV[first - 1 + i]) - 2
     if used + total + len > maxbytes then break end
     total = total + len
     fit = i
@@ -207,22 +259,25 @@ if maxbytes > 0 then
   if ARGV[4] == '1' and fit < n then fit = 0 total = 0 end
   room = fit
 else
-  for i = 1, room do total = total + string.len(ARGV[5 + i]) end
+  for i = 1, room do total = total + string.len(ARGV[first - 1 + i]) end
+  total = total - 2 * room
 end
-local s = P .. 's'
-for i = 1, room do redis.call('XADD', s, '*', 'd', ARGV[5 + i]) end
 if room > 0 then
+  redis.call('RPUSH', P .. 'q', unpack(ARGV, first, first - 1 + room))
   redis.call('HINCRBY', KEYS[1], 'enqueued', room)
   redis.call('HINCRBY', KEYS[1], 'bytes', total)
   signal('gw', P .. 'sig')
 end
 if producer ~= '' then
   redis.call('HSET', P .. 'seq', producer, ARGV[3] .. ':' .. room)
-  redis.call('ZADD', P .. 'P', now, producer)
-  local old = redis.call('ZRANGEBYSCORE', P .. 'P', '-inf', now - 3600000, 'LIMIT', 0, 8)
-  for _, p in ipairs(old) do
-    redis.call('HDEL', P .. 'seq', p)
-    redis.call('ZREM', P .. 'P', p)
+  if ARGV[6] == '1' then
+    local now = now_ms()
+    redis.call('ZADD', P .. 'P', now, producer)
+    local old = redis.call('ZRANGEBYSCORE', P .. 'P', '-inf', now - 3600000, 'LIMIT', 0, 8)
+    for _, p in ipairs(old) do
+      redis.call('HDEL', P .. 'seq', p)
+      redis.call('ZREM', P .. 'P', p)
+    end
   end
 end
 if room < n and tonumber(ARGV[5]) > 0 then
@@ -232,61 +287,58 @@ end
 return {room, '0-0'}
 """
 
-# ARGV: P, max, getter, wait_ms -> {n, payload...} or {0, id to wait from}
+# ARGV: P, max, getter, wait_ms, activity -> {n, "c:"payload...} or {0, id to wait from}
 GET = r"""
 local e = exists() if e then return e end
 local now = now_ms()
 reclaim(now)
+if ARGV[5] == '1' then redis.call('ZADD', P .. 'G', now, ARGV[3]) end
 local ents = take(ARGV[2])
 if #ents == 0 then
   if tonumber(ARGV[4]) > 0 then redis.call('SET', P .. 'gw', '1', 'PX', ARGV[4]) end
-  redis.call('ZADD', P .. 'G', now, ARGV[3])
   return {0, last_id(P .. 'sig')}
 end
-local out, total = {#ents}, 0
+local total = 0
 for i, ent in ipairs(ents) do
-  local payload = ent[2][2]
-  out[i + 1] = payload
-  total = total + string.len(payload)
+  total = total + string.len(ent) - string.find(ent, ':', 1, true)
 end
-redis.call('HINCRBY', KEYS[1], 'dequeued', #ents)
+table.insert(ents, 1, #ents)
+redis.call('HINCRBY', KEYS[1], 'dequeued', #ents - 1)
 redis.call('HINCRBY', KEYS[1], 'bytes', -total)
-redis.call('ZADD', P .. 'G', now, ARGV[3])
 signal('pw', P .. 'fr')
-return out
+return ents
 """
 
-# ARGV: P, max, consumer, lease_ms, heartbeat_ms, wait_ms
+# ARGV: P, max, consumer, lease_ms, heartbeat_ms, wait_ms, activity
 # -> {n, now, id, count, payload, ...} or {0, id to wait from}
 LEASE = r"""
 local e = exists() if e then return e end
 local now = now_ms()
 reclaim(now)
-local ents = take(ARGV[2])
 local consumer = ARGV[3]
+if ARGV[7] == '1' then redis.call('ZADD', P .. 'G', now, consumer) end
+local ents = take(ARGV[2])
 if #ents == 0 then
   if tonumber(ARGV[6]) > 0 then redis.call('SET', P .. 'gw', '1', 'PX', ARGV[6]) end
-  redis.call('ZADD', P .. 'G', now, consumer)
   return {0, last_id(P .. 'sig')}
 end
 local deadline = now + tonumber(ARGV[4])
-local out, L, Lm, Ld = {#ents, now}, {}, {}, {}
-local mid = ' ' .. consumer .. ' ' .. now .. ' '
-local tail = ' ' .. deadline
+local base = redis.call('HINCRBY', KEYS[1], 'lseq', #ents) - #ents
+local out, L, ids = {#ents, now}, {}, {}
+local b = 'b' .. (base + 1)
+local mid = ' ' .. consumer .. ' ' .. now .. ' ' .. deadline .. ' ' .. b .. '\n'
 for i, ent in ipairs(ents) do
-  local id, f = ent[1], ent[2]
-  local count = 1
-  if f[4] then count = tonumber(f[4]) + 1 end
-  L[2 * i - 1], L[2 * i] = id, f[2]
-  Lm[2 * i - 1], Lm[2 * i] = id, count .. mid .. string.len(f[2]) .. tail
-  Ld[2 * i - 1], Ld[2 * i] = deadline, id
-  out[3 * i], out[3 * i + 1], out[3 * i + 2] = id, count, f[2]
+  local c, at = string.match(ent, '^(%d+):()')
+  local payload = string.sub(ent, at)
+  local count = tonumber(c) + 1
+  local id = tostring(base + i)
+  ids[i] = id
+  L[2 * i - 1], L[2 * i] = id, count .. mid .. payload
+  out[3 * i], out[3 * i + 1], out[3 * i + 2] = id, count, payload
 end
 redis.call('HSET', P .. 'L', unpack(L))
-redis.call('HSET', P .. 'Lm', unpack(Lm))
-redis.call('ZADD', P .. 'Ld', unpack(Ld))
+new_batch(b, consumer, deadline, ids)
 redis.call('ZADD', P .. 'C', now + tonumber(ARGV[5]), consumer)
-redis.call('ZADD', P .. 'G', now, consumer)
 signal('pw', P .. 'fr')
 return out
 """
@@ -300,17 +352,18 @@ for i = 3, #ARGV, 2 do
   ids[#ids + 1] = ARGV[i]
   want[#want + 1] = ARGV[i + 1] .. ' ' .. consumer .. ' '
 end
-local metas = redis.call('HMGET', P .. 'Lm', unpack(ids))
-local res, ok, total = {}, {}, 0
+local vals = redis.call('HMGET', P .. 'L', unpack(ids))
+local res, ok, total, batches = {}, {}, 0, {}
 for i, id in ipairs(ids) do
-  local meta = metas[i]
+  local v = vals[i]
   res[i] = 0
-  if meta and string.sub(meta, 1, #want[i]) == want[i] then
-    local len, dl = lease_tail(meta)
+  if v and string.sub(v, 1, #want[i]) == want[i] then
+    local _, _, _, dl, batch, mlen = parse(v)
     if dl >= now then
       res[i] = 1
       ok[#ok + 1] = id
-      total = total + len
+      total = total + #v - mlen - 1
+      batches[batch] = (batches[batch] or 0) + 1
     else
       give_back(id, false, false)      -- expired: it goes back now
     end
@@ -318,8 +371,7 @@ for i, id in ipairs(ids) do
 end
 if #ok > 0 then
   redis.call('HDEL', P .. 'L', unpack(ok))
-  redis.call('HDEL', P .. 'Lm', unpack(ok))
-  redis.call('ZREM', P .. 'Ld', unpack(ok))
+  for batch, k in pairs(batches) do release(batch, k) end
   redis.call('HINCRBY', KEYS[1], 'dequeued', #ok)
   redis.call('HINCRBY', KEYS[1], 'bytes', -total)
   signal('pw', P .. 'fr')
@@ -332,17 +384,20 @@ SETTLE = r"""
 local now = now_ms()
 local id = ARGV[3]
 local want = ARGV[4] .. ' ' .. ARGV[2] .. ' '
-local meta = redis.call('HGET', P .. 'Lm', id)
-if not meta or string.sub(meta, 1, #want) ~= want then return 0 end
-local _, dl = lease_tail(meta)
+local v = redis.call('HGET', P .. 'L', id)
+if not v or string.sub(v, 1, #want) ~= want then return 0 end
+local count, consumer, lat, dl, batch, mlen = parse(v)
 if dl < now then
   give_back(id, false, false)
   return 0
 end
 if ARGV[5] == 'touch' then
   local deadline = now + tonumber(ARGV[6])
-  redis.call('HSET', P .. 'Lm', id, string.match(meta, '^(.* )%d+$') .. deadline)
-  redis.call('ZADD', P .. 'Ld', 'XX', deadline, id)
+  local b = 't' .. id
+  release(batch, 1)
+  redis.call('HSET', P .. 'L', id, count .. ' ' .. consumer .. ' ' .. lat .. ' ' .. deadline ..
+             ' ' .. b .. '\n' .. string.sub(v, mlen + 2))
+  new_batch(b, consumer, deadline, {id})
   return 1
 end
 give_back(id, false, ARGV[5] == 'dead')
@@ -356,7 +411,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local now = now_ms()
 local consumer = ARGV[2]
 if ARGV[4] == '1' then
-  for _, id in ipairs(leases_of({[consumer] = true})) do give_back(id, false, false) end
+  give_back_all(consumer, false)
   redis.call('ZREM', P .. 'C', consumer)
 else
   redis.call('ZADD', P .. 'C', 'XX', now + tonumber(ARGV[3]), consumer)
@@ -364,12 +419,18 @@ end
 return reclaim(now)
 """
 
-# -> {now, {field, value...} of Lm, {id, deadline...}}
+# -> {now, {id, lease record without its payload, ...}, 0}
 PENDING = r"""
 local e = exists() if e then return e end
 local now = now_ms()
 reclaim(now)
-return {now, redis.call('HGETALL', P .. 'Lm'), redis.call('ZRANGE', P .. 'Ld', 0, -1, 'WITHSCORES')}
+local all = redis.call('HGETALL', P .. 'L')
+local out = {}
+for i = 1, #all, 2 do
+  out[#out + 1] = all[i]
+  out[#out + 1] = string.match(all[i + 1], '^([^\n]*)\n')
+end
+return {now, out, 0}
 """
 
 # -> {meta fields/values, depth, in flight, consumers leasing, producers, getters, parked}
@@ -377,36 +438,34 @@ STATS = r"""
 local e = exists() if e then return e end
 local now = now_ms()
 reclaim(now)
-return {redis.call('HGETALL', KEYS[1]), redis.call('XLEN', P .. 's'), redis.call('HLEN', P .. 'L'),
+return {redis.call('HGETALL', KEYS[1]), redis.call('LLEN', P .. 'q'), redis.call('HLEN', P .. 'L'),
         redis.call('ZCOUNT', P .. 'C', now, '+inf'),
         redis.call('ZCOUNT', P .. 'P', now - 60000, '+inf'),
         redis.call('ZCOUNT', P .. 'G', now - 60000, '+inf'),
-        redis.call('XLEN', P .. 'D'), now}
+        redis.call('LLEN', P .. 'D'), now}
 """
 
-# ARGV: P, max -> {id, payload, ...} of parked dead letters (not removed)
+# ARGV: P, max, token -> parked dead letters (not removed), under the lock
 PARKED = r"""
-local ents = redis.call('XRANGE', P .. 'D', '-', '+', 'COUNT', ARGV[2])
-local out = {}
-for _, ent in ipairs(ents) do
-  out[#out + 1] = ent[1]
-  out[#out + 1] = ent[2][2]
+if redis.call('LLEN', P .. 'D') == 0 then return {} end
+if not redis.call('SET', P .. 'fwd', ARGV[3], 'NX', 'PX', 10000) and
+   redis.call('GET', P .. 'fwd') ~= ARGV[3] then
+  return {}
 end
-return out
+return redis.call('LRANGE', P .. 'D', 0, tonumber(ARGV[2]) - 1)
 """
 
-# ARGV: P, id... -> forwarded parked dead letters leave this queue
+# ARGV: P, token, n -> the first n parked dead letters leave (they were forwarded)
 UNPARK = r"""
+if redis.call('GET', P .. 'fwd') ~= ARGV[2] then return 0 end
+redis.call('DEL', P .. 'fwd')
+local gone = redis.call('LPOP', P .. 'D', ARGV[3]) or {}
 local total = 0
-for i = 2, #ARGV do
-  local ent = redis.call('XRANGE', P .. 'D', ARGV[i], ARGV[i])
-  if #ent == 1 then total = total + string.len(ent[1][2][2]) end
-end
-local n = redis.call('XDEL', P .. 'D', unpack(ARGV, 2))
+for _, d in ipairs(gone) do total = total + string.len(d) end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'bytes', -total)
 end
-return n
+return #gone
 """
 
 # ---------------------------------------------------------------- exchanges
@@ -454,7 +513,7 @@ redis.call('DEL', KEYS[1], KEYS[1] .. ':b')
 return 1
 """
 
-# ARGV: version, pick ('all' | 'turn'), payload, queue prefix...
+# ARGV: version, pick ('all' | 'turn'), "0:"payload, queue prefix...
 # -> {delivered} | {-1} bindings changed | {-2, queue} a target is full (nothing sent)
 X_PUBLISH = r"""
 local function last_id(key)
@@ -481,10 +540,10 @@ local go = {}
 for _, q in ipairs(targets) do
   local m = redis.call('HMGET', q .. 'm', 'maxsize', 'maxbytes', 'bytes', 'mms')
   if m[1] then
-    if len > tonumber(m[4]) then return {-3, q} end
+    if len - 2 > tonumber(m[4]) then return {-3, q} end
     local maxsize, maxbytes = tonumber(m[1]), tonumber(m[2])
-    if (maxsize > 0 and redis.call('XLEN', q .. 's') >= maxsize)
-       or (maxbytes > 0 and tonumber(m[3]) + len > maxbytes) then
+    if (maxsize > 0 and redis.call('LLEN', q .. 'q') >= maxsize)
+       or (maxbytes > 0 and tonumber(m[3]) + len - 2 > maxbytes) then
       redis.call('SET', q .. 'pw', '1', 'PX', 5000)
       return {-2, q, last_id(q .. 'fr')}
     end
@@ -492,9 +551,9 @@ for _, q in ipairs(targets) do
   end
 end
 for _, q in ipairs(go) do
-  redis.call('XADD', q .. 's', '*', 'd', payload)
+  redis.call('RPUSH', q .. 'q', payload)
   redis.call('HINCRBY', q .. 'm', 'enqueued', 1)
-  redis.call('HINCRBY', q .. 'm', 'bytes', len)
+  redis.call('HINCRBY', q .. 'm', 'bytes', len - 2)
   if redis.call('EXISTS', q .. 'gw') == 1 then
     redis.call('XADD', q .. 'sig', 'MAXLEN', 1, '*', 'x', '1')
   end
