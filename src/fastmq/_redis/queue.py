@@ -93,14 +93,15 @@ class RedisMessage:
     """
 
     __slots__ = ("_q", "id", "delivery_count", "_payload", "_state", "_value", "_consumer",
-                 "__weakref__")
+                 "_batch", "__weakref__")
 
-    def __init__(self, q, id_, count, payload, consumer):
+    def __init__(self, q, id_, count, payload, consumer, batch):
         self._q = q
         self.id = id_
         self.delivery_count = count
         self._payload = payload
         self._consumer = consumer
+        self._batch = batch
         self._state = _HELD
 
     @property
@@ -149,11 +150,12 @@ class RedisMessage:
         ms = max(1, int(acks.check_lease(seconds, "seconds") * 1000))
         self._check_held("touch")
         self._settle("touch", ms)
+        self._batch = "t" + self.id          # the lease now has a batch of its own
 
     def _settle(self, what, ms):
         q = self._q
         ok = q._link.call("settle", q._mkey, (q._prefix, self._consumer, self.id,
-                                              self.delivery_count, what, ms))
+                                              self._batch, what, ms))
         if ok != 1:
             self._state = _LOST
             raise LeaseLost(f"cannot {what} message {self.id}: its lease expired or was "
@@ -604,10 +606,13 @@ class RedisQueue(Queue):
         raise NotImplementedError("max_in_flight is not available on a redis:// queue")
 
     def _messages(self, res):
-        ident = self._id
+        ident, batch = self._id, res[2].decode()
         out = []
-        for i in range(2, len(res), 3):
-            out.append(RedisMessage(self, res[i].decode(), int(res[i + 1]), res[i + 2], ident))
+        for i in range(3, len(res), 2):
+            e = res[i + 1]
+            at = e.index(b":")
+            out.append(RedisMessage(self, res[i].decode(), int(e[:at]) + 1, e[at + 1:], ident,
+                                    batch))
         if not self._leased:
             self._leased = True
             _heartbeats.register(self)
@@ -639,7 +644,7 @@ class RedisQueue(Queue):
                 args = [self._prefix, consumer]
                 for m in part:
                     args.append(m.id)
-                    args.append(m.delivery_count)
+                    args.append(m._batch)
                 res = self._link.call("ack", self._mkey, args)
                 for m, ok in zip(part, res):
                     m._state = _ACKED if ok == 1 else _LOST
@@ -663,11 +668,11 @@ class RedisQueue(Queue):
         """In-flight messages: ``id``, ``pid`` (holder), ``idle`` (seconds
         since leased), ``delivery_count``, ``consumer``, ``expires_in``."""
         self._check_open()
-        now, metas, _ = self._link.call("pending", self._mkey, (self._prefix,))
+        now, metas = self._link.call("pending", self._mkey, (self._prefix,))
         out = []
         for i in range(0, len(metas), 2):
             id_ = metas[i].decode()
-            count, consumer, leased_at, deadline, _batch = metas[i + 1].decode().split(" ")
+            count, consumer, leased_at, deadline = metas[i + 1].decode().split(" ")
             try:
                 pid = int(consumer.split(":")[-2])
             except (IndexError, ValueError):

@@ -23,22 +23,20 @@ Keys of a queue (prefix ``P = fmq:{name}:``):
   here; the stream features (ids, consumer groups) are not used anyway (see
   the end of this note). ``maxsize`` is checked before the push, so nothing
   is ever trimmed.
-* ``P L`` -- leased messages by lease id: ``"<delivery_count> <consumer>
-  <leased_at_ms> <deadline_ms> <batch>\n<payload>"``. The owner check of an
-  ack compares the prefix ``"<delivery_count> <consumer> "``, and the
-  deadline (server clock, ``TIME``) is in the record, so an ack reads one
-  hash. A lease id (from the counter ``lseq`` in ``P m``) names *this*
-  delivery: a redelivery re-appends the message at the back and the next
-  lease gets a new id, so an old holder's ``ack`` finds nothing and is
-  refused.
-* ``P Ld`` / ``P Lb`` / ``P Lbc`` / ``P Lo:<consumer>`` -- lease batches:
-  the messages leased by one call share one deadline entry (zset ``Ld``:
-  batch -> deadline), one member list (``Lb``: batch -> "consumer id id..."),
-  one count of the members not settled yet (``Lbc``) and one entry in their
-  consumer's set of batches (``Lo:<consumer>``), so a lease or an ack costs
-  a few commands per batch, not per message. ``touch`` moves a message to a
-  batch of its own (``t<id>``); a due batch gives back the members whose own
-  deadline passed.
+* ``P L`` / ``P Lm`` -- leased messages by lease id: the element as it was
+  taken from ``q``, and the lease batch it belongs to. A lease id (from the
+  counter ``lseq`` in ``P m``) names *this* delivery: a redelivery re-appends
+  the message at the back and the next lease gets a new id, so an old
+  holder's ``ack`` finds nothing and is refused.
+* ``P Ld`` / ``P Lb`` / ``P Lbc`` / ``P Lbb`` / ``P Lo:<consumer>`` -- lease
+  batches: the messages leased by one call share one deadline (zset ``Ld``,
+  server clock from ``TIME``), one record ``"<consumer> <leased_at_ms> <id>
+  <id>..."`` (``Lb``), one count and one byte total of the members not
+  settled yet (``Lbc``, ``Lbb``) and one entry in their consumer's set of
+  batches (``Lo:<consumer>``). So a lease or an ack does its owner and
+  deadline checks once per batch, and per message only moves strings
+  (Lua parses nothing per message). ``touch`` moves a message to a batch of
+  its own (``t<id>``); a due batch gives back the members still in it.
 * ``P C`` -- zset of leasing consumers by heartbeat deadline. A consumer
   whose heartbeat lapsed is gone: its leases are given back, counted
   ``abandoned``, by the next script that reclaims.
@@ -80,40 +78,63 @@ end
 local function id_less(a, b)
   return tonumber(a) < tonumber(b)
 end
--- A lease record: its fields, and the payload.
-local function parse(v)
-  local meta = string.match(v, '^([^\n]*)\n')
-  local count, consumer, lat, dl, batch = string.match(meta, '^(%d+) (%S+) (%d+) (%d+) (%S+)$')
-  return tonumber(count), consumer, lat, tonumber(dl), batch, #meta
+-- The deliveries so far and the payload of a queue element "<c>:<payload>".
+local function unpack_element(e)
+  local c, at = string.match(e, '^(%d+):()')
+  return tonumber(c), string.sub(e, at)
 end
--- `k` members of lease batch `b` were settled; the batch goes with its last.
-local function release(b, k, force)
+local function payload_len(e)
+  return string.len(e) - string.find(e, ':', 1, true)
+end
+-- A batch record: consumer, leased_at, ids.
+local function batch_record(b)
+  local v = redis.call('HGET', P .. 'Lb', b)
+  local ids, consumer, lat = {}, nil, nil
+  if v then
+    for w in string.gmatch(v, '%S+') do
+      if consumer == nil then consumer = w
+      elseif lat == nil then lat = w
+      else ids[#ids + 1] = w end
+    end
+  end
+  return consumer, lat, ids
+end
+-- `k` members (`bytes` payload bytes) of batch `b` were settled; the batch
+-- goes with its last member (or now, with `force`).
+local function release(b, k, bytes, force)
   local left = 0
-  if not force then left = redis.call('HINCRBY', P .. 'Lbc', b, -k) end
+  if not force then
+    left = redis.call('HINCRBY', P .. 'Lbc', b, -k)
+    redis.call('HINCRBY', P .. 'Lbb', b, -bytes)
+  end
   if left <= 0 then
     local v = redis.call('HGET', P .. 'Lb', b)
     if v then redis.call('SREM', P .. 'Lo:' .. string.match(v, '^(%S+)'), b) end
     redis.call('ZREM', P .. 'Ld', b)
     redis.call('HDEL', P .. 'Lb', b)
     redis.call('HDEL', P .. 'Lbc', b)
+    redis.call('HDEL', P .. 'Lbb', b)
   end
 end
-local function new_batch(b, consumer, deadline, ids)
+local function new_batch(b, consumer, deadline, now, ids, bytes)
   redis.call('ZADD', P .. 'Ld', deadline, b)
-  redis.call('HSET', P .. 'Lb', b, consumer .. ' ' .. table.concat(ids, ' '))
+  redis.call('HSET', P .. 'Lb', b, consumer .. ' ' .. now .. ' ' .. table.concat(ids, ' '))
   redis.call('HSET', P .. 'Lbc', b, #ids)
+  redis.call('HSET', P .. 'Lbb', b, bytes)
   redis.call('SADD', P .. 'Lo:' .. consumer, b)
 end
--- End the lease of entry `id`: back to the queue (with one more delivery
+-- End the lease of `id`: back to the queue (with one more delivery
 -- counted), or dead-lettered past max_deliveries / when `dead` is true.
 -- `why` is the counter bumped on a requeue besides 'redelivered'.
 local function give_back(id, why, dead)
-  local v = redis.call('HGET', P .. 'L', id)
-  if not v then return 0 end
-  local count, _, _, _, batch, mlen = parse(v)
-  local payload = string.sub(v, mlen + 2)
+  local e = redis.call('HGET', P .. 'L', id)
+  local b = redis.call('HGET', P .. 'Lm', id)
+  if not e then return 0 end
+  local c, payload = unpack_element(e)
+  local count = c + 1                       -- deliveries, this one included
   redis.call('HDEL', P .. 'L', id)
-  release(batch, 1)
+  redis.call('HDEL', P .. 'Lm', id)
+  if b then release(b, 1, string.len(payload)) end
   local maxdel = tonumber(redis.call('HGET', P .. 'm', 'maxdel') or '20')
   if not dead and count < maxdel then
     redis.call('RPUSH', P .. 'q', count .. ':' .. payload)
@@ -130,33 +151,28 @@ local function give_back(id, why, dead)
   end
   return 1
 end
--- The ids still leased in batch `b` (and that batch's consumer).
+-- The ids of batch `b` that are still in it.
 local function members(b)
-  local v = redis.call('HGET', P .. 'Lb', b)
-  local ids, consumer = {}, nil
-  if v then
-    for w in string.gmatch(v, '%S+') do
-      if consumer == nil then consumer = w else ids[#ids + 1] = w end
+  local consumer, _, ids = batch_record(b)
+  local out = {}
+  if #ids > 0 then
+    local lm = redis.call('HMGET', P .. 'Lm', unpack(ids))
+    for i, id in ipairs(ids) do
+      if lm[i] == b then out[#out + 1] = id end
     end
   end
-  return ids, consumer
+  return out, consumer
 end
 -- Give back every message of consumer `c` (heartbeat lapsed, or departing).
 local function give_back_all(c, why)
   local n, ids = 0, {}
-  for _, b in ipairs(redis.call('SMEMBERS', P .. 'Lo:' .. c)) do
-    local mine = members(b)
-    for _, id in ipairs(mine) do ids[#ids + 1] = id end
+  local batches = redis.call('SMEMBERS', P .. 'Lo:' .. c)
+  for _, b in ipairs(batches) do
+    for _, id in ipairs(members(b)) do ids[#ids + 1] = id end
   end
   table.sort(ids, id_less)
-  for _, id in ipairs(ids) do
-    local v = redis.call('HGET', P .. 'L', id)
-    if v then
-      local _, consumer = parse(v)
-      if consumer == c then n = n + give_back(id, why, false) end
-    end
-  end
-  for _, b in ipairs(redis.call('SMEMBERS', P .. 'Lo:' .. c)) do release(b, 0, true) end
+  for _, id in ipairs(ids) do n = n + give_back(id, why, false) end
+  for _, b in ipairs(batches) do release(b, 0, 0, true) end
   redis.call('DEL', P .. 'Lo:' .. c)
   return n
 end
@@ -166,14 +182,8 @@ local function reclaim(now)
   local n = 0
   local due = redis.call('ZRANGEBYSCORE', P .. 'Ld', '-inf', now, 'LIMIT', 0, 64)
   for _, b in ipairs(due) do
-    for _, id in ipairs(members(b)) do
-      local v = redis.call('HGET', P .. 'L', id)
-      if v then
-        local _, _, _, dl, batch = parse(v)
-        if batch == b and dl <= now then n = n + give_back(id, false, false) end
-      end
-    end
-    release(b, 0, true)
+    for _, id in ipairs(members(b)) do n = n + give_back(id, false, false) end
+    release(b, 0, 0, true)
   end
   local gone = redis.call('ZRANGEBYSCORE', P .. 'C', '-inf', now, 'LIMIT', 0, 16)
   for _, c in ipairs(gone) do
@@ -216,7 +226,7 @@ local e = exists() if e then return e end
 for _, c in ipairs(redis.call('ZRANGE', P .. 'C', 0, -1)) do
   redis.call('DEL', P .. 'Lo:' .. c)
 end
-for _, k in ipairs({'m', 'q', 'L', 'Ld', 'Lb', 'Lbc', 'C', 'D', 'sig', 'fr', 'gw', 'pw', 'seq',
+for _, k in ipairs({'m', 'q', 'L', 'Lm', 'Ld', 'Lb', 'Lbc', 'Lbb', 'C', 'D', 'sig', 'fr', 'gw', 'pw', 'seq',
                     'P', 'G', 'fwd'}) do
   redis.call('DEL', P .. k)
 end
@@ -310,7 +320,7 @@ return ents
 """
 
 # ARGV: P, max, consumer, lease_ms, heartbeat_ms, wait_ms, activity
-# -> {n, now, id, count, payload, ...} or {0, id to wait from}
+# -> {n, now, batch, id, element, id, element...} or {0, id to wait from}
 LEASE = r"""
 local e = exists() if e then return e end
 local now = now_ms()
@@ -324,80 +334,93 @@ if #ents == 0 then
 end
 local deadline = now + tonumber(ARGV[4])
 local base = redis.call('HINCRBY', KEYS[1], 'lseq', #ents) - #ents
-local out, L, ids = {#ents, now}, {}, {}
 local b = 'b' .. (base + 1)
-local mid = ' ' .. consumer .. ' ' .. now .. ' ' .. deadline .. ' ' .. b .. '\n'
+local out, L, Lm, ids, bytes = {#ents, now, b}, {}, {}, {}, 0
 for i, ent in ipairs(ents) do
-  local c, at = string.match(ent, '^(%d+):()')
-  local payload = string.sub(ent, at)
-  local count = tonumber(c) + 1
   local id = tostring(base + i)
   ids[i] = id
-  L[2 * i - 1], L[2 * i] = id, count .. mid .. payload
-  out[3 * i], out[3 * i + 1], out[3 * i + 2] = id, count, payload
+  L[2 * i - 1], L[2 * i] = id, ent
+  Lm[2 * i - 1], Lm[2 * i] = id, b
+  out[2 * i + 2], out[2 * i + 3] = id, ent
+  bytes = bytes + payload_len(ent)
 end
 redis.call('HSET', P .. 'L', unpack(L))
-new_batch(b, consumer, deadline, ids)
+redis.call('HSET', P .. 'Lm', unpack(Lm))
+new_batch(b, consumer, deadline, now, ids, bytes)
 redis.call('ZADD', P .. 'C', now + tonumber(ARGV[5]), consumer)
 signal('pw', P .. 'fr')
 return out
 """
 
-# ARGV: P, consumer, id, count, id, count, ... -> {1 acked | 0 lost, ...}
+# ARGV: P, consumer, id, batch, id, batch, ... -> {1 acked | 0 lost, ...}
 ACK = r"""
 local now = now_ms()
 local consumer = ARGV[2]
-local ids, want = {}, {}
-for i = 3, #ARGV, 2 do
-  ids[#ids + 1] = ARGV[i]
-  want[#want + 1] = ARGV[i + 1] .. ' ' .. consumer .. ' '
-end
-local vals = redis.call('HMGET', P .. 'L', unpack(ids))
-local res, ok, total, batches = {}, {}, 0, {}
+local ids = {}
+for i = 3, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
+local lm = redis.call('HMGET', P .. 'Lm', unpack(ids))
+local res, groups, order = {}, {}, {}
 for i, id in ipairs(ids) do
-  local v = vals[i]
   res[i] = 0
-  if v and string.sub(v, 1, #want[i]) == want[i] then
-    local _, _, _, dl, batch, mlen = parse(v)
+  local b = ARGV[2 * i + 2]
+  if lm[i] == b then
+    local g = groups[b]
+    if not g then g = {} groups[b] = g order[#order + 1] = b end
+    g[#g + 1] = i
+  end
+end
+local acked, total = 0, 0
+for _, b in ipairs(order) do
+  local g = groups[b]
+  local owner = string.match(redis.call('HGET', P .. 'Lb', b) or '', '^(%S+) ')
+  local dl = tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0')
+  if owner == consumer then
+    local mine = {}
+    for j, i in ipairs(g) do mine[j] = ids[i] end
     if dl >= now then
-      res[i] = 1
-      ok[#ok + 1] = id
-      total = total + #v - mlen - 1
-      batches[batch] = (batches[batch] or 0) + 1
+      local bytes
+      if tonumber(redis.call('HGET', P .. 'Lbc', b)) == #mine then
+        bytes = tonumber(redis.call('HGET', P .. 'Lbb', b))
+      else
+        bytes = 0
+        for _, e in ipairs(redis.call('HMGET', P .. 'L', unpack(mine))) do
+          bytes = bytes + payload_len(e)
+        end
+      end
+      redis.call('HDEL', P .. 'L', unpack(mine))
+      redis.call('HDEL', P .. 'Lm', unpack(mine))
+      release(b, #mine, bytes)
+      for _, i in ipairs(g) do res[i] = 1 end
+      acked, total = acked + #mine, total + bytes
     else
-      give_back(id, false, false)      -- expired: it goes back now
+      for _, id in ipairs(mine) do give_back(id, false, false) end   -- expired: back now
     end
   end
 end
-if #ok > 0 then
-  redis.call('HDEL', P .. 'L', unpack(ok))
-  for batch, k in pairs(batches) do release(batch, k) end
-  redis.call('HINCRBY', KEYS[1], 'dequeued', #ok)
+if acked > 0 then
+  redis.call('HINCRBY', KEYS[1], 'dequeued', acked)
   redis.call('HINCRBY', KEYS[1], 'bytes', -total)
   signal('pw', P .. 'fr')
 end
 return res
 """
 
-# ARGV: P, consumer, id, count, what ('nack' | 'dead' | 'touch'), touch_ms -> 1 | 0 lost
+# ARGV: P, consumer, id, batch, what ('nack' | 'dead' | 'touch'), touch_ms -> 1 | 0 lost
 SETTLE = r"""
 local now = now_ms()
-local id = ARGV[3]
-local want = ARGV[4] .. ' ' .. ARGV[2] .. ' '
-local v = redis.call('HGET', P .. 'L', id)
-if not v or string.sub(v, 1, #want) ~= want then return 0 end
-local count, consumer, lat, dl, batch, mlen = parse(v)
-if dl < now then
+local consumer, id, b = ARGV[2], ARGV[3], ARGV[4]
+if redis.call('HGET', P .. 'Lm', id) ~= b then return 0 end
+if string.match(redis.call('HGET', P .. 'Lb', b) or '', '^(%S+) ') ~= consumer then return 0 end
+if tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0') < now then
   give_back(id, false, false)
   return 0
 end
 if ARGV[5] == 'touch' then
-  local deadline = now + tonumber(ARGV[6])
-  local b = 't' .. id
-  release(batch, 1)
-  redis.call('HSET', P .. 'L', id, count .. ' ' .. consumer .. ' ' .. lat .. ' ' .. deadline ..
-             ' ' .. b .. '\n' .. string.sub(v, mlen + 2))
-  new_batch(b, consumer, deadline, {id})
+  local bytes = payload_len(redis.call('HGET', P .. 'L', id))
+  local t = 't' .. id
+  release(b, 1, bytes)
+  redis.call('HSET', P .. 'Lm', id, t)
+  new_batch(t, consumer, now + tonumber(ARGV[6]), now, {id}, bytes)
   return 1
 end
 give_back(id, false, ARGV[5] == 'dead')
@@ -419,18 +442,24 @@ end
 return reclaim(now)
 """
 
-# -> {now, {id, lease record without its payload, ...}, 0}
+# -> {now, {id, "<delivery_count> <consumer> <leased_at_ms> <deadline_ms>", ...}}
 PENDING = r"""
 local e = exists() if e then return e end
 local now = now_ms()
 reclaim(now)
-local all = redis.call('HGETALL', P .. 'L')
 local out = {}
+local all = redis.call('ZRANGE', P .. 'Ld', 0, -1, 'WITHSCORES')
 for i = 1, #all, 2 do
-  out[#out + 1] = all[i]
-  out[#out + 1] = string.match(all[i + 1], '^([^\n]*)\n')
+  local b, dl = all[i], all[i + 1]
+  local _, lat = batch_record(b)
+  local ids, consumer = members(b)
+  for _, id in ipairs(ids) do
+    local c = unpack_element(redis.call('HGET', P .. 'L', id))
+    out[#out + 1] = id
+    out[#out + 1] = (c + 1) .. ' ' .. consumer .. ' ' .. lat .. ' ' .. dl
+  end
 end
-return {now, out, 0}
+return {now, out}
 """
 
 # -> {meta fields/values, depth, in flight, consumers leasing, producers, getters, parked}
