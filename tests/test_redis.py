@@ -746,3 +746,17 @@ def test_cli(rq, rurl):
     q2 = rq.create()
     out = run("ls")
     assert q2.name in out.stdout
+
+
+def test_no_server_fails_saying_how_to_get_one(tmp_path):
+    test = tmp_path / "test_needs_server.py"
+    test.write_text("from redis_support import *\n"
+                    "def test_x(rq):\n"
+                    "    pass\n")
+    env = dict(os.environ, FASTMQ_TEST_REDIS_SERVER=str(tmp_path / "no-such-redis-server"))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(test)], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=str(tmp_path))
+    assert out.returncode != 0
+    assert "apt-get install redis-server" in out.stdout and "fastmq[test]" in out.stdout
+    assert "1 error" in out.stdout or "1 failed" in out.stdout
