@@ -295,3 +295,24 @@ def test_credentials_never_shown(fresh_server):
         assert secret not in t, t
     q.close()
     ex.close()
+
+
+def test_wait_replicas(fresh_server):
+    primary = fresh_server()
+    replica = fresh_server(extra=["--replicaof", "127.0.0.1", str(primary.port)])
+    url = primary.url + "?wait_replicas=1&wait_timeout=5"
+    q = fastmq.Queue.create("w", url=url)
+    try:
+        q.put("replicated")                          # confirmed by the replica
+        import redis
+        r = redis.Redis.from_url(replica.url)
+        assert r.llen("fmq:{w}:q") == 1
+        r.close()
+        replica.stop()
+        q._link.wait_timeout_ms = 300
+        with pytest.raises(fastmq.Unavailable, match="applied on the primary"):
+            q.put("primary only")
+        assert q.qsize() == 2                         # applied, as the error says
+        assert q.get_many(10) == ["replicated", "primary only"]
+    finally:
+        q.close()

@@ -7,7 +7,13 @@ with backoff (50 ms doubling to 1 s) for the call's outage budget: its own
 timeout when it has one (at least ``MIN_OUTAGE`` seconds, so a non-blocking
 call still tries to reconnect once or twice), else the retry window: 10
 seconds, or ``retry_window=SECONDS`` in the url's query
-(``redis://host:6379/0?retry_window=30``). Past the budget the call raises ``fastmq.Unavailable``
+(``redis://host:6379/0?retry_window=30``).
+
+Replication: Redis replicates asynchronously, so a failover can lose the
+writes a replica had not received yet. ``?wait_replicas=N`` (and
+``wait_timeout=SECONDS``, default 1) makes every writing script wait (``WAIT``,
+on the same connection) until N replicas have it; a put that is not
+confirmed in time raises ``Unavailable`` saying it was applied on the primary. Past the budget the call raises ``fastmq.Unavailable``
 naming the url with its credentials masked. redis-py's own retries are off so
 that this is the only retry loop: a retried ``put`` carries the same request
 number and is applied once (see ``scripts.PUT``).
@@ -46,6 +52,11 @@ FLAG_TTL_MS = 5000        # "somebody waits" flags outlive one slice
 MIN_OUTAGE = 0.5
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 _SOURCES = scripts.sources()
+# Scripts that write (``wait_replicas`` waits after them) and the puts among
+# them (whose unconfirmed replication is reported).
+_WRITES = frozenset({"create", "unlink", "put", "get", "lease", "ack", "settle", "unpark",
+                     "x_create", "x_bind", "x_unlink", "x_publish"})
+_PUTS = frozenset({"put", "x_publish", "create"})
 
 
 def _options(url):
@@ -56,35 +67,39 @@ def _options(url):
     return opts
 
 
+_OWN = {"retry_window": float, "wait_replicas": int, "wait_timeout": float}
+
+
 def _own_options(url):
-    """Strip fastmq's own query parameter (``retry_window=SECONDS``) from
-    ``url``; returns (the url for redis-py, retry_window or None)."""
+    """Strip fastmq's own query parameters from ``url``: ``retry_window``
+    (seconds), ``wait_replicas`` (N) and ``wait_timeout`` (seconds). Returns
+    (the url for redis-py, {name: value})."""
     parts = urllib.parse.urlsplit(url)
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    window = None
-    kept = []
+    own, kept = {}, []
     for k, v in query:
-        if k == "retry_window":
+        if k in _OWN:
             try:
-                window = float(v)
+                own[k] = _OWN[k](v)
             except ValueError:
-                raise ValueError(f"retry_window in {mask(url)!r} must be a number of seconds") \
-                    from None
-            if not window >= 0:
-                raise ValueError(f"retry_window in {mask(url)!r} must be >= 0")
+                raise ValueError(f"{k} in {mask(url)!r} must be a number") from None
+            if not own[k] >= 0:
+                raise ValueError(f"{k} in {mask(url)!r} must be >= 0")
         else:
             kept.append((k, v))
-    if window is None:
-        return url, None
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept))), window
+    if not own:
+        return url, own
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept))), own
 
 
 class Link:
     def __init__(self, url, retry_window=10.0):
         self.url = url
         self.masked = mask(url)
-        url, window = _own_options(url)
-        self.retry_window = retry_window if window is None else window
+        url, own = _own_options(url)
+        self.retry_window = own.get("retry_window", retry_window)
+        self.wait_replicas = own.get("wait_replicas", 0)
+        self.wait_timeout_ms = int(own.get("wait_timeout", 1.0) * 1000)
         self._redis_url = url
         self.closed = False
         try:
@@ -128,6 +143,8 @@ class Link:
         delay = 0.05
         while True:
             try:
+                if self.wait_replicas and name in _WRITES:
+                    return self._call_and_wait(name, script, key, args)
                 return script(keys=(key,), args=args, client=self.client)
             except AuthenticationError as exc:
                 raise self.unavailable(exc) from None
@@ -146,6 +163,20 @@ class Link:
                     raise self.unavailable(exc) from None
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 1.0)
+
+    def _call_and_wait(self, name, script, key, args):
+        """The script, then ``WAIT`` on the same connection (a pipeline):
+        its writes reached ``wait_replicas`` replicas, or, for a put, an
+        ``Unavailable`` that says it was applied on the primary only."""
+        pipe = self.client.pipeline(transaction=False)
+        script(keys=(key,), args=args, client=pipe)
+        pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        res, confirmed = pipe.execute()[-2:]
+        if confirmed < self.wait_replicas and name in _PUTS:
+            raise Unavailable(f"redis at {self.masked}: the write was applied on the primary "
+                              f"but confirmed by {confirmed} of {self.wait_replicas} replicas "
+                              f"within {self.wait_timeout_ms} ms (a failover may lose it)")
+        return res
 
     def wait_signal(self, key, last_id, seconds):
         """Block until the signal stream ``key`` moves past ``last_id`` or
