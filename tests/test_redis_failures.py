@@ -300,12 +300,16 @@ def test_credentials_never_shown(fresh_server):
 def test_wait_replicas(fresh_server):
     primary = fresh_server()
     replica = fresh_server(extra=["--replicaof", "127.0.0.1", str(primary.port)])
+    import redis
+    r = redis.Redis.from_url(replica.url)
+    deadline = time.monotonic() + 60
+    while r.info("replication").get("master_link_status") != "up":
+        assert time.monotonic() < deadline, "the replica did not sync"
+        time.sleep(0.1)
     url = primary.url + "?wait_replicas=1&wait_timeout=5"
     q = fastmq.Queue.create("w", url=url)
     try:
         q.put("replicated")                          # confirmed by the replica
-        import redis
-        r = redis.Redis.from_url(replica.url)
         assert r.llen("fmq:{w}:q") == 1
         r.close()
         replica.stop()
