@@ -146,6 +146,8 @@ class Link:
                 if self.wait_replicas and name in _WRITES:
                     return self._call_and_wait(name, script, key, args)
                 return script(keys=(key,), args=args, client=self.client)
+            except Unavailable:
+                raise
             except AuthenticationError as exc:
                 raise self.unavailable(exc) from None
             except ResponseError as exc:
@@ -221,6 +223,8 @@ class Link:
         while True:
             try:
                 return await script(keys=(key,), args=args, client=client)
+            except Unavailable:
+                raise
             except AuthenticationError as exc:
                 raise self.unavailable(exc) from None
             except ResponseError as exc:
