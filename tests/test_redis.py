@@ -760,3 +760,68 @@ def test_no_server_fails_saying_how_to_get_one(tmp_path):
     assert out.returncode != 0
     assert "apt-get install redis-server" in out.stdout and "fastmq[test]" in out.stdout
     assert "1 error" in out.stdout or "1 failed" in out.stdout
+
+
+# ------------------------------------------------------------- Redis Cluster
+
+def _node_keys(nodes):
+    import redis
+    out = {}
+    for n in nodes:
+        r = redis.Redis(port=n.port)
+        out[n.port] = [k.decode() for k in r.scan_iter(match="fmq:*", count=1000)]
+        r.close()
+    return out
+
+
+def test_cluster_queues_spread_one_slot_each(redis_cluster):
+    url = redis_cluster[0].url + "?cluster=1"
+    names = [f"cl-{i}" for i in range(8)]
+    qs = [fastmq.Queue.create(n, url=url, maxsize=4) for n in names]
+    try:
+        for q in qs:
+            assert q.put_many(range(6), block=False) == 4            # exact maxsize
+            m = q.get_message()
+            m.nack()
+            assert [x.value for x in q.get_messages(10)] == [1, 2, 3, 0]
+            assert q.stats()["in_flight"] == 4
+        keys = _node_keys(redis_cluster)
+        homes = {}
+        for port, ks in keys.items():
+            for k in ks:
+                homes.setdefault(k.split("{")[1].split("}")[0], set()).add(port)
+        assert set(homes) == set(names)
+        assert all(len(ports) == 1 for ports in homes.values())   # one node per queue
+        assert len({p for ports in homes.values() for p in ports}) >= 2   # spread
+    finally:
+        for q, n in zip(qs, names):
+            q.close()
+            fastmq.Queue.unlink(n, url=url)
+
+
+def test_cluster_blocking_get_and_asyncio(redis_cluster):
+    url = redis_cluster[1].url + "?cluster=1"
+    q = fastmq.Queue.create("cl-block", url=url)
+    try:
+        def late():
+            with fastmq.Queue.open("cl-block", url=url) as other:
+                other.put("late")
+        t = threading.Timer(0.5, late)
+        t.start()
+        assert q.get(timeout=20) == "late"
+        t.join()
+
+        async def main():
+            later = asyncio.ensure_future(q.put_async("a"))
+            got = await q.get_async(timeout=10)
+            await later
+            return got
+        assert asyncio.run(main()) == "a"
+    finally:
+        q.close()
+        fastmq.Queue.unlink("cl-block", url=url)
+
+
+def test_cluster_refuses_exchanges(redis_cluster):
+    with pytest.raises(ValueError, match="single Redis server"):
+        fastmq.Exchange.create("cl-x", "direct", url=redis_cluster[0].url + "?cluster=1")

@@ -252,7 +252,12 @@ def _payload(obj):
 def _link(url, retry_window):
     from .._location import resolve
     _, url = resolve(url)
-    return Link(url, retry_window)
+    link = Link(url, retry_window)
+    if link.cluster:
+        link.close()
+        raise ValueError(f"{link.masked!r}: exchanges route to several queues in one script, "
+                         "so they need a single Redis server, not a cluster (cluster=1)")
+    return link
 
 
 def _reopen(url, name):

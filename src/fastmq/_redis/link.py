@@ -9,6 +9,12 @@ call still tries to reconnect once or twice), else the retry window: 10
 seconds, or ``retry_window=SECONDS`` in the url's query
 (``redis://host:6379/0?retry_window=30``).
 
+Redis Cluster: ``?cluster=1`` in the url (any node's address) uses redis-py's
+cluster client. Every key of a queue carries the hash tag ``{name}``, so a
+queue lives in one slot and each script runs on the node that owns it;
+different queues spread over the nodes. Exchanges touch several queues in one
+script, so they need a single server (``RedisExchange`` refuses cluster=1).
+
 Replication: Redis replicates asynchronously, so a failover can lose the
 writes a replica had not received yet. ``?wait_replicas=N`` (and
 ``wait_timeout=SECONDS``, default 1) makes every writing script wait (``WAIT``,
@@ -37,6 +43,8 @@ import urllib.parse
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.retry import Retry
@@ -59,6 +67,10 @@ _WRITES = frozenset({"create", "unlink", "put", "get", "lease", "ack", "settle",
 _PUTS = frozenset({"put", "x_publish", "create"})
 
 
+def _cluster_options():
+    return dict(socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
+
+
 def _options(url):
     opts = dict(socket_connect_timeout=2.0, health_check_interval=0,
                 retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
@@ -67,7 +79,7 @@ def _options(url):
     return opts
 
 
-_OWN = {"retry_window": float, "wait_replicas": int, "wait_timeout": float}
+_OWN = {"retry_window": float, "wait_replicas": int, "wait_timeout": float, "cluster": int}
 
 
 def _own_options(url):
@@ -100,10 +112,16 @@ class Link:
         self.retry_window = own.get("retry_window", retry_window)
         self.wait_replicas = own.get("wait_replicas", 0)
         self.wait_timeout_ms = int(own.get("wait_timeout", 1.0) * 1000)
+        self.cluster = bool(own.get("cluster", 0))
+        if self.cluster and self.wait_replicas:
+            raise ValueError(f"{self.masked!r}: wait_replicas is not available with cluster=1")
         self._redis_url = url
         self.closed = False
         try:
-            self.client = redis.Redis.from_url(url, **_options(url))
+            if self.cluster:
+                self.client = redis.cluster.RedisCluster.from_url(url, **_cluster_options())
+            else:
+                self.client = redis.Redis.from_url(url, **_options(url))
         except ValueError as exc:
             raise ValueError(f"bad redis url {self.masked!r}: {mask(str(exc))}") from None
         self.scripts = {n: self.client.register_script(s) for n, s in _SOURCES.items()}
@@ -195,7 +213,10 @@ class Link:
     def close(self):
         self.closed = True
         try:
-            self.client.connection_pool.disconnect()
+            if self.cluster:
+                self.client.disconnect_connection_pools()
+            else:
+                self.client.connection_pool.disconnect()
         except Exception:  # noqa: BLE001 - closing must not raise
             pass
         self._aclients.clear()
@@ -209,7 +230,12 @@ class Link:
             with self._alock:
                 for old in [lp for lp in self._aclients if lp.is_closed()]:
                     del self._aclients[old]
-                client = redis.asyncio.Redis.from_url(self._redis_url, **_options(self._redis_url))
+                if self.cluster:
+                    client = redis.asyncio.cluster.RedisCluster.from_url(
+                        self._redis_url, **_cluster_options())
+                else:
+                    client = redis.asyncio.Redis.from_url(self._redis_url,
+                                                          **_options(self._redis_url))
                 entry = (client, {n: client.register_script(s) for n, s in _SOURCES.items()})
                 self._aclients[loop] = entry
         return entry
