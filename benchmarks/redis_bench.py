@@ -124,24 +124,15 @@ def bench_single(url, n, payload):
         for _ in range(n):
             r.xadd("raw-one", {"d": payload})
     rp = _rate(n, rput)
-    r.xgroup_create("raw-one", "g", id="0")
-
-    def rget():
-        for _ in range(n):
-            p = r.pipeline(transaction=False)
-            p.xreadgroup("g", "c1", {"raw-one": ">"}, count=1)
-            res = p.execute()[0]
-            r.xack("raw-one", "g", res[0][1][0][0]) if False else None
-    # one round trip per message: XREADGROUP (NOACK) is what raw redis-py
-    # needs for an auto-ack get
+    # An auto-ack get in one round trip: XREADGROUP ... NOACK COUNT 1.
     r.delete("raw-one")
     for _ in range(n):
         r.xadd("raw-one", {"d": payload})
-    r.xgroup_create("raw-one", "g2", id="0")
+    r.xgroup_create("raw-one", "g", id="0")
 
     def rget_noack():
         for _ in range(n):
-            r.xreadgroup("g2", "c1", {"raw-one": ">"}, count=1, noack=True)
+            r.xreadgroup("g", "c1", {"raw-one": ">"}, count=1, noack=True)
     rg = _rate(n, rget_noack)
     r.delete("raw-one")
     r.close()
@@ -152,7 +143,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url")
     ap.add_argument("-n", type=int, default=200_000)
-    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--batch", type=int, nargs="+", default=[100, 1000],
+                    help="messages per batch call (each size is one row)")
     ap.add_argument("--single", type=int, default=20_000, help="messages for put/get")
     args = ap.parse_args()
     server = None
@@ -164,14 +156,18 @@ def main():
     payload = os.urandom(64)
     try:
         rows = []
-        f, r = bench_put_many(url, args.n, args.batch, payload)
-        rows.append((f"put_many x{args.batch}", f, r))
-        f, r = bench_lease_ack(url, args.n, args.batch, payload)
-        rows.append((f"get_messages x{args.batch} + ack_many", f, r))
+        for batch in args.batch:
+            f, r = bench_put_many(url, args.n, batch, payload)
+            rows.append((f"put_many x{batch}", f, r))
+        for batch in args.batch:
+            f, r = bench_lease_ack(url, args.n, min(batch, 1000), payload)
+            rows.append((f"get_messages x{min(batch, 1000)} + ack_many", f, r))
         (fp, rp), (fg, rg) = bench_single(url, args.single, payload)
         rows.append(("put (1 per call)", fp, rp))
         rows.append(("get (1 per call)", fg, rg))
-        print(f"redis at {fastmq._location.mask(url)}, 64 B messages")
+        load = os.getloadavg()[0]
+        print(f"redis at {fastmq._location.mask(url)}, 64 B messages, "
+              f"load average {load:.1f} on {os.cpu_count()} CPUs")
         print(f"{'scenario':<36} {'fastmq msg/s':>14} {'raw redis-py':>14} {'ratio':>7}")
         for name, f, r in rows:
             print(f"{name:<36} {f:>14,.0f} {r:>14,.0f} {f / r:>7.2f}")

@@ -75,6 +75,15 @@ local function signal(flag, key)
     redis.call('XADD', key, 'MAXLEN', 1, '*', 'x', '1')
   end
 end
+local function exists()
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    return redis.error_reply('FMQNOTFOUND')
+  end
+end
+"""
+
+# Lease handling, for the scripts that reclaim or settle leases.
+LEASES = r"""
 local function id_less(a, b)
   return tonumber(a) < tonumber(b)
 end
@@ -195,11 +204,6 @@ end
 -- Take the first `n` ready messages.
 local function take(n)
   return redis.call('LPOP', P .. 'q', n) or {}
-end
-local function exists()
-  if redis.call('EXISTS', KEYS[1]) == 0 then
-    return redis.error_reply('FMQNOTFOUND')
-  end
 end
 """
 
@@ -602,8 +606,14 @@ EXCHANGE_SCRIPTS = {
 }
 
 
+_NEED_LEASES = {"get", "lease", "ack", "settle", "heartbeat", "pending", "stats"}
+
+
 def sources():
-    """name -> full Lua source (the queue scripts get the shared prelude)."""
-    out = {name: PRELUDE + body for name, body in QUEUE_SCRIPTS.items()}
+    """name -> full Lua source: the queue scripts get the shared prelude, and
+    those that touch leases the lease helpers too (each ``local function``
+    is a closure made again on every call, so the others go without)."""
+    out = {name: PRELUDE + (LEASES if name in _NEED_LEASES else "") + body
+           for name, body in QUEUE_SCRIPTS.items()}
     out.update(EXCHANGE_SCRIPTS)
     return out
