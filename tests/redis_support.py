@@ -94,7 +94,7 @@ def _free_port():
 
 
 class RedisServer:
-    def __init__(self, *, aof=False, password=None, acl_user=None, extra=()):
+    def __init__(self, *, aof=False, password=None, acl_user=None, tls=False, extra=()):
         binary = server_binary()
         if binary is None:
             pytest.fail(HOW_TO_GET_ONE, pytrace=False)
@@ -105,11 +105,32 @@ class RedisServer:
         self.password = password
         self.acl_user = acl_user          # (user, password)
         self.extra = list(extra)
+        self.tls = tls
+        if tls:
+            self._make_certificate()
         self.proc = None
         self.start()
 
+    def _make_certificate(self):
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.fail("the TLS test needs the openssl command (apt-get install openssl)",
+                        pytrace=False)
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-keyout", os.path.join(self.dir, "key.pem"),
+                        "-out", os.path.join(self.dir, "cert.pem"),
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=60)
+
     def args(self):
-        a = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        if self.tls:
+            cert, key = os.path.join(self.dir, "cert.pem"), os.path.join(self.dir, "key.pem")
+            port = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                    "--tls-key-file", key, "--tls-ca-cert-file", cert,
+                    "--tls-auth-clients", "no"]
+        else:
+            port = ["--port", str(self.port)]
+        a = [self.binary, *port, "--bind", "127.0.0.1", "--save", "",
              "--dir", self.dir, "--daemonize", "no", "--protected-mode", "no",
              "--logfile", os.path.join(self.dir, "log"),
              "--appendonly", "yes" if self.aof else "no"]
@@ -124,6 +145,9 @@ class RedisServer:
 
     @property
     def url(self):
+        if self.tls:
+            return (f"rediss://:{self.password or ''}@127.0.0.1:{self.port}/0"
+                    f"?ssl_ca_certs={os.path.join(self.dir, 'cert.pem')}")
         if self.acl_user:
             user, pw = self.acl_user
             return f"redis://{user}:{pw}@127.0.0.1:{self.port}/0"
@@ -140,6 +164,8 @@ class RedisServer:
                 raise RuntimeError(f"redis server exited at start: {self._log_tail()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    if self.tls:               # listening is enough
+                        return
                     s.sendall(b"PING\r\n")
                     reply = s.recv(64)
                 if reply.startswith((b"+PONG", b"-NOAUTH", b"-ERR")) and \

@@ -320,3 +320,20 @@ def test_wait_replicas(fresh_server):
         assert q.get_many(10) == ["replicated", "primary only"]
     finally:
         q.close()
+
+
+def test_tls_with_password(fresh_server):
+    secret = "tls-s3cret-99"
+    server = fresh_server(tls=True, password=secret)
+    assert server.url.startswith("rediss://")
+    q = fastmq.Queue.create("tls", url=server.url)
+    try:
+        q.put({"over": "tls"})
+        assert q.get(timeout=5) == {"over": "tls"}
+        assert secret not in repr(q) and secret not in str(q.stats())
+        plain = server.url.replace("rediss://", "redis://").split("?")[0] + "?retry_window=0.5"
+        with pytest.raises(fastmq.Unavailable) as info:     # TLS only: plain text fails
+            fastmq.Queue.open("tls", url=plain)
+        assert secret not in str(info.value)
+    finally:
+        q.close()
