@@ -414,6 +414,8 @@ class RedisQueue(Queue):
         """Enqueue in order; returns how many went in before ``timeout``."""
         self._check_open()
         total = len(payloads)
+        if total == 0:
+            return 0
         if atomic and self._maxsize and total > self._maxsize:
             raise ValueError(f"an atomic batch of {total} messages can never fit in a queue "
                              f"of maxsize {self._maxsize}")
@@ -421,7 +423,7 @@ class RedisQueue(Queue):
         wait_ms = 0 if timeout == 0 else FLAG_TTL_MS
         done = 0
         link, prefix = self._link, self._prefix
-        while done < total or total == 0:
+        while done < total:
             chunk = payloads if atomic else payloads[done:done + PUT_CHUNK]
             producer, seq = self._request()
             n, last = link.call("put", self._mkey,
@@ -429,8 +431,6 @@ class RedisQueue(Queue):
                                  *[b"0:" + p for p in chunk]), timeout)
             done += n
             if n == len(chunk):
-                if total == 0:
-                    break
                 continue
             if timeout == 0:
                 break
