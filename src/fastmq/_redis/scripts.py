@@ -23,20 +23,21 @@ Keys of a queue (prefix ``P = fmq:{name}:``):
   here; the stream features (ids, consumer groups) are not used anyway (see
   the end of this note). ``maxsize`` is checked before the push, so nothing
   is ever trimmed.
-* ``P L`` / ``P Lm`` -- leased messages by lease id: the element as it was
-  taken from ``q``, and the lease batch it belongs to. A lease id (from the
-  counter ``lseq`` in ``P m``) names *this* delivery: a redelivery re-appends
-  the message at the back and the next lease gets a new id, so an old
-  holder's ``ack`` finds nothing and is refused.
-* ``P Ld`` / ``P Lb`` / ``P Lbc`` / ``P Lbb`` / ``P Lo:<consumer>`` -- lease
-  batches: the messages leased by one call share one deadline (zset ``Ld``,
-  server clock from ``TIME``), one record ``"<consumer> <leased_at_ms> <id>
-  <id>..."`` (``Lb``), one count and one byte total of the members not
-  settled yet (``Lbc``, ``Lbb``) and one entry in their consumer's set of
-  batches (``Lo:<consumer>``). So a lease or an ack does its owner and
-  deadline checks once per batch, and per message only moves strings
-  (Lua parses nothing per message). ``touch`` moves a message to a batch of
-  its own (``t<id>``); a due batch gives back the members still in it.
+* ``P L`` -- leased messages by lease id ``"<batch>.<n>"``: the element as
+  it was taken from ``q`` (``t`` in front once ``touch`` moved it to a batch
+  of its own). A lease id names *this* delivery (batch numbers come from the
+  counter ``lseq`` in ``P m``): a redelivery re-appends the message at the
+  back and the next lease gets a new id, so an old holder's ``ack`` finds
+  nothing and is refused.
+* ``P Ld`` / ``P Lb`` / ``P Lbc`` / ``P Lo:<consumer>`` -- lease batches: the
+  messages leased by one call (batch ``b<number>``) share one deadline (zset
+  ``Ld``, server clock from ``TIME``), one record ``"<consumer>
+  <leased_at_ms> <id> <id>..."`` (``Lb``), one count of the members not
+  settled yet (``Lbc``) and one entry in their consumer's set of batches
+  (``Lo:<consumer>``). So a lease or an ack checks owner and deadline once
+  per batch and per message only moves strings. ``touch`` moves a message
+  to a batch of its own (``t<id>``); a due batch gives back the members
+  still in it.
 * ``P C`` -- zset of leasing consumers by heartbeat deadline. A consumer
   whose heartbeat lapsed is gone: its leases are given back, counted
   ``abandoned``, by the next script that reclaims.
@@ -108,42 +109,44 @@ local function batch_record(b)
   end
   return consumer, lat, ids
 end
--- `k` members (`bytes` payload bytes) of batch `b` were settled; the batch
--- goes with its last member (or now, with `force`).
-local function release(b, k, bytes, force)
+-- The element of a lease record, and the batch the record is in.
+local function element(v)
+  if string.byte(v, 1) == 116 then return string.sub(v, 2) end     -- 't': touched
+  return v
+end
+local function batch_of(id, v)
+  if string.byte(v, 1) == 116 then return 't' .. id end
+  return 'b' .. string.match(id, '^(%d+)%.')
+end
+-- `k` members of batch `b` were settled; the batch goes with its last
+-- member (or now, with `force`).
+local function release(b, k, force)
   local left = 0
-  if not force then
-    left = redis.call('HINCRBY', P .. 'Lbc', b, -k)
-    redis.call('HINCRBY', P .. 'Lbb', b, -bytes)
-  end
+  if not force then left = redis.call('HINCRBY', P .. 'Lbc', b, -k) end
   if left <= 0 then
     local v = redis.call('HGET', P .. 'Lb', b)
     if v then redis.call('SREM', P .. 'Lo:' .. string.match(v, '^(%S+)'), b) end
     redis.call('ZREM', P .. 'Ld', b)
     redis.call('HDEL', P .. 'Lb', b)
     redis.call('HDEL', P .. 'Lbc', b)
-    redis.call('HDEL', P .. 'Lbb', b)
   end
 end
-local function new_batch(b, consumer, deadline, now, ids, bytes)
+local function new_batch(b, consumer, deadline, now, ids)
   redis.call('ZADD', P .. 'Ld', deadline, b)
   redis.call('HSET', P .. 'Lb', b, consumer .. ' ' .. now .. ' ' .. table.concat(ids, ' '))
   redis.call('HSET', P .. 'Lbc', b, #ids)
-  redis.call('HSET', P .. 'Lbb', b, bytes)
   redis.call('SADD', P .. 'Lo:' .. consumer, b)
 end
 -- End the lease of `id`: back to the queue (with one more delivery
 -- counted), or dead-lettered past max_deliveries / when `dead` is true.
 -- `why` is the counter bumped on a requeue besides 'redelivered'.
 local function give_back(id, why, dead)
-  local e = redis.call('HGET', P .. 'L', id)
-  local b = redis.call('HGET', P .. 'Lm', id)
-  if not e then return 0 end
-  local c, payload = unpack_element(e)
+  local v = redis.call('HGET', P .. 'L', id)
+  if not v then return 0 end
+  local c, payload = unpack_element(element(v))
   local count = c + 1                       -- deliveries, this one included
   redis.call('HDEL', P .. 'L', id)
-  redis.call('HDEL', P .. 'Lm', id)
-  if b then release(b, 1, string.len(payload)) end
+  release(batch_of(id, v), 1)
   local maxdel = tonumber(redis.call('HGET', P .. 'm', 'maxdel') or '20')
   if not dead and count < maxdel then
     redis.call('RPUSH', P .. 'q', count .. ':' .. payload)
@@ -165,9 +168,9 @@ local function members(b)
   local consumer, _, ids = batch_record(b)
   local out = {}
   if #ids > 0 then
-    local lm = redis.call('HMGET', P .. 'Lm', unpack(ids))
+    local vals = redis.call('HMGET', P .. 'L', unpack(ids))
     for i, id in ipairs(ids) do
-      if lm[i] == b then out[#out + 1] = id end
+      if vals[i] and batch_of(id, vals[i]) == b then out[#out + 1] = id end
     end
   end
   return out, consumer
@@ -181,7 +184,7 @@ local function give_back_all(c, why)
   end
   table.sort(ids, id_less)
   for _, id in ipairs(ids) do n = n + give_back(id, why, false) end
-  for _, b in ipairs(batches) do release(b, 0, 0, true) end
+  for _, b in ipairs(batches) do release(b, 0, true) end
   redis.call('DEL', P .. 'Lo:' .. c)
   return n
 end
@@ -192,7 +195,7 @@ local function reclaim(now)
   local due = redis.call('ZRANGEBYSCORE', P .. 'Ld', '-inf', now, 'LIMIT', 0, 64)
   for _, b in ipairs(due) do
     for _, id in ipairs(members(b)) do n = n + give_back(id, false, false) end
-    release(b, 0, 0, true)
+    release(b, 0, true)
   end
   local gone = redis.call('ZRANGEBYSCORE', P .. 'C', '-inf', now, 'LIMIT', 0, 16)
   for _, c in ipairs(gone) do
@@ -230,7 +233,7 @@ local e = exists() if e then return e end
 for _, c in ipairs(redis.call('ZRANGE', P .. 'C', 0, -1)) do
   redis.call('DEL', P .. 'Lo:' .. c)
 end
-for _, k in ipairs({'m', 'q', 'L', 'Lm', 'Ld', 'Lb', 'Lbc', 'Lbb', 'C', 'D', 'sig', 'fr', 'gw', 'pw', 'seq',
+for _, k in ipairs({'m', 'q', 'L', 'Ld', 'Lb', 'Lbc', 'C', 'D', 'sig', 'fr', 'gw', 'pw', 'seq',
                     'P', 'G', 'fwd'}) do
   redis.call('DEL', P .. k)
 end
@@ -337,20 +340,17 @@ if #ents == 0 then
   return {0, last_id(P .. 'sig')}
 end
 local deadline = now + tonumber(ARGV[4])
-local base = redis.call('HINCRBY', KEYS[1], 'lseq', #ents) - #ents
-local b = 'b' .. (base + 1)
-local out, L, Lm, ids, bytes = {#ents, now, b}, {}, {}, {}, 0
+local number = redis.call('HINCRBY', KEYS[1], 'lseq', 1)
+local b, pre = 'b' .. number, number .. '.'
+local out, L, ids = {#ents, now, b}, {}, {}
 for i, ent in ipairs(ents) do
-  local id = tostring(base + i)
+  local id = pre .. i
   ids[i] = id
   L[2 * i - 1], L[2 * i] = id, ent
-  Lm[2 * i - 1], Lm[2 * i] = id, b
   out[2 * i + 2], out[2 * i + 3] = id, ent
-  bytes = bytes + payload_len(ent)
 end
 redis.call('HSET', P .. 'L', unpack(L))
-redis.call('HSET', P .. 'Lm', unpack(Lm))
-new_batch(b, consumer, deadline, now, ids, bytes)
+new_batch(b, consumer, deadline, now, ids)
 redis.call('ZADD', P .. 'C', now + tonumber(ARGV[5]), consumer)
 signal('pw', P .. 'fr')
 return out
@@ -362,15 +362,25 @@ local now = now_ms()
 local consumer = ARGV[2]
 local ids = {}
 for i = 3, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
-local lm = redis.call('HMGET', P .. 'Lm', unpack(ids))
-local res, groups, order = {}, {}, {}
+local vals = redis.call('HMGET', P .. 'L', unpack(ids))
+local res, groups, order, pres = {}, {}, {}, {}
 for i, id in ipairs(ids) do
   res[i] = 0
-  local b = ARGV[2 * i + 2]
-  if lm[i] == b then
-    local g = groups[b]
-    if not g then g = {} groups[b] = g order[#order + 1] = b end
-    g[#g + 1] = i
+  local b, v = ARGV[2 * i + 2], vals[i]
+  if v then
+    local mine
+    if string.byte(v, 1) == 116 then
+      mine = b == 't' .. id
+    else
+      local pre = pres[b]
+      if not pre then pre = string.sub(b, 2) .. '.' pres[b] = pre end
+      mine = string.byte(b, 1) == 98 and string.find(id, pre, 1, true) == 1
+    end
+    if mine then
+      local g = groups[b]
+      if not g then g = {} groups[b] = g order[#order + 1] = b end
+      g[#g + 1] = i
+    end
   end
 end
 local acked, total = 0, 0
@@ -382,18 +392,10 @@ for _, b in ipairs(order) do
     local mine = {}
     for j, i in ipairs(g) do mine[j] = ids[i] end
     if dl >= now then
-      local bytes
-      if tonumber(redis.call('HGET', P .. 'Lbc', b)) == #mine then
-        bytes = tonumber(redis.call('HGET', P .. 'Lbb', b))
-      else
-        bytes = 0
-        for _, e in ipairs(redis.call('HMGET', P .. 'L', unpack(mine))) do
-          bytes = bytes + payload_len(e)
-        end
-      end
+      local bytes = 0
+      for _, i in ipairs(g) do bytes = bytes + payload_len(vals[i]) end
       redis.call('HDEL', P .. 'L', unpack(mine))
-      redis.call('HDEL', P .. 'Lm', unpack(mine))
-      release(b, #mine, bytes)
+      release(b, #mine)
       for _, i in ipairs(g) do res[i] = 1 end
       acked, total = acked + #mine, total + bytes
     else
@@ -413,18 +415,18 @@ return res
 SETTLE = r"""
 local now = now_ms()
 local consumer, id, b = ARGV[2], ARGV[3], ARGV[4]
-if redis.call('HGET', P .. 'Lm', id) ~= b then return 0 end
+local v = redis.call('HGET', P .. 'L', id)
+if not v or batch_of(id, v) ~= b then return 0 end
 if string.match(redis.call('HGET', P .. 'Lb', b) or '', '^(%S+) ') ~= consumer then return 0 end
 if tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0') < now then
   give_back(id, false, false)
   return 0
 end
 if ARGV[5] == 'touch' then
-  local bytes = payload_len(redis.call('HGET', P .. 'L', id))
   local t = 't' .. id
-  release(b, 1, bytes)
-  redis.call('HSET', P .. 'Lm', id, t)
-  new_batch(t, consumer, now + tonumber(ARGV[6]), now, {id}, bytes)
+  release(b, 1)
+  redis.call('HSET', P .. 'L', id, 't' .. element(v))
+  new_batch(t, consumer, now + tonumber(ARGV[6]), now, {id})
   return 1
 end
 give_back(id, false, ARGV[5] == 'dead')
@@ -458,7 +460,7 @@ for i = 1, #all, 2 do
   local _, lat = batch_record(b)
   local ids, consumer = members(b)
   for _, id in ipairs(ids) do
-    local c = unpack_element(redis.call('HGET', P .. 'L', id))
+    local c = unpack_element(element(redis.call('HGET', P .. 'L', id)))
     out[#out + 1] = id
     out[#out + 1] = (c + 1) .. ' ' .. consumer .. ' ' .. lat .. ' ' .. dl
   end
