@@ -92,17 +92,23 @@ class RedisMessage:
     deadline (server clock): once the lease expired they raise ``LeaseLost``.
     """
 
-    __slots__ = ("_q", "id", "delivery_count", "_payload", "_state", "_value", "_consumer",
+    # _rid and _batch stay bytes, as the server sent them: an ack passes them
+    # back without encoding anything.
+    __slots__ = ("_q", "_rid", "delivery_count", "_payload", "_state", "_value", "_consumer",
                  "_batch", "__weakref__")
 
-    def __init__(self, q, id_, count, payload, consumer, batch):
+    def __init__(self, q, rid, count, payload, consumer, batch):
         self._q = q
-        self.id = id_
+        self._rid = rid
         self.delivery_count = count
         self._payload = payload
         self._consumer = consumer
         self._batch = batch
         self._state = _HELD
+
+    @property
+    def id(self) -> str:
+        return self._rid.decode()
 
     @property
     def value(self):
@@ -150,11 +156,11 @@ class RedisMessage:
         ms = max(1, int(acks.check_lease(seconds, "seconds") * 1000))
         self._check_held("touch")
         self._settle("touch", ms)
-        self._batch = "t" + self.id          # the lease now has a batch of its own
+        self._batch = b"t" + self._rid       # the lease now has a batch of its own
 
     def _settle(self, what, ms):
         q = self._q
-        ok = q._link.call("settle", q._mkey, (q._prefix, self._consumer, self.id,
+        ok = q._link.call("settle", q._mkey, (q._prefix, self._consumer, self._rid,
                                               self._batch, what, ms))
         if ok != 1:
             self._state = _LOST
@@ -606,13 +612,16 @@ class RedisQueue(Queue):
         raise NotImplementedError("max_in_flight is not available on a redis:// queue")
 
     def _messages(self, res):
-        ident, batch = self._id, res[2].decode()
+        ident, batch = self._id, res[2]
         out = []
+        append = out.append
         for i in range(3, len(res), 2):
             e = res[i + 1]
-            at = e.index(b":")
-            out.append(RedisMessage(self, res[i].decode(), int(e[:at]) + 1, e[at + 1:], ident,
-                                    batch))
+            if e[:2] == b"0:":                 # a first delivery: the common case
+                append(RedisMessage(self, res[i], 1, e[2:], ident, batch))
+            else:
+                at = e.index(b":")
+                append(RedisMessage(self, res[i], int(e[:at]) + 1, e[at + 1:], ident, batch))
         if not self._leased:
             self._leased = True
             _heartbeats.register(self)
@@ -643,8 +652,7 @@ class RedisQueue(Queue):
                 part = ms[start:start + ACK_CHUNK]
                 args = [self._prefix, consumer]
                 for m in part:
-                    args.append(m.id)
-                    args.append(m._batch)
+                    args += (m._rid, m._batch)
                 res = self._link.call("ack", self._mkey, args)
                 for m, ok in zip(part, res):
                     m._state = _ACKED if ok == 1 else _LOST
@@ -658,7 +666,7 @@ class RedisQueue(Queue):
         self._check_open()
         held = []
         for m in messages:
-            if not isinstance(m, RedisMessage) or m._q is not self:
+            if m.__class__ is not RedisMessage or m._q is not self:
                 raise TypeError("ack_many() takes Messages leased from this queue handle")
             if m._state == _HELD:
                 held.append(m)
