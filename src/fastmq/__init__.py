@@ -14,6 +14,7 @@ from .queue import Queue, Received
 from .acks import Message, TooManyInFlight
 from .exchange import Exchange
 from ._serialize import BadMessage
+from ._wait import wait
 
 __version__ = "0.1.0"
 backend = _backend.DEFAULT
@@ -22,7 +23,7 @@ __all__ = [
     "Queue", "Received", "cleanup", "backend", "__version__",
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
     "QueueExists", "CorruptQueue", "LeaseLost", "BadMessage", "Message",
-    "TooManyInFlight", "Exchange", "Unavailable",
+    "TooManyInFlight", "Exchange", "wait", "Unavailable",
 ]
 
 

@@ -41,9 +41,9 @@ import secrets
 import struct
 import threading
 import zlib
-from fcntl import LOCK_EX, LOCK_SH, LOCK_UN, flock
 
-from . import _location, _names, _serialize
+from . import _lifetime, _location, _names, _serialize
+from ._pure import portable
 from .errors import CorruptQueue, Full, QueueClosed, QueueExists, QueueNotFound
 
 __all__ = ["Exchange", "KINDS"]
@@ -51,7 +51,8 @@ __all__ = ["Exchange", "KINDS"]
 KINDS = ("direct", "fanout", "topic", "hash", "round_robin", "random")
 PREFIX = "fastmq-x-"
 TMP_PREFIX = "fastmq-xtmp-"             # an exchange being created (see create)
-SHM_DIR = "/dev/shm"
+SHM_DIR = _lifetime.SHM_DIR      # beside the pure backend's files (FASTMQ_SHM_DIR)
+LOCK_SH, LOCK_EX = portable.flock_shared_wait, portable.flock_exclusive  # flock(2)
 
 _MAGIC = b"FMQEXCH1"
 _HEADER = struct.Struct("<8sQQQQ")      # magic, version, turn, body offset, body length
@@ -456,7 +457,7 @@ class _FileLock:
         try:
             if ex._fd is None:
                 raise QueueClosed(f"exchange {ex.name!r} handle is closed")
-            flock(ex._fd, self._how)
+            self._how(ex._fd)
         except BaseException:
             ex._lock.release()
             raise
@@ -464,7 +465,7 @@ class _FileLock:
 
     def __exit__(self, *exc):
         try:
-            flock(self._ex._fd, LOCK_UN)
+            portable.funlock(self._ex._fd)
         finally:
             self._ex._lock.release()
 

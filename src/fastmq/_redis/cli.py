@@ -5,6 +5,7 @@ Same output as on shared memory (``fastmq.cli``), with the url shown masked
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -32,10 +33,38 @@ def queue_names(url):
         link.close()
 
 
+def _ls_json(url, masked, names):
+    queues, exchanges = [], []
+    for name in names:
+        try:
+            q = RedisQueue.open(name, url=url)
+            try:
+                queues.append({"name": name, "status": "ok", **q.stats()})
+            finally:
+                q.close()
+        except Exception as exc:  # noqa: BLE001
+            queues.append({"name": name, "status": _cli._describe(exc)})
+    for name in RedisExchange.list_names(url):
+        try:
+            ex = RedisExchange.open(name, url=url)
+            try:
+                exchanges.append({"name": name, "kind": ex.kind,
+                                  "bindings": len(ex.bindings()), "status": "ok"})
+            finally:
+                ex.close()
+        except Exception as exc:  # noqa: BLE001
+            exchanges.append({"name": name, "status": _cli._describe(exc)})
+    print(json.dumps({"url": masked, "backend": "redis", "queues": queues,
+                      "exchanges": exchanges}, indent=2))
+    return 0
+
+
 def cmd_ls(args) -> int:
     url = _url(args)
     names = queue_names(url)
     masked = Link(url).masked
+    if getattr(args, "json", False):
+        return _ls_json(url, masked, names)
     if not names:
         print(f"no named fastmq queues at {masked}")
     else:
@@ -74,14 +103,24 @@ def cmd_stat(args) -> int:
     q = RedisQueue.open(args.name, url=_url(args))
     try:
         if not args.watch:
-            print(_cli._stats_block(args.name, q.stats()))
+            stats = q.stats()
+            if getattr(args, "json", False):
+                print(_cli._json_stats(args.name, stats))
+            elif getattr(args, "prometheus", False):
+                sys.stdout.write(_cli.prometheus_text(args.name, stats))
+            else:
+                print(_cli._stats_block(args.name, stats))
             return 0
         try:
             while True:
                 if sys.stdout.isatty():
                     sys.stdout.write("\x1b[H\x1b[2J")
-                print(f"{_cli._stats_block(args.name, q.stats())}\n  (at "
-                      f"{time.strftime('%H:%M:%S')}; Ctrl-C to stop)", flush=True)
+                stats = q.stats()               # QueueNotFound (exit 1) once removed
+                if getattr(args, "json", False):
+                    print(_cli._json_stats(args.name, stats), flush=True)
+                else:
+                    print(f"{_cli._stats_block(args.name, stats)}\n  (at "
+                          f"{time.strftime('%H:%M:%S')}; Ctrl-C to stop)", flush=True)
                 time.sleep(args.interval)
         except KeyboardInterrupt:
             return 0
