@@ -825,3 +825,36 @@ def test_cluster_blocking_get_and_asyncio(redis_cluster):
 def test_cluster_refuses_exchanges(redis_cluster):
     with pytest.raises(ValueError, match="single Redis server"):
         fastmq.Exchange.create("cl-x", "direct", url=redis_cluster[0].url + "?cluster=1")
+
+
+def test_ack_many_whole_and_partial_batches(rq):
+    q = rq.create()
+    q.put_many(range(5))
+    ms = q.get_messages(5)
+    ms[0].touch(30)                     # now a batch of its own
+    ms[1].nack()                        # settled on its own: the rest is not whole
+    assert q.ack_many(ms) == 4
+    assert all(m.acked for m in ms if m is not ms[1])
+    again = q.get_message(timeout=5)
+    assert (again.value, again.delivery_count) == (1, 2)
+    again.ack()
+    q.put_many(range(3))
+    whole = q.get_messages(3)
+    assert q.ack_many(whole + whole) == 3                # duplicates count once
+    assert q.pending() == [] and q.stats()["bytes_in_use"] == 0
+    q.put_many(range(2))
+    ms = q.get_messages(2)
+    res = q._link.call("ack_batches", q._mkey, (q._prefix, ms[0]._consumer, ms[0]._batch, 3))
+    assert res == [-1]                                    # not whole: refused as a batch
+    res = q._link.call("ack_batches", q._mkey, (q._prefix, "someone-else", ms[0]._batch, 2))
+    assert res == [0]                                     # not the owner
+    assert q.ack_many(ms) == 2
+
+
+def test_whole_batch_ack_after_expiry_is_lost(rq):
+    q = rq.create()
+    q.put_many(range(3))
+    ms = q.get_messages(3, lease=0.2)
+    time.sleep(0.4)
+    assert q.ack_many(ms) == 0
+    assert sorted(m.value for m in q.get_messages(3, timeout=5)) == [0, 1, 2]

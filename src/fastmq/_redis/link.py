@@ -62,7 +62,8 @@ _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 _SOURCES = scripts.sources()
 # Scripts that write (``wait_replicas`` waits after them) and the puts among
 # them (whose unconfirmed replication is reported).
-_WRITES = frozenset({"create", "unlink", "put", "get", "lease", "ack", "settle", "unpark",
+_WRITES = frozenset({"create", "unlink", "put", "get", "lease", "ack", "ack_batches", "settle",
+                     "unpark",
                      "x_create", "x_bind", "x_unlink", "x_publish"})
 _PUTS = frozenset({"put", "x_publish", "create"})
 

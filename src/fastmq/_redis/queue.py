@@ -95,15 +95,16 @@ class RedisMessage:
     # _rid and _batch stay bytes, as the server sent them: an ack passes them
     # back without encoding anything.
     __slots__ = ("_q", "_rid", "delivery_count", "_payload", "_state", "_value", "_consumer",
-                 "_batch", "__weakref__")
+                 "_batch", "_bsize", "__weakref__")
 
-    def __init__(self, q, rid, count, payload, consumer, batch):
+    def __init__(self, q, rid, count, payload, consumer, batch, bsize):
         self._q = q
         self._rid = rid
         self.delivery_count = count
         self._payload = payload
         self._consumer = consumer
-        self._batch = batch
+        self._batch = batch               # the lease batch, and how many it had
+        self._bsize = bsize
         self._state = _HELD
 
     @property
@@ -157,6 +158,7 @@ class RedisMessage:
         self._check_held("touch")
         self._settle("touch", ms)
         self._batch = b"t" + self._rid       # the lease now has a batch of its own
+        self._bsize = 1
 
     def _settle(self, what, ms):
         q = self._q
@@ -612,16 +614,17 @@ class RedisQueue(Queue):
         raise NotImplementedError("max_in_flight is not available on a redis:// queue")
 
     def _messages(self, res):
-        ident, batch = self._id, res[2]
+        ident, n, batch = self._id, res[0], res[2]
         out = []
         append = out.append
         for i in range(3, len(res), 2):
             e = res[i + 1]
             if e[:2] == b"0:":                 # a first delivery: the common case
-                append(RedisMessage(self, res[i], 1, e[2:], ident, batch))
+                append(RedisMessage(self, res[i], 1, e[2:], ident, batch, n))
             else:
                 at = e.index(b":")
-                append(RedisMessage(self, res[i], int(e[:at]) + 1, e[at + 1:], ident, batch))
+                append(RedisMessage(self, res[i], int(e[:at]) + 1, e[at + 1:], ident, batch,
+                                    n))
         if not self._leased:
             self._leased = True
             _heartbeats.register(self)
@@ -643,13 +646,36 @@ class RedisQueue(Queue):
         return out
 
     def _ack(self, messages):
+        """Ack ``messages`` (held, of this handle); returns how many were acked.
+        A whole lease batch -- every message one get_messages call returned --
+        goes as one (batch, size) pair (``scripts.ACK_BATCHES``); the others
+        message by message (``scripts.ACK``)."""
         by_consumer = {}
         for m in messages:
-            by_consumer.setdefault(m._consumer, []).append(m)
+            by_consumer.setdefault(m._consumer, {}).setdefault(m._batch, {})[m._rid] = m
         done = 0
-        for consumer, ms in by_consumer.items():
-            for start in range(0, len(ms), ACK_CHUNK):
-                part = ms[start:start + ACK_CHUNK]
+        for consumer, batches in by_consumer.items():
+            singles = []
+            whole = [(b, ms) for b, ms in batches.items()
+                     if len(ms) == next(iter(ms.values()))._bsize]
+            for b, ms in batches.items():
+                if len(ms) != next(iter(ms.values()))._bsize:
+                    singles += ms.values()
+            for start in range(0, len(whole), ACK_CHUNK):
+                part = whole[start:start + ACK_CHUNK]
+                args = [self._prefix, consumer]
+                for b, ms in part:
+                    args += (b, len(ms))
+                res = self._link.call("ack_batches", self._mkey, args)
+                for (b, ms), r in zip(part, res):
+                    if r == -1:                # no longer whole: one by one
+                        singles += ms.values()
+                        continue
+                    for m in ms.values():
+                        m._state = _ACKED if r == 1 else _LOST
+                    done += len(ms) if r == 1 else 0
+            for start in range(0, len(singles), ACK_CHUNK):
+                part = singles[start:start + ACK_CHUNK]
                 args = [self._prefix, consumer]
                 for m in part:
                     args += (m._rid, m._batch)

@@ -118,23 +118,28 @@ local function batch_of(id, v)
   if string.byte(v, 1) == 116 then return 't' .. id end
   return 'b' .. string.match(id, '^(%d+)%.')
 end
--- `k` members of batch `b` were settled; the batch goes with its last
--- member (or now, with `force`).
-local function release(b, k, force)
+-- `k` members (`bytes` payload bytes) of batch `b` were settled; the batch
+-- goes with its last member (or now, with `force`).
+local function release(b, k, bytes, force)
   local left = 0
-  if not force then left = redis.call('HINCRBY', P .. 'Lbc', b, -k) end
+  if not force then
+    left = redis.call('HINCRBY', P .. 'Lbc', b, -k)
+    redis.call('HINCRBY', P .. 'Lbb', b, -bytes)
+  end
   if left <= 0 then
     local v = redis.call('HGET', P .. 'Lb', b)
     if v then redis.call('SREM', P .. 'Lo:' .. string.match(v, '^(%S+)'), b) end
     redis.call('ZREM', P .. 'Ld', b)
     redis.call('HDEL', P .. 'Lb', b)
     redis.call('HDEL', P .. 'Lbc', b)
+    redis.call('HDEL', P .. 'Lbb', b)
   end
 end
-local function new_batch(b, consumer, deadline, now, ids)
+local function new_batch(b, consumer, deadline, now, ids, bytes)
   redis.call('ZADD', P .. 'Ld', deadline, b)
   redis.call('HSET', P .. 'Lb', b, consumer .. ' ' .. now .. ' ' .. table.concat(ids, ' '))
   redis.call('HSET', P .. 'Lbc', b, #ids)
+  redis.call('HSET', P .. 'Lbb', b, bytes)
   redis.call('SADD', P .. 'Lo:' .. consumer, b)
 end
 -- End the lease of `id`: back to the queue (with one more delivery
@@ -146,7 +151,7 @@ local function give_back(id, why, dead)
   local c, payload = unpack_element(element(v))
   local count = c + 1                       -- deliveries, this one included
   redis.call('HDEL', P .. 'L', id)
-  release(batch_of(id, v), 1)
+  release(batch_of(id, v), 1, string.len(payload))
   local maxdel = tonumber(redis.call('HGET', P .. 'm', 'maxdel') or '20')
   if not dead and count < maxdel then
     redis.call('RPUSH', P .. 'q', count .. ':' .. payload)
@@ -184,7 +189,7 @@ local function give_back_all(c, why)
   end
   table.sort(ids, id_less)
   for _, id in ipairs(ids) do n = n + give_back(id, why, false) end
-  for _, b in ipairs(batches) do release(b, 0, true) end
+  for _, b in ipairs(batches) do release(b, 0, 0, true) end
   redis.call('DEL', P .. 'Lo:' .. c)
   return n
 end
@@ -195,7 +200,7 @@ local function reclaim(now)
   local due = redis.call('ZRANGEBYSCORE', P .. 'Ld', '-inf', now, 'LIMIT', 0, 64)
   for _, b in ipairs(due) do
     for _, id in ipairs(members(b)) do n = n + give_back(id, false, false) end
-    release(b, 0, true)
+    release(b, 0, 0, true)
   end
   local gone = redis.call('ZRANGEBYSCORE', P .. 'C', '-inf', now, 'LIMIT', 0, 16)
   for _, c in ipairs(gone) do
@@ -233,7 +238,7 @@ local e = exists() if e then return e end
 for _, c in ipairs(redis.call('ZRANGE', P .. 'C', 0, -1)) do
   redis.call('DEL', P .. 'Lo:' .. c)
 end
-for _, k in ipairs({'m', 'q', 'L', 'Ld', 'Lb', 'Lbc', 'C', 'D', 'sig', 'fr', 'gw', 'pw', 'seq',
+for _, k in ipairs({'m', 'q', 'L', 'Ld', 'Lb', 'Lbc', 'Lbb', 'C', 'D', 'sig', 'fr', 'gw', 'pw', 'seq',
                     'P', 'G', 'fwd'}) do
   redis.call('DEL', P .. k)
 end
@@ -342,15 +347,16 @@ end
 local deadline = now + tonumber(ARGV[4])
 local number = redis.call('HINCRBY', KEYS[1], 'lseq', 1)
 local b, pre = 'b' .. number, number .. '.'
-local out, L, ids = {#ents, now, b}, {}, {}
+local out, L, ids, bytes = {#ents, now, b}, {}, {}, 0
 for i, ent in ipairs(ents) do
   local id = pre .. i
   ids[i] = id
   L[2 * i - 1], L[2 * i] = id, ent
   out[2 * i + 2], out[2 * i + 3] = id, ent
+  bytes = bytes + payload_len(ent)
 end
 redis.call('HSET', P .. 'L', unpack(L))
-new_batch(b, consumer, deadline, now, ids)
+new_batch(b, consumer, deadline, now, ids, bytes)
 redis.call('ZADD', P .. 'C', now + tonumber(ARGV[5]), consumer)
 signal('pw', P .. 'fr')
 return out
@@ -395,13 +401,53 @@ for _, b in ipairs(order) do
       local bytes = 0
       for _, i in ipairs(g) do bytes = bytes + payload_len(vals[i]) end
       redis.call('HDEL', P .. 'L', unpack(mine))
-      release(b, #mine)
+      release(b, #mine, bytes)
       for _, i in ipairs(g) do res[i] = 1 end
       acked, total = acked + #mine, total + bytes
     else
       for _, id in ipairs(mine) do give_back(id, false, false) end   -- expired: back now
     end
   end
+end
+if acked > 0 then
+  redis.call('HINCRBY', KEYS[1], 'dequeued', acked)
+  redis.call('HINCRBY', KEYS[1], 'bytes', -total)
+  signal('pw', P .. 'fr')
+end
+return res
+"""
+
+# ARGV: P, consumer, batch, size, batch, size, ... -> per batch: 1 acked whole |
+# 0 lost (expired or not this consumer's) | -1 not whole any more (some member
+# was settled on its own: ack its members with ACK)
+ACK_BATCHES = r"""
+local now = now_ms()
+local consumer = ARGV[2]
+local res, acked, total = {}, 0, 0
+for i = 3, #ARGV, 2 do
+  local b, size = ARGV[i], tonumber(ARGV[i + 1])
+  local r = 0
+  local rec = redis.call('HGET', P .. 'Lb', b)
+  if rec and string.match(rec, '^(%S+) ') == consumer then
+    if tonumber(redis.call('HGET', P .. 'Lbc', b)) ~= size then
+      r = -1
+    else
+      local ids = {}
+      for w in string.gmatch(rec, '%S+') do ids[#ids + 1] = w end
+      table.remove(ids, 1)
+      table.remove(ids, 1)
+      if tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0') >= now then
+        total = total + tonumber(redis.call('HGET', P .. 'Lbb', b))
+        redis.call('HDEL', P .. 'L', unpack(ids))
+        release(b, 0, 0, true)
+        acked = acked + size
+        r = 1
+      else
+        for _, id in ipairs(ids) do give_back(id, false, false) end
+      end
+    end
+  end
+  res[#res + 1] = r
 end
 if acked > 0 then
   redis.call('HINCRBY', KEYS[1], 'dequeued', acked)
@@ -423,10 +469,10 @@ if tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0') < now then
   return 0
 end
 if ARGV[5] == 'touch' then
-  local t = 't' .. id
-  release(b, 1)
+  local t, bytes = 't' .. id, payload_len(v)
+  release(b, 1, bytes)
   redis.call('HSET', P .. 'L', id, 't' .. element(v))
-  new_batch(t, consumer, now + tonumber(ARGV[6]), now, {id})
+  new_batch(t, consumer, now + tonumber(ARGV[6]), now, {id}, bytes)
   return 1
 end
 give_back(id, false, ARGV[5] == 'dead')
@@ -599,7 +645,8 @@ return {#go}
 
 QUEUE_SCRIPTS = {
     "create": CREATE, "open": OPEN, "unlink": UNLINK, "put": PUT, "get": GET,
-    "lease": LEASE, "ack": ACK, "settle": SETTLE, "heartbeat": HEARTBEAT,
+    "lease": LEASE, "ack": ACK, "ack_batches": ACK_BATCHES, "settle": SETTLE,
+    "heartbeat": HEARTBEAT,
     "pending": PENDING, "stats": STATS, "parked": PARKED, "unpark": UNPARK,
 }
 EXCHANGE_SCRIPTS = {
@@ -608,7 +655,7 @@ EXCHANGE_SCRIPTS = {
 }
 
 
-_NEED_LEASES = {"get", "lease", "ack", "settle", "heartbeat", "pending", "stats"}
+_NEED_LEASES = {"get", "lease", "ack", "ack_batches", "settle", "heartbeat", "pending", "stats"}
 
 
 def sources():
