@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import _backend, _lifetime
 from .errors import (CorruptQueue, Empty, Error, Full, LeaseLost, MessageTooLarge,
-                     QueueClosed, QueueExists, QueueNotFound)
+                     QueueClosed, QueueExists, QueueNotFound, Unavailable)
 from .queue import Queue, Received
 from .acks import Message, TooManyInFlight
 from .exchange import Exchange
@@ -23,7 +23,7 @@ __all__ = [
     "Queue", "Received", "cleanup", "backend", "__version__",
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
     "QueueExists", "CorruptQueue", "LeaseLost", "BadMessage", "Message",
-    "TooManyInFlight", "Exchange", "wait",
+    "TooManyInFlight", "Exchange", "wait", "Unavailable",
 ]
 
 

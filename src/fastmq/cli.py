@@ -347,6 +347,22 @@ def cmd_rm(args) -> int:
     return 0
 
 
+def _located(args):
+    """The command for a ``--url`` / ``FASTMQ_URL`` elsewhere than this host's
+    shared memory (``fastmq._redis.cli``), or None."""
+    if args.command not in ("ls", "stat", "pending", "rm"):
+        return None
+    from . import _location
+    if _location.resolve(args.url)[0] == "shm":
+        return None
+    try:
+        from ._redis import cli as located
+    except ImportError as exc:
+        raise UserError(f"{args.url or os.environ.get(_location.ENV)!r} needs the redis client "
+                        f"library: pip install fastmq[redis] ({exc})") from None
+    return located.COMMANDS[args.command]
+
+
 def cmd_bench(args) -> int:
     from . import bench
     return bench.run_from_args(args, args._parser)
@@ -401,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON document instead of the tables")
     p.add_argument("--shm-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("stat", help="show a queue's stats block",
@@ -416,12 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the stats as one JSON object (one per line with --watch)")
     out.add_argument("--prometheus", action="store_true",
                      help="print the stats in the Prometheus text exposition format")
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_stat)
 
     p = sub.add_parser("pending", help="list a queue's in-flight (unacked) messages",
                        description="List the messages of a queue that are leased "
                        "(get_message) and not yet acked.", formatter_class=fmt)
     p.add_argument("name", help="the queue's name")
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_pending)
 
     p = sub.add_parser("rm", help="unlink named queues or exchanges (open handles keep working)",
@@ -429,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the name). Every name is tried; missing ones are reported "
                        "together and make the exit status 1.", formatter_class=fmt)
     p.add_argument("names", nargs="+", metavar="NAME", help="queue or exchange names")
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_rm)
     return parser
 
@@ -447,7 +467,7 @@ def main(argv=None) -> int:
         parser.error("--prometheus prints one snapshot; it does not combine with --watch "
                      "(a Prometheus scraper polls on its own)")
     try:
-        return args.func(args)
+        return (_located(args) or args.func)(args)
     except KeyboardInterrupt:
         print("fastmq: interrupted", file=sys.stderr)
         return 130

@@ -42,7 +42,7 @@ import struct
 import threading
 import zlib
 
-from . import _lifetime, _names, _serialize
+from . import _lifetime, _location, _names, _serialize
 from ._pure import portable
 from .errors import CorruptQueue, Full, QueueClosed, QueueExists, QueueNotFound
 
@@ -128,9 +128,12 @@ class Exchange:
         self._hdr = mmap.mmap(self._fd, _HEADER_SIZE, prot=mmap.PROT_READ)
 
     @classmethod
-    def create(cls, name, kind, *, exist_ok=False, _backend=None):
+    def create(cls, name, kind, *, exist_ok=False, _backend=None, url=None):
         """Create the exchange ``name`` of ``kind`` (one of KINDS).
         ``QueueExists`` if it exists, unless ``exist_ok`` and of the same kind."""
+        impl = _location.exchange_class(url)
+        if impl is not None:
+            return impl.create(name, kind, url=url, exist_ok=exist_ok)
         if kind not in KINDS:
             raise ValueError(f"unknown exchange kind {kind!r}; expected one of {', '.join(KINDS)}")
         path = _path(name)
@@ -164,9 +167,12 @@ class Exchange:
         return self
 
     @classmethod
-    def open(cls, name, *, _backend=None):
+    def open(cls, name, *, _backend=None, url=None):
         """Open an existing exchange; ``FileNotFoundError`` (``QueueNotFound``)
         if there is none of that name."""
+        impl = _location.exchange_class(url)
+        if impl is not None:
+            return impl.open(name, url=url)
         try:
             fd = os.open(_path(name), os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -178,8 +184,11 @@ class Exchange:
         return self
 
     @staticmethod
-    def unlink(name):
+    def unlink(name, *, url=None):
         """Remove the exchange ``name`` (open handles keep working on it)."""
+        impl = _location.exchange_class(url)
+        if impl is not None:
+            return impl.unlink(name, url=url)
         try:
             os.unlink(_path(name))
         except FileNotFoundError:

@@ -21,7 +21,7 @@ import threading
 import weakref
 from typing import Any, Callable, Generic, Iterable, Optional, Tuple, TypeVar, Union
 
-from . import _backend, _names, _serialize, acks, asyncio_support
+from . import _backend, _location, _names, _serialize, acks, asyncio_support
 from .errors import Full, MessageTooLarge, QueueClosed, QueueNotFound
 
 __all__ = ["Queue", "Received", "DEFAULT_MAXSIZE", "DEFAULT_MAX_MESSAGE_SIZE",
@@ -160,9 +160,16 @@ class Queue(Generic[_T]):
                capacity_bytes: Optional[int] = None, mode: int = 0o600,
                exist_ok: bool = False, serializer: Optional[Serializer] = None,
                max_deliveries: int = 20, dead_letter: Optional[str] = None,
-               _backend: Optional[str] = None) -> "Queue[Any]":
+               _backend: Optional[str] = None, url: Optional[str] = None) -> "Queue[Any]":
         """Create the named queue ``name`` (``QueueExists`` if it exists, unless
-        ``exist_ok=True``, which opens it -- its own sizes win)."""
+        ``exist_ok=True``, which opens it -- its own sizes win). ``url``: where
+        (None: ``$FASTMQ_URL``, else this host's shared memory; see ``_location``)."""
+        impl = _location.queue_class(url)
+        if impl is not None:
+            return impl.create(name, url=url, maxsize=maxsize, max_message_size=max_message_size,
+                               capacity_bytes=capacity_bytes, mode=mode, exist_ok=exist_ok,
+                               serializer=serializer, max_deliveries=max_deliveries,
+                               dead_letter=dead_letter)
         segment = _names.segment_for(name)
         geometry = _geometry(maxsize, max_message_size, capacity_bytes)
         serializer = _check_serializer(serializer)
@@ -178,8 +185,11 @@ class Queue(Generic[_T]):
 
     @classmethod
     def open(cls, name: str, serializer: Optional[Serializer] = None, *,
-             _backend: Optional[str] = None) -> "Queue[Any]":
+             _backend: Optional[str] = None, url: Optional[str] = None) -> "Queue[Any]":
         """Open the existing named queue ``name`` (``QueueNotFound`` if absent)."""
+        impl = _location.queue_class(url)
+        if impl is not None:
+            return impl.open(name, serializer, url=url)
         segment = _names.segment_for(name)
         serializer = _check_serializer(serializer)
         backend, module = _backend_resolve(_backend)
@@ -190,8 +200,11 @@ class Queue(Generic[_T]):
         return cls._from_ring(ring, backend, name, serializer)
 
     @staticmethod
-    def unlink(name: str, *, _backend: Optional[str] = None) -> None:
+    def unlink(name: str, *, _backend: Optional[str] = None, url: Optional[str] = None) -> None:
         """Remove the name ``name``; handles already open keep working."""
+        impl = _location.queue_class(url)
+        if impl is not None:
+            return impl.unlink(name, url=url)
         segment = _names.segment_for(name)
         _, module = _backend_resolve(_backend)
         try:
