@@ -61,7 +61,10 @@ static inline unsigned char *fmq_lease_inline(fmq_lease *e) {
     return (unsigned char *)e + FMQ_LEASE_HEADER;
 }
 
-uint32_t fmq_lease_count(const fmq_region *r) { return (uint32_t)r->g.slot_count; }
+/* Only entries whose pages are reserved exist (they are reserved with the
+ * ring slots of the same index, fmq_pool.c); a leased message came through
+ * one of those slots, so there are always enough. */
+uint32_t fmq_lease_count(const fmq_region *r) { return (uint32_t)fmq_ring_committed(r); }
 
 static void fmq_lower_next_due(fmq_region *r, uint64_t due) {
     uint64_t cur = atomic_load_explicit(&r->ctl->next_due.v, memory_order_relaxed);

@@ -107,6 +107,9 @@ int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
     fmq_set_role(r, FMQ_ROLE_PRODUCER);
     uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
     for (uint64_t scanned = 0;; scanned++) {
+        int grc = fmq_ring_ensure(r, t);   /* reserve the slot's page first */
+        if (grc != FMQ_OK)
+            return grc;
         fmq_slot *s = fmq_slot_at(r, t);
         uint64_t want = fmq_lap_stamp(r, t) + FMQ_PH_EMPTY;
         uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);   /* [A-rsv] */
@@ -382,6 +385,8 @@ static int fmq_has_space(fmq_region *r, uint64_t need, fmq_blocker *b) {
     if (need)
         return fmq_pool_available(r, need);
     uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+    if (!fmq_ring_room(r, t))
+        return 0;   /* no /dev/shm for the next slots: wait like a full ring */
     for (uint64_t n = 0; n <= r->g.slot_count; n++, t++) {
         uint64_t w = atomic_load_explicit(&fmq_slot_at(r, t)->word, memory_order_seq_cst);
         int64_t d = fmq_stamp_diff(fmq_stamp(w), fmq_lap_stamp(r, t) + FMQ_PH_EMPTY);
