@@ -121,6 +121,8 @@ typedef struct fmq_memory {
 void fmq_region_memory(fmq_region *r, fmq_memory *mem);
 /* Why a put could not go in right now (for Full's message). */
 const char *fmq_region_full_reason(fmq_region *r, uint64_t need);
+/* Would a put of a small (inline) message block right now? */
+int fmq_region_full(fmq_region *r);
 uint64_t fmq_ring_depth(fmq_region *r);
 
 /* ---- ring (slots) ------------------------------------------------------------ */

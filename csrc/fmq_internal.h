@@ -71,6 +71,8 @@ uint64_t fmq_pool_audit(fmq_region *r);                /* alone: see fmq_pool.c 
  * about to touch ticket t of the first lap makes sure t + margin is */
 #define FMQ_RING_MARGIN 16
 uint64_t fmq_ring_committed(const fmq_region *r);
+uint64_t fmq_lease_committed(const fmq_region *r);
+int fmq_lease_grow(fmq_region *r, uint64_t n);
 int fmq_ring_grow(fmq_region *r, uint64_t t);
 int fmq_ring_room(fmq_region *r, uint64_t t);
 static inline int fmq_ring_ensure(fmq_region *r, uint64_t t) {

@@ -22,8 +22,8 @@
  *
  * The file is sparse: its size is the whole virtual layout, but only the
  * header, control lines and participant table are reserved at creation. The
- * ring and lease table are reserved in chunks as tickets first reach them
- * (ctl->ring_committed), block metadata as blocks are carved
+ * ring is reserved in chunks as tickets first reach it (ctl->ring_committed),
+ * the lease table as leases need entries (ctl->lease_committed), block metadata as blocks are carved
  * (ctl->carved[c]) and block data page by page as messages need it
  * (fmq_block_meta.pages); see fmq_pool.c. No byte outside those ranges is
  * ever touched: on tmpfs even a read of a hole allocates a page, and a page
@@ -169,8 +169,9 @@ typedef struct fmq_ctl {
      * the per-block page records, recomputed by the audit */
     fmq_u64line pool_in_use;               /* bytes recorded on held blocks    */
     fmq_u64line pool_kept;                 /* bytes recorded on free blocks    */
-    fmq_u64line ring_committed;            /* slots whose ring + lease pages
-                                              are reserved (grows only)       */
+    fmq_u64line ring_committed;            /* ring slots whose pages are
+                                              reserved (grows only)           */
+    fmq_u64line lease_committed;           /* lease entries likewise          */
     fmq_u64line shm_full_ns;               /* last failed reservation (ns)     */
     alignas(FMQ_LINE) _Atomic uint64_t carved[FMQ_MAX_CLASSES]; /* blocks of each
                                               class whose metadata exists     */

@@ -61,10 +61,9 @@ static inline unsigned char *fmq_lease_inline(fmq_lease *e) {
     return (unsigned char *)e + FMQ_LEASE_HEADER;
 }
 
-/* Only entries whose pages are reserved exist (they are reserved with the
- * ring slots of the same index, fmq_pool.c); a leased message came through
- * one of those slots, so there are always enough. */
-uint32_t fmq_lease_count(const fmq_region *r) { return (uint32_t)fmq_ring_committed(r); }
+/* Only entries whose pages are reserved exist (fmq_pool.c): the table grows
+ * when a take finds none free. */
+uint32_t fmq_lease_count(const fmq_region *r) { return (uint32_t)fmq_lease_committed(r); }
 
 static void fmq_lower_next_due(fmq_region *r, uint64_t due) {
     uint64_t cur = atomic_load_explicit(&r->ctl->next_due.v, memory_order_relaxed);
@@ -123,6 +122,7 @@ static void fmq_lease_drop_share(fmq_region *r, fmq_lease *e, uint32_t tok) {
 
 int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_out,
                    uint32_t *token_out, uint32_t *deliveries_out) {
+again:;
     uint32_t n = fmq_lease_count(r);
     uint32_t start = (uint32_t)(atomic_load_explicit(&r->ctl->lease_hint.v,
                                                      memory_order_relaxed) % n);
@@ -173,6 +173,8 @@ int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_
         *deliveries_out = e->deliveries;
         return FMQ_OK;
     }
+    if (fmq_lease_grow(r, n) == FMQ_OK)
+        goto again;   /* more entries now exist */
     return FMQ_FULL;
 }
 

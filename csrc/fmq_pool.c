@@ -12,14 +12,14 @@
  * allocates too, so no code reads a range before it is reserved: scans stop
  * at ctl->ring_committed and ctl->carved[c].
  *
- * Ring. Slots (and the lease entries of the same index) are reserved in
- * chunks of FMQ_RING_CHUNK as tickets of the first lap approach the reserved
- * end (fmq_ring_grow); ctl->ring_committed only grows, by a CAS-max after
+ * Ring. Slots are reserved in chunks of FMQ_RING_CHUNK as tickets of the
+ * first lap approach the reserved end (fmq_ring_grow); lease entries in
+ * chunks as takers find none free (fmq_lease_grow, ctl->lease_committed); ctl->ring_committed only grows, by a CAS-max after
  * the fallocate, so a grower killed in between leaves reserved but unused
  * pages that the next grower reserves again (fallocate is idempotent). Ring
  * pages are never given back: a slot word carries its lap, which a punched
  * (zeroed) page would lose. A ring that has lapped once holds
- * slot_count * (slot_stride + lease_stride) bytes.
+ * slot_count * slot_stride bytes (lease entries likewise stay once made).
  *
  * Blocks: one budget, many sizes. Size classes grow by 4x from FMQ_MIN_BLOCK
  * to max_message_size; each class has enough block *indices* that messages
@@ -42,7 +42,7 @@
  *
  * Giving memory back, with hysteresis. A freed block keeps its pages
  * ("warm", counted in ctl->pool_kept) while the warm total stays under
- * r->keep_bytes (capacity_bytes / 16, between 1 MiB and 16 MiB), so a steady
+ * r->keep_bytes (capacity_bytes / 32, between 2 MiB and 8 MiB), so a steady
  * stream reuses reserved pages without a syscall per message; a block freed
  * beyond that watermark is punched (FALLOC_FL_PUNCH_HOLE) before it goes
  * back on its stack. So once a backlog drains, at most keep_bytes of block
@@ -165,9 +165,7 @@ int fmq_ring_grow(fmq_region *r, uint64_t t) {
         if (want > n)
             want = n;
         if (fmq_mem_reserve(r, r->g.ring_offset + w * r->g.slot_stride,
-                            (want - w) * r->g.slot_stride) != FMQ_OK ||
-            fmq_mem_reserve(r, r->g.lease_offset + w * r->g.lease_stride,
-                            (want - w) * r->g.lease_stride) != FMQ_OK) {
+                            (want - w) * r->g.slot_stride) != FMQ_OK) {
             if (t + 1 < w) {
                 r->ring_ready = w;         /* no headroom, but this ticket fits */
                 return FMQ_OK;
@@ -182,6 +180,30 @@ int fmq_ring_grow(fmq_region *r, uint64_t t) {
             w = want;
         /* else w is the newer mark someone else set: look again */
     }
+}
+
+uint64_t fmq_lease_committed(const fmq_region *r) {
+    uint64_t w = atomic_load_explicit(&r->ctl->lease_committed.v, memory_order_acquire);
+    return w < r->g.slot_count ? w : r->g.slot_count;   /* validated: never past the table */
+}
+
+/* The lease table had n entries, none free: reserve another chunk (FMQ_OK),
+ * or FMQ_FULL if it is whole or /dev/shm has no room (the taker waits). */
+int fmq_lease_grow(fmq_region *r, uint64_t n) {
+    uint64_t w = fmq_lease_committed(r);   /* [A-ring] */
+    if (w > n)
+        return FMQ_OK;                     /* someone else grew it */
+    if (w >= r->g.slot_count)
+        return FMQ_FULL;
+    uint64_t want = w + FMQ_RING_CHUNK < r->g.slot_count ? w + FMQ_RING_CHUNK : r->g.slot_count;
+    if (fmq_mem_reserve(r, r->g.lease_offset + w * r->g.lease_stride,
+                        (want - w) * r->g.lease_stride) != FMQ_OK)
+        return FMQ_FULL;
+    FMQ_CRASHPOINT("lease.grow.reserved");
+    /* [R-ring]; a lost race means someone else grew it: fine either way */
+    atomic_compare_exchange_strong_explicit(&r->ctl->lease_committed.v, &w, want,
+                                            memory_order_release, memory_order_relaxed);
+    return FMQ_OK;
 }
 
 /* May a producer waiting for a slot at ticket t try again? */
@@ -549,7 +571,7 @@ uint64_t fmq_pool_audit(fmq_region *r) {
 void fmq_region_memory(fmq_region *r, fmq_memory *mem) {
     mem->fixed = r->g.ring_offset;
     uint64_t w = fmq_ring_committed(r);
-    mem->ring = w * r->g.slot_stride + w * r->g.lease_stride;
+    mem->ring = w * r->g.slot_stride + fmq_lease_committed(r) * r->g.lease_stride;
     mem->meta = 0;
     for (uint32_t c = 0; c < r->g.nclasses; c++)
         mem->meta += fmq_pool_carved(r, c) * sizeof(fmq_block_meta);
@@ -591,4 +613,12 @@ const char *fmq_region_full_reason(fmq_region *r, uint64_t need) {
     }
     snprintf(buf, sizeof buf, "queue is full");
     return buf;
+}
+
+/* Would a put of a small (inline) message block right now? */
+int fmq_region_full(fmq_region *r) {
+    if (fmq_ring_depth(r) >= r->g.slot_count)
+        return 1;
+    uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+    return !fmq_ring_room(r, t);
 }

@@ -133,7 +133,7 @@ uint32_t fmq_layout_hash(void) {
         offsetof(fmq_ctl, space), offsetof(fmq_ctl, free_top), offsetof(fmq_ctl, retired),
         offsetof(fmq_participant, stats), offsetof(fmq_slot, block), FMQ_STAMP_BITS,
         sizeof(fmq_lease), offsetof(fmq_lease, holder), offsetof(fmq_header, lease_offset),
-        FMQ_GEN_BITS, FMQ_MIN_BLOCK, offsetof(fmq_ctl, carved), offsetof(fmq_ctl, ring_committed),
+        FMQ_GEN_BITS, FMQ_MIN_BLOCK, offsetof(fmq_ctl, carved), offsetof(fmq_ctl, lease_committed),
         offsetof(fmq_block_meta, pages),
     };
     uint64_t h = fmq_fnv1a(1469598103934665603ull, v, sizeof v);
@@ -326,14 +326,14 @@ static void fmq_pool_init(fmq_region *r) {
         atomic_store_explicit(&r->ctl->free_top[c].v, FMQ_NIL, memory_order_relaxed);
 }
 
-/* Warm free-block memory a queue keeps (fmq_pool.c): 1/16 of its cap, at
- * least 1 MiB, at most 16 MiB. */
+/* Warm free-block memory a queue keeps (fmq_pool.c): 1/32 of its cap, at
+ * least 2 MiB, at most 8 MiB. */
 static void fmq_region_set_keep(fmq_region *r) {
-    uint64_t k = r->g.capacity_bytes / 16;
-    if (k < (1ull << 20))
-        k = 1ull << 20;
-    if (k > (16ull << 20))
-        k = 16ull << 20;
+    uint64_t k = r->g.capacity_bytes / 32;
+    if (k < (2ull << 20))
+        k = 2ull << 20;
+    if (k > (8ull << 20))
+        k = 8ull << 20;
     r->keep_bytes = k;
     r->budget = fmq_round_up(r->g.capacity_bytes, FMQ_PAGE);
 }
@@ -443,7 +443,8 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     memcpy(r->dead_letter, h->dead_letter, sizeof r->dead_letter);
     r->max_deliveries = p->max_deliveries;
     fmq_pool_init(r);
-    if (fmq_ring_grow(r, 0) != FMQ_OK) {   /* the first chunk of slots */
+    if (fmq_ring_grow(r, 0) != FMQ_OK ||   /* the first chunks of slots and leases */
+        fmq_lease_grow(r, 0) != FMQ_OK) {
         shm_unlink(path);
         fmq_region_free(r);
         errno = ENOSPC;
