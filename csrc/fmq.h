@@ -123,6 +123,8 @@ void fmq_region_memory(fmq_region *r, fmq_memory *mem);
 const char *fmq_region_full_reason(fmq_region *r, uint64_t need);
 /* Would a put of a small (inline) message block right now? */
 int fmq_region_full(fmq_region *r);
+/* Blocks carved / on a free stack / held (tests; walks every stack). */
+void fmq_pool_census(fmq_region *r, uint64_t *carved, uint64_t *free_blocks, uint64_t *held);
 uint64_t fmq_ring_depth(fmq_region *r);
 
 /* ---- ring (slots) ------------------------------------------------------------ */

@@ -68,7 +68,8 @@
  * the blocks nobody else holds. The unnamed instants are: between a pop and
  * the store of the writer tag; between the carve CAS and the push of the new
  * chain; between a block's last CAS to zero and its push (punching included).
- * A SIGKILL there leaves blocks free but on no stack; the audit (run by an
+ * Shedding (a full /dev/shm: warm blocks are popped, punched and pushed
+ * back) is another. A SIGKILL there leaves blocks free but on no stack; the audit (run by an
  * opener that is alone, fmq_pool_audit) pushes them back, punches pages that
  * a kill left reserved but unrecorded, and recomputes both counters from
  * the per-block records (a kill between a counter update and the record it
@@ -97,6 +98,8 @@ _Static_assert(FMQ_CARVE * sizeof(fmq_block_meta) == FMQ_PAGE,
 /* reserving and releasing file ranges                                      */
 /* ======================================================================== */
 
+static uint64_t fmq_pool_shed(fmq_region *r);
+
 static int fmq_mem_reserve(fmq_region *r, uint64_t off, uint64_t len) {
     if (len == 0)
         return FMQ_OK;
@@ -104,10 +107,14 @@ static int fmq_mem_reserve(fmq_region *r, uint64_t off, uint64_t len) {
     uint64_t b = (off + len + FMQ_PAGE - 1) / FMQ_PAGE * FMQ_PAGE;
     if (b > r->g.total_size)
         b = r->g.total_size;
+    int shed = 0;
     for (;;) {
         if (fallocate(r->fd, 0, (off_t)a, (off_t)(b - a)) == 0)
             return FMQ_OK;
         if (errno == EINTR)
+            continue;
+        /* /dev/shm is full: our own warm free blocks go first, once. */
+        if (errno == ENOSPC && !shed++ && fmq_pool_shed(r) > 0)
             continue;
         if (errno == ENOSPC || errno == ENOMEM || errno == EFBIG) {
             atomic_store_explicit(&r->ctl->shm_full_ns.v, fmq_now_ns(), memory_order_relaxed);
@@ -126,9 +133,13 @@ static void fmq_mem_release(fmq_region *r, uint64_t off, uint64_t len) {
                         (off_t)(b - a));
 }
 
-static int fmq_shm_recently_full(fmq_region *r) {
+static int fmq_shm_full_within(fmq_region *r, uint64_t ns) {
     uint64_t t = atomic_load_explicit(&r->ctl->shm_full_ns.v, memory_order_relaxed);
-    return t && fmq_now_ns() - t < FMQ_SHM_RETRY_NS;
+    return t && fmq_now_ns() - t < ns;
+}
+
+static int fmq_shm_recently_full(fmq_region *r) {
+    return fmq_shm_full_within(r, FMQ_SHM_RETRY_NS);
 }
 
 /* ======================================================================== */
@@ -323,6 +334,37 @@ static int fmq_pool_carve(fmq_region *r, uint32_t c, uint32_t *idx_out) {
     }
     *idx_out = (uint32_t)k;
     return FMQ_OK;
+}
+
+/* /dev/shm is full: punch the pages of free (warm) blocks, so the space can
+ * go to what needs it (a ring chunk, a bigger block). Pops up to
+ * FMQ_SHED_MAX blocks per class and pushes them all back afterwards (a kill
+ * in between leaves them on no stack: the audit's). Returns bytes freed. */
+#define FMQ_SHED_MAX 64
+static uint64_t fmq_pool_shed(fmq_region *r) {
+    uint64_t freed = 0;
+    uint32_t got[FMQ_SHED_MAX];
+    for (uint32_t c = 0; c < r->g.nclasses; c++) {
+        int n = 0;
+        while (n < FMQ_SHED_MAX && fmq_pool_pop(r, c, &got[n]) == FMQ_OK)
+            n++;
+        FMQ_CRASHPOINT("pool.shed.popped");
+        for (int k = 0; k < n; k++) {
+            fmq_block_meta *m = &fmq_pool_meta(r, c)[got[k]];
+            uint64_t bytes =
+                (uint64_t)atomic_load_explicit(&m->pages, memory_order_relaxed) * FMQ_PAGE;
+            if (!bytes)
+                continue;
+            atomic_store_explicit(&m->pages, 0, memory_order_relaxed);   /* record low first */
+            fmq_sub_sat(&r->ctl->pool_kept.v, bytes);
+            fmq_mem_release(r, fmq_block_off(r, c, got[k]), bytes);
+            freed += bytes;
+        }
+        /* back in reverse, so the stack order is what it was */
+        for (int k = n - 1; k >= 0; k--)
+            fmq_pool_push(r, c, got[k]);
+    }
+    return freed;
 }
 
 /* Give block (c, idx), which nobody holds any more (state 0) and which is on
@@ -574,7 +616,8 @@ void fmq_region_memory(fmq_region *r, fmq_memory *mem) {
     mem->ring = w * r->g.slot_stride + fmq_lease_committed(r) * r->g.lease_stride;
     mem->meta = 0;
     for (uint32_t c = 0; c < r->g.nclasses; c++)
-        mem->meta += fmq_pool_carved(r, c) * sizeof(fmq_block_meta);
+        mem->meta += (fmq_pool_carved(r, c) * sizeof(fmq_block_meta) + FMQ_PAGE - 1) /
+                     FMQ_PAGE * FMQ_PAGE;   /* reserved in whole pages */
     mem->blocks_in_use = atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed);
     mem->blocks_kept = atomic_load_explicit(&r->ctl->pool_kept.v, memory_order_relaxed);
     mem->reserved = mem->fixed + mem->ring + mem->meta + mem->blocks_in_use + mem->blocks_kept;
@@ -585,7 +628,8 @@ void fmq_region_memory(fmq_region *r, fmq_memory *mem) {
 /* Why the last put could not go in, as a sentence (Full's message). */
 const char *fmq_region_full_reason(fmq_region *r, uint64_t need) {
     static __thread char buf[320];
-    int shm = fmq_shm_recently_full(r);
+    /* a waiter reports after its whole timeout: look back further */
+    int shm = fmq_shm_full_within(r, 5000000000ull);
     if (need > r->inline_max) {
         uint64_t used = atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed);
         if (used + fmq_pages_for(need) * FMQ_PAGE > r->budget) {
@@ -621,4 +665,23 @@ int fmq_region_full(fmq_region *r) {
         return 1;
     uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
     return !fmq_ring_room(r, t);
+}
+
+/* For tests and `fastmq stat`: blocks carved, on a free stack, and held
+ * (state != 0). With nobody moving blocks, carved == free + held exactly
+ * when no block is lost. Walks the stacks: O(blocks), not for hot paths. */
+void fmq_pool_census(fmq_region *r, uint64_t *carved, uint64_t *free_out, uint64_t *held) {
+    *carved = *free_out = *held = 0;
+    for (uint32_t c = 0; c < r->g.nclasses; c++) {
+        uint64_t nb = fmq_pool_carved(r, c);
+        fmq_block_meta *meta = fmq_pool_meta(r, c);
+        *carved += nb;
+        uint32_t i = (uint32_t)atomic_load(&r->ctl->free_top[c].v);
+        for (uint64_t steps = 0; i != FMQ_NIL && i < nb && steps <= nb; steps++) {
+            ++*free_out;
+            i = atomic_load_explicit(&meta[i].next, memory_order_relaxed);
+        }
+        for (uint64_t b = 0; b < nb; b++)
+            *held += atomic_load_explicit(&meta[b].state, memory_order_relaxed) != 0;
+    }
 }

@@ -78,6 +78,7 @@ cdef extern from "fmq.h" nogil:
     void fmq_region_memory(fmq_region *r, fmq_memory *mem)
     const char *fmq_region_full_reason(fmq_region *r, uint64_t need)
     int fmq_region_full(fmq_region *r)
+    void fmq_pool_census(fmq_region *r, uint64_t *carved, uint64_t *free_blocks, uint64_t *held)
     uint64_t fmq_ring_depth(fmq_region *r)
 
     int fmq_ring_reserve(fmq_region *r, fmq_msg *m)

@@ -157,6 +157,7 @@ _FIRST_SLEEP = 50e-6
 _MAX_SLEEP = 5e-3
 _INIT_WAIT = 2.0        # how long open() waits for a creator to finish init
 _AGAIN = object()       # "would block" marker returned by attempt functions
+_NO_ROOM_RETRY = 0.05   # a put that found /dev/shm full tries again this often
 
 
 def _deadline(timeout):
@@ -232,6 +233,7 @@ class Ring(leases.LeaseMixin):
             DATA_OFFSET + self._area, self.maxsize, self.capacity_bytes)
         self._keep = _keep_bytes(self.capacity_bytes)
         self._no_room = 0.0                # monotonic time of the last ENOSPC
+        self._shm_blocked = False          # the last put attempt found no room
         self._handle_id = int.from_bytes(os.urandom(4), "little") or 1
         self._owner = None                 # (pid, start time, handle id), see leases
         self._ever_leased = False
@@ -418,10 +420,12 @@ class Ring(leases.LeaseMixin):
             (first == n or _reserve(fd, DATA_OFFSET, n - first))
         if not ok:
             self._no_room = time.monotonic()
+            self._shm_blocked = True
         return ok
 
     def _put_locked(self, fd, state, views, deliveries=0):
         """Append as many of ``views`` as fit; return how many."""
+        self._shm_blocked = False
         done = 0
         for view in views:
             if not self._fits(state, len(view)) or \
@@ -505,6 +509,7 @@ class Ring(leases.LeaseMixin):
             result = attempt()
             if result is not _AGAIN or timeout == 0:
                 return result
+            tried = time.monotonic()
             while True:
                 left = _remaining(deadline)
                 if left is not None and left <= 0:
@@ -514,6 +519,8 @@ class Ring(leases.LeaseMixin):
                 if self._read_u64(EPOCH_OFFSET) != epoch:
                     delay = _FIRST_SLEEP
                     break
+                if self._shm_blocked and time.monotonic() - tried >= _NO_ROOM_RETRY:
+                    break       # /dev/shm was full: room may come from anywhere
 
     def wait(self, for_space, timeout, need=0):
         """Sleep until a message looks ready to take (for_space False), or
@@ -631,7 +638,7 @@ class Ring(leases.LeaseMixin):
         state = self._locked(lambda fd, st: st)
         if state[2] >= self.maxsize:
             return f"queue is full: it holds its maximum of {self.maxsize} messages"
-        if time.monotonic() - self._no_room < 1.0:
+        if self._shm_blocked:
             return (f"queue is full: no free space left in /dev/shm for a {nbytes}-byte "
                     "message (other queues or files use it; enlarge /dev/shm or drain "
                     "queues)")
