@@ -150,7 +150,8 @@ typedef struct fmq_ctl {
     fmq_u64line head;                      /* consumer ticket hint            */
     fmq_waitline data;                     /* consumers sleep here            */
     fmq_waitline space;                    /* producers sleep here            */
-    fmq_u64line free_top[FMQ_MAX_CLASSES]; /* tag << 32 | index, per class    */
+    fmq_u64line free_top[FMQ_MAX_CLASSES]; /* tag << 32 | index, per class:
+                                              free blocks with reserved pages */
     fmq_u64line next_participant;          /* where registration scans first  */
     alignas(FMQ_LINE) struct {             /* the last stall a waiter saw      */
         _Atomic uint64_t ticket;           /* slot ticket + 1 (0 = none)       */
@@ -173,6 +174,8 @@ typedef struct fmq_ctl {
                                               reserved (grows only)           */
     fmq_u64line lease_committed;           /* lease entries likewise          */
     fmq_u64line shm_full_ns;               /* last failed reservation (ns)     */
+    fmq_u64line cold_top[FMQ_MAX_CLASSES]; /* free stacks of blocks without
+                                              pages (free_top: warm ones)     */
     alignas(FMQ_LINE) _Atomic uint64_t carved[FMQ_MAX_CLASSES]; /* blocks of each
                                               class whose metadata exists     */
 } fmq_ctl;

@@ -34,19 +34,22 @@
  * Each class is a lock-free LIFO free stack (Treiber) whose top word packs
  * {tag:32, index:32}; every successful push or pop increments the tag, so a
  * top that was popped and pushed back between our read and our CAS (ABA)
- * never matches. When a class's stack is empty its next FMQ_CARVE blocks are
+ * never matches. When a class's stacks are empty its next FMQ_CARVE blocks are
  * carved: their metadata page is reserved, ctl->carved[c] is advanced by one
  * CAS (whoever wins owns the new blocks), the first is kept and the rest are
  * pushed as one chain. A request takes the smallest class that fits and
  * borrows from larger ones when that one is exhausted.
  *
- * Giving memory back, with hysteresis. A freed block keeps its pages
- * ("warm", counted in ctl->pool_kept) while the warm total stays under
- * r->keep_bytes (capacity_bytes / 32, between 2 MiB and 8 MiB), so a steady
- * stream reuses reserved pages without a syscall per message; a block freed
- * beyond that watermark is punched (FALLOC_FL_PUNCH_HOLE) before it goes
- * back on its stack. So once a backlog drains, at most keep_bytes of block
- * memory stays reserved.
+ * Giving memory back, with hysteresis. Each class has two free stacks: warm
+ * blocks (pages still reserved, counted in ctl->pool_kept; free_top) and
+ * cold ones (no pages; cold_top); allocation prefers warm. A freed block
+ * stays warm while the warm total is under max(r->keep_bytes, bytes in use)
+ * (keep_bytes: capacity_bytes / 16, between 4 MiB and 16 MiB), so a busy
+ * queue reuses its pages without a syscall per message; otherwise it is
+ * punched (FALLOC_FL_PUNCH_HOLE) and goes cold, and if the warm total is
+ * over that watermark two more warm blocks are punched (fmq_pool_cool): as
+ * a backlog drains the warm total falls faster than the use, so once it
+ * has drained at most about keep_bytes of block memory stays reserved.
  *
  * Ownership. A block's state word names its holders (see fmq_layout.h): the
  * writer, the reader, and whether a queued message refers to it. Every
@@ -68,8 +71,7 @@
  * the blocks nobody else holds. The unnamed instants are: between a pop and
  * the store of the writer tag; between the carve CAS and the push of the new
  * chain; between a block's last CAS to zero and its push (punching included).
- * Shedding (a full /dev/shm: warm blocks are popped, punched and pushed
- * back) is another. A SIGKILL there leaves blocks free but on no stack; the audit (run by an
+ * Cooling (warm blocks popped, punched and pushed cold) is another. A SIGKILL there leaves blocks free but on no stack; the audit (run by an
  * opener that is alone, fmq_pool_audit) pushes them back, punches pages that
  * a kill left reserved but unrecorded, and recomputes both counters from
  * the per-block records (a kill between a counter update and the record it
@@ -82,6 +84,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 
 #include "fmq_internal.h"
 
@@ -90,6 +93,11 @@
 #define FMQ_SHM_RETRY_NS 20000000ull       /* after ENOSPC, report "no room" this
                                               long before trying again        */
 #define FMQ_RING_CHUNK 256                 /* slots reserved per ring growth   */
+#ifdef MADV_POPULATE_WRITE
+#define FMQ_MADV_POPULATE_WRITE MADV_POPULATE_WRITE
+#else
+#define FMQ_MADV_POPULATE_WRITE 23          /* Linux 5.14; older kernels: EINVAL */
+#endif
 
 _Static_assert(FMQ_CARVE * sizeof(fmq_block_meta) == FMQ_PAGE,
                "a carve reserves exactly one page of block metadata");
@@ -261,8 +269,12 @@ static void fmq_sub_sat(_Atomic uint64_t *v, uint64_t n) {
         ;
 }
 
-static int fmq_pool_pop(fmq_region *r, uint32_t c, uint32_t *idx_out) {
-    _Atomic uint64_t *top = &r->ctl->free_top[c].v;
+static inline _Atomic uint64_t *fmq_pool_top(fmq_region *r, uint32_t c, int cold) {
+    return cold ? &r->ctl->cold_top[c].v : &r->ctl->free_top[c].v;
+}
+
+static int fmq_pool_pop_stack(fmq_region *r, uint32_t c, int cold, uint32_t *idx_out) {
+    _Atomic uint64_t *top = fmq_pool_top(r, c, cold);
     fmq_block_meta *meta = fmq_pool_meta(r, c);
     uint64_t cur = atomic_load_explicit(top, memory_order_acquire);   /* [A-pop] */
     for (;;) {
@@ -283,9 +295,16 @@ static int fmq_pool_pop(fmq_region *r, uint32_t c, uint32_t *idx_out) {
     }
 }
 
+/* A free block of class c: a warm one (pages reserved) first, else a cold one. */
+static int fmq_pool_pop(fmq_region *r, uint32_t c, uint32_t *idx_out) {
+    int rc = fmq_pool_pop_stack(r, c, 0, idx_out);
+    return rc == FMQ_NOSPACE ? fmq_pool_pop_stack(r, c, 1, idx_out) : rc;
+}
+
 /* Push the chain first..last (already linked first -> ... -> last). */
-static void fmq_pool_push_chain(fmq_region *r, uint32_t c, uint32_t first, uint32_t last) {
-    _Atomic uint64_t *top = &r->ctl->free_top[c].v;
+static void fmq_pool_push_chain(fmq_region *r, uint32_t c, int cold, uint32_t first,
+                                uint32_t last) {
+    _Atomic uint64_t *top = fmq_pool_top(r, c, cold);
     fmq_block_meta *meta = fmq_pool_meta(r, c);
     uint64_t cur = atomic_load_explicit(top, memory_order_relaxed);
     for (;;) {
@@ -299,8 +318,10 @@ static void fmq_pool_push_chain(fmq_region *r, uint32_t c, uint32_t first, uint3
     }
 }
 
+/* Onto the warm stack if the block has pages, else the cold one. */
 static void fmq_pool_push(fmq_region *r, uint32_t c, uint32_t idx) {
-    fmq_pool_push_chain(r, c, idx, idx);
+    int cold = atomic_load_explicit(&fmq_pool_meta(r, c)[idx].pages, memory_order_relaxed) == 0;
+    fmq_pool_push_chain(r, c, cold, idx, idx);
 }
 
 /* Carve the next FMQ_CARVE blocks of class c; the first is returned to the
@@ -329,43 +350,39 @@ static int fmq_pool_carve(fmq_region *r, uint32_t c, uint32_t *idx_out) {
     if (n > 1) {
         for (uint64_t i = k + 1; i + 1 < k + n; i++)
             atomic_store_explicit(&meta[i].next, (uint32_t)(i + 1), memory_order_relaxed);
-        fmq_pool_push_chain(r, c, (uint32_t)(k + 1), (uint32_t)(k + n - 1));
+        fmq_pool_push_chain(r, c, 1, (uint32_t)(k + 1), (uint32_t)(k + n - 1));
         fmq_ring_wake_producers(r);
     }
     *idx_out = (uint32_t)k;
     return FMQ_OK;
 }
 
-/* /dev/shm is full: punch the pages of free (warm) blocks, so the space can
- * go to what needs it (a ring chunk, a bigger block). Pops up to
- * FMQ_SHED_MAX blocks per class and pushes them all back afterwards (a kill
- * in between leaves them on no stack: the audit's). Returns bytes freed. */
-#define FMQ_SHED_MAX 64
-static uint64_t fmq_pool_shed(fmq_region *r) {
-    uint64_t freed = 0;
-    uint32_t got[FMQ_SHED_MAX];
-    for (uint32_t c = 0; c < r->g.nclasses; c++) {
-        int n = 0;
-        while (n < FMQ_SHED_MAX && fmq_pool_pop(r, c, &got[n]) == FMQ_OK)
-            n++;
-        FMQ_CRASHPOINT("pool.shed.popped");
-        for (int k = 0; k < n; k++) {
-            fmq_block_meta *m = &fmq_pool_meta(r, c)[got[k]];
+/* Punch up to max_blocks warm free blocks (class c0 first, then the
+ * others) and move them to the cold stacks: for a full /dev/shm (the space
+ * goes to what needs it: a ring chunk, a bigger block) and for the warm
+ * watermark. A kill between the pop and the push leaves a block on no stack
+ * (the audit's). Returns bytes freed. */
+static uint64_t fmq_pool_cool(fmq_region *r, uint32_t c0, uint64_t max_blocks) {
+    uint64_t freed = 0, done = 0;
+    for (uint32_t k = 0; k < r->g.nclasses && done < max_blocks; k++) {
+        uint32_t c = (c0 + k) % r->g.nclasses, idx;
+        while (done < max_blocks && fmq_pool_pop_stack(r, c, 0, &idx) == FMQ_OK) {
+            FMQ_CRASHPOINT("pool.cool.popped");
+            fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
             uint64_t bytes =
                 (uint64_t)atomic_load_explicit(&m->pages, memory_order_relaxed) * FMQ_PAGE;
-            if (!bytes)
-                continue;
             atomic_store_explicit(&m->pages, 0, memory_order_relaxed);   /* record low first */
             fmq_sub_sat(&r->ctl->pool_kept.v, bytes);
-            fmq_mem_release(r, fmq_block_off(r, c, got[k]), bytes);
+            fmq_mem_release(r, fmq_block_off(r, c, idx), bytes);
+            fmq_pool_push(r, c, idx);   /* cold now */
             freed += bytes;
+            done++;
         }
-        /* back in reverse, so the stack order is what it was */
-        for (int k = n - 1; k >= 0; k--)
-            fmq_pool_push(r, c, got[k]);
     }
     return freed;
 }
+
+static uint64_t fmq_pool_shed(fmq_region *r) { return fmq_pool_cool(r, 0, UINT64_MAX); }
 
 /* Give block (c, idx), which nobody holds any more (state 0) and which is on
  * no stack, back: its pages stay reserved (warm) while the warm total is
@@ -375,8 +392,14 @@ static void fmq_pool_put_back(fmq_region *r, uint32_t c, uint32_t idx, int was_h
     uint64_t bytes = (uint64_t)atomic_load_explicit(&m->pages, memory_order_relaxed) * FMQ_PAGE;
     if (was_held)
         fmq_sub_sat(&r->ctl->pool_in_use.v, bytes);
+    /* Warm while the warm total stays under max(keep_bytes, bytes in use):
+     * a busy queue reuses its pages, a drained one gives them back. */
+    uint64_t limit = atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed);
+    if (limit < r->keep_bytes)
+        limit = r->keep_bytes;
     uint64_t kept = atomic_load_explicit(&r->ctl->pool_kept.v, memory_order_relaxed);
-    if (bytes && kept + bytes <= r->keep_bytes) {
+    int warm = bytes && kept + bytes <= limit;
+    if (warm) {
         atomic_fetch_add_explicit(&r->ctl->pool_kept.v, bytes, memory_order_relaxed);
     } else if (bytes) {
         atomic_store_explicit(&m->pages, 0, memory_order_relaxed);   /* record low first */
@@ -387,6 +410,10 @@ static void fmq_pool_put_back(fmq_region *r, uint32_t c, uint32_t idx, int was_h
     FMQ_CRASHPOINT("pool.free.before_push");
     fmq_pool_push(r, c, idx);
     fmq_ring_wake_producers(r);
+    /* Over the watermark (the backlog shrank): cool two warm blocks per free,
+     * so the warm total falls faster than the use and ends at keep_bytes. */
+    if (!warm && kept > limit)
+        fmq_pool_cool(r, c, 2);
 }
 
 /* Reserve `need` pages from the start of the block we hold alone and count
@@ -416,6 +443,11 @@ static int fmq_pool_commit(fmq_region *r, uint32_t c, uint32_t idx, uint64_t nee
         }
         FMQ_CRASHPOINT("pool.commit.reserved");
         atomic_store_explicit(&m->pages, (uint32_t)need, memory_order_relaxed);
+        /* Map the fresh pages writable in one call rather than one fault per
+         * page as the copy touches them (a hint: failure costs nothing). */
+        if (need - have >= 16)
+            (void)madvise(fmq_block_data(r, c, idx) + have * FMQ_PAGE,
+                          (need - have) * FMQ_PAGE, FMQ_MADV_POPULATE_WRITE);
     } else if (keep < have) {
         atomic_store_explicit(&m->pages, (uint32_t)keep, memory_order_relaxed);
         FMQ_CRASHPOINT("pool.commit.trimmed");
@@ -489,16 +521,18 @@ int fmq_pool_available(fmq_region *r, uint64_t nbytes) {
         return 0;
     int shm_full = fmq_shm_recently_full(r);
     for (uint32_t c = (uint32_t)c0; c < r->g.nclasses; c++) {
-        uint64_t top = atomic_load_explicit(&r->ctl->free_top[c].v, memory_order_seq_cst);
-        uint32_t idx = (uint32_t)top;
-        if (idx != FMQ_NIL && idx < fmq_pool_carved(r, c)) {
-            if (!shm_full ||
-                atomic_load_explicit(&fmq_pool_meta(r, c)[idx].pages, memory_order_relaxed) >=
-                    need)
-                return 1;
-        } else if (!shm_full && fmq_pool_carved(r, c) < r->g.classes[c].nblocks) {
+        uint32_t warm = (uint32_t)atomic_load_explicit(&r->ctl->free_top[c].v,
+                                                       memory_order_seq_cst);
+        uint32_t cold = (uint32_t)atomic_load_explicit(&r->ctl->cold_top[c].v,
+                                                       memory_order_seq_cst);
+        if (warm != FMQ_NIL && warm < fmq_pool_carved(r, c) &&
+            (!shm_full ||
+             atomic_load_explicit(&fmq_pool_meta(r, c)[warm].pages, memory_order_relaxed) >=
+                 need))
             return 1;
-        }
+        if (!shm_full && (cold != FMQ_NIL ||
+                          fmq_pool_carved(r, c) < r->g.classes[c].nblocks))
+            return 1;
     }
     return 0;
 }
@@ -573,15 +607,18 @@ uint64_t fmq_pool_audit(fmq_region *r) {
         unsigned char *on_stack = calloc(nb ? nb : 1, 1);
         if (!on_stack)
             return reclaimed;   /* counters stay as they are: still usable */
-        uint32_t i = (uint32_t)atomic_load(&r->ctl->free_top[c].v);
         int sane = 1;
-        for (uint64_t steps = 0; i != FMQ_NIL; steps++) {
-            if (i >= nb || steps > nb || on_stack[i]) {
-                sane = 0;   /* a scribbled stack: leave it to CorruptQueue checks */
-                break;
+        uint64_t steps = 0;
+        for (int cold = 0; cold < 2 && sane; cold++) {
+            uint32_t i = (uint32_t)atomic_load(fmq_pool_top(r, c, cold));
+            for (; i != FMQ_NIL; steps++) {
+                if (i >= nb || steps > nb || on_stack[i]) {
+                    sane = 0;   /* a scribbled stack: leave it to CorruptQueue checks */
+                    break;
+                }
+                on_stack[i] = 1;
+                i = atomic_load_explicit(&meta[i].next, memory_order_relaxed);
             }
-            on_stack[i] = 1;
-            i = atomic_load_explicit(&meta[i].next, memory_order_relaxed);
         }
         uint64_t bs = r->g.classes[c].block_size;
         for (uint64_t b = 0; sane && b < nb; b++) {
@@ -676,10 +713,12 @@ void fmq_pool_census(fmq_region *r, uint64_t *carved, uint64_t *free_out, uint64
         uint64_t nb = fmq_pool_carved(r, c);
         fmq_block_meta *meta = fmq_pool_meta(r, c);
         *carved += nb;
-        uint32_t i = (uint32_t)atomic_load(&r->ctl->free_top[c].v);
-        for (uint64_t steps = 0; i != FMQ_NIL && i < nb && steps <= nb; steps++) {
-            ++*free_out;
-            i = atomic_load_explicit(&meta[i].next, memory_order_relaxed);
+        for (int cold = 0; cold < 2; cold++) {
+            uint32_t i = (uint32_t)atomic_load(fmq_pool_top(r, c, cold));
+            for (uint64_t steps = 0; i != FMQ_NIL && i < nb && steps <= nb; steps++) {
+                ++*free_out;
+                i = atomic_load_explicit(&meta[i].next, memory_order_relaxed);
+            }
         }
         for (uint64_t b = 0; b < nb; b++)
             *held += atomic_load_explicit(&meta[b].state, memory_order_relaxed) != 0;

@@ -134,6 +134,7 @@ uint32_t fmq_layout_hash(void) {
         offsetof(fmq_participant, stats), offsetof(fmq_slot, block), FMQ_STAMP_BITS,
         sizeof(fmq_lease), offsetof(fmq_lease, holder), offsetof(fmq_header, lease_offset),
         FMQ_GEN_BITS, FMQ_MIN_BLOCK, offsetof(fmq_ctl, carved), offsetof(fmq_ctl, lease_committed),
+        offsetof(fmq_ctl, cold_top),
         offsetof(fmq_block_meta, pages),
     };
     uint64_t h = fmq_fnv1a(1469598103934665603ull, v, sizeof v);
@@ -322,18 +323,22 @@ static int fmq_validate(fmq_region *r, size_t file_size) {
 /* Nothing to write per block: blocks are carved on demand (fmq_pool.c) from
  * zeroed, freshly reserved metadata. Only the empty stacks need a value. */
 static void fmq_pool_init(fmq_region *r) {
-    for (uint32_t c = 0; c < r->g.nclasses; c++)
+    for (uint32_t c = 0; c < r->g.nclasses; c++) {
         atomic_store_explicit(&r->ctl->free_top[c].v, FMQ_NIL, memory_order_relaxed);
+        atomic_store_explicit(&r->ctl->cold_top[c].v, FMQ_NIL, memory_order_relaxed);
+    }
 }
 
-/* Warm free-block memory a queue keeps (fmq_pool.c): 1/32 of its cap, at
- * least 2 MiB, at most 8 MiB. */
+/* Warm free-block memory a drained queue keeps (fmq_pool.c): 1/16 of its
+ * cap, at least 4 MiB, at most 16 MiB. Smaller costs a fallocate, a punch and
+ * a page fault per page for every big message of a backlog that swings
+ * between empty and a few messages; larger holds more memory while idle. */
 static void fmq_region_set_keep(fmq_region *r) {
-    uint64_t k = r->g.capacity_bytes / 32;
-    if (k < (2ull << 20))
-        k = 2ull << 20;
-    if (k > (8ull << 20))
-        k = 8ull << 20;
+    uint64_t k = r->g.capacity_bytes / 16;
+    if (k < (4ull << 20))
+        k = 4ull << 20;
+    if (k > (16ull << 20))
+        k = 16ull << 20;
     r->keep_bytes = k;
     r->budget = fmq_round_up(r->g.capacity_bytes, FMQ_PAGE);
 }

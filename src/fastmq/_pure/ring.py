@@ -147,8 +147,8 @@ def _reserve(fd, offset, length):
 
 
 def _keep_bytes(capacity_bytes):
-    """Warm bytes of data area a drained ring keeps: 1/32 of its cap, 2-8 MiB."""
-    return min(max(capacity_bytes // 32, 2 << 20), 8 << 20)
+    """Warm bytes of data area a drained ring keeps: 1/16 of its cap, 4-16 MiB."""
+    return min(max(capacity_bytes // 16, 4 << 20), 16 << 20)
 
 
 # ------------------------------------------------------------------- waiting
