@@ -493,3 +493,16 @@ def test_growth_soak_backlog_swings_from_empty_to_cap(mq):
 
 def _drain_sizes(q, out, n):
     out.put([len(q.get_bytes(timeout=30)) for _ in range(n)])
+
+
+def test_stats_show_the_memory_reserved(mq):
+    q = mq.Queue(capacity_bytes=64 << 20, max_message_size=1 << 20)
+    path = _segment_path(q)
+    idle = q.stats()["memory"]["reserved"]
+    assert idle <= IDLE_FOOTPRINT_LIMIT
+    for _ in range(8):
+        q.put_bytes(b"x" * (1 << 20), timeout=5)
+    busy = q.stats()["memory"]["reserved"]
+    assert busy >= idle + (8 << 20)
+    assert abs(busy - _allocated(path)) <= 256 << 10     # what the file really holds
+    assert q.stats()["memory"]["virtual_size"] == os.stat(path).st_size

@@ -670,7 +670,15 @@ class Ring(leases.LeaseMixin):
             "max_message_size": self.max_message_size,
             "capacity_bytes": self.capacity_bytes,
             "backend": "pure",
+            "memory": self.memory(),
         }
+
+    def memory(self):
+        """Bytes this segment has reserved in /dev/shm (its file's allocated
+        blocks) and the sparse file's size."""
+        with self._h.lock:
+            st = os.fstat(self._fd())
+        return {"reserved": st.st_blocks * 512, "virtual_size": st.st_size}
 
 
 # ----------------------------------------------------------- zero-copy (emulated)
