@@ -174,6 +174,8 @@ typedef struct fmq_ctl {
                                               reserved (grows only)           */
     fmq_u64line lease_committed;           /* lease entries likewise          */
     fmq_u64line shm_full_ns;               /* last failed reservation (ns)     */
+    fmq_u64line pool_peak;                 /* recent peak of pool_in_use, decayed
+                                              on every free (a policy hint)   */
     fmq_u64line cold_top[FMQ_MAX_CLASSES]; /* free stacks of blocks without
                                               pages (free_top: warm ones)     */
     alignas(FMQ_LINE) _Atomic uint64_t carved[FMQ_MAX_CLASSES]; /* blocks of each

@@ -43,13 +43,16 @@
  * Giving memory back, with hysteresis. Each class has two free stacks: warm
  * blocks (pages still reserved, counted in ctl->pool_kept; free_top) and
  * cold ones (no pages; cold_top); allocation prefers warm. A freed block
- * stays warm while the warm total is under max(r->keep_bytes, bytes in use)
- * (keep_bytes: capacity_bytes / 16, between 4 MiB and 16 MiB), so a busy
- * queue reuses its pages without a syscall per message; otherwise it is
+ * stays warm while the warm total is under the largest of r->keep_bytes
+ * (capacity_bytes / 16, between 4 MiB and 16 MiB), the bytes in use and
+ * their recent peak (ctl->pool_peak, which decays by 1/128 per free, counted
+ * up to 2 * keep_bytes), so a busy queue, or a backlog swinging between
+ * empty and a peak, reuses its pages without a syscall per message; otherwise it is
  * punched (FALLOC_FL_PUNCH_HOLE) and goes cold, and if the warm total is
  * over that watermark two more warm blocks are punched (fmq_pool_cool): as
  * a backlog drains the warm total falls faster than the use, so once it
- * has drained at most about keep_bytes of block memory stays reserved.
+ * has drained at most 2 * keep_bytes of block memory stays reserved, and
+ * keep_bytes once the peak has decayed (a few hundred frees later).
  *
  * Ownership. A block's state word names its holders (see fmq_layout.h): the
  * writer, the reader, and whether a queued message refers to it. Every
@@ -392,9 +395,22 @@ static void fmq_pool_put_back(fmq_region *r, uint32_t c, uint32_t idx, int was_h
     uint64_t bytes = (uint64_t)atomic_load_explicit(&m->pages, memory_order_relaxed) * FMQ_PAGE;
     if (was_held)
         fmq_sub_sat(&r->ctl->pool_in_use.v, bytes);
-    /* Warm while the warm total stays under max(keep_bytes, bytes in use):
-     * a busy queue reuses its pages, a drained one gives them back. */
+    /* Warm while the warm total stays under the largest of keep_bytes, the
+     * bytes in use, and their recent peak (which loses 1/128 on every free;
+     * counted up to 2 * keep_bytes):
+     * a backlog that swings between empty and a peak reuses its pages, one
+     * that drained (many frees since the peak) gives them back. The peak is
+     * a hint shared without ordering; clamped, a bad value only changes how
+     * much stays warm. */
     uint64_t limit = atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed);
+    uint64_t peak = atomic_load_explicit(&r->ctl->pool_peak.v, memory_order_relaxed);
+    if (peak > r->budget)
+        peak = r->budget;
+    atomic_store_explicit(&r->ctl->pool_peak.v, peak - (peak >> 7), memory_order_relaxed);
+    if (peak > 2 * r->keep_bytes)
+        peak = 2 * r->keep_bytes;   /* what a drained queue may still hold warm */
+    if (limit < peak)
+        limit = peak;
     if (limit < r->keep_bytes)
         limit = r->keep_bytes;
     uint64_t kept = atomic_load_explicit(&r->ctl->pool_kept.v, memory_order_relaxed);
@@ -429,6 +445,8 @@ static int fmq_pool_commit(fmq_region *r, uint32_t c, uint32_t idx, uint64_t nee
         r->nospace_why = FMQ_WHY_CAP;
         return FMQ_NOSPACE;
     }
+    if (used > atomic_load_explicit(&r->ctl->pool_peak.v, memory_order_relaxed))
+        atomic_store_explicit(&r->ctl->pool_peak.v, used, memory_order_relaxed);
     if (have) /* no longer warm */
         fmq_sub_sat(&r->ctl->pool_kept.v, have * FMQ_PAGE);
     if (have < need) {

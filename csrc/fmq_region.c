@@ -134,7 +134,7 @@ uint32_t fmq_layout_hash(void) {
         offsetof(fmq_participant, stats), offsetof(fmq_slot, block), FMQ_STAMP_BITS,
         sizeof(fmq_lease), offsetof(fmq_lease, holder), offsetof(fmq_header, lease_offset),
         FMQ_GEN_BITS, FMQ_MIN_BLOCK, offsetof(fmq_ctl, carved), offsetof(fmq_ctl, lease_committed),
-        offsetof(fmq_ctl, cold_top),
+        offsetof(fmq_ctl, cold_top), offsetof(fmq_ctl, pool_peak),
         offsetof(fmq_block_meta, pages),
     };
     uint64_t h = fmq_fnv1a(1469598103934665603ull, v, sizeof v);
