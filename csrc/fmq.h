@@ -107,6 +107,24 @@ typedef struct fmq_stats {
     uint64_t stall_ticket, stall_since_ns, stall_pid, stall_phase;  /* ticket 0: none */
 } fmq_stats;
 void fmq_region_stats(fmq_region *r, fmq_stats *st);
+/* Memory of a segment, in bytes reserved in /dev/shm (fmq_pool.c). */
+typedef struct fmq_memory {
+    uint64_t reserved;          /* all of the below                            */
+    uint64_t fixed;             /* header, control lines, participant table    */
+    uint64_t ring;              /* reserved slots and lease entries            */
+    uint64_t meta;              /* block metadata carved so far                */
+    uint64_t blocks_in_use;     /* pages of blocks holding messages            */
+    uint64_t blocks_kept;       /* pages of free blocks kept warm              */
+    uint64_t virtual_size;      /* the sparse file's size                      */
+    uint64_t slots_reserved;    /* ring slots reserved so far                  */
+} fmq_memory;
+void fmq_region_memory(fmq_region *r, fmq_memory *mem);
+/* Why a put could not go in right now (for Full's message). */
+const char *fmq_region_full_reason(fmq_region *r, uint64_t need);
+/* Would a put of a small (inline) message block right now? */
+int fmq_region_full(fmq_region *r);
+/* Blocks carved / on a free stack / held (tests; walks every stack). */
+void fmq_pool_census(fmq_region *r, uint64_t *carved, uint64_t *free_blocks, uint64_t *held);
 uint64_t fmq_ring_depth(fmq_region *r);
 
 /* ---- ring (slots) ------------------------------------------------------------ */

@@ -30,7 +30,14 @@ struct fmq_region {
     fmq_participant *self;
     unsigned fork_gen;          /* fmq_fork_generation when we registered        */
     uint32_t roles;             /* roles already published in self->roles        */
+    uint64_t ring_ready;        /* ring slots known reserved (fmq_pool.c); grows */
+    uint64_t keep_bytes;        /* warm free-block memory kept (fmq_pool.c)      */
+    uint64_t budget;            /* block pages allowed: capacity_bytes, paged    */
+    int nospace_why;            /* FMQ_WHY_*: why the last block request failed  */
 };
+
+#define FMQ_WHY_CAP 1           /* the queue's capacity_bytes                    */
+#define FMQ_WHY_SHM 2           /* no free space in /dev/shm                     */
 
 /* ---- errors ---------------------------------------------------------------- */
 int fmq_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -58,6 +65,20 @@ int fmq_pool_available(fmq_region *r, uint64_t nbytes);
 int fmq_pool_transition(fmq_region *r, uint32_t block, uint64_t mask, uint64_t expect,
                         uint64_t set);
 void fmq_pool_free_block(fmq_region *r, uint32_t c, uint32_t idx);   /* state already 0 */
+uint64_t fmq_pool_carved(fmq_region *r, uint32_t c);   /* blocks of c that exist */
+uint64_t fmq_pool_audit(fmq_region *r);                /* alone: see fmq_pool.c  */
+/* ring memory (fmq_pool.c): slots below the mark are reserved; a producer
+ * about to touch ticket t of the first lap makes sure t + margin is */
+#define FMQ_RING_MARGIN 16
+uint64_t fmq_ring_committed(const fmq_region *r);
+uint64_t fmq_lease_committed(const fmq_region *r);
+int fmq_lease_grow(fmq_region *r, uint64_t n);
+int fmq_ring_grow(fmq_region *r, uint64_t t);
+int fmq_ring_room(fmq_region *r, uint64_t t);
+static inline int fmq_ring_ensure(fmq_region *r, uint64_t t) {
+    return __builtin_expect(t + FMQ_RING_MARGIN < r->ring_ready, 1) ? FMQ_OK
+                                                                   : fmq_ring_grow(r, t);
+}
 #define FMQ_WRITER_MASK ((uint64_t)FMQ_OWNER_MASK)
 #define FMQ_READER_MASK ((uint64_t)FMQ_OWNER_MASK << 24)
 /* crash recovery (fmq_recover.c) */

@@ -20,6 +20,15 @@
  *   lease_offset         slot_count in-flight entries of slot_stride + 64 bytes
  *   per class c:         fmq_block_meta[nblocks_c], then (page aligned) data
  *
+ * The file is sparse: its size is the whole virtual layout, but only the
+ * header, control lines and participant table are reserved at creation. The
+ * ring is reserved in chunks as tickets first reach it (ctl->ring_committed),
+ * the lease table as leases need entries (ctl->lease_committed), block metadata as blocks are carved
+ * (ctl->carved[c]) and block data page by page as messages need it
+ * (fmq_block_meta.pages); see fmq_pool.c. No byte outside those ranges is
+ * ever touched: on tmpfs even a read of a hole allocates a page, and a page
+ * that cannot be allocated is a SIGBUS.
+ *
  * The slot word (64 bits) is the heart of the ring:
  *
  *      63                        24 23                 0
@@ -42,7 +51,7 @@
 #include <stdint.h>
 
 #define FMQ_MAGIC "FASTMQ\x01N"     /* 8 bytes; 'N' = native backend       */
-#define FMQ_ABI_VERSION 2u
+#define FMQ_ABI_VERSION 3u
 #define FMQ_LINE 128
 #define FMQ_PAGE 4096
 #define FMQ_MAX_CLASSES 15          /* class 15 would collide with FMQ_NO_BLOCK */
@@ -141,7 +150,8 @@ typedef struct fmq_ctl {
     fmq_u64line head;                      /* consumer ticket hint            */
     fmq_waitline data;                     /* consumers sleep here            */
     fmq_waitline space;                    /* producers sleep here            */
-    fmq_u64line free_top[FMQ_MAX_CLASSES]; /* tag << 32 | index, per class    */
+    fmq_u64line free_top[FMQ_MAX_CLASSES]; /* tag << 32 | index, per class:
+                                              free blocks with reserved pages */
     fmq_u64line next_participant;          /* where registration scans first  */
     alignas(FMQ_LINE) struct {             /* the last stall a waiter saw      */
         _Atomic uint64_t ticket;           /* slot ticket + 1 (0 = none)       */
@@ -156,6 +166,20 @@ typedef struct fmq_ctl {
     fmq_u64line last_scan;                 /* last full lease scan (ns)        */
     alignas(FMQ_LINE) _Atomic uint64_t retired[FMQ_NSTATS]; /* folded counters of
                                               participants that are gone      */
+    /* memory that follows use (fmq_pool.c); the pool counters are sums of
+     * the per-block page records, recomputed by the audit */
+    fmq_u64line pool_in_use;               /* bytes recorded on held blocks    */
+    fmq_u64line pool_kept;                 /* bytes recorded on free blocks    */
+    fmq_u64line ring_committed;            /* ring slots whose pages are
+                                              reserved (grows only)           */
+    fmq_u64line lease_committed;           /* lease entries likewise          */
+    fmq_u64line shm_full_ns;               /* last failed reservation (ns)     */
+    fmq_u64line pool_peak;                 /* recent peak of pool_in_use, decayed
+                                              on every free (a policy hint)   */
+    fmq_u64line cold_top[FMQ_MAX_CLASSES]; /* free stacks of blocks without
+                                              pages (free_top: warm ones)     */
+    alignas(FMQ_LINE) _Atomic uint64_t carved[FMQ_MAX_CLASSES]; /* blocks of each
+                                              class whose metadata exists     */
 } fmq_ctl;
 
 typedef struct fmq_participant {
@@ -233,7 +257,12 @@ typedef struct fmq_lease {
 typedef struct fmq_block_meta {
     _Atomic uint64_t state;     /* holders, see above                         */
     _Atomic uint32_t next;      /* free-stack link (valid only while free)    */
-    uint32_t reserved_;
+    _Atomic uint32_t pages;     /* data pages reserved from the block's start;
+                                   written only by whoever has the block to
+                                   itself (popped, or about to be pushed).
+                                   Never more than are really reserved: a
+                                   crash leaves it low (a leak the audit
+                                   finds), never high (a SIGBUS)            */
 } fmq_block_meta;
 
 _Static_assert(sizeof(fmq_header) <= FMQ_PAGE,

@@ -123,7 +123,9 @@ static const unsigned char *fmq_lease_src(fmq_region *r, fmq_lease *e, uint32_t 
     return p;
 }
 
-uint32_t fmq_lease_count(const fmq_region *r) { return (uint32_t)r->g.slot_count; }
+/* Only entries whose pages are reserved exist (fmq_pool.c): the table grows
+ * when a take finds none free. */
+uint32_t fmq_lease_count(const fmq_region *r) { return (uint32_t)fmq_lease_committed(r); }
 
 static void fmq_lower_next_due(fmq_region *r, uint64_t due) {
     uint64_t cur = atomic_load_explicit(&r->ctl->next_due.v, memory_order_relaxed);
@@ -210,6 +212,7 @@ static void fmq_lease_discard_corrupt(fmq_region *r, fmq_lease *e, uint32_t tok)
 /* model: lease.take */
 int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_out,
                    uint32_t *token_out, uint32_t *deliveries_out) {
+again:;
     uint32_t n = fmq_lease_count(r);
     uint32_t start = (uint32_t)(atomic_load_explicit(&r->ctl->lease_hint.v,
                                                      memory_order_relaxed) % n);
@@ -262,6 +265,8 @@ int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_
         *deliveries_out = m->deliveries + 1;
         return FMQ_OK;
     }
+    if (fmq_lease_grow(r, n) == FMQ_OK)
+        goto again;   /* more entries now exist */
     return FMQ_FULL;
 }
 
@@ -917,7 +922,8 @@ int fmq_block_referenced(fmq_region *r, uint32_t block, uint64_t skip_ticket) {
         if (FMQ_LSTATE(w) != FMQ_LS_FREE && FMQ_ONCE(e->block) == block)
             return 1;
     }
-    for (uint64_t i = 0; i < r->g.slot_count; i++) {
+    uint64_t nslots = fmq_ring_committed(r);   /* only reserved slots exist */
+    for (uint64_t i = 0; i < nslots; i++) {
         if (skip_ticket != ~0ull && i == skip_ticket % r->g.slot_count)
             continue;
         fmq_slot *s = (fmq_slot *)(r->ring + i * r->g.slot_stride);

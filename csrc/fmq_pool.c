@@ -1,52 +1,293 @@
 /*
- * fmq_pool.c -- size-classed blocks for messages that do not fit in a slot.
+ * fmq_pool.c -- blocks for messages that do not fit in a slot, and the
+ * memory behind them and behind the ring: reserved as it is first used,
+ * given back when it is no longer needed.
  *
- * Algorithm. Each class is an array of equal blocks plus a lock-free LIFO free
- * stack (Treiber) whose top word packs {tag:32, index:32}; every successful
- * push or pop increments the tag, so a top that was popped and pushed back
- * between our read and our CAS (ABA) never matches. LIFO keeps recently used,
- * cache-warm blocks in play and leaves the rest of the pool untouched.
- * A request takes the smallest class that fits and borrows from larger classes
- * when that one is exhausted. A block's state word names its holders (see
- * fmq_layout.h): the writer, the reader, and whether a queued message refers
- * to it. Every hand-off (writer -> ring -> reader) is one CAS on that word, and
- * the block returns to its free stack when the word reaches zero, so memory
- * that Python can still see is never handed out again.
+ * Virtual layout, physical use. The segment file is sparse (fmq_region.c
+ * sizes it to the whole layout and reserves only the header, control lines
+ * and participant table). Everything else is reserved with fallocate() just
+ * before it is first touched, so a full /dev/shm shows up as an error code
+ * at that call (the put waits like a full queue, or raises Full naming the
+ * limit), never as a SIGBUS on a later store. On tmpfs a *read* of a hole
+ * allocates too, so no code reads a range before it is reserved: scans stop
+ * at ctl->ring_committed and ctl->carved[c].
+ *
+ * Ring. Slots are reserved in chunks of FMQ_RING_CHUNK as tickets of the
+ * first lap approach the reserved end (fmq_ring_grow); lease entries in
+ * chunks as takers find none free (fmq_lease_grow, ctl->lease_committed); ctl->ring_committed only grows, by a CAS-max after
+ * the fallocate, so a grower killed in between leaves reserved but unused
+ * pages that the next grower reserves again (fallocate is idempotent). Ring
+ * pages are never given back: a slot word carries its lap, which a punched
+ * (zeroed) page would lose. A ring that has lapped once holds
+ * slot_count * slot_stride bytes (lease entries likewise stay once made).
+ *
+ * Blocks: one budget, many sizes. Size classes grow by 4x from FMQ_MIN_BLOCK
+ * to max_message_size; each class has enough block *indices* that messages
+ * of that class alone can fill the whole budget (capacity_bytes / the
+ * smallest message the class takes), so no class has a fixed share. A block
+ * reserves only the pages its message needs (fmq_block_meta.pages), from its
+ * start, and the budget (capacity_bytes rounded up to a page, so a message
+ * of max_message_size always fits) counts reserved pages (ctl->pool_in_use), so the
+ * loss to rounding is under one page per message plus at most
+ * FMQ_TRIM_SLACK pages of a reused block (bigger excess is punched away).
+ *
+ * Each class is a lock-free LIFO free stack (Treiber) whose top word packs
+ * {tag:32, index:32}; every successful push or pop increments the tag, so a
+ * top that was popped and pushed back between our read and our CAS (ABA)
+ * never matches. When a class's stacks are empty its next FMQ_CARVE blocks are
+ * carved: their metadata page is reserved, ctl->carved[c] is advanced by one
+ * CAS (whoever wins owns the new blocks), the first is kept and the rest are
+ * pushed as one chain. A request takes the smallest class that fits and
+ * borrows from larger ones when that one is exhausted.
+ *
+ * Giving memory back, with hysteresis. Each class has two free stacks: warm
+ * blocks (pages still reserved, counted in ctl->pool_kept; free_top) and
+ * cold ones (no pages; cold_top); allocation prefers warm. A freed block
+ * stays warm while the warm total is under the largest of r->keep_bytes
+ * (capacity_bytes / 16, between 4 MiB and 16 MiB), the bytes in use and
+ * their recent peak (ctl->pool_peak, which decays by 1/128 per free, counted
+ * up to 2 * keep_bytes), so a busy queue, or a backlog swinging between
+ * empty and a peak, reuses its pages without a syscall per message; otherwise it is
+ * punched (FALLOC_FL_PUNCH_HOLE) and goes cold, and if the warm total is
+ * over that watermark two more warm blocks are punched (fmq_pool_cool): as
+ * a backlog drains the warm total falls faster than the use, so once it
+ * has drained at most 2 * keep_bytes of block memory stays reserved, and
+ * keep_bytes once the peak has decayed (a few hundred frees later).
+ *
+ * Ownership. A block's state word names its holders (see fmq_layout.h): the
+ * writer, the reader, and whether a queued message refers to it. Every
+ * hand-off (writer -> ring -> reader) is one CAS on that word, and the block
+ * returns to its free stack when the word reaches zero, so memory that Python
+ * can still see is never handed out again. pages is written only by whoever
+ * has the block to itself (after its pop, or after the CAS to zero before
+ * its push), raised only after a successful fallocate and lowered before a
+ * punch: it never claims a page that is not reserved.
  *
  * Memory order. [R-push] the CAS that publishes a block on the stack is a
  * release, pairing with [A-pop], the acquire load/CAS that takes it: the link
- * we read under it is the one written before the push.
+ * and page record we read under it are the ones written before the push.
+ * [R-carve] the carve CAS (release) pairs with [A-carve] (acquire loads of
+ * carved[c]): a block index below carved has reserved metadata.
  *
  * Failure model. Because every holder is named, recovery (fmq_recover.c)
  * clears a dead participant's writer/reader share of every block and frees
- * the blocks nobody else holds. The one unnamed instant is between the pop
- * and the store of the writer tag (two instructions): a SIGKILL exactly there
- * leaks one block. Every index read from shared memory is range-checked: a
- * scribbled stack gives FMQ_ECORRUPT, never a wild pointer; and a popped
- * block is taken by a CAS of its state from 0, so a scribbled stack that
- * names a block somebody holds never hands that block out again.
+ * the blocks nobody else holds. The unnamed instants are: between a pop and
+ * the store of the writer tag; between the carve CAS and the push of the new
+ * chain; between a block's last CAS to zero and its push (punching included).
+ * Cooling (warm blocks popped, punched and pushed cold) is another. A SIGKILL
+ * there leaves blocks free but on no stack; the audit (run by an opener that
+ * is alone, fmq_pool_audit) pushes them back, punches pages that a kill left
+ * reserved but unrecorded, and recomputes both counters from the per-block
+ * records (a kill between a counter update and the record it mirrors leaves
+ * the counter off until then). Every crash point below is one of these
+ * steps. Every index read from shared memory is range-checked: a scribbled
+ * stack gives FMQ_ECORRUPT, never a wild pointer; and a popped block is taken
+ * by a CAS of its state from 0, so a scribbled stack that names a block
+ * somebody holds never hands that block out again.
  */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+
 #include "fmq_internal.h"
+
+#define FMQ_CARVE 256                      /* blocks per carve: one meta page  */
+#define FMQ_TRIM_SLACK 16                  /* reused-block excess kept (pages) */
+#define FMQ_SHM_RETRY_NS 20000000ull       /* after ENOSPC, report "no room" this
+                                              long before trying again        */
+#define FMQ_RING_CHUNK 256                 /* slots reserved per ring growth   */
+#ifdef MADV_POPULATE_WRITE
+#define FMQ_MADV_POPULATE_WRITE MADV_POPULATE_WRITE
+#else
+#define FMQ_MADV_POPULATE_WRITE 23          /* Linux 5.14; older kernels: EINVAL */
+#endif
+
+_Static_assert(FMQ_CARVE * sizeof(fmq_block_meta) == FMQ_PAGE,
+               "a carve reserves exactly one page of block metadata");
+
+/* ======================================================================== */
+/* reserving and releasing file ranges                                      */
+/* ======================================================================== */
+
+static uint64_t fmq_pool_shed(fmq_region *r);
+
+static int fmq_mem_reserve(fmq_region *r, uint64_t off, uint64_t len) {
+    if (len == 0)
+        return FMQ_OK;
+    uint64_t a = off / FMQ_PAGE * FMQ_PAGE;
+    uint64_t b = (off + len + FMQ_PAGE - 1) / FMQ_PAGE * FMQ_PAGE;
+    if (b > r->g.total_size)
+        b = r->g.total_size;
+    int shed = 0;
+    for (;;) {
+        if (fallocate(r->fd, 0, (off_t)a, (off_t)(b - a)) == 0)
+            return FMQ_OK;
+        if (errno == EINTR)
+            continue;
+        /* /dev/shm is full: our own warm free blocks go first, once. */
+        if (errno == ENOSPC && !shed++ && fmq_pool_shed(r) > 0)
+            continue;
+        if (errno == ENOSPC || errno == ENOMEM || errno == EFBIG) {
+            atomic_store_explicit(&r->ctl->shm_full_ns.v, fmq_now_ns(), memory_order_relaxed);
+            return FMQ_NOSPACE;
+        }
+        /* EOPNOTSUPP (not tmpfs): pages come on first touch, as with any file. */
+        return FMQ_OK;
+    }
+}
+
+static void fmq_mem_release(fmq_region *r, uint64_t off, uint64_t len) {
+    uint64_t a = (off + FMQ_PAGE - 1) / FMQ_PAGE * FMQ_PAGE;
+    uint64_t b = (off + len) / FMQ_PAGE * FMQ_PAGE;
+    if (b > a)
+        (void)fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)a,
+                        (off_t)(b - a));
+}
+
+static int fmq_shm_full_within(fmq_region *r, uint64_t ns) {
+    uint64_t t = atomic_load_explicit(&r->ctl->shm_full_ns.v, memory_order_relaxed);
+    return t && fmq_now_ns() - t < ns;
+}
+
+static int fmq_shm_recently_full(fmq_region *r) {
+    return fmq_shm_full_within(r, FMQ_SHM_RETRY_NS);
+}
+
+/* ======================================================================== */
+/* the ring's reserved prefix                                               */
+/* ======================================================================== */
+
+uint64_t fmq_ring_committed(const fmq_region *r) {
+    uint64_t w = atomic_load_explicit(&r->ctl->ring_committed.v, memory_order_acquire);
+    return w < r->g.slot_count ? w : r->g.slot_count;   /* validated: never past the ring */
+}
+
+/* Make slots up to ticket t + FMQ_RING_MARGIN (first lap) readable and
+ * writable. FMQ_FULL when /dev/shm has no room for them: the producer then
+ * waits like on a full ring. */
+int fmq_ring_grow(fmq_region *r, uint64_t t) {
+    uint64_t n = r->g.slot_count;
+    uint64_t w = fmq_ring_committed(r);   /* [A-ring] pairs with [R-ring] */
+    for (;;) {
+        if (w >= n) {
+            r->ring_ready = UINT64_MAX;    /* every slot is reserved: fast path */
+            return FMQ_OK;
+        }
+        if (t < n && t + FMQ_RING_MARGIN < w) {
+            r->ring_ready = w;
+            return FMQ_OK;
+        }
+        if (t >= n) {
+            /* A ticket past the first lap with the ring not fully reserved:
+             * the ring words say more tickets were taken than ever reserved. */
+            return fmq_fail(FMQ_ECORRUPT, "ring reservation mark %llu is behind ticket %llu",
+                            (unsigned long long)w, (unsigned long long)t);
+        }
+        uint64_t want = (t + FMQ_RING_MARGIN + FMQ_RING_CHUNK) / FMQ_RING_CHUNK * FMQ_RING_CHUNK;
+        if (want > n)
+            want = n;
+        if (fmq_mem_reserve(r, r->g.ring_offset + w * r->g.slot_stride,
+                            (want - w) * r->g.slot_stride) != FMQ_OK) {
+            if (t + 1 < w) {
+                r->ring_ready = w;         /* no headroom, but this ticket fits */
+                return FMQ_OK;
+            }
+            return FMQ_FULL;
+        }
+        FMQ_CRASHPOINT("ring.grow.reserved");
+        /* [R-ring] the pages are reserved before anyone may touch them. */
+        if (atomic_compare_exchange_strong_explicit(&r->ctl->ring_committed.v, &w, want,
+                                                    memory_order_release,
+                                                    memory_order_acquire))
+            w = want;
+        /* else w is the newer mark someone else set: look again */
+    }
+}
+
+uint64_t fmq_lease_committed(const fmq_region *r) {
+    uint64_t w = atomic_load_explicit(&r->ctl->lease_committed.v, memory_order_acquire);
+    return w < r->g.slot_count ? w : r->g.slot_count;   /* validated: never past the table */
+}
+
+/* The lease table had n entries, none free: reserve another chunk (FMQ_OK),
+ * or FMQ_FULL if it is whole or /dev/shm has no room (the taker waits). */
+int fmq_lease_grow(fmq_region *r, uint64_t n) {
+    uint64_t w = fmq_lease_committed(r);   /* [A-ring] */
+    if (w > n)
+        return FMQ_OK;                     /* someone else grew it */
+    if (w >= r->g.slot_count)
+        return FMQ_FULL;
+    uint64_t want = w + FMQ_RING_CHUNK < r->g.slot_count ? w + FMQ_RING_CHUNK : r->g.slot_count;
+    if (fmq_mem_reserve(r, r->g.lease_offset + w * r->g.lease_stride,
+                        (want - w) * r->g.lease_stride) != FMQ_OK)
+        return FMQ_FULL;
+    FMQ_CRASHPOINT("lease.grow.reserved");
+    /* [R-ring]; a lost race means someone else grew it: fine either way */
+    atomic_compare_exchange_strong_explicit(&r->ctl->lease_committed.v, &w, want,
+                                            memory_order_release, memory_order_relaxed);
+    return FMQ_OK;
+}
+
+/* May a producer waiting for a slot at ticket t try again? */
+int fmq_ring_room(fmq_region *r, uint64_t t) {
+    if (t + FMQ_RING_MARGIN < r->ring_ready)
+        return 1;
+    uint64_t w = fmq_ring_committed(r);
+    if (w >= r->g.slot_count || t + FMQ_RING_MARGIN < w)
+        return 1;
+    return !fmq_shm_recently_full(r);
+}
+
+/* ======================================================================== */
+/* blocks                                                                   */
+/* ======================================================================== */
 
 static inline fmq_block_meta *fmq_pool_meta(fmq_region *r, uint32_t c) {
     return (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
 }
 
-static inline int fmq_pool_valid(fmq_region *r, uint32_t block) {
-    uint32_t c = FMQ_BLOCK_CLASS(block);
-    return c < r->g.nclasses && FMQ_BLOCK_INDEX(block) < r->g.classes[c].nblocks;
+uint64_t fmq_pool_carved(fmq_region *r, uint32_t c) {
+    uint64_t k = atomic_load_explicit(&r->ctl->carved[c], memory_order_acquire); /* [A-carve] */
+    return k < r->g.classes[c].nblocks ? k : r->g.classes[c].nblocks;
 }
 
-static int fmq_pool_pop(fmq_region *r, uint32_t c, uint32_t *idx_out) {
-    _Atomic uint64_t *top = &r->ctl->free_top[c].v;
+static inline int fmq_pool_valid(fmq_region *r, uint32_t block) {
+    uint32_t c = FMQ_BLOCK_CLASS(block);
+    return c < r->g.nclasses && FMQ_BLOCK_INDEX(block) < fmq_pool_carved(r, c);
+}
+
+static inline unsigned char *fmq_block_data(fmq_region *r, uint32_t c, uint32_t idx) {
+    return r->base + r->g.classes[c].data_offset + (uint64_t)idx * r->g.classes[c].block_size;
+}
+
+static inline uint64_t fmq_block_off(fmq_region *r, uint32_t c, uint32_t idx) {
+    return r->g.classes[c].data_offset + (uint64_t)idx * r->g.classes[c].block_size;
+}
+
+/* Counters: a crash can leave them off (see header), so never wrap below 0. */
+static void fmq_sub_sat(_Atomic uint64_t *v, uint64_t n) {
+    uint64_t cur = atomic_load_explicit(v, memory_order_relaxed);
+    while (!atomic_compare_exchange_weak_explicit(v, &cur, cur > n ? cur - n : 0,
+                                                  memory_order_relaxed, memory_order_relaxed))
+        ;
+}
+
+static inline _Atomic uint64_t *fmq_pool_top(fmq_region *r, uint32_t c, int cold) {
+    return cold ? &r->ctl->cold_top[c].v : &r->ctl->free_top[c].v;
+}
+
+static int fmq_pool_pop_stack(fmq_region *r, uint32_t c, int cold, uint32_t *idx_out) {
+    _Atomic uint64_t *top = fmq_pool_top(r, c, cold);
     fmq_block_meta *meta = fmq_pool_meta(r, c);
-    uint64_t nb = r->g.classes[c].nblocks;
     uint64_t cur = atomic_load_explicit(top, memory_order_acquire);   /* [A-pop] */
     for (;;) {
         uint32_t idx = (uint32_t)cur;
         if (idx == FMQ_NIL)
             return FMQ_NOSPACE;
-        if (idx >= nb)
+        if (idx >= fmq_pool_carved(r, c))
             return fmq_fail(FMQ_ECORRUPT, "block pool free stack is corrupted");
         /* May be stale if idx was popped meanwhile; then the tag moved and the
          * CAS below fails, so a stale link is never installed. */
@@ -60,13 +301,21 @@ static int fmq_pool_pop(fmq_region *r, uint32_t c, uint32_t *idx_out) {
     }
 }
 
-static void fmq_pool_push(fmq_region *r, uint32_t c, uint32_t idx) {
-    _Atomic uint64_t *top = &r->ctl->free_top[c].v;
+/* A free block of class c: a warm one (pages reserved) first, else a cold one. */
+static int fmq_pool_pop(fmq_region *r, uint32_t c, uint32_t *idx_out) {
+    int rc = fmq_pool_pop_stack(r, c, 0, idx_out);
+    return rc == FMQ_NOSPACE ? fmq_pool_pop_stack(r, c, 1, idx_out) : rc;
+}
+
+/* Push the chain first..last (already linked first -> ... -> last). */
+static void fmq_pool_push_chain(fmq_region *r, uint32_t c, int cold, uint32_t first,
+                                uint32_t last) {
+    _Atomic uint64_t *top = fmq_pool_top(r, c, cold);
     fmq_block_meta *meta = fmq_pool_meta(r, c);
     uint64_t cur = atomic_load_explicit(top, memory_order_relaxed);
     for (;;) {
-        atomic_store_explicit(&meta[idx].next, (uint32_t)cur, memory_order_relaxed);
-        uint64_t want = (((cur >> 32) + 1) << 32) | idx;
+        atomic_store_explicit(&meta[last].next, (uint32_t)cur, memory_order_relaxed);
+        uint64_t want = (((cur >> 32) + 1) << 32) | first;
         /* seq_cst (not just release): the wake that follows reads the waiter
          * count, see fmq_ring.c "waiting". */
         if (atomic_compare_exchange_weak_explicit(top, &cur, want, memory_order_seq_cst,
@@ -75,11 +324,169 @@ static void fmq_pool_push(fmq_region *r, uint32_t c, uint32_t idx) {
     }
 }
 
+/* Onto the warm stack if the block has pages, else the cold one. */
+static void fmq_pool_push(fmq_region *r, uint32_t c, uint32_t idx) {
+    int cold = atomic_load_explicit(&fmq_pool_meta(r, c)[idx].pages, memory_order_relaxed) == 0;
+    fmq_pool_push_chain(r, c, cold, idx, idx);
+}
+
+/* Carve the next FMQ_CARVE blocks of class c; the first is returned to the
+ * caller (to itself, state 0), the rest go on the stack. FMQ_AGAIN: another
+ * process carved first, pop again. */
+static int fmq_pool_carve(fmq_region *r, uint32_t c, uint32_t *idx_out) {
+    uint64_t nb = r->g.classes[c].nblocks;
+    uint64_t k = fmq_pool_carved(r, c);
+    if (k >= nb)
+        return FMQ_NOSPACE;
+    uint64_t n = nb - k < FMQ_CARVE ? nb - k : FMQ_CARVE;
+    int rc = fmq_mem_reserve(r, r->g.classes[c].meta_offset + k * sizeof(fmq_block_meta),
+                             n * sizeof(fmq_block_meta));
+    if (rc != FMQ_OK)
+        return rc;
+    FMQ_CRASHPOINT("pool.grow.reserved");
+    uint64_t expect = k;
+    if (!atomic_compare_exchange_strong_explicit(&r->ctl->carved[c], &expect, k + n,
+                                                 memory_order_release,    /* [R-carve] */
+                                                 memory_order_relaxed))
+        return FMQ_AGAIN;
+    FMQ_CRASHPOINT("pool.grow.carved");
+    /* Blocks k..k+n-1 are ours and never used: their metadata is zero (free,
+     * no pages). Keep k, push the rest as one chain. */
+    fmq_block_meta *meta = fmq_pool_meta(r, c);
+    if (n > 1) {
+        for (uint64_t i = k + 1; i + 1 < k + n; i++)
+            atomic_store_explicit(&meta[i].next, (uint32_t)(i + 1), memory_order_relaxed);
+        fmq_pool_push_chain(r, c, 1, (uint32_t)(k + 1), (uint32_t)(k + n - 1));
+        fmq_ring_wake_producers(r);
+    }
+    *idx_out = (uint32_t)k;
+    return FMQ_OK;
+}
+
+/* Punch up to max_blocks warm free blocks (class c0 first, then the
+ * others) and move them to the cold stacks: for a full /dev/shm (the space
+ * goes to what needs it: a ring chunk, a bigger block) and for the warm
+ * watermark. A kill between the pop and the push leaves a block on no stack
+ * (the audit's). Returns bytes freed. */
+static uint64_t fmq_pool_cool(fmq_region *r, uint32_t c0, uint64_t max_blocks) {
+    uint64_t freed = 0, done = 0;
+    for (uint32_t k = 0; k < r->g.nclasses && done < max_blocks; k++) {
+        uint32_t c = (c0 + k) % r->g.nclasses, idx;
+        while (done < max_blocks && fmq_pool_pop_stack(r, c, 0, &idx) == FMQ_OK) {
+            FMQ_CRASHPOINT("pool.cool.popped");
+            fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
+            uint64_t bytes =
+                (uint64_t)atomic_load_explicit(&m->pages, memory_order_relaxed) * FMQ_PAGE;
+            atomic_store_explicit(&m->pages, 0, memory_order_relaxed);   /* record low first */
+            fmq_sub_sat(&r->ctl->pool_kept.v, bytes);
+            fmq_mem_release(r, fmq_block_off(r, c, idx), bytes);
+            fmq_pool_push(r, c, idx);   /* cold now */
+            freed += bytes;
+            done++;
+        }
+    }
+    return freed;
+}
+
+static uint64_t fmq_pool_shed(fmq_region *r) { return fmq_pool_cool(r, 0, UINT64_MAX); }
+
+/* Give block (c, idx), which nobody holds any more (state 0) and which is on
+ * no stack, back: its pages stay reserved (warm) while the warm total is
+ * under the watermark, otherwise they are punched; then it is pushed. */
+static void fmq_pool_put_back(fmq_region *r, uint32_t c, uint32_t idx, int was_held) {
+    fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
+    uint64_t bytes = (uint64_t)atomic_load_explicit(&m->pages, memory_order_relaxed) * FMQ_PAGE;
+    if (was_held)
+        fmq_sub_sat(&r->ctl->pool_in_use.v, bytes);
+    /* Warm while the warm total stays under the largest of keep_bytes, the
+     * bytes in use, and their recent peak (which loses 1/128 on every free;
+     * counted up to 2 * keep_bytes):
+     * a backlog that swings between empty and a peak reuses its pages, one
+     * that drained (many frees since the peak) gives them back. The peak is
+     * a hint shared without ordering; clamped, a bad value only changes how
+     * much stays warm. */
+    uint64_t limit = atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed);
+    uint64_t peak = atomic_load_explicit(&r->ctl->pool_peak.v, memory_order_relaxed);
+    if (peak > r->budget)
+        peak = r->budget;
+    atomic_store_explicit(&r->ctl->pool_peak.v, peak - (peak >> 7), memory_order_relaxed);
+    if (peak > 2 * r->keep_bytes)
+        peak = 2 * r->keep_bytes;   /* what a drained queue may still hold warm */
+    if (limit < peak)
+        limit = peak;
+    if (limit < r->keep_bytes)
+        limit = r->keep_bytes;
+    uint64_t kept = atomic_load_explicit(&r->ctl->pool_kept.v, memory_order_relaxed);
+    int warm = bytes && kept + bytes <= limit;
+    if (warm) {
+        atomic_fetch_add_explicit(&r->ctl->pool_kept.v, bytes, memory_order_relaxed);
+    } else if (bytes) {
+        atomic_store_explicit(&m->pages, 0, memory_order_relaxed);   /* record low first */
+        FMQ_CRASHPOINT("pool.free.unrecorded");
+        fmq_mem_release(r, fmq_block_off(r, c, idx), bytes);
+        FMQ_CRASHPOINT("pool.free.punched");
+    }
+    FMQ_CRASHPOINT("pool.free.before_push");
+    fmq_pool_push(r, c, idx);
+    fmq_ring_wake_producers(r);
+    /* Over the watermark (the backlog shrank): cool two warm blocks per free,
+     * so the warm total falls faster than the use and ends at keep_bytes. */
+    if (!warm && kept > limit)
+        fmq_pool_cool(r, c, 2);
+}
+
+/* Reserve `need` pages from the start of the block we hold alone and count
+ * them in the budget; trim a reused block's big excess. */
+static int fmq_pool_commit(fmq_region *r, uint32_t c, uint32_t idx, uint64_t need) {
+    fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
+    uint64_t have = atomic_load_explicit(&m->pages, memory_order_relaxed);
+    uint64_t keep = have > need + FMQ_TRIM_SLACK ? need : (have > need ? have : need);
+    uint64_t used = atomic_fetch_add_explicit(&r->ctl->pool_in_use.v, keep * FMQ_PAGE,
+                                              memory_order_relaxed) + keep * FMQ_PAGE;
+    if (used > r->budget) {
+        fmq_sub_sat(&r->ctl->pool_in_use.v, keep * FMQ_PAGE);
+        r->nospace_why = FMQ_WHY_CAP;
+        return FMQ_NOSPACE;
+    }
+    if (used > atomic_load_explicit(&r->ctl->pool_peak.v, memory_order_relaxed))
+        atomic_store_explicit(&r->ctl->pool_peak.v, used, memory_order_relaxed);
+    if (have) /* no longer warm */
+        fmq_sub_sat(&r->ctl->pool_kept.v, have * FMQ_PAGE);
+    if (have < need) {
+        if (fmq_mem_reserve(r, fmq_block_off(r, c, idx) + have * FMQ_PAGE,
+                            (need - have) * FMQ_PAGE) != FMQ_OK) {
+            fmq_sub_sat(&r->ctl->pool_in_use.v, keep * FMQ_PAGE);
+            if (have)
+                atomic_fetch_add_explicit(&r->ctl->pool_kept.v, have * FMQ_PAGE,
+                                          memory_order_relaxed);
+            r->nospace_why = FMQ_WHY_SHM;
+            return FMQ_NOSPACE;
+        }
+        FMQ_CRASHPOINT("pool.commit.reserved");
+        atomic_store_explicit(&m->pages, (uint32_t)need, memory_order_relaxed);
+        /* Map the fresh pages writable in one call rather than one fault per
+         * page as the copy touches them (a hint: failure costs nothing). */
+        if (need - have >= 16)
+            (void)madvise(fmq_block_data(r, c, idx) + have * FMQ_PAGE,
+                          (need - have) * FMQ_PAGE, FMQ_MADV_POPULATE_WRITE);
+    } else if (keep < have) {
+        atomic_store_explicit(&m->pages, (uint32_t)keep, memory_order_relaxed);
+        FMQ_CRASHPOINT("pool.commit.trimmed");
+        fmq_mem_release(r, fmq_block_off(r, c, idx) + keep * FMQ_PAGE,
+                        (have - keep) * FMQ_PAGE);
+    }
+    return FMQ_OK;
+}
+
 static int fmq_pool_class_for(fmq_region *r, uint64_t nbytes) {
     for (uint32_t c = 0; c < r->g.nclasses; c++)
         if (r->g.classes[c].block_size >= nbytes)
             return (int)c;
     return -1;
+}
+
+static inline uint64_t fmq_pages_for(uint64_t nbytes) {
+    return nbytes ? (nbytes + FMQ_PAGE - 1) / FMQ_PAGE : 1;
 }
 
 /* model: pool.alloc */
@@ -91,11 +498,23 @@ int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
     int c0 = fmq_pool_class_for(r, nbytes);
     if (c0 < 0)
         return FMQ_TOOBIG;
+    uint64_t need = fmq_pages_for(nbytes);
+    if (atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed) + need * FMQ_PAGE >
+        r->budget) {
+        r->nospace_why = FMQ_WHY_CAP;
+        return FMQ_NOSPACE;
+    }
+    r->nospace_why = FMQ_WHY_CAP;
     for (uint32_t c = (uint32_t)c0; c < r->g.nclasses; c++) {
         uint32_t idx = FMQ_NIL;
         int rc = fmq_pool_pop(r, c, &idx);
-        if (rc == FMQ_NOSPACE)
+        while (rc == FMQ_NOSPACE && (rc = fmq_pool_carve(r, c, &idx)) == FMQ_AGAIN)
+            rc = fmq_pool_pop(r, c, &idx);
+        if (rc == FMQ_NOSPACE) {
+            if (fmq_shm_recently_full(r))
+                r->nospace_why = FMQ_WHY_SHM;
             continue;
+        }
         if (rc != FMQ_OK)
             return rc;
         FMQ_CRASHPOINT("pool.alloc.popped");
@@ -104,8 +523,8 @@ int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
          * from 0 always succeeds -- unless the stack was scribbled and named
          * a block somebody holds: that one is never handed out (it stays off
          * the stack; the message that holds it is untouched). The window
-         * between the pop above and this CAS is the one place a SIGKILL
-         * leaks a block (it is then neither free nor named). */
+         * between the pop above and this CAS is one of the places a SIGKILL
+         * leaves a block free on no stack (the audit's). */
         uint64_t zero = 0;
         if (!atomic_compare_exchange_strong_explicit(&m->state, &zero,
                                                      FMQ_BLK_MAKE(r->owner_tag, 0, 0),
@@ -113,34 +532,59 @@ int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
                                                      memory_order_relaxed))
             return fmq_fail(FMQ_ECORRUPT, "block pool free stack named block %#x, which is "
                                           "in use", FMQ_BLOCK_REF(c, idx));
+        if ((rc = fmq_pool_commit(r, c, idx, need)) != FMQ_OK) {
+            atomic_store_explicit(&m->state, 0, memory_order_relaxed);
+            fmq_pool_put_back(r, c, idx, 0);
+            return rc;
+        }
         *block_out = FMQ_BLOCK_REF(c, idx);
         return FMQ_OK;
     }
     return FMQ_NOSPACE;
 }
 
-/* Is a block big enough for nbytes free right now? (wait predicate) */
+/* Could an allocation of nbytes succeed right now? (wait predicate) */
 int fmq_pool_available(fmq_region *r, uint64_t nbytes) {
     int c0 = fmq_pool_class_for(r, nbytes);
     if (c0 < 0)
         return 0;
-    for (uint32_t c = (uint32_t)c0; c < r->g.nclasses; c++)
-        if ((uint32_t)atomic_load_explicit(&r->ctl->free_top[c].v, memory_order_seq_cst) !=
-            FMQ_NIL)
+    uint64_t need = fmq_pages_for(nbytes);
+    if (atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_seq_cst) + need * FMQ_PAGE >
+        r->budget)
+        return 0;
+    int shm_full = fmq_shm_recently_full(r);
+    for (uint32_t c = (uint32_t)c0; c < r->g.nclasses; c++) {
+        uint32_t warm = (uint32_t)atomic_load_explicit(&r->ctl->free_top[c].v,
+                                                       memory_order_seq_cst);
+        uint32_t cold = (uint32_t)atomic_load_explicit(&r->ctl->cold_top[c].v,
+                                                       memory_order_seq_cst);
+        if (warm != FMQ_NIL && warm < fmq_pool_carved(r, c) &&
+            (!shm_full ||
+             atomic_load_explicit(&fmq_pool_meta(r, c)[warm].pages, memory_order_relaxed) >=
+                 need))
             return 1;
+        if (!shm_full && (cold != FMQ_NIL ||
+                          fmq_pool_carved(r, c) < r->g.classes[c].nblocks))
+            return 1;
+    }
     return 0;
 }
 
 unsigned char *fmq_pool_ptr(fmq_region *r, uint32_t block) {
     if (!fmq_pool_valid(r, block))
         return NULL;
-    uint32_t c = FMQ_BLOCK_CLASS(block);
-    return r->base + r->g.classes[c].data_offset +
-           (uint64_t)FMQ_BLOCK_INDEX(block) * r->g.classes[c].block_size;
+    return fmq_block_data(r, FMQ_BLOCK_CLASS(block), FMQ_BLOCK_INDEX(block));
 }
 
+/* The bytes of the block a holder may touch: its reserved pages (a message
+ * never needs more; a scribbled length beyond them is refused by callers). */
 uint64_t fmq_pool_block_size(fmq_region *r, uint32_t block) {
-    return fmq_pool_valid(r, block) ? r->g.classes[FMQ_BLOCK_CLASS(block)].block_size : 0;
+    if (!fmq_pool_valid(r, block))
+        return 0;
+    fmq_block_meta *m = &fmq_pool_meta(r, FMQ_BLOCK_CLASS(block))[FMQ_BLOCK_INDEX(block)];
+    uint64_t pages = atomic_load_explicit(&m->pages, memory_order_relaxed) * (uint64_t)FMQ_PAGE;
+    uint64_t bs = r->g.classes[FMQ_BLOCK_CLASS(block)].block_size;
+    return pages < bs ? pages : bs;
 }
 
 static inline _Atomic uint64_t *fmq_pool_state(fmq_region *r, uint32_t block) {
@@ -163,11 +607,8 @@ int fmq_pool_transition(fmq_region *r, uint32_t block, uint64_t mask, uint64_t e
         uint64_t want = (cur & ~mask) | set;
         if (atomic_compare_exchange_weak_explicit(st, &cur, want, memory_order_acq_rel,
                                                   memory_order_acquire)) {
-            if (want == 0) {
-                FMQ_CRASHPOINT("pool.free.before_push");
-                fmq_pool_push(r, FMQ_BLOCK_CLASS(block), FMQ_BLOCK_INDEX(block));
-                fmq_ring_wake_producers(r);
-            }
+            if (want == 0)
+                fmq_pool_put_back(r, FMQ_BLOCK_CLASS(block), FMQ_BLOCK_INDEX(block), 1);
             return FMQ_OK;
         }
     }
@@ -183,6 +624,138 @@ int fmq_pool_release_reader(fmq_region *r, uint32_t block) {
     return fmq_pool_transition(r, block, FMQ_READER_MASK, (uint64_t)r->owner_tag << 24, 0);
 }
 
+/* Recovery freed a block a dead holder had (its state is 0 now). */
 void fmq_pool_free_block(fmq_region *r, uint32_t c, uint32_t idx) {
-    fmq_pool_push(r, c, idx);
+    fmq_pool_put_back(r, c, idx, 1);
+}
+
+/* The audit (fmq_recover.c, with nobody else using the segment): every carved
+ * block must be on its stack or named by a holder. A block that is neither
+ * was dropped in an unnamed instant (see header) and goes back; free blocks
+ * lose pages a kill left reserved past their record; both counters are
+ * recomputed from the records. Returns the number of blocks put back. */
+uint64_t fmq_pool_audit(fmq_region *r) {
+    uint64_t reclaimed = 0, in_use = 0, kept = 0;
+    for (uint32_t c = 0; c < r->g.nclasses; c++) {
+        uint64_t nb = fmq_pool_carved(r, c);
+        fmq_block_meta *meta = fmq_pool_meta(r, c);
+        unsigned char *on_stack = calloc(nb ? nb : 1, 1);
+        if (!on_stack)
+            return reclaimed;   /* counters stay as they are: still usable */
+        int sane = 1;
+        uint64_t steps = 0;
+        for (int cold = 0; cold < 2 && sane; cold++) {
+            uint32_t i = (uint32_t)atomic_load(fmq_pool_top(r, c, cold));
+            for (; i != FMQ_NIL; steps++) {
+                if (i >= nb || steps > nb || on_stack[i]) {
+                    sane = 0;   /* a scribbled stack: leave it to CorruptQueue checks */
+                    break;
+                }
+                on_stack[i] = 1;
+                i = atomic_load_explicit(&meta[i].next, memory_order_relaxed);
+            }
+        }
+        uint64_t bs = r->g.classes[c].block_size;
+        for (uint64_t b = 0; sane && b < nb; b++) {
+            uint64_t pages = atomic_load_explicit(&meta[b].pages, memory_order_relaxed);
+            if (atomic_load(&meta[b].state) != 0) {
+                in_use += pages * FMQ_PAGE;
+                continue;
+            }
+            /* free: whatever lies past the record may be a crash's leftover */
+            if (pages * FMQ_PAGE < bs)
+                fmq_mem_release(r, fmq_block_off(r, c, (uint32_t)b) + pages * FMQ_PAGE,
+                                bs - pages * FMQ_PAGE);
+            kept += pages * FMQ_PAGE;
+            if (!on_stack[b]) {
+                fmq_pool_push(r, c, (uint32_t)b);
+                reclaimed++;
+            }
+        }
+        free(on_stack);
+        if (!sane)
+            return reclaimed;
+    }
+    atomic_store_explicit(&r->ctl->pool_in_use.v, in_use, memory_order_relaxed);
+    atomic_store_explicit(&r->ctl->pool_kept.v, kept, memory_order_relaxed);
+    return reclaimed;
+}
+
+/* Memory figures for stats and fastmq stat. */
+void fmq_region_memory(fmq_region *r, fmq_memory *mem) {
+    mem->fixed = r->g.ring_offset;
+    uint64_t w = fmq_ring_committed(r);
+    mem->ring = w * r->g.slot_stride + fmq_lease_committed(r) * r->g.lease_stride;
+    mem->meta = 0;
+    for (uint32_t c = 0; c < r->g.nclasses; c++)
+        mem->meta += (fmq_pool_carved(r, c) * sizeof(fmq_block_meta) + FMQ_PAGE - 1) /
+                     FMQ_PAGE * FMQ_PAGE;   /* reserved in whole pages */
+    mem->blocks_in_use = atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed);
+    mem->blocks_kept = atomic_load_explicit(&r->ctl->pool_kept.v, memory_order_relaxed);
+    mem->reserved = mem->fixed + mem->ring + mem->meta + mem->blocks_in_use + mem->blocks_kept;
+    mem->virtual_size = r->g.total_size;
+    mem->slots_reserved = w;
+}
+
+/* Why the last put could not go in, as a sentence (Full's message). */
+const char *fmq_region_full_reason(fmq_region *r, uint64_t need) {
+    static __thread char buf[320];
+    /* a waiter reports after its whole timeout: look back further */
+    int shm = fmq_shm_full_within(r, 5000000000ull);
+    if (need > r->inline_max) {
+        uint64_t used = atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed);
+        if (used + fmq_pages_for(need) * FMQ_PAGE > r->budget) {
+            snprintf(buf, sizeof buf, "queue is full: its memory cap is reached "
+                     "(capacity_bytes=%llu, %llu bytes held by queued messages)",
+                     (unsigned long long)r->g.capacity_bytes, (unsigned long long)used);
+            return buf;
+        }
+        if (shm || r->nospace_why == FMQ_WHY_SHM) {
+            snprintf(buf, sizeof buf, "queue is full: no free space left in /dev/shm "
+                     "for a %llu-byte message (other queues or files use it; enlarge "
+                     "/dev/shm or drain queues)", (unsigned long long)need);
+            return buf;
+        }
+    }
+    if (fmq_ring_depth(r) >= r->g.slot_count) {
+        snprintf(buf, sizeof buf, "queue is full: it holds its maximum of %llu messages",
+                 (unsigned long long)r->g.slot_count);
+        return buf;
+    }
+    if (shm) {
+        snprintf(buf, sizeof buf, "queue is full: no free space left in /dev/shm for its "
+                 "message slots (enlarge /dev/shm or drain queues)");
+        return buf;
+    }
+    snprintf(buf, sizeof buf, "queue is full");
+    return buf;
+}
+
+/* Would a put of a small (inline) message block right now? */
+int fmq_region_full(fmq_region *r) {
+    if (fmq_ring_depth(r) >= r->g.slot_count)
+        return 1;
+    uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+    return !fmq_ring_room(r, t);
+}
+
+/* For tests and `fastmq stat`: blocks carved, on a free stack, and held
+ * (state != 0). With nobody moving blocks, carved == free + held exactly
+ * when no block is lost. Walks the stacks: O(blocks), not for hot paths. */
+void fmq_pool_census(fmq_region *r, uint64_t *carved, uint64_t *free_out, uint64_t *held) {
+    *carved = *free_out = *held = 0;
+    for (uint32_t c = 0; c < r->g.nclasses; c++) {
+        uint64_t nb = fmq_pool_carved(r, c);
+        fmq_block_meta *meta = fmq_pool_meta(r, c);
+        *carved += nb;
+        for (int cold = 0; cold < 2; cold++) {
+            uint32_t i = (uint32_t)atomic_load(fmq_pool_top(r, c, cold));
+            for (uint64_t steps = 0; i != FMQ_NIL && i < nb && steps <= nb; steps++) {
+                ++*free_out;
+                i = atomic_load_explicit(&meta[i].next, memory_order_relaxed);
+            }
+        }
+        for (uint64_t b = 0; b < nb; b++)
+            *held += atomic_load_explicit(&meta[b].state, memory_order_relaxed) != 0;
+    }
 }

@@ -88,8 +88,9 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     fmq_taken taken = {calloc(r->g.slot_count, sizeof(uint64_t)), 0};
     fmq_lease_reap(r, tag, &taken);
 
-    /* 1. slots (model: recover.slot_pass) */
-    for (uint64_t i = 0; i < r->g.slot_count; i++) {
+    /* 1. slots (model: recover.slot_pass; only reserved ones exist: fmq_pool.c) */
+    uint64_t nslots = fmq_ring_committed(r);
+    for (uint64_t i = 0; i < nslots; i++) {
         fmq_slot *s = fmq_rslot(r, i);
         uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);   /* [A-reap] */
         uint64_t stamp = w >> FMQ_OWNER_BITS;
@@ -145,7 +146,8 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     for (uint32_t c = 0; c < r->g.nclasses; c++) {
         fmq_block_meta *meta = (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
         int64_t base = fmq_block_ordinal(r, FMQ_BLOCK_REF(c, 0));
-        for (uint64_t i = 0; i < r->g.classes[c].nblocks; i++) {
+        uint64_t carved = fmq_pool_carved(r, c);
+        for (uint64_t i = 0; i < carved; i++) {
             _Atomic uint64_t *st = &meta[i].state;
             uint64_t cur = atomic_load_explicit(st, memory_order_acquire);
             for (;;) {
@@ -248,8 +250,8 @@ void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t
 
 /* The full audit, run by an opener that finds itself alone: every block must
  * be free (on its stack) or named by a holder. A block that is neither was
- * lost in one of the two unnamed instants (fmq_pool.c) and goes back on its
- * stack. Only safe with nobody else moving blocks, so it runs with the init
+ * lost in one of the unnamed instants (fmq_pool.c) and goes back on its
+ * stack; fmq_pool_audit also recomputes the pool's memory counters. Only safe with nobody else moving blocks, so it runs with the init
  * lock held and init_state switched away from READY: a process that opens
  * meanwhile waits (fmq_region_open re-checks READY after registering). */
 void fmq_audit_if_alone(fmq_region *r) {
@@ -267,30 +269,7 @@ void fmq_audit_if_alone(fmq_region *r) {
         if (idx != r->me && (id & 0xFFFF) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx))
             alone = 0;
     }
-    uint64_t reclaimed = 0;
-    for (uint32_t c = 0; alone && c < r->g.nclasses; c++) {
-        uint64_t nb = r->g.classes[c].nblocks;
-        fmq_block_meta *meta = (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
-        unsigned char *on_stack = calloc(nb, 1);
-        if (!on_stack)
-            break;
-        uint32_t i = (uint32_t)atomic_load(&r->ctl->free_top[c].v);
-        int sane = 1;
-        for (uint64_t steps = 0; i != FMQ_NIL; steps++) {
-            if (i >= nb || steps > nb || on_stack[i]) {
-                sane = 0;   /* a scribbled stack: leave it to CorruptQueue checks */
-                break;
-            }
-            on_stack[i] = 1;
-            i = atomic_load_explicit(&meta[i].next, memory_order_relaxed);
-        }
-        for (uint64_t b = 0; sane && b < nb; b++)
-            if (!on_stack[b] && atomic_load(&meta[b].state) == 0) {
-                fmq_pool_free_block(r, c, (uint32_t)b);
-                reclaimed++;
-            }
-        free(on_stack);
-    }
+    uint64_t reclaimed = alone ? fmq_pool_audit(r) : 0;
     if (reclaimed)
         atomic_fetch_add_explicit(&r->ctl->retired[FMQ_ST_RECLAIMED], reclaimed,
                                   memory_order_relaxed);

@@ -2,9 +2,11 @@
  * fmq_region.c -- create, open, validate, close and unlink a segment.
  *
  * Algorithm. The creator makes the name with O_CREAT|O_EXCL (so exactly one
- * process initialises it), sizes it, reserves its pages with posix_fallocate
- * (so a full /dev/shm is an error now, not a SIGBUS on some later write),
- * writes the header and pool free stacks, and last publishes
+ * process initialises it), sizes it (sparse: the whole layout), reserves the
+ * pages of its header, control lines and participant table with
+ * posix_fallocate (so a full /dev/shm is an error now, not a SIGBUS on some
+ * later write; everything else is reserved as it is first used, fmq_pool.c),
+ * writes the header and empty pool free stacks, and last publishes
  * init_state = FMQ_INIT_READY with a release store [R-init]. An opener maps
  * the file, waits (bounded) for READY with an acquire load [A-init], then
  * re-derives the whole geometry from four numbers in the header and refuses
@@ -135,16 +137,20 @@ uint32_t fmq_layout_hash(void) {
         offsetof(fmq_ctl, space), offsetof(fmq_ctl, free_top), offsetof(fmq_ctl, retired),
         offsetof(fmq_participant, stats), offsetof(fmq_slot, block), FMQ_STAMP_BITS,
         sizeof(fmq_lease), offsetof(fmq_lease, holder), offsetof(fmq_header, lease_offset),
-        FMQ_GEN_BITS, FMQ_MIN_BLOCK,
+        FMQ_GEN_BITS, FMQ_MIN_BLOCK, offsetof(fmq_ctl, carved), offsetof(fmq_ctl, lease_committed),
+        offsetof(fmq_ctl, cold_top), offsetof(fmq_ctl, pool_peak),
+        offsetof(fmq_block_meta, pages),
     };
     uint64_t h = fmq_fnv1a(1469598103934665603ull, v, sizeof v);
     return (uint32_t)(h ^ (h >> 32));
 }
 
 /* Size classes grow by 4x from FMQ_MIN_BLOCK; the last class is exactly the
- * largest message (rounded to a page). The largest class gets half the pool
- * (at least one block), the smaller classes share the rest evenly (at least
- * one block each); an exhausted class borrows from larger ones (fmq_pool.c). */
+ * largest message (rounded to a page). Blocks reserve only the pages their
+ * message needs (fmq_pool.c), so block sizes cost address space, not memory:
+ * each class gets enough blocks for messages of its smallest size (just over
+ * the class below) to fill all of capacity_bytes, and any mix of sizes can
+ * use the whole cap. */
 int fmq_geometry_compute(uint64_t slot_count, uint32_t slot_stride,
                          uint64_t max_message_size, uint64_t capacity_bytes,
                          fmq_geometry *g) {
@@ -179,12 +185,9 @@ int fmq_geometry_compute(uint64_t slot_count, uint32_t slot_stride,
     sizes[n++] = top;
     g->nclasses = n;
 
-    uint64_t top_blocks = capacity_bytes / 2 / top;
-    if (top_blocks < 1)
-        top_blocks = 1;
-    uint64_t rest = capacity_bytes > top_blocks * top ? capacity_bytes - top_blocks * top : 0;
     for (uint32_t c = 0; c < n; c++) {
-        uint64_t nb = c == n - 1 ? top_blocks : (rest / (n - 1)) / sizes[c];
+        uint64_t smallest = c == 0 ? FMQ_PAGE : sizes[c - 1] + FMQ_PAGE;
+        uint64_t nb = capacity_bytes / smallest;
         if (nb < 1)
             nb = 1;
         if (nb > FMQ_MAX_BLOCKS_PER_CLASS)
@@ -209,8 +212,8 @@ int fmq_geometry_compute(uint64_t slot_count, uint32_t slot_stride,
         g->classes[c].data_offset = off;
         off += g->classes[c].nblocks * g->classes[c].block_size;
         if (off > (1ull << 46))
-            return fmq_fail(FMQ_EINVAL, "the queue would need more than 64 TiB; "
-                                        "reduce capacity_bytes or maxsize");
+            return fmq_fail(FMQ_EINVAL, "the queue would need more than 64 TiB of address "
+                                        "space; reduce capacity_bytes or maxsize");
     }
     g->total_size = off;
     return FMQ_OK;
@@ -321,17 +324,27 @@ static int fmq_validate(fmq_region *r, size_t file_size) {
 /* create / open                                                            */
 /* ======================================================================== */
 
+/* Nothing to write per block: blocks are carved on demand (fmq_pool.c) from
+ * zeroed, freshly reserved metadata. Only the empty stacks need a value. */
 static void fmq_pool_init(fmq_region *r) {
     for (uint32_t c = 0; c < r->g.nclasses; c++) {
-        fmq_block_meta *m = (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
-        uint64_t nb = r->g.classes[c].nblocks;
-        for (uint64_t i = 0; i < nb; i++) {
-            atomic_store_explicit(&m[i].state, 0, memory_order_relaxed);
-            atomic_store_explicit(&m[i].next, i + 1 < nb ? (uint32_t)(i + 1) : FMQ_NIL,
-                                  memory_order_relaxed);
-        }
-        atomic_store_explicit(&r->ctl->free_top[c].v, 0, memory_order_relaxed);
+        atomic_store_explicit(&r->ctl->free_top[c].v, FMQ_NIL, memory_order_relaxed);
+        atomic_store_explicit(&r->ctl->cold_top[c].v, FMQ_NIL, memory_order_relaxed);
     }
+}
+
+/* Warm free-block memory a drained queue keeps (fmq_pool.c): 1/16 of its
+ * cap, at least 4 MiB, at most 16 MiB. Smaller costs a fallocate, a punch and
+ * a page fault per page for every big message of a backlog that swings
+ * between empty and a few messages; larger holds more memory while idle. */
+static void fmq_region_set_keep(fmq_region *r) {
+    uint64_t k = r->g.capacity_bytes / 16;
+    if (k < (4ull << 20))
+        k = 4ull << 20;
+    if (k > (16ull << 20))
+        k = 16ull << 20;
+    r->keep_bytes = k;
+    r->budget = fmq_round_up(r->g.capacity_bytes, FMQ_PAGE);
 }
 
 static int fmq_os_fail(const char *what, const char *name) {
@@ -387,9 +400,12 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     if (anonymous && flock(fd, LOCK_SH) != 0)
         goto os_error;
     r->anonymous = anonymous;
+    /* Sparse: the size is the whole layout, but only the header, control
+     * lines and participant table are reserved now; the rest is reserved as
+     * it is first used (fmq_pool.c). */
     if (ftruncate(fd, (off_t)g.total_size) != 0)
         goto os_error;
-    rc = posix_fallocate(fd, 0, (off_t)g.total_size);
+    rc = posix_fallocate(fd, 0, (off_t)g.ring_offset);
     if (rc != 0) {
         errno = rc;
         if (rc == ENOSPC || rc == ENOMEM) {
@@ -398,17 +414,18 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
             fmq_region_free(r);
             errno = e;
             return fmq_fail(FMQ_EOS, "not enough space in /dev/shm for queue %s (%llu bytes); "
-                                     "reduce capacity_bytes/maxsize or enlarge /dev/shm",
-                            name, (unsigned long long)g.total_size);
+                                     "enlarge /dev/shm or drain other queues",
+                            name, (unsigned long long)g.ring_offset);
         }
         /* EOPNOTSUPP etc.: carry on; pages come on first touch */
     }
     r->size = g.total_size;
-    r->base = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    r->base = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
     if (r->base == MAP_FAILED)
         goto os_error;
     r->g = g;
     fmq_region_bind(r);
+    fmq_region_set_keep(r);
 
     fmq_header *h = r->hdr;
     memcpy(h->magic, FMQ_MAGIC, 8);
@@ -435,6 +452,14 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     memcpy(r->dead_letter, h->dead_letter, sizeof r->dead_letter);
     r->max_deliveries = p->max_deliveries;
     fmq_pool_init(r);
+    if (fmq_ring_grow(r, 0) != FMQ_OK ||   /* the first chunks of slots and leases */
+        fmq_lease_grow(r, 0) != FMQ_OK) {
+        shm_unlink(path);
+        fmq_region_free(r);
+        errno = ENOSPC;
+        return fmq_fail(FMQ_EOS, "not enough space in /dev/shm for queue %s; enlarge "
+                                 "/dev/shm or drain other queues", name);
+    }
     FMQ_CRASHPOINT("init.before_ready");
     /* [R-init] everything above is visible to whoever acquires READY. */
     atomic_store_explicit(&h->init_state, FMQ_INIT_READY, memory_order_release);
@@ -504,7 +529,8 @@ int fmq_region_open(const char *name, fmq_region **out) {
         }
         if ((size_t)st.st_size >= sizeof(fmq_header)) {
             r->size = (size_t)st.st_size;
-            r->base = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            r->base = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+                           fd, 0);
             if (r->base == MAP_FAILED) {
                 r->base = NULL;
                 rc = fmq_os_fail("cannot map", name);
@@ -552,6 +578,7 @@ int fmq_region_open(const char *name, fmq_region **out) {
         return rc;
     }
     fmq_region_bind(r);
+    fmq_region_set_keep(r);
     if ((rc = fmq_live_register(r)) != FMQ_OK) {
         fmq_region_free(r);
         return rc;

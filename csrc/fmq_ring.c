@@ -154,7 +154,10 @@ static void fmq_ring_check_hints(fmq_region *r) {
          * closed as an empty turn (EMPTY for its lap -> EMPTY for the next),
          * by a CAS from exactly EMPTY: a producer that claims it meanwhile
          * wins, and the hole was not one. */
+        uint64_t reserved = fmq_ring_committed(r);
         for (uint64_t x = tail, k = 0; x < t0 && k < r->g.slot_count; x++, k++) {
+            if (x % r->g.slot_count >= reserved)
+                break;   /* never touched: no hole there, and no page to touch */
             _Atomic uint64_t *sw = &fmq_slot_at(r, x)->word;
             uint64_t w = fmq_word(fmq_lap_stamp(r, x) + FMQ_PH_EMPTY, 0);
             atomic_compare_exchange_strong_explicit(
@@ -171,8 +174,13 @@ static void fmq_ring_scan_hints(fmq_region *r, uint64_t ref_ticket, uint64_t *he
     uint64_t n = r->g.slot_count;
     uint64_t ref = ref_ticket / n;
     uint64_t head = ~0ull, tail = ~0ull;
+    /* Slots past the reserved prefix were never touched (all zero: EMPTY for
+     * lap 0), and reading their pages would allocate them (fmq_pool.c). */
+    uint64_t reserved = fmq_ring_committed(r);
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t w = atomic_load_explicit(&fmq_slot_at(r, i)->word, memory_order_acquire);
+        uint64_t w = i < reserved
+                         ? atomic_load_explicit(&fmq_slot_at(r, i)->word, memory_order_acquire)
+                         : 0;
         uint64_t st = fmq_stamp(w);
         uint64_t lap = fmq_lap_near(st >> 2, ref);
         uint64_t t = lap * n + i;
@@ -196,6 +204,9 @@ int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
     uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
     int repaired = 0;
     for (uint64_t scanned = 0;; scanned++) {
+        int grc = fmq_ring_ensure(r, t);   /* reserve the slot's page first */
+        if (grc != FMQ_OK)
+            return grc;
         fmq_slot *s = fmq_slot_at(r, t);
         uint64_t want = fmq_lap_stamp(r, t) + FMQ_PH_EMPTY;
         uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);   /* [A-rsv] */
@@ -576,6 +587,8 @@ static int fmq_has_space(fmq_region *r, uint64_t need, fmq_blocker *b) {
     if (need)
         return fmq_pool_available(r, need);
     uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+    if (!fmq_ring_room(r, t))
+        return 0;   /* no /dev/shm for the next slots: wait like a full ring */
     for (uint64_t n = 0; n <= r->g.slot_count; n++, t++) {
         uint64_t w = atomic_load_explicit(&fmq_slot_at(r, t)->word, memory_order_seq_cst);
         int64_t d = fmq_stamp_diff(fmq_stamp(w), fmq_lap_stamp(r, t) + FMQ_PH_EMPTY);

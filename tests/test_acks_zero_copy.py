@@ -220,7 +220,7 @@ def test_killed_holder_with_live_view_loses_nothing_and_leaks_nothing(mq, backen
     q.put_bytes(data)
     ready = tmp_path / "ready"
     child = children.start(_lease_view_and_hang, backend, name, str(ready))
-    assert wait_until(ready.exists, 20)
+    assert wait_until(lambda: ready.exists() and ready.read_text(), 20)
     assert ready.read_text() == str(BIG)
     os.kill(child.pid, signal.SIGKILL)
     child.join(10)

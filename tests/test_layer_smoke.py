@@ -184,7 +184,7 @@ def test_timeout_semantics(be, handles):
     assert q.get_nowait() == 1
 
 
-@pytest.mark.parametrize("kw, exc", [({"maxsize": -1}, ValueError), ({"maxsize": 1.5}, TypeError),
+@pytest.mark.parametrize("kw, exc", [({"maxsize": 1.5}, TypeError),
                                      ({"maxsize": 2 ** 25}, ValueError),
                                      ({"max_message_size": 0}, ValueError),
                                      ({"max_message_size": 100, "capacity_bytes": 10}, ValueError),
@@ -195,9 +195,13 @@ def test_bad_geometry(be, kw, exc):
 
 
 def test_defaults(be, handles):
+    # maxsize 0 is unbounded by count (bounded by memory); the cap is a share
+    # of /dev/shm, never below 64 MiB (test_memory.py covers the behaviour).
+    from fastmq.queue import default_capacity_bytes, unbounded_slots
     q = _anon(be, handles)
-    assert q.maxsize == 8192 and q.max_message_size == 16 << 20
-    assert q.capacity_bytes == 64 << 20
+    assert q.max_message_size == 16 << 20
+    assert q.capacity_bytes == default_capacity_bytes() >= 64 << 20
+    assert q.maxsize == unbounded_slots(q.capacity_bytes) >= 1 << 16
 
 
 def test_closed_handle(be, handles):

@@ -72,6 +72,13 @@ cdef extern from "fmq.h" nogil:
     uint32_t fmq_region_max_deliveries(const fmq_region *r)
     const char *fmq_region_dead_letter(const fmq_region *r)
     void fmq_region_stats(fmq_region *r, fmq_stats *st)
+    ctypedef struct fmq_memory:
+        uint64_t reserved, fixed, ring, meta, blocks_in_use, blocks_kept
+        uint64_t virtual_size, slots_reserved
+    void fmq_region_memory(fmq_region *r, fmq_memory *mem)
+    const char *fmq_region_full_reason(fmq_region *r, uint64_t need)
+    int fmq_region_full(fmq_region *r)
+    void fmq_pool_census(fmq_region *r, uint64_t *carved, uint64_t *free_blocks, uint64_t *held)
     uint64_t fmq_ring_depth(fmq_region *r)
 
     int fmq_ring_reserve(fmq_region *r, fmq_msg *m)

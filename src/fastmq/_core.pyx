@@ -64,9 +64,9 @@ cdef int _raise(int rc, str what="") except -1:
     cdef int err = errno
     msg = fmq_last_error().decode("utf-8", "replace")
     if rc == FMQ_EMPTY or rc == FMQ_TIMEDOUT and what == "get":
-        raise Empty()
+        raise Empty("queue is empty")
     if rc == FMQ_FULL or rc == FMQ_NOSPACE or rc == FMQ_TIMEDOUT:
-        raise Full()
+        raise Full("queue is full")
     if rc == FMQ_TOOBIG:
         raise MessageTooLarge(what or "message exceeds the queue's max_message_size")
     if rc == FMQ_ECORRUPT or rc == FMQ_EVERSION or rc == FMQ_EDEADINIT:
@@ -244,6 +244,42 @@ cdef class Ring:
 
     # ---- waiting -------------------------------------------------------- #
 
+    cdef str _full_msg(self, uint64_t need):
+        """Full's message: which limit a put of ``need`` bytes ran into."""
+        return fmq_region_full_reason(self.r, need).decode("utf-8", "replace")
+
+    def full(self):
+        """True when a put of a small message would block right now."""
+        self._enter()
+        try:
+            return bool(fmq_region_full(self.r))
+        finally:
+            self._leave()
+
+    def _pool_census(self):
+        """(carved, free, held) block counts; tests use it with nobody else
+        moving blocks: carved == free + held means no block is lost."""
+        cdef uint64_t carved, free_blocks, held
+        self._enter()
+        try:
+            fmq_pool_census(self.r, &carved, &free_blocks, &held)
+        finally:
+            self._leave()
+        return carved, free_blocks, held
+
+    def memory(self):
+        """Bytes this segment has reserved in /dev/shm, by part."""
+        cdef fmq_memory mem
+        self._enter()
+        try:
+            fmq_region_memory(self.r, &mem)
+        finally:
+            self._leave()
+        return {"reserved": mem.reserved, "fixed": mem.fixed, "ring": mem.ring,
+                "block_metadata": mem.meta, "blocks_in_use": mem.blocks_in_use,
+                "blocks_kept": mem.blocks_kept, "virtual_size": mem.virtual_size,
+                "slots_reserved": mem.slots_reserved}
+
     cdef int _wait(self, bint for_space, uint64_t deadline, uint64_t need) except -1:
         """Sleep until worth retrying; raise Full/Empty at the deadline."""
         cdef int rc
@@ -254,8 +290,8 @@ cdef class Ring:
                 rc = fmq_ring_wait_data(self.r, deadline)
         if rc == FMQ_TIMEDOUT:
             if for_space:
-                raise Full()
-            raise Empty()
+                raise Full(self._full_msg(need))
+            raise Empty("queue is empty")
         if rc == FMQ_AGAIN or rc == FMQ_EINTR:
             PyErr_CheckSignals()          # KeyboardInterrupt etc. raise here
             if self._closed:
@@ -300,7 +336,7 @@ cdef class Ring:
             if rc != FMQ_NOSPACE:
                 _raise(rc)
             if nonblock:
-                raise Full()
+                raise Full(self._full_msg(<uint64_t>n))
             self._wait(True, deadline, <uint64_t>n)
 
     cdef int _claim(self, fmq_msg *m, bint for_write, bint nonblock,
@@ -316,8 +352,8 @@ cdef class Ring:
                 _raise(rc)
             if nonblock:
                 if for_write:
-                    raise Full()
-                raise Empty()
+                    raise Full(self._full_msg(0))
+                raise Empty("queue is empty")
             self._wait(for_write, deadline, 0)
 
     cdef inline int _claim_slot(self, fmq_msg *m, bint nonblock, uint64_t deadline) except -1:
@@ -673,13 +709,13 @@ cdef class Ring:
                             out.append(msg)
                         continue
                     if nonblock:
-                        raise Empty()
+                        raise Empty("queue is empty")
                     # Without the GIL (the thread that would ack may be ours),
                     # one slice at a time: signals and close() are noticed.
                     with nogil:
                         rc = fmq_lease_wait_free(self.r, deadline)
                     if rc == FMQ_TIMEDOUT:
-                        raise Empty()
+                        raise Empty("queue is empty")
                     PyErr_CheckSignals()
                     if self._closed:
                         raise QueueClosed("queue handle was closed while waiting")
@@ -836,6 +872,7 @@ cdef class Ring:
                 "ticket": st.stall_ticket - 1},
             "max_message_size": self.max_message_size,
             "capacity_bytes": self.capacity_bytes,
+            "memory": self.memory(),
         }
 
     def recover(self):

@@ -17,19 +17,22 @@ rest of a batch and the handle holds no dequeued-but-undelivered payloads.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 from typing import Any, Callable, Generic, Iterable, Optional, Tuple, TypeVar, Union
 
-from . import _backend, _location, _names, _serialize, acks, asyncio_support
+from . import _backend, _lifetime, _location, _names, _serialize, acks, asyncio_support
 from .errors import Full, MessageTooLarge, QueueClosed, QueueNotFound
 
-__all__ = ["Queue", "Received", "DEFAULT_MAXSIZE", "DEFAULT_MAX_MESSAGE_SIZE",
-           "MIN_CAPACITY_BYTES"]
+__all__ = ["Queue", "Received", "DEFAULT_MAX_MESSAGE_SIZE", "MIN_CAPACITY_BYTES",
+           "MAX_DEFAULT_CAPACITY_BYTES", "default_capacity_bytes", "unbounded_slots"]
 
-DEFAULT_MAXSIZE = 8192                    # messages, when maxsize=0
 DEFAULT_MAX_MESSAGE_SIZE = 16 << 20       # 16 MiB
 MIN_CAPACITY_BYTES = 64 << 20             # default capacity_bytes floor
+MAX_DEFAULT_CAPACITY_BYTES = 1 << 30      # ... and ceiling (from the share of /dev/shm)
+MIN_UNBOUNDED_SLOTS = 1 << 16             # message slots when maxsize <= 0 ...
+MAX_UNBOUNDED_SLOTS = 1 << 18             # ... one per KiB of capacity_bytes, clamped
 MAX_MAXSIZE = 1 << 24
 MAX_MESSAGE_SIZE = 1 << 31
 MAX_CAPACITY_BYTES = 1 << 40
@@ -50,18 +53,43 @@ def _check_int(label, value, low, high):
     return value
 
 
+def default_capacity_bytes(max_message_size=DEFAULT_MAX_MESSAGE_SIZE) -> int:
+    """The memory cap of a queue made without ``capacity_bytes``: a quarter of
+    the shared-memory filesystem, at least 64 MiB (and two largest
+    messages), at most 1 GiB. Memory follows use: the cap is what the queue
+    may grow to, not what it takes."""
+    try:
+        st = os.statvfs(_lifetime.SHM_DIR)
+        share = st.f_frsize * st.f_blocks // 4
+    except (OSError, AttributeError):
+        share = 0
+    return max(MIN_CAPACITY_BYTES, 2 * max_message_size,
+               min(share, MAX_DEFAULT_CAPACITY_BYTES))
+
+
+def unbounded_slots(capacity_bytes) -> int:
+    """Message slots of a queue made with ``maxsize <= 0`` (bounded by its
+    memory): one per KiB of ``capacity_bytes``, between 65536 and 262144."""
+    return min(max(capacity_bytes >> 10, MIN_UNBOUNDED_SLOTS), MAX_UNBOUNDED_SLOTS)
+
+
 def _geometry(maxsize, max_message_size, capacity_bytes):
     """Apply the documented defaults and validate; returns the ring's sizes."""
-    maxsize = _check_int("maxsize", maxsize, 0, MAX_MAXSIZE) or DEFAULT_MAXSIZE
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+        raise TypeError(f"maxsize must be an int, not {type(maxsize).__name__}")
+    if maxsize > 0:
+        _check_int("maxsize", maxsize, 1, MAX_MAXSIZE)
     if max_message_size is None:
         max_message_size = DEFAULT_MAX_MESSAGE_SIZE
     _check_int("max_message_size", max_message_size, 1, MAX_MESSAGE_SIZE)
     if capacity_bytes is None:
-        capacity_bytes = max(MIN_CAPACITY_BYTES, 2 * max_message_size)
+        capacity_bytes = default_capacity_bytes(max_message_size)
     _check_int("capacity_bytes", capacity_bytes, 1, MAX_CAPACITY_BYTES)
     if capacity_bytes < max_message_size:
         raise ValueError(f"capacity_bytes ({capacity_bytes}) must be at least "
                          f"max_message_size ({max_message_size}): a message must fit")
+    if maxsize <= 0:                      # as in multiprocessing: no message bound
+        maxsize = unbounded_slots(capacity_bytes)
     return dict(maxsize=maxsize, max_message_size=max_message_size,
                 capacity_bytes=capacity_bytes)
 
@@ -98,16 +126,20 @@ class Queue(Generic[_T]):
     ``multiprocessing.Queue``; ``Queue.create(name)`` / ``Queue.open(name)``
     make or join a named one. Sizes and their defaults:
 
-    * ``maxsize`` -- capacity in messages; ``0`` means 8192 (at most 2**24).
+    * ``maxsize`` -- capacity in messages (at most 2**24); ``0`` or less
+      means no message bound, as in ``multiprocessing.Queue``: the queue is
+      bounded by its memory, and its ring gets ``unbounded_slots()`` slots
+      (one per KiB of ``capacity_bytes``, between 65536 and 262144).
     * ``max_message_size`` -- largest message in bytes (after pickling);
       ``None`` means 16 MiB.
-    * ``capacity_bytes`` -- shared memory for message bytes; ``None`` means
-      ``max(64 MiB, 2 * max_message_size)``. The native backend reserves
-      it all in /dev/shm when the queue is created (so a full /dev/shm is an
-      error now, never a SIGBUS later) and splits it into size classes
-      growing by 4x up to ``max_message_size``: the largest class gets half,
-      the others share the rest, and a message may borrow a bigger block, so
-      messages of one size can use only part of ``capacity_bytes``.
+    * ``capacity_bytes`` -- the queue's memory cap for message bytes;
+      ``None`` means ``default_capacity_bytes()``: a quarter of /dev/shm,
+      at least 64 MiB, at most 1 GiB. Memory follows use: a new queue
+      reserves a few hundred KiB of /dev/shm, grows with its backlog (any
+      mix of sizes can use the whole cap) and gives memory back when the
+      backlog drains. Memory is reserved before it is written, so a full
+      /dev/shm makes a put wait (or raise ``Full`` saying so), never a
+      SIGBUS.
     * ``serializer`` -- ``(dumps, loads)``; default pickle protocol 5 with
       out-of-band buffers (numpy arrays are copied once, straight into
       shared memory).
@@ -403,7 +435,9 @@ class Queue(Generic[_T]):
         return self.qsize() == 0
 
     def full(self) -> bool:
-        return self.qsize() >= self._ring.maxsize
+        """True when a ``put`` of a small message would block right now
+        (approximate, as in the stdlib)."""
+        return self._live_ring().full()
 
     def stats(self) -> "dict[str, Any]":
         """The ring's counters: depth, capacity, enqueued, dequeued,

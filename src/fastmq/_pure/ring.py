@@ -39,11 +39,20 @@ Blocking: try under the locks; if the queue is full/empty, poll the state's
 to 5 ms, so an idle waiter costs ~0% CPU, signals run between sleeps, and a
 concurrent ``close()`` is noticed within milliseconds.
 
+Memory follows use: the file is sparse (``ftruncate`` to the whole layout);
+the byte range a record needs is reserved with ``posix_fallocate`` before it
+is written (``ENOSPC`` means "no room": the put waits like on a full ring, or
+raises ``Full`` naming /dev/shm), and when the ring drains to empty (its
+positions restart at 0) the part of the data area past ``_keep`` bytes is
+punched (``FALLOC_FL_PUNCH_HOLE``), so a drained queue holds at most that much
+of its backlog's memory. ``pread`` of a hole allocates nothing.
+
 Zero-copy is emulated: ``Reservation.view`` is a bytearray copied in at
 commit, ``Lease.view`` a read-only view of bytes copied out at receive time.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import struct
@@ -93,12 +102,62 @@ assert leases.LEASE_STATE_OFFSET + leases.LEASE_STATE.size <= PARTICIPANTS_OFFSE
 assert PARTICIPANTS_OFFSET + MAX_PARTICIPANTS * PARTICIPANT.size <= LOCK_BYTE
 assert STATE_OFFSET % 64 == 0 and STATE.size == 64   # never crosses a page
 
+# ------------------------------------------------------------ memory
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_PAGE = 4096
+
+
+def _load_fallocate():
+    try:
+        # The process's own symbols (libc on Linux): no library search, which
+        # would run ldconfig at import.
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+def _punch(fd, offset, length):
+    """Give the pages of [offset, offset + length) back (whole pages only)."""
+    start = -(-offset // _PAGE) * _PAGE
+    end = (offset + length) // _PAGE * _PAGE
+    if _fallocate is not None and end > start:
+        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, end - start)
+
+
+def _reserve(fd, offset, length):
+    """Reserve [offset, offset + length) before writing it: False if the
+    filesystem has no room (nothing was written)."""
+    if length <= 0:
+        return True
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        if exc.errno in (28, 12, 27):        # ENOSPC, ENOMEM, EFBIG
+            return False
+        if exc.errno not in (95, 22):        # EOPNOTSUPP/EINVAL: not reservable
+            raise
+    return True
+
+
+def _keep_bytes(capacity_bytes):
+    """Warm bytes of data area a drained ring keeps: 1/16 of its cap, 4-16 MiB."""
+    return min(max(capacity_bytes // 16, 4 << 20), 16 << 20)
+
+
 # ------------------------------------------------------------------- waiting
 
 _FIRST_SLEEP = 50e-6
 _MAX_SLEEP = 5e-3
 _INIT_WAIT = 2.0        # how long open() waits for a creator to finish init
 _AGAIN = object()       # "would block" marker returned by attempt functions
+_NO_ROOM_RETRY = 0.05   # a put that found /dev/shm full tries again this often
 
 
 def _deadline(timeout):
@@ -172,6 +231,9 @@ class Ring(leases.LeaseMixin):
         self._area = self.capacity_bytes + RECORD_HEADER.size
         self._table_offset, self._halves_offset, _ = leases.layout(
             DATA_OFFSET + self._area, self.maxsize, self.capacity_bytes)
+        self._keep = _keep_bytes(self.capacity_bytes)
+        self._no_room = 0.0                # monotonic time of the last ENOSPC
+        self._shm_blocked = False          # the last put attempt found no room
         self._handle_id = int.from_bytes(os.urandom(4), "little") or 1
         self._owner = None                 # (pid, start time, handle id), see leases
         self._ever_leased = False
@@ -352,11 +414,24 @@ class Ring(leases.LeaseMixin):
 
     # ------------------------------------------------ locked operations
 
+    def _reserve_at(self, fd, pos, n):
+        """Reserve the data-area bytes [pos, pos + n) (wrapping)."""
+        off = pos % self._area
+        first = min(n, self._area - off)
+        ok = _reserve(fd, DATA_OFFSET + off, first) and \
+            (first == n or _reserve(fd, DATA_OFFSET, n - first))
+        if not ok:
+            self._no_room = time.monotonic()
+            self._shm_blocked = True
+        return ok
+
     def _put_locked(self, fd, state, views, deliveries=0):
         """Append as many of ``views`` as fit; return how many."""
+        self._shm_blocked = False
         done = 0
         for view in views:
-            if not self._fits(state, len(view)):
+            if not self._fits(state, len(view)) or \
+                    not self._reserve_at(fd, state[1], RECORD_HEADER.size + len(view)):
                 break
             self._write_at(fd, state[1], RECORD_HEADER.pack(len(view), deliveries))
             self._write_at(fd, state[1] + RECORD_HEADER.size, view)
@@ -390,9 +465,16 @@ class Ring(leases.LeaseMixin):
         state[0] = records[-1][2]
         state[2] -= len(records)
         state[5] += len(records)
+        high = None
         if state[2] == 0:                    # keep positions small and tidy
+            high = min(state[1], self._area)
             state[0] = state[1] = 0
         self._write_state(fd, state)         # hand-over happens here
+        if high is not None and high > self._keep:
+            # Drained: give back what the backlog used past the warm part.
+            # After the state write, so a kill in between only leaks pages
+            # that the next drain punches again.
+            _punch(fd, DATA_OFFSET + self._keep, high - self._keep)
 
     def _get_locked(self, fd, state, max_messages, decode=None):
         records = self._read_records(fd, state, max_messages)
@@ -429,6 +511,7 @@ class Ring(leases.LeaseMixin):
             result = attempt()
             if result is not _AGAIN or timeout == 0:
                 return result
+            tried = time.monotonic()
             while True:
                 left = _remaining(deadline)
                 if left is not None and left <= 0:
@@ -438,6 +521,8 @@ class Ring(leases.LeaseMixin):
                 if self._read_u64(EPOCH_OFFSET) != epoch:
                     delay = _FIRST_SLEEP
                     break
+                if self._shm_blocked and time.monotonic() - tried >= _NO_ROOM_RETRY:
+                    break       # /dev/shm was full: room may come from anywhere
 
     def wait(self, for_space, timeout, need=0):
         """Sleep until a message looks ready to take (for_space False), or
@@ -499,7 +584,7 @@ class Ring(leases.LeaseMixin):
         done = self._wait(lambda: self._locked(self._put_locked, (view,)) or _AGAIN,
                           timeout)
         if done is _AGAIN:
-            raise Full("queue is full")
+            raise Full(self._full_reason(len(view)))
 
     def put_many(self, items, timeout):
         views = [_as_bytes_view(item) for item in items]
@@ -548,8 +633,24 @@ class Ring(leases.LeaseMixin):
         room = self._wait(lambda: self._locked(lambda fd, st: self._fits(st, nbytes))
                           or _AGAIN, timeout)
         if room is _AGAIN:
-            raise Full("queue is full")
+            raise Full(self._full_reason(nbytes))
         return Reservation(self, nbytes)
+
+    def _full_reason(self, nbytes):
+        state = self._locked(lambda fd, st: st)
+        if state[2] >= self.maxsize:
+            return f"queue is full: it holds its maximum of {self.maxsize} messages"
+        if self._shm_blocked:
+            return (f"queue is full: no free space left in /dev/shm for a {nbytes}-byte "
+                    "message (other queues or files use it; enlarge /dev/shm or drain "
+                    "queues)")
+        return (f"queue is full: its memory cap is reached (capacity_bytes="
+                f"{self.capacity_bytes}, {state[1] - state[0]} bytes held by queued "
+                "messages)")
+
+    def full(self):
+        """True when a put of a small message would block right now."""
+        return not self._locked(lambda fd, st: self._fits(st, 64))
 
     def recv(self, timeout):
         return Lease(self.get(timeout))
@@ -571,7 +672,15 @@ class Ring(leases.LeaseMixin):
             "max_message_size": self.max_message_size,
             "capacity_bytes": self.capacity_bytes,
             "backend": "pure",
+            "memory": self.memory(),
         }
+
+    def memory(self):
+        """Bytes this segment has reserved in /dev/shm (its file's allocated
+        blocks) and the sparse file's size."""
+        with self._h.lock:
+            st = os.fstat(self._fd())
+        return {"reserved": st.st_blocks * 512, "virtual_size": st.st_size}
 
 
 # ----------------------------------------------------------- zero-copy (emulated)
