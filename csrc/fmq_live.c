@@ -17,26 +17,36 @@
  * leaves an entry that the next claimant simply overwrites. A frozen (SIGSTOP)
  * process keeps its lock and therefore counts as alive: it is never reaped.
  *
- * Fork. An OFD lock belongs to the open file description, and fork() shares
- * every description with the child. Left alone, a child that never touches
- * the queue would keep the parent's participant lock held for as long as it
- * lives: after the parent dies, its entry still looks alive, and whatever it
- * held (a half-written slot, a block) is never repaired -- one idle child
- * wedges the queue. So the fork handler (fmq_live_after_fork, run in the child
- * before fork() returns) gives each open handle of the child its own
- * description of the same file: open("/proc/self/fd/N") makes a new
- * description of the very inode the handle mapped (also when its name was
- * unlinked or replaced), dup3() puts it on the handle's descriptor number and
- * drops the child's reference to the parent's description. That releases
- * nothing of the parent's: a lock goes only when the last reference to its
- * description closes, and the parent still holds its own. The child's new
- * description holds no participant lock, so the child is nobody until it uses
- * the handle, when fmq_region_check_fork registers it under its own entry.
- * (The alternative, a liveness fd opened per process on first use, still
- * needs the child to let go of the inherited one; doing it at fork time is
- * what makes "a child that never used the queue" cost nothing.) An anonymous
- * segment's flock(LOCK_SH) is per description too, so the child takes it on
- * its new one: the segment stays while the child holds it, as before.
+ * Fork. An OFD lock belongs to the open file description and is dropped only
+ * when the last reference to that description goes. fork() shares every
+ * description with the child -- through its descriptors, and through its
+ * mappings too: a mapping refers to the description it was made from. Left
+ * alone, a child that never touches the queue would keep the parent's
+ * participant lock held for as long as it lives: after the parent dies, its
+ * entry still looks alive, and whatever it held (a half-written slot, a
+ * block) is never repaired -- one idle child wedges the queue. Two steps
+ * close that:
+ *
+ * 1. The participant lock is never taken on a description a mapping refers
+ *    to. fmq_live_register first gives the handle's descriptor a description
+ *    of its own (fmq_live_fresh_fd): open("/proc/self/fd/N") makes a new
+ *    description of the very inode the handle mapped (also when its name was
+ *    unlinked or replaced), and dup3() puts it on the handle's descriptor
+ *    number. The description the mapping was made from stays referenced by
+ *    the mapping alone, and holds no participant lock.
+ * 2. The fork handler (fmq_live_after_fork, run in the child before fork()
+ *    returns) does the same for every open handle of the child, which drops
+ *    the child's only reference to the parent's lock description. That
+ *    releases nothing of the parent's: the parent still holds that
+ *    description itself. The child is nobody until it uses the handle, when
+ *    fmq_region_check_fork registers it under its own entry.
+ *
+ * (A liveness descriptor opened per process on first use would still need the
+ * child to let go of the inherited one; doing it at fork time is what makes
+ * "a child that never used the queue" cost nothing.) An anonymous segment's
+ * flock(LOCK_SH) stays on the mapping's description, which is right: the
+ * segment is in use while any process maps it; the child also takes it on its
+ * new descriptor, as every handle holds it on its own descriptor.
  *
  * The handler walks a process-wide list of registered handles. Its mutex is
  * taken by the prepare handler and dropped by both after-fork handlers, so
@@ -124,6 +134,25 @@ static void fmq_proc_fd_path(int fd, char out[32]) {
     out[at] = '\0';
 }
 
+/* Give descriptor `fd` a new open file description of the same file (same
+ * number, close-on-exec). Async-signal-safe. 0, or -1 with errno set and
+ * `fd` unchanged. */
+static int fmq_live_fresh_fd(int fd) {
+    char path[32];
+    fmq_proc_fd_path(fd, path);
+    int nfd = open(path, O_RDWR | O_CLOEXEC);
+    if (nfd < 0)
+        return -1;
+    if (dup3(nfd, fd, O_CLOEXEC) < 0) {
+        int e = errno;
+        close(nfd);
+        errno = e;
+        return -1;
+    }
+    close(nfd);
+    return 0;
+}
+
 /* In the child, before fork() returns (see the header comment). */
 void fmq_live_after_fork(void) {
     int saved = errno;
@@ -131,17 +160,11 @@ void fmq_live_after_fork(void) {
         fmq_region *r = fmq_live_list[i];
         if (r->fd < 0)
             continue;
-        char path[32];
-        fmq_proc_fd_path(r->fd, path);
-        int fd = open(path, O_RDWR | O_CLOEXEC);
-        if (fd >= 0 && dup3(fd, r->fd, O_CLOEXEC) >= 0) {
-            close(fd);
+        if (fmq_live_fresh_fd(r->fd) == 0) {
             if (r->anonymous)
                 (void)flock(r->fd, LOCK_SH | LOCK_NB);   /* a closer probing: it is going */
         } else {
-            if (fd >= 0)
-                close(fd);
-            close(r->fd);
+            close(r->fd);     /* never keep the parent's lock alive */
             r->fd = -1;
         }
     }
@@ -172,6 +195,11 @@ int fmq_live_register(fmq_region *r) {
     int rc = fmq_live_list_reserve();
     if (rc != FMQ_OK)
         return rc;
+    /* Step 1 of the header's "Fork": our lock goes on a description that no
+     * mapping refers to, so no inherited mapping can keep it held. */
+    if (fmq_live_fresh_fd(r->fd) != 0)
+        return fmq_fail(FMQ_EOS, "cannot reopen queue %s for its participant lock: %s",
+                        r->name, strerror(errno));
     uint32_t n = r->g.nparticipants;
     uint32_t start = (uint32_t)(atomic_fetch_add_explicit(&r->ctl->next_participant.v, 1,
                                                           memory_order_relaxed) % n);

@@ -517,5 +517,56 @@ def test_dropped_object_gives_its_block_back(obj):
         f"{obj} dropped on {backend}: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}")
 
 
+IDLE_CHILD_PRODUCER = """
+import os, sys, time
+import fastmq
+q = fastmq.Queue.open(sys.argv[1], _backend="native")
+q.put_bytes(b"first")                  # crash point hit 1: registered, a producer
+pid = os.fork()
+if pid == 0:                           # idle: never touches the queue
+    time.sleep(60)
+    os._exit(0)
+print(pid, flush=True)
+q.put_bytes(b"second")                 # hit 2: SIGKILLed holding a claimed slot
+"""
+
+
+def test_idle_forked_child_does_not_keep_a_dead_producer_alive(tmp_path):
+    """A producer forks a child that never uses the queue, then dies in the
+    middle of a put. The child lives on, yet the dead producer's slot is
+    repaired and the queue moves: the child must not hold the parent's
+    liveness (native: the participant lock of an inherited file description)."""
+    import fastmq
+    name = "fmqtest-fi-" + uuid.uuid4().hex[:12]
+    q = fastmq.Queue.create(name, _backend="native", **GEOMETRY)
+    script = tmp_path / "producer.py"
+    script.write_text(IDLE_CHILD_PRODUCER)
+    env = dict(os.environ, FASTMQ_CRASH_AT="ring.reserve.claimed:2")
+    idle = None
+    try:
+        proc = subprocess.Popen([sys.executable, str(script), name], env=env,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            idle = int(proc.stdout.readline())
+            assert proc.wait(STEP) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(STEP)
+        os.kill(idle, 0)                       # the idle child is still alive
+        q.put_bytes(b"third")                  # queued behind the dead slot
+        assert q.get_bytes(timeout=5) == b"first"
+        assert q.get_bytes(timeout=10) == b"third", "wedged behind the dead producer"
+        os.kill(idle, 0)                       # ... and was alive all along
+    finally:
+        if idle is not None:
+            try:
+                os.kill(idle, signal.SIGKILL)  # not our child (reparented): no reap
+            except ProcessLookupError:
+                pass
+        q.close()
+        fastmq.Queue.unlink(name, _backend="native")
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
