@@ -24,7 +24,7 @@ exporter records the generation it was made in: a copy inherited through
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.memoryview cimport PyMemoryView_FromObject
 cimport cython
 from libc.errno cimport errno
@@ -470,14 +470,19 @@ cdef class Ring:
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(timeout, &nonblock)
         cdef fmq_msg *msgs
+        cdef fmq_msg *grown
         cdef Py_ssize_t k = 0, i, j, bad = -1, keep
         cdef list out = []
         cdef bytes raw
         cdef int rc
         if max_messages < 1:
             raise ValueError("max_messages must be >= 1")
+        # The claim array grows with what is actually claimed: sizing it by
+        # max_messages up front would allocate gigabytes for a call that
+        # finds three messages (max_messages may be up to 2**30).
+        cdef Py_ssize_t cap = max_messages if max_messages < 64 else 64
         self._enter()
-        msgs = <fmq_msg *>PyMem_Malloc(max_messages * sizeof(fmq_msg))
+        msgs = <fmq_msg *>PyMem_Malloc(cap * sizeof(fmq_msg))
         if msgs == NULL:
             self._leave()
             raise MemoryError()
@@ -485,6 +490,12 @@ cdef class Ring:
             self._claim_msg(&msgs[0], nonblock, deadline)
             k = 1
             while k < max_messages:
+                if k == cap:
+                    j = cap * 2 if cap * 2 < max_messages else max_messages
+                    grown = <fmq_msg *>PyMem_Realloc(msgs, j * sizeof(fmq_msg))
+                    if grown == NULL:
+                        break               # "at most max_messages": return these
+                    msgs, cap = grown, j
                 rc = fmq_ring_claim_from(self.r, &msgs[k], msgs[k - 1].ticket + 1)
                 if rc == FMQ_EMPTY:
                     break

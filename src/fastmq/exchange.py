@@ -118,6 +118,7 @@ class Exchange:
         self._routes = {}                # key -> [queue names], for this version
         self._queues = {}                # queue name -> open Queue
         self._hdr = None                 # read-only map of the header
+        self._closing = False            # close() has begun (read without the lock)
         return self
 
     def _map_header(self):
@@ -194,6 +195,12 @@ class Exchange:
         return sorted(e[len(PREFIX):] for e in entries if e.startswith(PREFIX))
 
     def close(self):
+        # A publish blocked on a full queue holds self._lock for as long as it
+        # waits: close the queues first, without the lock, so that its put
+        # raises QueueClosed and the lock comes free.
+        self._closing = True
+        for q in list(self._queues.values()):
+            q.close()
         with self._lock:
             queues, self._queues = self._queues, {}
             if self._hdr is not None:
@@ -414,6 +421,10 @@ class Exchange:
             targets = self._targets(key)
             delivered = 0
             for name in targets:
+                if self._closing:
+                    raise QueueClosed(f"exchange {self.name!r} handle was closed while "
+                                      f"publishing; the message went to {delivered} of "
+                                      f"{len(targets)} queue(s)")
                 try:
                     q = self._open_queue(name)
                 except QueueNotFound:
