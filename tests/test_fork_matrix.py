@@ -517,6 +517,77 @@ def test_dropped_object_gives_its_block_back(obj):
         f"{obj} dropped on {backend}: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}")
 
 
+def test_forked_child_takes_its_own_exchange_locks(backend):
+    """An exchange handle inherited through fork(): the child's changes are
+    excluded by the parent's file lock (not merged into it), and a thread of
+    the parent holding the handle's lock at fork time (a publish waiting on a
+    full queue) does not wedge the child."""
+    import threading
+    from fcntl import LOCK_EX, LOCK_UN, flock
+
+    import fastmq
+    qname_ = "fmqtest-fe-" + uuid.uuid4().hex[:10]
+    ename = "fmqtest-fe-" + uuid.uuid4().hex[:10]
+    q2name = qname_ + "-2"
+    q = fastmq.Queue.create(qname_, _backend=backend, maxsize=2, max_message_size=4 * KiB)
+    q2 = fastmq.Queue.create(q2name, _backend=backend, maxsize=2, max_message_size=4 * KiB)
+    ex = fastmq.Exchange.create(ename, "fanout", _backend=backend)
+    pid = publisher = None
+    try:
+        ex.bind(qname_)
+        while True:
+            try:
+                q.put_bytes(b"x", block=False)
+            except fastmq.Full:
+                break
+        publisher = threading.Thread(target=lambda: _quietly(ex.publish, "blocked"),
+                                     daemon=True)
+        publisher.start()                  # holds the handle's lock while it waits
+        time.sleep(0.2)
+        assert publisher.is_alive()
+        to_parent = _Pipe()
+        flock(ex._fd, LOCK_EX)             # and the parent holds the file lock
+        try:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    ex.bind(q2name)                # must wait for the parent's lock
+                    to_parent.send(repr(time.monotonic()))
+                finally:
+                    os._exit(0)
+            time.sleep(0.5)
+            released = time.monotonic()
+        finally:
+            flock(ex._fd, LOCK_UN)
+        done = float(to_parent.recv())
+        assert done >= released, "the child changed the exchange while the parent held its lock"
+        assert _reap(pid, STEP) is not None
+        pid = None
+        q.get_bytes(timeout=5)             # room: the publisher's put goes in ...
+        publisher.join(STEP)
+        assert not publisher.is_alive()
+        assert (q2name, "") in ex.bindings()   # ... and with it the handle's lock
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            _reap(pid, STEP)
+        q.close()                          # frees the publisher (QueueClosed)
+        ex.close()
+        if publisher is not None:
+            publisher.join(STEP)
+        q2.close()
+        fastmq.Queue.unlink(qname_, _backend=backend)
+        fastmq.Queue.unlink(q2name, _backend=backend)
+        fastmq.Exchange.unlink(ename)
+
+
+def _quietly(fn, *args):
+    try:
+        fn(*args)
+    except Exception:
+        pass
+
+
 IDLE_CHILD_PRODUCER = """
 import os, sys, time
 import fastmq
