@@ -196,10 +196,11 @@ int fmq_live_register(fmq_region *r) {
     if (rc != FMQ_OK)
         return rc;
     /* Step 1 of the header's "Fork": our lock goes on a description that no
-     * mapping refers to, so no inherited mapping can keep it held. */
-    if (fmq_live_fresh_fd(r->fd) != 0)
-        return fmq_fail(FMQ_EOS, "cannot reopen queue %s for its participant lock: %s",
-                        r->name, strerror(errno));
+     * mapping refers to, so no inherited mapping can keep it held. Best
+     * effort: without /proc (or out of descriptors) the handle still works
+     * and only keeps the weaker guarantee (a forked child that maps the
+     * segment keeps us "alive" while it lives). */
+    (void)fmq_live_fresh_fd(r->fd);
     uint32_t n = r->g.nparticipants;
     uint32_t start = (uint32_t)(atomic_fetch_add_explicit(&r->ctl->next_participant.v, 1,
                                                           memory_order_relaxed) % n);
