@@ -77,6 +77,10 @@ typedef struct fmq_msg {
 
 /* ---- process-wide -------------------------------------------------------- */
 int fmq_global_init(void);               /* installs the fork handler         */
+/* Bumped in every forked child (the one fork handler, installed by
+ * fmq_global_init): an object that recorded it and sees another value now was
+ * inherited through fork() and holds nothing of its own in shared memory. */
+unsigned fmq_fork_gen(void);
 uint64_t fmq_now_ns(void);               /* CLOCK_MONOTONIC                   */
 
 /* ---- region ----------------------------------------------------------------- */

@@ -53,6 +53,10 @@ void fmq_crashpoint(const char *where);
 
 /* ---- fork detection ------------------------------------------------------------ */
 extern volatile unsigned fmq_fork_generation;
+/* fork handlers of fmq_live.c (prepare, parent, child), run by fmq_region.c's */
+void fmq_live_before_fork(void);
+void fmq_live_after_fork_parent(void);
+void fmq_live_after_fork(void);
 
 /* ---- participants (fmq_live.c) --------------------------------------------------- */
 int fmq_live_register(fmq_region *r);

@@ -16,13 +16,161 @@
  * Failure model. Death between taking the lock and publishing the entry
  * leaves an entry that the next claimant simply overwrites. A frozen (SIGSTOP)
  * process keeps its lock and therefore counts as alive: it is never reaped.
+ *
+ * Fork. An OFD lock belongs to the open file description and is dropped only
+ * when the last reference to that description goes. fork() shares every
+ * description with the child -- through its descriptors, and through its
+ * mappings too: a mapping refers to the description it was made from. Left
+ * alone, a child that never touches the queue would keep the parent's
+ * participant lock held for as long as it lives: after the parent dies, its
+ * entry still looks alive, and whatever it held (a half-written slot, a
+ * block) is never repaired -- one idle child wedges the queue. Two steps
+ * close that:
+ *
+ * 1. The participant lock is never taken on a description a mapping refers
+ *    to. fmq_live_register first gives the handle's descriptor a description
+ *    of its own (fmq_live_fresh_fd): open("/proc/self/fd/N") makes a new
+ *    description of the very inode the handle mapped (also when its name was
+ *    unlinked or replaced), and dup3() puts it on the handle's descriptor
+ *    number. The description the mapping was made from stays referenced by
+ *    the mapping alone, and holds no participant lock.
+ * 2. The fork handler (fmq_live_after_fork, run in the child before fork()
+ *    returns) does the same for every open handle of the child, which drops
+ *    the child's only reference to the parent's lock description. That
+ *    releases nothing of the parent's: the parent still holds that
+ *    description itself. The child is nobody until it uses the handle, when
+ *    fmq_region_check_fork registers it under its own entry.
+ *
+ * (A liveness descriptor opened per process on first use would still need the
+ * child to let go of the inherited one; doing it at fork time is what makes
+ * "a child that never used the queue" cost nothing.) An anonymous segment's
+ * flock(LOCK_SH) stays on the mapping's description, which is right: the
+ * segment is in use while any process maps it; the child also takes it on its
+ * new descriptor, as every handle holds it on its own descriptor.
+ *
+ * The handler walks a process-wide list of registered handles. Its mutex is
+ * taken by the prepare handler and dropped by both after-fork handlers, so
+ * the child never inherits it locked by a thread that no longer exists. The
+ * child handler calls only async-signal-safe functions (open, dup3, close,
+ * flock), as a child of a multi-threaded process must. If the reopen fails
+ * (no descriptors left), the child closes the inherited descriptor anyway --
+ * keeping the parent's lock alive is the one thing it must not do -- and the
+ * handle reports the error on its next use.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include "fmq_internal.h"
+
+/* ---- the process's registered handles (for the fork handler) -------------- */
+
+static pthread_mutex_t fmq_live_mu = PTHREAD_MUTEX_INITIALIZER;
+static fmq_region **fmq_live_list = NULL;   /* guarded by fmq_live_mu */
+static size_t fmq_live_n = 0, fmq_live_cap = 0;
+
+/* Room for one more entry (before the lock is taken, so a registration never
+ * fails after its participant entry is ours). */
+static int fmq_live_list_reserve(void) {
+    int rc = FMQ_OK;
+    pthread_mutex_lock(&fmq_live_mu);
+    if (fmq_live_n == fmq_live_cap) {
+        size_t cap = fmq_live_cap ? 2 * fmq_live_cap : 16;
+        fmq_region **grown = realloc(fmq_live_list, cap * sizeof *grown);
+        if (grown) {
+            fmq_live_list = grown;
+            fmq_live_cap = cap;
+        } else {
+            rc = fmq_fail(FMQ_EOS, "out of memory registering a queue handle");
+        }
+    }
+    pthread_mutex_unlock(&fmq_live_mu);
+    return rc;
+}
+
+static void fmq_live_list_add(fmq_region *r) {
+    pthread_mutex_lock(&fmq_live_mu);
+    size_t i = 0;
+    while (i < fmq_live_n && fmq_live_list[i] != r)
+        i++;
+    if (i == fmq_live_n && fmq_live_n < fmq_live_cap)   /* reserved: always room */
+        fmq_live_list[fmq_live_n++] = r;
+    pthread_mutex_unlock(&fmq_live_mu);
+}
+
+static void fmq_live_list_remove(fmq_region *r) {
+    pthread_mutex_lock(&fmq_live_mu);
+    for (size_t i = 0; i < fmq_live_n; i++) {
+        if (fmq_live_list[i] == r) {
+            fmq_live_list[i] = fmq_live_list[--fmq_live_n];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&fmq_live_mu);
+}
+
+void fmq_live_before_fork(void) { pthread_mutex_lock(&fmq_live_mu); }
+
+void fmq_live_after_fork_parent(void) { pthread_mutex_unlock(&fmq_live_mu); }
+
+/* "/proc/self/fd/<fd>" without snprintf (not async-signal-safe). */
+static void fmq_proc_fd_path(int fd, char out[32]) {
+    static const char prefix[] = "/proc/self/fd/";
+    char digits[12];
+    int n = 0;
+    unsigned v = (unsigned)fd;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v && n < (int)sizeof digits);
+    memcpy(out, prefix, sizeof prefix - 1);
+    int at = (int)sizeof prefix - 1;
+    while (n)
+        out[at++] = digits[--n];
+    out[at] = '\0';
+}
+
+/* Give descriptor `fd` a new open file description of the same file (same
+ * number, close-on-exec). Async-signal-safe. 0, or -1 with errno set and
+ * `fd` unchanged. */
+static int fmq_live_fresh_fd(int fd) {
+    char path[32];
+    fmq_proc_fd_path(fd, path);
+    int nfd = open(path, O_RDWR | O_CLOEXEC);
+    if (nfd < 0)
+        return -1;
+    if (dup3(nfd, fd, O_CLOEXEC) < 0) {
+        int e = errno;
+        close(nfd);
+        errno = e;
+        return -1;
+    }
+    close(nfd);
+    return 0;
+}
+
+/* In the child, before fork() returns (see the header comment). */
+void fmq_live_after_fork(void) {
+    int saved = errno;
+    for (size_t i = 0; i < fmq_live_n; i++) {
+        fmq_region *r = fmq_live_list[i];
+        if (r->fd < 0)
+            continue;
+        if (fmq_live_fresh_fd(r->fd) == 0) {
+            if (r->anonymous)
+                (void)flock(r->fd, LOCK_SH | LOCK_NB);   /* a closer probing: it is going */
+        } else {
+            close(r->fd);     /* never keep the parent's lock alive */
+            r->fd = -1;
+        }
+    }
+    errno = saved;
+    pthread_mutex_unlock(&fmq_live_mu);
+}
 
 /* One byte-range OFD lock operation on byte `at` (cmd F_OFD_SETLK/GETLK). */
 int fmq_live_lock_byte(int fd, int cmd, short type, long long at, struct flock *out) {
@@ -44,6 +192,15 @@ static int fmq_lock_op(int fd, int cmd, short type, uint32_t idx, struct flock *
 }
 
 int fmq_live_register(fmq_region *r) {
+    int rc = fmq_live_list_reserve();
+    if (rc != FMQ_OK)
+        return rc;
+    /* Step 1 of the header's "Fork": our lock goes on a description that no
+     * mapping refers to, so no inherited mapping can keep it held. Best
+     * effort: without /proc (or out of descriptors) the handle still works
+     * and only keeps the weaker guarantee (a forked child that maps the
+     * segment keeps us "alive" while it lives). */
+    (void)fmq_live_fresh_fd(r->fd);
     uint32_t n = r->g.nparticipants;
     uint32_t start = (uint32_t)(atomic_fetch_add_explicit(&r->ctl->next_participant.v, 1,
                                                           memory_order_relaxed) % n);
@@ -84,6 +241,7 @@ int fmq_live_register(fmq_region *r) {
         r->self = p;
         r->roles = 0;
         r->fork_gen = fmq_fork_generation;
+        fmq_live_list_add(r);
         return FMQ_OK;
     }
     return fmq_fail(FMQ_ETABLEFULL, "too many open handles on queue %s (%u): close unused "
@@ -91,6 +249,7 @@ int fmq_live_register(fmq_region *r) {
 }
 
 void fmq_live_unregister(fmq_region *r) {
+    fmq_live_list_remove(r);   /* before the caller closes r->fd */
     if (!r->self || r->fork_gen != fmq_fork_generation)
         return;   /* a forked child never registered: the entry is the parent's */
     uint64_t id = atomic_load_explicit(&r->self->ident, memory_order_relaxed);

@@ -61,15 +61,23 @@ int fmq_fail(int code, const char *fmt, ...) {
 
 volatile unsigned fmq_fork_generation = 0;
 
+unsigned fmq_fork_gen(void) { return fmq_fork_generation; }
+
+/* The one fork handler of the core (installed once, below). In the child:
+ * every open handle gets its own open file description, so the parent's
+ * participant locks are not kept alive by a child that never uses the queue
+ * (fmq_live_after_fork explains why), and the generation moves on, so each
+ * handle re-registers under its own identity on first use
+ * (fmq_region_check_fork) and objects made before the fork know they were
+ * inherited (fmq_fork_gen). */
 static void fmq_on_fork_child(void) {
-    /* The child shares its parent's open file descriptions and therefore its
-     * participant locks; each handle notices this counter and re-registers. */
     fmq_fork_generation++;
+    fmq_live_after_fork();
 }
 
 static pthread_once_t fmq_once = PTHREAD_ONCE_INIT;
 static void fmq_init_once(void) {
-    pthread_atfork(NULL, NULL, fmq_on_fork_child);
+    pthread_atfork(fmq_live_before_fork, fmq_live_after_fork_parent, fmq_on_fork_child);
     const char *spec = getenv("FASTMQ_CRASH_AT");
     if (spec && *spec)
         fmq_crash_spec = strdup(spec);
@@ -640,19 +648,12 @@ void fmq_region_close(fmq_region *r) {
 int fmq_region_check_fork(fmq_region *r) {
     if (r->fork_gen == fmq_fork_generation)
         return FMQ_OK;
-    /* We are a forked child using the parent's handle. Give ourselves our own
-     * open file description (so our locks are ours) and our own identity. */
-    char proc[64];
-    snprintf(proc, sizeof proc, "/proc/self/fd/%d", r->fd);
-    int fd = open(proc, O_RDWR | O_CLOEXEC);
-    if (fd < 0)
-        return fmq_os_fail("cannot reopen after fork", r->name);
-    if (r->anonymous && flock(fd, LOCK_SH) != 0) {
-        close(fd);
-        return fmq_os_fail("cannot lock after fork", r->name);
-    }
-    close(r->fd);   /* the parent's description stays open in the parent */
-    r->fd = fd;
+    /* We are a forked child using the parent's handle. The fork handler gave
+     * us our own open file description already (fmq_live_after_fork); now
+     * take our own identity. */
+    if (r->fd < 0)
+        return fmq_fail(FMQ_EOS, "cannot use queue %s in this forked child: reopening its "
+                                 "file after fork() failed; open the queue again", r->name);
     r->roles = 0;
     return fmq_live_register(r);
 }

@@ -55,6 +55,7 @@ cdef extern from "fmq.h" nogil:
 
     const char *fmq_last_error()
     int fmq_global_init()
+    unsigned fmq_fork_gen()
     uint64_t fmq_now_ns()
 
     int fmq_region_create(const char *name, const fmq_params *p, unsigned mode,

@@ -15,19 +15,21 @@ What lives here and nowhere else:
 Threads: a ``Ring`` may be shared by threads. Its ``busy``/``pins`` counters
 are only touched with the GIL held, so they need no atomics; ``close()`` while
 another thread waits or a view is alive defers the unmap until they finish.
-Fork: every entry point calls ``fmq_region_check_fork`` so a child re-registers
-under its own identity before touching the ring.
+Fork: one mechanism, the C core's fork handler (``fmq_fork_gen`` moves on in
+every child). Every entry point calls ``fmq_region_check_fork`` so a child
+re-registers under its own identity before touching the ring, and every buffer
+exporter records the generation it was made in: a copy inherited through
+``fork()`` never gives back (or commits) what the parent holds.
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.memoryview cimport PyMemoryView_FromObject
 cimport cython
 from libc.errno cimport errno
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
-from posix.unistd cimport getpid, pid_t
 
 
 cdef extern from "Python.h":
@@ -533,14 +535,19 @@ cdef class Ring:
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(timeout, &nonblock)
         cdef fmq_msg *msgs
+        cdef fmq_msg *grown
         cdef Py_ssize_t k = 0, i, j, bad = -1, keep
         cdef list out = []
         cdef bytes raw
         cdef int rc
         if max_messages < 1:
             raise ValueError("max_messages must be >= 1")
+        # The claim array grows with what is actually claimed: sizing it by
+        # max_messages up front would allocate gigabytes for a call that
+        # finds three messages (max_messages may be up to 2**30).
+        cdef Py_ssize_t cap = max_messages if max_messages < 64 else 64
         self._enter()
-        msgs = <fmq_msg *>PyMem_Malloc(max_messages * sizeof(fmq_msg))
+        msgs = <fmq_msg *>PyMem_Malloc(cap * sizeof(fmq_msg))
         if msgs == NULL:
             self._leave()
             raise MemoryError()
@@ -548,6 +555,12 @@ cdef class Ring:
             self._claim_msg(&msgs[0], nonblock, deadline)
             k = 1
             while k < max_messages:
+                if k == cap:
+                    j = cap * 2 if cap * 2 < max_messages else max_messages
+                    grown = <fmq_msg *>PyMem_Realloc(msgs, j * sizeof(fmq_msg))
+                    if grown == NULL:
+                        break               # "at most max_messages": return these
+                    msgs, cap = grown, j
                 rc = fmq_ring_claim_from(self.r, &msgs[k], msgs[k - 1].ticket + 1)
                 if rc == FMQ_EMPTY:
                     break
@@ -973,6 +986,7 @@ cdef class LeasedMessage:
 # buffer exporters                                                         #
 # ======================================================================== #
 
+@cython.no_gc_clear
 cdef class _Exporter:
     """Exports one contiguous byte range and counts the exports.
 
@@ -980,6 +994,17 @@ cdef class _Exporter:
     managed buffer holds exactly one export of ours for as long as that
     memoryview, any slice of it, or anything built on it (numpy arrays) lives.
     When the count drops to zero after close(), the memory is given back.
+
+    no_gc_clear: the cached view refers back to us, so a dropped exporter is
+    freed by the cycle collector; it must not clear ``ring`` first, or
+    __dealloc__ could not give the memory back (a leaked block).
+
+    Fork: what this export holds in shared memory is held by the process that
+    made it. A copy inherited through fork() (``gen`` is an older fork
+    generation) may still read the bytes -- the mapping is inherited and the
+    parent keeps its share -- but dropping it, closing it or exiting gives
+    nothing back: that would release the parent's share under the parent's
+    identity while the parent's views still show those bytes.
     """
     cdef Ring ring
     cdef unsigned char *ptr
@@ -989,6 +1014,7 @@ cdef class _Exporter:
     cdef bint closing
     cdef bint freed
     cdef object _view
+    cdef unsigned gen      # fmq_fork_gen() when made: another value = inherited
     cdef Py_ssize_t shape[1]
 
     def __getbuffer__(self, Py_buffer *buffer, int flags):
@@ -1022,14 +1048,19 @@ cdef class _Exporter:
         self.ptr = ptr
         self.size = size
         self.readonly_ = readonly
+        self.gen = fmq_fork_gen()
         ring.pins += 1
 
+    cdef inline bint _inherited(self):
+        return self.gen != fmq_fork_gen()
+
     cdef void _free(self):
-        """Once: give the memory back (_give_back) and unpin the mapping."""
+        """Once: give the memory back (_give_back; not in a forked child) and
+        unpin the mapping (the pin count is this process's own)."""
         if self.freed:
             return
         self.freed = True
-        if self.ring.r != NULL:
+        if self.ring.r != NULL and not self._inherited():
             self._give_back()
         self.ring._unpin()
 
@@ -1094,6 +1125,7 @@ cdef class _Exporter:
         return self.exports > 1 or mv.exports > 0 or mv.mbuf.exports > 1
 
 
+@cython.no_gc_clear
 cdef class Reservation(_Exporter):
     """Writable space in one block; commit() publishes it (see the contract)."""
     cdef uint32_t block
@@ -1120,9 +1152,7 @@ cdef class Reservation(_Exporter):
         cdef int rc
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(self.timeout, &nonblock)
-        if self.state != 0:
-            raise ValueError("reservation already %s" %
-                             ("committed" if self.state == 1 else "aborted"))
+        self._check_open()
         if n < 0 or n > self.size:
             raise ValueError("length must be between 0 and %d" % self.size)
         self.ring._enter()
@@ -1139,14 +1169,23 @@ cdef class Reservation(_Exporter):
         self.close()
 
     def abort(self):
-        if self.state != 0:
-            raise ValueError("reservation already %s" %
-                             ("committed" if self.state == 1 else "aborted"))
+        self._check_open()
         self.state = 2
         self.close()
 
+    cdef int _check_open(self) except -1:
+        if self._inherited():
+            raise ValueError("this reservation was inherited through fork(): only the "
+                             "process that reserved it can commit or abort it (reserve "
+                             "in this process instead)")
+        if self.state != 0:
+            raise ValueError("reservation already %s" %
+                             ("committed" if self.state == 1 else "aborted"))
+        return 0
 
 
+
+@cython.no_gc_clear
 cdef class Lease(_Exporter):
     """A received message whose bytes stay in place (see the contract)."""
     cdef uint32_t block
@@ -1181,26 +1220,24 @@ cdef class Lease(_Exporter):
 
 
 
+@cython.no_gc_clear
 cdef class _PinnedPayload(_Exporter):
     """A leased message's payload left in its block (Message.data), pinned
     (fmq_lease_pin) until this object -- held by the Message and by every
     view of it -- is gone: an ack or a redelivery meanwhile never frees memory
     that Python can still see, and data stays readable after ack()."""
     cdef uint32_t slot, token, block
-    cdef pid_t pid           # a forked child's copy must not unpin the parent's pin
 
     @staticmethod
     cdef _PinnedPayload _new(Ring ring, uint32_t slot, uint32_t token, uint32_t block,
                              const unsigned char *data, uint32_t n):
         cdef _PinnedPayload self = _PinnedPayload.__new__(_PinnedPayload)
         self.slot, self.token, self.block = slot, token, block
-        self.pid = getpid()
         self._attach(ring, <unsigned char *>data, n, True)
         return self
 
     cdef void _give_back(self):
-        if self.pid == getpid():
-            fmq_lease_unpin(self.ring.r, self.slot, self.token, self.block)
+        fmq_lease_unpin(self.ring.r, self.slot, self.token, self.block)
 
     def __len__(self):
         return self.size

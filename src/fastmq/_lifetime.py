@@ -97,8 +97,20 @@ def inode_lock(fd: int) -> InodeLock:
         return lock
 
 
+# ------------------------------------------------------------------ fork
+
+# The Python layer's one fork mechanism, installed once, here: bumped in every
+# forked child. State that a handle or an object keeps per process records
+# the value it was made under; another value means it was inherited through
+# fork() and belongs to the parent (cheaper than os.getpid() on every call,
+# and immune to pid reuse). The C core has its own counter for its own
+# objects (``fmq_fork_gen``), moved on by its fork handler in the same fork.
+fork_generation = 0
+
+
 def _after_fork_in_child():
-    global _registry_lock
+    global _registry_lock, fork_generation
+    fork_generation += 1
     _registry_lock = threading.Lock()
     for lock in list(_inode_locks.values()):
         lock._reset_after_fork()

@@ -41,7 +41,7 @@ import os
 import threading
 import time
 
-from . import _backend
+from . import _backend, _lifetime
 # Settlement states, shared with both backends' LeasedMessage / ack_many.
 from ._pure.message import ACKED as _ACKED, HELD as _HELD, LOST as _LOST, NACKED as _NACKED
 from .errors import Error, LeaseLost, QueueNotFound
@@ -75,17 +75,8 @@ def _fields_type():
     from ._pure.message import LeasedMessage
     return LeasedMessage
 
-# Bumped in every forked child: per-handle state inherited through fork()
-# belongs to the parent (cheaper than comparing os.getpid() on every call).
-_fork_generation = 0
-
-
-def _after_fork_in_child():
-    global _fork_generation
-    _fork_generation += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# Per-handle state inherited through fork() belongs to the parent: it is
+# recognised by ``_lifetime.fork_generation`` (the one fork mechanism).
 
 
 class Message(_fields_type()):
@@ -278,7 +269,7 @@ class Acks:
     def __init__(self, queue, max_in_flight=DEFAULT_MAX_IN_FLIGHT):
         self.queue = queue
         self.max_in_flight = check_max_in_flight(max_in_flight)
-        self._generation = _fork_generation
+        self._generation = _lifetime.fork_generation
         self._lessee = None
         self._dead_letter = None          # the ring's dead-letter name, read once
         self._dlq = None                  # the dead-letter Queue, opened lazily
@@ -288,9 +279,9 @@ class Acks:
 
     def lessee(self, ring):
         lessee = self._lessee
-        if lessee is None or self._generation != _fork_generation:
-            if self._generation != _fork_generation:   # inherited: not ours
-                self._generation = _fork_generation
+        if lessee is None or self._generation != _lifetime.fork_generation:
+            if self._generation != _lifetime.fork_generation:   # inherited: not ours
+                self._generation = _lifetime.fork_generation
                 self._dlq, self._unforwarded = None, []
             lessee = self._lessee = _Lessee(self, ring)
             self._dead_letter = getattr(ring, "dead_letter", "") or ""
@@ -299,13 +290,13 @@ class Acks:
     @property
     def in_flight(self) -> int:
         lessee = self._lessee
-        return lessee.count if lessee and self._generation == _fork_generation else 0
+        return lessee.count if lessee and self._generation == _lifetime.fork_generation else 0
 
     # ---- leasing
 
     def get_messages(self, ring, max_messages, timeout, lease):
         lessee = self._lessee
-        if lessee is None or self._generation != _fork_generation:
+        if lessee is None or self._generation != _lifetime.fork_generation:
             lessee = self.lessee(ring)
         if self._dead_letter:
             self.forward_dead_letters(ring)
@@ -321,7 +312,7 @@ class Acks:
 
     def ack_many(self, ring, messages):
         lessee = self._lessee
-        if lessee is None or self._generation != _fork_generation:
+        if lessee is None or self._generation != _lifetime.fork_generation:
             lessee = self.lessee(ring)
         acked, settled = ring.ack_many(messages, lessee)
         lessee.release(settled)           # once for the batch

@@ -20,15 +20,17 @@ retry and park again). This covers what the ring's wait cannot see, such as
 an expired lease that only a taker redelivers.
 
 The thread exits when no coroutine is waiting. A forked child starts its own
-threads: threads do not survive ``fork()``.
+waiters (threads do not survive ``fork()``, and a condition inherited from a
+parent's thread may be locked forever): inherited ones are recognised by the
+fork generation (``_lifetime.fork_generation``) they were made under.
 """
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 
+from . import _lifetime
 from .errors import Empty, Full
 
 __all__ = ["call"]
@@ -104,9 +106,12 @@ def _waiter(queue, for_space):
     """The handle's waiter for this direction, in this process."""
     key = "_async_waiters"
     state = queue.__dict__.get(key)
-    if state is None or state[0] != os.getpid():
+    if state is None or state[0] != _lifetime.fork_generation:
+        # None yet, or inherited through fork(): the parent's waiters (their
+        # threads and conditions) are not ours to use.
         ring = queue._live_ring()
-        state = queue.__dict__[key] = (os.getpid(), _Waiter(ring, False), _Waiter(ring, True))
+        state = queue.__dict__[key] = (_lifetime.fork_generation, _Waiter(ring, False),
+                                       _Waiter(ring, True))
     return state[2] if for_space else state[1]
 
 

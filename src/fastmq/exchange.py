@@ -112,14 +112,47 @@ class Exchange:
         self.name = name
         self._fd = fd
         self._backend = backend
-        self._lock = threading.RLock()
+        self._rlock = threading.RLock()
+        self._generation = _lifetime.fork_generation
         self._version = None
         self._kind = None
         self._bindings = []              # [(queue, key)] as stored
         self._routes = {}                # key -> [queue names], for this version
         self._queues = {}                # queue name -> open Queue
         self._hdr = None                 # read-only map of the header
+        self._closing = False            # close() has begun (read without the lock)
         return self
+
+    @property
+    def _lock(self):
+        """The handle's thread lock (the file lock's partner, see _FileLock),
+        after making the handle this process's own if it was inherited."""
+        if self._generation != _lifetime.fork_generation:
+            self._after_fork()
+        return self._rlock
+
+    def _after_fork(self):
+        """First use in a forked child. The parent's thread lock may be held
+        by a parent thread the child does not have (a publish waiting on a full
+        queue): take a new one. The descriptor shares the parent's open file
+        description, and flock belongs to the description: our LOCK_EX would
+        not exclude the parent, our LOCK_UN would drop the parent's lock, and
+        if the parent died holding it, our inherited mapping of the header
+        (a mapping refers to its description too) would keep it held. So the
+        child gets its own description of the same file, and maps it anew."""
+        self._generation = _lifetime.fork_generation
+        self._rlock = threading.RLock()
+        if self._fd is None:
+            return
+        fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.dup2(fd, self._fd, inheritable=False)
+        finally:
+            os.close(fd)
+        if self._hdr is not None:
+            self._hdr.close()
+            self._hdr = None
+            self._map_header()
 
     def _map_header(self):
         if os.fstat(self._fd).st_size < _HEADER_SIZE:
@@ -204,6 +237,12 @@ class Exchange:
         return sorted(e[len(PREFIX):] for e in entries if e.startswith(PREFIX))
 
     def close(self):
+        # A publish blocked on a full queue holds self._lock for as long as it
+        # waits: close the queues first, without the lock, so that its put
+        # raises QueueClosed and the lock comes free.
+        self._closing = True
+        for q in list(self._queues.values()):
+            q.close()
         with self._lock:
             queues, self._queues = self._queues, {}
             if self._hdr is not None:
@@ -424,6 +463,10 @@ class Exchange:
             targets = self._targets(key)
             delivered = 0
             for name in targets:
+                if self._closing:
+                    raise QueueClosed(f"exchange {self.name!r} handle was closed while "
+                                      f"publishing; the message went to {delivered} of "
+                                      f"{len(targets)} queue(s)")
                 try:
                     q = self._open_queue(name)
                 except QueueNotFound:

@@ -699,8 +699,15 @@ class Reservation:
         self._buffer = bytearray(nbytes)
         self.view = memoryview(self._buffer)
         self._done = False
+        self._generation = _lifetime.fork_generation
 
     def _finish(self):
+        # As in the native backend: a reservation inherited through fork() is
+        # the parent's; a child committing it would publish the message twice.
+        if self._generation != _lifetime.fork_generation:
+            raise ValueError("this reservation was inherited through fork(): only the "
+                             "process that reserved it can commit or abort it (reserve "
+                             "in this process instead)")
         if self._done:
             raise ValueError("reservation was already committed or aborted")
         self._done = True
