@@ -85,15 +85,19 @@ cdef int _raise(int rc, str what="") except -1:
 
 
 cdef inline uint64_t _deadline(object timeout, bint *nonblock) except? 1:
-    """None -> 0 (wait forever); 0 -> non-blocking; > 0 -> absolute monotonic ns."""
+    """None -> 0 (wait forever); <= 0 -> non-blocking; > 0 -> absolute
+    monotonic ns. inf and timeouts of 1e10 s or more (past what a u64 of ns
+    can hold once added to the clock; converting them is undefined) wait
+    forever; NaN is a ValueError."""
     if timeout is None:
         nonblock[0] = False
         return 0
     cdef double t = timeout
-    if t <= 0:
-        nonblock[0] = True
+    if t != t:
+        raise ValueError("'timeout' must be a number of seconds or None, not NaN")
+    nonblock[0] = t <= 0
+    if t <= 0 or t >= 1e10:
         return 0
-    nonblock[0] = False
     return fmq_now_ns() + <uint64_t>(t * 1e9) + 1
 
 

@@ -16,7 +16,6 @@ rest of a batch and the handle holds no dequeued-but-undelivered payloads.
 """
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 
@@ -71,17 +70,29 @@ def _check_serializer(serializer):
     return tuple(serializer)
 
 
+# A timeout this long (about 317 years) is "forever": the rings' deadlines are
+# nanosecond counters, and a deadline past 2**64 ns cannot be represented.
+FOREVER_SECONDS = 1e10
+
+
 def _timeout(block, timeout):
-    """``None`` (forever), ``0`` (don't block) or seconds > 0, like the stdlib."""
+    """``None`` (forever), ``0`` (one non-blocking try) or seconds > 0.
+
+    As in ``multiprocessing.Queue``: a timeout of zero or less makes one
+    non-blocking try (so ``get(timeout=deadline - time.monotonic())`` past
+    its deadline raises ``Empty``), and ``inf`` -- or any timeout of at least
+    ``FOREVER_SECONDS`` -- waits forever. NaN is a ``ValueError``."""
     if not block:
         return 0
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"'timeout' must be a number or None, not {type(timeout).__name__}")
-    if timeout < 0 or math.isnan(timeout):
-        raise ValueError("'timeout' must be a non-negative number")
-    return timeout
+    if timeout > 0:
+        return None if timeout >= FOREVER_SECONDS else timeout
+    if timeout != timeout:
+        raise ValueError("'timeout' must be a number of seconds or None, not NaN")
+    return 0
 
 
 # ------------------------------------------------------------------ the handle

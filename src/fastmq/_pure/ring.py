@@ -102,7 +102,13 @@ _AGAIN = object()       # "would block" marker returned by attempt functions
 
 
 def _deadline(timeout):
-    return None if timeout is None else time.monotonic() + timeout
+    """None (forever) or an absolute monotonic time; like the native ring,
+    inf and timeouts of 1e10 s or more wait forever and NaN is refused."""
+    if timeout is None or timeout >= 1e10:
+        return None
+    if timeout != timeout:
+        raise ValueError("'timeout' must be a number of seconds or None, not NaN")
+    return time.monotonic() + timeout
 
 
 def _remaining(deadline):
