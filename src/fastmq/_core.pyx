@@ -76,7 +76,17 @@ cdef int _raise(int rc, str what="") except -1:
     if rc == FMQ_EINVAL or rc == FMQ_ESTATE:
         raise ValueError(msg)
     if rc == FMQ_ELOST:
-        raise LeaseLost(msg)
+        # The C core says ELOST for two different things: a lease (in-flight
+        # entry or dead letter) that is no longer this consumer's -- the
+        # user's LeaseLost -- and a ring slot or pool block that a plain
+        # put/get/commit/recv held and found changed under it. No lease is
+        # involved in the second; only crash recovery judging this process
+        # dead, or a write into the segment from outside fastmq, can do that.
+        if "lease" in msg or "dead letter" in msg:
+            raise LeaseLost(msg)
+        raise CorruptQueue(msg + ": the shared state this call held was changed by another "
+                           "process (crash recovery judged its holder dead, or the segment "
+                           "was written by something other than fastmq)")
     if rc == FMQ_ETABLEFULL:
         raise Error(msg)
     if rc == FMQ_EOS:

@@ -40,7 +40,7 @@ import time
 from . import _backend
 # Settlement states, shared with both backends' LeasedMessage / ack_many.
 from ._pure.message import ACKED as _ACKED, HELD as _HELD, LOST as _LOST, NACKED as _NACKED
-from .errors import Error, LeaseLost, QueueNotFound
+from .errors import Empty, Error, LeaseLost, QueueNotFound
 
 __all__ = ["Message", "TooManyInFlight", "DEFAULT_LEASE", "DEFAULT_MAX_IN_FLIGHT"]
 
@@ -161,8 +161,12 @@ class Message(_fields_type()):
             raise
         self._settle(_NACKED)
         # Past max_deliveries (or requeue=False) it is parked now: forward it
-        # at this handle's next chance.
-        self._ctx.acks.dead_letter_hint()
+        # at once (the consumer's own act; inspection never forwards).
+        acks = self._ctx.acks
+        acks.dead_letter_hint()
+        if acks._dead_letter and (not requeue or
+                                  self.delivery_count >= self._ctx.ring.max_deliveries):
+            acks.forward_dead_letters(self._ctx.ring)
 
     def touch(self, seconds: float = DEFAULT_LEASE) -> None:
         """Extend the lease to now + ``seconds``."""
@@ -302,8 +306,12 @@ class Acks:
         n = lessee.reserve(max_messages, self.max_in_flight)
         try:
             leased = ring.lease(n, timeout, lease, lessee)
-        except BaseException:
+        except BaseException as exc:
             lessee.release(n)
+            if self._dead_letter and isinstance(exc, Empty):
+                # The wait may have parked expired leases past max_deliveries:
+                # pass them on now rather than at some later call.
+                self.forward_dead_letters(ring, force=True)
             raise
         if len(leased) < n:
             lessee.release(n - len(leased))

@@ -382,10 +382,12 @@ class Queue:
     def stats(self) -> dict:
         """The ring's counters: depth, capacity, enqueued, dequeued,
         bytes_in_use, producers, consumers, redelivered, abandoned,
-        dead_lettered, and whatever else the backend reports."""
-        ring = self._live_ring()
-        self._acks.forward_dead_letters(ring, force=True)  # parked dead letters first
-        return dict(ring.stats())
+        dead_lettered, and whatever else the backend reports.
+
+        Read-only: it changes nothing in the queue (parked dead letters stay
+        parked for the next ``get_message``, and no dead-letter queue is
+        created), so ``fastmq stat``/``fastmq ls`` can inspect any queue."""
+        return dict(self._live_ring().stats())
 
     # ------------------------------------------------------------- zero-copy
 
