@@ -40,7 +40,7 @@ import time
 from . import _backend
 # Settlement states, shared with both backends' LeasedMessage / ack_many.
 from ._pure.message import ACKED as _ACKED, HELD as _HELD, LOST as _LOST, NACKED as _NACKED
-from .errors import Empty, Error, LeaseLost, QueueNotFound
+from .errors import AuthenticationError, Empty, Error, LeaseLost, QueueNotFound
 
 __all__ = ["Message", "TooManyInFlight", "DEFAULT_LEASE", "DEFAULT_MAX_IN_FLIGHT"]
 
@@ -84,7 +84,10 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Message(_fields_type()):
+_LeasedMessage = _fields_type()
+
+
+class Message(_LeasedMessage):
     """A message leased with ``Queue.get_message()``; ack it when done.
 
     * ``value`` -- the deserialized object (decoded on first access);
@@ -108,7 +111,7 @@ class Message(_fields_type()):
     settling Messages is the hot path of ``get_messages``/``ack_many``.
     """
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "_checked")
 
     # ---- content
 
@@ -119,12 +122,23 @@ class Message(_fields_type()):
         except AttributeError:
             pass
         payload, queue = self._payload, self._ctx.queue
-        if payload.__class__ is not bytes:        # left in its block (native)
+        if queue._auth is not None:               # checked at lease time (a private copy)
+            payload = self._checked
+            if queue._serializer is not None and payload.__class__ is not bytes:
+                payload = bytes(payload)
+        elif payload.__class__ is not bytes:      # left in its block (native)
             payload = self.data
             if queue._serializer is not None:     # custom loads() get bytes, as from get()
                 payload = payload.tobytes()
         self._value = queue._decode(payload)
         return self._value
+
+    @property
+    def data(self):
+        """Read-only memoryview of the payload (see the class docstring)."""
+        if self._ctx.queue._auth is not None:
+            return memoryview(self._checked).toreadonly()
+        return super().data
 
     @property
     def acked(self) -> bool:
@@ -315,7 +329,41 @@ class Acks:
             raise
         if len(leased) < n:
             lessee.release(n - len(leased))
+        if self.queue._auth is not None:
+            return self._check(ring, leased)
         return leased
+
+    def _check(self, ring, leased):
+        """Authenticate leased messages (handle with ``authkey``). One that
+        fails is never deserialized: it is acked -- dropped, and counted in
+        ``stats()["rejected"]`` -- rather than dead-lettered, because
+        forwarding would hand a forged payload to the dead-letter queue's
+        readers. The good ones are returned; if none is good, the call raises
+        ``AuthenticationError``. A payload left in a pool block is copied out
+        for the check, so nobody can change it between check and unpickling."""
+        from ._auth import count_rejected
+        auth, good, error = self.queue._auth, [], None
+        for m in leased:
+            payload = m._payload
+            try:
+                if payload.__class__ is bytes:
+                    m._checked = auth.open(payload)
+                else:
+                    view = _LeasedMessage.data.__get__(m)
+                    m._checked, _ = auth.verify_view(view, view.nbytes)
+            except AuthenticationError as exc:
+                error = exc
+                try:
+                    m.ack()
+                except LeaseLost:
+                    pass
+                continue
+            good.append(m)
+        if error is not None:
+            count_rejected(ring, len(leased) - len(good))
+            if not good:
+                raise error
+        return good
 
     def ack_many(self, ring, messages):
         lessee = self._lessee

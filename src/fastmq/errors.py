@@ -12,6 +12,7 @@ import queue as _stdlib_queue
 __all__ = [
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
     "QueueExists", "CorruptQueue", "LeaseLost",
+    "AuthenticationError",
 ]
 
 
@@ -49,3 +50,10 @@ class CorruptQueue(Error):
 
 class LeaseLost(Error):
     """``ack``/``touch``/``release`` of a message whose lease expired or was reclaimed."""
+
+
+class AuthenticationError(Error):
+    """A message failed its authentication check (queue opened with
+    ``authkey=``): it was not deserialized, and it was consumed and counted in
+    ``stats()["rejected"]``. Also raised by a handle without the key that
+    reads an authenticated message."""

@@ -42,8 +42,9 @@ import struct
 import threading
 import zlib
 from fcntl import LOCK_EX, LOCK_SH, LOCK_UN, flock
+from multiprocessing.context import get_spawning_popen
 
-from . import _names, _serialize
+from . import _auth, _names, _serialize
 from .errors import CorruptQueue, Full, QueueClosed, QueueExists, QueueNotFound
 
 __all__ = ["Exchange", "KINDS"]
@@ -127,9 +128,12 @@ class Exchange:
         self._hdr = mmap.mmap(self._fd, _HEADER_SIZE, prot=mmap.PROT_READ)
 
     @classmethod
-    def create(cls, name, kind, *, exist_ok=False, _backend=None):
+    def create(cls, name, kind, *, exist_ok=False, authkey=None, _backend=None):
         """Create the exchange ``name`` of ``kind`` (one of KINDS).
-        ``QueueExists`` if it exists, unless ``exist_ok`` and of the same kind."""
+        ``QueueExists`` if it exists, unless ``exist_ok`` and of the same kind.
+        ``authkey``: the key of the bound queues that use one (``Queue``'s
+        ``authkey``): publish signs each message with it."""
+        authkey = _auth.check_authkey(authkey)
         if kind not in KINDS:
             raise ValueError(f"unknown exchange kind {kind!r}; expected one of {', '.join(KINDS)}")
         path = _path(name)
@@ -139,6 +143,7 @@ class Exchange:
         tmp = os.path.join(SHM_DIR, f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self = cls._new(name, fd, _backend)
+        self._authkey = authkey
         try:
             self._write_body(0, {"kind": kind, "bindings": []}, turn=0, current=None)
             os.link(tmp, path)
@@ -147,7 +152,7 @@ class Exchange:
             if not exist_ok:
                 raise QueueExists(f"exchange {name!r} already exists "
                                   "(pass exist_ok=True to open it)") from None
-            ex = cls.open(name, _backend=_backend)
+            ex = cls.open(name, authkey=authkey, _backend=_backend)
             if ex.kind != kind:
                 ex.close()
                 raise ValueError(f"exchange {name!r} exists with kind {ex.kind!r}, "
@@ -163,15 +168,17 @@ class Exchange:
         return self
 
     @classmethod
-    def open(cls, name, *, _backend=None):
+    def open(cls, name, *, authkey=None, _backend=None):
         """Open an existing exchange; ``FileNotFoundError`` (``QueueNotFound``)
-        if there is none of that name."""
+        if there is none of that name. ``authkey`` as for ``create``."""
+        authkey = _auth.check_authkey(authkey)
         try:
             fd = os.open(_path(name), os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise QueueNotFound(f"no fastmq exchange named {name!r} "
                                 f"(create it with fastmq.Exchange.create)") from None
         self = cls._new(name, fd, _backend)
+        self._authkey = authkey
         self._map_header()
         self._refresh()
         return self
@@ -222,6 +229,9 @@ class Exchange:
             pass
 
     def __reduce__(self):
+        # The authkey only while spawning a multiprocessing child (see Queue).
+        if getattr(self, "_authkey", None) and get_spawning_popen() is not None:
+            return (_reopen, (self.name, self._backend, self._authkey))
         return (_reopen, (self.name, self._backend))
 
     def __repr__(self):
@@ -383,7 +393,8 @@ class Exchange:
         q = self._queues.get(name)
         if q is None:
             from .queue import Queue
-            q = self._queues[name] = Queue.open(name, _backend=self._backend)
+            q = self._queues[name] = Queue.open(name, _backend=self._backend,
+                                                authkey=getattr(self, "_authkey", None))
         return q
 
     def publish(self, obj, key="", timeout=None) -> int:
@@ -460,5 +471,5 @@ class _FileLock:
             self._ex._lock.release()
 
 
-def _reopen(name, backend):
-    return Exchange.open(name, _backend=backend)
+def _reopen(name, backend, authkey=None):
+    return Exchange.open(name, _backend=backend, authkey=authkey)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import threading
 import weakref
 
-from . import _backend, _names, _serialize, acks, asyncio_support
-from .errors import Full, MessageTooLarge, QueueClosed, QueueNotFound
+from multiprocessing.context import get_spawning_popen
+
+from . import _auth, _backend, _names, _serialize, acks, asyncio_support
+from .errors import AuthenticationError, Full, MessageTooLarge, QueueClosed, QueueNotFound
 
 __all__ = ["Queue", "Received", "DEFAULT_MAXSIZE", "DEFAULT_MAX_MESSAGE_SIZE",
            "MIN_CAPACITY_BYTES"]
@@ -117,6 +119,14 @@ class Queue:
     * ``serializer`` -- ``(dumps, loads)``; default pickle protocol 5 with
       out-of-band buffers (numpy arrays are copied once, straight into
       shared memory).
+    * ``authkey`` -- bytes: every message this handle writes carries a keyed
+      MAC (BLAKE2b), and every message it reads is checked before it is
+      deserialized; one that fails is consumed, counted in
+      ``stats()["rejected"]`` and raises ``fastmq.AuthenticationError``
+      (see ``_auth``). The key travels to ``multiprocessing`` children like
+      ``multiprocessing``'s own authkey: a handle pickled while spawning a
+      process carries it, a handle pickled anywhere else (into a message, a
+      file) does not.
 
     The handle pickles (fork, spawn, forkserver, executors, even through
     another fastmq queue). The memory of an anonymous queue is freed when the
@@ -128,38 +138,41 @@ class Queue:
     """
 
     def __init__(self, maxsize=0, *, max_message_size=None, capacity_bytes=None,
-                 serializer=None, _backend=None):
+                 serializer=None, authkey=None, _backend=None):
         geometry = _geometry(maxsize, max_message_size, capacity_bytes)
         serializer = _check_serializer(serializer)
+        authkey = _auth.check_authkey(authkey)
         backend, module = _backend_resolve(_backend)
         ring = module.Ring.create(_names.anonymous_segment(), anonymous=True, **geometry)
-        self._setup(ring, backend, None, serializer)
+        self._setup(ring, backend, None, serializer, authkey)
 
     # -------------------------------------------------------- constructors
 
     @classmethod
-    def _from_ring(cls, ring, backend, name, serializer):
+    def _from_ring(cls, ring, backend, name, serializer, authkey=None):
         self = cls.__new__(cls)
-        self._setup(ring, backend, name, serializer)
+        self._setup(ring, backend, name, serializer, authkey)
         return self
 
-    def _setup(self, ring, backend, name, serializer):
+    def _setup(self, ring, backend, name, serializer, authkey=None):
         self._ring = ring
         self.backend = backend
         self.name = name                  # None for anonymous queues
         self._serializer = serializer
+        self._auth = _auth.Auth(authkey) if authkey is not None else None
         self._reserved_arrays = {}        # id(array) -> Reservation (reserve_array)
         self._lock = threading.Lock()
 
     @classmethod
     def create(cls, name, *, maxsize=0, max_message_size=None, capacity_bytes=None,
                mode=0o600, exist_ok=False, serializer=None, max_deliveries=20,
-               dead_letter=None, _backend=None):
+               dead_letter=None, authkey=None, _backend=None):
         """Create the named queue ``name`` (``QueueExists`` if it exists, unless
         ``exist_ok=True``, which opens it -- its own sizes win)."""
         segment = _names.segment_for(name)
         geometry = _geometry(maxsize, max_message_size, capacity_bytes)
         serializer = _check_serializer(serializer)
+        authkey = _auth.check_authkey(authkey)
         _check_int("mode", mode, 0, 0o7777)
         _check_int("max_deliveries", max_deliveries, 1, 1 << 30)
         if dead_letter is not None:
@@ -168,19 +181,20 @@ class Queue:
         ring = module.Ring.create(segment, mode=mode, exist_ok=exist_ok,
                                   max_deliveries=max_deliveries,
                                   dead_letter=dead_letter or "", **geometry)
-        return cls._from_ring(ring, backend, name, serializer)
+        return cls._from_ring(ring, backend, name, serializer, authkey)
 
     @classmethod
-    def open(cls, name, serializer=None, *, _backend=None):
+    def open(cls, name, serializer=None, *, authkey=None, _backend=None):
         """Open the existing named queue ``name`` (``QueueNotFound`` if absent)."""
         segment = _names.segment_for(name)
         serializer = _check_serializer(serializer)
+        authkey = _auth.check_authkey(authkey)
         backend, module = _backend_resolve(_backend)
         try:
             ring = module.Ring.open(segment)
         except QueueNotFound:
             raise QueueNotFound(f"no fastmq queue named {name!r}") from None
-        return cls._from_ring(ring, backend, name, serializer)
+        return cls._from_ring(ring, backend, name, serializer, authkey)
 
     @staticmethod
     def unlink(name, *, _backend=None):
@@ -199,7 +213,13 @@ class Queue:
         # A pickled handle is not an open handle: if every open handle of an
         # anonymous queue closes before the copy is loaded, loading it raises
         # QueueNotFound (API: the memory lives until the last handle closes).
-        return (_reopen, (ring.name, ring.anonymous, self._serializer, self.backend))
+        # The authkey goes along only while a multiprocessing child is being
+        # spawned (as multiprocessing's own authkey does): never into a
+        # message, a file, or any other pickle that may outlive the process.
+        args = (ring.name, ring.anonymous, self._serializer, self.backend)
+        if self._auth is not None and get_spawning_popen() is not None:
+            args += (self._auth.key,)
+        return (_reopen, args)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -271,10 +291,25 @@ class Queue:
         return self._serializer[1](payload)
 
     def _encode(self, obj):
-        return self._dumps(obj) if self._serializer else _serialize.encode(obj)
+        payload = self._dumps(obj) if self._serializer else _serialize.encode(obj)
+        return payload if self._auth is None else self._auth.seal(payload)
 
     def _decode(self, payload):
+        """Deserialize a payload (already checked, if this handle has a key)."""
         return self._loads(payload) if self._serializer else _serialize.decode(payload)
+
+    def _decode_sealed(self, message):
+        """Check, then deserialize, one message read by a handle with a key."""
+        return self._decode(self._auth.open(message))
+
+    def _open_bytes(self, message):
+        payload = self._auth.open(message)
+        return payload if payload.__class__ is bytes else bytes(payload)
+
+    def _rejected(self, exc):
+        """A message failed its check and was consumed: count it, re-raise."""
+        _auth.count_rejected(self._ring)
+        raise exc
 
     # --------------------------------------------------------- put / get
 
@@ -287,7 +322,12 @@ class Queue:
         """Serialize ``obj`` and enqueue it; ``Full`` if no room in time."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        if self._serializer is None:
+        if self._auth is not None:
+            if self._serializer is None:
+                _serialize.put_object(self._ring, obj, timeout, self._auth)
+            else:
+                self._auth.put(self._ring, self._dumps(obj), timeout)
+        elif self._serializer is None:
             _serialize.put_object(self._ring, obj, timeout)
         else:
             self._ring.put(self._dumps(obj), timeout)
@@ -301,6 +341,8 @@ class Queue:
         """
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
+        if self._auth is not None:
+            return self._get_sealed(timeout, zero_copy)
         if self._serializer is not None:
             return self._loads(self._ring.get(timeout))
         if not zero_copy:
@@ -310,6 +352,22 @@ class Queue:
             return _serialize.decode(lease.view, zero_copy=True)
         finally:
             lease.close()            # deferred while the arrays view it
+
+    def _get_sealed(self, timeout, zero_copy):
+        if self._serializer is not None or not zero_copy:
+            message = self._ring.get(timeout)       # a private copy: check, then use
+            try:
+                payload = self._auth.open(message)
+            except AuthenticationError as exc:
+                self._rejected(exc)
+            return self._decode(payload)
+        lease = self._ring.recv(timeout)
+        try:
+            return _serialize.decode_authenticated_view(self._auth, lease.view)
+        except AuthenticationError as exc:
+            self._rejected(exc)
+        finally:
+            lease.close()
 
     def put_nowait(self, obj):
         return self.put(obj, False)
@@ -322,7 +380,8 @@ class Queue:
         blocking without a timeout). Nothing is written if any item is too big."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        encode = self._encode if self._serializer is not None else _serialize.encode
+        encode = (self._encode if self._serializer is not None or self._auth is not None
+                  else _serialize.encode)
         payloads = [encode(obj) for obj in iterable]
         # The ring checks every size before writing anything, too; checking
         # here first gives the message that names the batch.
@@ -339,25 +398,43 @@ class Queue:
         _check_int("max_messages", max_messages, 1, 1 << 30)
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        return self._ring.get_many(max_messages, timeout, self._decode)
+        if self._auth is None:
+            return self._ring.get_many(max_messages, timeout, self._decode)
+        # A message that fails its check stops the batch like an undecodable
+        # one: those before it are returned, it stays first in line, and the
+        # call that meets it first consumes it and raises (counted once, here).
+        try:
+            return self._ring.get_many(max_messages, timeout, self._decode_sealed)
+        except AuthenticationError as exc:
+            self._rejected(exc)
 
     def put_bytes(self, data, block=True, timeout=None):
         """Enqueue a bytes-like payload as it is (no serialization)."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        self._ring.put(data, timeout)
+        if self._auth is not None:
+            self._auth.put(self._ring, data, timeout)
+        else:
+            self._ring.put(data, timeout)
 
     def get_bytes(self, block=True, timeout=None) -> bytes:
         """Dequeue one payload as bytes (no deserialization)."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        return self._ring.get(timeout)
+        if self._auth is None:
+            return self._ring.get(timeout)
+        try:
+            return self._open_bytes(self._ring.get(timeout))
+        except AuthenticationError as exc:
+            self._rejected(exc)
 
     def put_many_bytes(self, items, block=True, timeout=None) -> int:
         """``put_many`` for bytes-like payloads, sent as they are: the fastest
         way to move many small messages (one call, one wake-up)."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
+        if self._auth is not None:
+            items = [self._auth.seal(item) for item in items]
         return self._ring.put_many(items, timeout)
 
     def get_many_bytes(self, max_messages=DEFAULT_GET_MANY, block=True, timeout=None) -> list:
@@ -365,7 +442,12 @@ class Queue:
         _check_int("max_messages", max_messages, 1, 1 << 30)
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        return self._ring.get_many(max_messages, timeout)
+        if self._auth is None:
+            return self._ring.get_many(max_messages, timeout)
+        try:
+            return self._ring.get_many(max_messages, timeout, self._open_bytes)
+        except AuthenticationError as exc:
+            self._rejected(exc)
 
     # ------------------------------------------------------------ inspection
 
@@ -387,7 +469,10 @@ class Queue:
         Read-only: it changes nothing in the queue (parked dead letters stay
         parked for the next ``get_message``, and no dead-letter queue is
         created), so ``fastmq stat``/``fastmq ls`` can inspect any queue."""
-        return dict(self._live_ring().stats())
+        ring = self._live_ring()
+        stats = dict(ring.stats())
+        stats["rejected"] = _auth.rejected(ring)   # failed authentication (authkey=)
+        return stats
 
     # ------------------------------------------------------------- zero-copy
 
@@ -398,10 +483,11 @@ class Queue:
         before the ``with`` block; the space is claimed on entering it."""
         _check_int("nbytes", nbytes, 0, MAX_MESSAGE_SIZE)
         ring = self._live_ring()
-        if nbytes > ring.max_message_size:
-            raise MessageTooLarge(f"reservation of {nbytes} bytes exceeds this queue's "
+        extra = 0 if self._auth is None else _auth.OVERHEAD
+        if nbytes + extra > ring.max_message_size:
+            raise MessageTooLarge(f"reservation of {nbytes + extra} bytes exceeds this queue's "
                                   f"max_message_size of {ring.max_message_size} bytes")
-        return _ReservationContext(ring, nbytes, _timeout(True, timeout))
+        return _ReservationContext(ring, nbytes, _timeout(True, timeout), self._auth)
 
     def reserve_array(self, shape, dtype, *, timeout=None):
         """A numpy array living in the queue's memory; publish it with
@@ -418,11 +504,13 @@ class Queue:
             raise TypeError(f"numpy did not pickle a {dtype} array out-of-band")
         header, total, offsets = _serialize.frame_layout(len(data), [raws[0].nbytes])
         del template, raws
-        reservation = self._live_ring().reserve(total, timeout)
+        extra = 0 if self._auth is None else _auth.OVERHEAD   # the tag, written at commit
+        reservation = self._live_ring().reserve(total + extra, timeout)
         try:
-            _serialize.write_frame(reservation.view[:offsets[0]], header, data, [], [])
+            with memoryview(reservation.view) as view:
+                _serialize.write_frame(view[extra:extra + offsets[0]], header, data, [], [])
             arr = np.frombuffer(reservation.view, dtype, count=int(np.prod(shape)),
-                                offset=offsets[0]).reshape(shape)
+                                offset=extra + offsets[0]).reshape(shape)
         except BaseException:
             reservation.abort()
             raise
@@ -441,13 +529,23 @@ class Queue:
             raise ValueError("commit() takes an array returned by this queue's "
                              "reserve_array() that was not committed yet")
         arr.flags.writeable = False
+        if self._auth is not None:
+            self._auth.sign_in_place(reservation.view)
         reservation.commit()
 
     def recv(self, timeout=None):
         """``with q.recv() as msg:`` -- ``msg.data`` is a read-only memoryview
         of the next message in shared memory, pinned while any view of it lives."""
         timeout = _timeout(True, timeout)
-        return Received(self._live_ring().recv(timeout))
+        lease = self._live_ring().recv(timeout)
+        if self._auth is None:
+            return Received(lease)
+        try:
+            _, data = self._auth.verify_view(lease.view)   # checked before it is handed out
+        except AuthenticationError as exc:
+            lease.close()
+            self._rejected(exc)
+        return Received(lease, data)
 
     # ------------------------------------------- at-least-once (see acks.py)
     #
@@ -582,20 +680,29 @@ class Queue:
 class _ReservationContext:
     """What ``Queue.reserve`` returns: claims the space on ``__enter__``."""
 
-    __slots__ = ("_ring", "_nbytes", "_timeout", "_reservation")
+    __slots__ = ("_ring", "_nbytes", "_timeout", "_reservation", "_auth", "_view")
 
-    def __init__(self, ring, nbytes, timeout):
+    def __init__(self, ring, nbytes, timeout, auth=None):
         self._ring, self._nbytes, self._timeout = ring, nbytes, timeout
         self._reservation = None
+        self._auth, self._view = auth, None
 
     def __enter__(self) -> memoryview:
         if self._reservation is not None:
             raise RuntimeError("a reserve() context can be entered only once")
-        self._reservation = self._ring.reserve(self._nbytes, self._timeout)
-        return self._reservation.view
+        if self._auth is None:
+            self._reservation = self._ring.reserve(self._nbytes, self._timeout)
+            return self._reservation.view
+        # Room for the tag in front; the user writes after it, and the tag
+        # is computed over what they wrote when the block exits.
+        self._reservation = self._ring.reserve(self._nbytes + _auth.OVERHEAD, self._timeout)
+        self._view = memoryview(self._reservation.view)
+        return self._view[_auth.OVERHEAD:]
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
+            if self._auth is not None:
+                self._auth.sign_in_place(self._view)
             self._reservation.commit()
         else:
             self._reservation.abort()
@@ -610,26 +717,36 @@ class Received:
     while such views are alive.
     """
 
-    __slots__ = ("_lease",)
+    __slots__ = ("_lease", "_data")
 
-    def __init__(self, lease):
+    def __init__(self, lease, data=None):
         self._lease = lease
+        self._data = data             # the checked payload, past the tag (authkey=)
 
     @property
     def data(self) -> memoryview:
-        return self._lease.view
+        return self._lease.view if self._data is None else self._data
 
     @property
     def nbytes(self) -> int:
-        return self._lease.nbytes
+        return self._lease.nbytes if self._data is None else self._data.nbytes
 
     def release(self):
+        data = self._data
+        if data is not None:
+            data.release()            # our own slice; views derived from it keep it
         self._lease.release()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        data = self._data
+        if data is not None:
+            try:
+                data.release()
+            except BufferError:
+                pass                  # views of it live on; closing defers to them
         self._lease.close()
 
 
@@ -672,7 +789,7 @@ def _numpy():
     return numpy
 
 
-def _reopen(segment, anonymous, serializer, backend):
+def _reopen(segment, anonymous, serializer, backend, authkey=None):
     """Unpickle a handle: open its segment in this process."""
     module = _backend.ring_module(backend)
     try:
@@ -681,4 +798,4 @@ def _reopen(segment, anonymous, serializer, backend):
         what = "anonymous queue" if anonymous else f"queue {_names.queue_name_of(segment)!r}"
         raise QueueNotFound(f"cannot unpickle fastmq handle: the {what} no longer "
                             "exists (every open handle to it was closed)") from None
-    return Queue._from_ring(ring, backend, _names.queue_name_of(segment), serializer)
+    return Queue._from_ring(ring, backend, _names.queue_name_of(segment), serializer, authkey)

@@ -86,11 +86,13 @@ PARTICIPANTS_OFFSET = 1024
 MAX_PARTICIPANTS = 128
 ROLE_PRODUCER, ROLE_CONSUMER = 1, 2
 LOCK_BYTE = HEADER_SIZE - 1           # record-locked byte (advisory; never read)
+REJECTED_OFFSET = HEADER_SIZE - 16    # u64: messages that failed authentication
 
 assert GEOMETRY_OFFSET + GEOMETRY.size <= STATE_OFFSET
 assert STATE_OFFSET + STATE.size == leases.LEASE_STATE_OFFSET
 assert leases.LEASE_STATE_OFFSET + leases.LEASE_STATE.size <= PARTICIPANTS_OFFSET
-assert PARTICIPANTS_OFFSET + MAX_PARTICIPANTS * PARTICIPANT.size <= LOCK_BYTE
+assert PARTICIPANTS_OFFSET + MAX_PARTICIPANTS * PARTICIPANT.size <= REJECTED_OFFSET
+assert REJECTED_OFFSET + 8 <= LOCK_BYTE
 assert STATE_OFFSET % 64 == 0 and STATE.size == 64   # never crosses a page
 
 # ------------------------------------------------------------------- waiting
@@ -560,6 +562,19 @@ class Ring(leases.LeaseMixin):
 
     def qsize(self):
         return self._read_u64(COUNT_OFFSET)
+
+    # fastmq.Queue's count of messages that failed authentication (authkey=,
+    # see fastmq/_auth.py), kept in the free part of the header page.
+    def count_rejected(self, n=1):
+        def bump(fd, state):
+            raw = os.pread(fd, 8, REJECTED_OFFSET)
+            if len(raw) == 8:
+                os.pwrite(fd, struct.pack("<Q", struct.unpack("<Q", raw)[0] + n),
+                          REJECTED_OFFSET)
+        self._locked(bump)
+
+    def rejected(self):
+        return self._read_u64(REJECTED_OFFSET)
 
     def stats(self):
         def read(fd, state):
