@@ -141,16 +141,31 @@ class Auth:
         ``(prefix, rest)``: the first ``local_prefix`` payload bytes as a
         private copy -- what the caller parses and unpickles, which a
         co-process therefore cannot change after the check -- and a view of
-        the remaining payload bytes (raw data, checked in place)."""
+        the remaining payload bytes (raw data, checked in place).
+
+        On failure it returns ``Rejected(AuthenticationError)`` instead of
+        raising it: a traceback would keep this frame, and with it views of
+        shared memory, alive in a reference cycle past the handle's close.
+        The caller releases the memory first, then raises."""
         if view.nbytes < OVERHEAD or view[:4] != MAGIC:
-            raise _rejection(view)
+            return Rejected(_rejection(view))
         want = bytes(view[4:OVERHEAD])
         cut = min(OVERHEAD + local_prefix, view.nbytes)
         prefix = bytes(view[OVERHEAD:cut])
         rest = view[cut:]
         if not hmac.compare_digest(self.tag(prefix, rest), want):
-            raise _rejection(view)
+            rest.release()
+            return Rejected(_rejection(view))
         return prefix, rest
+
+
+class Rejected:
+    """What a check that failed returns: ``error`` is the exception to raise."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error):
+        self.error = error
 
 
 def _rejection(message):

@@ -262,14 +262,21 @@ def decode_authenticated_view(auth, view):
     memory (``recv``'s view): checked before anything is unpickled, and the
     frame header and the pickle stream are parsed and unpickled from a private
     copy made for the check, so a co-process cannot change them afterwards;
-    only out-of-band buffers (raw data) are handed out as views."""
+    only out-of-band buffers (raw data) are handed out as views.
+
+    A message that fails the check is not raised but returned as
+    ``_auth.Rejected`` (see ``_auth.Auth.verify_view``)."""
     body = view[_auth.OVERHEAD:]
     if body.nbytes >= _FIXED.size and body[:4] == MAGIC:
         _, n, pickle_len = _FIXED.unpack_from(body, 0)          # a hint, re-read below
         want = min(_FIXED.size + n * _ENTRY.size + pickle_len, body.nbytes)
     else:
         want = body.nbytes                                      # no buffers: copy it all
-    prefix, rest = auth.verify_view(view, want)
+    checked = auth.verify_view(view, want)
+    if checked.__class__ is not tuple:
+        body.release()
+        return checked                      # _auth.Rejected (see verify_view)
+    prefix, rest = checked
     if prefix[:4] != MAGIC:
         if rest.nbytes:
             raise BadMessage("authenticated message changed while being read")

@@ -345,14 +345,22 @@ class Acks:
         auth, good, error = self.queue._auth, [], None
         for m in leased:
             payload = m._payload
-            try:
-                if payload.__class__ is bytes:
-                    m._checked = auth.open(payload)
+            if payload.__class__ is bytes:
+                try:
+                    m._checked = checked = auth.open(payload)
+                except AuthenticationError as exc:
+                    checked = exc
+            else:
+                # Never let a traceback hold this view (see Auth.verify_view).
+                view = _LeasedMessage.data.__get__(m)
+                checked = auth.verify_view(view, view.nbytes)
+                view.release()
+                if checked.__class__ is tuple:
+                    m._checked = checked = checked[0]
                 else:
-                    view = _LeasedMessage.data.__get__(m)
-                    m._checked, _ = auth.verify_view(view, view.nbytes)
-            except AuthenticationError as exc:
-                error = exc
+                    checked = checked.error
+            if checked.__class__ is AuthenticationError:
+                error = checked
                 try:
                     m.ack()
                 except LeaseLost:

@@ -363,11 +363,12 @@ class Queue:
             return self._decode(payload)
         lease = self._ring.recv(timeout)
         try:
-            return _serialize.decode_authenticated_view(self._auth, lease.view)
-        except AuthenticationError as exc:
-            self._rejected(exc)
+            value = _serialize.decode_authenticated_view(self._auth, lease.view)
         finally:
-            lease.close()
+            lease.close()            # deferred while the arrays view it
+        if value.__class__ is _auth.Rejected:
+            self._rejected(value.error)
+        return value
 
     def put_nowait(self, obj):
         return self.put(obj, False)
@@ -540,12 +541,11 @@ class Queue:
         lease = self._live_ring().recv(timeout)
         if self._auth is None:
             return Received(lease)
-        try:
-            _, data = self._auth.verify_view(lease.view)   # checked before it is handed out
-        except AuthenticationError as exc:
+        checked = self._auth.verify_view(lease.view)   # before it is handed out
+        if checked.__class__ is _auth.Rejected:
             lease.close()
-            self._rejected(exc)
-        return Received(lease, data)
+            self._rejected(checked.error)
+        return Received(lease, checked[1])
 
     # ------------------------------------------- at-least-once (see acks.py)
     #
