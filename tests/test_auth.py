@@ -274,3 +274,40 @@ def test_handle_pickled_into_a_queue_does_not_carry_the_key(mq):
     copy.put("from the copy")                # unsigned: keyed readers reject it
     with pytest.raises(fastmq.AuthenticationError):
         q.get(timeout=5)
+
+
+def test_the_c_mac_is_keyed_blake2b(backend):
+    """The native build's MAC (csrc/fmq_mac.c) is exactly hashlib's keyed
+    BLAKE2b, so handles with and without the extension agree on every tag."""
+    import hashlib
+    import random
+    from conftest import native_only
+    native_only(backend, "the C MAC lives in the native extension")
+    from fastmq._core import Mac
+    rng = random.Random(7)
+    for _ in range(500):
+        key = rng.randbytes(rng.randint(1, 64))
+        data = rng.randbytes(rng.choice([0, 1, 127, 128, 129, 256, 257, rng.randint(0, 3000)]))
+        mac = Mac(key, b"\x00FQA")
+        want = hashlib.blake2b(data, key=key, digest_size=16).digest()
+        sealed = mac.seal(data)
+        assert sealed == b"\x00FQA" + want + data
+        cut = rng.randint(0, len(data))
+        assert mac.tag(data[:cut], data[cut:]) == want
+        assert mac.open(sealed) == data
+        bad = bytearray(sealed)
+        bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
+        assert mac.open(bytes(bad)) is None
+
+
+def test_pure_and_native_handles_agree_on_tags(mq, backend, monkeypatch):
+    """A handle using hashlib (no extension) reads what a C-MAC handle wrote."""
+    from fastmq import _auth
+    q = mq.Queue(authkey=KEY)
+    q.put("from the C MAC")
+    monkeypatch.setattr(_auth, "_CMac", None)
+    slow = fastmq.Queue._from_ring(q._ring, q.backend, None, None, KEY)
+    assert slow.get(timeout=5) == "from the C MAC"
+    slow.put("from hashlib")
+    monkeypatch.undo()
+    assert q.get(timeout=5) == "from hashlib"

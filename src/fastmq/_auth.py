@@ -65,31 +65,58 @@ def check_authkey(authkey):
     return key
 
 
-class Auth:
-    """One handle's key: signs what it writes, checks what it reads."""
+try:                                  # the same MAC in C, without per-call Python
+    from ._core import Mac as _CMac   # overhead (csrc/fmq_mac.c); hashlib otherwise
+except ImportError:                   # pragma: no cover - pure-only install
+    _CMac = None
 
-    __slots__ = ("key", "_proto")
+
+class Auth:
+    """One handle's key: signs what it writes, checks what it reads.
+
+    ``seal(payload)`` -> the whole message (bytes); ``check(message)`` -> the
+    payload of a bytes message, or None if it fails; ``tag(*parts)``."""
+
+    __slots__ = ("key", "_proto", "seal", "check", "tag")
 
     def __init__(self, key: bytes):
         self.key = key
         # BLAKE2b takes keys up to 64 bytes; a longer one is hashed down first
         # (deterministically, so every holder derives the same MAC key).
         mac_key = key if len(key) <= 64 else hashlib.blake2b(key).digest()
-        # Keyed once; each message copies the keyed state (cheaper than
-        # keying again, which is a whole compression-function call).
-        self._proto = hashlib.blake2b(key=mac_key, digest_size=TAG_SIZE)
+        if _CMac is not None:
+            mac = _CMac(mac_key, MAGIC)
+            self.seal, self.check, self.tag = mac.seal, mac.open, mac.tag
+        else:
+            # Keyed once; each message copies the keyed state (cheaper than
+            # keying again, which is a whole compression-function call).
+            self._proto = hashlib.blake2b(key=mac_key, digest_size=TAG_SIZE)
+            self.seal, self.check, self.tag = self._seal, self._check, self._tag
 
-    def tag(self, *parts) -> bytes:
+    def _tag(self, *parts) -> bytes:
         h = self._proto.copy()
         for p in parts:
             h.update(p)
         return h.digest()
 
-    # ---- writing
+    def _seal(self, payload) -> bytes:
+        return MAGIC + self._tag(payload) + bytes(payload)
 
-    def seal(self, payload) -> bytes:
-        """The whole authenticated message for ``payload`` (bytes-like)."""
-        return MAGIC + self.tag(payload) + bytes(payload)
+    def _check(self, message):
+        if message[:4] == MAGIC and hmac.compare_digest(
+                self._tag(memoryview(message)[OVERHEAD:]), message[4:OVERHEAD]):
+            return message[OVERHEAD:]
+        return None
+
+    def open(self, message):
+        """``check`` that raises ``AuthenticationError`` (not counted: the
+        caller counts what it consumed)."""
+        payload = self.check(message)
+        if payload is None:
+            raise rejection(message)
+        return payload
+
+    # ---- writing
 
     def put(self, ring, payload, timeout):
         """Put ``payload`` with its tag (big payloads: written in place, one copy)."""
@@ -120,22 +147,6 @@ class Auth:
 
     # ---- reading
 
-    def open(self, message):
-        """The payload of an authenticated ``message`` (bytes or a buffer),
-        or ``AuthenticationError`` (not counted: the caller counts what it
-        consumed). Bytes in, bytes out for small messages; otherwise a
-        memoryview of ``message``."""
-        if message.__class__ is bytes and len(message) < _SMALL:
-            if message[:4] == MAGIC and hmac.compare_digest(
-                    self.tag(message[OVERHEAD:]), message[4:OVERHEAD]):
-                return message[OVERHEAD:]
-            raise _rejection(message)
-        view = memoryview(message)
-        if view.nbytes >= OVERHEAD and view[:4] == MAGIC and hmac.compare_digest(
-                self.tag(view[OVERHEAD:]), view[4:OVERHEAD]):
-            return view[OVERHEAD:]
-        raise _rejection(view)
-
     def verify_view(self, view, local_prefix: int = 0):
         """Check a message that lives in shared memory; returns
         ``(prefix, rest)``: the first ``local_prefix`` payload bytes as a
@@ -148,14 +159,14 @@ class Auth:
         shared memory, alive in a reference cycle past the handle's close.
         The caller releases the memory first, then raises."""
         if view.nbytes < OVERHEAD or view[:4] != MAGIC:
-            return Rejected(_rejection(view))
+            return Rejected(rejection(view))
         want = bytes(view[4:OVERHEAD])
         cut = min(OVERHEAD + local_prefix, view.nbytes)
         prefix = bytes(view[OVERHEAD:cut])
         rest = view[cut:]
         if not hmac.compare_digest(self.tag(prefix, rest), want):
             rest.release()
-            return Rejected(_rejection(view))
+            return Rejected(rejection(view))
         return prefix, rest
 
 
@@ -168,7 +179,7 @@ class Rejected:
         self.error = error
 
 
-def _rejection(message):
+def rejection(message):
     what = "has no authentication tag" if bytes(message[:4]) != MAGIC else \
         "has a tag that does not match this handle's authkey"
     return AuthenticationError(

@@ -34,6 +34,8 @@ MAX_MAXSIZE = 1 << 24
 MAX_MESSAGE_SIZE = 1 << 31
 MAX_CAPACITY_BYTES = 1 << 40
 DEFAULT_GET_MANY = 1024
+_SMALL_SEALED = 1 << 16        # below: sealed as one bytes; above: written in place
+_plain_pickle = _serialize._plain_pickle
 
 
 # ------------------------------------------------------------ argument checks
@@ -307,7 +309,7 @@ class Queue:
         return payload if payload.__class__ is bytes else bytes(payload)
 
     def _rejected(self, exc):
-        """A message failed its check and was consumed: count it, re-raise."""
+        """A message failed its check and was consumed: count it, raise."""
         _auth.count_rejected(self._ring)
         raise exc
 
@@ -322,11 +324,16 @@ class Queue:
         """Serialize ``obj`` and enqueue it; ``Full`` if no room in time."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        if self._auth is not None:
+        auth = self._auth
+        if auth is not None:
             if self._serializer is None:
-                _serialize.put_object(self._ring, obj, timeout, self._auth)
+                data = _plain_pickle(obj)
+                if data is not None and len(data) < _SMALL_SEALED:
+                    self._ring.put(auth.seal(data), timeout)    # the common case
+                else:
+                    _serialize.put_object(self._ring, obj, timeout, auth)
             else:
-                self._auth.put(self._ring, self._dumps(obj), timeout)
+                auth.put(self._ring, self._dumps(obj), timeout)
         elif self._serializer is None:
             _serialize.put_object(self._ring, obj, timeout)
         else:
@@ -341,8 +348,15 @@ class Queue:
         """
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        if self._auth is not None:
-            return self._get_sealed(timeout, zero_copy)
+        auth = self._auth
+        if auth is not None:
+            if zero_copy or self._serializer is not None:
+                return self._get_sealed(timeout, zero_copy)
+            message = self._ring.get(timeout)    # a private copy: check, then use
+            payload = auth.check(message)
+            if payload is None:
+                self._rejected(_auth.rejection(message))
+            return _serialize.decode(payload)
         if self._serializer is not None:
             return self._loads(self._ring.get(timeout))
         if not zero_copy:
