@@ -180,3 +180,88 @@ def test_a_lost_lease_is_still_lease_lost(mq):
     time.sleep(0.15)
     with pytest.raises(fastmq.LeaseLost):
         m.ack()
+
+
+# ------------------------------------ a dead consumer's leases: listed, then back
+
+def _lease_and_hang(name, backend, n, conn):
+    q = fastmq.Queue.open(name, _backend=backend)
+    held = q.get_messages(n, timeout=10, lease=600.0)   # would stay out ~10 min
+    conn.send(len(held))
+    time.sleep(120)
+
+
+def _start_leaser(children, q, backend, n=3):
+    import multiprocessing as mp
+    a, b = mp.Pipe()
+    p = children.start(_lease_and_hang, q.name, backend, n, b)
+    assert a.poll(20), "the leasing child did not start"
+    assert a.recv() == n
+    return p
+
+
+def _kill(p):
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(10)
+    assert p.exitcode == -signal.SIGKILL
+
+
+def test_pending_lists_a_killed_consumers_leases_as_orphaned(mq, backend, children):
+    q = mq.create(unique_name("insp"), maxsize=16)
+    q.put_many(["a", "b", "c"])
+    p = _start_leaser(children, q, backend)
+    rows = q.pending()
+    assert len(rows) == 3 and not any(r["orphaned"] for r in rows)
+    _kill(p)
+    rows = q.pending()
+    assert len(rows) == 3, rows                     # listed, not hidden ...
+    assert all(r["orphaned"] and r["pid"] == p.pid for r in rows), rows
+    assert q.qsize() == 0                           # ... and pending() changed nothing
+    res = _cli("pending", q.name, backend=backend)
+    assert res.returncode == 0, res.stderr
+    assert "no messages in flight" not in res.stdout, res.stdout
+    # Each row names the dead holder (marked *) or says "orphan" (the
+    # opener already took the entry back from the dead participant).
+    rows = [line for line in res.stdout.splitlines()[1:] if line.split()[:1] in
+            (["0"], ["1"], ["2"])]
+    assert len(rows) == 3, res.stdout
+    assert all(f"{p.pid}*" in r or "orphan" in r for r in rows), res.stdout
+
+
+@pytest.mark.parametrize("call", ["get", "get_many", "get_message"])
+def test_a_killed_consumers_leases_come_back_to_a_waiting_consumer(mq, backend, children,
+                                                                   call):
+    """The consumer is already waiting when the leaser dies: its wait itself
+    must notice, within about a second."""
+    import threading
+    q = mq.create(unique_name("insp"), maxsize=16)
+    q.put_many(["a", "b", "c"])
+    p = _start_leaser(children, q, backend)
+    other = mq.open(q.name)
+    got, done = [], threading.Event()
+
+    def consume():
+        try:
+            while len(got) < 3:
+                if call == "get":
+                    got.append(other.get(timeout=15))
+                elif call == "get_many":
+                    got.extend(other.get_many(10, timeout=15))
+                else:
+                    m = other.get_message(timeout=15)
+                    got.append(m.value)
+                    m.ack()
+        except fastmq.Empty:
+            pass
+        finally:
+            done.set()
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    time.sleep(0.3)                                  # it is waiting now
+    _kill(p)
+    t0 = time.monotonic()
+    assert done.wait(15)
+    took = time.monotonic() - t0
+    assert sorted(got) == ["a", "b", "c"], got
+    assert took < 3.0, f"the dead consumer's leases took {took:.1f}s to come back"

@@ -445,7 +445,26 @@ class Acks:
 
 
 def pending(acks, ring):
-    acks.forward_dead_letters(ring, force=True)
-    ring.redeliver_due()
-    return [dict(entry) for entry in ring.pending()]
+    """Every in-flight entry, read-only: nothing is redelivered or forwarded
+    here (live consumers do that within about a second). ``orphaned`` marks
+    an entry no live consumer holds -- its holder died or let it go -- which
+    is on its way back to the queue."""
+    rows = []
+    for entry in ring.pending():
+        row = dict(entry)
+        row["orphaned"] = not _alive(row.get("pid", 0))
+        rows.append(row)
+    return rows
+
+
+def _alive(pid):
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True              # someone else's process: it exists
+    return True
 

@@ -632,9 +632,11 @@ class Queue:
 
     def pending(self) -> list:
         """In-flight (leased, un-acked) messages of the whole queue, as dicts:
-        ``id``, ``pid`` (holder; 0 if orphaned), ``idle`` (seconds since
-        leased), ``delivery_count``, plus ``token`` and ``expires_in``.
-        Expired leases are redelivered first, so they are not listed."""
+        ``id``, ``pid`` (holder; 0 if none), ``idle`` (seconds since
+        leased), ``delivery_count``, ``orphaned`` (no live consumer holds
+        it: it is coming back to the queue), plus ``token`` and
+        ``expires_in`` (negative once expired). Read-only: it redelivers
+        nothing (``redeliver_expired()`` does)."""
         return acks.pending(self._acks, self._live_ring())
 
     def redeliver_expired(self) -> int:

@@ -101,6 +101,7 @@ _FIRST_SLEEP = 50e-6
 _MAX_SLEEP = 5e-3
 _INIT_WAIT = 2.0        # how long open() waits for a creator to finish init
 _AGAIN = object()       # "would block" marker returned by attempt functions
+_LEASE_SWEEP = 0.25     # s: how often a waiting consumer looks for dead leases
 
 
 def _deadline(timeout):
@@ -538,11 +539,39 @@ class Ring(leases.LeaseMixin):
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, got {max_messages}")
         self._register(ROLE_CONSUMER)
-        got = self._wait(lambda: self._locked(self._get_locked, max_messages, decode)
-                         or _AGAIN, timeout)
-        if got is _AGAIN:
-            raise Empty("queue is empty")
-        return got
+
+        def attempt():
+            got = self._locked(self._get_locked, max_messages, decode)
+            if not got and self._sweep_leases():
+                got = self._locked(self._get_locked, max_messages, decode)
+            return got or _AGAIN
+
+        # Waited in slices: an idle wait re-attempts only when the epoch
+        # changes, and a dead consumer's leases change nothing in the ring.
+        deadline = _deadline(timeout)
+        while True:
+            left = _remaining(deadline)
+            step = 0 if timeout == 0 else (
+                _LEASE_SWEEP if left is None else max(0.0, min(_LEASE_SWEEP, left)))
+            got = self._wait(attempt, step)
+            if got is not _AGAIN:
+                return got
+            if timeout == 0 or (left is not None and left <= _LEASE_SWEEP):
+                raise Empty("queue is empty")
+
+    _next_lease_sweep = 0.0
+
+    def _sweep_leases(self):
+        """A consumer that finds the queue empty also brings back what dead
+        consumers leased (and expired leases), at most every 0.25 s, so their
+        messages return within about a second (the sweep interval) while any
+        consumer waits -- not only when someone calls get_message. Returns
+        how many came back."""
+        now = time.monotonic()
+        if now < self._next_lease_sweep:
+            return 0
+        self._next_lease_sweep = now + _LEASE_SWEEP
+        return self._lease_op(lambda fd, state, ls: self._redeliver_locked(fd, state, ls, False))
 
     def reserve(self, nbytes, timeout):
         if isinstance(nbytes, bool) or not isinstance(nbytes, int):
