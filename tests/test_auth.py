@@ -311,3 +311,16 @@ def test_pure_and_native_handles_agree_on_tags(mq, backend, monkeypatch):
     slow.put("from hashlib")
     monkeypatch.undo()
     assert q.get(timeout=5) == "from hashlib"
+
+
+def test_dead_letters_keep_their_tag(mq):
+    dlq = unique_name("dlq")
+    mq.names.append(dlq)
+    q = mq.create(unique_name("auth"), maxsize=8, dead_letter=dlq, authkey=KEY)
+    q.put({"job": 1})
+    q.get_message(timeout=5).nack(requeue=False)
+    assert mq.open(dlq, authkey=KEY).get(timeout=5) == {"job": 1}
+    q.put({"job": 2})
+    q.get_message(timeout=5).nack(requeue=False)
+    with pytest.raises(fastmq.AuthenticationError, match="authkey"):
+        mq.open(dlq).get(timeout=5)          # a reader without the key cannot use it
