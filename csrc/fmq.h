@@ -180,6 +180,9 @@ typedef struct fmq_pending {
 } fmq_pending;
 int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max);
 int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token);
+/* The handle is closing: its leases go back to the queue now (a departed
+ * holder) and the dead letters it took are parked again. Returns how many. */
+int fmq_lease_release_owned(fmq_region *r);
 int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token);
 uint32_t fmq_lease_count(const fmq_region *r);
 

@@ -73,7 +73,28 @@ void fmq_lease_reap(fmq_region *r, uint32_t dead_tag, fmq_taken *taken);
 int fmq_tag_is_dead(fmq_region *r, uint32_t tag);
 int fmq_tag_crashed(fmq_region *r, uint32_t tag);
 int fmq_ring_free_moved(fmq_region *r, fmq_msg *m);
+int fmq_ring_is_reading(fmq_region *r, uint64_t t, uint32_t owner);
+/* A claimed slot whose block is not the queue's: consume it as damaged
+ * (counted as abandoned); returns FMQ_ECORRUPT. */
+int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m);
 void fmq_live_unregister(fmq_region *r);
+
+/* Read a field that another process may change under us exactly once: the
+ * value that is checked is then the value that is used (a plain load of a
+ * shared field may legally be repeated by the compiler). Relaxed: ordering
+ * comes from the acquire of the word that made the field ours to read. */
+#define FMQ_ONCE(field) __atomic_load_n(&(field), __ATOMIC_RELAXED)
+
+/* Does any queued message (a READY/READING slot) or in-flight entry (any
+ * state but FREE) other than ring ticket skip_ticket name this block? Used
+ * before dropping a share that a scribbled or half-finished record claims,
+ * so a share that another message still relies on is never dropped. */
+int fmq_block_referenced(fmq_region *r, uint32_t block, uint64_t skip_ticket);
+/* Recompute the head/tail hints from the slot words (fmq_ring.c). */
+void fmq_ring_repair_hints(fmq_region *r);
+/* Mark, in published[], every block an in-flight entry holds (fmq_lease.c). */
+void fmq_lease_mark_blocks(fmq_region *r, unsigned char *published);
+int64_t fmq_block_ordinal(fmq_region *r, uint32_t block);
 
 static inline void fmq_count(fmq_region *r, int which, uint64_t n) {
     /* Relaxed: counters are statistics, never used to order anything. Each

@@ -33,12 +33,53 @@
  *
  * Races. ack vs expiry: both are CASes on the entry word from LEASED(holder);
  * exactly one wins, so a message is either acked or redelivered, never both.
- * touch vs expiry: touch re-checks the word after moving the deadline, and
- * the redeliverer re-checks the deadline after taking the entry.
+ * touch vs expiry: touch moves the deadline with a CAS from the value it
+ * checked and re-checks the word afterwards, and the redeliverer re-checks
+ * the deadline after taking the entry; a stale touch of a reused entry
+ * finds another deadline (or word) and fails instead of extending a new
+ * holder's lease.
+ *
+ * Memory order (acquire/release pairs):
+ *   [R-lease]  FILLING -> LEASED store (release)  -> [A-mine] the holder's and
+ *              every ender's acquire load of the word: len, block, payload
+ *              and deadline written while FILLING are visible to them.
+ *   [R-free]   X -> FREE store (release)           -> [A-take] the taker's
+ *              acquire load/CAS: the previous use's reads are done.
+ *   [S-end]    every CAS that ends a lease (ack, nack, redelivery, adopt) and
+ *              the pin CAS / re-read of the word in fmq_lease_pin are seq_cst:
+ *              a store-then-load pattern on two words (word, pin), which only a
+ *              single total order makes safe: either the pinner sees the lease
+ *              ended, or the ender sees the pin and hands the share over.
+ *
+ * Every field of an entry is read once into a local (FMQ_ONCE), checked,
+ * and only the local is used: another process may scribble the entry
+ * between two reads, and a length checked in one load and used from another
+ * is a wild copy.
+ *
+ * Departure. A handle that closes hands its leases back at once
+ * (fmq_lease_release_owned: requeued, delivery count kept) and parks again
+ * the dead letters it took but did not forward; the once-a-second sweep does
+ * the same for a handle that went without closing the table (its
+ * participant entry is free or reused) -- a crashed one is left to crash
+ * recovery.
+ *
+ * Damage. An entry whose length does not fit its block (or slot), or whose
+ * block reference is invalid, is never copied or delivered: whoever finds it
+ * while owning the entry frees it and counts it as abandoned
+ * (fmq_lease_discard_corrupt), dropping its block share only when nothing
+ * else names that block.
  *
  * Failure model: see fmq_lease_reap (called by crash recovery for a dead
  * tag). A dead holder's handed-over shares are cleared by the block pass of
- * crash recovery like any reader share.
+ * crash recovery like any reader share. A dead letter's ack killed after
+ * its ACKING claim leaks that one block (the reaper frees the entry; the
+ * IN_RING share stays) rather than forwarding the letter again from a block
+ * already freed. A requeue settles its entry the same way once the copy is
+ * committed (fmq_lease_settle): ACKING before the share is dropped, so no
+ * entry ever names a block it may no longer hold while recovery could still
+ * act on it. A redeliverer never requeues a lease whose take has not freed
+ * its ring slot yet (fmq_lease_take_unfinished). model/fastmq.pml checks
+ * these rules (its README lists the counterexamples that led to them).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +102,27 @@ static inline unsigned char *fmq_lease_inline(fmq_lease *e) {
     return (unsigned char *)e + FMQ_LEASE_HEADER;
 }
 
+/* The payload of an entry, from one load of len and block: inline (len must
+ * fit a slot) or in a valid block (len must fit that block's class). NULL:
+ * the entry is corrupted. */
+static const unsigned char *fmq_lease_src(fmq_region *r, fmq_lease *e, uint32_t *len_out,
+                                          uint32_t *block_out) {
+    uint32_t len = FMQ_ONCE(e->len), block = FMQ_ONCE(e->block);
+    const unsigned char *p;
+    if (block == FMQ_NO_BLOCK) {
+        if (len > r->inline_max)
+            return NULL;
+        p = fmq_lease_inline(e);
+    } else {
+        p = fmq_pool_ptr(r, block);
+        if (!p || len > fmq_pool_block_size(r, block))
+            return NULL;
+    }
+    *len_out = len;
+    *block_out = block;
+    return p;
+}
+
 uint32_t fmq_lease_count(const fmq_region *r) { return (uint32_t)r->g.slot_count; }
 
 static void fmq_lower_next_due(fmq_region *r, uint64_t due) {
@@ -74,10 +136,12 @@ static void fmq_lower_next_due(fmq_region *r, uint64_t due) {
 /* A pinned holder's share stays with the holder (see FMQ_PIN_* in
  * fmq_layout.h): PINNED -> HANDED. Returns 1 if the share is now (or was
  * already) the holder's own rather than the entry's. */
+/* model: lease.hand_pin */
 static int fmq_lease_hand_pin(fmq_lease *e, uint32_t tok) {
     uint64_t p = FMQ_PIN(tok, FMQ_PIN_PINNED);
     if (atomic_compare_exchange_strong_explicit(&e->pin, &p, FMQ_PIN(tok, FMQ_PIN_HANDED),
-                                                memory_order_seq_cst, memory_order_seq_cst))
+                                                memory_order_seq_cst,      /* [S-end] */
+                                                memory_order_seq_cst))
         return 1;
     return p == FMQ_PIN(tok, FMQ_PIN_HANDED);
 }
@@ -85,39 +149,65 @@ static int fmq_lease_hand_pin(fmq_lease *e, uint32_t tok) {
 /* The entry's block share becomes IN_RING (holder 0); tolerant of having been
  * done already, wholly or in part, by a predecessor that died half-way. The
  * queue takes its IN_RING share BEFORE the holder's reader share is let go or
- * handed over, so the block outlives the holder's death while we copy it. */
-static void fmq_lease_share_to_ring(fmq_region *r, fmq_lease *e, uint32_t tok) {
+ * handed over, so the block outlives the holder's death while we copy it.
+ * block: the entry's block, read once by the caller. */
+/* model: lease.share_to_ring */
+static void fmq_lease_share_to_ring(fmq_region *r, fmq_lease *e, uint32_t tok, uint32_t block) {
     uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);
-    if (holder && e->block != FMQ_NO_BLOCK) {
+    if (holder && block != FMQ_NO_BLOCK) {
         uint64_t h = (uint64_t)holder << 24;
         const uint64_t mask = FMQ_BLK_IN_RING | FMQ_READER_MASK;
-        fmq_pool_transition(r, e->block, mask, h, h | FMQ_BLK_IN_RING);
+        fmq_pool_transition(r, block, mask, h, h | FMQ_BLK_IN_RING);
         FMQ_CRASHPOINT("lease.share.co_owned");
         if (!fmq_lease_hand_pin(e, tok))
-            fmq_pool_transition(r, e->block, mask, h | FMQ_BLK_IN_RING, FMQ_BLK_IN_RING);
+            fmq_pool_transition(r, block, mask, h | FMQ_BLK_IN_RING, FMQ_BLK_IN_RING);
     }
     atomic_store_explicit(&e->holder, 0, memory_order_release);
 }
 
 /* Drop the entry's block share (the message is gone or has a new copy). A
  * live holder's handed-over share stays: the block is freed when it goes. */
-static void fmq_lease_drop_share(fmq_region *r, fmq_lease *e, uint32_t tok) {
-    if (e->block == FMQ_NO_BLOCK)
+/* model: lease.drop_share */
+static void fmq_lease_drop_share(fmq_region *r, fmq_lease *e, uint32_t tok, uint32_t block) {
+    if (block == FMQ_NO_BLOCK)
         return;
     uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);
     if (holder) {
         if (!fmq_lease_hand_pin(e, tok))
-            fmq_pool_transition(r, e->block, FMQ_READER_MASK, (uint64_t)holder << 24, 0);
+            fmq_pool_transition(r, block, FMQ_READER_MASK, (uint64_t)holder << 24, 0);
         atomic_store_explicit(&e->holder, 0, memory_order_release);
     } else {
-        fmq_pool_transition(r, e->block, FMQ_BLK_IN_RING, FMQ_BLK_IN_RING, 0);
+        fmq_pool_transition(r, block, FMQ_BLK_IN_RING, FMQ_BLK_IN_RING, 0);
     }
+}
+
+/* A corrupted entry we own (REQUEUING/TAKING by us): its length or block
+ * fails validation, so its message cannot be delivered sanely. The entry is
+ * freed and the message counted as abandoned; its block share is dropped only
+ * when the reference is valid and nothing else names that block (a scribbled
+ * reference must never free another message's block: a leak is the safe
+ * side). */
+static void fmq_lease_discard_corrupt(fmq_region *r, fmq_lease *e, uint32_t tok) {
+    uint32_t block = FMQ_ONCE(e->block);
+    if (block != FMQ_NO_BLOCK && fmq_pool_ptr(r, block)) {
+        e->block = FMQ_NO_BLOCK;   /* not "another" reference in the scan */
+        int shared = fmq_block_referenced(r, block, ~0ull);
+        if (!shared) {
+            fmq_lease_share_to_ring(r, e, tok, block);
+            fmq_lease_drop_share(r, e, tok, block);
+        }
+    }
+    atomic_store_explicit(&e->holder, 0, memory_order_relaxed);
+    atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
+                          memory_order_release);                         /* [R-free] */
+    fmq_count(r, FMQ_ST_ABANDONED, 1);
 }
 
 /* ======================================================================== */
 /* taking                                                                   */
 /* ======================================================================== */
 
+/* model: lease.take */
 int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_out,
                    uint32_t *token_out, uint32_t *deliveries_out) {
     uint32_t n = fmq_lease_count(r);
@@ -126,18 +216,19 @@ int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_
     for (uint32_t k = 0; k < n; k++) {
         uint32_t i = (start + k) % n;
         fmq_lease *e = fmq_lease_at(r, i);
-        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-take] */
         if (FMQ_LSTATE(w) != FMQ_LS_FREE)
             continue;
         uint32_t tok = FMQ_LTOKEN(w) + 1;
         if (!atomic_compare_exchange_strong_explicit(
                 &e->word, &w, FMQ_LWORD(tok, FMQ_LS_FILLING, r->owner_tag),
-                memory_order_acq_rel, memory_order_relaxed))
+                memory_order_acq_rel, memory_order_relaxed))                /* [A-take] */
             continue;
         atomic_store_explicit(&e->holder, 0, memory_order_relaxed);  /* no share yet */
         atomic_store_explicit(&e->pin, FMQ_PIN(tok, FMQ_PIN_NONE), memory_order_relaxed);
         atomic_store_explicit(&r->ctl->lease_hint.v, i + 1, memory_order_relaxed);
         uint64_t now = fmq_now_ns();
+        /* m was validated by fmq_ring_claim and lives in our memory. */
         e->src_ticket = m->ticket;
         e->leased_ns = now;
         e->len = m->len;
@@ -151,15 +242,16 @@ int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_
                                          FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24);
             if (rc != FMQ_OK) {
                 atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
-                                      memory_order_release);
-                return rc;
+                                      memory_order_release);                 /* [R-free] */
+                /* The block is not the queue's: a damaged slot, consumed. */
+                return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
             }
             atomic_store_explicit(&e->holder, r->owner_tag, memory_order_relaxed);
         }
         atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed);
         FMQ_CRASHPOINT("lease.take.filled");
         atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_LEASED, r->owner_tag),
-                              memory_order_release);
+                              memory_order_release);                        /* [R-lease] */
         fmq_lower_next_due(r, now + lease_ns);
         FMQ_CRASHPOINT("lease.take.leased");
         int rc = fmq_ring_free_moved(r, m);
@@ -167,7 +259,7 @@ int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_
             return rc;
         *slot_out = i;
         *token_out = tok;
-        *deliveries_out = e->deliveries;
+        *deliveries_out = m->deliveries + 1;
         return FMQ_OK;
     }
     return FMQ_FULL;
@@ -178,7 +270,7 @@ static fmq_lease *fmq_lease_mine(fmq_region *r, uint32_t slot, uint32_t token, u
     if (slot >= fmq_lease_count(r))
         return NULL;
     fmq_lease *e = fmq_lease_at(r, slot);
-    uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+    uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);    /* [A-mine] */
     if (w != FMQ_LWORD(token, state, r->owner_tag))
         return NULL;
     *w_out = w;
@@ -193,16 +285,13 @@ int fmq_lease_payload(fmq_region *r, uint32_t slot, uint32_t token, const unsign
         e = fmq_lease_mine(r, slot, token, FMQ_LS_TAKING, &w);
     if (!e)
         return fmq_fail(FMQ_ELOST, "lease lost");
-    if (e->block == FMQ_NO_BLOCK) {
-        if (e->len > r->inline_max)
-            return fmq_fail(FMQ_ECORRUPT, "in-flight entry %u has an invalid length", slot);
-        *data = fmq_lease_inline(e);
-    } else {
-        *data = fmq_pool_ptr(r, e->block);
-        if (!*data || e->len > fmq_pool_block_size(r, e->block))
-            return fmq_fail(FMQ_ECORRUPT, "in-flight entry %u has an invalid block", slot);
-    }
-    *len = e->len;
+    uint32_t n, b;
+    const unsigned char *p = fmq_lease_src(r, e, &n, &b);   /* one load of each field */
+    if (!p)
+        return fmq_fail(FMQ_ECORRUPT, "in-flight entry %u has an invalid length or block",
+                        slot);
+    *data = p;
+    *len = n;
     return FMQ_OK;
 }
 
@@ -210,26 +299,37 @@ int fmq_lease_payload(fmq_region *r, uint32_t slot, uint32_t token, const unsign
  * fmq_layout.h). FMQ_AGAIN: nothing to pin (an inline payload, or a block
  * whose share the entry holds as IN_RING): copy it with fmq_lease_payload.
  * The pin CAS and the re-read of the entry word are seq_cst, as are the
- * ender's CAS of the word and its hand-over CAS of the pin: either we see the
- * lease ended (and back out), or the ender sees our pin (and hands over). */
+ * ender's CAS of the word and its hand-over CAS of the pin [S-end]: either
+ * we see the lease ended (and back out), or the ender sees our pin (and
+ * hands over). */
+/* model: lease.pin */
 int fmq_lease_pin(fmq_region *r, uint32_t slot, uint32_t token, const unsigned char **data,
                   uint32_t *len, uint32_t *block) {
     uint64_t w;
     fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
     if (!e)
         return fmq_fail(FMQ_ELOST, "lease lost");
-    uint32_t b = e->block, n = e->len;
+    uint32_t b, n;
+    const unsigned char *p = fmq_lease_src(r, e, &n, &b);
+    if (!p)
+        return fmq_fail(FMQ_ECORRUPT, "in-flight entry %u has an invalid length or block",
+                        slot);
     if (b == FMQ_NO_BLOCK || atomic_load_explicit(&e->holder, memory_order_acquire) !=
                                  r->owner_tag)
         return FMQ_AGAIN;
-    const unsigned char *p = fmq_pool_ptr(r, b);
-    if (!p || n > fmq_pool_block_size(r, b))
-        return fmq_fail(FMQ_ECORRUPT, "in-flight entry %u has an invalid block", slot);
     uint64_t pin = FMQ_PIN(token, FMQ_PIN_NONE);
     if (!atomic_compare_exchange_strong_explicit(&e->pin, &pin, FMQ_PIN(token, FMQ_PIN_PINNED),
-                                                 memory_order_seq_cst, memory_order_seq_cst))
+                                                 memory_order_seq_cst,       /* [S-end] */
+                                                 memory_order_seq_cst)) {
+        /* The pin belongs to another use of the entry: our lease expired and
+         * the entry was re-leased (new token) in between. That is a lost
+         * lease, not a double pin. */
+        if ((uint32_t)(pin >> 32) != token ||
+            atomic_load_explicit(&e->word, memory_order_seq_cst) != w)
+            return fmq_fail(FMQ_ELOST, "lease lost");
         return fmq_fail(FMQ_ESTATE, "in-flight entry %u is already pinned", slot);
-    if (atomic_load_explicit(&e->word, memory_order_seq_cst) != w) {
+    }
+    if (atomic_load_explicit(&e->word, memory_order_seq_cst) != w) {   /* [S-end] */
         fmq_lease_unpin(r, slot, token, b);   /* ended meanwhile: back out */
         return fmq_fail(FMQ_ELOST, "lease lost");
     }
@@ -240,6 +340,7 @@ int fmq_lease_pin(fmq_region *r, uint32_t slot, uint32_t token, const unsigned c
 }
 
 /* The holder's last view of a pinned payload is gone. */
+/* model: lease.unpin */
 int fmq_lease_unpin(fmq_region *r, uint32_t slot, uint32_t token, uint32_t block) {
     if (slot >= fmq_lease_count(r))
         return fmq_fail(FMQ_EINVAL, "no in-flight entry %u", slot);
@@ -257,6 +358,7 @@ int fmq_lease_unpin(fmq_region *r, uint32_t slot, uint32_t token, uint32_t block
 /* ack / touch                                                              */
 /* ======================================================================== */
 
+/* model: lease.ack */
 int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token) {
     uint64_t w;
     fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
@@ -267,24 +369,36 @@ int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token) {
         return fmq_fail(FMQ_ELOST, "the lease expired; the message will be redelivered");
     if (!atomic_compare_exchange_strong_explicit(&e->word, &w,
                                                  FMQ_LWORD(token, FMQ_LS_ACKING, r->owner_tag),
-                                                 memory_order_acq_rel, memory_order_relaxed))
+                                                 memory_order_seq_cst,      /* [S-end] */
+                                                 memory_order_relaxed))
         return fmq_fail(FMQ_ELOST, "the lease was lost to a concurrent redelivery");
     /* ACKING(me) while we drop the share: a crash here is finished by the
      * reaper (entry freed; our reader share cleared by the block pass). */
     FMQ_CRASHPOINT("lease.ack.claimed");
-    fmq_lease_drop_share(r, e, token);
-    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
+    fmq_lease_drop_share(r, e, token, FMQ_ONCE(e->block));
+    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0),
+                          memory_order_release);                           /* [R-free] */
     fmq_ring_wake_producers(r);   /* lease takers wait on the space line too */
     return FMQ_OK;
 }
 
+/* model: lease.touch */
 int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease_ns) {
     uint64_t w;
     fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
-    uint64_t now = fmq_now_ns();
-    if (!e || now > atomic_load_explicit(&e->deadline_ns, memory_order_acquire))
+    if (!e)
         return fmq_fail(FMQ_ELOST, "the lease expired or was lost");
-    atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_seq_cst);
+    uint64_t now = fmq_now_ns();
+    uint64_t dl = atomic_load_explicit(&e->deadline_ns, memory_order_acquire);
+    if (now > dl)
+        return fmq_fail(FMQ_ELOST, "the lease expired or was lost");
+    /* From the deadline we checked, not a blind store: if the entry was
+     * redelivered and re-leased since our load of the word, its deadline is
+     * another one and the CAS fails, so we never extend a new holder's lease.
+     * The re-check of the word below catches an end that kept the deadline. */
+    if (!atomic_compare_exchange_strong_explicit(&e->deadline_ns, &dl, now + lease_ns,
+                                                 memory_order_seq_cst, memory_order_relaxed))
+        return fmq_fail(FMQ_ELOST, "the lease was lost to a concurrent redelivery");
     if (atomic_load_explicit(&e->word, memory_order_seq_cst) != w)
         return fmq_fail(FMQ_ELOST, "the lease was lost to a concurrent redelivery");
     return FMQ_OK;
@@ -294,33 +408,58 @@ int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease
 /* redelivery                                                               */
 /* ======================================================================== */
 
+/* The entry's message is done with (its copy is committed, or it is dropped
+ * as a dead letter): ACKING(me) first, then its block share goes, then FREE.
+ * ACKING is what tells crash recovery that the entry's share may already be
+ * gone: a requeuer killed after the drop but still REQUEUING would have its
+ * entry orphaned and requeued again from a block that was freed and perhaps
+ * reused (a duplicate with foreign bytes, and a second drop of a share that
+ * is not its own). Killed between the ACKING store and the drop, it leaks
+ * the block's queue share instead (recovery cannot tell it from a reused
+ * block's). In the model this is the settle step of lease.requeue. */
+static void fmq_lease_settle(fmq_region *r, fmq_lease *e, uint32_t token, uint32_t block) {
+    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_ACKING, r->owner_tag),
+                          memory_order_release);
+    FMQ_CRASHPOINT("lease.requeue.settling");
+    fmq_lease_drop_share(r, e, token, block);
+    FMQ_CRASHPOINT("lease.requeue.dropped");
+    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0),
+                          memory_order_release);                           /* [R-free] */
+}
+
 /* Entry is REQUEUING(me) (or we otherwise own it). Returns FMQ_OK when it was
- * requeued or dead-lettered, FMQ_FULL when there was no room (the entry is
- * then parked as an orphaned, due lease for a later attempt). */
+ * requeued, dead-lettered or (corrupted) discarded, FMQ_FULL when there was
+ * no room (the entry is then parked as an orphaned, due lease for a later
+ * attempt). */
+/* model: lease.requeue */
 static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int force_dead) {
-    fmq_lease_share_to_ring(r, e, token);
-    int dead = force_dead || (r->max_deliveries && e->deliveries >= r->max_deliveries);
+    uint32_t len, block;
+    const unsigned char *src = fmq_lease_src(r, e, &len, &block);   /* read once */
+    if (!src) {
+        /* A length that does not fit its block (or slot), or an invalid
+         * block: never copy neighbouring memory into a new message. */
+        fmq_lease_discard_corrupt(r, e, token);
+        return FMQ_OK;
+    }
+    fmq_lease_share_to_ring(r, e, token, block);
+    uint32_t deliveries = FMQ_ONCE(e->deliveries);
+    int dead = force_dead || (r->max_deliveries && deliveries >= r->max_deliveries);
     if (dead) {
         if (r->dead_letter[0]) {
             atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_DEAD, 0),
                                   memory_order_release);
             return FMQ_OK;
         }
-        fmq_lease_drop_share(r, e, token);
-        atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
+        fmq_lease_settle(r, e, token, block);
         fmq_count(r, FMQ_ST_DEAD_LETTERED, 1);
         return FMQ_OK;
     }
     uint32_t nb = FMQ_NO_BLOCK;
-    const unsigned char *src = e->block == FMQ_NO_BLOCK ? fmq_lease_inline(e)
-                                                        : fmq_pool_ptr(r, e->block);
     int rc = FMQ_OK;
-    if (!src || (e->block == FMQ_NO_BLOCK && e->len > r->inline_max))
-        rc = fmq_fail(FMQ_ECORRUPT, "in-flight entry is corrupted");
-    if (rc == FMQ_OK && e->len > r->inline_max) {
-        rc = fmq_pool_alloc(r, e->len, &nb);
+    if (len > r->inline_max) {
+        rc = fmq_pool_alloc(r, len, &nb);
         if (rc == FMQ_OK)
-            memcpy(fmq_pool_ptr(r, nb), src, e->len);
+            memcpy(fmq_pool_ptr(r, nb), src, len);
     }
     fmq_msg m;
     if (rc == FMQ_OK) {
@@ -332,24 +471,24 @@ static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int fo
         /* No room now: park it as an orphaned lease that is due at once. */
         atomic_store_explicit(&e->deadline_ns, 0, memory_order_relaxed);
         atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_LEASED, 0),
-                              memory_order_release);
+                              memory_order_release);                       /* [R-lease] */
         fmq_lower_next_due(r, 1);
         return rc == FMQ_NOSPACE ? FMQ_FULL : rc;
     }
     if (nb == FMQ_NO_BLOCK)
-        memcpy(fmq_ring_inline_ptr(r, &m), src, e->len);
-    m.deliveries = e->deliveries;
+        memcpy(fmq_ring_inline_ptr(r, &m), src, len);
+    m.deliveries = deliveries;
     FMQ_CRASHPOINT("lease.requeue.before_commit");
-    rc = fmq_ring_commit(r, &m, e->len, nb, 1, 0);
+    rc = fmq_ring_commit(r, &m, len, nb, 1, 0);
     if (rc != FMQ_OK)
         return rc;
     FMQ_CRASHPOINT("lease.requeue.committed");
-    fmq_lease_drop_share(r, e, token);
-    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
+    fmq_lease_settle(r, e, token, block);
     fmq_count(r, FMQ_ST_REDELIVERED, 1);
     return FMQ_OK;
 }
 
+/* model: lease.nack */
 int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue) {
     uint64_t w;
     fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
@@ -357,7 +496,7 @@ int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue) {
         return fmq_fail(FMQ_ELOST, "the lease expired or was lost");
     if (!atomic_compare_exchange_strong_explicit(
             &e->word, &w, FMQ_LWORD(token, FMQ_LS_REQUEUING, r->owner_tag),
-            memory_order_acq_rel, memory_order_relaxed))
+            memory_order_seq_cst, memory_order_relaxed))                   /* [S-end] */
         return fmq_fail(FMQ_ELOST, "the lease was lost to a concurrent redelivery");
     int rc = fmq_lease_requeue(r, e, token, !requeue);
     return rc == FMQ_FULL ? FMQ_OK : rc;   /* parked: redelivered when room frees */
@@ -377,6 +516,21 @@ int fmq_tag_is_dead(fmq_region *r, uint32_t tag) {
     return !fmq_live_is_alive(r, idx);
 }
 
+/* The take that made this lease may not have finished: the holder frees the
+ * ring slot the message came from only after its LEASED store
+ * (fmq_lease_take), and it may be frozen or slow right there while its lease
+ * runs out. Requeueing then would leave two copies if the holder died next:
+ * ours, and the slot's, which crash recovery puts back because the entry no
+ * longer names the holder (and whose block our requeue has freed). So while
+ * that slot is still READING by the holder at the message's lap, the entry
+ * is given back and tried again later. The slot never returns to that word
+ * once freed, so one load after taking the entry decides it.
+ * In the model this is the give-back step of lease.redeliver_due. */
+static int fmq_lease_take_unfinished(fmq_region *r, fmq_lease *e, uint32_t owner) {
+    return fmq_ring_is_reading(r, FMQ_ONCE(e->src_ticket), owner);
+}
+
+/* model: lease.redeliver_due */
 int fmq_lease_redeliver_due(fmq_region *r, int force) {
     uint64_t now = fmq_now_ns();
     uint64_t due = atomic_load_explicit(&r->ctl->next_due.v, memory_order_relaxed);
@@ -392,12 +546,23 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
     uint64_t next = ~0ull;
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
         fmq_lease *e = fmq_lease_at(r, i);
-        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
-        if (FMQ_LSTATE(w) != FMQ_LS_LEASED)
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-mine] */
+        uint32_t st = FMQ_LSTATE(w), owner = FMQ_LOWNER(w);
+        if (st == FMQ_LS_TAKING) {
+            /* Dead letters taken by a handle that closed (or whose entry was
+             * reused) are parked again for another one; a crashed taker's
+             * are crash recovery's (fmq_lease_reap). */
+            any = 1;
+            if (owner && fmq_tag_is_dead(r, owner) && !fmq_tag_crashed(r, owner))
+                atomic_compare_exchange_strong_explicit(
+                    &e->word, &w, FMQ_LWORD(FMQ_LTOKEN(w), FMQ_LS_DEAD, 0),
+                    memory_order_acq_rel, memory_order_relaxed);
+            continue;
+        }
+        if (st != FMQ_LS_LEASED)
             continue;
         any = 1;
         uint64_t dl = atomic_load_explicit(&e->deadline_ns, memory_order_acquire);
-        uint32_t owner = FMQ_LOWNER(w);
         int dead = owner && fmq_tag_is_dead(r, owner);
         if (dead && fmq_tag_crashed(r, owner)) {
             /* Killed, not closed: it may have died between LEASED and freeing
@@ -416,12 +581,17 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
         uint32_t tok = FMQ_LTOKEN(w);
         if (!atomic_compare_exchange_strong_explicit(
                 &e->word, &w, FMQ_LWORD(tok, FMQ_LS_REQUEUING, r->owner_tag),
-                memory_order_acq_rel, memory_order_relaxed))
+                memory_order_seq_cst, memory_order_relaxed))               /* [S-end] */
             continue;
         if (owner && atomic_load_explicit(&e->deadline_ns, memory_order_seq_cst) > now &&
             !fmq_tag_is_dead(r, owner)) {
             /* touched meanwhile: give it back */
-            atomic_store_explicit(&e->word, w, memory_order_release);
+            atomic_store_explicit(&e->word, w, memory_order_release);      /* [R-lease] */
+            continue;
+        }
+        if (owner && fmq_lease_take_unfinished(r, e, owner)) {
+            atomic_store_explicit(&e->word, w, memory_order_release);      /* [R-lease] */
+            next = 1;   /* due still: look again at the next chance */
             continue;
         }
         if (fmq_lease_requeue(r, e, tok, 0) == FMQ_OK)
@@ -458,7 +628,7 @@ int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32
     uint64_t now = fmq_now_ns();
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
         fmq_lease *e = fmq_lease_at(r, i);
-        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-mine] */
         if (FMQ_LSTATE(w) != FMQ_LS_LEASED)
             continue;
         uint32_t owner = FMQ_LOWNER(w);
@@ -470,30 +640,40 @@ int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32
         uint32_t tok = FMQ_LTOKEN(w);
         if (!atomic_compare_exchange_strong_explicit(
                 &e->word, &w, FMQ_LWORD(tok, FMQ_LS_REQUEUING, r->owner_tag),
-                memory_order_acq_rel, memory_order_relaxed))
+                memory_order_seq_cst, memory_order_relaxed))               /* [S-end] */
             continue;
-        if (r->max_deliveries && e->deliveries >= r->max_deliveries) {
+        if (owner && fmq_lease_take_unfinished(r, e, owner)) {
+            atomic_store_explicit(&e->word, w, memory_order_release);      /* [R-lease] */
+            continue;
+        }
+        uint32_t len, block;
+        if (!fmq_lease_src(r, e, &len, &block)) {
+            fmq_lease_discard_corrupt(r, e, tok);
+            continue;
+        }
+        uint32_t deliveries = FMQ_ONCE(e->deliveries);
+        if (r->max_deliveries && deliveries >= r->max_deliveries) {
             fmq_lease_requeue(r, e, tok, 1);   /* dead-letter it instead */
             continue;
         }
-        fmq_lease_share_to_ring(r, e, tok);
+        fmq_lease_share_to_ring(r, e, tok, block);
         /* Our own reader share, unless the old holder's views still have
          * one (then the entry keeps its IN_RING share and we cannot pin). */
-        if (e->block != FMQ_NO_BLOCK &&
-            fmq_pool_transition(r, e->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
+        if (block != FMQ_NO_BLOCK &&
+            fmq_pool_transition(r, block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
                                 FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24) == FMQ_OK)
             atomic_store_explicit(&e->holder, r->owner_tag, memory_order_release);
         atomic_store_explicit(&e->pin, FMQ_PIN(tok + 1, FMQ_PIN_NONE), memory_order_relaxed);
-        e->deliveries++;
+        e->deliveries = deliveries + 1;
         e->leased_ns = now;
         atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed);
         atomic_store_explicit(&e->word, FMQ_LWORD(tok + 1, FMQ_LS_LEASED, r->owner_tag),
-                              memory_order_release);
+                              memory_order_release);                        /* [R-lease] */
         fmq_lower_next_due(r, now + lease_ns);
         fmq_count(r, FMQ_ST_REDELIVERED, 1);
         *slot_out = i;
         *token_out = tok + 1;
-        *deliveries_out = e->deliveries;
+        *deliveries_out = deliveries + 1;
         return FMQ_OK;
     }
     return FMQ_EMPTY;
@@ -507,9 +687,16 @@ static int fmq_has_free_lease(fmq_region *r) {
     return 0;
 }
 
+/* Sleep until an entry may be free, at most one slice (<= 100 ms) and never
+ * past deadline_ns (0 = none): FMQ_OK (retry), FMQ_AGAIN (slice over: check
+ * signals and close(), retry), FMQ_EINTR, or FMQ_TIMEDOUT. Touches no Python
+ * state: the binding calls it with the GIL released. */
 int fmq_lease_wait_free(fmq_region *r, uint64_t deadline_ns) {
     /* Rare (the table holds maxsize entries): a plain sliced sleep on the
-     * space line, which ack and redelivery wake. */
+     * space line, which ack and redelivery wake. Their FREE store is a
+     * release, not part of the seq_cst order of our count increment and
+     * re-check, so a wake can be missed; the slice bounds that to 100 ms
+     * (a seq_cst store on every ack would cost more than it saves here). */
     fmq_waitline *wl = &r->ctl->space;
     fmq_lease_redeliver_due(r, 0);
     atomic_fetch_add_explicit(&wl->waiters, 1, memory_order_seq_cst);
@@ -551,15 +738,16 @@ int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max) {
         out[n].slot = i;
         out[n].token = FMQ_LTOKEN(w);
         out[n].pid = pid;
-        out[n].deliveries = e->deliveries;
+        out[n].deliveries = FMQ_ONCE(e->deliveries);
         out[n].state = st;
-        out[n].leased_ns = e->leased_ns;
+        out[n].leased_ns = FMQ_ONCE(e->leased_ns);
         out[n].deadline_ns = atomic_load_explicit(&e->deadline_ns, memory_order_relaxed);
         n++;
     }
     return n;
 }
 
+/* model: lease.take_dead */
 int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token) {
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
         fmq_lease *e = fmq_lease_at(r, i);
@@ -569,6 +757,11 @@ int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token) {
         if (atomic_compare_exchange_strong_explicit(
                 &e->word, &w, FMQ_LWORD(FMQ_LTOKEN(w), FMQ_LS_TAKING, r->owner_tag),
                 memory_order_acq_rel, memory_order_relaxed)) {
+            uint32_t len, block;
+            if (!fmq_lease_src(r, e, &len, &block)) {
+                fmq_lease_discard_corrupt(r, e, FMQ_LTOKEN(w));   /* never forwarded */
+                continue;
+            }
             *slot = i;
             *token = FMQ_LTOKEN(w);
             return FMQ_OK;
@@ -577,51 +770,161 @@ int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token) {
     return FMQ_EMPTY;
 }
 
+/* model: lease.ack_dead */
 int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token) {
     uint64_t w;
     fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_TAKING, &w);
     if (!e)
         return fmq_fail(FMQ_ELOST, "dead letter no longer held");
-    fmq_lease_drop_share(r, e, token);
-    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0), memory_order_release);
+    if (!atomic_compare_exchange_strong_explicit(&e->word, &w,
+                                                 FMQ_LWORD(token, FMQ_LS_ACKING, r->owner_tag),
+                                                 memory_order_seq_cst, memory_order_relaxed))
+        return fmq_fail(FMQ_ELOST, "dead letter no longer held");
+    /* ACKING(me): a crash from here on leaves the entry to the reaper, which
+     * frees it; the block's IN_RING share then stays (one leaked block)
+     * rather than a dead letter forwarded again from a block freed already. */
+    FMQ_CRASHPOINT("lease.ackdead.claimed");
+    fmq_lease_drop_share(r, e, token, FMQ_ONCE(e->block));
+    atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0),
+                          memory_order_release);                           /* [R-free] */
     fmq_count(r, FMQ_ST_DEAD_LETTERED, 1);
     fmq_ring_wake_producers(r);
     return FMQ_OK;
 }
 
 /* ======================================================================== */
+/* a handle closing                                                         */
+/* ======================================================================== */
+
+int fmq_lease_release_owned(fmq_region *r) {
+    if (!r->self || r->fork_gen != fmq_fork_generation || r->owner_tag == 0)
+        return 0;   /* a forked child never registered: the entries are the parent's */
+    int n = 0;
+    for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
+        fmq_lease *e = fmq_lease_at(r, i);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-mine] */
+        if (FMQ_LOWNER(w) != r->owner_tag)
+            continue;
+        uint32_t st = FMQ_LSTATE(w), tok = FMQ_LTOKEN(w);
+        if (st == FMQ_LS_LEASED) {
+            if (!atomic_compare_exchange_strong_explicit(
+                    &e->word, &w, FMQ_LWORD(tok, FMQ_LS_REQUEUING, r->owner_tag),
+                    memory_order_seq_cst, memory_order_relaxed))           /* [S-end] */
+                continue;
+            /* Back of the queue now, delivery count kept (a departed holder,
+             * as if its lease had expired); no room: parked, due at once. */
+            FMQ_CRASHPOINT("lease.release.requeuing");
+            fmq_lease_requeue(r, e, tok, 0);
+            n++;
+        } else if (st == FMQ_LS_TAKING) {
+            if (atomic_compare_exchange_strong_explicit(
+                    &e->word, &w, FMQ_LWORD(tok, FMQ_LS_DEAD, 0), memory_order_acq_rel,
+                    memory_order_relaxed))
+                n++;
+        }
+    }
+    if (n)
+        fmq_lower_next_due(r, 1);
+    return n;
+}
+
+/* ======================================================================== */
 /* crash recovery of a dead tag's entries (before the slot and block passes) */
 /* ======================================================================== */
 
+/* Runs with the dead participant's lock held (fmq_recover.c), so it is the
+ * only reaper of this tag; live processes may still act on the same entries
+ * (a redeliverer that saw the tag closed, a taker after a FREE entry), so
+ * every step is a CAS from the word we read, never a blind store. */
+/* model: recover.lease_reap */
 void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
         fmq_lease *e = fmq_lease_at(r, i);
-        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-mine] */
         if (FMQ_LOWNER(w) != tag || FMQ_LSTATE(w) == FMQ_LS_FREE)
             continue;
         uint32_t st = FMQ_LSTATE(w), tok = FMQ_LTOKEN(w);
+        uint32_t block = FMQ_ONCE(e->block);
         if (st == FMQ_LS_FILLING) {
             /* An unfinished take: its slot is still READING(tag) and the slot
              * pass puts the message back, so the entry is simply dropped. */
-            fmq_lease_share_to_ring(r, e, tok);
-            atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
-                                  memory_order_release);
+            fmq_lease_share_to_ring(r, e, tok, block);
+            atomic_compare_exchange_strong_explicit(&e->word, &w, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
+                                                    memory_order_acq_rel,
+                                                    memory_order_relaxed);   /* [R-free] */
         } else if (st == FMQ_LS_ACKING) {
             /* An unfinished ack: the message is done; the block pass clears
              * the reader share, the entry is freed here. */
-            atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
-                                  memory_order_release);
+            atomic_compare_exchange_strong_explicit(&e->word, &w, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
+                                                    memory_order_acq_rel,
+                                                    memory_order_relaxed);   /* [R-free] */
         } else if (st == FMQ_LS_LEASED || st == FMQ_LS_REQUEUING) {
-            if (st == FMQ_LS_LEASED && taken->tickets)
-                taken->tickets[taken->n++] = e->src_ticket;
-            fmq_lease_share_to_ring(r, e, tok);
+            /* Claim it first (REQUEUING(tag): no redeliverer takes a LEASED
+             * word we are still changing); a reaper that dies here leaves
+             * REQUEUING(tag), which the next reaper of the tag finishes. */
+            if (st == FMQ_LS_LEASED) {
+                uint64_t claimed = FMQ_LWORD(tok, FMQ_LS_REQUEUING, tag);
+                if (!atomic_compare_exchange_strong_explicit(&e->word, &w, claimed,
+                                                             memory_order_seq_cst,
+                                                             memory_order_relaxed))
+                    continue;                                              /* [S-end] */
+                w = claimed;
+                FMQ_CRASHPOINT("lease.reap.claimed");
+            }
+            /* Also for REQUEUING(tag): a reaper killed right after the claim
+             * above leaves that, and the slot the message came from may
+             * still be READING(tag) (the taker died before freeing it). A
+             * ticket only matches a slot still READING(tag) at its lap. */
+            if (taken->tickets)
+                taken->tickets[taken->n++] = FMQ_ONCE(e->src_ticket);
+            fmq_lease_share_to_ring(r, e, tok, block);
             atomic_store_explicit(&e->deadline_ns, 0, memory_order_relaxed);
-            atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_LEASED, 0),
-                                  memory_order_release);
+            atomic_compare_exchange_strong_explicit(&e->word, &w,
+                                                    FMQ_LWORD(tok, FMQ_LS_LEASED, 0),
+                                                    memory_order_acq_rel,
+                                                    memory_order_relaxed);   /* [R-lease] */
             fmq_lower_next_due(r, 1);
         } else if (st == FMQ_LS_TAKING) {
-            atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_DEAD, 0),
-                                  memory_order_release);
+            atomic_compare_exchange_strong_explicit(&e->word, &w, FMQ_LWORD(tok, FMQ_LS_DEAD, 0),
+                                                    memory_order_acq_rel,
+                                                    memory_order_relaxed);
         }
     }
+}
+
+/* Blocks that in-flight entries name (any state but FREE): crash recovery's
+ * block pass must not take the queue's share of them as a "commit that never
+ * published" -- an entry parked, orphaned or dead-lettered holds exactly that
+ * share, under the (dead) producer's still-set writer tag when the producer
+ * kept a reservation view after commit. */
+void fmq_lease_mark_blocks(fmq_region *r, unsigned char *published) {
+    for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
+        fmq_lease *e = fmq_lease_at(r, i);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        if (FMQ_LSTATE(w) == FMQ_LS_FREE)
+            continue;
+        uint32_t block = FMQ_ONCE(e->block);
+        int64_t o = block == FMQ_NO_BLOCK ? -1 : fmq_block_ordinal(r, block);
+        if (o >= 0)
+            published[o] = 1;
+    }
+}
+
+int fmq_block_referenced(fmq_region *r, uint32_t block, uint64_t skip_ticket) {
+    for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
+        fmq_lease *e = fmq_lease_at(r, i);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        if (FMQ_LSTATE(w) != FMQ_LS_FREE && FMQ_ONCE(e->block) == block)
+            return 1;
+    }
+    for (uint64_t i = 0; i < r->g.slot_count; i++) {
+        if (skip_ticket != ~0ull && i == skip_ticket % r->g.slot_count)
+            continue;
+        fmq_slot *s = (fmq_slot *)(r->ring + i * r->g.slot_stride);
+        uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);
+        uint32_t phase = (uint32_t)((w >> FMQ_OWNER_BITS) & 3);
+        if ((phase == FMQ_PH_READY || phase == FMQ_PH_READING) && FMQ_ONCE(s->block) == block)
+            return 1;
+    }
+    return 0;
 }

@@ -22,7 +22,9 @@
  * the blocks nobody else holds. The one unnamed instant is between the pop
  * and the store of the writer tag (two instructions): a SIGKILL exactly there
  * leaks one block. Every index read from shared memory is range-checked: a
- * scribbled stack gives FMQ_ECORRUPT, never a wild pointer.
+ * scribbled stack gives FMQ_ECORRUPT, never a wild pointer; and a popped
+ * block is taken by a CAS of its state from 0, so a scribbled stack that
+ * names a block somebody holds never hands that block out again.
  */
 #include "fmq_internal.h"
 
@@ -80,8 +82,11 @@ static int fmq_pool_class_for(fmq_region *r, uint64_t nbytes) {
     return -1;
 }
 
+/* model: pool.alloc */
 int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
-    if (nbytes > r->g.max_message_size)
+    /* A slot records a message's length in 32 bits: never hand out room for
+     * more than it can say. */
+    if (nbytes > r->g.max_message_size || nbytes > UINT32_MAX)
         return FMQ_TOOBIG;
     int c0 = fmq_pool_class_for(r, nbytes);
     if (c0 < 0)
@@ -95,10 +100,19 @@ int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
             return rc;
         FMQ_CRASHPOINT("pool.alloc.popped");
         fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
-        /* A free block's state is 0 and nobody else can see it: a plain store.
-         * The window between the pop above and this store is the one place a
-         * SIGKILL leaks a block (it is then neither free nor named). */
-        atomic_store_explicit(&m->state, FMQ_BLK_MAKE(r->owner_tag, 0, 0), memory_order_relaxed);
+        /* A free block's state is 0 and nobody else can see it, so the CAS
+         * from 0 always succeeds -- unless the stack was scribbled and named
+         * a block somebody holds: that one is never handed out (it stays off
+         * the stack; the message that holds it is untouched). The window
+         * between the pop above and this CAS is the one place a SIGKILL
+         * leaks a block (it is then neither free nor named). */
+        uint64_t zero = 0;
+        if (!atomic_compare_exchange_strong_explicit(&m->state, &zero,
+                                                     FMQ_BLK_MAKE(r->owner_tag, 0, 0),
+                                                     memory_order_relaxed,
+                                                     memory_order_relaxed))
+            return fmq_fail(FMQ_ECORRUPT, "block pool free stack named block %#x, which is "
+                                          "in use", FMQ_BLOCK_REF(c, idx));
         *block_out = FMQ_BLOCK_REF(c, idx);
         return FMQ_OK;
     }
@@ -159,10 +173,12 @@ int fmq_pool_transition(fmq_region *r, uint32_t block, uint64_t mask, uint64_t e
     }
 }
 
+/* model: pool.release_writer */
 int fmq_pool_release_writer(fmq_region *r, uint32_t block) {
     return fmq_pool_transition(r, block, FMQ_WRITER_MASK, r->owner_tag, 0);
 }
 
+/* model: pool.release_reader */
 int fmq_pool_release_reader(fmq_region *r, uint32_t block) {
     return fmq_pool_transition(r, block, FMQ_READER_MASK, (uint64_t)r->owner_tag << 24, 0);
 }

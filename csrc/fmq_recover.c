@@ -24,11 +24,20 @@
  *     the block's share goes back to the ring and the slot back to READY in
  *     place; the head hint never passes a READING slot, so the next claim
  *     finds it again. No loss, no duplicate: the application never saw it.
+ *  0. In-flight entries of T (fmq_lease_reap): leases become orphaned and
+ *     due, dead letters being taken are parked again.
  *  2. Blocks. Every block naming T as writer or reader loses that share. A
  *     block that T marked IN_RING but whose slot was never published (T died
  *     inside fmq_ring_commit) is recognised by not being named by any
- *     READY/READING slot, and loses that share too. Blocks whose word reaches
- *     zero go back to their free stacks (counted as reclaimed).
+ *     READY/READING slot nor by any in-flight entry, and loses that share
+ *     too. Blocks whose word reaches zero go back to their free stacks
+ *     (counted as reclaimed).
+ *
+ * Memory order. Every repair is an acq_rel CAS (the slot repairs seq_cst, as
+ * the ring's publishing CASes they stand in for: see fmq_ring.c "waiting")
+ * from the word read with acquire: [A-reap] the load of a slot/block/entry
+ * word pairs with the dead holder's last release of it ([R-commit],
+ * [R-rel], [R-lease], [R-free]), so the fields it wrote before are seen.
  */
 #include <fcntl.h>
 #include <stdlib.h>
@@ -47,7 +56,7 @@ static inline fmq_slot *fmq_rslot(fmq_region *r, uint64_t i) {
 }
 
 /* Index of a block across all classes, for the "published" bitmap. */
-static int64_t fmq_block_ordinal(fmq_region *r, uint32_t block) {
+int64_t fmq_block_ordinal(fmq_region *r, uint32_t block) {
     uint32_t c = FMQ_BLOCK_CLASS(block);
     if (c >= r->g.nclasses || FMQ_BLOCK_INDEX(block) >= r->g.classes[c].nblocks)
         return -1;
@@ -79,15 +88,16 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     fmq_taken taken = {calloc(r->g.slot_count, sizeof(uint64_t)), 0};
     fmq_lease_reap(r, tag, &taken);
 
-    /* 1. slots */
+    /* 1. slots (model: recover.slot_pass) */
     for (uint64_t i = 0; i < r->g.slot_count; i++) {
         fmq_slot *s = fmq_rslot(r, i);
-        uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);
+        uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);   /* [A-reap] */
         uint64_t stamp = w >> FMQ_OWNER_BITS;
         uint32_t phase = (uint32_t)(stamp & 3);
         uint32_t owner = (uint32_t)(w & FMQ_OWNER_MASK);
-        if ((phase == FMQ_PH_READY || phase == FMQ_PH_READING) && s->block != FMQ_NO_BLOCK) {
-            int64_t o = fmq_block_ordinal(r, s->block);
+        uint32_t sb = FMQ_ONCE(s->block);   /* one load: checked, then used */
+        if ((phase == FMQ_PH_READY || phase == FMQ_PH_READING) && sb != FMQ_NO_BLOCK) {
+            int64_t o = fmq_block_ordinal(r, sb);
             if (o >= 0 && published)
                 published[o] = 1;
         }
@@ -108,7 +118,7 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
             atomic_compare_exchange_strong_explicit(&s->word, &w, next, memory_order_seq_cst,
                                                     memory_order_relaxed);
         } else if (phase == FMQ_PH_READING) {
-            uint32_t b = s->block;
+            uint32_t b = sb;
             if (b != FMQ_NO_BLOCK && fmq_block_ordinal(r, b) >= 0) {
                 /* reader share (if it got that far) back to the ring */
                 fmq_pool_transition(r, b, FMQ_BLK_IN_RING | FMQ_READER_MASK,
@@ -122,7 +132,16 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
         }
     }
 
-    /* 2. blocks */
+    /* 2. blocks (model: recover.block_pass). Blocks that in-flight entries
+     * name count as published too:
+     *    an entry parked, orphaned or dead-lettered holds the IN_RING share
+     *    of a message that has left the ring, and when its producer kept a
+     *    reservation view after commit, the dead producer's writer tag is
+     *    still on that block -- it must lose the writer share only. Marked
+     *    after the slot pass: a message moving from a slot into an entry
+     *    meanwhile is seen in one place or the other. */
+    if (published)
+        fmq_lease_mark_blocks(r, published);
     for (uint32_t c = 0; c < r->g.nclasses; c++) {
         fmq_block_meta *meta = (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
         int64_t base = fmq_block_ordinal(r, FMQ_BLOCK_REF(c, 0));
@@ -165,6 +184,7 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     fmq_ring_wake_producers(r);
 }
 
+/* model: recover.reap */
 int fmq_recover(fmq_region *r) {
     int reaped = 0;
     for (uint32_t idx = 0; idx < r->g.nparticipants; idx++) {
@@ -211,16 +231,16 @@ void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t
     }
     if (same_gen && (id & 0xFFFF) == FMQ_PART_ACTIVE) {
         fmq_recover(r);
-    } else {
-        /* The entry was freed or reused since: the owner is gone, and whoever
-         * reused the entry should have reaped it; make sure. */
-        if (fmq_entry_lock(r, idx, F_WRLCK) == 0) {
-            fmq_reap_tag(r, owner);
-            fmq_entry_lock(r, idx, F_UNLCK);
-        } else {
-            fmq_reap_tag(r, owner);   /* held by a live new occupant: tag differs, safe */
-        }
+    } else if (fmq_entry_lock(r, idx, F_WRLCK) == 0) {
+        /* The entry was freed or reused since and nobody holds it now: reap
+         * the old tag under the entry's lock, so that no registration into
+         * the entry and no other reaper runs at the same time. */
+        fmq_reap_tag(r, owner);
+        fmq_entry_lock(r, idx, F_UNLCK);
     }
+    /* Else a live new occupant holds the entry: it reaped the old tag under
+     * that lock when it registered (fmq_live_register), and reaping again
+     * without the lock could race another reaper. */
     uint64_t cur = atomic_load_explicit(&r->ctl->stall.ticket, memory_order_relaxed);
     if (cur == ticket + 1)
         atomic_store_explicit(&r->ctl->stall.ticket, 0, memory_order_relaxed);

@@ -102,8 +102,12 @@ void fmq_crashpoint(const char *where) {
     if (strncmp(spec, where, n) != 0 || (spec[n] != '\0' && spec[n] != ':'))
         return;
     long nth = spec[n] == ':' ? atol(spec + n + 1) : 1;
-    if (atomic_fetch_add(&hits, 1) + 1 >= nth)
-        kill(getpid(), SIGKILL);
+    if (atomic_fetch_add(&hits, 1) + 1 < nth)
+        return;
+    /* FASTMQ_CRASH_SIGNAL=STOP freezes the process there instead, so a test
+     * can act while it is frozen at that very step and then SIGKILL it. */
+    const char *sig = getenv("FASTMQ_CRASH_SIGNAL");
+    kill(getpid(), sig && strcmp(sig, "STOP") == 0 ? SIGSTOP : SIGKILL);
 }
 
 /* ======================================================================== */

@@ -25,6 +25,16 @@
  * Stamps are 40-bit and compared modulo 2^40 (fmq_stamp_diff), so the laps
  * may wrap: only differences of a few laps are ever compared.
  *
+ * Trust. The slot words are the truth; the hints are only where to start.
+ * A hint that disagrees with the slot word under it in a way no interleaving
+ * can produce (the slot a whole lap behind the hint: a scribbled hint) is
+ * recomputed from the slot words (fmq_ring_repair_hints) instead of leaving
+ * the queue Empty with messages in it, or Full while empty. A message whose
+ * length or block fails validation is consumed -- its slot moves on to the
+ * next lap, counted as abandoned -- and reported (FMQ_ECORRUPT), so one
+ * damaged message never wedges the ring. Every field of a slot is read once
+ * (FMQ_ONCE), checked, and only that local copy is used.
+ *
  * Memory order (acquire/release pairs):
  *   [A-rsv]   producer reads EMPTY      <- [R-rel]    consumer's release CAS:
  *             the consumer's reads of the old payload happen before our writes.
@@ -99,13 +109,92 @@ static void fmq_advance_head(fmq_region *r) {
     }
 }
 
+/* Full ticket of a 38-bit lap number, taken nearest to the reference lap
+ * (tickets only matter modulo 2^38 laps: that is all a stamp carries). */
+static uint64_t fmq_lap_near(uint64_t stamp_lap, uint64_t ref_lap) {
+    const uint64_t m = (1ull << (FMQ_STAMP_BITS - 2)) - 1;
+    int64_t d = (int64_t)(((stamp_lap - ref_lap) & m) << (64 - (FMQ_STAMP_BITS - 2))) >>
+                (64 - (FMQ_STAMP_BITS - 2));
+    return d < 0 && (uint64_t)-d > ref_lap ? stamp_lap : ref_lap + (uint64_t)d;
+}
+
+/* The hints, recomputed from the slot words: the head is the oldest ticket
+ * any slot still holds (unread, being read, or not yet written), the tail
+ * the oldest ticket not yet claimed. Under concurrent traffic the result is
+ * at most behind the truth, which the scans then walk forward over. */
+static void fmq_ring_scan_hints(fmq_region *r, uint64_t ref, uint64_t *head_out,
+                                uint64_t *tail_out);
+
+void fmq_ring_repair_hints(fmq_region *r) {
+    uint64_t head, tail;
+    fmq_ring_scan_hints(r, atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed), &head,
+                        &tail);
+    /* Plain stores: both were wrong, and every user of a hint re-checks the
+     * slot word under it. */
+    atomic_store_explicit(&r->ctl->head.v, head, memory_order_relaxed);
+    atomic_store_explicit(&r->ctl->tail.v, tail, memory_order_relaxed);
+    fmq_ring_wake_consumers(r, 1);
+    fmq_ring_wake_producers(r);
+}
+
+/* A hint that passed a slot it can never pass (a head past an unconsumed
+ * message, a tail past an unclaimed slot) leaves no trace at the hint itself:
+ * only a scan shows it. Waiters that get nowhere run this once a second. The
+ * hints are loaded BEFORE the scan: slot words only move forward, so a
+ * correct hint is never above what the scan computes. */
+static void fmq_ring_check_hints(fmq_region *r) {
+    uint64_t h0 = atomic_load_explicit(&r->ctl->head.v, memory_order_acquire);
+    uint64_t t0 = atomic_load_explicit(&r->ctl->tail.v, memory_order_acquire);
+    uint64_t head, tail;
+    fmq_ring_scan_hints(r, t0, &head, &tail);
+    if (tail < t0) {
+        /* Tickets below the tail hint that nobody claimed: producers claim in
+         * order, so these are holes a scribbled tail made producers jump
+         * over, and consumers would wait at the first one forever. Each is
+         * closed as an empty turn (EMPTY for its lap -> EMPTY for the next),
+         * by a CAS from exactly EMPTY: a producer that claims it meanwhile
+         * wins, and the hole was not one. */
+        for (uint64_t x = tail, k = 0; x < t0 && k < r->g.slot_count; x++, k++) {
+            _Atomic uint64_t *sw = &fmq_slot_at(r, x)->word;
+            uint64_t w = fmq_word(fmq_lap_stamp(r, x) + FMQ_PH_EMPTY, 0);
+            atomic_compare_exchange_strong_explicit(
+                sw, &w, fmq_word(fmq_lap_stamp(r, x) + 4, 0), memory_order_seq_cst,
+                memory_order_relaxed);
+        }
+    }
+    if (head < h0 || tail < t0)
+        fmq_ring_repair_hints(r);
+}
+
+static void fmq_ring_scan_hints(fmq_region *r, uint64_t ref_ticket, uint64_t *head_out,
+                                uint64_t *tail_out) {
+    uint64_t n = r->g.slot_count;
+    uint64_t ref = ref_ticket / n;
+    uint64_t head = ~0ull, tail = ~0ull;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t w = atomic_load_explicit(&fmq_slot_at(r, i)->word, memory_order_acquire);
+        uint64_t st = fmq_stamp(w);
+        uint64_t lap = fmq_lap_near(st >> 2, ref);
+        uint64_t t = lap * n + i;
+        uint64_t unclaimed = (st & 3) == FMQ_PH_EMPTY ? t : t + n;
+        if (t < head)
+            head = t;
+        if (unclaimed < tail)
+            tail = unclaimed;
+    }
+    *head_out = head;
+    *tail_out = tail;
+}
+
 /* ======================================================================== */
 /* writing                                                                  */
 /* ======================================================================== */
 
+/* model: ring.reserve */
 int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
     fmq_set_role(r, FMQ_ROLE_PRODUCER);
     uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+    int repaired = 0;
     for (uint64_t scanned = 0;; scanned++) {
         fmq_slot *s = fmq_slot_at(r, t);
         uint64_t want = fmq_lap_stamp(r, t) + FMQ_PH_EMPTY;
@@ -127,12 +216,30 @@ int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
             }
             continue;   /* lost the race for this ticket: look again */
         }
+        if (d < -3 && !repaired && scanned == 0) {
+            /* The slot is a whole lap (or more) behind the ticket: a tail
+             * hint cannot get there (it only ever passes claimed slots), so
+             * the hint was scribbled. Recompute it and look again. */
+            fmq_ring_repair_hints(r);
+            repaired = 1;
+            scanned = 0;
+            t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+            continue;
+        }
         if (d < 0)
             return FMQ_FULL;   /* the previous lap's message is still here */
         t++;                   /* already claimed for this lap: the next one */
-        if (scanned > r->g.slot_count + 2 * FMQ_MAX_PARTICIPANTS)
+        if (scanned > r->g.slot_count + 2 * FMQ_MAX_PARTICIPANTS) {
+            if (!repaired) {   /* a hint laps behind the truth: recompute it */
+                fmq_ring_repair_hints(r);
+                repaired = 1;
+                scanned = 0;
+                t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+                continue;
+            }
             return fmq_fail(FMQ_ECORRUPT, "ring slot words are corrupted (no free slot "
                                           "found after a full scan)");
+        }
         uint64_t hint = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
         if (hint > t)
             t = hint;
@@ -143,10 +250,16 @@ unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m) {
     return (unsigned char *)fmq_slot_at(r, m->ticket) + FMQ_SLOT_HEADER;
 }
 
+/* model: ring.commit */
 int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
                     int keep_writer) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
     int rc;
+    /* len is 32 bits in the slot: fmq_pool_alloc refuses larger blocks and
+     * the binding refuses larger messages (FMQ_TOOBIG), so nothing is cut. */
+    if (block == FMQ_NO_BLOCK ? len > r->inline_max : len > fmq_pool_block_size(r, block))
+        return fmq_fail(FMQ_EINVAL, "commit of %u bytes into a %s that holds fewer", len,
+                        block == FMQ_NO_BLOCK ? "slot" : "block");
     s->len = len;
     s->block = block;
     s->deliveries = m->deliveries;
@@ -188,9 +301,33 @@ int fmq_ring_claim(fmq_region *r, fmq_msg *m) { return fmq_ring_claim_from(r, m,
  * (get_many) holds its earlier claims while it takes more, and the head hint
  * does not pass READING slots: without this, each further claim would rescan
  * the batch so far (quadratic in the batch size). */
+/* A claimed message failed validation: consume it (the slot moves on to the
+ * next lap, so the ring keeps moving) and count it as abandoned. Its block's
+ * ring share is dropped only if the reference is valid and no other message
+ * or entry names that block: a scribbled reference must never free another
+ * message's block (a leaked block is the safe side). */
+static void fmq_ring_discard(fmq_region *r, fmq_slot *s, uint64_t ticket, uint64_t mine,
+                             uint32_t block) {
+    if (block != FMQ_NO_BLOCK && fmq_pool_ptr(r, block) &&
+        !fmq_block_referenced(r, block, ticket))
+        fmq_pool_transition(r, block, FMQ_BLK_IN_RING | FMQ_READER_MASK, FMQ_BLK_IN_RING, 0);
+    uint64_t expect = mine;
+    uint64_t next = fmq_word(fmq_lap_stamp(r, ticket) + 4 /* EMPTY, next lap */, 0);
+    if (atomic_compare_exchange_strong_explicit(&s->word, &expect, next,
+                                                memory_order_seq_cst,        /* [R-rel] */
+                                                memory_order_relaxed)) {
+        fmq_count(r, FMQ_ST_ABANDONED, 1);
+        fmq_advance_head(r);
+        fmq_ring_wake_producers(r);
+    }
+}
+
+/* model: ring.claim */
 int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
     fmq_set_role(r, FMQ_ROLE_CONSUMER);
     uint64_t h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+    int repaired = 0;
+    int at_hint = from <= h;   /* h is the head hint itself (see below) */
     if (from > h)
         h = from;
     for (uint64_t scanned = 0;; scanned++) {
@@ -205,12 +342,13 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
                                                          memory_order_relaxed))
                 continue;
             FMQ_CRASHPOINT("ring.claim.claimed");
-            uint32_t len = s->len, block = s->block;
+            /* One load of each field: the length checked is the length used. */
+            uint32_t len = FMQ_ONCE(s->len), block = FMQ_ONCE(s->block);
             m->ticket = h;
             m->word = mine;
             m->len = len;
             m->block = block;
-            m->deliveries = s->deliveries;
+            m->deliveries = FMQ_ONCE(s->deliveries);
             m->detached = 0;
             if (block == FMQ_NO_BLOCK) {
                 if (len > r->inline_max)
@@ -223,10 +361,23 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
             }
             return FMQ_OK;
         corrupt:
-            /* Leave the slot claimed (it can never be delivered sanely) and say so. */
+            /* It can never be delivered sanely: consume it and say so. */
+            fmq_ring_discard(r, s, h, mine, block);
             return fmq_fail(FMQ_ECORRUPT, "message at ticket %llu has an invalid length or "
-                                          "block (len %u, block %#x)", (unsigned long long)h,
-                            len, block);
+                                          "block (len %u, block %#x); it was skipped and "
+                                          "counted in stats()[\"abandoned\"]",
+                            (unsigned long long)h, len, block);
+        }
+        if (d < -2 && !repaired && scanned == 0 && at_hint) {
+            /* The slot is a lap (or more) behind the head hint: the hint never
+             * passes an unconsumed slot, so it was scribbled. Recompute it. */
+            fmq_ring_repair_hints(r);
+            repaired = 1;
+            scanned = 0;
+            h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+            if (from > h)
+                h = from;
+            continue;
         }
         if (d < 0)
             return FMQ_EMPTY;   /* EMPTY or WRITING for this lap */
@@ -237,8 +388,18 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
                                                     memory_order_relaxed, memory_order_relaxed);
         }
         h++;   /* d == 1: being read by someone else; look past it */
-        if (scanned > r->g.slot_count + 2 * FMQ_MAX_PARTICIPANTS)
+        if (scanned > r->g.slot_count + 2 * FMQ_MAX_PARTICIPANTS) {
+            if (!repaired) {   /* a hint laps behind the truth: recompute it */
+                fmq_ring_repair_hints(r);
+                repaired = 1;
+                scanned = 0;
+                h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+                if (from > h)
+                    h = from;
+                continue;
+            }
             return fmq_fail(FMQ_ECORRUPT, "ring slot words are corrupted");
+        }
         uint64_t hint = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
         if (hint > h)
             h = hint;
@@ -248,6 +409,7 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
 /* READING(me) -> EMPTY for the next lap [R-rel], then the bookkeeping of a
  * message that has left the ring. The block, if any, is the caller's business
  * (a reader share for get/recv, the in-flight entry's share for a lease). */
+/* model: ring.retire */
 static int fmq_ring_retire_slot(fmq_region *r, fmq_msg *m, int wake) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
     uint64_t expect = m->word;
@@ -266,6 +428,26 @@ static int fmq_ring_retire_slot(fmq_region *r, fmq_msg *m, int wake) {
     return FMQ_OK;
 }
 
+int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m) {
+    fmq_slot *s = fmq_slot_at(r, m->ticket);
+    uint64_t expect = m->word;
+    uint64_t next = fmq_word(fmq_lap_stamp(r, m->ticket) + 4 /* EMPTY, next lap */, 0);
+    if (atomic_compare_exchange_strong_explicit(&s->word, &expect, next,
+                                                memory_order_seq_cst,        /* [R-rel] */
+                                                memory_order_relaxed)) {
+        fmq_count(r, FMQ_ST_ABANDONED, 1);
+        fmq_advance_head(r);
+        fmq_ring_wake_producers(r);
+    }
+    uint32_t b = m->block;
+    m->detached = 1;
+    m->block = FMQ_NO_BLOCK;   /* we hold no share of it */
+    return fmq_fail(FMQ_ECORRUPT, "message at ticket %llu names block %#x, which is not "
+                                  "queued; it was skipped and counted in "
+                                  "stats()[\"abandoned\"]", (unsigned long long)m->ticket, b);
+}
+
+/* model: ring.free_slot */
 static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
     int rc;
     /* The block's ring share becomes our reader share while we still hold the
@@ -274,7 +456,10 @@ static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
     if (m->block != FMQ_NO_BLOCK &&
         (rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
                                   FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24)) != FMQ_OK)
-        return rc;
+        /* The block is not the queue's (a damaged slot, e.g. a phase flipped
+         * back to READY over a consumed message): never deliver it, and do
+         * not leave the slot READING, which would wedge the ring a lap on. */
+        return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
     FMQ_CRASHPOINT("ring.release.before_free");
     return fmq_ring_retire_slot(r, m, wake);
 }
@@ -314,6 +499,13 @@ int fmq_ring_unclaim(fmq_region *r, fmq_msg *m) {
         return fmq_fail(FMQ_ELOST, "the slot was reclaimed by crash recovery");
     fmq_ring_wake_consumers(r, 0);
     return FMQ_OK;
+}
+
+/* Is ticket t's slot still READING by owner at t's lap? One load; a slot
+ * never returns to that word once released (its stamp only moves on). */
+int fmq_ring_is_reading(fmq_region *r, uint64_t t, uint32_t owner) {
+    uint64_t w = atomic_load_explicit(&fmq_slot_at(r, t)->word, memory_order_acquire);
+    return w == fmq_word(fmq_lap_stamp(r, t) + FMQ_PH_READING, owner);
 }
 
 uint64_t fmq_ring_depth(fmq_region *r) {
@@ -365,6 +557,8 @@ static int fmq_has_data(fmq_region *r, uint64_t unused, fmq_blocker *b) {
             b->ticket = h;
             b->word = w;
         }
+        if (d < -2 && n == 0)
+            return 1;               /* a scribbled hint: the claim repairs it */
         if (d < 0) {
             if (d == -1) {          /* WRITING: a producer has not committed yet */
                 b->ticket = h;
@@ -385,8 +579,8 @@ static int fmq_has_space(fmq_region *r, uint64_t need, fmq_blocker *b) {
     for (uint64_t n = 0; n <= r->g.slot_count; n++, t++) {
         uint64_t w = atomic_load_explicit(&fmq_slot_at(r, t)->word, memory_order_seq_cst);
         int64_t d = fmq_stamp_diff(fmq_stamp(w), fmq_lap_stamp(r, t) + FMQ_PH_EMPTY);
-        if (d == 0)
-            return 1;
+        if (d == 0 || (d < -3 && n == 0))
+            return 1;               /* free (or a scribbled hint: reserve repairs it) */
         if (d < 0) {
             uint32_t ph = (uint32_t)(fmq_stamp(w) & 3);
             if (ph == FMQ_PH_READING || ph == FMQ_PH_WRITING) {
@@ -402,7 +596,7 @@ static int fmq_has_space(fmq_region *r, uint64_t need, fmq_blocker *b) {
 /* Per thread: the blocker this thread has been waiting behind, and since when;
  * and when it last ran a full recovery pass while getting nowhere. */
 static __thread uint64_t fmq_tl_stall_ticket = ~0ull, fmq_tl_stall_word, fmq_tl_stall_since;
-static __thread uint64_t fmq_tl_last_recover;
+static __thread uint64_t fmq_tl_last_recover, fmq_tl_last_hint_check;
 
 static void fmq_note_blocker(fmq_region *r, const fmq_blocker *b, int pool_wait) {
     uint64_t now = fmq_now_ns();
@@ -412,6 +606,14 @@ static void fmq_note_blocker(fmq_region *r, const fmq_blocker *b, int pool_wait)
     if (now - fmq_tl_last_recover >= FMQ_RECOVER_EVERY_NS) {
         fmq_tl_last_recover = now;
         fmq_recover(r);
+        /* Or a scribbled hint hides what we wait for. The check reads every
+         * slot word, so big rings run it less often: about one slot word per
+         * 15 us of waiting (once a second up to 64 Ki slots). */
+        uint64_t every = FMQ_RECOVER_EVERY_NS * (r->g.slot_count / 65536 + 1);
+        if (now - fmq_tl_last_hint_check >= every) {
+            fmq_tl_last_hint_check = now;
+            fmq_ring_check_hints(r);
+        }
     }
     if (b->ticket == ~0ull) {
         fmq_tl_stall_ticket = ~0ull;

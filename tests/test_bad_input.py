@@ -55,7 +55,7 @@ def test_name_of_wrong_type(mq, name):
         mq.open(name)
 
 
-@pytest.mark.parametrize("bad", ["text", 123, 1.5, object(), None, [1, 2]], ids=repr)
+@pytest.mark.parametrize("bad", ["text", 123, 1.5, object(), None, [1, 2]], ids=lambda v: type(v).__name__)
 def test_put_bytes_wrong_type(mq, bad):
     q = mq.Queue()
     with pytest.raises(TypeError):

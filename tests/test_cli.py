@@ -174,3 +174,147 @@ def test_bench_list():
     res = fmq("bench", "--list")
     assert res.returncode == 0
     assert "1x1-bytes-64" in res.stdout and "mp-queue" in res.stdout
+
+
+# ------------------------------------------------ units, machine-readable output
+
+def test_human_bytes():
+    from fastmq.cli import human_bytes
+    assert human_bytes(0) == "0B"
+    assert human_bytes(1023) == "1023B"
+    assert human_bytes(1536) == "1.5KiB"
+    assert human_bytes(64 << 20) == "64.0MiB"
+    assert human_bytes(3 << 40) == "3.0TiB"
+    assert human_bytes(None) == "?"
+
+
+def test_ls_sizes_in_human_units(named):
+    import re
+    res = fmq("ls")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    header = lines[0].split()
+    row = next(line.split() for line in lines if line.split()[:1] == [named])
+    size = row[header.index("SIZE")]
+    assert re.fullmatch(r"\d+(\.\d)?(B|KiB|MiB|GiB|TiB)", size), size
+    assert row[header.index("FILL")] == f"{100 * 3 / 64:.0f}%"
+
+
+def test_ls_json(named):
+    import json
+    res = fmq("ls", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    mine = [q for q in doc["queues"] if q["name"] == named]
+    assert len(mine) == 1, doc
+    q = mine[0]
+    assert (q["depth"], q["capacity"], q["status"]) == (3, 64, "ok")
+    assert isinstance(q["size_bytes"], int) and q["size_bytes"] > 0
+    assert isinstance(doc["exchanges"], list)
+
+
+def test_stat_says_no_rather_than_none(named):
+    res = fmq("stat", named)
+    assert res.returncode == 0, res.stderr
+    assert "None" not in res.stdout
+    stalled = next(line for line in res.stdout.splitlines() if line.split()[:1] == ["stalled"])
+    assert stalled.split()[1] == "no"
+
+
+def test_stat_json(named):
+    import json
+    res = fmq("stat", named, "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["queue"] == named
+    assert doc["stats"]["depth"] == 3 and doc["stats"]["enqueued"] == 3
+
+
+def test_stat_prometheus_text_exposition(named):
+    import re
+    res = fmq("stat", named, "--prometheus")
+    assert res.returncode == 0, res.stderr
+    typed, values = {}, {}
+    for line in res.stdout.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, metric, kind = line.split()
+            assert kind in ("counter", "gauge")
+            typed[metric] = kind
+        elif line.startswith("# HELP "):
+            assert len(line.split(None, 3)) == 4, line
+        else:
+            m = re.fullmatch(r'(fastmq_[a-z_]+)\{queue="([^"]+)"\} (-?[0-9.e+]+)', line)
+            assert m, line
+            assert m.group(1) in typed, f"sample before its TYPE line: {line}"
+            assert m.group(2) == named
+            values[m.group(1)] = float(m.group(3))
+    assert values["fastmq_depth"] == 3 and typed["fastmq_depth"] == "gauge"
+    assert values["fastmq_enqueued_total"] == 3 and typed["fastmq_enqueued_total"] == "counter"
+    assert all(kind == "counter" for m, kind in typed.items() if m.endswith("_total"))
+    assert values["fastmq_stalled"] == 0
+
+
+def test_prometheus_does_not_combine_with_watch(named):
+    assert fmq("stat", named, "--watch", "--prometheus").returncode == 2
+
+
+def test_watch_shows_rates_and_fill_and_notices_removal(named):
+    p = subprocess.Popen([sys.executable, "-m", "fastmq", "stat", named, "--watch",
+                          "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=_env())
+    try:
+        q = fastmq.Queue.open(named)
+        try:
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:          # traffic to show a rate of
+                q.put_bytes(b"y")
+                q.get_bytes(timeout=5)
+                time.sleep(0.01)
+        finally:
+            q.close()
+        fastmq.Queue.unlink(named)
+        out, err = p.communicate(timeout=15)            # it must stop on its own
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+    assert p.returncode == 1, (out, err)
+    assert "was removed" in err and "Traceback" not in err, err
+    assert "% full" in out
+    enq = [line for line in out.splitlines() if line.split()[:1] == ["enqueued"]]
+    assert any(line.endswith("/s)") and "(0.0/s)" not in line for line in enq), enq
+
+
+def test_rm_removes_every_existing_name_and_reports_the_missing_ones():
+    a, c = (f"clitest-rm-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    missing = f"clitest-missing-{uuid.uuid4().hex[:8]}"
+    for name in (a, c):
+        fastmq.Queue.create(name).close()
+    try:
+        res = fmq("rm", a, missing, c)
+        assert_one_line_error(res, repr(missing))
+        assert repr(a) not in res.stderr and repr(c) not in res.stderr
+        for name in (a, c):
+            with pytest.raises(fastmq.QueueNotFound):
+                fastmq.Queue.open(name)
+    finally:
+        for name in (a, c):
+            try:
+                fastmq.Queue.unlink(name)
+            except fastmq.QueueNotFound:
+                pass
+
+
+def test_every_argument_has_help_and_defaults_are_shown():
+    import argparse
+    from fastmq.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, p in sub.choices.items():
+        for action in p._actions:
+            if action.dest in ("help", "shm_dir"):
+                continue
+            assert action.help and action.help != argparse.SUPPRESS, (command, action.dest)
+    res = fmq("stat", "--help")
+    assert res.returncode == 0
+    assert "(default: 1.0)" in res.stdout

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from . import _backend, _lifetime
 from .errors import (CorruptQueue, Empty, Error, Full, LeaseLost, MessageTooLarge,
-                     QueueClosed, QueueExists, QueueNotFound)
+                     QueueClosed, QueueExists, QueueNotFound, Unavailable)
 from .errors import AuthenticationError
 from .queue import Queue, Received
 from .acks import Message, TooManyInFlight
 from .exchange import Exchange
 from ._serialize import BadMessage
+from ._wait import wait
 
 __version__ = "0.1.0"
 backend = _backend.DEFAULT
@@ -23,7 +24,7 @@ __all__ = [
     "Queue", "Received", "cleanup", "backend", "__version__",
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
     "QueueExists", "CorruptQueue", "LeaseLost", "BadMessage", "Message",
-    "TooManyInFlight", "Exchange",
+    "TooManyInFlight", "Exchange", "wait", "Unavailable",
     "AuthenticationError",
 ]
 

@@ -65,6 +65,22 @@ def check_authkey(authkey):
     return key
 
 
+def only_in_shared_memory(authkey, url):
+    """authkey is implemented for shared-memory queues; elsewhere it is a
+    typed error rather than a key silently ignored."""
+    if authkey is not None:
+        raise ValueError(f"authkey= is supported for shared-memory queues only, not at "
+                         f"{_location_label(url)}")
+
+
+def _location_label(url):
+    try:
+        from ._location import ENV, mask
+        return repr(mask(url)) if url else f"the location in ${ENV}"
+    except Exception:
+        return "this url"
+
+
 try:                                  # the same MAC in C, without per-call Python
     from ._core import Mac as _CMac   # overhead (csrc/fmq_mac.c); hashlib otherwise
 except ImportError:                   # pragma: no cover - pure-only install

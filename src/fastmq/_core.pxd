@@ -114,6 +114,7 @@ cdef extern from "fmq.h" nogil:
         uint64_t leased_ns, deadline_ns
     int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max)
     int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token)
+    int fmq_lease_release_owned(fmq_region *r)
     int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token)
     uint32_t fmq_lease_count(const fmq_region *r)
 

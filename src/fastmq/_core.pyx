@@ -49,6 +49,8 @@ backend_name = "native"
 # Copies at least this large are done with the GIL released: below it the
 # release/re-acquire costs more than it frees up for other threads.
 cdef Py_ssize_t _NOGIL_COPY = 64 * 1024
+# The slot and in-flight formats record a message's length in 32 bits.
+cdef uint64_t _MAX_FORMAT_LEN = 0xFFFFFFFFu
 
 fmq_global_init()
 
@@ -121,6 +123,7 @@ cdef class Ring:
     cdef int busy          # calls in progress (GIL held while counting)
     cdef int pins          # live Reservations/Leases (views may point into the map)
     cdef bint _closed
+    cdef bint _leases_returned   # close() handed this handle's leases back
     cdef readonly str name
     cdef readonly bint anonymous
     cdef readonly object maxsize, max_message_size, capacity_bytes
@@ -158,6 +161,10 @@ cdef class Ring:
                 raise ValueError("%s out of range: %r" % (label, v))
         if max_deliveries >= 2 ** 32 or slot_size >= 2 ** 32:
             raise ValueError("max_deliveries/slot_size out of range")
+        if max_message_size > _MAX_FORMAT_LEN:
+            # As the pure backend: a message's length is recorded in 32 bits.
+            raise ValueError("max_message_size must be between 1 and %d bytes, got %d"
+                             % (_MAX_FORMAT_LEN, max_message_size))
         p.maxsize = maxsize
         p.max_message_size = max_message_size
         p.capacity_bytes = capacity_bytes
@@ -203,8 +210,20 @@ cdef class Ring:
 
     cdef inline void _leave(self):
         self.busy -= 1
-        if self._closed and self.busy == 0 and self.pins == 0:
-            self._unmap()
+        if self._closed and self.busy == 0:
+            self._return_leases()
+            if self.pins == 0:
+                self._unmap()
+
+    cdef void _return_leases(self):
+        """Once, when the handle is closed and no call is in progress: its
+        un-acked leases go back to the queue for immediate redelivery and the
+        dead letters it took are parked again (a departed holder). Pinned
+        payloads keep their blocks (the hand-over in fmq_lease.c)."""
+        if self._leases_returned or self.r == NULL:
+            return
+        self._leases_returned = True
+        fmq_lease_release_owned(self.r)
 
     cdef void _unmap(self):
         if self.r != NULL:
@@ -221,14 +240,19 @@ cdef class Ring:
         return self._closed
 
     def close(self):
-        """Idempotent. Views into this mapping stay valid until released."""
+        """Idempotent. Views into this mapping stay valid until released.
+        Un-acked leases of this handle go back to the queue at once (when a
+        call of another thread is still in progress: as soon as it ends)."""
         self._closed = True
-        if self.busy == 0 and self.pins == 0:
-            self._unmap()
+        if self.busy == 0:
+            self._return_leases()
+            if self.pins == 0:
+                self._unmap()
 
     def __dealloc__(self):
         # busy/pins hold references to us, so nothing can be using the map now.
         if self.r != NULL:
+            self._return_leases()
             fmq_region_close(self.r)
             self.r = NULL
 
@@ -343,6 +367,11 @@ cdef class Ring:
         return 0
 
     cdef inline int _check_size(self, Py_ssize_t n) except -1:
+        if n > <Py_ssize_t>_MAX_FORMAT_LEN:
+            # A slot and an in-flight entry record a length in 32 bits.
+            raise MessageTooLarge(
+                "message of %d bytes exceeds the largest message fastmq can carry "
+                "(%d bytes)" % (n, _MAX_FORMAT_LEN))
         if n > self._max_msg:
             raise MessageTooLarge(
                 "message of %d bytes exceeds this queue's max_message_size of %d bytes "
@@ -501,6 +530,12 @@ cdef class Ring:
                 if rc == FMQ_EMPTY:
                     break
                 if rc != FMQ_OK:
+                    # E.g. a damaged message (consumed by the core and
+                    # counted): the claims so far go back in place, in
+                    # order, and the caller hears about it.
+                    for j in range(k):
+                        fmq_ring_unclaim(self.r, &msgs[j])
+                    k = 0
                     _raise(rc)
                 k += 1
             try:
@@ -528,10 +563,20 @@ cdef class Ring:
                     k = keep
                     raise
                 k = keep
+            damaged = None
             for i in range(1 if bad == 0 else 0, k):
                 rc = fmq_ring_release(self.r, &msgs[i], 0)
                 if rc != FMQ_OK:
-                    _raise(rc)
+                    # Damaged (consumed and counted by the core): every other
+                    # message is released -- handed over -- and returned.
+                    if damaged is None:
+                        damaged = []
+                    damaged.append(i)
+            if damaged is not None:
+                out = [x for i, x in enumerate(out[:k]) if i not in damaged]
+                k = len(out)
+                if not out:
+                    _raise(FMQ_ECORRUPT)
         finally:
             PyMem_Free(msgs)
             if self.r != NULL and k:
@@ -620,10 +665,11 @@ cdef class Ring:
             while len(out) < max_messages:
                 if out:
                     rc = fmq_ring_claim(self.r, &m)
-                    if rc == FMQ_EMPTY:
-                        break
                     if rc != FMQ_OK:
-                        _raise(rc)
+                        # Empty, or a damaged message (the core consumed and
+                        # counted it): return what is leased already -- the
+                        # next call reports a persisting error.
+                        break
                 else:
                     self._claim_msg(&m, nonblock, deadline)
                 rc = fmq_lease_take(self.r, &m, lease_ns, &slot, &token, &deliveries)
@@ -642,12 +688,19 @@ cdef class Ring:
                         continue
                     if nonblock:
                         raise Empty()
-                    rc = fmq_lease_wait_free(self.r, deadline)
+                    # Without the GIL (the thread that would ack may be ours),
+                    # one slice at a time: signals and close() are noticed.
+                    with nogil:
+                        rc = fmq_lease_wait_free(self.r, deadline)
                     if rc == FMQ_TIMEDOUT:
                         raise Empty()
                     PyErr_CheckSignals()
+                    if self._closed:
+                        raise QueueClosed("queue handle was closed while waiting")
                     continue
                 if rc != FMQ_OK:
+                    if out:
+                        break      # what is leased already is returned
                     _raise(rc)
                 msg = self._leased(cls, ctx, slot, token, deliveries)
                 if msg is not None:

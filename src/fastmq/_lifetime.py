@@ -33,7 +33,6 @@ record-locked critical sections. That serialises "close some fd" against
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
 import threading
@@ -41,8 +40,12 @@ import time
 import weakref
 
 from . import _names
+from ._pure import portable
 
-SHM_DIR = "/dev/shm"
+# Where the pure backend's segment files are (``FASTMQ_SHM_DIR``; see
+# ``_pure/portable.py``); the native backend's are always in NATIVE_SHM_DIR.
+SHM_DIR = portable.shm_dir()
+NATIVE_SHM_DIR = portable.NATIVE_SHM_DIR
 ORPHAN_AGE = 10.0          # seconds; see module docstring
 
 
@@ -101,7 +104,8 @@ def _after_fork_in_child():
         lock._reset_after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):     # POSIX; there is no fork elsewhere
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def guarded_close(fd: int, lock: InodeLock = None) -> None:
@@ -137,7 +141,7 @@ def attach(path: str, fd: int) -> bool:
     deadline = time.monotonic() + _ATTACH_PATIENCE
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            portable.flock_try(fd, exclusive=False)
             break
         except BlockingIOError:
             # A closer or cleanup() is probing with LOCK_EX; it either gives
@@ -168,7 +172,7 @@ def _unlink_if_unused(path: str, lock: InodeLock = None) -> bool:
         return False                 # already gone (or not ours to touch)
     try:
         try:
-            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            portable.flock_try(probe, exclusive=True)
         except OSError:
             return False             # someone still holds it: still in use
         if not _same_file(path, probe):
@@ -191,15 +195,22 @@ def cleanup() -> int:
     Never raises.
     """
     removed = 0
+    for directory in dict.fromkeys((SHM_DIR, NATIVE_SHM_DIR)):   # both backends'
+        removed += _cleanup_dir(directory)
+    return removed
+
+
+def _cleanup_dir(directory: str) -> int:
+    removed = 0
     try:
-        entries = os.listdir(SHM_DIR)
+        entries = os.listdir(directory)
     except OSError:
         return 0
     now = time.time()
     for entry in entries:
         if not entry.startswith(_names.ANON_PREFIX):
             continue
-        path = os.path.join(SHM_DIR, entry)
+        path = os.path.join(directory, entry)
         try:
             st = os.stat(path, follow_symlinks=False)
             if not _is_regular(st.st_mode):
@@ -218,4 +229,4 @@ def _is_regular(mode: int) -> bool:
 
 
 __all__ = ["cleanup", "attach", "detach", "inode_lock", "guarded_close",
-           "segment_path", "SHM_DIR", "ORPHAN_AGE", "InodeLock"]
+           "segment_path", "SHM_DIR", "NATIVE_SHM_DIR", "ORPHAN_AGE", "InodeLock"]

@@ -16,8 +16,12 @@ module only adds what is per handle:
 * the in-flight bound (``Queue.max_in_flight``): leasing more than that many
   un-acked messages on one handle raises ``TooManyInFlight`` rather than
   blocking, because the only way to free room is for the *same* consumer to
-  ack, so blocking would deadlock a single-threaded consumer. A message
-  dropped without ack/nack keeps counting until its lease expires;
+  ack, so blocking would deadlock a single-threaded consumer. The segment's
+  in-flight table has ``maxsize`` entries, so the bound in force is
+  ``min(max_in_flight, maxsize)``: a handle that holds a whole table of
+  leases gets ``TooManyInFlight`` too, instead of waiting for its own leases
+  to expire and then receiving its own messages again. A message dropped
+  without ack/nack keeps counting until its lease expires;
 * forwarding of parked dead letters to the dead-letter queue, done
   opportunistically (and throttled) by ``get_message``/``get_messages``/
   ``pending``/``stats`` of a queue handle that has a ``dead_letter`` name.
@@ -233,14 +237,20 @@ class _Lessee:
     # bound by one batch when threads race on one handle -- acceptable for a
     # prefetch-style bound.
     def reserve(self, wanted, bound):
+        # The in-flight table has as many entries as the ring has slots.
+        table = self.ring.maxsize
+        if table < bound:
+            bound = table
         room = bound - self.count
         if room <= 0:
             room = bound - self.recount()
         if room <= 0:
+            limit = (f"max_in_flight={bound}" if bound < table else
+                     f"the queue's in-flight table holds maxsize={table} entries")
             raise TooManyInFlight(
                 f"this handle already holds {self.count} un-acked message(s) "
-                f"(max_in_flight={bound}); ack or nack some first, or raise "
-                "q.max_in_flight")
+                f"({limit}); ack or nack some first"
+                + (", or raise q.max_in_flight" if bound < table else ""))
         n = wanted if wanted < room else room
         self.count += n
         return n

@@ -1,10 +1,15 @@
 """The ``fastmq`` command (also ``python -m fastmq``).
 
     fastmq bench [...]            the comparison benchmark (fastmq.bench)
-    fastmq ls                     named queues (depth, capacity, owner) and exchanges
-    fastmq stat NAME [--watch]    the stats block of one queue (live with --watch)
+    fastmq ls [--json]            named queues (depth, capacity, owner) and exchanges
+    fastmq stat NAME [--watch] [--json | --prometheus]
+                                  the stats block of one queue (live, with rates and
+                                  fill, with --watch; JSON, or the Prometheus text
+                                  exposition format, for monitoring)
     fastmq pending NAME           messages in flight (leased, not yet acked)
-    fastmq rm NAME                unlink a named queue or exchange (handles keep working)
+    fastmq rm NAME...             unlink named queues or exchanges (handles keep
+                                  working); removes every name that exists and
+                                  reports the missing ones
     fastmq --version
 
 Exit status: 0 ok; 1 error, with a one-line message on stderr and no traceback
@@ -14,11 +19,11 @@ permission, ...); 2 bad usage; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
-SHM_DIR = "/dev/shm"
 QUEUE_PREFIX = "fastmq-q-"
 STAT_KEYS = ("depth", "capacity", "enqueued", "dequeued", "bytes_in_use", "producers",
              "consumers", "redelivered", "abandoned", "dead_lettered")
@@ -66,42 +71,91 @@ def _describe(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------- commands --
 
+def _shm_dir(fastmq) -> str:
+    """Where the default backend's named queues are (see fastmq._pure.portable)."""
+    from . import _lifetime
+    return _lifetime.NATIVE_SHM_DIR if fastmq.backend == "native" else _lifetime.SHM_DIR
+
+
+def human_bytes(n) -> str:
+    """1536 -> '1.5KiB' (IEC units, one decimal; no space, so columns split)."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{n}B" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def cmd_ls(args) -> int:
     fastmq = _fastmq()
+    shm_dir = args.shm_dir or _shm_dir(fastmq)
     try:
-        entries = sorted(e for e in os.listdir(args.shm_dir) if e.startswith(QUEUE_PREFIX))
+        entries = sorted(e for e in os.listdir(shm_dir) if e.startswith(QUEUE_PREFIX))
     except OSError as exc:
-        raise UserError(f"cannot list {args.shm_dir}: {exc.strerror or exc}") from None
-    if entries:
-        _ls_queues(fastmq, args.shm_dir, entries)
+        raise UserError(f"cannot list {shm_dir}: {exc.strerror or exc}") from None
+    queues = [_queue_row(fastmq, shm_dir, e) for e in entries]
+    exchanges = [_exchange_row(fastmq, n) for n in (
+        fastmq.Exchange.list_names(args.shm_dir) if args.shm_dir
+        else fastmq.Exchange.list_names())]
+    if args.json:
+        print(json.dumps({"directory": shm_dir, "backend": fastmq.backend,
+                          "queues": queues, "exchanges": exchanges}, indent=2))
+        return 0
+    if queues:
+        rows = [("NAME", "DEPTH", "CAPACITY", "FILL", "SIZE", "OWNER", "MODE", "STATUS")]
+        for q in queues:
+            fill = (f"{100 * q['depth'] / q['capacity']:.0f}%"
+                    if q.get("depth") is not None and q.get("capacity") else "-")
+            rows.append((q["name"], _or_dash(q.get("depth")), _or_dash(q.get("capacity")),
+                         fill, human_bytes(q["size_bytes"]) if q.get("size_bytes") is not None
+                         else "-", q.get("owner") or "?", q.get("mode") or "?", q["status"]))
+        _print_table(rows)
     else:
-        print(f"no named fastmq queues in {args.shm_dir}")
-    _ls_exchanges(fastmq, fastmq.Exchange.list_names(args.shm_dir))
+        print(f"no named fastmq queues in {shm_dir}")
+    if exchanges:
+        print()
+        _print_table([("EXCHANGE", "KIND", "BINDINGS", "STATUS")] + [
+            (x["name"], x.get("kind") or "-", _or_dash(x.get("bindings")), x["status"])
+            for x in exchanges])
     return 0
 
 
-def _ls_queues(fastmq, shm_dir, entries):
-    rows = [("NAME", "DEPTH", "CAPACITY", "BYTES", "OWNER", "MODE", "STATUS")]
-    for entry in entries:
-        name = entry[len(QUEUE_PREFIX):]
-        path = os.path.join(shm_dir, entry)
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _queue_row(fastmq, shm_dir, entry) -> dict:
+    row = {"name": entry[len(QUEUE_PREFIX):], "depth": None, "capacity": None,
+           "size_bytes": None, "owner": None, "mode": None, "status": "ok"}
+    try:
+        st = os.stat(os.path.join(shm_dir, entry))
+        row.update(owner=_owner(st.st_uid), mode=oct(st.st_mode & 0o777)[2:],
+                   size_bytes=st.st_size)
+    except OSError as exc:
+        row["status"] = _describe(exc)
+        return row
+    try:
+        q = fastmq.Queue.open(row["name"])
         try:
-            st = os.stat(path)
-            owner, mode, size = _owner(st.st_uid), oct(st.st_mode & 0o777)[2:], st.st_size
-        except OSError as exc:
-            rows.append((name, "-", "-", "-", "?", "?", _describe(exc)))
-            continue
-        try:
-            q = fastmq.Queue.open(name)
-            try:
-                s = q.stats()
-            finally:
-                q.close()
-            rows.append((name, str(s.get("depth", "?")), str(s.get("capacity", "?")),
-                         str(size), owner, mode, "ok"))
-        except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others
-            rows.append((name, "-", "-", str(size), owner, mode, _describe(exc)))
-    _print_table(rows)
+            s = q.stats()
+        finally:
+            q.close()
+        row.update(depth=s.get("depth"), capacity=s.get("capacity"))
+    except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others
+        row["status"] = _describe(exc)
+    return row
+
+
+def _exchange_row(fastmq, name) -> dict:
+    try:
+        with fastmq.Exchange.open(name) as ex:
+            return {"name": name, "kind": ex.kind, "bindings": len(ex.bindings()),
+                    "status": "ok"}
+    except Exception as exc:  # noqa: BLE001 - one bad file must not hide the others
+        return {"name": name, "kind": None, "bindings": None, "status": _describe(exc)}
 
 
 def _print_table(rows):
@@ -110,29 +164,99 @@ def _print_table(rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
 
 
-def _ls_exchanges(fastmq, names):
-    if not names:
-        return
-    rows = [("EXCHANGE", "KIND", "BINDINGS", "STATUS")]
-    for name in names:
-        try:
-            with fastmq.Exchange.open(name) as ex:
-                rows.append((name, ex.kind, str(len(ex.bindings())), "ok"))
-        except Exception as exc:  # noqa: BLE001 - one bad file must not hide the others
-            rows.append((name, "-", "-", _describe(exc)))
-    print()
-    _print_table(rows)
+BYTE_KEYS = ("bytes_in_use", "max_message_size", "capacity_bytes")
 
 
-def _stats_block(name: str, stats: dict) -> str:
+def _stalled(value) -> str:
+    if not value:
+        return "no"
+    if isinstance(value, dict):
+        since = value.get("since_seconds")
+        since = f" for {since:.1f} s" if isinstance(since, (int, float)) else ""
+        return f"yes: pid {value.get('pid', '?')} {value.get('phase', '?')}{since}"
+    return str(value)
+
+
+def _stats_block(name: str, stats: dict, previous=None, elapsed=None) -> str:
+    """The stats of ``name``; with ``previous`` (the stats ``elapsed`` seconds
+    earlier), counters also show their rate and the sizes their fill."""
     lines = [f"queue {name}"]
     keys = [k for k in STAT_KEYS if k in stats] + sorted(k for k in stats if k not in STAT_KEYS)
     width = max(len(k) for k in keys) if keys else 0
     for k in keys:
         v = stats[k]
-        lines.append(f"  {k:<{width}}  {v:,}" if isinstance(v, int) and not isinstance(v, bool)
-                     else f"  {k:<{width}}  {v}")
+        if k == "stalled":
+            text = _stalled(v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            text = f"{v:,}"
+            if k in BYTE_KEYS:
+                text += f" ({human_bytes(v)})"
+        else:
+            text = str(v)
+        if k == "depth" and stats.get("capacity"):
+            text += f"  ({100 * v / stats['capacity']:.1f}% full)"
+        if k == "bytes_in_use" and stats.get("capacity_bytes"):
+            text += f"  ({100 * v / stats['capacity_bytes']:.1f}% of capacity_bytes)"
+        if (previous is not None and elapsed and k in ("enqueued", "dequeued", "redelivered",
+                                                       "dead_lettered", "abandoned")
+                and isinstance(previous.get(k), int)):
+            text += f"  ({(v - previous[k]) / elapsed:,.1f}/s)"
+        lines.append(f"  {k:<{width}}  {text}")
     return "\n".join(lines)
+
+
+# Prometheus: which stats are counters (only go up); the rest are gauges.
+COUNTERS = ("enqueued", "dequeued", "redelivered", "abandoned", "dead_lettered",
+            "reclaimed_blocks", "recoveries")
+HELP = {
+    "depth": "Messages in the queue.",
+    "capacity": "Capacity of the queue in messages (maxsize).",
+    "enqueued": "Messages put into the queue.",
+    "dequeued": "Messages taken from the queue.",
+    "bytes_in_use": "Bytes of shared memory holding messages.",
+    "producers": "Processes that have put into the queue and are alive.",
+    "consumers": "Processes that have taken from the queue and are alive.",
+    "redelivered": "Leased messages delivered again after their lease ran out.",
+    "abandoned": "Messages whose writer or reader died mid-way.",
+    "dead_lettered": "Messages moved to the dead-letter queue.",
+    "stalled": "1 if a live participant has been stuck in a slot (stopped?), else 0.",
+}
+
+
+def prometheus_text(name: str, stats: dict) -> str:
+    """``stats`` in the Prometheus text exposition format (version 0.0.4)."""
+    label = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    out = []
+    keys = [k for k in STAT_KEYS if k in stats] + sorted(k for k in stats if k not in STAT_KEYS)
+    for k in keys:
+        v = stats[k]
+        if k == "stalled":
+            samples = [("fastmq_stalled", 1 if v else 0)]
+            if isinstance(v, dict) and isinstance(v.get("since_seconds"), (int, float)):
+                samples.append(("fastmq_stalled_seconds", v["since_seconds"]))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            metric = f"fastmq_{k}_total" if k in COUNTERS else f"fastmq_{k}"
+            samples = [(metric, v)]
+        else:
+            continue
+        for metric, value in samples:
+            kind = "counter" if metric.endswith("_total") else "gauge"
+            out.append(f"# HELP {metric} {HELP.get(k, k.replace('_', ' ') + '.')}")
+            out.append(f"# TYPE {metric} {kind}")
+            out.append(f'{metric}{{queue="{label}"}} {value}')
+    return "\n".join(out) + "\n"
+
+
+def _queue_exists(name: str) -> bool:
+    """Does the name still refer to a queue (of either backend)?"""
+    from . import _lifetime, _names
+    segment = _names.segment_for(name)
+    return any(os.path.exists(os.path.join(d, segment))
+               for d in (_lifetime.NATIVE_SHM_DIR, _lifetime.SHM_DIR))
+
+
+def _json_stats(name: str, stats: dict) -> str:
+    return json.dumps({"queue": name, "time": time.time(), "stats": stats})
 
 
 def cmd_stat(args) -> int:
@@ -140,17 +264,32 @@ def cmd_stat(args) -> int:
     q = fastmq.Queue.open(args.name)
     try:
         if not args.watch:
-            print(_stats_block(args.name, q.stats()))
+            stats = q.stats()
+            if args.json:
+                print(_json_stats(args.name, stats))
+            elif args.prometheus:
+                sys.stdout.write(prometheus_text(args.name, stats))
+            else:
+                print(_stats_block(args.name, stats))
             return 0
-        tty = sys.stdout.isatty()
+        tty = sys.stdout.isatty() and not args.json
+        previous = then = None
         try:
             while True:
-                block = _stats_block(args.name, q.stats())
-                stamp = time.strftime("%H:%M:%S")
-                if tty:
-                    sys.stdout.write("\x1b[H\x1b[2J")
-                print(f"{block}\n  (at {stamp}; every {args.interval:g} s, Ctrl-C to stop)",
-                      flush=True)
+                if not _queue_exists(args.name):
+                    raise UserError(f"queue {args.name!r} was removed")
+                stats, now = q.stats(), time.monotonic()
+                if args.json:
+                    print(_json_stats(args.name, stats), flush=True)
+                else:
+                    block = _stats_block(args.name, stats, previous,
+                                         None if then is None else now - then)
+                    stamp = time.strftime("%H:%M:%S")
+                    if tty:
+                        sys.stdout.write("\x1b[H\x1b[2J")
+                    print(f"{block}\n  (at {stamp}; every {args.interval:g} s, "
+                          f"Ctrl-C to stop)", flush=True)
+                previous, then = stats, now
                 time.sleep(args.interval)
         except KeyboardInterrupt:
             return 0
@@ -186,18 +325,47 @@ def _seconds(value):
 
 
 def cmd_rm(args) -> int:
-    """Unlink queues, or exchanges of that name when there is no such queue."""
+    """Unlink queues, or exchanges of that name when there is no such queue.
+
+    Every name is tried; the ones that could not be removed are reported
+    together on one line (exit 1)."""
     fastmq = _fastmq()
+    missing, failed = [], []
     for name in args.names:
         try:
-            fastmq.Queue.unlink(name)
-        except fastmq.QueueNotFound:
             try:
-                fastmq.Exchange.unlink(name)
+                fastmq.Queue.unlink(name)
             except fastmq.QueueNotFound:
-                raise fastmq.QueueNotFound(f"no fastmq queue or exchange named {name!r}") \
-                    from None
+                fastmq.Exchange.unlink(name)
+        except fastmq.QueueNotFound:
+            missing.append(name)
+        except _user_errors() as exc:
+            failed.append(f"{name!r}: {_describe(exc)}")
+    problems = failed
+    if missing:
+        problems = [f"no fastmq queue or exchange named "
+                    f"{', '.join(repr(n) for n in missing)}"] + failed
+    if problems:
+        removed = len(args.names) - len(missing) - len(failed)
+        raise UserError("; ".join(problems) + (f" (removed the other {removed})"
+                                               if removed else ""))
     return 0
+
+
+def _located(args):
+    """The command for a ``--url`` / ``FASTMQ_URL`` elsewhere than this host's
+    shared memory (``fastmq._redis.cli``), or None."""
+    if args.command not in ("ls", "stat", "pending", "rm"):
+        return None
+    from . import _location
+    if _location.resolve(args.url)[0] == "shm":
+        return None
+    try:
+        from ._redis import cli as located
+    except ImportError as exc:
+        raise UserError(f"{args.url or os.environ.get(_location.ENV)!r} needs the redis client "
+                        f"library: pip install fastmq[redis] ({exc})") from None
+    return located.COMMANDS[args.command]
 
 
 def cmd_bench(args) -> int:
@@ -225,6 +393,15 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: X)" where there is a default worth showing (not on flags)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmq", description="fastmq: shared-memory message queues for Python processes.")
@@ -237,22 +414,46 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(p)
     p.set_defaults(func=cmd_bench, _parser=p)
 
-    p = sub.add_parser("ls", help="list the named queues and exchanges on this host")
-    p.add_argument("--shm-dir", default=SHM_DIR, help=argparse.SUPPRESS)
+    fmt = _DefaultsFormatter
+    p = sub.add_parser("ls", help="list the named queues and exchanges on this host",
+                       description="List the named queues (depth, capacity, fill, size of "
+                       "the shared memory, owner, mode) and the exchanges.",
+                       formatter_class=fmt)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document instead of the tables")
+    p.add_argument("--shm-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("stat", help="show a queue's stats block")
-    p.add_argument("name")
-    p.add_argument("-w", "--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p = sub.add_parser("stat", help="show a queue's stats block",
+                       description="Show the stats of one named queue.", formatter_class=fmt)
+    p.add_argument("name", help="the queue's name (as given to Queue.create)")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="refresh until Ctrl-C, with rates (per second) and fill; "
+                   "exits 1 if the queue is removed")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between refreshes with --watch")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true",
+                     help="print the stats as one JSON object (one per line with --watch)")
+    out.add_argument("--prometheus", action="store_true",
+                     help="print the stats in the Prometheus text exposition format")
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_stat)
 
-    p = sub.add_parser("pending", help="list a queue's in-flight (unacked) messages")
-    p.add_argument("name")
+    p = sub.add_parser("pending", help="list a queue's in-flight (unacked) messages",
+                       description="List the messages of a queue that are leased "
+                       "(get_message) and not yet acked.", formatter_class=fmt)
+    p.add_argument("name", help="the queue's name")
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_pending)
 
-    p = sub.add_parser("rm", help="unlink named queues or exchanges (open handles keep working)")
-    p.add_argument("names", nargs="+", metavar="NAME")
+    p = sub.add_parser("rm", help="unlink named queues or exchanges (open handles keep working)",
+                       description="Unlink named queues (or exchanges, where no queue has "
+                       "the name). Every name is tried; missing ones are reported "
+                       "together and make the exit status 1.", formatter_class=fmt)
+    p.add_argument("names", nargs="+", metavar="NAME", help="queue or exchange names")
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_rm)
     return parser
 
@@ -267,8 +468,11 @@ def main(argv=None) -> int:
         return 2
     if getattr(args, "interval", 1.0) <= 0:
         parser.error("--interval must be > 0")
+    if getattr(args, "watch", False) and getattr(args, "prometheus", False):
+        parser.error("--prometheus prints one snapshot; it does not combine with --watch "
+                     "(a Prometheus scraper polls on its own)")
     try:
-        return args.func(args)
+        return (_located(args) or args.func)(args)
     except KeyboardInterrupt:
         print("fastmq: interrupted", file=sys.stderr)
         return 130

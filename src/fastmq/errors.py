@@ -11,7 +11,7 @@ import queue as _stdlib_queue
 
 __all__ = [
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
-    "QueueExists", "CorruptQueue", "LeaseLost",
+    "QueueExists", "CorruptQueue", "LeaseLost", "Unavailable",
     "AuthenticationError",
 ]
 
@@ -50,6 +50,12 @@ class CorruptQueue(Error):
 
 class LeaseLost(Error):
     """``ack``/``touch``/``release`` of a message whose lease expired or was reclaimed."""
+
+
+class Unavailable(Error, ConnectionError):
+    """The queue's location (e.g. a Redis server) could not be reached in time.
+
+    The message names the location with its credentials masked."""
 
 
 class AuthenticationError(Error):

@@ -41,10 +41,10 @@ import secrets
 import struct
 import threading
 import zlib
-from fcntl import LOCK_EX, LOCK_SH, LOCK_UN, flock
 from multiprocessing.context import get_spawning_popen
 
-from . import _auth, _names, _serialize
+from . import _auth, _lifetime, _location, _names, _serialize
+from ._pure import portable
 from .errors import CorruptQueue, Full, QueueClosed, QueueExists, QueueNotFound
 
 __all__ = ["Exchange", "KINDS"]
@@ -52,7 +52,8 @@ __all__ = ["Exchange", "KINDS"]
 KINDS = ("direct", "fanout", "topic", "hash", "round_robin", "random")
 PREFIX = "fastmq-x-"
 TMP_PREFIX = "fastmq-xtmp-"             # an exchange being created (see create)
-SHM_DIR = "/dev/shm"
+SHM_DIR = _lifetime.SHM_DIR      # beside the pure backend's files (FASTMQ_SHM_DIR)
+LOCK_SH, LOCK_EX = portable.flock_shared_wait, portable.flock_exclusive  # flock(2)
 
 _MAGIC = b"FMQEXCH1"
 _HEADER = struct.Struct("<8sQQQQ")      # magic, version, turn, body offset, body length
@@ -128,12 +129,16 @@ class Exchange:
         self._hdr = mmap.mmap(self._fd, _HEADER_SIZE, prot=mmap.PROT_READ)
 
     @classmethod
-    def create(cls, name, kind, *, exist_ok=False, authkey=None, _backend=None):
+    def create(cls, name, kind, *, exist_ok=False, authkey=None, _backend=None, url=None):
         """Create the exchange ``name`` of ``kind`` (one of KINDS).
         ``QueueExists`` if it exists, unless ``exist_ok`` and of the same kind.
         ``authkey``: the key of the bound queues that use one (``Queue``'s
-        ``authkey``): publish signs each message with it."""
+        ``authkey``): publish signs each message with it (shared memory)."""
         authkey = _auth.check_authkey(authkey)
+        impl = _location.exchange_class(url)
+        if impl is not None:
+            _auth.only_in_shared_memory(authkey, url)
+            return impl.create(name, kind, url=url, exist_ok=exist_ok)
         if kind not in KINDS:
             raise ValueError(f"unknown exchange kind {kind!r}; expected one of {', '.join(KINDS)}")
         path = _path(name)
@@ -168,10 +173,14 @@ class Exchange:
         return self
 
     @classmethod
-    def open(cls, name, *, authkey=None, _backend=None):
+    def open(cls, name, *, authkey=None, _backend=None, url=None):
         """Open an existing exchange; ``FileNotFoundError`` (``QueueNotFound``)
         if there is none of that name. ``authkey`` as for ``create``."""
         authkey = _auth.check_authkey(authkey)
+        impl = _location.exchange_class(url)
+        if impl is not None:
+            _auth.only_in_shared_memory(authkey, url)
+            return impl.open(name, url=url)
         try:
             fd = os.open(_path(name), os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -184,8 +193,11 @@ class Exchange:
         return self
 
     @staticmethod
-    def unlink(name):
+    def unlink(name, *, url=None):
         """Remove the exchange ``name`` (open handles keep working on it)."""
+        impl = _location.exchange_class(url)
+        if impl is not None:
+            return impl.unlink(name, url=url)
         try:
             os.unlink(_path(name))
         except FileNotFoundError:
@@ -458,7 +470,7 @@ class _FileLock:
         try:
             if ex._fd is None:
                 raise QueueClosed(f"exchange {ex.name!r} handle is closed")
-            flock(ex._fd, self._how)
+            self._how(ex._fd)
         except BaseException:
             ex._lock.release()
             raise
@@ -466,7 +478,7 @@ class _FileLock:
 
     def __exit__(self, *exc):
         try:
-            flock(self._ex._fd, LOCK_UN)
+            portable.funlock(self._ex._fd)
         finally:
             self._ex._lock.release()
 

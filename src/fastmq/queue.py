@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Any, Callable, Generic, Iterable, Optional, Tuple, TypeVar, Union
 
 from multiprocessing.context import get_spawning_popen
 
-from . import _auth, _backend, _names, _serialize, acks, asyncio_support
+from . import _auth, _backend, _location, _names, _serialize, acks, asyncio_support
 from .errors import AuthenticationError, Full, MessageTooLarge, QueueClosed, QueueNotFound
 
 __all__ = ["Queue", "Received", "DEFAULT_MAXSIZE", "DEFAULT_MAX_MESSAGE_SIZE",
@@ -36,6 +37,10 @@ MAX_CAPACITY_BYTES = 1 << 40
 DEFAULT_GET_MANY = 1024
 _SMALL_SEALED = 1 << 16        # below: sealed as one bytes; above: written in place
 _plain_pickle = _serialize._plain_pickle
+
+_T = TypeVar("_T")                        # the item type of a Queue (typing only)
+Serializer = Tuple[Callable[[Any], bytes], Callable[[bytes], Any]]
+BytesLike = Union[bytes, bytearray, memoryview]
 
 
 # ------------------------------------------------------------ argument checks
@@ -101,7 +106,7 @@ def _timeout(block, timeout):
 
 # ------------------------------------------------------------------ the handle
 
-class Queue:
+class Queue(Generic[_T]):
     """A shared-memory FIFO of Python objects, usable from any process.
 
     ``Queue()`` makes an anonymous queue, a drop-in for
@@ -137,10 +142,21 @@ class Queue:
     ``_backend="pure"|"native"`` (keyword, internal) picks a ring
     implementation regardless of ``fastmq.backend``; the test suite uses it to
     run every behaviour test against both.
+
+    ``Queue[int]`` (any item type) is the type of a queue of ints for type
+    checkers; at run time it is the same class. ``create``/``open`` give a
+    ``Queue[Any]``: a name says nothing about what is in the queue, so
+    annotate the variable (``q: Queue[int] = Queue.open("jobs")``).
     """
 
-    def __init__(self, maxsize=0, *, max_message_size=None, capacity_bytes=None,
-                 serializer=None, authkey=None, _backend=None):
+    name: Optional[str]
+    backend: str
+
+    def __init__(self, maxsize: int = 0, *, max_message_size: Optional[int] = None,
+                 capacity_bytes: Optional[int] = None,
+                 serializer: Optional[Serializer] = None,
+                 authkey: Optional[bytes] = None,
+                 _backend: Optional[str] = None) -> None:
         geometry = _geometry(maxsize, max_message_size, capacity_bytes)
         serializer = _check_serializer(serializer)
         authkey = _auth.check_authkey(authkey)
@@ -166,11 +182,22 @@ class Queue:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, name, *, maxsize=0, max_message_size=None, capacity_bytes=None,
-               mode=0o600, exist_ok=False, serializer=None, max_deliveries=20,
-               dead_letter=None, authkey=None, _backend=None):
+    def create(cls, name: str, *, maxsize: int = 0, max_message_size: Optional[int] = None,
+               capacity_bytes: Optional[int] = None, mode: int = 0o600,
+               exist_ok: bool = False, serializer: Optional[Serializer] = None,
+               max_deliveries: int = 20, dead_letter: Optional[str] = None,
+               authkey: Optional[bytes] = None,
+               _backend: Optional[str] = None, url: Optional[str] = None) -> "Queue[Any]":
         """Create the named queue ``name`` (``QueueExists`` if it exists, unless
-        ``exist_ok=True``, which opens it -- its own sizes win)."""
+        ``exist_ok=True``, which opens it -- its own sizes win). ``url``: where
+        (None: ``$FASTMQ_URL``, else this host's shared memory; see ``_location``)."""
+        impl = _location.queue_class(url)
+        if impl is not None:
+            _auth.only_in_shared_memory(authkey, url)
+            return impl.create(name, url=url, maxsize=maxsize, max_message_size=max_message_size,
+                               capacity_bytes=capacity_bytes, mode=mode, exist_ok=exist_ok,
+                               serializer=serializer, max_deliveries=max_deliveries,
+                               dead_letter=dead_letter)
         segment = _names.segment_for(name)
         geometry = _geometry(maxsize, max_message_size, capacity_bytes)
         serializer = _check_serializer(serializer)
@@ -186,8 +213,14 @@ class Queue:
         return cls._from_ring(ring, backend, name, serializer, authkey)
 
     @classmethod
-    def open(cls, name, serializer=None, *, authkey=None, _backend=None):
+    def open(cls, name: str, serializer: Optional[Serializer] = None, *,
+             authkey: Optional[bytes] = None, _backend: Optional[str] = None,
+             url: Optional[str] = None) -> "Queue[Any]":
         """Open the existing named queue ``name`` (``QueueNotFound`` if absent)."""
+        impl = _location.queue_class(url)
+        if impl is not None:
+            _auth.only_in_shared_memory(authkey, url)
+            return impl.open(name, serializer, url=url)
         segment = _names.segment_for(name)
         serializer = _check_serializer(serializer)
         authkey = _auth.check_authkey(authkey)
@@ -199,8 +232,11 @@ class Queue:
         return cls._from_ring(ring, backend, name, serializer, authkey)
 
     @staticmethod
-    def unlink(name, *, _backend=None):
+    def unlink(name: str, *, _backend: Optional[str] = None, url: Optional[str] = None) -> None:
         """Remove the name ``name``; handles already open keep working."""
+        impl = _location.queue_class(url)
+        if impl is not None:
+            return impl.unlink(name, url=url)
         segment = _names.segment_for(name)
         _, module = _backend_resolve(_backend)
         try:
@@ -231,7 +267,7 @@ class Queue:
             raise QueueClosed("operation on a closed fastmq queue handle")
         return ring
 
-    def close(self):
+    def close(self) -> None:
         """Stop using this handle (idempotent); other handles are unaffected.
 
         Messages this handle leased with ``get_message`` and did not ack go
@@ -245,17 +281,17 @@ class Queue:
     def closed(self) -> bool:
         return self._ring.closed
 
-    def join_thread(self):
+    def join_thread(self) -> None:
         """No-op (fastmq has no feeder thread); for multiprocessing.Queue code."""
 
-    def cancel_join_thread(self):
+    def cancel_join_thread(self) -> None:
         """No-op (fastmq has no feeder thread); for multiprocessing.Queue code."""
 
-    def __enter__(self):
+    def __enter__(self) -> "Queue[_T]":
         self._live_ring()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self):
@@ -320,7 +356,7 @@ class Queue:
     # shows. ``timeout`` is normalised only when it is not the common default,
     # and a closed handle is detected by the ring itself (QueueClosed).
 
-    def put(self, obj, block=True, timeout=None):
+    def put(self, obj: _T, block: bool = True, timeout: Optional[float] = None) -> None:
         """Serialize ``obj`` and enqueue it; ``Full`` if no room in time."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
@@ -339,7 +375,8 @@ class Queue:
         else:
             self._ring.put(self._dumps(obj), timeout)
 
-    def get(self, block=True, timeout=None, *, zero_copy=False):
+    def get(self, block: bool = True, timeout: Optional[float] = None, *,
+            zero_copy: bool = False) -> _T:
         """Dequeue and deserialize one object; ``Empty`` if none in time.
 
         ``zero_copy=True`` returns numpy arrays (and other out-of-band buffers)
@@ -384,13 +421,14 @@ class Queue:
             self._rejected(value.error)
         return value
 
-    def put_nowait(self, obj):
+    def put_nowait(self, obj: _T) -> None:
         return self.put(obj, False)
 
-    def get_nowait(self):
+    def get_nowait(self) -> _T:
         return self.get(False)
 
-    def put_many(self, iterable, block=True, timeout=None) -> int:
+    def put_many(self, iterable: Iterable[_T], block: bool = True,
+                 timeout: Optional[float] = None) -> int:
         """Enqueue a batch in order; returns how many went in (all of them when
         blocking without a timeout). Nothing is written if any item is too big."""
         if not block or timeout is not None:
@@ -403,7 +441,8 @@ class Queue:
         _check_sizes(payloads, self._ring.max_message_size)
         return self._ring.put_many(payloads, timeout)
 
-    def get_many(self, max_messages=DEFAULT_GET_MANY, block=True, timeout=None) -> list:
+    def get_many(self, max_messages: int = DEFAULT_GET_MANY, block: bool = True,
+                 timeout: Optional[float] = None) -> "list[_T]":
         """At least one object (``Empty`` where ``get`` would raise), at most
         ``max_messages``, without waiting for more once one is available.
 
@@ -423,7 +462,8 @@ class Queue:
         except AuthenticationError as exc:
             self._rejected(exc)
 
-    def put_bytes(self, data, block=True, timeout=None):
+    def put_bytes(self, data: BytesLike, block: bool = True,
+                  timeout: Optional[float] = None) -> None:
         """Enqueue a bytes-like payload as it is (no serialization)."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
@@ -432,7 +472,7 @@ class Queue:
         else:
             self._ring.put(data, timeout)
 
-    def get_bytes(self, block=True, timeout=None) -> bytes:
+    def get_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
         """Dequeue one payload as bytes (no deserialization)."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
@@ -443,7 +483,8 @@ class Queue:
         except AuthenticationError as exc:
             self._rejected(exc)
 
-    def put_many_bytes(self, items, block=True, timeout=None) -> int:
+    def put_many_bytes(self, items: Iterable[BytesLike], block: bool = True,
+                       timeout: Optional[float] = None) -> int:
         """``put_many`` for bytes-like payloads, sent as they are: the fastest
         way to move many small messages (one call, one wake-up)."""
         if not block or timeout is not None:
@@ -452,7 +493,8 @@ class Queue:
             items = [self._auth.seal(item) for item in items]
         return self._ring.put_many(items, timeout)
 
-    def get_many_bytes(self, max_messages=DEFAULT_GET_MANY, block=True, timeout=None) -> list:
+    def get_many_bytes(self, max_messages: int = DEFAULT_GET_MANY, block: bool = True,
+                       timeout: Optional[float] = None) -> "list[bytes]":
         """``get_many`` returning the payloads as bytes (no deserialization)."""
         _check_int("max_messages", max_messages, 1, 1 << 30)
         if not block or timeout is not None:
@@ -476,7 +518,7 @@ class Queue:
     def full(self) -> bool:
         return self.qsize() >= self._ring.maxsize
 
-    def stats(self) -> dict:
+    def stats(self) -> "dict[str, Any]":
         """The ring's counters: depth, capacity, enqueued, dequeued,
         bytes_in_use, producers, consumers, redelivered, abandoned,
         dead_lettered, and whatever else the backend reports.
@@ -491,7 +533,7 @@ class Queue:
 
     # ------------------------------------------------------------- zero-copy
 
-    def reserve(self, nbytes, timeout=None):
+    def reserve(self, nbytes: int, timeout: Optional[float] = None) -> "_ReservationContext":
         """``with q.reserve(n) as buf:`` -- a writable memoryview of ``n`` bytes
         in the queue, published on normal exit, discarded on an exception.
         Consumers read it with ``get_bytes()``/``recv()``. Bad sizes raise here,
@@ -548,7 +590,7 @@ class Queue:
             self._auth.sign_in_place(reservation.view)
         reservation.commit()
 
-    def recv(self, timeout=None):
+    def recv(self, timeout: Optional[float] = None) -> "Received":
         """``with q.recv() as msg:`` -- ``msg.data`` is a read-only memoryview
         of the next message in shared memory, pinned while any view of it lives."""
         timeout = _timeout(True, timeout)
@@ -715,7 +757,8 @@ class _ReservationContext:
         self._view = memoryview(self._reservation.view)
         return self._view[_auth.OVERHEAD:]
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException],
+                 tb: object) -> None:
         if exc_type is None:
             if self._auth is not None:
                 self._auth.sign_in_place(self._view)
@@ -747,16 +790,16 @@ class Received:
     def nbytes(self) -> int:
         return self._lease.nbytes if self._data is None else self._data.nbytes
 
-    def release(self):
+    def release(self) -> None:
         data = self._data
         if data is not None:
             data.release()            # our own slice; views derived from it keep it
         self._lease.release()
 
-    def __enter__(self):
+    def __enter__(self) -> "Received":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         data = self._data
         if data is not None:
             try:

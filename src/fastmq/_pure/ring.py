@@ -44,14 +44,14 @@ commit, ``Lease.view`` a read-only view of bytes copied out at receive time.
 """
 from __future__ import annotations
 
-import fcntl
+import errno
 import os
 import struct
 import time
 import weakref
 
 from .. import _lifetime
-from . import leases
+from . import leases, portable
 from ..errors import (CorruptQueue, Empty, Full, MessageTooLarge, QueueClosed,
                       QueueExists, QueueNotFound)
 
@@ -200,6 +200,7 @@ class Ring(leases.LeaseMixin):
         dead = (dead_letter or "").encode("utf-8")
         if len(dead) > 255:
             raise ValueError("dead_letter name is too long")
+        portable.require_positional_io()
         path = _lifetime.segment_path(name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -215,7 +216,7 @@ class Ring(leases.LeaseMixin):
         try:
             lock = _lifetime.inode_lock(fd)
             if anonymous:
-                fcntl.flock(fd, fcntl.LOCK_SH)      # see _lifetime
+                portable.flock_shared(fd)           # see _lifetime
             os.fchmod(fd, mode)                     # exact mode, whatever the umask
             os.ftruncate(fd, file_size)
             geometry = (b"\0" * 8, VERSION, HEADER_SIZE, maxsize, max_message_size,
@@ -236,13 +237,14 @@ class Ring(leases.LeaseMixin):
 
     @classmethod
     def open(cls, name):
+        portable.require_positional_io()
         path = _lifetime.segment_path(name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise QueueNotFound(f"no segment {name!r} in /dev/shm") from None
         except OSError as exc:
-            if exc.errno == 40:  # ELOOP: a symlink planted under our name
+            if exc.errno == errno.ELOOP:  # a symlink planted under our name
                 raise CorruptQueue(f"segment {name!r} is a symlink, not a queue") from None
             raise
         lock = None
@@ -292,10 +294,10 @@ class Ring(leases.LeaseMixin):
                 # granted must not leave it held. Unlocking a byte we do not
                 # hold is a harmless no-op, and no other thread of this
                 # process can hold it (we hold the process-wide lock).
-                fcntl.lockf(fd, fcntl.LOCK_EX, 1, LOCK_BYTE)
+                portable.lock_range(fd, LOCK_BYTE, 1)
                 return fn(fd, self._read_state(fd), *args)
             finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN, 1, LOCK_BYTE)
+                portable.unlock_range(fd, LOCK_BYTE, 1)
 
     def _read_state(self, fd):
         raw = os.pread(fd, STATE.size, STATE_OFFSET)

@@ -1,0 +1,668 @@
+"""The server-side half of the Redis backend: one Lua script per operation.
+
+Every queue operation is one ``EVALSHA`` of a script below, so its effect is
+atomic on the server (Redis runs a script to completion before any other
+command, and AOF/replicas receive its effects as one ``MULTI``/``EXEC``).
+``KEYS[1]`` is the queue's metadata key (so a cluster client routes the call
+to the queue's slot) and ``ARGV[1]`` its key prefix ``fmq:{name}:``; every
+other key a script touches carries the same ``{name}`` hash tag, so a queue
+lives in one cluster slot.
+
+Keys of a queue (prefix ``P = fmq:{name}:``):
+
+* ``P m`` -- hash: the queue's settings and counters. Created by ``create``;
+  every script fails with ``FMQNOTFOUND`` without it, so a server that lost
+  its data (restart without persistence) gives ``QueueNotFound``, never a
+  silent empty queue.
+* ``P q`` -- list of ready messages, oldest first, each ``"<c>:<payload>"``
+  where ``c`` counts the deliveries so far (``0`` for a new message; the
+  client adds the ``0:`` on put and strips the header on get). A list, not a
+  stream, for the data: ``RPUSH``/``LPOP`` move a whole batch in one command
+  and hand Lua flat strings, where ``XADD`` per message and ``XRANGE``
+  (nested entries) cost about three times as much server time per message
+  here; the stream features (ids, consumer groups) are not used anyway (see
+  the end of this note). ``maxsize`` is checked before the push, so nothing
+  is ever trimmed.
+* ``P L`` -- leased messages by lease id ``"<batch>.<n>"``: the element as
+  it was taken from ``q`` (``t`` in front once ``touch`` moved it to a batch
+  of its own). A lease id names *this* delivery (batch numbers come from the
+  counter ``lseq`` in ``P m``): a redelivery re-appends the message at the
+  back and the next lease gets a new id, so an old holder's ``ack`` finds
+  nothing and is refused.
+* ``P Ld`` / ``P Lb`` / ``P Lbc`` / ``P Lo:<consumer>`` -- lease batches: the
+  messages leased by one call (batch ``b<number>``) share one deadline (zset
+  ``Ld``, server clock from ``TIME``), one record ``"<consumer>
+  <leased_at_ms> <id> <id>..."`` (``Lb``), one count of the members not
+  settled yet (``Lbc``) and one entry in their consumer's set of batches
+  (``Lo:<consumer>``). So a lease or an ack checks owner and deadline once
+  per batch and per message only moves strings. ``touch`` moves a message
+  to a batch of its own (``t<id>``); a due batch gives back the members
+  still in it.
+* ``P C`` -- zset of leasing consumers by heartbeat deadline. A consumer
+  whose heartbeat lapsed is gone: its leases are given back, counted
+  ``abandoned``, by the next script that reclaims.
+* ``P D`` -- list of parked dead letters, forwarded by the client to the
+  dead-letter queue (another slot in a cluster, so not from a script) under
+  the short lock ``P fwd``: one forwarder at a time, and a batch leaves
+  ``D`` only after it is in the dead-letter queue (a forwarder that dies
+  between the two forwards that batch twice; nothing is lost).
+* ``P sig`` / ``P fr`` -- one-entry streams (the one use of streams) that a waiting consumer /
+  producer blocks on with ``XREAD BLOCK`` (from the id the failed attempt
+  returned, so no wake-up is lost); ``P gw`` / ``P pw`` -- short-lived flags
+  saying somebody waits, so the hot paths signal only when it matters.
+* ``P seq`` -- last applied request number per producer: a ``put`` retried
+  after a lost reply is applied once. ``P P`` / ``P G`` -- zsets of producers
+  and consumers by last activity (for ``stats()``), pruned as they age.
+
+No consumer groups: raw ``XACK`` has no owner check and ``XCLAIM`` keeps an
+old id (a "requeued" message would jump the line); the lease structures
+above give both the owner check and re-append at the back.
+"""
+from __future__ import annotations
+
+PRELUDE = r"""
+local P = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function last_id(key)
+  local e = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #e == 0 then return '0-0' end
+  return e[1][1]
+end
+local function signal(flag, key)
+  if redis.call('EXISTS', P .. flag) == 1 then
+    redis.call('XADD', key, 'MAXLEN', 1, '*', 'x', '1')
+  end
+end
+local function exists()
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    return redis.error_reply('FMQNOTFOUND')
+  end
+end
+"""
+
+# Lease handling, for the scripts that reclaim or settle leases.
+LEASES = r"""
+local function id_less(a, b)
+  return tonumber(a) < tonumber(b)
+end
+-- The deliveries so far and the payload of a queue element "<c>:<payload>".
+local function unpack_element(e)
+  local c, at = string.match(e, '^(%d+):()')
+  return tonumber(c), string.sub(e, at)
+end
+local function payload_len(e)
+  return string.len(e) - string.find(e, ':', 1, true)
+end
+-- A batch record: consumer, leased_at, ids.
+local function batch_record(b)
+  local v = redis.call('HGET', P .. 'Lb', b)
+  local ids, consumer, lat = {}, nil, nil
+  if v then
+    for w in string.gmatch(v, '%S+') do
+      if consumer == nil then consumer = w
+      elseif lat == nil then lat = w
+      else ids[#ids + 1] = w end
+    end
+  end
+  return consumer, lat, ids
+end
+-- The element of a lease record, and the batch the record is in.
+local function element(v)
+  if string.byte(v, 1) == 116 then return string.sub(v, 2) end     -- 't': touched
+  return v
+end
+local function batch_of(id, v)
+  if string.byte(v, 1) == 116 then return 't' .. id end
+  return 'b' .. string.match(id, '^(%d+)%.')
+end
+-- `k` members (`bytes` payload bytes) of batch `b` were settled; the batch
+-- goes with its last member (or now, with `force`).
+local function release(b, k, bytes, force)
+  local left = 0
+  if not force then
+    left = redis.call('HINCRBY', P .. 'Lbc', b, -k)
+    redis.call('HINCRBY', P .. 'Lbb', b, -bytes)
+  end
+  if left <= 0 then
+    local v = redis.call('HGET', P .. 'Lb', b)
+    if v then redis.call('SREM', P .. 'Lo:' .. string.match(v, '^(%S+)'), b) end
+    redis.call('ZREM', P .. 'Ld', b)
+    redis.call('HDEL', P .. 'Lb', b)
+    redis.call('HDEL', P .. 'Lbc', b)
+    redis.call('HDEL', P .. 'Lbb', b)
+  end
+end
+local function new_batch(b, consumer, deadline, now, ids, bytes)
+  redis.call('ZADD', P .. 'Ld', deadline, b)
+  redis.call('HSET', P .. 'Lb', b, consumer .. ' ' .. now .. ' ' .. table.concat(ids, ' '))
+  redis.call('HSET', P .. 'Lbc', b, #ids)
+  redis.call('HSET', P .. 'Lbb', b, bytes)
+  redis.call('SADD', P .. 'Lo:' .. consumer, b)
+end
+-- End the lease of `id`: back to the queue (with one more delivery
+-- counted), or dead-lettered past max_deliveries / when `dead` is true.
+-- `why` is the counter bumped on a requeue besides 'redelivered'.
+local function give_back(id, why, dead)
+  local v = redis.call('HGET', P .. 'L', id)
+  if not v then return 0 end
+  local c, payload = unpack_element(element(v))
+  local count = c + 1                       -- deliveries, this one included
+  redis.call('HDEL', P .. 'L', id)
+  release(batch_of(id, v), 1, string.len(payload))
+  local maxdel = tonumber(redis.call('HGET', P .. 'm', 'maxdel') or '20')
+  if not dead and count < maxdel then
+    redis.call('RPUSH', P .. 'q', count .. ':' .. payload)
+    redis.call('HINCRBY', P .. 'm', 'redelivered', 1)
+    if why then redis.call('HINCRBY', P .. 'm', why, 1) end
+    signal('gw', P .. 'sig')
+  else
+    if redis.call('HGET', P .. 'm', 'dlq') ~= '' then
+      redis.call('RPUSH', P .. 'D', payload)
+    else
+      redis.call('HINCRBY', P .. 'm', 'bytes', -string.len(payload))
+    end
+    redis.call('HINCRBY', P .. 'm', 'dead_lettered', 1)
+  end
+  return 1
+end
+-- The ids of batch `b` that are still in it.
+local function members(b)
+  local consumer, _, ids = batch_record(b)
+  local out = {}
+  if #ids > 0 then
+    local vals = redis.call('HMGET', P .. 'L', unpack(ids))
+    for i, id in ipairs(ids) do
+      if vals[i] and batch_of(id, vals[i]) == b then out[#out + 1] = id end
+    end
+  end
+  return out, consumer
+end
+-- Give back every message of consumer `c` (heartbeat lapsed, or departing).
+local function give_back_all(c, why)
+  local n, ids = 0, {}
+  local batches = redis.call('SMEMBERS', P .. 'Lo:' .. c)
+  for _, b in ipairs(batches) do
+    for _, id in ipairs(members(b)) do ids[#ids + 1] = id end
+  end
+  table.sort(ids, id_less)
+  for _, id in ipairs(ids) do n = n + give_back(id, why, false) end
+  for _, b in ipairs(batches) do release(b, 0, 0, true) end
+  redis.call('DEL', P .. 'Lo:' .. c)
+  return n
+end
+-- Give back the expired leases and the leases of consumers whose heartbeat
+-- lapsed (bounded work per call; the rest goes at the next call).
+local function reclaim(now)
+  local n = 0
+  local due = redis.call('ZRANGEBYSCORE', P .. 'Ld', '-inf', now, 'LIMIT', 0, 64)
+  for _, b in ipairs(due) do
+    for _, id in ipairs(members(b)) do n = n + give_back(id, false, false) end
+    release(b, 0, 0, true)
+  end
+  local gone = redis.call('ZRANGEBYSCORE', P .. 'C', '-inf', now, 'LIMIT', 0, 16)
+  for _, c in ipairs(gone) do
+    n = n + give_back_all(c, 'abandoned')
+    redis.call('ZREM', P .. 'C', c)
+  end
+  return n
+end
+-- Take the first `n` ready messages.
+local function take(n)
+  return redis.call('LPOP', P .. 'q', n) or {}
+end
+"""
+
+# ARGV: P, maxsize, max_message_size, max_bytes, max_deliveries, dead_letter, exist_ok
+CREATE = r"""
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if ARGV[7] ~= '1' then return redis.error_reply('FMQEXISTS') end
+else
+  redis.call('HSET', KEYS[1], 'maxsize', ARGV[2], 'mms', ARGV[3], 'maxbytes', ARGV[4],
+             'maxdel', ARGV[5], 'dlq', ARGV[6], 'version', 1, 'created', now_ms(),
+             'enqueued', 0, 'dequeued', 0, 'redelivered', 0, 'abandoned', 0,
+             'dead_lettered', 0, 'bytes', 0)
+end
+return redis.call('HMGET', KEYS[1], 'maxsize', 'mms', 'maxbytes', 'maxdel', 'dlq')
+"""
+
+OPEN = r"""
+local e = exists() if e then return e end
+return redis.call('HMGET', KEYS[1], 'maxsize', 'mms', 'maxbytes', 'maxdel', 'dlq')
+"""
+
+UNLINK = r"""
+local e = exists() if e then return e end
+for _, c in ipairs(redis.call('ZRANGE', P .. 'C', 0, -1)) do
+  redis.call('DEL', P .. 'Lo:' .. c)
+end
+for _, k in ipairs({'m', 'q', 'L', 'Ld', 'Lb', 'Lbc', 'Lbb', 'C', 'D', 'sig', 'fr', 'gw', 'pw', 'seq',
+                    'P', 'G', 'fwd'}) do
+  redis.call('DEL', P .. k)
+end
+return 1
+"""
+
+# ARGV: P, producer, seq, atomic, wait_ms, activity, "0:"payload...
+# -> {count put, id to wait from (when not all went in)}
+PUT = r"""
+local m = redis.call('HMGET', KEYS[1], 'maxsize', 'maxbytes')
+if not m[1] then return redis.error_reply('FMQNOTFOUND') end
+local producer, seq = ARGV[2], tonumber(ARGV[3])
+if producer ~= '' then
+  local last = redis.call('HGET', P .. 'seq', producer)
+  if last then
+    local lseq, lcount = string.match(last, '^(%d+):(%d+)$')
+    if tonumber(lseq) == seq then return {tonumber(lcount), '0-0'} end
+  end
+end
+local first = 7
+local n = #ARGV - first + 1
+local maxsize, maxbytes = tonumber(m[1]), tonumber(m[2])
+local room = n
+if maxsize > 0 then
+  room = maxsize - redis.call('LLEN', P .. 'q')
+  if room > n then room = n end
+  if room < 0 then room = 0 end
+end
+if ARGV[4] == '1' and room < n then room = 0 end
+local total = 0
+if maxbytes > 0 then
+  local used = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
+  local fit = 0
+  for i = 1, room do
+    local len = string.len(ARGV[first - 1 + i]) - 2
+    if used + total + len > maxbytes then break end
+    total = total + len
+    fit = i
+  end
+  if ARGV[4] == '1' and fit < n then fit = 0 total = 0 end
+  room = fit
+else
+  for i = 1, room do total = total + string.len(ARGV[first - 1 + i]) end
+  total = total - 2 * room
+end
+if room > 0 then
+  redis.call('RPUSH', P .. 'q', unpack(ARGV, first, first - 1 + room))
+  redis.call('HINCRBY', KEYS[1], 'enqueued', room)
+  redis.call('HINCRBY', KEYS[1], 'bytes', total)
+  signal('gw', P .. 'sig')
+end
+if producer ~= '' then
+  redis.call('HSET', P .. 'seq', producer, ARGV[3] .. ':' .. room)
+  if ARGV[6] == '1' then
+    local now = now_ms()
+    redis.call('ZADD', P .. 'P', now, producer)
+    local old = redis.call('ZRANGEBYSCORE', P .. 'P', '-inf', now - 3600000, 'LIMIT', 0, 8)
+    for _, p in ipairs(old) do
+      redis.call('HDEL', P .. 'seq', p)
+      redis.call('ZREM', P .. 'P', p)
+    end
+  end
+end
+if room < n and tonumber(ARGV[5]) > 0 then
+  redis.call('SET', P .. 'pw', '1', 'PX', ARGV[5])
+  return {room, last_id(P .. 'fr')}
+end
+return {room, '0-0'}
+"""
+
+# ARGV: P, max, getter, wait_ms, activity -> {n, "c:"payload...} or {0, id to wait from}
+GET = r"""
+local e = exists() if e then return e end
+local now = now_ms()
+reclaim(now)
+if ARGV[5] == '1' then redis.call('ZADD', P .. 'G', now, ARGV[3]) end
+local ents = take(ARGV[2])
+if #ents == 0 then
+  if tonumber(ARGV[4]) > 0 then redis.call('SET', P .. 'gw', '1', 'PX', ARGV[4]) end
+  return {0, last_id(P .. 'sig')}
+end
+local total = 0
+for i, ent in ipairs(ents) do
+  total = total + string.len(ent) - string.find(ent, ':', 1, true)
+end
+table.insert(ents, 1, #ents)
+redis.call('HINCRBY', KEYS[1], 'dequeued', #ents - 1)
+redis.call('HINCRBY', KEYS[1], 'bytes', -total)
+signal('pw', P .. 'fr')
+return ents
+"""
+
+# ARGV: P, max, consumer, lease_ms, heartbeat_ms, wait_ms, activity
+# -> {n, now, batch, id, element, id, element...} or {0, id to wait from}
+LEASE = r"""
+local e = exists() if e then return e end
+local now = now_ms()
+reclaim(now)
+local consumer = ARGV[3]
+if ARGV[7] == '1' then redis.call('ZADD', P .. 'G', now, consumer) end
+local ents = take(ARGV[2])
+if #ents == 0 then
+  if tonumber(ARGV[6]) > 0 then redis.call('SET', P .. 'gw', '1', 'PX', ARGV[6]) end
+  return {0, last_id(P .. 'sig')}
+end
+local deadline = now + tonumber(ARGV[4])
+local number = redis.call('HINCRBY', KEYS[1], 'lseq', 1)
+local b, pre = 'b' .. number, number .. '.'
+local out, L, ids, bytes = {#ents, now, b}, {}, {}, 0
+for i, ent in ipairs(ents) do
+  local id = pre .. i
+  ids[i] = id
+  L[2 * i - 1], L[2 * i] = id, ent
+  out[2 * i + 2], out[2 * i + 3] = id, ent
+  bytes = bytes + payload_len(ent)
+end
+redis.call('HSET', P .. 'L', unpack(L))
+new_batch(b, consumer, deadline, now, ids, bytes)
+redis.call('ZADD', P .. 'C', now + tonumber(ARGV[5]), consumer)
+signal('pw', P .. 'fr')
+return out
+"""
+
+# ARGV: P, consumer, id, batch, id, batch, ... -> {1 acked | 0 lost, ...}
+ACK = r"""
+local now = now_ms()
+local consumer = ARGV[2]
+local ids = {}
+for i = 3, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
+local vals = redis.call('HMGET', P .. 'L', unpack(ids))
+local res, groups, order, pres = {}, {}, {}, {}
+for i, id in ipairs(ids) do
+  res[i] = 0
+  local b, v = ARGV[2 * i + 2], vals[i]
+  if v then
+    local mine
+    if string.byte(v, 1) == 116 then
+      mine = b == 't' .. id
+    else
+      local pre = pres[b]
+      if not pre then pre = string.sub(b, 2) .. '.' pres[b] = pre end
+      mine = string.byte(b, 1) == 98 and string.find(id, pre, 1, true) == 1
+    end
+    if mine then
+      local g = groups[b]
+      if not g then g = {} groups[b] = g order[#order + 1] = b end
+      g[#g + 1] = i
+    end
+  end
+end
+local acked, total = 0, 0
+for _, b in ipairs(order) do
+  local g = groups[b]
+  local owner = string.match(redis.call('HGET', P .. 'Lb', b) or '', '^(%S+) ')
+  local dl = tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0')
+  if owner == consumer then
+    local mine = {}
+    for j, i in ipairs(g) do mine[j] = ids[i] end
+    if dl >= now then
+      local bytes = 0
+      for _, i in ipairs(g) do bytes = bytes + payload_len(vals[i]) end
+      redis.call('HDEL', P .. 'L', unpack(mine))
+      release(b, #mine, bytes)
+      for _, i in ipairs(g) do res[i] = 1 end
+      acked, total = acked + #mine, total + bytes
+    else
+      for _, id in ipairs(mine) do give_back(id, false, false) end   -- expired: back now
+    end
+  end
+end
+if acked > 0 then
+  redis.call('HINCRBY', KEYS[1], 'dequeued', acked)
+  redis.call('HINCRBY', KEYS[1], 'bytes', -total)
+  signal('pw', P .. 'fr')
+end
+return res
+"""
+
+# ARGV: P, consumer, batch, size, batch, size, ... -> per batch: 1 acked whole |
+# 0 lost (expired or not this consumer's) | -1 not whole any more (some member
+# was settled on its own: ack its members with ACK)
+ACK_BATCHES = r"""
+local now = now_ms()
+local consumer = ARGV[2]
+local res, acked, total = {}, 0, 0
+for i = 3, #ARGV, 2 do
+  local b, size = ARGV[i], tonumber(ARGV[i + 1])
+  local r = 0
+  local rec = redis.call('HGET', P .. 'Lb', b)
+  if rec and string.match(rec, '^(%S+) ') == consumer then
+    if tonumber(redis.call('HGET', P .. 'Lbc', b)) ~= size then
+      r = -1
+    else
+      local ids = {}
+      for w in string.gmatch(rec, '%S+') do ids[#ids + 1] = w end
+      table.remove(ids, 1)
+      table.remove(ids, 1)
+      if tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0') >= now then
+        total = total + tonumber(redis.call('HGET', P .. 'Lbb', b))
+        redis.call('HDEL', P .. 'L', unpack(ids))
+        release(b, 0, 0, true)
+        acked = acked + size
+        r = 1
+      else
+        for _, id in ipairs(ids) do give_back(id, false, false) end
+      end
+    end
+  end
+  res[#res + 1] = r
+end
+if acked > 0 then
+  redis.call('HINCRBY', KEYS[1], 'dequeued', acked)
+  redis.call('HINCRBY', KEYS[1], 'bytes', -total)
+  signal('pw', P .. 'fr')
+end
+return res
+"""
+
+# ARGV: P, consumer, id, batch, what ('nack' | 'dead' | 'touch'), touch_ms -> 1 | 0 lost
+SETTLE = r"""
+local now = now_ms()
+local consumer, id, b = ARGV[2], ARGV[3], ARGV[4]
+local v = redis.call('HGET', P .. 'L', id)
+if not v or batch_of(id, v) ~= b then return 0 end
+if string.match(redis.call('HGET', P .. 'Lb', b) or '', '^(%S+) ') ~= consumer then return 0 end
+if tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0') < now then
+  give_back(id, false, false)
+  return 0
+end
+if ARGV[5] == 'touch' then
+  local t, bytes = 't' .. id, payload_len(v)
+  release(b, 1, bytes)
+  redis.call('HSET', P .. 'L', id, 't' .. element(v))
+  new_batch(t, consumer, now + tonumber(ARGV[6]), now, {id}, bytes)
+  return 1
+end
+give_back(id, false, ARGV[5] == 'dead')
+return 1
+"""
+
+# ARGV: P, consumer, heartbeat_ms, depart ('1': give every lease back, forget it)
+# -> how many leases were given back
+HEARTBEAT = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local now = now_ms()
+local consumer = ARGV[2]
+if ARGV[4] == '1' then
+  give_back_all(consumer, false)
+  redis.call('ZREM', P .. 'C', consumer)
+else
+  redis.call('ZADD', P .. 'C', 'XX', now + tonumber(ARGV[3]), consumer)
+end
+return reclaim(now)
+"""
+
+# -> {now, {id, "<delivery_count> <consumer> <leased_at_ms> <deadline_ms>", ...}}
+PENDING = r"""
+local e = exists() if e then return e end
+local now = now_ms()
+reclaim(now)
+local out = {}
+local all = redis.call('ZRANGE', P .. 'Ld', 0, -1, 'WITHSCORES')
+for i = 1, #all, 2 do
+  local b, dl = all[i], all[i + 1]
+  local _, lat = batch_record(b)
+  local ids, consumer = members(b)
+  for _, id in ipairs(ids) do
+    local c = unpack_element(element(redis.call('HGET', P .. 'L', id)))
+    out[#out + 1] = id
+    out[#out + 1] = (c + 1) .. ' ' .. consumer .. ' ' .. lat .. ' ' .. dl
+  end
+end
+return {now, out}
+"""
+
+# -> {meta fields/values, depth, in flight, consumers leasing, producers, getters, parked}
+STATS = r"""
+local e = exists() if e then return e end
+local now = now_ms()
+reclaim(now)
+return {redis.call('HGETALL', KEYS[1]), redis.call('LLEN', P .. 'q'), redis.call('HLEN', P .. 'L'),
+        redis.call('ZCOUNT', P .. 'C', now, '+inf'),
+        redis.call('ZCOUNT', P .. 'P', now - 60000, '+inf'),
+        redis.call('ZCOUNT', P .. 'G', now - 60000, '+inf'),
+        redis.call('LLEN', P .. 'D'), now}
+"""
+
+# ARGV: P, max, token -> parked dead letters (not removed), under the lock
+PARKED = r"""
+if redis.call('LLEN', P .. 'D') == 0 then return {} end
+if not redis.call('SET', P .. 'fwd', ARGV[3], 'NX', 'PX', 10000) and
+   redis.call('GET', P .. 'fwd') ~= ARGV[3] then
+  return {}
+end
+return redis.call('LRANGE', P .. 'D', 0, tonumber(ARGV[2]) - 1)
+"""
+
+# ARGV: P, token, n -> the first n parked dead letters leave (they were forwarded)
+UNPARK = r"""
+if redis.call('GET', P .. 'fwd') ~= ARGV[2] then return 0 end
+redis.call('DEL', P .. 'fwd')
+local gone = redis.call('LPOP', P .. 'D', ARGV[3]) or {}
+local total = 0
+for _, d in ipairs(gone) do total = total + string.len(d) end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'bytes', -total)
+end
+return #gone
+"""
+
+# ---------------------------------------------------------------- exchanges
+#
+# Keys of an exchange: ``fmq:x:{name}`` (hash: kind, version, turn) and
+# ``fmq:x:{name}:b`` (zset of "key\nqueue" by binding order).
+
+# ARGV: kind, exist_ok
+X_CREATE = r"""
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if ARGV[2] ~= '1' then return redis.error_reply('FMQEXISTS') end
+else
+  redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'version', 1, 'turn', 0, 'seq', 0)
+end
+return redis.call('HGET', KEYS[1], 'kind')
+"""
+
+# -> {kind, version, member, member, ...}
+X_READ = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('FMQNOTFOUND') end
+local h = redis.call('HMGET', KEYS[1], 'kind', 'version')
+local out = {h[1], h[2]}
+for _, b in ipairs(redis.call('ZRANGE', KEYS[1] .. ':b', 0, -1)) do out[#out + 1] = b end
+return out
+"""
+
+# ARGV: 'bind' | 'unbind', member, queue meta key (bind: must exist)
+X_BIND = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('FMQNOTFOUND') end
+if ARGV[1] == 'bind' then
+  if redis.call('EXISTS', ARGV[3]) == 0 then return redis.error_reply('FMQNOQUEUE') end
+  if redis.call('ZSCORE', KEYS[1] .. ':b', ARGV[2]) then return 0 end
+  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('ZADD', KEYS[1] .. ':b', seq, ARGV[2])
+else
+  if redis.call('ZREM', KEYS[1] .. ':b', ARGV[2]) == 0 then return 0 end
+end
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+return 1
+"""
+
+X_UNLINK = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('FMQNOTFOUND') end
+redis.call('DEL', KEYS[1], KEYS[1] .. ':b')
+return 1
+"""
+
+# ARGV: version, pick ('all' | 'turn'), "0:"payload, queue prefix...
+# -> {delivered} | {-1} bindings changed | {-2, queue} a target is full (nothing sent)
+X_PUBLISH = r"""
+local function last_id(key)
+  local e = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #e == 0 then return '0-0' end
+  return e[1][1]
+end
+local h = redis.call('HMGET', KEYS[1], 'version', 'turn')
+if not h[1] then return redis.error_reply('FMQNOTFOUND') end
+if h[1] ~= ARGV[1] then return {-1} end
+local targets = {}
+for i = 4, #ARGV do targets[#targets + 1] = ARGV[i] end
+if ARGV[2] == 'turn' then
+  local live = {}
+  for _, q in ipairs(targets) do
+    if redis.call('EXISTS', q .. 'm') == 1 then live[#live + 1] = q end
+  end
+  if #live == 0 then return {0} end
+  targets = {live[(tonumber(h[2]) % #live) + 1]}
+end
+local payload = ARGV[3]
+local len = string.len(payload)
+local go = {}
+for _, q in ipairs(targets) do
+  local m = redis.call('HMGET', q .. 'm', 'maxsize', 'maxbytes', 'bytes', 'mms')
+  if m[1] then
+    if len - 2 > tonumber(m[4]) then return {-3, q} end
+    local maxsize, maxbytes = tonumber(m[1]), tonumber(m[2])
+    if (maxsize > 0 and redis.call('LLEN', q .. 'q') >= maxsize)
+       or (maxbytes > 0 and tonumber(m[3]) + len - 2 > maxbytes) then
+      redis.call('SET', q .. 'pw', '1', 'PX', 5000)
+      return {-2, q, last_id(q .. 'fr')}
+    end
+    go[#go + 1] = q
+  end
+end
+for _, q in ipairs(go) do
+  redis.call('RPUSH', q .. 'q', payload)
+  redis.call('HINCRBY', q .. 'm', 'enqueued', 1)
+  redis.call('HINCRBY', q .. 'm', 'bytes', len - 2)
+  if redis.call('EXISTS', q .. 'gw') == 1 then
+    redis.call('XADD', q .. 'sig', 'MAXLEN', 1, '*', 'x', '1')
+  end
+end
+if ARGV[2] == 'turn' then redis.call('HINCRBY', KEYS[1], 'turn', 1) end
+return {#go}
+"""
+
+QUEUE_SCRIPTS = {
+    "create": CREATE, "open": OPEN, "unlink": UNLINK, "put": PUT, "get": GET,
+    "lease": LEASE, "ack": ACK, "ack_batches": ACK_BATCHES, "settle": SETTLE,
+    "heartbeat": HEARTBEAT,
+    "pending": PENDING, "stats": STATS, "parked": PARKED, "unpark": UNPARK,
+}
+EXCHANGE_SCRIPTS = {
+    "x_create": X_CREATE, "x_read": X_READ, "x_bind": X_BIND, "x_unlink": X_UNLINK,
+    "x_publish": X_PUBLISH,
+}
+
+
+_NEED_LEASES = {"get", "lease", "ack", "ack_batches", "settle", "heartbeat", "pending", "stats"}
+
+
+def sources():
+    """name -> full Lua source: the queue scripts get the shared prelude, and
+    those that touch leases the lease helpers too (each ``local function``
+    is a closure made again on every call, so the others go without)."""
+    out = {name: PRELUDE + (LEASES if name in _NEED_LEASES else "") + body
+           for name, body in QUEUE_SCRIPTS.items()}
+    out.update(EXCHANGE_SCRIPTS)
+    return out
