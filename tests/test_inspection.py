@@ -153,7 +153,7 @@ def test_get_bytes_of_a_changed_block_is_corrupt_queue_not_lease_lost(mq, backen
     held = [(off, st) for off, st in _block_states(path) if st]
     assert len(held) == 1 and held[0][1] & _IN_RING, held
     _poke(path, held[0][0], 0)                    # someone else changed it
-    with pytest.raises(fastmq.CorruptQueue, match="changed by another process") as info:
+    with pytest.raises(fastmq.CorruptQueue) as info:
         q.get_bytes(timeout=5)
     assert not isinstance(info.value, fastmq.LeaseLost)
 
