@@ -47,7 +47,8 @@ OVERHEAD = len(MAGIC) + TAG_SIZE
 REJECTED_OFFSET = 4080            # inside both backends' 4096-byte header page
 _SMALL = 1 << 16                  # below this, one concatenation beats a reservation
 _U64 = struct.Struct("<Q")
-_SHM_DIR = "/dev/shm"
+# The native core's segment files (the pure ring keeps its own count).
+from ._pure.portable import NATIVE_SHM_DIR as _SHM_DIR  # noqa: E402
 
 
 def check_authkey(authkey):
