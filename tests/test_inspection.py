@@ -100,12 +100,17 @@ def test_cli_inspection_does_not_forward_dead_letters(mq, backend, command):
 
 
 def test_nack_to_dead_letter_is_forwarded_without_any_inspection(mq, backend):
-    """With stats() read-only, the consumer's own nack must forward."""
+    """With stats() read-only, the consumer's own next call must forward --
+    even one that finds the queue empty."""
     dlq = unique_name("dlq")
     mq.names.append(dlq)
     q = mq.create(unique_name("insp"), maxsize=8, dead_letter=dlq)
     q.put("bad")
     q.get_message(timeout=5).nack(requeue=False)
+    q.stats()
+    assert not _exists(dlq, backend)
+    with pytest.raises(fastmq.Empty):
+        q.get_message(timeout=0.1)
     assert mq.open(dlq).get(timeout=5) == "bad"
 
 

@@ -30,7 +30,6 @@ pure ring one byte at 4095) -- so concurrent rejections never lose a count.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import os
@@ -207,7 +206,7 @@ def rejection(message):
 
 # ------------------------------------------------------ the shared counter
 
-_F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
+_F_OFD_SETLKW = 38                         # Linux's F_OFD_SETLKW (fcntl may lack the name)
 _FLOCK = struct.Struct("hhqqi4x")          # struct flock (Linux, 64-bit off_t)
 _counter_lock = threading.Lock()           # OFD locks do not exclude threads sharing an fd
 
@@ -222,6 +221,7 @@ def count_rejected(ring, n=1):
     if hasattr(ring, "count_rejected"):              # the pure ring keeps it itself
         ring.count_rejected(n)
         return
+    import fcntl                                      # native backend: Linux only
     try:
         fd = os.open(_segment_path(ring), os.O_RDWR | os.O_CLOEXEC)
     except OSError:

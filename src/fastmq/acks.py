@@ -179,12 +179,8 @@ class Message(_LeasedMessage):
             raise
         self._settle(_NACKED)
         # Past max_deliveries (or requeue=False) it is parked now: forward it
-        # at once (the consumer's own act; inspection never forwards).
-        acks = self._ctx.acks
-        acks.dead_letter_hint()
-        if acks._dead_letter and (not requeue or
-                                  self.delivery_count >= self._ctx.ring.max_deliveries):
-            acks.forward_dead_letters(self._ctx.ring)
+        # at this handle's next get_message (inspection never forwards).
+        self._ctx.acks.dead_letter_hint()
 
     def touch(self, seconds: float = DEFAULT_LEASE) -> None:
         """Extend the lease to now + ``seconds``."""
