@@ -319,8 +319,12 @@ def test_dead_letters_keep_their_tag(mq):
     q = mq.create(unique_name("auth"), maxsize=8, dead_letter=dlq, authkey=KEY)
     q.put({"job": 1})
     q.get_message(timeout=5).nack(requeue=False)
+    with pytest.raises(fastmq.Empty):
+        q.get_message(timeout=0.1)           # forwards the dead letter
     assert mq.open(dlq, authkey=KEY).get(timeout=5) == {"job": 1}
     q.put({"job": 2})
     q.get_message(timeout=5).nack(requeue=False)
+    with pytest.raises(fastmq.Empty):
+        q.get_message(timeout=0.1)
     with pytest.raises(fastmq.AuthenticationError, match="authkey"):
         mq.open(dlq).get(timeout=5)          # a reader without the key cannot use it
