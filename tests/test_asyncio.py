@@ -93,7 +93,9 @@ def test_timeouts_raise_empty_and_full(mq):
         with pytest.raises(fastmq.Full):
             await q.put_async(3, timeout=0)
         with pytest.raises(ValueError):
-            await q.get_async(timeout=-1)
+            await q.get_async(timeout=float("nan"))
+        with pytest.raises(fastmq.Full):
+            await q.put_async(3, timeout=-1)     # one try, as mp.Queue
     run(main())
     assert q.get_many(10, timeout=1) == [1, 2]      # the failed puts left nothing
 

@@ -251,8 +251,10 @@ def test_recv_timeout_and_nonblocking(mq):
     q = mq.Queue()
     with pytest.raises(fastmq.Empty):
         q.recv(timeout=0.05)
+    with pytest.raises(fastmq.Empty):
+        q.recv(timeout=-1)              # one non-blocking try, as mp.Queue
     with pytest.raises(ValueError):
-        q.recv(timeout=-1)
+        q.recv(timeout=float("nan"))
 
 
 def test_recv_of_pickled_message_gives_its_bytes(mq):

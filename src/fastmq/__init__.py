@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import _backend, _lifetime
 from .errors import (CorruptQueue, Empty, Error, Full, LeaseLost, MessageTooLarge,
                      QueueClosed, QueueExists, QueueNotFound, Unavailable)
+from .errors import AuthenticationError
 from .queue import Queue, Received
 from .acks import Message, TooManyInFlight
 from .exchange import Exchange
@@ -24,6 +25,7 @@ __all__ = [
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
     "QueueExists", "CorruptQueue", "LeaseLost", "BadMessage", "Message",
     "TooManyInFlight", "Exchange", "wait", "Unavailable",
+    "AuthenticationError",
 ]
 
 

@@ -80,7 +80,17 @@ cdef int _raise(int rc, str what="") except -1:
     if rc == FMQ_EINVAL or rc == FMQ_ESTATE:
         raise ValueError(msg)
     if rc == FMQ_ELOST:
-        raise LeaseLost(msg)
+        # The C core says ELOST for two different things: a lease (in-flight
+        # entry or dead letter) that is no longer this consumer's -- the
+        # user's LeaseLost -- and a ring slot or pool block that a plain
+        # put/get/commit/recv held and found changed under it. No lease is
+        # involved in the second; only crash recovery judging this process
+        # dead, or a write into the segment from outside fastmq, can do that.
+        if "lease" in msg or "dead letter" in msg:
+            raise LeaseLost(msg)
+        raise CorruptQueue(msg + ": the shared state this call held was changed by another "
+                           "process (crash recovery judged its holder dead, or the segment "
+                           "was written by something other than fastmq)")
     if rc == FMQ_ETABLEFULL:
         raise Error(msg)
     if rc == FMQ_EOS:
@@ -89,15 +99,19 @@ cdef int _raise(int rc, str what="") except -1:
 
 
 cdef inline uint64_t _deadline(object timeout, bint *nonblock) except? 1:
-    """None -> 0 (wait forever); 0 -> non-blocking; > 0 -> absolute monotonic ns."""
+    """None -> 0 (wait forever); <= 0 -> non-blocking; > 0 -> absolute
+    monotonic ns. inf and timeouts of 1e10 s or more (past what a u64 of ns
+    can hold once added to the clock; converting them is undefined) wait
+    forever; NaN is a ValueError."""
     if timeout is None:
         nonblock[0] = False
         return 0
     cdef double t = timeout
-    if t <= 0:
-        nonblock[0] = True
+    if t != t:
+        raise ValueError("'timeout' must be a number of seconds or None, not NaN")
+    nonblock[0] = t <= 0
+    if t <= 0 or t >= 1e10:
         return 0
-    nonblock[0] = False
     return fmq_now_ns() + <uint64_t>(t * 1e9) + 1
 
 
@@ -1260,3 +1274,107 @@ def list_segments():
         except OSError:
             pass
     return out
+
+
+# ======================================================================== #
+# Mac: keyed BLAKE2b for authkey= (see fastmq/_auth.py, csrc/fmq_mac.c)      #
+# ======================================================================== #
+
+cdef extern from "fmq_mac.h" nogil:
+    ctypedef struct fmq_mac_state:
+        size_t buflen
+    int fmq_mac_init(fmq_mac_state *s, const unsigned char *key, size_t keylen,
+                     size_t outlen)
+    void fmq_mac_absorb_key(fmq_mac_state *s)
+    void fmq_mac_update(fmq_mac_state *s, const unsigned char *data, size_t len)
+    void fmq_mac_final(fmq_mac_state *s, unsigned char *out)
+
+from cpython.bytes cimport PyBytes_GET_SIZE
+
+cdef enum:
+    _MAC_MAGIC_LEN = 4
+    _MAC_TAG = 16
+    _MAC_OVERHEAD = _MAC_MAGIC_LEN + _MAC_TAG
+    _MAC_NOGIL = 65536
+
+
+cdef class Mac:
+    """One key's MAC, as ``_auth`` uses it: ``MAGIC + tag + payload``.
+    Private bytes only (the caller copies shared memory first, or hashes a
+    view it has decided to trust the bytes of)."""
+    cdef fmq_mac_state base       # key block pending: for an empty payload
+    cdef fmq_mac_state keyed      # key block absorbed: copied per message
+    cdef bytes magic
+
+    def __cinit__(self, bytes key, bytes magic):
+        if len(magic) != _MAC_MAGIC_LEN:
+            raise ValueError("magic must be 4 bytes")
+        if fmq_mac_init(&self.base, <const unsigned char *>PyBytes_AS_STRING(key),
+                        <size_t>len(key), _MAC_TAG) != 0:
+            raise ValueError("a BLAKE2b key is 1 to 64 bytes")
+        self.keyed = self.base
+        fmq_mac_absorb_key(&self.keyed)
+        self.magic = magic
+
+    cdef void _tag(self, const unsigned char *p, Py_ssize_t n, unsigned char *out) noexcept:
+        cdef fmq_mac_state s = self.keyed if n > 0 else self.base
+        if n >= _MAC_NOGIL:
+            with nogil:
+                fmq_mac_update(&s, p, <size_t>n)
+                fmq_mac_final(&s, out)
+        else:
+            fmq_mac_update(&s, p, <size_t>n)
+            fmq_mac_final(&s, out)
+
+    def tag(self, *parts):
+        """The tag of the concatenation of ``parts`` (bytes-like)."""
+        cdef fmq_mac_state s = self.base
+        cdef Py_buffer view
+        cdef unsigned char out[_MAC_TAG]
+        for part in parts:
+            PyObject_GetBuffer(part, &view, PyBUF_SIMPLE)
+            try:
+                with nogil:
+                    fmq_mac_update(&s, <const unsigned char *>view.buf, <size_t>view.len)
+            finally:
+                PyBuffer_Release(&view)
+        fmq_mac_final(&s, out)
+        return PyBytes_FromStringAndSize(<char *>out, _MAC_TAG)
+
+    def seal(self, data):
+        """``MAGIC + tag + data`` as one new bytes object."""
+        cdef Py_buffer view
+        cdef bytes out
+        cdef unsigned char *dst
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            out = PyBytes_FromStringAndSize(NULL, view.len + _MAC_OVERHEAD)
+            dst = <unsigned char *>PyBytes_AS_STRING(out)
+            memcpy(dst, PyBytes_AS_STRING(self.magic), _MAC_MAGIC_LEN)
+            self._tag(<const unsigned char *>view.buf, view.len, dst + _MAC_MAGIC_LEN)
+            memcpy(dst + _MAC_OVERHEAD, view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return out
+
+    def open(self, bytes message):
+        """The payload of ``message`` if its magic and tag are right, else
+        None. The comparison takes the same time wherever it differs."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(message)
+        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(message)
+        cdef const unsigned char *m = <const unsigned char *>PyBytes_AS_STRING(self.magic)
+        cdef unsigned char want[_MAC_TAG]
+        cdef unsigned char diff = 0
+        cdef int i
+        if n < _MAC_OVERHEAD:
+            return None
+        for i in range(_MAC_MAGIC_LEN):
+            diff |= p[i] ^ m[i]
+        if diff:
+            return None
+        self._tag(p + _MAC_OVERHEAD, n - _MAC_OVERHEAD, want)
+        for i in range(_MAC_TAG):
+            diff |= p[_MAC_MAGIC_LEN + i] ^ want[i]
+        if diff:
+            return None
+        return PyBytes_FromStringAndSize(<const char *>p + _MAC_OVERHEAD, n - _MAC_OVERHEAD)

@@ -30,7 +30,8 @@ from __future__ import annotations
 import pickle
 import struct
 
-from .errors import Error, MessageTooLarge
+from . import _auth
+from .errors import AuthenticationError, Error, MessageTooLarge
 
 MAGIC = b"\x00FQ5"
 PROTOCOL = 5
@@ -110,27 +111,44 @@ def encode(obj):
     return out
 
 
-def put_object(ring, obj, timeout):
-    """Serialize ``obj`` into ``ring``, copying array data exactly once."""
+def put_object(ring, obj, timeout, auth=None):
+    """Serialize ``obj`` into ``ring``, copying array data exactly once.
+    With ``auth`` (``_auth.Auth``) the message carries its tag."""
     data = _plain_pickle(obj)
-    if data is not None:
+    if data is None:
+        data, raws = pickle_with_buffers(obj)
+        if raws:
+            _put_frame(ring, data, raws, timeout, auth)
+            return
+    if auth is None:
         ring.put(data, timeout)
-        return
-    data, raws = pickle_with_buffers(obj)
-    if not raws:
-        ring.put(data, timeout)
-        return
+    else:
+        auth.put(ring, data, timeout)
+
+
+def _put_frame(ring, data, raws, timeout, auth):
     header, total, offsets = frame_layout(len(data), [r.nbytes for r in raws])
-    if total > ring.max_message_size:
-        raise MessageTooLarge(f"message of {total} bytes exceeds this queue's "
+    extra = 0 if auth is None else _auth.OVERHEAD
+    if total + extra > ring.max_message_size:
+        raise MessageTooLarge(f"message of {total + extra} bytes exceeds this queue's "
                               f"max_message_size of {ring.max_message_size} bytes")
-    reservation = ring.reserve(total, timeout)
+    reservation = ring.reserve(total + extra, timeout)
     try:
-        write_frame(reservation.view, header, data, raws, offsets)
+        if auth is None:
+            write_frame(reservation.view, header, data, raws, offsets)
+        else:
+            with memoryview(reservation.view) as view:
+                write_frame(view[extra:], header, data, raws, offsets)
+                auth.sign_in_place(view)
     except BaseException:
         reservation.abort()
         raise
     reservation.commit()
+
+
+def encode_sealed(obj, auth):
+    """``encode`` plus the tag: the whole authenticated message as bytes."""
+    return auth.seal(encode(obj))
 
 
 # ------------------------------------------------------------------- decode
@@ -190,6 +208,10 @@ def _decode(payload, zero_copy):
         else:
             buffers = [bytearray(view[off:off + length]) for off, length in entries]
         return _loads(stream, buffers)
+    if view.nbytes >= 4 and view[:4] == _auth.MAGIC:
+        raise AuthenticationError(
+            "this message carries an authentication tag (it was written with an "
+            "authkey): open the queue with the same authkey to read it")
     if view.nbytes == 0 or view[0] != 0x80:
         raise BadMessage("message is neither a pickle nor a fastmq frame "
                          "(was it sent with put_bytes()? read it with get_bytes())")
@@ -233,3 +255,43 @@ def _loads(stream, buffers):
         if isinstance(exc, BadMessage):
             raise
         raise BadMessage(f"cannot unpickle message: {exc}") from exc
+
+
+def decode_authenticated_view(auth, view):
+    """Zero-copy decode of an authenticated message that lives in shared
+    memory (``recv``'s view): checked before anything is unpickled, and the
+    frame header and the pickle stream are parsed and unpickled from a private
+    copy made for the check, so a co-process cannot change them afterwards;
+    only out-of-band buffers (raw data) are handed out as views.
+
+    A message that fails the check is not raised but returned as
+    ``_auth.Rejected`` (see ``_auth.Auth.verify_view``)."""
+    body = view[_auth.OVERHEAD:]
+    if body.nbytes >= _FIXED.size and body[:4] == MAGIC:
+        _, n, pickle_len = _FIXED.unpack_from(body, 0)          # a hint, re-read below
+        want = min(_FIXED.size + n * _ENTRY.size + pickle_len, body.nbytes)
+    else:
+        want = body.nbytes                                      # no buffers: copy it all
+    checked = auth.verify_view(view, want)
+    if checked.__class__ is not tuple:
+        body.release()
+        return checked                      # _auth.Rejected (see verify_view)
+    prefix, rest = checked
+    if prefix[:4] != MAGIC:
+        if rest.nbytes:
+            raise BadMessage("authenticated message changed while being read")
+        return decode(prefix)
+    _, n, pickle_len = _FIXED.unpack_from(prefix, 0)
+    table_end = _FIXED.size + n * _ENTRY.size
+    if table_end + pickle_len != len(prefix):
+        raise BadMessage("authenticated message changed while being read")
+    size = len(prefix) + rest.nbytes
+    floor, buffers = len(prefix), []
+    for i in range(n):
+        off, length = _ENTRY.unpack_from(prefix, _FIXED.size + i * _ENTRY.size)
+        if off < floor or off + length > size:
+            raise BadMessage(f"corrupt fastmq frame: buffer at {off} (+{length}) "
+                             f"outside the message of {size} bytes")
+        buffers.append(rest[off - len(prefix):off - len(prefix) + length])
+        floor = off + length
+    return _loads(memoryview(prefix)[table_end:], buffers)

@@ -44,7 +44,7 @@ import time
 from . import _backend, _lifetime
 # Settlement states, shared with both backends' LeasedMessage / ack_many.
 from ._pure.message import ACKED as _ACKED, HELD as _HELD, LOST as _LOST, NACKED as _NACKED
-from .errors import Error, LeaseLost, QueueNotFound
+from .errors import AuthenticationError, Empty, Error, LeaseLost, QueueNotFound
 
 __all__ = ["Message", "TooManyInFlight", "DEFAULT_LEASE", "DEFAULT_MAX_IN_FLIGHT"]
 
@@ -79,7 +79,10 @@ def _fields_type():
 # recognised by ``_lifetime.fork_generation`` (the one fork mechanism).
 
 
-class Message(_fields_type()):
+_LeasedMessage = _fields_type()
+
+
+class Message(_LeasedMessage):
     """A message leased with ``Queue.get_message()``; ack it when done.
 
     * ``value`` -- the deserialized object (decoded on first access);
@@ -103,7 +106,7 @@ class Message(_fields_type()):
     settling Messages is the hot path of ``get_messages``/``ack_many``.
     """
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "_checked")
 
     # ---- content
 
@@ -114,12 +117,23 @@ class Message(_fields_type()):
         except AttributeError:
             pass
         payload, queue = self._payload, self._ctx.queue
-        if payload.__class__ is not bytes:        # left in its block (native)
+        if queue._auth is not None:               # checked at lease time (a private copy)
+            payload = self._checked
+            if queue._serializer is not None and payload.__class__ is not bytes:
+                payload = bytes(payload)
+        elif payload.__class__ is not bytes:      # left in its block (native)
             payload = self.data
             if queue._serializer is not None:     # custom loads() get bytes, as from get()
                 payload = payload.tobytes()
         self._value = queue._decode(payload)
         return self._value
+
+    @property
+    def data(self):
+        """Read-only memoryview of the payload (see the class docstring)."""
+        if self._ctx.queue._auth is not None:
+            return memoryview(self._checked).toreadonly()
+        return super().data
 
     @property
     def acked(self) -> bool:
@@ -156,7 +170,7 @@ class Message(_fields_type()):
             raise
         self._settle(_NACKED)
         # Past max_deliveries (or requeue=False) it is parked now: forward it
-        # at this handle's next chance.
+        # at this handle's next get_message (inspection never forwards).
         self._ctx.acks.dead_letter_hint()
 
     def touch(self, seconds: float = DEFAULT_LEASE) -> None:
@@ -303,12 +317,58 @@ class Acks:
         n = lessee.reserve(max_messages, self.max_in_flight)
         try:
             leased = ring.lease(n, timeout, lease, lessee)
-        except BaseException:
+        except BaseException as exc:
             lessee.release(n)
+            if self._dead_letter and isinstance(exc, Empty):
+                # The wait may have parked expired leases past max_deliveries:
+                # pass them on now rather than at some later call.
+                self.forward_dead_letters(ring, force=True)
             raise
         if len(leased) < n:
             lessee.release(n - len(leased))
+        if self.queue._auth is not None:
+            return self._check(ring, leased)
         return leased
+
+    def _check(self, ring, leased):
+        """Authenticate leased messages (handle with ``authkey``). One that
+        fails is never deserialized: it is acked -- dropped, and counted in
+        ``stats()["rejected"]`` -- rather than dead-lettered, because
+        forwarding would hand a forged payload to the dead-letter queue's
+        readers. The good ones are returned; if none is good, the call raises
+        ``AuthenticationError``. A payload left in a pool block is copied out
+        for the check, so nobody can change it between check and unpickling."""
+        from ._auth import count_rejected
+        auth, good, error = self.queue._auth, [], None
+        for m in leased:
+            payload = m._payload
+            if payload.__class__ is bytes:
+                try:
+                    m._checked = checked = auth.open(payload)
+                except AuthenticationError as exc:
+                    checked = exc
+            else:
+                # Never let a traceback hold this view (see Auth.verify_view).
+                view = _LeasedMessage.data.__get__(m)
+                checked = auth.verify_view(view, view.nbytes)
+                view.release()
+                if checked.__class__ is tuple:
+                    m._checked = checked = checked[0]
+                else:
+                    checked = checked.error
+            if checked.__class__ is AuthenticationError:
+                error = checked
+                try:
+                    m.ack()
+                except LeaseLost:
+                    pass
+                continue
+            good.append(m)
+        if error is not None:
+            count_rejected(ring, len(leased) - len(good))
+            if not good:
+                raise error
+        return good
 
     def ack_many(self, ring, messages):
         lessee = self._lessee
@@ -382,7 +442,26 @@ class Acks:
 
 
 def pending(acks, ring):
-    acks.forward_dead_letters(ring, force=True)
-    ring.redeliver_due()
-    return [dict(entry) for entry in ring.pending()]
+    """Every in-flight entry, read-only: nothing is redelivered or forwarded
+    here (live consumers do that within about a second). ``orphaned`` marks
+    an entry no live consumer holds -- its holder died or let it go -- which
+    is on its way back to the queue."""
+    rows = []
+    for entry in ring.pending():
+        row = dict(entry)
+        row["orphaned"] = not _alive(row.get("pid", 0))
+        rows.append(row)
+    return rows
+
+
+def _alive(pid):
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True              # someone else's process: it exists
+    return True
 

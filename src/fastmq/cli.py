@@ -301,15 +301,20 @@ def cmd_pending(args) -> int:
     fastmq = _fastmq()
     q = fastmq.Queue.open(args.name)
     try:
-        items = q.pending()       # also redelivers expired leases first
+        items = q.pending()       # read-only: lists every in-flight entry
     finally:
         q.close()
     if not items:
         print(f"no messages in flight in {args.name}")
         return 0
     print(f"{'ID':>8}  {'PID':>8}  {'IDLE s':>8}  {'EXPIRES IN s':>12}  {'DELIVERIES':>10}")
+    if any(m.get("orphaned") and m.get("pid") for m in items):
+        print("(* its consumer exited: the message goes back to the queue within about "
+              "a second while any consumer uses it)")
     for m in sorted(items, key=lambda m: -m.get("idle", 0)):
         pid = m.get("pid") or "orphan"     # 0: its holder is gone, due now
+        if m.get("orphaned") and m.get("pid"):
+            pid = f"{pid}*"                # * its holder exited: coming back
         print(f"{m.get('id', '?')!s:>8}  {pid!s:>8}  {_seconds(m.get('idle')):>8}  "
               f"{_seconds(m.get('expires_in')):>12}  {m.get('delivery_count', '?')!s:>10}")
     return 0

@@ -12,6 +12,7 @@ import queue as _stdlib_queue
 __all__ = [
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
     "QueueExists", "CorruptQueue", "LeaseLost", "Unavailable",
+    "AuthenticationError",
 ]
 
 
@@ -55,3 +56,10 @@ class Unavailable(Error, ConnectionError):
     """The queue's location (e.g. a Redis server) could not be reached in time.
 
     The message names the location with its credentials masked."""
+
+
+class AuthenticationError(Error):
+    """A message failed its authentication check (queue opened with
+    ``authkey=``): it was not deserialized, and it was consumed and counted in
+    ``stats()["rejected"]``. Also raised by a handle without the key that
+    reads an authenticated message."""

@@ -41,8 +41,9 @@ import secrets
 import struct
 import threading
 import zlib
+from multiprocessing.context import get_spawning_popen
 
-from . import _lifetime, _location, _names, _serialize
+from . import _auth, _lifetime, _location, _names, _serialize
 from ._pure import portable
 from .errors import CorruptQueue, Full, QueueClosed, QueueExists, QueueNotFound
 
@@ -161,11 +162,15 @@ class Exchange:
         self._hdr = mmap.mmap(self._fd, _HEADER_SIZE, prot=mmap.PROT_READ)
 
     @classmethod
-    def create(cls, name, kind, *, exist_ok=False, _backend=None, url=None):
+    def create(cls, name, kind, *, exist_ok=False, authkey=None, _backend=None, url=None):
         """Create the exchange ``name`` of ``kind`` (one of KINDS).
-        ``QueueExists`` if it exists, unless ``exist_ok`` and of the same kind."""
+        ``QueueExists`` if it exists, unless ``exist_ok`` and of the same kind.
+        ``authkey``: the key of the bound queues that use one (``Queue``'s
+        ``authkey``): publish signs each message with it (shared memory)."""
+        authkey = _auth.check_authkey(authkey)
         impl = _location.exchange_class(url)
         if impl is not None:
+            _auth.only_in_shared_memory(authkey, url)
             return impl.create(name, kind, url=url, exist_ok=exist_ok)
         if kind not in KINDS:
             raise ValueError(f"unknown exchange kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -176,6 +181,7 @@ class Exchange:
         tmp = os.path.join(SHM_DIR, f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self = cls._new(name, fd, _backend)
+        self._authkey = authkey
         try:
             self._write_body(0, {"kind": kind, "bindings": []}, turn=0, current=None)
             os.link(tmp, path)
@@ -184,7 +190,7 @@ class Exchange:
             if not exist_ok:
                 raise QueueExists(f"exchange {name!r} already exists "
                                   "(pass exist_ok=True to open it)") from None
-            ex = cls.open(name, _backend=_backend)
+            ex = cls.open(name, authkey=authkey, _backend=_backend)
             if ex.kind != kind:
                 ex.close()
                 raise ValueError(f"exchange {name!r} exists with kind {ex.kind!r}, "
@@ -200,11 +206,13 @@ class Exchange:
         return self
 
     @classmethod
-    def open(cls, name, *, _backend=None, url=None):
+    def open(cls, name, *, authkey=None, _backend=None, url=None):
         """Open an existing exchange; ``FileNotFoundError`` (``QueueNotFound``)
-        if there is none of that name."""
+        if there is none of that name. ``authkey`` as for ``create``."""
+        authkey = _auth.check_authkey(authkey)
         impl = _location.exchange_class(url)
         if impl is not None:
+            _auth.only_in_shared_memory(authkey, url)
             return impl.open(name, url=url)
         try:
             fd = os.open(_path(name), os.O_RDWR | os.O_CLOEXEC)
@@ -212,6 +220,7 @@ class Exchange:
             raise QueueNotFound(f"no fastmq exchange named {name!r} "
                                 f"(create it with fastmq.Exchange.create)") from None
         self = cls._new(name, fd, _backend)
+        self._authkey = authkey
         self._map_header()
         self._refresh()
         return self
@@ -271,6 +280,9 @@ class Exchange:
             pass
 
     def __reduce__(self):
+        # The authkey only while spawning a multiprocessing child (see Queue).
+        if getattr(self, "_authkey", None) and get_spawning_popen() is not None:
+            return (_reopen, (self.name, self._backend, self._authkey))
         return (_reopen, (self.name, self._backend))
 
     def __repr__(self):
@@ -432,7 +444,8 @@ class Exchange:
         q = self._queues.get(name)
         if q is None:
             from .queue import Queue
-            q = self._queues[name] = Queue.open(name, _backend=self._backend)
+            q = self._queues[name] = Queue.open(name, _backend=self._backend,
+                                                authkey=getattr(self, "_authkey", None))
         return q
 
     def publish(self, obj, key="", timeout=None) -> int:
@@ -513,5 +526,5 @@ class _FileLock:
             self._ex._lock.release()
 
 
-def _reopen(name, backend):
-    return Exchange.open(name, _backend=backend)
+def _reopen(name, backend, authkey=None):
+    return Exchange.open(name, _backend=backend, authkey=authkey)

@@ -16,14 +16,15 @@ rest of a batch and the handle holds no dequeued-but-undelivered payloads.
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 import weakref
 from typing import Any, Callable, Generic, Iterable, Optional, Tuple, TypeVar, Union
 
-from . import _backend, _lifetime, _location, _names, _serialize, acks, asyncio_support
-from .errors import Full, MessageTooLarge, QueueClosed, QueueNotFound
+from multiprocessing.context import get_spawning_popen
+
+from . import _auth, _backend, _lifetime, _location, _names, _serialize, acks, asyncio_support
+from .errors import AuthenticationError, Full, MessageTooLarge, QueueClosed, QueueNotFound
 
 __all__ = ["Queue", "Received", "DEFAULT_MAX_MESSAGE_SIZE", "MIN_CAPACITY_BYTES",
            "MAX_DEFAULT_CAPACITY_BYTES", "default_capacity_bytes", "unbounded_slots"]
@@ -37,6 +38,8 @@ MAX_MAXSIZE = 1 << 24
 MAX_MESSAGE_SIZE = 1 << 31
 MAX_CAPACITY_BYTES = 1 << 40
 DEFAULT_GET_MANY = 1024
+_SMALL_SEALED = 1 << 16        # below: sealed as one bytes; above: written in place
+_plain_pickle = _serialize._plain_pickle
 
 _T = TypeVar("_T")                        # the item type of a Queue (typing only)
 Serializer = Tuple[Callable[[Any], bytes], Callable[[bytes], Any]]
@@ -104,17 +107,29 @@ def _check_serializer(serializer):
     return tuple(serializer)
 
 
+# A timeout this long (about 317 years) is "forever": the rings' deadlines are
+# nanosecond counters, and a deadline past 2**64 ns cannot be represented.
+FOREVER_SECONDS = 1e10
+
+
 def _timeout(block, timeout):
-    """``None`` (forever), ``0`` (don't block) or seconds > 0, like the stdlib."""
+    """``None`` (forever), ``0`` (one non-blocking try) or seconds > 0.
+
+    As in ``multiprocessing.Queue``: a timeout of zero or less makes one
+    non-blocking try (so ``get(timeout=deadline - time.monotonic())`` past
+    its deadline raises ``Empty``), and ``inf`` -- or any timeout of at least
+    ``FOREVER_SECONDS`` -- waits forever. NaN is a ``ValueError``."""
     if not block:
         return 0
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"'timeout' must be a number or None, not {type(timeout).__name__}")
-    if timeout < 0 or math.isnan(timeout):
-        raise ValueError("'timeout' must be a non-negative number")
-    return timeout
+    if timeout > 0:
+        return None if timeout >= FOREVER_SECONDS else timeout
+    if timeout != timeout:
+        raise ValueError("'timeout' must be a number of seconds or None, not NaN")
+    return 0
 
 
 # ------------------------------------------------------------------ the handle
@@ -143,6 +158,14 @@ class Queue(Generic[_T]):
     * ``serializer`` -- ``(dumps, loads)``; default pickle protocol 5 with
       out-of-band buffers (numpy arrays are copied once, straight into
       shared memory).
+    * ``authkey`` -- bytes: every message this handle writes carries a keyed
+      MAC (BLAKE2b), and every message it reads is checked before it is
+      deserialized; one that fails is consumed, counted in
+      ``stats()["rejected"]`` and raises ``fastmq.AuthenticationError``
+      (see ``_auth``). The key travels to ``multiprocessing`` children like
+      ``multiprocessing``'s own authkey: a handle pickled while spawning a
+      process carries it, a handle pickled anywhere else (into a message, a
+      file) does not.
 
     The handle pickles (fork, spawn, forkserver, executors, even through
     another fastmq queue). The memory of an anonymous queue is freed when the
@@ -164,26 +187,29 @@ class Queue(Generic[_T]):
     def __init__(self, maxsize: int = 0, *, max_message_size: Optional[int] = None,
                  capacity_bytes: Optional[int] = None,
                  serializer: Optional[Serializer] = None,
+                 authkey: Optional[bytes] = None,
                  _backend: Optional[str] = None) -> None:
         geometry = _geometry(maxsize, max_message_size, capacity_bytes)
         serializer = _check_serializer(serializer)
+        authkey = _auth.check_authkey(authkey)
         backend, module = _backend_resolve(_backend)
         ring = module.Ring.create(_names.anonymous_segment(), anonymous=True, **geometry)
-        self._setup(ring, backend, None, serializer)
+        self._setup(ring, backend, None, serializer, authkey)
 
     # -------------------------------------------------------- constructors
 
     @classmethod
-    def _from_ring(cls, ring, backend, name, serializer):
+    def _from_ring(cls, ring, backend, name, serializer, authkey=None):
         self = cls.__new__(cls)
-        self._setup(ring, backend, name, serializer)
+        self._setup(ring, backend, name, serializer, authkey)
         return self
 
-    def _setup(self, ring, backend, name, serializer):
+    def _setup(self, ring, backend, name, serializer, authkey=None):
         self._ring = ring
         self.backend = backend
         self.name = name                  # None for anonymous queues
         self._serializer = serializer
+        self._auth = _auth.Auth(authkey) if authkey is not None else None
         self._reserved_arrays = {}        # id(array) -> Reservation (reserve_array)
         self._lock = threading.Lock()
 
@@ -192,12 +218,14 @@ class Queue(Generic[_T]):
                capacity_bytes: Optional[int] = None, mode: int = 0o600,
                exist_ok: bool = False, serializer: Optional[Serializer] = None,
                max_deliveries: int = 20, dead_letter: Optional[str] = None,
+               authkey: Optional[bytes] = None,
                _backend: Optional[str] = None, url: Optional[str] = None) -> "Queue[Any]":
         """Create the named queue ``name`` (``QueueExists`` if it exists, unless
         ``exist_ok=True``, which opens it -- its own sizes win). ``url``: where
         (None: ``$FASTMQ_URL``, else this host's shared memory; see ``_location``)."""
         impl = _location.queue_class(url)
         if impl is not None:
+            _auth.only_in_shared_memory(authkey, url)
             return impl.create(name, url=url, maxsize=maxsize, max_message_size=max_message_size,
                                capacity_bytes=capacity_bytes, mode=mode, exist_ok=exist_ok,
                                serializer=serializer, max_deliveries=max_deliveries,
@@ -205,6 +233,7 @@ class Queue(Generic[_T]):
         segment = _names.segment_for(name)
         geometry = _geometry(maxsize, max_message_size, capacity_bytes)
         serializer = _check_serializer(serializer)
+        authkey = _auth.check_authkey(authkey)
         _check_int("mode", mode, 0, 0o7777)
         _check_int("max_deliveries", max_deliveries, 1, 1 << 30)
         if dead_letter is not None:
@@ -213,23 +242,26 @@ class Queue(Generic[_T]):
         ring = module.Ring.create(segment, mode=mode, exist_ok=exist_ok,
                                   max_deliveries=max_deliveries,
                                   dead_letter=dead_letter or "", **geometry)
-        return cls._from_ring(ring, backend, name, serializer)
+        return cls._from_ring(ring, backend, name, serializer, authkey)
 
     @classmethod
     def open(cls, name: str, serializer: Optional[Serializer] = None, *,
-             _backend: Optional[str] = None, url: Optional[str] = None) -> "Queue[Any]":
+             authkey: Optional[bytes] = None, _backend: Optional[str] = None,
+             url: Optional[str] = None) -> "Queue[Any]":
         """Open the existing named queue ``name`` (``QueueNotFound`` if absent)."""
         impl = _location.queue_class(url)
         if impl is not None:
+            _auth.only_in_shared_memory(authkey, url)
             return impl.open(name, serializer, url=url)
         segment = _names.segment_for(name)
         serializer = _check_serializer(serializer)
+        authkey = _auth.check_authkey(authkey)
         backend, module = _backend_resolve(_backend)
         try:
             ring = module.Ring.open(segment)
         except QueueNotFound:
             raise QueueNotFound(f"no fastmq queue named {name!r}") from None
-        return cls._from_ring(ring, backend, name, serializer)
+        return cls._from_ring(ring, backend, name, serializer, authkey)
 
     @staticmethod
     def unlink(name: str, *, _backend: Optional[str] = None, url: Optional[str] = None) -> None:
@@ -251,7 +283,13 @@ class Queue(Generic[_T]):
         # A pickled handle is not an open handle: if every open handle of an
         # anonymous queue closes before the copy is loaded, loading it raises
         # QueueNotFound (API: the memory lives until the last handle closes).
-        return (_reopen, (ring.name, ring.anonymous, self._serializer, self.backend))
+        # The authkey goes along only while a multiprocessing child is being
+        # spawned (as multiprocessing's own authkey does): never into a
+        # message, a file, or any other pickle that may outlive the process.
+        args = (ring.name, ring.anonymous, self._serializer, self.backend)
+        if self._auth is not None and get_spawning_popen() is not None:
+            args += (self._auth.key,)
+        return (_reopen, args)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -323,10 +361,25 @@ class Queue(Generic[_T]):
         return self._serializer[1](payload)
 
     def _encode(self, obj):
-        return self._dumps(obj) if self._serializer else _serialize.encode(obj)
+        payload = self._dumps(obj) if self._serializer else _serialize.encode(obj)
+        return payload if self._auth is None else self._auth.seal(payload)
 
     def _decode(self, payload):
+        """Deserialize a payload (already checked, if this handle has a key)."""
         return self._loads(payload) if self._serializer else _serialize.decode(payload)
+
+    def _decode_sealed(self, message):
+        """Check, then deserialize, one message read by a handle with a key."""
+        return self._decode(self._auth.open(message))
+
+    def _open_bytes(self, message):
+        payload = self._auth.open(message)
+        return payload if payload.__class__ is bytes else bytes(payload)
+
+    def _rejected(self, exc):
+        """A message failed its check and was consumed: count it, raise."""
+        _auth.count_rejected(self._ring)
+        raise exc
 
     # --------------------------------------------------------- put / get
 
@@ -339,7 +392,17 @@ class Queue(Generic[_T]):
         """Serialize ``obj`` and enqueue it; ``Full`` if no room in time."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        if self._serializer is None:
+        auth = self._auth
+        if auth is not None:
+            if self._serializer is None:
+                data = _plain_pickle(obj)
+                if data is not None and len(data) < _SMALL_SEALED:
+                    self._ring.put(auth.seal(data), timeout)    # the common case
+                else:
+                    _serialize.put_object(self._ring, obj, timeout, auth)
+            else:
+                auth.put(self._ring, self._dumps(obj), timeout)
+        elif self._serializer is None:
             _serialize.put_object(self._ring, obj, timeout)
         else:
             self._ring.put(self._dumps(obj), timeout)
@@ -354,6 +417,15 @@ class Queue(Generic[_T]):
         """
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
+        auth = self._auth
+        if auth is not None:
+            if zero_copy or self._serializer is not None:
+                return self._get_sealed(timeout, zero_copy)
+            message = self._ring.get(timeout)    # a private copy: check, then use
+            payload = auth.check(message)
+            if payload is None:
+                self._rejected(_auth.rejection(message))
+            return _serialize.decode(payload)
         if self._serializer is not None:
             return self._loads(self._ring.get(timeout))
         if not zero_copy:
@@ -363,6 +435,23 @@ class Queue(Generic[_T]):
             return _serialize.decode(lease.view, zero_copy=True)
         finally:
             lease.close()            # deferred while the arrays view it
+
+    def _get_sealed(self, timeout, zero_copy):
+        if self._serializer is not None or not zero_copy:
+            message = self._ring.get(timeout)       # a private copy: check, then use
+            try:
+                payload = self._auth.open(message)
+            except AuthenticationError as exc:
+                self._rejected(exc)
+            return self._decode(payload)
+        lease = self._ring.recv(timeout)
+        try:
+            value = _serialize.decode_authenticated_view(self._auth, lease.view)
+        finally:
+            lease.close()            # deferred while the arrays view it
+        if value.__class__ is _auth.Rejected:
+            self._rejected(value.error)
+        return value
 
     def put_nowait(self, obj: _T) -> None:
         return self.put(obj, False)
@@ -376,7 +465,8 @@ class Queue(Generic[_T]):
         blocking without a timeout). Nothing is written if any item is too big."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        encode = self._encode if self._serializer is not None else _serialize.encode
+        encode = (self._encode if self._serializer is not None or self._auth is not None
+                  else _serialize.encode)
         payloads = [encode(obj) for obj in iterable]
         # The ring checks every size before writing anything, too; checking
         # here first gives the message that names the batch.
@@ -394,20 +484,36 @@ class Queue(Generic[_T]):
         _check_int("max_messages", max_messages, 1, 1 << 30)
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        return self._ring.get_many(max_messages, timeout, self._decode)
+        if self._auth is None:
+            return self._ring.get_many(max_messages, timeout, self._decode)
+        # A message that fails its check stops the batch like an undecodable
+        # one: those before it are returned, it stays first in line, and the
+        # call that meets it first consumes it and raises (counted once, here).
+        try:
+            return self._ring.get_many(max_messages, timeout, self._decode_sealed)
+        except AuthenticationError as exc:
+            self._rejected(exc)
 
     def put_bytes(self, data: BytesLike, block: bool = True,
                   timeout: Optional[float] = None) -> None:
         """Enqueue a bytes-like payload as it is (no serialization)."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        self._ring.put(data, timeout)
+        if self._auth is not None:
+            self._auth.put(self._ring, data, timeout)
+        else:
+            self._ring.put(data, timeout)
 
     def get_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
         """Dequeue one payload as bytes (no deserialization)."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        return self._ring.get(timeout)
+        if self._auth is None:
+            return self._ring.get(timeout)
+        try:
+            return self._open_bytes(self._ring.get(timeout))
+        except AuthenticationError as exc:
+            self._rejected(exc)
 
     def put_many_bytes(self, items: Iterable[BytesLike], block: bool = True,
                        timeout: Optional[float] = None) -> int:
@@ -415,6 +521,8 @@ class Queue(Generic[_T]):
         way to move many small messages (one call, one wake-up)."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
+        if self._auth is not None:
+            items = [self._auth.seal(item) for item in items]
         return self._ring.put_many(items, timeout)
 
     def get_many_bytes(self, max_messages: int = DEFAULT_GET_MANY, block: bool = True,
@@ -423,7 +531,12 @@ class Queue(Generic[_T]):
         _check_int("max_messages", max_messages, 1, 1 << 30)
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
-        return self._ring.get_many(max_messages, timeout)
+        if self._auth is None:
+            return self._ring.get_many(max_messages, timeout)
+        try:
+            return self._ring.get_many(max_messages, timeout, self._open_bytes)
+        except AuthenticationError as exc:
+            self._rejected(exc)
 
     # ------------------------------------------------------------ inspection
 
@@ -442,10 +555,15 @@ class Queue(Generic[_T]):
     def stats(self) -> "dict[str, Any]":
         """The ring's counters: depth, capacity, enqueued, dequeued,
         bytes_in_use, producers, consumers, redelivered, abandoned,
-        dead_lettered, and whatever else the backend reports."""
+        dead_lettered, and whatever else the backend reports.
+
+        Read-only: it changes nothing in the queue (parked dead letters stay
+        parked for the next ``get_message``, and no dead-letter queue is
+        created), so ``fastmq stat``/``fastmq ls`` can inspect any queue."""
         ring = self._live_ring()
-        self._acks.forward_dead_letters(ring, force=True)  # parked dead letters first
-        return dict(ring.stats())
+        stats = dict(ring.stats())
+        stats["rejected"] = _auth.rejected(ring)   # failed authentication (authkey=)
+        return stats
 
     # ------------------------------------------------------------- zero-copy
 
@@ -456,10 +574,11 @@ class Queue(Generic[_T]):
         before the ``with`` block; the space is claimed on entering it."""
         _check_int("nbytes", nbytes, 0, MAX_MESSAGE_SIZE)
         ring = self._live_ring()
-        if nbytes > ring.max_message_size:
-            raise MessageTooLarge(f"reservation of {nbytes} bytes exceeds this queue's "
+        extra = 0 if self._auth is None else _auth.OVERHEAD
+        if nbytes + extra > ring.max_message_size:
+            raise MessageTooLarge(f"reservation of {nbytes + extra} bytes exceeds this queue's "
                                   f"max_message_size of {ring.max_message_size} bytes")
-        return _ReservationContext(ring, nbytes, _timeout(True, timeout))
+        return _ReservationContext(ring, nbytes, _timeout(True, timeout), self._auth)
 
     def reserve_array(self, shape, dtype, *, timeout=None):
         """A numpy array living in the queue's memory; publish it with
@@ -476,11 +595,13 @@ class Queue(Generic[_T]):
             raise TypeError(f"numpy did not pickle a {dtype} array out-of-band")
         header, total, offsets = _serialize.frame_layout(len(data), [raws[0].nbytes])
         del template, raws
-        reservation = self._live_ring().reserve(total, timeout)
+        extra = 0 if self._auth is None else _auth.OVERHEAD   # the tag, written at commit
+        reservation = self._live_ring().reserve(total + extra, timeout)
         try:
-            _serialize.write_frame(reservation.view[:offsets[0]], header, data, [], [])
+            with memoryview(reservation.view) as view:
+                _serialize.write_frame(view[extra:extra + offsets[0]], header, data, [], [])
             arr = np.frombuffer(reservation.view, dtype, count=int(np.prod(shape)),
-                                offset=offsets[0]).reshape(shape)
+                                offset=extra + offsets[0]).reshape(shape)
         except BaseException:
             reservation.abort()
             raise
@@ -499,13 +620,22 @@ class Queue(Generic[_T]):
             raise ValueError("commit() takes an array returned by this queue's "
                              "reserve_array() that was not committed yet")
         arr.flags.writeable = False
+        if self._auth is not None:
+            self._auth.sign_in_place(reservation.view)
         reservation.commit()
 
     def recv(self, timeout: Optional[float] = None) -> "Received":
         """``with q.recv() as msg:`` -- ``msg.data`` is a read-only memoryview
         of the next message in shared memory, pinned while any view of it lives."""
         timeout = _timeout(True, timeout)
-        return Received(self._live_ring().recv(timeout))
+        lease = self._live_ring().recv(timeout)
+        if self._auth is None:
+            return Received(lease)
+        checked = self._auth.verify_view(lease.view)   # before it is handed out
+        if checked.__class__ is _auth.Rejected:
+            lease.close()
+            self._rejected(checked.error)
+        return Received(lease, checked[1])
 
     # ------------------------------------------- at-least-once (see acks.py)
     #
@@ -578,9 +708,11 @@ class Queue(Generic[_T]):
 
     def pending(self) -> list:
         """In-flight (leased, un-acked) messages of the whole queue, as dicts:
-        ``id``, ``pid`` (holder; 0 if orphaned), ``idle`` (seconds since
-        leased), ``delivery_count``, plus ``token`` and ``expires_in``.
-        Expired leases are redelivered first, so they are not listed."""
+        ``id``, ``pid`` (holder; 0 if none), ``idle`` (seconds since
+        leased), ``delivery_count``, ``orphaned`` (no live consumer holds
+        it: it is coming back to the queue), plus ``token`` and
+        ``expires_in`` (negative once expired). Read-only: it redelivers
+        nothing (``redeliver_expired()`` does)."""
         return acks.pending(self._acks, self._live_ring())
 
     def redeliver_expired(self) -> int:
@@ -640,21 +772,30 @@ class Queue(Generic[_T]):
 class _ReservationContext:
     """What ``Queue.reserve`` returns: claims the space on ``__enter__``."""
 
-    __slots__ = ("_ring", "_nbytes", "_timeout", "_reservation")
+    __slots__ = ("_ring", "_nbytes", "_timeout", "_reservation", "_auth", "_view")
 
-    def __init__(self, ring, nbytes, timeout):
+    def __init__(self, ring, nbytes, timeout, auth=None):
         self._ring, self._nbytes, self._timeout = ring, nbytes, timeout
         self._reservation = None
+        self._auth, self._view = auth, None
 
     def __enter__(self) -> memoryview:
         if self._reservation is not None:
             raise RuntimeError("a reserve() context can be entered only once")
-        self._reservation = self._ring.reserve(self._nbytes, self._timeout)
-        return self._reservation.view
+        if self._auth is None:
+            self._reservation = self._ring.reserve(self._nbytes, self._timeout)
+            return self._reservation.view
+        # Room for the tag in front; the user writes after it, and the tag
+        # is computed over what they wrote when the block exits.
+        self._reservation = self._ring.reserve(self._nbytes + _auth.OVERHEAD, self._timeout)
+        self._view = memoryview(self._reservation.view)
+        return self._view[_auth.OVERHEAD:]
 
     def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException],
                  tb: object) -> None:
         if exc_type is None:
+            if self._auth is not None:
+                self._auth.sign_in_place(self._view)
             self._reservation.commit()
         else:
             self._reservation.abort()
@@ -669,26 +810,36 @@ class Received:
     while such views are alive.
     """
 
-    __slots__ = ("_lease",)
+    __slots__ = ("_lease", "_data")
 
-    def __init__(self, lease):
+    def __init__(self, lease, data=None):
         self._lease = lease
+        self._data = data             # the checked payload, past the tag (authkey=)
 
     @property
     def data(self) -> memoryview:
-        return self._lease.view
+        return self._lease.view if self._data is None else self._data
 
     @property
     def nbytes(self) -> int:
-        return self._lease.nbytes
+        return self._lease.nbytes if self._data is None else self._data.nbytes
 
     def release(self) -> None:
+        data = self._data
+        if data is not None:
+            data.release()            # our own slice; views derived from it keep it
         self._lease.release()
 
     def __enter__(self) -> "Received":
         return self
 
     def __exit__(self, *exc: object) -> None:
+        data = self._data
+        if data is not None:
+            try:
+                data.release()
+            except BufferError:
+                pass                  # views of it live on; closing defers to them
         self._lease.close()
 
 
@@ -731,7 +882,7 @@ def _numpy():
     return numpy
 
 
-def _reopen(segment, anonymous, serializer, backend):
+def _reopen(segment, anonymous, serializer, backend, authkey=None):
     """Unpickle a handle: open its segment in this process."""
     module = _backend.ring_module(backend)
     try:
@@ -740,4 +891,4 @@ def _reopen(segment, anonymous, serializer, backend):
         what = "anonymous queue" if anonymous else f"queue {_names.queue_name_of(segment)!r}"
         raise QueueNotFound(f"cannot unpickle fastmq handle: the {what} no longer "
                             "exists (every open handle to it was closed)") from None
-    return Queue._from_ring(ring, backend, _names.queue_name_of(segment), serializer)
+    return Queue._from_ring(ring, backend, _names.queue_name_of(segment), serializer, authkey)

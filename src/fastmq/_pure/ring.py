@@ -95,11 +95,13 @@ PARTICIPANTS_OFFSET = 1024
 MAX_PARTICIPANTS = 128
 ROLE_PRODUCER, ROLE_CONSUMER = 1, 2
 LOCK_BYTE = HEADER_SIZE - 1           # record-locked byte (advisory; never read)
+REJECTED_OFFSET = HEADER_SIZE - 16    # u64: messages that failed authentication
 
 assert GEOMETRY_OFFSET + GEOMETRY.size <= STATE_OFFSET
 assert STATE_OFFSET + STATE.size == leases.LEASE_STATE_OFFSET
 assert leases.LEASE_STATE_OFFSET + leases.LEASE_STATE.size <= PARTICIPANTS_OFFSET
-assert PARTICIPANTS_OFFSET + MAX_PARTICIPANTS * PARTICIPANT.size <= LOCK_BYTE
+assert PARTICIPANTS_OFFSET + MAX_PARTICIPANTS * PARTICIPANT.size <= REJECTED_OFFSET
+assert REJECTED_OFFSET + 8 <= LOCK_BYTE
 assert STATE_OFFSET % 64 == 0 and STATE.size == 64   # never crosses a page
 
 # ------------------------------------------------------------ memory
@@ -158,10 +160,17 @@ _MAX_SLEEP = 5e-3
 _INIT_WAIT = 2.0        # how long open() waits for a creator to finish init
 _AGAIN = object()       # "would block" marker returned by attempt functions
 _NO_ROOM_RETRY = 0.05   # a put that found /dev/shm full tries again this often
+_LEASE_SWEEP = 0.25     # s: how often a waiting consumer looks for dead leases
 
 
 def _deadline(timeout):
-    return None if timeout is None else time.monotonic() + timeout
+    """None (forever) or an absolute monotonic time; like the native ring,
+    inf and timeouts of 1e10 s or more wait forever and NaN is refused."""
+    if timeout is None or timeout >= 1e10:
+        return None
+    if timeout != timeout:
+        raise ValueError("'timeout' must be a number of seconds or None, not NaN")
+    return time.monotonic() + timeout
 
 
 def _remaining(deadline):
@@ -617,11 +626,39 @@ class Ring(leases.LeaseMixin):
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, got {max_messages}")
         self._register(ROLE_CONSUMER)
-        got = self._wait(lambda: self._locked(self._get_locked, max_messages, decode)
-                         or _AGAIN, timeout)
-        if got is _AGAIN:
-            raise Empty("queue is empty")
-        return got
+
+        def attempt():
+            got = self._locked(self._get_locked, max_messages, decode)
+            if not got and self._sweep_leases():
+                got = self._locked(self._get_locked, max_messages, decode)
+            return got or _AGAIN
+
+        # Waited in slices: an idle wait re-attempts only when the epoch
+        # changes, and a dead consumer's leases change nothing in the ring.
+        deadline = _deadline(timeout)
+        while True:
+            left = _remaining(deadline)
+            step = 0 if timeout == 0 else (
+                _LEASE_SWEEP if left is None else max(0.0, min(_LEASE_SWEEP, left)))
+            got = self._wait(attempt, step)
+            if got is not _AGAIN:
+                return got
+            if timeout == 0 or (left is not None and left <= _LEASE_SWEEP):
+                raise Empty("queue is empty")
+
+    _next_lease_sweep = 0.0
+
+    def _sweep_leases(self):
+        """A consumer that finds the queue empty also brings back what dead
+        consumers leased (and expired leases), at most every 0.25 s, so their
+        messages return within about a second (the sweep interval) while any
+        consumer waits -- not only when someone calls get_message. Returns
+        how many came back."""
+        now = time.monotonic()
+        if now < self._next_lease_sweep:
+            return 0
+        self._next_lease_sweep = now + _LEASE_SWEEP
+        return self._lease_op(lambda fd, state, ls: self._redeliver_locked(fd, state, ls, False))
 
     def reserve(self, nbytes, timeout):
         if isinstance(nbytes, bool) or not isinstance(nbytes, int):
@@ -657,6 +694,19 @@ class Ring(leases.LeaseMixin):
 
     def qsize(self):
         return self._read_u64(COUNT_OFFSET)
+
+    # fastmq.Queue's count of messages that failed authentication (authkey=,
+    # see fastmq/_auth.py), kept in the free part of the header page.
+    def count_rejected(self, n=1):
+        def bump(fd, state):
+            raw = os.pread(fd, 8, REJECTED_OFFSET)
+            if len(raw) == 8:
+                os.pwrite(fd, struct.pack("<Q", struct.unpack("<Q", raw)[0] + n),
+                          REJECTED_OFFSET)
+        self._locked(bump)
+
+    def rejected(self):
+        return self._read_u64(REJECTED_OFFSET)
 
     def stats(self):
         def read(fd, state):
