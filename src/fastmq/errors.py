@@ -11,7 +11,7 @@ import queue as _stdlib_queue
 
 __all__ = [
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
-    "QueueExists", "CorruptQueue", "LeaseLost",
+    "QueueExists", "CorruptQueue", "LeaseLost", "Unroutable",
 ]
 
 
@@ -49,3 +49,8 @@ class CorruptQueue(Error):
 
 class LeaseLost(Error):
     """``ack``/``touch``/``release`` of a message whose lease expired or was reclaimed."""
+
+
+class Unroutable(Error):
+    """``Exchange.publish(..., mandatory=True)``: no bound queue took the message
+    (no binding matches its key, or the matching queues no longer exist)."""
