@@ -78,6 +78,8 @@ _MAX_BODY = 16 << 20                    # a sanity bound for a corrupted length
 _MAX_OFFSET = 1 << 32                   # likewise for a corrupted offset
 _U64 = (1 << 64) - 1
 _RECHECK = 0.02                         # seconds between checks of cached queues
+_pread = os.pread
+_monotonic = time.monotonic
 
 
 def _path(name):
@@ -133,6 +135,7 @@ class Exchange:
         self._backend = backend
         self._lock = threading.RLock()
         self._version = None
+        self._version_raw = None         # _VERSION.pack(_version): the fast check
         self._kind = None
         self._bindings = []              # [(queue, key)] as stored
         self._routes = {}                # key -> [queue names], for this version
@@ -280,9 +283,9 @@ class Exchange:
         not completed yet). Not a mapping: a truncated file is a short read
         here (then CorruptQueue below), where a mapping would be a SIGBUS."""
         fd = self._fd
-        if fd is not None and self._version is not None:
-            raw = os.pread(fd, 16, 0)
-            if len(raw) == 16 and _VERSION.unpack_from(raw, 8)[0] == self._version:
+        if fd is not None:
+            raw = _pread(fd, 16, 0)
+            if raw[8:] == self._version_raw:
                 return
         with self._lock:
             self._refresh_locked()
@@ -296,6 +299,7 @@ class Exchange:
         self._kind, self._bindings = kind, bindings
         self._routes = {}
         self._version = version
+        self._version_raw = _VERSION.pack(version)
 
     def _read_body(self, offset, length):
         """(kind, [(queue, key)]) from the body the header points at."""
@@ -343,7 +347,7 @@ class Exchange:
         """Apply ``edit(bindings) -> bindings`` under the exclusive lock."""
         with self._locked(LOCK_EX):
             version, turn, offset, length = self._read_header()
-            self._version = None                     # re-read below, in any case
+            self._version = self._version_raw = None   # re-read below, in any case
             kind, bindings = self._read_body(offset, length)
             new = edit(bindings)
             if new != bindings:
@@ -451,10 +455,7 @@ class Exchange:
         """Forget cached queues whose name was removed or now refers to
         another segment (a queue unlinked and created again): publishing into
         the old one would lose the message while counting it delivered."""
-        now = time.monotonic()
-        if now - self._checked < _RECHECK:
-            return
-        self._checked = now
+        self._checked = _monotonic()
         for name, ident in list(self._idents.items()):
             if ident is None or self._ident(name) != ident:
                 self._idents.pop(name, None)
@@ -495,7 +496,8 @@ class Exchange:
             if self._fd is None:
                 raise QueueClosed(f"exchange {self.name!r} handle is closed")
             self._refresh()
-            self._drop_replaced_queues()
+            if _monotonic() - self._checked >= _RECHECK:
+                self._drop_replaced_queues()
             targets = self._targets(key)
             delivered = 0
             for name in targets:
