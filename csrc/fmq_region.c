@@ -1,28 +1,43 @@
 /*
  * fmq_region.c -- create, open, validate, close and unlink a segment.
  *
- * Algorithm. The creator makes the name with O_CREAT|O_EXCL (so exactly one
- * process initialises it), sizes it (sparse: the whole layout), reserves the
- * pages of its header, control lines and participant table with
- * posix_fallocate (so a full /dev/shm is an error now, not a SIGBUS on some
- * later write; everything else is reserved as it is first used, fmq_pool.c),
- * writes the header and empty pool free stacks, and last publishes
- * init_state = FMQ_INIT_READY with a release store [R-init]. An opener maps
- * the file, waits (bounded) for READY with an acquire load [A-init], then
- * re-derives the whole geometry from four numbers in the header and refuses
- * the segment unless every offset, size and the geometry hash agree with its
- * own computation. From then on it uses its own copy of the geometry, never
- * the shared header, so a later scribble over the header cannot send it out of
- * bounds.
+ * Algorithm. The creator initialises the segment under a temporary name
+ * (FMQ_TMP_PREFIX<pid>-<random>, made with O_CREAT|O_EXCL|O_NOFOLLOW): it
+ * sizes it (sparse: the whole layout), reserves the pages of its header,
+ * control lines and participant table with posix_fallocate (so a full
+ * /dev/shm is an error now, not a SIGBUS on some later write; everything else
+ * is reserved as it is first used, fmq_pool.c), writes the header and empty
+ * pool free stacks, publishes init_state = FMQ_INIT_READY with a release
+ * store [R-init], registers itself, and only then link()s the file into
+ * place (which fails if the name exists) and removes the temporary name. So
+ * a name under /dev/shm always refers to a complete segment: "being set up"
+ * is a temporary file, visible as such without any clock. An opener maps the
+ * file, checks READY with an acquire load [A-init], then re-derives the whole
+ * geometry from four numbers in the header and refuses the segment unless
+ * every offset, size and the geometry hash agree with its own computation.
+ * From then on it uses its own copy of the geometry, never the shared header,
+ * so a later scribble over the header cannot send it out of bounds.
  *
- * Failure model. A creator killed before READY leaves a segment that openers
- * reject with CorruptQueue after a bounded wait (never a hang); an anonymous
- * one is swept by cleanup once its lock is gone. A handle is one participant
- * (fmq_live.c); close() drops its registration. Anonymous segments: every
- * handle holds flock(LOCK_SH) on its own open file description; close() drops
- * its descriptor without LOCK_UN (a forked child may share the description)
- * and then unlinks the name only if a fresh descriptor can take LOCK_EX,
- * i.e. nobody anywhere still holds the segment.
+ * Failure model. A creator killed before the link leaves only its temporary
+ * file, which fastmq.cleanup() removes once the creator's pid is gone. A
+ * visible segment that is not READY (an opener auditing it, or a segment
+ * from a creator that initialised in place) is waited for only while the
+ * init lock (an OFD lock, dropped by the kernel when its holder dies) is
+ * held, up to FMQ_INIT_PATIENCE_NS; with the lock gone it is dead at once.
+ * A handle is one participant (fmq_live.c); close() drops its registration.
+ * Anonymous segments: every handle holds flock(LOCK_SH) on its own open file
+ * description; close() drops its descriptor without LOCK_UN (a forked child
+ * may share the description) and then unlinks the name only if a fresh
+ * descriptor can take LOCK_EX, i.e. nobody anywhere still holds the segment.
+ * An opener takes LOCK_SH without blocking (bounded retries, no GIL: the
+ * binding calls open without it) and then checks that the name still refers
+ * to the inode it locked, so it never attaches to a segment the last closer
+ * has just unlinked.
+ *
+ * Truncation. The segment is mapped; a process that can write the file and
+ * truncates it makes every mapped access past the new end a SIGBUS. That is
+ * what a writer with access can do (see README, "Security"); it is not
+ * survivable without guarding every shared access.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -32,6 +47,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/random.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -252,12 +268,33 @@ static int fmq_name_ok(const char *name) {
     return 1;
 }
 
+/* Segments live in /dev/shm, where shm_open(3) puts them and where the Python
+ * layer (cleanup, the pure backend) looks; link(2) needs real paths. */
+#define FMQ_SHM_DIR "/dev/shm/"
+#define FMQ_TMP_PREFIX "fastmq-tmp-"
+#define FMQ_PURE_MAGIC "FMQPURE\x01"   /* the pure-Python backend's segments */
+
 static int fmq_shm_path(const char *name, char *out, size_t outlen) {
     if (!fmq_name_ok(name))
         return fmq_fail(FMQ_EINVAL, "invalid segment name %.64s: use 1-250 characters of "
                                     "[A-Za-z0-9._-], not starting with '.'", name);
-    snprintf(out, outlen, "/%s", name);
+    snprintf(out, outlen, FMQ_SHM_DIR "%s", name);
     return FMQ_OK;
+}
+
+/* A fresh temporary path: the pid tells cleanup whose it is (removed once
+ * that process is gone), the random part makes it unguessable. */
+static void fmq_tmp_path(char *out, size_t outlen) {
+    uint64_t rnd;
+    if (getrandom(&rnd, sizeof rnd, GRND_NONBLOCK) != (ssize_t)sizeof rnd)
+        rnd = fmq_now_ns() ^ ((uint64_t)(uintptr_t)out << 16);
+    snprintf(out, outlen, FMQ_SHM_DIR FMQ_TMP_PREFIX "%ld-%016llx", (long)getpid(),
+             (unsigned long long)rnd);
+}
+
+static int fmq_open_path(const char *path, int flags, unsigned mode) {
+    /* O_NOFOLLOW: a symlink planted under a queue's name is not followed. */
+    return open(path, flags | O_NOFOLLOW | O_CLOEXEC, mode);
 }
 
 /* ======================================================================== */
@@ -362,12 +399,26 @@ static int fmq_os_fail(const char *what, const char *name) {
     return rc;
 }
 
+/* How long an opener waits for a segment a live process is still working on
+ * (an auditing opener; see the header comment), and for a closer's
+ * momentary exclusive lock on an anonymous segment. */
+#define FMQ_INIT_PATIENCE_NS 60000000000ull
+#define FMQ_ATTACH_PATIENCE_NS 1000000000ull
+
+static void fmq_nap_1ms(void) {
+    struct timespec ts = {0, 1000000};
+    nanosleep(&ts, NULL);
+}
+
 int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int anonymous,
                       int exist_ok, fmq_region **out) {
-    char path[300];
+    char path[300], tmp[300];
     int rc = fmq_shm_path(name, path, sizeof path);
     if (rc)
         return rc;
+    if (mode > 0777)
+        return fmq_fail(FMQ_EINVAL, "mode must be permission bits only (0 to 0o777), got "
+                                    "%#o", mode);
     uint32_t stride = p->slot_size ? p->slot_size : FMQ_DEFAULT_SLOT_SIZE;
     fmq_geometry g;
     if ((rc = fmq_geometry_compute(p->maxsize, stride, p->max_message_size, p->capacity_bytes,
@@ -376,37 +427,39 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     if (p->dead_letter && strlen(p->dead_letter) >= FMQ_DEAD_LETTER_MAX)
         return fmq_fail(FMQ_EINVAL, "dead_letter name too long");
 
-    int fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode & 0777);
-    if (fd < 0) {
-        if (errno == EEXIST) {
-            if (!exist_ok)
-                return fmq_fail(FMQ_EEXIST, "queue segment %s already exists", name);
-            rc = fmq_region_open(name, out);
-            if (rc != FMQ_EDEADINIT)
-                return rc;
-            /* Its creator died half-way: nobody can be using it. Start over. */
-            shm_unlink(path);
-            fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode & 0777);
-            if (fd < 0)
-                return errno == EEXIST ? fmq_region_open(name, out)
-                                       : fmq_os_fail("cannot create shared memory", name);
-        } else {
-            return fmq_os_fail("cannot create shared memory", name);
-        }
+    /* An early answer for a name that exists (the link below is what
+     * decides): no point initialising a large segment to throw it away. */
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (!exist_ok)
+            return fmq_fail(FMQ_EEXIST, "queue segment %s already exists", name);
+        rc = fmq_region_open(name, out);
+        if (rc != FMQ_EDEADINIT)
+            return rc;
+        /* Not READY and nobody working on it: nobody can be using it. */
+        unlink(path);
     }
-    /* Held until READY (released when the descriptor's lock is dropped below,
-     * or by the kernel if we die): tells openers we are still working. */
+
+    int fd = -1;
+    for (int tries = 0; fd < 0; tries++) {
+        fmq_tmp_path(tmp, sizeof tmp);
+        fd = fmq_open_path(tmp, O_RDWR | O_CREAT | O_EXCL, mode);
+        if (fd < 0 && (errno != EEXIST || tries >= 8))
+            return fmq_os_fail("cannot create shared memory for", name);
+    }
+    /* Held until READY: tells an opener of a not-yet-READY segment that its
+     * initialiser is alive (the kernel drops it if we die). The flock tells
+     * cleanup the same about the temporary file (it is converted below). */
     fmq_live_init_lock(fd, F_WRLCK);
+    (void)flock(fd, LOCK_EX);
     fmq_region *r = fmq_region_new(name, fd);
     if (!r) {
         close(fd);
-        shm_unlink(path);
+        unlink(tmp);
         return fmq_fail(FMQ_EOS, "out of memory");
     }
-    /* shm_open applies the umask; the caller's mode is what they asked for. */
-    (void)fchmod(fd, mode & 0777);
-    if (anonymous && flock(fd, LOCK_SH) != 0)
-        goto os_error;
+    /* open() applies the umask; the caller's mode is what they asked for. */
+    (void)fchmod(fd, mode);
     r->anonymous = anonymous;
     /* Sparse: the size is the whole layout, but only the header, control
      * lines and participant table are reserved now; the rest is reserved as
@@ -418,7 +471,7 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
         errno = rc;
         if (rc == ENOSPC || rc == ENOMEM) {
             int e = errno;
-            shm_unlink(path);
+            unlink(tmp);
             fmq_region_free(r);
             errno = e;
             return fmq_fail(FMQ_EOS, "not enough space in /dev/shm for queue %s (%llu bytes); "
@@ -462,7 +515,7 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     fmq_pool_init(r);
     if (fmq_ring_grow(r, 0) != FMQ_OK ||   /* the first chunks of slots and leases */
         fmq_lease_grow(r, 0) != FMQ_OK) {
-        shm_unlink(path);
+        unlink(tmp);
         fmq_region_free(r);
         errno = ENOSPC;
         return fmq_fail(FMQ_EOS, "not enough space in /dev/shm for queue %s; enlarge "
@@ -473,17 +526,44 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     atomic_store_explicit(&h->init_state, FMQ_INIT_READY, memory_order_release);
     fmq_live_init_lock(fd, F_UNLCK);
 
+    /* Registered before the name appears, so the first opener does not take
+     * itself for the only participant (and audit a brand-new queue). */
     if ((rc = fmq_live_register(r)) != FMQ_OK) {
-        shm_unlink(path);
+        unlink(tmp);
         fmq_region_free(r);
         return rc;
     }
+    /* An anonymous segment keeps LOCK_SH from before its name is visible (a
+     * cleanup may probe it at once); a named one uses no flock at all. */
+    if (flock(fd, anonymous ? LOCK_SH : LOCK_UN) != 0) {
+        rc = fmq_os_fail("cannot lock", name);
+        unlink(tmp);
+        fmq_live_unregister(r);
+        fmq_region_free(r);
+        return rc;
+    }
+    FMQ_CRASHPOINT("init.before_link");
+    if (link(tmp, path) != 0) {
+        int e = errno;
+        unlink(tmp);
+        fmq_live_unregister(r);
+        fmq_region_free(r);
+        if (e == EEXIST) {
+            /* Another creator won the race for the name. */
+            if (!exist_ok)
+                return fmq_fail(FMQ_EEXIST, "queue segment %s already exists", name);
+            return fmq_region_open(name, out);
+        }
+        errno = e;
+        return fmq_os_fail("cannot link shared memory into place for", name);
+    }
+    unlink(tmp);
     *out = r;
     return FMQ_OK;
 
 os_error:
     rc = fmq_os_fail("cannot set up shared memory for", name);
-    shm_unlink(path);
+    unlink(tmp);
     fmq_region_free(r);
     return rc;
 }
@@ -502,16 +582,52 @@ static int fmq_region_end_dead_audit(fmq_region *r, int fd) {
     return atomic_load(&((fmq_header *)r->base)->init_state) == FMQ_INIT_READY;
 }
 
+/* Take LOCK_SH on an anonymous segment without blocking: a closer or cleanup
+ * holds LOCK_EX only for a moment (probe, unlink, close), so retry for up to
+ * FMQ_ATTACH_PATIENCE_NS. Then check that the name still refers to the inode
+ * we locked: a closer that won LOCK_EX unlinks before it lets go, so a
+ * different (or no) inode means the segment is gone. */
+static int fmq_attach_anonymous(int fd, const char *path, const char *name) {
+    uint64_t until = fmq_now_ns() + FMQ_ATTACH_PATIENCE_NS;
+    while (flock(fd, LOCK_SH | LOCK_NB) != 0) {
+        if (errno == EINTR)
+            continue;
+        if (errno != EWOULDBLOCK)
+            return fmq_os_fail("cannot lock", name);
+        if (fmq_now_ns() > until)
+            return fmq_fail(FMQ_ENOTFOUND, "anonymous segment %s is being removed (a process "
+                                           "has held its exclusive lock for over 1 s)", name);
+        fmq_nap_1ms();
+    }
+    struct stat mine, named;
+    if (fstat(fd, &mine) != 0)
+        return fmq_os_fail("cannot stat", name);
+    if (lstat(path, &named) != 0 || mine.st_dev != named.st_dev ||
+        mine.st_ino != named.st_ino)
+        return fmq_fail(FMQ_ENOTFOUND, "anonymous segment %s was removed by its last user "
+                                       "while we opened it", name);
+    return FMQ_OK;
+}
+
 int fmq_region_open(const char *name, fmq_region **out) {
     char path[300];
     int rc = fmq_shm_path(name, path, sizeof path);
     if (rc)
         return rc;
-    int fd = shm_open(path, O_RDWR | O_CLOEXEC, 0);
+    /* O_NONBLOCK: opening a FIFO planted under the name must not hang (it
+     * changes nothing for a regular file). */
+    int fd = fmq_open_path(path, O_RDWR | O_NONBLOCK, 0);
     if (fd < 0) {
         if (errno == ENOENT)
             return fmq_fail(FMQ_ENOTFOUND, "no queue segment named %s", name);
+        if (errno == ELOOP)
+            return fmq_fail(FMQ_ECORRUPT, "segment %s is a symbolic link, not a queue", name);
         return fmq_os_fail("cannot open shared memory", name);
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return fmq_fail(FMQ_ECORRUPT, "segment %s is not a regular file", name);
     }
     fmq_region *r = fmq_region_new(name, fd);
     if (!r) {
@@ -519,16 +635,16 @@ int fmq_region_open(const char *name, fmq_region **out) {
         return fmq_fail(FMQ_EOS, "out of memory");
     }
     r->anonymous = strncmp(name, "fastmq-anon-", 12) == 0;
-    if (r->anonymous && flock(fd, LOCK_SH) != 0) {
-        rc = fmq_os_fail("cannot lock", name);
+    if (r->anonymous && (rc = fmq_attach_anonymous(fd, path, name)) != FMQ_OK) {
         fmq_region_free(r);
         return rc;
     }
 
-    /* The creator may still be sizing or initialising: wait for it, bounded. */
-    uint64_t deadline = fmq_now_ns() + 2000000000ull;
-    struct stat st;
-    int creating = 1;   /* a file too short for a header is still being created */
+    /* A visible segment is READY unless an opener is auditing it (or it was
+     * initialised in place by a creator that died). Wait only while the init
+     * lock says a live process is working on it. */
+    uint64_t deadline = fmq_now_ns() + FMQ_INIT_PATIENCE_NS;
+    int looked_again = 0;
     for (;;) {
         if (fstat(fd, &st) != 0) {
             rc = fmq_os_fail("cannot stat", name);
@@ -545,6 +661,13 @@ int fmq_region_open(const char *name, fmq_region **out) {
                 fmq_region_free(r);
                 return rc;
             }
+            if (memcmp(r->base, FMQ_PURE_MAGIC, 8) == 0) {
+                fmq_region_free(r);
+                return fmq_fail(FMQ_EVERSION, "segment %s was created by fastmq's pure-Python "
+                                              "backend; open it with FASTMQ_BACKEND=pure (every "
+                                              "process of a queue must use the same backend)",
+                                name);
+            }
             /* [A-init] pairs with [R-init] in fmq_region_create. */
             uint32_t st8 = atomic_load_explicit(&((fmq_header *)r->base)->init_state,
                                                 memory_order_acquire);
@@ -552,33 +675,34 @@ int fmq_region_open(const char *name, fmq_region **out) {
                 break;
             if (st8 != FMQ_INIT_CREATING && st8 != FMQ_INIT_AUDITING) {
                 fmq_region_free(r);
-                return fmq_fail(FMQ_ECORRUPT, "segment %s is corrupted (bad init state %#x)",
-                                name, st8);
+                return fmq_fail(FMQ_ECORRUPT, "segment %s is not a fastmq queue or is "
+                                              "corrupted (bad init state %#x)", name, st8);
             }
             if (st8 == FMQ_INIT_AUDITING && fmq_region_end_dead_audit(r, fd))
                 continue;   /* the auditor died: the segment is READY again */
-            creating = st8 == FMQ_INIT_CREATING;
             munmap(r->base, r->size);
             r->base = NULL;
         }
-        /* Not ready and nobody initialising: the creator died half-way. (A
-         * brand-new name may not have its init lock yet for a few
-         * microseconds, so give it a short grace period first.) */
-        if (creating && !fmq_live_init_in_progress(fd) &&
-            fmq_now_ns() + 1900000000ull > deadline) {
+        if (!fmq_live_init_in_progress(fd)) {
+            /* Its worker may have finished between our load and the lock
+             * test: look once more before calling it dead. */
+            if (!looked_again) {
+                looked_again = 1;
+                continue;
+            }
             fmq_region_free(r);
             return fmq_fail(FMQ_EDEADINIT, "segment %s is unusable: its creator died during "
                                            "initialization; remove it with Queue.unlink (or "
                                            "create it again with exist_ok=True)", name);
         }
+        looked_again = 0;
         if (fmq_now_ns() > deadline) {
             fmq_region_free(r);
-            return fmq_fail(FMQ_ECORRUPT, "segment %s is truncated or its creator died during "
-                                          "initialization (size %lld bytes); remove it with "
-                                          "Queue.unlink", name, (long long)st.st_size);
+            return fmq_fail(FMQ_ECORRUPT, "segment %s is still being initialized by a live "
+                                          "process after %llu s", name,
+                            FMQ_INIT_PATIENCE_NS / 1000000000ull);
         }
-        struct timespec ts = {0, 1000000};
-        nanosleep(&ts, NULL);
+        fmq_nap_1ms();
     }
     r->hdr = (fmq_header *)r->base;
     if ((rc = fmq_validate(r, r->size)) != FMQ_OK) {
@@ -592,18 +716,21 @@ int fmq_region_open(const char *name, fmq_region **out) {
         return rc;
     }
     /* An audit may have started between our READY check and our
-     * registration; it could not see us, so wait for it to finish. */
-    for (uint64_t until = fmq_now_ns() + 2000000000ull;
+     * registration; it could not see us, so wait for it to finish (while
+     * its auditor is alive: a dead one's audit is ended here). */
+    for (uint64_t until = fmq_now_ns() + FMQ_INIT_PATIENCE_NS;
          atomic_load_explicit(&r->hdr->init_state, memory_order_acquire) != FMQ_INIT_READY;) {
         if (fmq_region_end_dead_audit(r, r->fd))
             continue;
-        if (fmq_now_ns() > until) {
+        if (fmq_now_ns() > until || !fmq_live_init_in_progress(r->fd)) {
+            if (atomic_load_explicit(&r->hdr->init_state, memory_order_acquire) ==
+                FMQ_INIT_READY)
+                break;
             fmq_live_unregister(r);
             fmq_region_free(r);
             return fmq_fail(FMQ_ECORRUPT, "segment %s stayed busy (audit) too long", name);
         }
-        struct timespec ts = {0, 1000000};
-        nanosleep(&ts, NULL);
+        fmq_nap_1ms();
     }
     fmq_audit_if_alone(r);
     *out = r;
@@ -615,7 +742,7 @@ int fmq_region_unlink(const char *name) {
     int rc = fmq_shm_path(name, path, sizeof path);
     if (rc)
         return rc;
-    if (shm_unlink(path) != 0) {
+    if (unlink(path) != 0) {
         if (errno == ENOENT)
             return fmq_fail(FMQ_ENOTFOUND, "no queue segment named %s", name);
         return fmq_os_fail("cannot unlink", name);
@@ -634,11 +761,13 @@ void fmq_region_close(fmq_region *r) {
     r->fd = -1;
     if (r->anonymous) {
         char path[300];
-        snprintf(path, sizeof path, "/%s", r->name);
-        int fd = shm_open(path, O_RDWR | O_CLOEXEC, 0);
+        snprintf(path, sizeof path, FMQ_SHM_DIR "%s", r->name);
+        int fd = fmq_open_path(path, O_RDONLY | O_NONBLOCK, 0);
         if (fd >= 0) {
+            /* Unlink before letting go of LOCK_EX: an opener that was waiting
+             * for it then finds the name gone (fmq_attach_anonymous). */
             if (flock(fd, LOCK_EX | LOCK_NB) == 0)
-                shm_unlink(path);   /* nobody else holds it: we were the last */
+                unlink(path);   /* nobody else holds it: we were the last */
             close(fd);
         }
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import _backend, _lifetime
 from .errors import (CorruptQueue, Empty, Error, Full, LeaseLost, MessageTooLarge,
-                     QueueClosed, QueueExists, QueueNotFound, Unavailable)
+                     QueueClosed, QueueExists, QueueNotFound, Unavailable, Unroutable)
 from .errors import AuthenticationError
 from .queue import Queue, Received
 from .acks import Message, TooManyInFlight
@@ -24,14 +24,15 @@ __all__ = [
     "Queue", "Received", "cleanup", "backend", "__version__",
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
     "QueueExists", "CorruptQueue", "LeaseLost", "BadMessage", "Message",
-    "TooManyInFlight", "Exchange", "wait", "Unavailable",
+    "TooManyInFlight", "Exchange", "wait", "Unavailable", "Unroutable",
     "AuthenticationError",
 ]
 
 
 def cleanup() -> int:
     """Remove anonymous queues' shared memory that no live process uses any
-    more (e.g. after every user was ``kill -9``'d); returns how many."""
+    more (e.g. after every user was ``kill -9``'d) and what creators that died
+    while setting up a queue or exchange left; returns how many files."""
     return _lifetime.cleanup()
 
 

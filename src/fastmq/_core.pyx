@@ -98,6 +98,14 @@ cdef int _raise(int rc, str what="") except -1:
     raise Error("fastmq internal error %d: %s" % (rc, msg))
 
 
+cdef bytes _segment_bytes(str name):
+    """The C string of a segment name; the C core checks the characters, a NUL
+    would cut the name short before it could."""
+    if "\0" in name:
+        raise ValueError("invalid segment name %r: it contains a NUL" % name)
+    return name.encode()
+
+
 cdef inline uint64_t _deadline(object timeout, bint *nonblock) except? 1:
     """None -> 0 (wait forever); <= 0 -> non-blocking; > 0 -> absolute
     monotonic ns. inf and timeouts of 1e10 s or more (past what a u64 of ns
@@ -152,7 +160,7 @@ cdef class Ring:
                slot_size=0):
         cdef fmq_params p
         cdef fmq_region *r = NULL
-        cdef bytes bname = name.encode()
+        cdef bytes bname = _segment_bytes(name)
         cdef bytes bdead = (dead_letter or "").encode()
         for label, v in (("maxsize", maxsize), ("max_message_size", max_message_size),
                          ("capacity_bytes", capacity_bytes), ("max_deliveries", max_deliveries),
@@ -167,14 +175,26 @@ cdef class Ring:
             # As the pure backend: a message's length is recorded in 32 bits.
             raise ValueError("max_message_size must be between 1 and %d bytes, got %d"
                              % (_MAX_FORMAT_LEN, max_message_size))
+        if isinstance(mode, bool) or not isinstance(mode, int):
+            raise TypeError("mode must be an int, not %s" % type(mode).__name__)
+        if not 0 <= mode <= 0o777:
+            raise ValueError("mode must be permission bits only (0 to 0o777), got %s"
+                             % (oct(mode) if mode >= 0 else mode))
+        cdef unsigned umode = mode
+        cdef int anon = 1 if anonymous else 0
+        cdef int eok = 1 if exist_ok else 0
+        cdef const char *cname = bname
         p.maxsize = maxsize
         p.max_message_size = max_message_size
         p.capacity_bytes = capacity_bytes
         p.slot_size = slot_size
         p.max_deliveries = max_deliveries
         p.dead_letter = bdead
-        cdef int rc = fmq_region_create(bname, &p, mode, 1 if anonymous else 0,
-                                        1 if exist_ok else 0, &r)
+        cdef int rc
+        # Without the GIL: sizing and initialising a large segment takes a
+        # while, and an exist_ok open may wait for a lock.
+        with nogil:
+            rc = fmq_region_create(cname, &p, umode, anon, eok, &r)
         if rc != FMQ_OK:
             _raise(rc)
         cdef Ring self = Ring.__new__(Ring)
@@ -184,8 +204,12 @@ cdef class Ring:
     @classmethod
     def open(cls, str name):
         cdef fmq_region *r = NULL
-        cdef bytes bname = name.encode()
-        cdef int rc = fmq_region_open(bname, &r)
+        cdef bytes bname = _segment_bytes(name)
+        cdef const char *cname = bname
+        cdef int rc
+        # Without the GIL: open waits (bounded) for another process's lock.
+        with nogil:
+            rc = fmq_region_open(cname, &r)
         if rc != FMQ_OK:
             _raise(rc)
         cdef Ring self = Ring.__new__(Ring)
@@ -194,7 +218,7 @@ cdef class Ring:
 
     @staticmethod
     def unlink(str name):
-        cdef bytes bname = name.encode()
+        cdef bytes bname = _segment_bytes(name)
         cdef int rc = fmq_region_unlink(bname)
         if rc != FMQ_OK:
             _raise(rc)

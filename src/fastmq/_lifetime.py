@@ -19,9 +19,17 @@ so a segment's lifetime never depends on which backend a process uses:
   exclusive lock is about to unlink (or has unlinked) it, so the opener treats
   the segment as gone instead of keeping a zombie alive.
 * ``cleanup()`` catches what nobody closed (every user ``kill -9``'d): any
-  ``fastmq-anon-*`` file older than ``ORPHAN_AGE`` seconds that can be locked
-  exclusively has no live holder and is unlinked. The age guard leaves a
-  creator the moment between creating the file and locking it.
+  ``fastmq-anon-*`` fastmq segment (checked by its magic) that can be locked
+  exclusively has no live holder and is unlinked -- at once, no grace period:
+  a creator holds its shared lock before the name exists (below).
+* Creating: both backends initialize a segment under a temporary name
+  (``fastmq-tmp-<pid>-<random>``; exchanges use ``fastmq-xtmp-``) while
+  holding ``flock`` on it, and ``link`` it into place when it is complete (an
+  anonymous one with its creator's ``LOCK_SH`` already held). So a segment
+  being set up is visible as such without any clock, and nothing ever sees a
+  half-made one under its real name. ``cleanup()`` removes a temporary file
+  only when its creator is provably dead: the pid in its name is gone (or a
+  zombie) *and* nobody holds a lock on it.
 
 POSIX record locks (``lockf``, used by the pure backend as its mutex) have a
 nasty property: closing *any* descriptor of a file releases *all* of the
@@ -34,6 +42,7 @@ record-locked critical sections. That serialises "close some fd" against
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import threading
 import time
@@ -46,7 +55,12 @@ from ._pure import portable
 # ``_pure/portable.py``); the native backend's are always in NATIVE_SHM_DIR.
 SHM_DIR = portable.shm_dir()
 NATIVE_SHM_DIR = portable.NATIVE_SHM_DIR
-ORPHAN_AGE = 10.0          # seconds; see module docstring
+EXCHANGE_TMP_PREFIX = "fastmq-xtmp-"
+TEMP_PREFIXES = (_names.TMP_PREFIX, EXCHANGE_TMP_PREFIX)
+
+# The first bytes of a fastmq segment: the native core's ("FASTMQ" then its
+# format byte and backend letter) and the pure backend's.
+_MAGICS = (b"FASTMQ", b"FMQPURE\x01")
 
 
 def segment_path(segment: str) -> str:
@@ -144,6 +158,28 @@ def _same_file(path: str, fd: int) -> bool:
 _ATTACH_PATIENCE = 1.0     # seconds; a closer holds LOCK_EX only for a moment
 
 
+def temp_path(prefix=_names.TMP_PREFIX) -> str:
+    """A fresh path to initialize a segment (or exchange) under before it is
+    linked into place; the pid says whose it is (see cleanup)."""
+    return os.path.join(SHM_DIR, f"{prefix}{os.getpid()}-{secrets.token_hex(8)}")
+
+
+def create_temp(mode, prefix=_names.TMP_PREFIX):
+    """Create a temporary file (``O_EXCL``, never through a symlink) holding
+    ``flock(LOCK_EX)`` on it: ``(path, fd)``. The lock tells cleanup that its
+    creator is at work; the creator converts or drops it before linking."""
+    for _ in range(8):
+        path = temp_path(prefix)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, mode)
+        except FileExistsError:
+            continue
+        portable.flock_exclusive(fd)     # nobody else can know the name yet
+        return path, fd
+    raise FileExistsError(f"cannot make a temporary file in {SHM_DIR}")
+
+
 def attach(path: str, fd: int) -> bool:
     """Register ``fd`` as a user of the anonymous segment at ``path``.
 
@@ -177,20 +213,26 @@ def detach(path: str, fd: int, lock: InodeLock = None) -> bool:
         return _unlink_if_unused(path, lock)
 
 
-def _unlink_if_unused(path: str, lock: InodeLock = None) -> bool:
+def _unlink_if_unused(path: str, lock: InodeLock = None, magic: bool = False) -> bool:
+    """Unlink ``path`` if nobody holds a lock on it (and, with ``magic``, if
+    it is a fastmq segment: cleanup does not know the file is ours)."""
     try:
-        probe = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        probe = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False                 # already gone (or not ours to touch)
     try:
+        if not _is_regular(os.fstat(probe).st_mode):
+            return False
         try:
             portable.flock_try(probe, exclusive=True)
         except OSError:
             return False             # someone still holds it: still in use
         if not _same_file(path, probe):
             return False             # replaced/removed meanwhile
+        if magic and not os.pread(probe, 8, 0).startswith(_MAGICS):
+            return False             # not a fastmq segment: not ours to delete
         try:
-            os.unlink(path)
+            os.unlink(path)          # before the lock goes: see attach()
         except FileNotFoundError:
             return False
         return True
@@ -198,13 +240,43 @@ def _unlink_if_unused(path: str, lock: InodeLock = None) -> bool:
         guarded_close(probe, lock)
 
 
-def cleanup() -> int:
-    """Remove anonymous segments that no live process holds; return how many.
+def _pid_is_gone(pid: int) -> bool:
+    """Is process ``pid`` provably dead (no such process, or a zombie)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False                 # someone else's live process
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
 
-    Safe to call any time from any process: a segment still in use is never
-    touched (its users hold a shared lock), and a segment younger than
-    ``ORPHAN_AGE`` seconds is left alone so that its creator can lock it.
-    Never raises.
+
+def _unlink_dead_temp(path: str, entry: str) -> bool:
+    """Remove a temporary file whose creator is provably dead: the pid in its
+    name is gone and nobody holds a lock on it."""
+    prefix = next(p for p in TEMP_PREFIXES if entry.startswith(p))
+    try:
+        pid = int(entry[len(prefix):].split("-", 1)[0])
+    except ValueError:
+        return False
+    if pid <= 0 or not _pid_is_gone(pid):
+        return False
+    return _unlink_if_unused(path)
+
+
+def cleanup() -> int:
+    """Remove what no live process uses any more; return how many files.
+
+    That is: anonymous segments nobody holds (every user was ``kill -9``'d),
+    and temporary files of creators that died while initializing. Safe to
+    call any time from any process: a segment still in use is never touched
+    (its users hold a shared lock), a segment being set up is a temporary
+    file whose creator is alive, and a file that is not a fastmq segment is
+    left alone. Never raises.
     """
     removed = 0
     for directory in dict.fromkeys((SHM_DIR, NATIVE_SHM_DIR)):   # both backends'
@@ -218,19 +290,15 @@ def _cleanup_dir(directory: str) -> int:
         entries = os.listdir(directory)
     except OSError:
         return 0
-    now = time.time()
     for entry in entries:
-        if not entry.startswith(_names.ANON_PREFIX):
-            continue
         path = os.path.join(directory, entry)
         try:
-            st = os.stat(path, follow_symlinks=False)
-            if not _is_regular(st.st_mode):
-                continue
-            if now - max(st.st_mtime, st.st_ctime) < ORPHAN_AGE:
-                continue
-            if _unlink_if_unused(path):
-                removed += 1
+            if entry.startswith(_names.ANON_PREFIX):
+                if _unlink_if_unused(path, magic=True):
+                    removed += 1
+            elif entry.startswith(TEMP_PREFIXES):
+                if _unlink_dead_temp(path, entry):
+                    removed += 1
         except Exception:            # never let housekeeping break an import
             continue
     return removed
@@ -241,4 +309,5 @@ def _is_regular(mode: int) -> bool:
 
 
 __all__ = ["cleanup", "attach", "detach", "inode_lock", "guarded_close",
-           "segment_path", "SHM_DIR", "NATIVE_SHM_DIR", "ORPHAN_AGE", "InodeLock"]
+           "segment_path", "temp_path", "create_temp", "SHM_DIR", "NATIVE_SHM_DIR",
+           "InodeLock"]

@@ -18,9 +18,12 @@ import secrets
 
 NAMED_PREFIX = "fastmq-q-"
 ANON_PREFIX = "fastmq-anon-"
+TMP_PREFIX = "fastmq-tmp-"          # a segment being initialized (see _lifetime)
 MAX_NAME_LENGTH = 200
+MAX_SEGMENT_LENGTH = 250            # the C core's limit too
 
 _VALID_NAME = re.compile(r"[A-Za-z0-9._-]{1,%d}" % MAX_NAME_LENGTH)
+_VALID_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,%d}" % (MAX_SEGMENT_LENGTH - 1))
 
 
 def validate_name(name) -> str:
@@ -47,6 +50,18 @@ def validate_name(name) -> str:
         raise ValueError(
             f"invalid queue name {name!r}: it must not start with '.'")
     return name
+
+
+def validate_segment(segment) -> str:
+    """Return ``segment`` if it is a legal /dev/shm segment name, else raise
+    ``ValueError``: 1-250 characters of ``[A-Za-z0-9._-]`` not starting with
+    a dot -- so a name from a pickle can never reach outside /dev/shm."""
+    if not isinstance(segment, str):
+        raise TypeError(f"segment name must be a str, not {type(segment).__name__}")
+    if not _VALID_SEGMENT.fullmatch(segment):
+        raise ValueError(f"invalid segment name {segment!r}: use 1-{MAX_SEGMENT_LENGTH} "
+                         "characters of [A-Za-z0-9._-], not starting with '.'")
+    return segment
 
 
 def segment_for(name) -> str:

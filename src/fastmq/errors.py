@@ -11,7 +11,7 @@ import queue as _stdlib_queue
 
 __all__ = [
     "Error", "Empty", "Full", "QueueClosed", "MessageTooLarge", "QueueNotFound",
-    "QueueExists", "CorruptQueue", "LeaseLost", "Unavailable",
+    "QueueExists", "CorruptQueue", "LeaseLost", "Unavailable", "Unroutable",
     "AuthenticationError",
 ]
 
@@ -63,3 +63,8 @@ class AuthenticationError(Error):
     ``authkey=``): it was not deserialized, and it was consumed and counted in
     ``stats()["rejected"]``. Also raised by a handle without the key that
     reads an authenticated message."""
+
+
+class Unroutable(Error):
+    """``Exchange.publish(..., mandatory=True)``: no bound queue took the message
+    (no binding matches its key, or the matching queues no longer exist)."""

@@ -20,7 +20,11 @@ Kinds:
 * ``random`` -- one queue, at random.
 
 A queue matched by several bindings gets one copy and counts once. A bound
-queue that was unlinked since is skipped (not counted).
+queue that was unlinked since is skipped (not counted); one that was removed
+and created again gets the messages published from _RECHECK seconds after
+(a publisher checks that each queue name still refers to the segment it has
+open at most that often). ``publish(..., mandatory=True)`` raises
+``Unroutable`` instead of returning 0 when no queue took the message.
 
 The file. A 64-byte header -- magic, version, round-robin counter, and the
 offset and length of the JSON body (kind and bindings) -- then the body.
@@ -30,28 +34,41 @@ where it does not overlap the current one and then the header in one
 intact. Publishers read the header under a shared ``flock`` and re-read the
 body only when the version changed. ``flock`` does not exclude threads that
 share a handle's file descriptor, so each handle also has a thread lock.
+
+Creating: the file is written complete under a temporary name
+(``fastmq-xtmp-<pid>-<random>``, held with ``flock``) and linked into place;
+``fastmq.cleanup()`` removes the temporary file of a creator that died. The
+name is opened with ``O_NOFOLLOW`` and must be a regular file, so a symlink
+planted there is refused, never written through.
+
+Trust. Whoever can write the file can change the routing; what it cannot do
+is crash a publisher: the file is only ever read with ``pread`` (never
+mapped, so truncating it cannot raise SIGBUS), and every field and the body
+are validated, so a damaged file raises ``CorruptQueue``.
 """
 from __future__ import annotations
 
+import errno
 import json
-import mmap
 import os
 import random
-import secrets
+import stat
 import struct
 import threading
+import time
 import zlib
 from multiprocessing.context import get_spawning_popen
 
 from . import _auth, _lifetime, _location, _names, _serialize
 from ._pure import portable
-from .errors import CorruptQueue, Full, QueueClosed, QueueExists, QueueNotFound
+from .errors import (CorruptQueue, Full, QueueClosed, QueueExists, QueueNotFound,
+                     Unroutable)
 
 __all__ = ["Exchange", "KINDS"]
 
 KINDS = ("direct", "fanout", "topic", "hash", "round_robin", "random")
 PREFIX = "fastmq-x-"
-TMP_PREFIX = "fastmq-xtmp-"             # an exchange being created (see create)
+TMP_PREFIX = _lifetime.EXCHANGE_TMP_PREFIX   # an exchange being created (see create)
 SHM_DIR = _lifetime.SHM_DIR      # beside the pure backend's files (FASTMQ_SHM_DIR)
 LOCK_SH, LOCK_EX = portable.flock_shared_wait, portable.flock_exclusive  # flock(2)
 
@@ -60,6 +77,11 @@ _HEADER = struct.Struct("<8sQQQQ")      # magic, version, turn, body offset, bod
 _HEADER_SIZE = 64
 _VERSION = struct.Struct("<Q")
 _MAX_BODY = 16 << 20                    # a sanity bound for a corrupted length
+_MAX_OFFSET = 1 << 32                   # likewise for a corrupted offset
+_U64 = (1 << 64) - 1
+_RECHECK = 0.02                         # seconds between checks of cached queues
+_pread = os.pread
+_monotonic = time.monotonic
 
 
 def _path(name):
@@ -116,12 +138,14 @@ class Exchange:
         self._rlock = threading.RLock()
         self._generation = _lifetime.fork_generation
         self._version = None
+        self._version_raw = None         # _VERSION.pack(_version): the fast check
         self._kind = None
         self._bindings = []              # [(queue, key)] as stored
         self._routes = {}                # key -> [queue names], for this version
         self._queues = {}                # queue name -> open Queue
-        self._hdr = None                 # read-only map of the header
         self._closing = False            # close() has begun (read without the lock)
+        self._idents = {}                # queue name -> (dev, ino) its name had
+        self._checked = time.monotonic()  # when _idents were last compared
         return self
 
     @property
@@ -137,10 +161,8 @@ class Exchange:
         by a parent thread the child does not have (a publish waiting on a full
         queue): take a new one. The descriptor shares the parent's open file
         description, and flock belongs to the description: our LOCK_EX would
-        not exclude the parent, our LOCK_UN would drop the parent's lock, and
-        if the parent died holding it, our inherited mapping of the header
-        (a mapping refers to its description too) would keep it held. So the
-        child gets its own description of the same file, and maps it anew."""
+        not exclude the parent, and our LOCK_UN would drop the parent's lock.
+        So the child gets its own description of the same file."""
         self._generation = _lifetime.fork_generation
         self._rlock = threading.RLock()
         if self._fd is None:
@@ -150,16 +172,6 @@ class Exchange:
             os.dup2(fd, self._fd, inheritable=False)
         finally:
             os.close(fd)
-        if self._hdr is not None:
-            self._hdr.close()
-            self._hdr = None
-            self._map_header()
-
-    def _map_header(self):
-        if os.fstat(self._fd).st_size < _HEADER_SIZE:
-            raise CorruptQueue(f"exchange {self.name!r}: the file is truncated "
-                               "(or its creator died before writing it)")
-        self._hdr = mmap.mmap(self._fd, _HEADER_SIZE, prot=mmap.PROT_READ)
 
     @classmethod
     def create(cls, name, kind, *, exist_ok=False, authkey=None, _backend=None, url=None):
@@ -177,14 +189,15 @@ class Exchange:
         path = _path(name)
         # Written complete under a temporary name, then linked into place
         # (which fails if the name exists): an opener never sees a half-made
-        # exchange, and a creator killed half-way leaves no exchange at all.
-        tmp = os.path.join(SHM_DIR, f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # exchange, and a creator killed half-way leaves only the temporary
+        # file, which cleanup() removes (it is locked while we live).
+        tmp, fd = _lifetime.create_temp(0o600, TMP_PREFIX)
         self = cls._new(name, fd, _backend)
         self._authkey = authkey
         try:
             self._write_body(0, {"kind": kind, "bindings": []}, turn=0, current=None)
             os.link(tmp, path)
+            portable.funlock(fd)
         except FileExistsError:
             self.close()
             if not exist_ok:
@@ -201,7 +214,6 @@ class Exchange:
             raise
         finally:
             os.unlink(tmp)
-        self._map_header()
         self._refresh()
         return self
 
@@ -215,14 +227,30 @@ class Exchange:
             _auth.only_in_shared_memory(authkey, url)
             return impl.open(name, url=url)
         try:
-            fd = os.open(_path(name), os.O_RDWR | os.O_CLOEXEC)
+            # O_NOFOLLOW: never write through a symlink planted under the
+            # name; O_NONBLOCK: never hang on a FIFO planted there.
+            fd = os.open(_path(name), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise QueueNotFound(f"no fastmq exchange named {name!r} "
                                 f"(create it with fastmq.Exchange.create)") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptQueue(f"exchange {name!r} is a symbolic link, not an "
+                                   "exchange file") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CorruptQueue(f"exchange {name!r} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
         self = cls._new(name, fd, _backend)
         self._authkey = authkey
-        self._map_header()
-        self._refresh()
+        try:
+            self._refresh()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     @staticmethod
@@ -254,9 +282,7 @@ class Exchange:
             q.close()
         with self._lock:
             queues, self._queues = self._queues, {}
-            if self._hdr is not None:
-                self._hdr.close()
-                self._hdr = None
+            self._idents = {}
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -299,19 +325,23 @@ class Exchange:
         if len(raw) != _HEADER.size:
             raise CorruptQueue(f"exchange {self.name!r}: the file is truncated")
         magic, version, turn, offset, length = _HEADER.unpack(raw)
-        if magic != _MAGIC or offset < _HEADER_SIZE or length > _MAX_BODY:
+        if magic != _MAGIC or not _HEADER_SIZE <= offset <= _MAX_OFFSET \
+                or not 0 < length <= _MAX_BODY:
             raise CorruptQueue(f"exchange {self.name!r}: not a valid exchange file")
         return version, turn, offset, length
 
     def _refresh(self):
         """Re-read kind and bindings if another handle changed them. The
-        common case -- nothing changed -- is one load from the mapped header,
-        no lock and no system call: a writer publishes a change by writing
-        the header last, so a stale version only means routing as just before
-        the change (which had not completed yet)."""
-        hdr = self._hdr
-        if hdr is not None and _VERSION.unpack_from(hdr, 8)[0] == self._version:
-            return
+        common case -- nothing changed -- is one ``pread`` of the version, no
+        lock: a writer publishes a change by writing the header last, so a
+        stale version only means routing as just before the change (which had
+        not completed yet). Not a mapping: a truncated file is a short read
+        here (then CorruptQueue below), where a mapping would be a SIGBUS."""
+        fd = self._fd
+        if fd is not None:
+            raw = _pread(fd, 16, 0)
+            if raw[8:] == self._version_raw:
+                return
         with self._lock:
             self._refresh_locked()
 
@@ -324,14 +354,27 @@ class Exchange:
         self._kind, self._bindings = kind, bindings
         self._routes = {}
         self._version = version
+        self._version_raw = _VERSION.pack(version)
 
     def _read_body(self, offset, length):
         """(kind, [(queue, key)]) from the body the header points at."""
+        raw = os.pread(self._fd, length, offset)
+        if len(raw) != length:
+            raise CorruptQueue(f"exchange {self.name!r}: the file is truncated")
         try:
-            body = json.loads(os.pread(self._fd, length, offset))
-            kind, bindings = body["kind"], [(str(q), str(k)) for q, k in body["bindings"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptQueue(f"exchange {self.name!r}: unreadable bindings ({exc})") from None
+            body = json.loads(raw)
+            kind, stored = body["kind"], body["bindings"]
+            if not isinstance(kind, str) or not isinstance(stored, list):
+                raise TypeError("wrong types")
+            bindings = []
+            for binding in stored:
+                q, k = binding
+                if not isinstance(q, str) or not isinstance(k, str):
+                    raise TypeError(f"binding {binding!r}")
+                bindings.append((_names.validate_name(q), k))
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise CorruptQueue(f"exchange {self.name!r}: unreadable bindings "
+                               f"({type(exc).__name__}: {str(exc)[:200]})") from None
         if kind not in KINDS:
             raise CorruptQueue(f"exchange {self.name!r}: unknown kind {kind!r}")
         return kind, bindings
@@ -346,9 +389,9 @@ class Exchange:
         offset = _HEADER_SIZE
         if current is not None and offset + len(raw) > current[0]:
             offset = current[0] + current[1]
-        self._point_to(raw, offset, version + 1, turn)
+        self._point_to(raw, offset, (version + 1) & _U64, turn)
         if offset >= _HEADER_SIZE + len(raw) and offset > _HEADER_SIZE:
-            self._point_to(raw, _HEADER_SIZE, version + 2, turn)
+            self._point_to(raw, _HEADER_SIZE, (version + 2) & _U64, turn)
             os.ftruncate(self._fd, _HEADER_SIZE + len(raw))
 
     def _point_to(self, raw, offset, version, turn):
@@ -359,7 +402,7 @@ class Exchange:
         """Apply ``edit(bindings) -> bindings`` under the exclusive lock."""
         with self._locked(LOCK_EX):
             version, turn, offset, length = self._read_header()
-            self._version = None                     # re-read below, in any case
+            self._version = self._version_raw = None   # re-read below, in any case
             kind, bindings = self._read_body(offset, length)
             new = edit(bindings)
             if new != bindings:
@@ -430,7 +473,8 @@ class Exchange:
     def _next_turn(self):
         with self._locked(LOCK_EX):
             version, turn, offset, length = self._read_header()
-            os.pwrite(self._fd, _HEADER.pack(_MAGIC, version, turn + 1, offset, length), 0)
+            os.pwrite(self._fd, _HEADER.pack(_MAGIC, version, (turn + 1) & _U64, offset,
+                                             length), 0)
         return turn
 
     def _queue_exists(self, name):
@@ -440,39 +484,76 @@ class Exchange:
         except QueueNotFound:
             return False
 
+    @staticmethod
+    def _ident(name):
+        """(dev, ino) of the queue's segment file now, or None if absent."""
+        try:
+            st = os.stat(_lifetime.segment_path(_names.segment_for(name)),
+                         follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
     def _open_queue(self, name):
         q = self._queues.get(name)
         if q is None:
             from .queue import Queue
+            # The identity is taken before the open: if the name is replaced
+            # in between, the next check reopens once (never sticks to a
+            # handle on a removed segment).
+            ident = self._ident(name)
             q = self._queues[name] = Queue.open(name, _backend=self._backend,
                                                 authkey=getattr(self, "_authkey", None))
+            self._idents[name] = ident
         return q
 
-    def publish(self, obj, key="", timeout=None) -> int:
+    def _drop_replaced_queues(self):
+        """Forget cached queues whose name was removed or now refers to
+        another segment (a queue unlinked and created again): publishing into
+        the old one would lose the message while counting it delivered."""
+        self._checked = _monotonic()
+        for name, ident in list(self._idents.items()):
+            if ident is None or self._ident(name) != ident:
+                self._idents.pop(name, None)
+                q = self._queues.pop(name, None)
+                if q is not None:
+                    q.close()
+
+    def publish(self, obj, key="", timeout=None, *, mandatory=False) -> int:
         """Send ``obj`` to every queue ``key`` routes to; returns how many
         got it. Waits up to ``timeout`` (None: forever) for room in each; a
-        queue still full then raises ``Full``, saying how many got it before."""
+        queue still full then raises ``Full``, saying how many got it before.
+        With ``mandatory=True``, a message no queue takes raises
+        ``Unroutable`` instead of returning 0."""
         _check_key(key)
-        return self._send(_serialize.encode(obj), key, timeout)
+        return self._send(_serialize.encode(obj), key, timeout, mandatory)
 
-    def publish_many(self, items, key=""):
+    def publish_many(self, items, key="", *, mandatory=False):
         """Publish each item: an object (routed with ``key``), or, when
         ``key`` is empty, a ``(key, obj)`` pair -- a 2-tuple whose first
-        element is a str. Returns the total number of deliveries."""
+        element is a str. Returns the total number of deliveries. With
+        ``mandatory=True``, the first item no queue takes raises
+        ``Unroutable`` (the items before it were published)."""
         _check_key(key)
         total = 0
-        for item in items:
+        for n, item in enumerate(items):
             k = key
             if not key and type(item) is tuple and len(item) == 2 and isinstance(item[0], str):
                 k, item = item
-            total += self._send(_serialize.encode(item), k, None)
+            try:
+                total += self._send(_serialize.encode(item), k, None, mandatory)
+            except Unroutable as exc:
+                raise Unroutable(f"{exc} (item {n}; the {n} item(s) before it were "
+                                 "published)") from None
         return total
 
-    def _send(self, payload, key, timeout):
+    def _send(self, payload, key, timeout, mandatory=False):
         with self._lock:
             if self._fd is None:
                 raise QueueClosed(f"exchange {self.name!r} handle is closed")
             self._refresh()
+            if _monotonic() - self._checked >= _RECHECK:
+                self._drop_replaced_queues()
             targets = self._targets(key)
             delivered = 0
             for name in targets:
@@ -494,6 +575,11 @@ class Exchange:
                                f"message went to {delivered} of {len(targets)} queue(s) "
                                "before it") from None
                 delivered += 1
+            if mandatory and not delivered:
+                why = ("no binding matches it" if not targets else
+                       "the queue(s) it matches no longer exist")
+                raise Unroutable(f"exchange {self.name!r}: a message with key {key!r} "
+                                 f"reached no queue: {why}")
             return delivered
 
 

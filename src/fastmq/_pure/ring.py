@@ -55,11 +55,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import struct
 import time
 import weakref
 
-from .. import _lifetime
+from .. import _lifetime, _names
 from . import leases, portable
 from ..errors import (CorruptQueue, Empty, Full, MessageTooLarge, QueueClosed,
                       QueueExists, QueueNotFound)
@@ -157,7 +158,6 @@ def _keep_bytes(capacity_bytes):
 
 _FIRST_SLEEP = 50e-6
 _MAX_SLEEP = 5e-3
-_INIT_WAIT = 2.0        # how long open() waits for a creator to finish init
 _AGAIN = object()       # "would block" marker returned by attempt functions
 _NO_ROOM_RETRY = 0.05   # a put that found /dev/shm full tries again this often
 _LEASE_SWEEP = 0.25     # s: how often a waiting consumer looks for dead leases
@@ -214,6 +214,15 @@ def _validate_geometry(maxsize, max_message_size, capacity_bytes):
                          f"max_message_size ({max_message_size})")
 
 
+def _check_mode(mode):
+    """A segment's file mode: permission bits only (no setuid/setgid/sticky)."""
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise TypeError(f"mode must be an int, not {type(mode).__name__}")
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"mode must be permission bits only (0 to 0o777), got "
+                         f"{oct(mode) if mode >= 0 else mode}")
+
+
 def _as_bytes_view(data) -> memoryview:
     """A flat byte view of any C-contiguous buffer (TypeError otherwise)."""
     try:
@@ -258,27 +267,30 @@ class Ring(leases.LeaseMixin):
     def create(cls, name, *, maxsize, max_message_size, capacity_bytes,
                mode=0o600, exist_ok=False, anonymous=False, max_deliveries=20,
                dead_letter=""):
+        _names.validate_segment(name)
+        _check_mode(mode)
         _validate_geometry(maxsize, max_message_size, capacity_bytes)
         dead = (dead_letter or "").encode("utf-8")
         if len(dead) > 255:
             raise ValueError("dead_letter name is too long")
         portable.require_positional_io()
         path = _lifetime.segment_path(name)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                         | os.O_NOFOLLOW, mode)
-        except FileExistsError:
+        if os.path.lexists(path):           # early answer; the link decides
             if exist_ok:
                 return cls.open(name)
-            raise QueueExists(f"segment {name!r} already exists in /dev/shm") from None
+            raise QueueExists(f"segment {name!r} already exists in /dev/shm")
         # The data area carries a record header per message on top of the
         # payloads, so a message of max_message_size always fits an empty ring.
         area = capacity_bytes + RECORD_HEADER.size
         file_size = leases.layout(DATA_OFFSET + area, maxsize, capacity_bytes)[2]
+        # Initialized under a temporary name, then linked into place (see
+        # _lifetime): nobody ever opens a half-made segment, and a creator
+        # killed half-way leaves only a temporary file for cleanup().
+        tmp, fd = _lifetime.create_temp(mode)
+        lock = None
+        linked = False
         try:
             lock = _lifetime.inode_lock(fd)
-            if anonymous:
-                portable.flock_shared(fd)           # see _lifetime
             os.fchmod(fd, mode)                     # exact mode, whatever the umask
             os.ftruncate(fd, file_size)
             geometry = (b"\0" * 8, VERSION, HEADER_SIZE, maxsize, max_message_size,
@@ -288,29 +300,52 @@ class Ring(leases.LeaseMixin):
             os.pwrite(fd, STATE.pack(*[0] * 8) + leases.LEASE_STATE.pack(*[0] * 8),
                       STATE_OFFSET)
             os.pwrite(fd, MAGIC, GEOMETRY_OFFSET)   # last: the segment is valid now
-        except BaseException:
+            # An anonymous segment is held (LOCK_SH) before its name is
+            # visible, since cleanup() may probe it at once; a named one
+            # uses no flock.
+            if anonymous:
+                portable.flock_shared(fd)
+            else:
+                portable.funlock(fd)
             try:
-                os.unlink(path)
-            finally:
-                os.close(fd)
+                os.link(tmp, path)
+                linked = True
+            except FileExistsError:
+                pass
+        except BaseException:
+            _lifetime.guarded_close(fd, lock)
             raise
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if not linked:                              # another creator won the name
+            _lifetime.guarded_close(fd, lock)
+            if exist_ok:
+                return cls.open(name)
+            raise QueueExists(f"segment {name!r} already exists in /dev/shm")
         handle = _Handle(path, fd, lock, anonymous)
         return cls(name, handle, (MAGIC,) + geometry[1:])
 
     @classmethod
     def open(cls, name):
         portable.require_positional_io()
+        _names.validate_segment(name)
         path = _lifetime.segment_path(name)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            # O_NONBLOCK: a FIFO planted under the name must not hang us.
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise QueueNotFound(f"no segment {name!r} in /dev/shm") from None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:  # a symlink planted under our name
+            if exc.errno == errno.ELOOP:    # a symlink planted under our name
                 raise CorruptQueue(f"segment {name!r} is a symlink, not a queue") from None
             raise
         lock = None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CorruptQueue(f"segment {name!r} is not a regular file")
             lock = _lifetime.inode_lock(fd)
             geometry = _read_geometry(fd, name)
             anonymous = bool(geometry[8] & FLAG_ANONYMOUS)
@@ -324,6 +359,7 @@ class Ring(leases.LeaseMixin):
 
     @staticmethod
     def unlink(name):
+        _names.validate_segment(name)
         try:
             os.unlink(_lifetime.segment_path(name))
         except FileNotFoundError:
@@ -856,23 +892,24 @@ def _derived_views(view) -> int:
 
 def _read_geometry(fd, name):
     """Read and validate the header of the segment open on ``fd``."""
-    deadline = time.monotonic() + _INIT_WAIT
-    while True:
-        size = os.fstat(fd).st_size
-        raw = os.pread(fd, GEOMETRY.size, GEOMETRY_OFFSET) if size >= HEADER_SIZE else b""
-        if len(raw) == GEOMETRY.size and raw[:8] != b"\0" * 8:
-            break
-        if time.monotonic() >= deadline:   # its creator died during initialisation
-            raise CorruptQueue(f"segment {name!r} is truncated or was never "
-                               f"initialised ({size} bytes)")
-        time.sleep(0.01)
+    # A segment is linked into place only once complete (see Ring.create), so
+    # a visible one without its magic was half-made in place: nobody is
+    # working on it.
+    size = os.fstat(fd).st_size
+    raw = os.pread(fd, GEOMETRY.size, GEOMETRY_OFFSET) if size >= HEADER_SIZE else b""
+    if len(raw) != GEOMETRY.size or raw[:8] == b"\0" * 8:
+        raise CorruptQueue(f"segment {name!r} is truncated or was never initialised "
+                           f"({size} bytes); remove it with Queue.unlink")
     geometry = GEOMETRY.unpack(raw)
     magic, version, header_size, maxsize, mms, capacity, data_off, file_size = geometry[:8]
     if magic != MAGIC:
-        raise CorruptQueue(
-            f"segment {name!r} has magic {magic!r}, not the pure backend's {MAGIC!r}: "
-            "it was created by the native backend (use the same FASTMQ_BACKEND in "
-            "every process) or is not a fastmq queue")
+        if magic.startswith(b"FASTMQ"):
+            raise CorruptQueue(
+                f"segment {name!r} was created by fastmq's native backend; open it with "
+                "FASTMQ_BACKEND=native (every process of a queue must use the same "
+                "backend)")
+        raise CorruptQueue(f"segment {name!r} has magic {magic!r}: it is not a fastmq "
+                           "queue")
     if version != VERSION:
         raise CorruptQueue(f"segment {name!r} has layout version {version}, this "
                            f"fastmq's pure backend reads version {VERSION}")
