@@ -17,7 +17,7 @@ import pytest
 import fastmq  # noqa: E402  (the package under test: never skip it)
 
 from fastmq import bench  # noqa: E402
-from fastmq._bench import peers, report  # noqa: E402
+from fastmq._bench import payloads, peers, report  # noqa: E402
 from fastmq._bench.runner import CellFailed, run_pingpong, run_throughput  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,22 +85,28 @@ class DuplicatingPeer(peers.MpQueuePeer):
         return ep
 
 
-class CorruptingPeer(peers.MpQueuePeer):
-    name, label = "corrupt", "corrupting test peer"
+def _corrupting(where, which):
+    """An mp.Queue that flips one byte at ``where`` ("middle", "tail", "body-start") of the
+    ``which`` messages (``body-start``: the first byte after the header, which
+    the sampled windows of large messages cover) ("one": the 10th only; "from-10th": every one from it on)."""
+    class CorruptingPeer(peers.MpQueuePeer):
+        name, label = "corrupt", "corrupting test peer"
 
-    def sender(self, index):
-        ep = super().sender(index)
-        send, n = ep.send, [0]
+        def sender(self, index):
+            ep = super().sender(index)
+            send, n = ep.send, [0]
 
-        def corrupt(m):
-            n[0] += 1
-            if n[0] == 10 and isinstance(m, bytes):
-                b = bytearray(m)
-                b[len(b) // 2] ^= 0xFF
-                m = bytes(b)
-            send(m)
-        ep.send = corrupt
-        return ep
+            def corrupt(m):
+                n[0] += 1
+                if n[0] == 10 or (which == "from-10th" and n[0] > 10):
+                    b = bytearray(m)
+                    b[{"middle": len(b) // 2, "tail": len(b) - 3, "body-start": 20}[where]] ^= 0xFF
+                    m = bytes(b)
+                send(m)
+            ep.send = corrupt
+            return ep
+    return CorruptingPeer
+
 
 
 def _no_children_left():
@@ -131,9 +137,19 @@ def test_duplicates_across_consumers_fail_loudly():
     assert "duplicate" in str(info.value).lower()
 
 
-def test_corruption_fails_loudly():
+# Every message is checked at its ends; bodies are checked whole for small
+# messages (<= KEEP_MAX), by sampling (one message in SAMPLE_EVERY kept whole)
+# for mid-sized ones and by sampled windows for large ones -- so one flipped
+# byte in the middle of one larger message is the case left out on purpose.
+@pytest.mark.parametrize("size,where,which", [
+    (64, "middle", "one"), (64, "tail", "one"),
+    (4096, "tail", "one"), (4096, "middle", "from-10th"),
+    (1 << 20, "tail", "one"), (1 << 20, "body-start", "one")])
+def test_corruption_fails_loudly(size, where, which):
+    assert payloads.KEEP_MAX < 4096 <= payloads.FULL_CHECK_MAX < 1 << 20
     with pytest.raises(CellFailed) as info:
-        run_throughput(CorruptingPeer, 1, 1, "bytes", 4096, 300, 64, timeout=5)
+        run_throughput(_corrupting(where, which), 1, 1, "bytes", size,
+                       300 if size < 65536 else 40, 16, timeout=10)
     assert "corrupt" in str(info.value)
 
 
