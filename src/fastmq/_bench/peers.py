@@ -26,6 +26,11 @@ numpy      put / get(zero_copy)    put / get (pickles)      pickled ; copy=False
 acks       put_bytes / get_bytes   (fastmq only)            (fastmq only)
 =========  ======================  =======================  ====================
 
+posix_ipc message queues carry raw bytes (pickled objects in pickle mode, the
+array's bytes in numpy mode) with the kernel's blocking ``mq_send``/``mq_receive``;
+iceoryx2 publish-subscribe copies raw bytes into and out of loaned shared-memory
+samples (pickled objects in pickle mode); neither has a batch API here.
+
 ``acks`` is fastmq's own: the same raw bytes received three ways, as three
 peers -- auto-ack ``get_bytes`` ("fastmq"), ``get_message`` + ``ack``
 ("fastmq-ack") and ``get_messages`` + ``ack_many`` ("fastmq-ack-many") -- so
@@ -74,6 +79,11 @@ class Peer:
         filling an array in place in the queue's memory -- and "acks" are
         fastmq's own)."""
         return mode not in FASTMQ_ONLY_MODES
+
+    @classmethod
+    def note(cls):
+        """A line the report should print about this peer on this machine, or None."""
+        return None
 
     @classmethod
     def cannot_carry(cls, producers: int, consumers: int, mode: str, size: int, depth: int):
@@ -533,6 +543,22 @@ class PosixMqPeer(Peer):
             return False, f"posix_ipc not installed ({exc}); pip install posix_ipc"
         return True, ""
 
+    @classmethod
+    def note(cls):
+        import posix_ipc
+        name = f"/fastmq-bench-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            q = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_messages=1024,
+                                       max_message_size=64)
+        except Exception:  # noqa: BLE001 - the kernel's limits apply
+            return (f"the kernel bounds a queue to {_mq_limit('msg_max', 10)} messages "
+                    f"(/proc/sys/fs/mqueue/msg_max) and {_mq_limit('msgsize_max', 8192)} "
+                    "bytes a message (msgsize_max) here, so it runs with that depth "
+                    "instead of the others' bound")
+        q.close()
+        q.unlink()
+        return None
+
     @staticmethod
     def _message_room(mode, size):
         return 1024 if mode == "pickle" else max(size, 64)
@@ -629,10 +655,12 @@ class Iceoryx2Peer(Peer):
 
     Publish-subscribe hands every message to *every* subscriber, so it runs with
     one consumer only. The service is made lossless (no safe overflow; the
-    publisher retries until delivered, i.e. blocks while the subscriber's buffer
-    of ``depth`` samples is full). Its subscriber has no blocking receive: the
-    consumer polls ``receive()`` and yields the CPU (``sched_yield``) when it is
-    empty, as an iceoryx2 application without an event service does."""
+    publisher retries while the subscriber's buffer of ``depth`` samples is
+    full: ``send()`` reports 0 deliveries then, and the
+    producer sends the same message again, yielding the CPU in between). Its
+    subscriber has no blocking receive: the consumer polls ``receive()`` and
+    yields the CPU (``sched_yield``) when it is empty, as an iceoryx2
+    application without an event service does."""
 
     name, label = "iceoryx2", "iceoryx2 publish-subscribe"
     holds_references = False
@@ -700,11 +728,20 @@ class Iceoryx2Peer(Peer):
                 views[id(m)] = hit
             return hit[1]
 
+        yield_cpu = os.sched_yield
+
         def send(m):
             n = len(m) if isinstance(m, bytes) else memoryview(m).nbytes
-            sample = loan(n)
-            memmove(sample.payload_ptr, m if isinstance(m, bytes) else address(m), n)
-            sample.assume_init().send()
+            src = m if isinstance(m, bytes) else address(m)
+            while True:
+                sample = loan(n)
+                memmove(sample.payload_ptr, src, n)
+                # send() returns how many subscribers got the sample: 0 when the
+                # subscriber's buffer is full (this version does not block on
+                # RetryUntilDelivered here), so try again, in order, until it lands
+                if sample.assume_init().send():
+                    return
+                yield_cpu()
         if self.mode == "pickle":
             import pickle
             dumps = pickle.dumps

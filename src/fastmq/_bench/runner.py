@@ -517,3 +517,113 @@ def run_pingpong(peer_cls, size=64, seconds=0.3, warmup=200, timeout=30.0) -> di
             "p50_us": percentile(vals, 50) / 1e3, "p99_us": percentile(vals, 99) / 1e3,
             "p999_us": percentile(vals, 99.9) / 1e3,
             "msgs_per_s": len(vals) / (sum(vals) / 1e9) if vals else 0.0}
+
+
+# ------------------------------------------------------------------ memory --
+
+def _footprint():
+    """(resident bytes, bytes of shared /dev/shm mappings) of this process."""
+    rss = shm = 0
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1]) * 1024
+                break
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/dev/shm/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                shm += hi - lo
+    return rss, shm
+
+
+def _move_through(peer, n, size, deadline):
+    """Send and receive ``n`` messages in this process, at most a bound's worth
+    (or 256) in flight, so every lazily touched page of the channel is counted."""
+    r = peer.receiver(0)              # first: iceoryx2's sender waits for a subscriber
+    s = peer.sender(0)
+    msg = Builder(0, size, "bytes").build(0)
+    burst = max(1, min(getattr(peer, "depth_used", peer.depth), 256))
+    done = 0
+    while done < n:
+        k = min(burst, n - done)
+        for _ in range(k):
+            s.send(msg)
+        got = 0
+        while got < k:
+            if time.monotonic() > deadline:
+                raise TimeoutError("messages did not come back")
+            if r.recv() is not None:
+                got += 1
+        done += k
+    return s, r
+
+
+def _memory_child(peer_cls, size, depth, n, conn):
+    def body(_barrier):
+        deadline = time.monotonic() + SETUP_TIMEOUT
+        # one throwaway channel first: imports and one-time allocations of the
+        # library are not the queue's
+        first = _make_peer(peer_cls, 1, 1, "bytes", size, depth)
+        ends = _move_through(first, min(n, 64), size, deadline)
+        before = _footprint()
+        peer = _make_peer(peer_cls, 1, 1, "bytes", size, depth)
+        created = _footprint()
+        ends2 = _move_through(peer, n, size, deadline)
+        after = _footprint()
+        for e in (*ends, *ends2):
+            try:
+                e.close()
+            except Exception:  # noqa: BLE001
+                pass
+        for p in (peer, first):
+            try:
+                p.close()
+            except Exception:  # noqa: BLE001
+                pass
+        return {"rss_created": created[0] - before[0], "shm_created": created[1] - before[1],
+                "rss_used": after[0] - before[0], "shm_used": after[1] - before[1]}
+
+    class _NoBarrier:
+        def abort(self):
+            pass
+    _child(conn, _NoBarrier(), body)
+
+
+def run_memory(peer_cls, size=64, depth=1024, n=4096, timeout=30.0) -> dict:
+    """Memory one queue costs its creating process: resident bytes (RSS) and
+    /dev/shm mapped, right after creation and after ``n`` messages of ``size``
+    bytes went through it. Measured in a fresh process; kernel memory (pipe
+    and message-queue buffers) is not visible here and not counted."""
+    kids = _Children()
+    try:
+        kids.start("memory", _memory_child, (peer_cls, size, depth, n))
+        res = kids.collect([0], time.monotonic() + timeout)[0]
+    finally:
+        kids.reap()
+    res.pop("ok", None)
+    return res
+
+
+# --------------------------------------------------------- ping-pong ceiling --
+
+def pingpong_ceiling(size=64, n=20000) -> float:
+    """The smallest round trip the ping-pong loop can report (µs, median): the
+    timed part of ``_pinger`` with a no-op channel (send does nothing, receive
+    hands the message straight back)."""
+    build = Builder(0, size, "bytes").build
+    msgs = [build(i) for i in range(64)]
+    clock = time.perf_counter_ns
+    send = id
+    rtts = array("q")
+    for i in range(n):
+        m = msgs[i & 63]
+        t0 = clock()
+        send(m)
+        back = m
+        while back is None:
+            back = m
+        t1 = clock()
+        rtts.append(t1 - t0)
+    return percentile(sorted(rtts), 50) / 1e3
