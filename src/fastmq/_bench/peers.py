@@ -728,7 +728,7 @@ class Iceoryx2Peer(Peer):
                 views[id(m)] = hit
             return hit[1]
 
-        yield_cpu = os.sched_yield
+        yield_cpu, dyn = os.sched_yield, service.dynamic_config
 
         def send(m):
             n = len(m) if isinstance(m, bytes) else memoryview(m).nbytes
@@ -741,6 +741,8 @@ class Iceoryx2Peer(Peer):
                 # RetryUntilDelivered here), so try again, in order, until it lands
                 if sample.assume_init().send():
                     return
+                if dyn.number_of_subscribers < 1:
+                    return             # the subscriber is gone (end of a ping-pong)
                 yield_cpu()
         if self.mode == "pickle":
             import pickle

@@ -341,7 +341,7 @@ def _bar_panel(ax, doc, scen, colors, whiskers):
                     f"shm {nbytes(c['median']['shm_used'])}", va="center", fontsize=6)
         ax.set_xlabel("bytes of one queue after 4096 messages (RSS + /dev/shm mapped), "
                       "log scale", fontsize=7)
-        ax.set_xlim(min(vals) / 2, max(vals) * 300)
+        ax.set_xlim(min(vals) / 2, max(vals) * 60)
     else:
         latency = kind == "pingpong"
         big = not latency and scen["size"] >= (1 << 20)
@@ -414,6 +414,10 @@ def _sweep_panel(ax, doc, sweep, colors):
                 linewidth=2.2 if peer.startswith("fastmq") else 1.2,
                 color=colors.get(peer, "tab:gray"), label=label)
     ax.set_yscale("log")
+    tops = [c["median"]["bytes_per_s"] / 1e6 if size else c["median"]["msgs_per_s"]
+            for _, row in rows for c in row if c and c["status"] == "ok"]
+    if tops:                     # the ceiling may run far above: show the peers
+        ax.set_ylim(min(tops) / 3, max(tops) * 8)
     ax.set_xticks(x)
     ax.set_xticklabels(cols, fontsize=6.5)
     ax.tick_params(axis="y", labelsize=6.5)
