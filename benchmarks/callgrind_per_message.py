@@ -9,6 +9,8 @@ costs, everything else cancelled out.
 Cases (all in one process, native backend unless FASTMQ_BACKEND says otherwise):
 
   bytes64     q.put_bytes(b) + q.get_bytes()          64 B bytes
+  ring64      the same through the queue's ring object (no Python-level wrapper: what
+              put_bytes/get_bytes would cost if they were the compiled methods)
   dict        q.put(d) + q.get()                      a small dict
   pickle      pickle.dumps(d, 5) + pickle.loads(...)  the same dict, no queue (floor of ``dict``)
   call        f(b) for a trivial Python function       the cost of any Python-level call
@@ -30,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 
-CASES = ("bytes64", "dict", "pickle", "call")
+CASES = ("bytes64", "ring64", "dict", "pickle", "call")
 WARMUP = 2000
 SMALL_DICT = {"id": 12345, "name": "sensor-7", "value": 3.25, "tags": ["a", "b"]}
 
@@ -40,7 +42,7 @@ def _child(case: str, n: int) -> None:
     payload = bytes(range(64))
     d = dict(SMALL_DICT)
     q = None
-    if case in ("bytes64", "dict"):
+    if case in ("bytes64", "ring64", "dict"):
         import fastmq
         q = fastmq.Queue(maxsize=1024)
     if case == "bytes64":
@@ -50,6 +52,14 @@ def _child(case: str, n: int) -> None:
             for _ in range(k):
                 put(payload)
                 get()
+    elif case == "ring64":
+        ring = q._ring                 # internal: the compiled ring behind the Queue
+        put, get = ring.put, ring.get
+
+        def loop(k):
+            for _ in range(k):
+                put(payload, None)
+                get(None)
     elif case == "dict":
         put, get = q.put, q.get
 
