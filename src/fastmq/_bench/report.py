@@ -152,7 +152,13 @@ def _scenario_table(doc, scen, lines):
 
 def sweep_matrix(doc, sweep):
     """(column titles, [(label, [cell or None])]) of one sweep, peers in run order."""
-    scens = [s for s in doc["scenarios"] if s.get("sweep") == sweep]
+    def member(s):
+        if s["kind"] != "throughput" or s["mode"] != "bytes":
+            return False
+        if sweep == "size":
+            return s["producers"] == s["consumers"] == 1
+        return s["size"] == 64           # the scaling sweep includes 1x1
+    scens = [s for s in doc["scenarios"] if member(s)]
     if sweep == "size":
         scens.sort(key=lambda s: s["size"])
         cols = [size_text(s["size"]) for s in scens]
@@ -454,7 +460,7 @@ def plot(doc: dict, path: str) -> None:
     ok = {c["scenario"] for c in doc["cells"] if c["status"] == "ok"}
     panels = [s for s in doc["scenarios"] if s.get("detail", True) and s["id"] in ok]
     sweeps = [w for w in ("size", "scaling")
-              if sum(1 for s in doc["scenarios"] if s.get("sweep") == w and s["id"] in ok) > 1]
+              if sum(1 for s in sweep_matrix(doc, w)[0] if s["id"] in ok) > 1]
     if not panels and not sweeps:
         raise RuntimeError("nothing to plot: no scenario has a successful cell")
     colors = _colors(list(dict.fromkeys(c["peer"] for c in doc["cells"])))
