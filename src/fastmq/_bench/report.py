@@ -145,8 +145,10 @@ def _scenario_table(doc, scen, lines):
     if any(c.get("harness_bound") for c in cells):
         lines.append("  ~ within 2x of the harness ceiling: may be bound by the harness")
     if kind == "memory":
-        lines.append("  RSS = resident memory of the creating process, shm = /dev/shm mapped "
-                     "(virtual); kernel buffers (pipes, sockets, message queues) are not "
+        lines.append("  RSS = resident memory of the creating process; shm = /dev/shm mapped, "
+                     "i.e. address space whose pages are touched lazily (fastmq maps its whole "
+                     "byte pool, capacity_bytes, which the bench sizes at 2 x bound x (message "
+                     "+ 64 KiB)); kernel buffers (pipes, sockets, message queues) are not "
                      "counted")
 
 
