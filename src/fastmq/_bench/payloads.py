@@ -21,7 +21,7 @@ message:
   ``SAMPLE_EVERY`` is kept whole and its body compared byte for byte. Keeping
   every 4 KiB message would allocate fresh memory for each one: page faults
   that cost ~10x more than moving the message through the fastest queues;
-* ``INLINE`` (larger, and numpy arrays): header, trailer and ``SAMPLES``
+* ``INLINE`` (larger, numpy arrays, and the views of at-least-once messages): header, trailer and ``SAMPLES``
   64-byte windows spread over the body, checked as each message arrives (a full
   compare of 1 MiB costs as much as moving it and would hide the transport).
 
@@ -56,9 +56,11 @@ KEEP, FINGERPRINT, INLINE = "keep", "fingerprint", "inline"
 
 def plan_for(mode: str, size: int) -> str:
     """How consumers of this mode and size verify (see the module docstring)."""
-    if mode == "pickle" or (mode in ("bytes", "batch", "acks") and size <= KEEP_MAX):
+    # ``acks`` consumers get views of leased messages: keeping them (or slices
+    # of them) past the ack would read memory the queue may reuse
+    if mode == "pickle" or (mode in ("bytes", "batch") and size <= KEEP_MAX):
         return KEEP
-    if mode in ("bytes", "batch", "acks") and size <= FULL_CHECK_MAX:
+    if mode in ("bytes", "batch") and size <= FULL_CHECK_MAX:
         return FINGERPRINT
     return INLINE
 
