@@ -146,7 +146,8 @@ class _Endpoint:
 
     def _recv_one(self):
         m = self.recv()
-        return [] if m is None else [m]
+        return [m] if m is not None and (not isinstance(m, (bytes, bytearray, memoryview))
+                                         or len(m)) else []
 
     def finish(self):
         if self._finish is not None:
@@ -243,14 +244,14 @@ class FastmqPeer(Peer):
     def receiver(self, index):
         q = self.q
         if self.mode in ("bytes", "acks"):
-            return _Endpoint(recv=_unsentinel(q.get_bytes))
+            return _Endpoint(recv=q.get_bytes)     # b"" (wake-up) ends the loop's wait
         if self.mode == "batch":
             get_many = q.get_many_bytes if self.raw_batch else q.get_many
 
             def recv_many(get_many=get_many):
                 # wake-up sentinels (empty) are dropped; the parent wakes again
                 return [m for m in get_many(GET_MANY) if len(m)]
-            return _Endpoint(recv=_unsentinel(q.get_bytes if self.raw_batch else q.get),
+            return _Endpoint(recv=q.get_bytes if self.raw_batch else _unsentinel(q.get),
                              recv_many=recv_many)
         if self.mode in ("numpy", "reserve"):
             def recv(get=q.get):
@@ -360,11 +361,9 @@ class MpQueuePeer(Peer):
 
     def receiver(self, index):
         get = self.q.get
-        if self.mode in ("bytes", "batch"):
-            return _Endpoint(recv=_unsentinel(get))
         if self.mode == "numpy":
             return _Endpoint(recv=_array_or_none(get))
-        return _Endpoint(recv=get)
+        return _Endpoint(recv=get)      # b"" / None (wake-ups) end the loop's wait
 
     def wake(self, n):
         for _ in range(n):
@@ -395,7 +394,7 @@ class SimpleQueuePeer(Peer):
             return _Endpoint(recv=get)
         if self.mode == "numpy":
             return _Endpoint(recv=_array_or_none(get))
-        return _Endpoint(recv=_unsentinel(get))
+        return _Endpoint(recv=get)      # b"" (wake-up) ends the loop's wait
 
     def wake(self, n):
         for _ in range(n):
@@ -429,7 +428,7 @@ class PipePeer(Peer):
     def receiver(self, index):
         r = self.r
         if self.mode in ("bytes", "batch"):
-            return _Endpoint(recv=_unsentinel(r.recv_bytes))
+            return _Endpoint(recv=r.recv_bytes)     # b"" (wake-up) ends the loop's wait
         if self.mode == "numpy":
             return _Endpoint(recv=_array_or_none(r.recv))
         return _Endpoint(recv=r.recv)

@@ -31,6 +31,7 @@ from .payloads import (FULL_CHECK_MAX, FINGERPRINT, INLINE, KEEP, SAMPLE_EVERY, 
 from .peers import BATCH
 
 PREBUILD_MAX_BYTES = 256 << 20   # per producer
+ARRAY_MODES = ("numpy", "reserve")
 
 CTX = multiprocessing.get_context("fork")
 SETUP_TIMEOUT = 20.0
@@ -90,10 +91,12 @@ def produce(send, send_many, build, count, batch, messages=None):
     return t0, time.monotonic_ns()
 
 
-def consume(recv, recv_many, plan, batch, shared, index, check=None):
-    """The timed loop of a consumer, until a ``None`` (wake-up) arrives after
+def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=False):
+    """The timed loop of a consumer, until a wake-up (``None``, or an empty
+    message unless ``arrays``: numpy arrays have no truth value) arrives after
     the parent set the stop flag (``shared[-1]``); it publishes its count in
-    ``shared[index]`` at every wake-up.
+    ``shared[index]`` at every wake-up. Testing ``not m`` in the loop lets the
+    peers hand their own receive call over unwrapped.
 
     Returns ``(got, last_ns, kept)``: ``kept`` is what ``settle`` verifies after
     the window -- every message (KEEP), or (heads, tails, samples) (FINGERPRINT);
@@ -124,7 +127,7 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None):
         else:
             while True:
                 m = recv()
-                if m is None:
+                if not m:              # None or the empty wake-up message
                     shared[index] = got
                     if shared[stop]:
                         break
@@ -155,7 +158,7 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None):
                     handle(m)
             got += len(msgs)
             last = now()
-    else:
+    elif arrays:
         while True:
             m = recv()
             if m is None:
@@ -165,6 +168,18 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None):
                 continue
             handle(m)
             del m                      # a zero-copy view must not pin its slot
+            got += 1
+            last = now()
+    else:
+        while True:
+            m = recv()
+            if not m:                  # None or the empty wake-up message
+                shared[index] = got
+                if shared[stop]:
+                    break
+                continue
+            handle(m)
+            del m
             got += 1
             last = now()
     return got, last, kept
@@ -215,7 +230,7 @@ def _consumer(peer, index, producers, count, mode, size, batch, shared, barrier,
         plan = plan_for(mode, size)
         barrier.wait(SETUP_TIMEOUT)
         got, last, kept = consume(ep.recv, ep.recv_many, plan, batch, shared, index,
-                                  tally.check)
+                                  tally.check, arrays=mode in ARRAY_MODES)
         ep.close()
         settle(tally, plan, kept)
         return {"last": last, **tally.result()}
@@ -266,7 +281,8 @@ def harness_ceiling(producers, consumers, mode, size, seconds=0.05, cores=None) 
                                    itertools.repeat(None)).__next__
         shared = [0, 1]
         t0 = time.monotonic_ns()
-        consume(recv, recv_many, plan, batch, shared, 0, tally.check)
+        consume(recv, recv_many, plan, batch, shared, 0, tally.check,
+                arrays=mode in ARRAY_MODES)
         return (time.monotonic_ns() - t0) / count
 
     def timed(fn):
@@ -466,7 +482,7 @@ def _echoer(ping, pong, stop, barrier, conn):
         n = 0
         while True:
             m = recv()
-            if m is None:
+            if not m:                  # None or the empty wake-up message
                 if stop.value:
                     break
                 continue
