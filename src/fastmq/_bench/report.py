@@ -375,6 +375,7 @@ def _bar_panel(ax, doc, scen, colors, whiskers):
             ax.text(cval, -0.75, " harness ceiling", fontsize=6, va="bottom",
                     ha="right" if latency else "left")
         for yi, v, c in zip(y, vals, cells):
+            at = max(v, c["max"][key] * scale) if whiskers else v    # right of the whisker
             r = c.get("vs_baseline")
             if latency:
                 text = f"{v:.1f} µs"
@@ -384,7 +385,7 @@ def _bar_panel(ax, doc, scen, colors, whiskers):
                 text = human(v)
             text += (f"  ({ratio(r)} vs mp.Queue)" if r and c["peer"] != BASELINE else "")
             text += "  ~harness-bound" if c.get("harness_bound") else ""
-            ax.text(v * 1.08, yi, text, va="center", fontsize=6)
+            ax.text(at * 1.1, yi, text, va="center", fontsize=6)
         lo = min(vals + ([cval] if cval else []))
         hi = max(vals + ([cval] if cval else []))
         ax.set_xlim(lo / 2, hi * 40)
