@@ -1,21 +1,29 @@
 """``fastmq bench``: fastmq side by side with the queues people use today.
 
 Scenarios (``--scenarios``, ids or shell patterns; ``fastmq bench --list``):
-P x C producer/consumer processes, 64 B / 4 KiB / 1 MiB raw bytes, small pickled
-objects, batches, 1 MiB numpy arrays (``put`` + ``get(zero_copy=True)``) and a
-64 B ping-pong latency test over two queues with blocking waits.
+P x C producer/consumer processes, raw bytes from 64 B to 64 MiB (the
+message-size sweep, ``1x1-bytes-*``), 64 B from 1x2 to 8x8 processes (the
+scaling sweep), small pickled objects, batches, 1 MiB numpy arrays (``put`` +
+``get(zero_copy=True)``), a 64 B ping-pong latency test over two queues with
+blocking waits, and the memory one queue costs.
 
 Peers (``--peers``): fastmq, multiprocessing.Queue, SimpleQueue, Pipe (1x1 only),
-and faster-fifo and pyzmq when they are installed (``pip install 'fastmq[bench]'``).
+and, when they are installed (``pip install 'fastmq[bench]'``), faster-fifo,
+pyzmq, posix_ipc message queues and iceoryx2 (one consumer only); a peer that is
+not installed is skipped with a note, and a message a peer cannot carry (posix
+mq above the kernel's size limit) is shown as n/a with the reason.
 
 Method (what makes the numbers honest, see ``fastmq._bench.runner``): processes
 start first and meet at a barrier, so start-up is not timed; one clock
 (CLOCK_MONOTONIC) across processes; every message is verified by its consumer
-(per-producer order, payload, no loss, no duplicate) and any problem fails the
+(per-producer order, no loss, no duplicate, payload; cheaply in the timed loop
+and the rest after it, see ``fastmq._bench.payloads``) and any problem fails the
 run with exit status 1; each cell is sized by time from a short calibration run;
-the median of ``--repeat`` runs is shown with the spread (min..max); reference
-limits (single-core memcpy, bare Python call) are measured on the spot; ratios
-are against multiprocessing.Queue and against the best other peer of the table.
+the median of ``--repeat`` runs is shown with the spread (min..max); each
+scenario's harness ceiling (the same loops with a no-op channel) is measured and
+shown, and a cell within 2x of it is marked; reference limits (single-core
+memcpy, bare Python call) are measured on the spot; ratios are against
+multiprocessing.Queue and against the best other peer of the table.
 """
 from __future__ import annotations
 
@@ -30,10 +38,12 @@ import time
 from dataclasses import asdict, dataclass
 
 from ._bench import report
+from ._bench.payloads import KEEP_MAX, SAMPLE_EVERY
 from ._bench.peers import PEERS
 from ._bench.progress import Progress
 from ._bench.reference import measure as measure_reference
-from ._bench.runner import CellFailed, run_pingpong, run_throughput
+from ._bench.runner import (CellFailed, harness_ceiling, pingpong_ceiling, run_memory,
+                             run_pingpong, run_throughput)
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -50,8 +60,21 @@ class Scenario:
 
     @property
     def depth(self) -> int:
-        """Queue bound in messages, the same for every peer."""
-        return 2 if self.size >= 64 * MiB else 8 if self.size >= MiB else 1024
+        """Queue bound in messages, the same for every peer: 1024, fewer for
+        messages over 8 KiB (about 8 MiB in flight), at least 2."""
+        if self.kind == "memory":
+            return 1024
+        return max(2, min(1024, (8 * MiB) // max(self.size, 1)))
+
+    @property
+    def sweep(self):
+        """Which chart of sweeps the scenario belongs to ("size", "scaling" or None)."""
+        if self.kind == "throughput" and self.mode == "bytes":
+            if self.producers == self.consumers == 1:
+                return "size"
+            if self.size == 64:
+                return "scaling"
+        return None
 
 
 def _size_tag(size):
@@ -75,26 +98,42 @@ def _tp(p, c, mode, size=0):
     return Scenario(sid, "throughput", p, c, mode, size, f"{p} producer(s) x {c} consumer(s), {what}")
 
 
+SIZES = [64, 256, KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB, 4 * MiB, 16 * MiB, 64 * MiB]
+SCALING = [(1, 2), (2, 1), (2, 2), (4, 4), (8, 8), (1, 8), (8, 1)]
+
 SCENARIOS = [
-    _tp(1, 1, "bytes", 64), _tp(1, 1, "bytes", 4 * KiB), _tp(1, 1, "bytes", MiB),
-    _tp(2, 2, "bytes", 64), _tp(2, 2, "bytes", 4 * KiB), _tp(4, 4, "bytes", 64),
+    *(_tp(1, 1, "bytes", size) for size in SIZES),
+    *(_tp(p, c, "bytes", 64) for p, c in SCALING),
+    _tp(2, 2, "bytes", 4 * KiB),
     _tp(1, 1, "pickle"), _tp(2, 2, "pickle"),
     _tp(1, 1, "batch", 64), _tp(2, 2, "batch", 64),
     _tp(1, 1, "numpy", MiB), _tp(1, 1, "numpy", 64 * MiB), _tp(1, 1, "reserve", MiB),
     _tp(1, 1, "acks", 64), _tp(1, 1, "acks", MiB),
     Scenario("pingpong-64", "pingpong", 1, 1, "bytes", 64,
              "round trip of 64 B over two queues, blocking waits"),
+    Scenario("memory", "memory", 1, 1, "bytes", 64,
+             "memory of one queue (64 B messages, bound 1024): RSS and /dev/shm mapped "
+             "by its process, after creating it and after 4096 messages went through"),
 ]
 BY_ID = {s.id: s for s in SCENARIOS}
 DEFAULT_IDS = ["1x1-bytes-64", "1x1-bytes-4k", "1x1-bytes-1m", "2x2-bytes-64", "2x2-bytes-4k",
                "4x4-bytes-64", "1x1-pickle", "1x1-batch-64", "1x1-numpy-1m",
                "1x1-reserve-1m", "pingpong-64"]
-QUICK_IDS = ["1x1-bytes-64", "2x2-bytes-64", "1x1-pickle", "1x1-batch-64", "1x1-numpy-1m",
-             "pingpong-64"]
+SWEEP_IDS = [f"1x1-bytes-{_size_tag(size)}" for size in SIZES] + \
+    [f"{p}x{c}-bytes-64" for p, c in [(1, 1), *SCALING]]
+DETAIL_IDS = DEFAULT_IDS + ["memory"]     # a table of their own in the text report
+DEFAULT_IDS = list(dict.fromkeys(DEFAULT_IDS + SWEEP_IDS + ["memory"]))
+QUICK_IDS = ["1x1-bytes-64", "1x1-bytes-4k", "2x2-bytes-64", "1x1-pickle", "1x1-batch-64",
+             "1x1-numpy-1m", "pingpong-64"]
 
-# first (calibration) message count per producer, before sizing runs by time
-_FIRST_COUNT = {64: 3000, 4 * KiB: 1500, MiB: 24, 64 * MiB: 4, 0: 2000}
-_MIN_COUNT = {MiB: 16, 64 * MiB: 4}
+
+def _first_count(size):
+    """First (calibration) message count per producer, before sizing runs by time."""
+    return 2000 if size == 0 else max(4, min(3000, (24 * MiB) // size))
+
+
+def _min_count(size):
+    return 200 if size < 64 * KiB else max(4, min(200, (16 * MiB) // size))
 
 
 def select_scenarios(spec):
@@ -166,28 +205,30 @@ class _Cell:
 
     def calibrate(self, target, timeout):
         scen = self.scen
-        if scen.kind == "pingpong":
+        if scen.kind in ("pingpong", "memory"):
             return
 
         def first_run():
-            count = max(_MIN_COUNT.get(scen.size, 200),
-                        int(_FIRST_COUNT.get(scen.size, 2000) * target / 0.3))
+            count = max(_min_count(scen.size), int(_first_count(scen.size) * target / 0.3))
             r = run_throughput(self.cls, scen.producers, scen.consumers, scen.mode, scen.size,
                                count, scen.depth, timeout)
             self.verified += r["messages"]
             if 0.5 * target <= r["seconds"] <= 2 * target:
                 self.runs.append(r)          # already the right length: it counts
-            self.count = max(_MIN_COUNT.get(scen.size, 200),
+            self.count = max(_min_count(scen.size),
                              min(20_000_000, int(r["msgs_per_s"] / scen.producers * target)))
         self._attempt("calibrating", first_run)
 
     def run_once(self, i, repeat, target, timeout):
         scen = self.scen
-        if len(self.runs) >= repeat:
+        if len(self.runs) >= (1 if scen.kind == "memory" else repeat):
             self.progress.advance()
             return
 
         def one():
+            if scen.kind == "memory":
+                self.runs.append(run_memory(self.cls, scen.size, scen.depth, timeout=timeout))
+                return
             if scen.kind == "pingpong":
                 r = run_pingpong(self.cls, scen.size, seconds=target, timeout=timeout)
                 self.verified += r["round_trips"]
@@ -203,8 +244,9 @@ class _Cell:
         if self.failure is not None:
             self.doc.update(status=self.failure[0], error=self.failure[1])
             return self.doc
-        keys = (("p50_us", "p99_us", "p999_us", "msgs_per_s") if self.scen.kind == "pingpong"
-                else ("msgs_per_s", "bytes_per_s", "seconds"))
+        keys = {"pingpong": ("p50_us", "p99_us", "p999_us", "msgs_per_s"),
+                "memory": ("rss_created", "shm_created", "rss_used", "shm_used")}.get(
+                    self.scen.kind, ("msgs_per_s", "bytes_per_s", "seconds"))
         med, lo, hi = _summarise(self.runs, keys)
         self.doc.update(status="ok", runs=self.runs, median=med, min=lo, max=hi,
                         verified_messages=self.verified)
@@ -235,6 +277,11 @@ def _machine():
             "loadavg_1min_at_start": load}
 
 
+def _scenario_doc(s):
+    return dict(asdict(s), depth=s.depth, sweep=s.sweep,
+                detail=s.id in DETAIL_IDS or s.sweep is None)
+
+
 def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,
               command="fastmq bench", peer_classes=None):
     """Run the benchmark; return the result document (see ``report``)."""
@@ -243,34 +290,63 @@ def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,
     progress = Progress(total=0, quiet=quiet)
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "command": command, "machine": _machine(), "repeat": repeat,
-           "target_seconds": target, "scenarios": [asdict(s) for s in scenarios],
+           "target_seconds": target, "scenarios": [_scenario_doc(s) for s in scenarios],
            "cells": [], "skipped": [], "notes": [], "unavailable": {}}
     usable = []
     for name in peer_names:
         ok, why = classes[name].available()
         if ok:
             usable.append(name)
+            note = classes[name].note()
+            if note:
+                doc["notes"].append(f"{classes[name].label}: {note}")
         else:
             doc["unavailable"][name] = why
             doc["skipped"].append(f"{name}: {why}")
+            if not quiet:
+                print(f"fastmq bench: skipping {name}: {why}", file=sys.stderr)
     if {"numpy", "reserve"} & {s.mode for s in scenarios}:
         try:
             import numpy  # noqa: F401
         except ImportError:
             doc["skipped"].append("numpy scenarios: numpy is not installed")
             scenarios = [s for s in scenarios if s.mode not in ("numpy", "reserve")]
-            doc["scenarios"] = [asdict(s) for s in scenarios]
-    plan = {s.id: [n for n in usable if classes[n].supports(s.producers, s.consumers, s.mode)]
-            for s in scenarios}
-    progress.total = sum(len(plan[s.id]) * (repeat + (s.kind != "pingpong")) for s in scenarios)
+            doc["scenarios"] = [_scenario_doc(s) for s in scenarios]
+    plan, not_carried = {}, {}
+    for s in scenarios:
+        plan[s.id] = []
+        for n in usable:
+            if not classes[n].supports(s.producers, s.consumers, s.mode):
+                continue
+            why = classes[n].cannot_carry(s.producers, s.consumers, s.mode, s.size, s.depth)
+            if why:
+                not_carried[(s.id, n)] = why
+            else:
+                plan[s.id].append(n)
+    progress.total = sum(len(plan[s.id]) * (repeat + (s.kind == "throughput")) + 1
+                         for s in scenarios)
     progress.step("measuring reference limits (memcpy, Python call)")
     doc["reference"] = measure_reference()
-    doc["notes"].append("messages > 64 KiB are verified at header, trailer and 8 sampled "
-                        "64-byte windows as they arrive; smaller ones byte for byte, all of "
-                        "them, right after the timed window (the check costs ~1 us a message "
-                        "in Python and would cap every peer)")
+    doc["ceilings"] = {}
+    doc["notes"].append(
+        f"verification: messages <= {KEEP_MAX} B and pickled objects are kept and compared "
+        "byte for byte after the timed window; up to 64 KiB, the sequence numbers at head "
+        f"and tail of every message are kept and checked after it, and one message in "
+        f"{SAMPLE_EVERY} is compared whole; larger ones are checked at header, trailer and "
+        "8 sampled 64-byte windows as they arrive")
+    doc["notes"].append(
+        "harness ceiling: the same producer and consumer loops with a no-op channel, "
+        "measured on the spot; a cell marked ~ runs within 2x of it and may be bound by "
+        "the harness rather than the queue")
     try:
         for scen in scenarios:
+            progress.step(f"{scen.id} | harness ceiling")
+            if scen.kind == "throughput":
+                doc["ceilings"][scen.id] = harness_ceiling(scen.producers, scen.consumers,
+                                                           scen.mode, scen.size)
+            elif scen.kind == "pingpong":
+                doc["ceilings"][scen.id] = {"round_trip_us": pingpong_ceiling(scen.size)}
+            progress.advance()
             cells = []
             for name in plan[scen.id]:
                 cls = classes[name]
@@ -284,10 +360,17 @@ def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,
                 for cell in cells:
                     cell.run_once(i, repeat, target, timeout)
             doc["cells"] += [cell.result() for cell in cells]
+            for name in usable:
+                if (scen.id, name) in not_carried:
+                    doc["cells"].append({"scenario": scen.id, "kind": scen.kind, "peer": name,
+                                         "label": classes[name].label, "status": "n/a",
+                                         "error": not_carried[(scen.id, name)]})
     finally:
         progress.close()
     for scen in scenarios:
-        report.add_ratios([c for c in doc["cells"] if c["scenario"] == scen.id])
+        cells = [c for c in doc["cells"] if c["scenario"] == scen.id]
+        report.add_ratios(cells)
+        report.flag_harness_bound(cells, doc["ceilings"].get(scen.id))
     return doc
 
 
@@ -295,7 +378,8 @@ def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="fewer, shorter scenarios (< 20 s); still verifies every message")
+                        help="fewer, shorter scenarios (< 30 s), ratios indicative only; "
+                             "still verifies every message")
     parser.add_argument("--scenarios", metavar="IDS",
                         help="comma-separated scenario ids or patterns (e.g. '1x1-*', 'all'); "
                              "see --list")
@@ -357,6 +441,14 @@ def run_from_args(args, parser=None) -> int:
         print("fastmq bench: interrupted", file=sys.stderr)
         return 130
     doc["wall_seconds"] = time.monotonic() - t0
+    try:
+        doc["machine"]["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    if args.quick:
+        doc["notes"].insert(0, "--quick: one short run per cell, so the ratios are indicative "
+                               "only (they can swing 2x or more on a busy machine); run "
+                               "`fastmq bench` for figures to quote")
     print(report.format_table(doc))
     print(f"(wall time {doc['wall_seconds']:.1f} s)")
     status = 0
@@ -368,7 +460,7 @@ def run_from_args(args, parser=None) -> int:
         except Exception as exc:  # noqa: BLE001 - a chart problem is not a crash
             print(f"fastmq bench: error: could not draw {args.plot}: {exc}", file=sys.stderr)
             status = 1
-    failed = [c for c in doc["cells"] if c["status"] != "ok"]
+    failed = [c for c in doc["cells"] if c["status"] not in ("ok", "n/a")]
     if failed:
         print(f"fastmq bench: FAILED: {len(failed)} cell(s) lost, duplicated or corrupted "
               "messages, crashed or hung (see above)", file=sys.stderr)

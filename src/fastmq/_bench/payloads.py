@@ -8,19 +8,32 @@ Raw layout (``bytes``/``batch``/``numpy`` modes), ``size`` bytes in all::
 
     [producer u32][size u32][seq u64] body ............ [seq u64]
 
-* small messages (<= ``FULL_CHECK_MAX``) are compared byte for byte with the body;
-* large ones are checked at the header, the trailer and ``SAMPLES`` 64-byte windows
-  spread over the body (a full compare of 1 MiB costs as much as moving it and
-  would hide the transport being measured).
+How a consumer checks depends on the size (``plan_for``), so that the check
+never costs more than a small fraction of what the fastest transport needs per
+message:
+
+* ``KEEP`` (<= ``KEEP_MAX`` bytes, and pickled objects): every message is kept
+  as it arrives (one list append) and compared byte for byte with its expected
+  content right after the timed window;
+* ``FINGERPRINT`` (up to ``FULL_CHECK_MAX``): the head (producer, size, seq)
+  and the trailing seq of every message are kept as two small slices and
+  checked after the window (order, loss, duplicates, torn ends); one message in
+  ``SAMPLE_EVERY`` is kept whole and its body compared byte for byte. Keeping
+  every 4 KiB message would allocate fresh memory for each one: page faults
+  that cost ~10x more than moving the message through the fastest queues;
+* ``INLINE`` (larger, numpy arrays, and the views of at-least-once messages): header, trailer and ``SAMPLES``
+  64-byte windows spread over the body, checked as each message arrives (a full
+  compare of 1 MiB costs as much as moving it and would hide the transport).
 
 ``pickle`` mode sends a small tuple ``(producer, seq, text, float, list)`` and
 compares all of it.
 
-The sender reuses a pool of buffers for large messages and rewrites only the
-header and trailer in place; the pool (``pool_size``) is larger than the number of
-messages any peer can have in flight (its queue bound, twice over for zmq's send
-and receive high-water marks), so a buffer is never rewritten while a peer may
-still be reading it.
+Small messages are built before the timed window. Larger ones come from a pool
+of buffers rewritten in place (header and trailer only) as they are sent; the
+pool is larger than the number of messages a peer can still be reading from
+(its queue bound, twice over for zmq's send and receive high-water marks) when
+the peer keeps a reference to what it was given, and a few buffers (staying in
+the cache) when it copies at the call.
 """
 from __future__ import annotations
 
@@ -31,14 +44,36 @@ HEADER = struct.Struct("<IIQ")
 TRAILER = struct.Struct("<Q")
 OVERHEAD = HEADER.size + TRAILER.size          # 24 bytes
 FULL_CHECK_MAX = 64 * 1024
+KEEP_MAX = 512
 SAMPLES = 8
 WINDOW = 64
 POOL = 32
+SAMPLE_EVERY = 32              # FINGERPRINT: one message in this many is kept whole
+SMALL_POOL = 8                 # buffers for a peer that copies at the send call
+
+KEEP, FINGERPRINT, INLINE = "keep", "fingerprint", "inline"
 
 
-def pool_size(depth: int) -> int:
-    """Buffers a large-message producer cycles through for a channel of ``depth``."""
-    return 2 * depth + 4
+def plan_for(mode: str, size: int) -> str:
+    """How consumers of this mode and size verify (see the module docstring)."""
+    # ``acks`` consumers get views of leased messages: keeping them (or slices
+    # of them) past the ack would read memory the queue may reuse
+    if mode == "pickle" or (mode in ("bytes", "batch") and size <= KEEP_MAX):
+        return KEEP
+    if mode in ("bytes", "batch") and size <= FULL_CHECK_MAX:
+        return FINGERPRINT
+    return INLINE
+
+
+def prebuilt(mode: str, size: int) -> bool:
+    """Whether producers build all their messages before the timed window."""
+    return plan_for(mode, size) == KEEP
+
+
+def pool_size(depth: int, holds_references: bool = True) -> int:
+    """Buffers a producer cycles through for a channel of ``depth``: enough that no
+    buffer is rewritten while a peer that keeps references may still read it."""
+    return 2 * depth + 4 if holds_references else SMALL_POOL
 
 MODES = ("bytes", "pickle", "batch", "numpy", "reserve")
 
@@ -70,7 +105,7 @@ class Builder:
             template = np.frombuffer(self._raw(0), dtype=np.uint8)
             self._pool = [template.copy() for _ in range(pool)]
             self.build = self._build_pooled
-        elif size > FULL_CHECK_MAX:
+        elif size > KEEP_MAX:
             raw = self._raw(0)
             self._pool = [bytearray(raw) for _ in range(pool)]
             self.build = self._build_pooled
@@ -212,6 +247,33 @@ class Tally:
             self._fail(f"corrupt message (header producer={p} seq={seq})")
             return
         self._mark(p, seq)
+
+    def check_fingerprint(self, head, tail) -> None:
+        """FINGERPRINT plan: the first 16 and the last 8 bytes of one message."""
+        try:
+            p, size, seq = HEADER.unpack(head)
+            (t,) = TRAILER.unpack(tail)
+        except Exception:  # noqa: BLE001 - a short message
+            self._fail(f"wrong length (head {bytes(head)[:16]!r})")
+            return
+        if size != self.size or t != seq:
+            self._fail(f"corrupt message (header producer={p} size={size} seq={seq} "
+                       f"trailer seq={t})")
+            return
+        self._mark(p, seq)
+
+    def check_body(self, msg) -> None:
+        """FINGERPRINT plan: a sampled message compared byte for byte (its seq was
+        already counted by ``check_fingerprint``)."""
+        mv = memoryview(msg)
+        if mv.nbytes != self.size:
+            self._fail(f"wrong length {mv.nbytes} (expected {self.size})")
+            return
+        p, size, seq = HEADER.unpack_from(mv)
+        if p >= self.producers or size != self.size or \
+                TRAILER.unpack_from(mv, self.size - 8)[0] != seq or \
+                mv[HEADER.size:self.size - TRAILER.size] != self.bodies[p]:
+            self._fail(f"corrupt body (header producer={p} seq={seq})")
 
     def result(self) -> dict:
         return {"received": self.received, "seen": [bytes(s) for s in self.seen],

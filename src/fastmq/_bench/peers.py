@@ -26,6 +26,11 @@ numpy      put / get(zero_copy)    put / get (pickles)      pickled ; copy=False
 acks       put_bytes / get_bytes   (fastmq only)            (fastmq only)
 =========  ======================  =======================  ====================
 
+posix_ipc message queues carry raw bytes (pickled objects in pickle mode, the
+array's bytes in numpy mode) with the kernel's blocking ``mq_send``/``mq_receive``;
+iceoryx2 publish-subscribe copies raw bytes into and out of loaned shared-memory
+samples (pickled objects in pickle mode); neither has a batch API here.
+
 ``acks`` is fastmq's own: the same raw bytes received three ways, as three
 peers -- auto-ack ``get_bytes`` ("fastmq"), ``get_message`` + ``ack``
 ("fastmq-ack") and ``get_messages`` + ``ack_many`` ("fastmq-ack-many") -- so
@@ -57,6 +62,7 @@ class Peer:
     native_batch = False         # has put_many/get_many of its own
     pairs_only = False           # 1 producer x 1 consumer only (Pipe)
     recv_in_batches = False      # consumers call recv_many() in every mode
+    holds_references = True      # may still read a sent buffer after send() returned
 
     @classmethod
     def available(cls):
@@ -73,6 +79,17 @@ class Peer:
         filling an array in place in the queue's memory -- and "acks" are
         fastmq's own)."""
         return mode not in FASTMQ_ONLY_MODES
+
+    @classmethod
+    def note(cls):
+        """A line the report should print about this peer on this machine, or None."""
+        return None
+
+    @classmethod
+    def cannot_carry(cls, producers: int, consumers: int, mode: str, size: int, depth: int):
+        """None, or why this peer cannot carry such a channel on this machine
+        (e.g. a message larger than a kernel limit): shown as "n/a"."""
+        return None
 
     def sender(self, index: int):
         raise NotImplementedError
@@ -129,7 +146,8 @@ class _Endpoint:
 
     def _recv_one(self):
         m = self.recv()
-        return [] if m is None else [m]
+        return [m] if m is not None and (not isinstance(m, (bytes, bytearray, memoryview))
+                                         or len(m)) else []
 
     def finish(self):
         if self._finish is not None:
@@ -169,6 +187,7 @@ def _unsentinel(get):
 
 class FastmqPeer(Peer):
     name, label = "fastmq", "fastmq"
+    holds_references = False     # copies at the call
     native_batch = True
 
     @classmethod
@@ -225,14 +244,14 @@ class FastmqPeer(Peer):
     def receiver(self, index):
         q = self.q
         if self.mode in ("bytes", "acks"):
-            return _Endpoint(recv=_unsentinel(q.get_bytes))
+            return _Endpoint(recv=q.get_bytes)     # b"" (wake-up) ends the loop's wait
         if self.mode == "batch":
             get_many = q.get_many_bytes if self.raw_batch else q.get_many
 
             def recv_many(get_many=get_many):
                 # wake-up sentinels (empty) are dropped; the parent wakes again
                 return [m for m in get_many(GET_MANY) if len(m)]
-            return _Endpoint(recv=_unsentinel(q.get_bytes if self.raw_batch else q.get),
+            return _Endpoint(recv=q.get_bytes if self.raw_batch else _unsentinel(q.get),
                              recv_many=recv_many)
         if self.mode in ("numpy", "reserve"):
             def recv(get=q.get):
@@ -342,11 +361,9 @@ class MpQueuePeer(Peer):
 
     def receiver(self, index):
         get = self.q.get
-        if self.mode in ("bytes", "batch"):
-            return _Endpoint(recv=_unsentinel(get))
         if self.mode == "numpy":
             return _Endpoint(recv=_array_or_none(get))
-        return _Endpoint(recv=get)
+        return _Endpoint(recv=get)      # b"" / None (wake-ups) end the loop's wait
 
     def wake(self, n):
         for _ in range(n):
@@ -362,6 +379,7 @@ class MpQueuePeer(Peer):
 
 class SimpleQueuePeer(Peer):
     name, label = "simplequeue", "multiprocessing.SimpleQueue"
+    holds_references = False     # copies at the call
 
     def __init__(self, producers, consumers, mode, size, depth):
         super().__init__(producers, consumers, mode, size, depth)
@@ -376,7 +394,7 @@ class SimpleQueuePeer(Peer):
             return _Endpoint(recv=get)
         if self.mode == "numpy":
             return _Endpoint(recv=_array_or_none(get))
-        return _Endpoint(recv=_unsentinel(get))
+        return _Endpoint(recv=get)      # b"" (wake-up) ends the loop's wait
 
     def wake(self, n):
         for _ in range(n):
@@ -390,6 +408,7 @@ class SimpleQueuePeer(Peer):
 
 class PipePeer(Peer):
     name, label = "pipe", "multiprocessing.Pipe"
+    holds_references = False     # copies at the call
     pairs_only = True
 
     @classmethod
@@ -409,7 +428,7 @@ class PipePeer(Peer):
     def receiver(self, index):
         r = self.r
         if self.mode in ("bytes", "batch"):
-            return _Endpoint(recv=_unsentinel(r.recv_bytes))
+            return _Endpoint(recv=r.recv_bytes)     # b"" (wake-up) ends the loop's wait
         if self.mode == "numpy":
             return _Endpoint(recv=_array_or_none(r.recv))
         return _Endpoint(recv=r.recv)
@@ -432,6 +451,7 @@ class PipePeer(Peer):
 
 class FasterFifoPeer(Peer):
     name, label = "faster-fifo", "faster_fifo.Queue"
+    holds_references = False     # copies at the call
     native_batch = True
 
     @classmethod
@@ -492,6 +512,289 @@ class FasterFifoPeer(Peer):
         self.q.close()
 
 
+# ------------------------------------------------------- POSIX message queue --
+
+def _mq_limit(name, default):
+    try:
+        with open(f"/proc/sys/fs/mqueue/{name}") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return default
+
+
+class PosixMqPeer(Peer):
+    """A POSIX message queue (``mq_open``) through the posix_ipc package: the
+    kernel copies each message in and out; receive blocks in the kernel.
+
+    The kernel bounds both the depth (``/proc/sys/fs/mqueue/msg_max``) and the
+    message size (``msgsize_max``) for a process without CAP_SYS_RESOURCE: the
+    queue is made as deep as the system allows (up to the harness's bound), and
+    messages larger than the limit are reported as not carried."""
+
+    name, label = "posix-mq", "posix_ipc MessageQueue"
+    holds_references = False
+
+    @classmethod
+    def available(cls):
+        try:
+            import posix_ipc  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return False, f"posix_ipc not installed ({exc}); pip install posix_ipc"
+        return True, ""
+
+    @classmethod
+    def note(cls):
+        import posix_ipc
+        name = f"/fastmq-bench-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            q = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_messages=1024,
+                                       max_message_size=64)
+        except Exception:  # noqa: BLE001 - the kernel's limits apply
+            return (f"the kernel bounds a queue to {_mq_limit('msg_max', 10)} messages "
+                    f"(/proc/sys/fs/mqueue/msg_max) and {_mq_limit('msgsize_max', 8192)} "
+                    "bytes a message (msgsize_max) here, so it runs with that depth "
+                    "instead of the others' bound")
+        q.close()
+        q.unlink()
+        return None
+
+    @staticmethod
+    def _message_room(mode, size):
+        return 1024 if mode == "pickle" else max(size, 64)
+
+    @classmethod
+    def cannot_carry(cls, producers, consumers, mode, size, depth):
+        room = cls._message_room(mode, size)
+        limit = _mq_limit("msgsize_max", 8192)
+        if room <= limit:
+            return None
+        import posix_ipc
+        name = f"/fastmq-bench-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:                        # a privileged process may exceed msgsize_max
+            q = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_messages=1,
+                                       max_message_size=room)
+        except Exception:  # noqa: BLE001
+            return (f"a {room}-byte message exceeds the kernel's limit "
+                    f"(/proc/sys/fs/mqueue/msgsize_max = {limit})")
+        q.close()
+        q.unlink()
+        return None
+
+    def __init__(self, producers, consumers, mode, size, depth):
+        super().__init__(producers, consumers, mode, size, depth)
+        import posix_ipc
+        room = self._message_room(mode, size)
+        self.name = f"/fastmq-bench-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        errors = []
+        for d in dict.fromkeys((depth, min(depth, _mq_limit("msg_max", 10)), 10, 1)):
+            try:
+                self.q = posix_ipc.MessageQueue(self.name, posix_ipc.O_CREX, max_messages=d,
+                                                max_message_size=room)
+                break
+            except Exception as exc:  # noqa: BLE001 - try a shallower queue
+                errors.append(f"depth {d}: {exc}")
+        else:
+            raise OSError("cannot create the message queue: " + "; ".join(errors))
+        self.depth_used = self.q.max_messages
+        if self.depth_used < depth:
+            self.label = f"posix_ipc MessageQueue (depth {self.depth_used})"
+
+    def sender(self, index):
+        send = self.q.send
+        if self.mode == "pickle":
+            import pickle
+            dumps = pickle.dumps
+            return _Endpoint(send=lambda m: send(dumps(m, 5)))
+        if self.mode == "numpy":
+            return _Endpoint(send=lambda m: send(memoryview(m)))
+        return _Endpoint(send=send)
+
+    def receiver(self, index):
+        receive = self.q.receive
+        if self.mode == "pickle":
+            import pickle
+            loads = pickle.loads
+
+            def recv():
+                m = receive()[0]
+                return loads(m) if m else None
+        elif self.mode == "numpy":
+            import numpy as np
+
+            def recv():
+                m = receive()[0]
+                return np.frombuffer(m, dtype=np.uint8) if m else None
+        else:
+            def recv():
+                m = receive()[0]
+                return m if m else None
+        return _Endpoint(recv=recv)
+
+    def wake(self, n):
+        for _ in range(n):
+            try:
+                self.q.send(b"", timeout=1.0)
+            except Exception:  # noqa: BLE001 - full: best effort
+                return
+
+    def close(self):
+        self.q.close()
+        try:
+            self.q.unlink()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---------------------------------------------------------------- iceoryx2 --
+
+class Iceoryx2Peer(Peer):
+    """iceoryx2 publish-subscribe over shared memory (``ServiceType.Ipc``), a
+    ``Slice[c_uint8]`` payload: the producer loans a sample, copies the message
+    in and sends it; the consumer copies it out and releases the sample.
+
+    Publish-subscribe hands every message to *every* subscriber, so it runs with
+    one consumer only. The service is made lossless (no safe overflow; the
+    publisher retries while the subscriber's buffer of ``depth`` samples is
+    full: ``send()`` reports 0 deliveries then, and the
+    producer sends the same message again, yielding the CPU in between). Its
+    subscriber has no blocking receive: the consumer polls ``receive()`` and
+    yields the CPU (``sched_yield``) when it is empty, as an iceoryx2
+    application without an event service does."""
+
+    name, label = "iceoryx2", "iceoryx2 publish-subscribe"
+    holds_references = False
+
+    @classmethod
+    def available(cls):
+        try:
+            import iceoryx2  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return False, f"iceoryx2 not installed ({exc}); pip install iceoryx2"
+        return True, ""
+
+    @classmethod
+    def supports(cls, producers, consumers, mode):
+        return consumers == 1 and mode not in FASTMQ_ONLY_MODES
+
+    def __init__(self, producers, consumers, mode, size, depth):
+        super().__init__(producers, consumers, mode, size, depth)
+        self.service_name = f"fastmq-bench/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+        self.room = 1024 if mode == "pickle" else max(size, 64)
+
+    def _open(self):
+        import ctypes
+        import iceoryx2 as iox2
+        iox2.set_log_level(iox2.LogLevel.Error)
+        node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+        service = (node.service_builder(iox2.ServiceName.new(self.service_name))
+                   .publish_subscribe(iox2.Slice[ctypes.c_uint8])
+                   .enable_safe_overflow(False)
+                   .history_size(0)
+                   .subscriber_max_buffer_size(self.depth)
+                   .max_publishers(self.producers + 1)
+                   .max_subscribers(1)
+                   .open_or_create())
+        return iox2, node, service
+
+    def sender(self, index):
+        import ctypes
+        import time
+        iox2, node, service = self._open()
+        held = [node, service]
+        del node
+        pub = (service.publisher_builder()
+               .initial_max_slice_len(self.room)
+               .allocation_strategy(iox2.AllocationStrategy.Static)
+               .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
+               .create())
+        # a sample sent before the subscriber exists would be dropped (no history)
+        deadline = time.monotonic() + 20
+        while service.dynamic_config.number_of_subscribers < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        pub.update_connections()
+        loan, memmove = pub.loan_slice_uninit, ctypes.memmove
+        views = {}
+
+        def address(m):
+            # bytes go to memmove as they are; the producer's pooled buffers
+            # (bytearray, numpy) are wrapped once and the wrapper reused
+            hit = views.get(id(m))
+            if hit is None or hit[0] is not m:
+                if hasattr(m, "ctypes"):
+                    hit = (m, m.ctypes.data)
+                else:
+                    hit = (m, (ctypes.c_char * len(m)).from_buffer(m))
+                views[id(m)] = hit
+            return hit[1]
+
+        yield_cpu, dyn = os.sched_yield, service.dynamic_config
+
+        def send(m):
+            n = len(m) if isinstance(m, bytes) else memoryview(m).nbytes
+            src = m if isinstance(m, bytes) else address(m)
+            while True:
+                sample = loan(n)
+                memmove(sample.payload_ptr, src, n)
+                # send() returns how many subscribers got the sample: 0 when the
+                # subscriber's buffer is full (this version does not block on
+                # RetryUntilDelivered here), so try again, in order, until it lands
+                if sample.assume_init().send():
+                    return
+                if dyn.number_of_subscribers < 1:
+                    return             # the subscriber is gone (end of a ping-pong)
+                yield_cpu()
+        if self.mode == "pickle":
+            import pickle
+            dumps = pickle.dumps
+            send_raw = send
+
+            def send(m):  # noqa: F811
+                send_raw(dumps(m, 5))
+
+        def close():
+            # ports first, then the node (dropping the last reference removes
+            # its shared-memory files)
+            pub.delete()
+            held.clear()
+        return _Endpoint(send=send, close=close)
+
+    def receiver(self, index):
+        import ctypes
+        iox2, node, service = self._open()
+        held = [node, service]
+        del node
+        sub = service.subscriber_builder().buffer_size(self.depth).create()
+        receive, string_at, yield_cpu = sub.receive, ctypes.string_at, os.sched_yield
+        post = None
+        if self.mode == "pickle":
+            import pickle
+            post = pickle.loads
+        elif self.mode == "numpy":
+            import numpy as np
+
+            def post(data):
+                return np.frombuffer(data, dtype=np.uint8)
+
+        def recv():
+            s = receive()
+            if s is None:
+                yield_cpu()
+                s = receive()
+                if s is None:
+                    return None        # nothing yet: the harness looks at its stop flag
+            data = string_at(s.payload_ptr, s.header.number_of_elements)
+            s.delete()
+            return data if post is None else post(data)
+
+        def close():
+            sub.delete()
+            held.clear()
+        return _Endpoint(recv=recv, close=close)
+
+    def wake(self, n):
+        pass                      # receivers return None by themselves when empty
+
+
 # ---------------------------------------------------------------- pyzmq --
 
 class ZmqPeer(Peer):
@@ -513,6 +816,7 @@ class ZmqPeer(Peer):
         self.paths = [f"/tmp/fastmq-bench-{os.getpid()}-{tag}-{j}.ipc" for j in range(consumers)]
         self.urls = ["ipc://" + p for p in self.paths]
         self.copy = size < 64 * 1024
+        self.holds_references = not self.copy     # zero-copy sends keep the buffer
         self.hwm = depth
 
     def _socket(self, kind):
@@ -593,5 +897,6 @@ class ZmqPeer(Peer):
 
 
 PEERS = {cls.name: cls for cls in
-         (FastmqPeer, FastmqAckPeer, FastmqAckManyPeer, MpQueuePeer, SimpleQueuePeer, PipePeer, FasterFifoPeer, ZmqPeer)}
+         (FastmqPeer, FastmqAckPeer, FastmqAckManyPeer, MpQueuePeer, SimpleQueuePeer, PipePeer,
+          FasterFifoPeer, ZmqPeer, PosixMqPeer, Iceoryx2Peer)}
 BASELINE = "mp-queue"

@@ -26,10 +26,12 @@ import traceback
 from array import array
 from multiprocessing.connection import wait as _wait_conns
 
-from .payloads import FULL_CHECK_MAX, Builder, Tally, pool_size, verify
+from .payloads import (FULL_CHECK_MAX, FINGERPRINT, INLINE, KEEP, SAMPLE_EVERY, SMALL_POOL, Builder, Tally,
+                       plan_for, pool_size, prebuilt, verify)
 from .peers import BATCH
 
 PREBUILD_MAX_BYTES = 256 << 20   # per producer
+ARRAY_MODES = ("numpy", "reserve")
 
 CTX = multiprocessing.get_context("fork")
 SETUP_TIMEOUT = 20.0
@@ -67,34 +69,149 @@ def _child(conn, barrier, body):
         conn.close()
 
 
+def _builder(peer, index, mode, size):
+    return Builder(index, size, mode,
+                   pool_size(peer.depth, getattr(peer, "holds_references", True)))
+
+
+def produce(send, send_many, build, count, batch, messages=None):
+    """The timed loop of a producer: ``count`` messages, prebuilt (``messages``)
+    or made by ``build(seq)`` as they go. Returns the monotonic ns at start and end."""
+    t0 = time.monotonic_ns()
+    if batch:
+        for start in range(0, count, BATCH):
+            send_many(messages[start:start + BATCH] if messages is not None else
+                      [build(s) for s in range(start, min(count, start + BATCH))])
+    elif messages is not None:
+        for m in messages:
+            send(m)
+    else:
+        for s in range(count):
+            send(build(s))
+    return t0, time.monotonic_ns()
+
+
+def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=False):
+    """The timed loop of a consumer, until a wake-up (``None``, or an empty
+    message unless ``arrays``: numpy arrays have no truth value) arrives after
+    the parent set the stop flag (``shared[-1]``); it publishes its count in
+    ``shared[index]`` at every wake-up. Testing ``not m`` in the loop lets the
+    peers hand their own receive call over unwrapped.
+
+    Returns ``(got, last_ns, kept)``: ``kept`` is what ``settle`` verifies after
+    the window -- every message (KEEP), or (heads, tails, samples) (FINGERPRINT);
+    INLINE messages go to ``check`` as they arrive.
+    """
+    now = time.monotonic_ns
+    last = got = 0
+    stop = len(shared) - 1
+    if plan == FINGERPRINT:
+        heads, tails, samples = [], [], []
+        head, tail, sample = heads.append, tails.append, samples.append
+        mask = SAMPLE_EVERY - 1
+        if batch:
+            while True:
+                msgs = recv_many()
+                if not msgs:
+                    shared[index] = got
+                    if shared[stop]:
+                        break
+                    continue
+                for m in msgs:
+                    head(m[:16])
+                    tail(m[-8:])
+                    if not got & mask:
+                        sample(m)
+                    got += 1
+                last = now()
+        else:
+            while True:
+                m = recv()
+                if not m:              # None or the empty wake-up message
+                    shared[index] = got
+                    if shared[stop]:
+                        break
+                    continue
+                head(m[:16])
+                tail(m[-8:])
+                if not got & mask:
+                    sample(m)
+                del m
+                got += 1
+                last = now()
+        return got, last, (heads, tails, samples)
+    kept = [] if plan == KEEP else None
+    handle = kept.append if kept is not None else check
+    if batch:
+        extend = kept.extend if kept is not None else None
+        while True:
+            msgs = recv_many()
+            if not msgs:
+                shared[index] = got
+                if shared[stop]:
+                    break
+                continue
+            if extend is not None:
+                extend(msgs)
+            else:
+                for m in msgs:
+                    handle(m)
+            got += len(msgs)
+            last = now()
+    elif arrays:
+        while True:
+            m = recv()
+            if m is None:
+                shared[index] = got
+                if shared[stop]:
+                    break
+                continue
+            handle(m)
+            del m                      # a zero-copy view must not pin its slot
+            got += 1
+            last = now()
+    else:
+        while True:
+            m = recv()
+            if not m:                  # None or the empty wake-up message
+                shared[index] = got
+                if shared[stop]:
+                    break
+                continue
+            handle(m)
+            del m
+            got += 1
+            last = now()
+    return got, last, kept
+
+
+def settle(tally, plan, kept):
+    """Verify what ``consume`` kept (outside the timed window)."""
+    if plan == KEEP:
+        for m in kept:
+            tally.check(m)
+    elif plan == FINGERPRINT:
+        heads, tails, samples = kept
+        fp = tally.check_fingerprint
+        for h, t in zip(heads, tails):
+            fp(h, t)
+        for m in samples:
+            tally.check_body(m)
+
+
 def _producer(peer, index, count, mode, size, batch, release, barrier, conn):
     def body(barrier):
         ep = peer.sender(index)
-        build = Builder(index, size, mode, pool_size(peer.depth)).build
+        build = _builder(peer, index, mode, size).build
         # Small messages are built before the start: making a payload costs
         # about as much as sending it through the fastest transports, and the
-        # producer's own work is not what is being compared. (Large ones come
-        # from a small pool of buffers, rewritten in place, as they are sent.)
-        prebuilt = None
-        if mode in ("bytes", "pickle", "batch") and size <= FULL_CHECK_MAX \
-                and count * max(size, 64) <= PREBUILD_MAX_BYTES:
-            prebuilt = [build(s) for s in range(count)]
+        # producer's own work is not what is being compared. (Larger ones come
+        # from a pool of buffers, rewritten in place, as they are sent.)
+        messages = None
+        if prebuilt(mode, size) and count * max(size, 64) <= PREBUILD_MAX_BYTES:
+            messages = [build(s) for s in range(count)]
         barrier.wait(SETUP_TIMEOUT)
-        t0 = time.monotonic_ns()
-        if batch:
-            send_many = ep.send_many
-            for start in range(0, count, BATCH):
-                send_many(prebuilt[start:start + BATCH] if prebuilt is not None else
-                          [build(s) for s in range(start, min(count, start + BATCH))])
-        elif prebuilt is not None:
-            send = ep.send
-            for m in prebuilt:
-                send(m)
-        else:
-            send = ep.send
-            for s in range(count):
-                send(build(s))
-        t1 = time.monotonic_ns()
+        t0, t1 = produce(ep.send, ep.send_many, build, count, batch, messages)
         ep.finish()
 
         def after():
@@ -110,53 +227,76 @@ def _consumer(peer, index, producers, count, mode, size, batch, shared, barrier,
     def body(barrier):
         ep = peer.receiver(index)
         tally = Tally(producers, count, size, mode)
-        # Small messages are kept and verified right after the timed window
-        # (every one of them, the same way): the check costs ~1 us a message
-        # in Python, which would otherwise cap every transport at ~1M msg/s
-        # and hide the differences being measured. Large and zero-copy ones
-        # are checked as they arrive (keeping them would pin memory).
-        deferred = [] if mode in ("bytes", "pickle", "batch") and size <= FULL_CHECK_MAX else None
-        check = deferred.append if deferred is not None else tally.check
-        now = time.monotonic_ns
-        last = 0
-        got = 0
-        stop = len(shared) - 1
+        plan = plan_for(mode, size)
         barrier.wait(SETUP_TIMEOUT)
-        if batch:
-            recv_many = ep.recv_many
-            while True:
-                msgs = recv_many()
-                if not msgs:
-                    shared[index] = got
-                    if shared[stop]:
-                        break
-                    continue
-                if deferred is not None:
-                    deferred.extend(msgs)
-                else:
-                    for m in msgs:
-                        check(m)
-                got += len(msgs)
-                last = now()
-        else:
-            recv = ep.recv
-            while True:
-                m = recv()
-                if m is None:
-                    shared[index] = got
-                    if shared[stop]:
-                        break
-                    continue
-                check(m)
-                del m                      # a zero-copy view must not pin its slot
-                got += 1
-                last = now()
+        got, last, kept = consume(ep.recv, ep.recv_many, plan, batch, shared, index,
+                                  tally.check, arrays=mode in ARRAY_MODES)
         ep.close()
-        if deferred is not None:
-            for m in deferred:
-                tally.check(m)
+        settle(tally, plan, kept)
         return {"last": last, **tally.result()}
     _child(conn, barrier, body)
+
+
+# ---------------------------------------------------------------- ceiling --
+
+def harness_ceiling(producers, consumers, mode, size, seconds=0.05, cores=None) -> dict:
+    """What the harness alone can move: the producer and consumer loops above,
+    run in this process with a no-op channel (``send`` is a C builtin that does
+    nothing with the message, ``recv`` hands out ready-made messages).
+
+    Returns per-message costs of each side (ns) and the rate the harness caps a
+    cell at: ``min(P / producer, C / consumer, cores / (producer + consumer))``.
+    """
+    import itertools
+    cores = cores or len(os.sched_getaffinity(0))
+    batch = mode == "batch"
+    b = Builder(0, size, mode, SMALL_POOL) if mode != "pickle" else Builder(0, 0, mode)
+    plan = plan_for(mode, size)
+    pre = prebuilt(mode, size)
+
+    def prod_cost(count):
+        messages = [b.build(s) for s in range(count)] if pre else None
+        t0, t1 = produce(id, len, b.build, count, batch, messages)
+        return (t1 - t0) / count
+
+    # copies: the producer's pooled buffers are rewritten by prod_cost
+    ring = [m.copy() if hasattr(m, "copy") else m
+            for m in (b.build(s) for s in range(64 if size <= FULL_CHECK_MAX else 4))]
+
+    def cons_cost(count):
+        tally = Tally(1, 64, size, mode)
+        seen = tally.seen[0]
+
+        def mark(p, seq):              # the ring repeats: count, never call it a duplicate
+            seen[seq] = 1
+        tally._mark = mark
+        if batch:
+            chunks = [ring] * max(1, count // len(ring))
+            recv_many = itertools.chain(chunks, itertools.repeat([])).__next__
+            recv = None
+            count = len(ring) * len(chunks)
+        else:
+            recv_many = None
+            recv = itertools.chain(itertools.islice(itertools.cycle(ring), count),
+                                   itertools.repeat(None)).__next__
+        shared = [0, 1]
+        t0 = time.monotonic_ns()
+        consume(recv, recv_many, plan, batch, shared, 0, tally.check,
+                arrays=mode in ARRAY_MODES)
+        return (time.monotonic_ns() - t0) / count
+
+    def timed(fn):
+        n = 256
+        while True:
+            t0 = time.perf_counter()
+            cost = fn(n)
+            if time.perf_counter() - t0 >= seconds or n >= 4_000_000:
+                break
+            n *= 4
+        return min(cost, fn(n))        # best of two of the final length
+    a, c = timed(prod_cost), timed(cons_cost)
+    rate = min(producers / a, consumers / c, cores / (a + c)) * 1e9
+    return {"producer_ns": a, "consumer_ns": c, "msgs_per_s": rate, "cores": cores}
 
 
 # ------------------------------------------------------------------ parent --
@@ -342,7 +482,7 @@ def _echoer(ping, pong, stop, barrier, conn):
         n = 0
         while True:
             m = recv()
-            if m is None:
+            if not m:                  # None or the empty wake-up message
                 if stop.value:
                     break
                 continue
@@ -393,3 +533,113 @@ def run_pingpong(peer_cls, size=64, seconds=0.3, warmup=200, timeout=30.0) -> di
             "p50_us": percentile(vals, 50) / 1e3, "p99_us": percentile(vals, 99) / 1e3,
             "p999_us": percentile(vals, 99.9) / 1e3,
             "msgs_per_s": len(vals) / (sum(vals) / 1e9) if vals else 0.0}
+
+
+# ------------------------------------------------------------------ memory --
+
+def _footprint():
+    """(resident bytes, bytes of shared /dev/shm mappings) of this process."""
+    rss = shm = 0
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1]) * 1024
+                break
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/dev/shm/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                shm += hi - lo
+    return rss, shm
+
+
+def _move_through(peer, n, size, deadline):
+    """Send and receive ``n`` messages in this process, at most a bound's worth
+    (or 256) in flight, so every lazily touched page of the channel is counted."""
+    r = peer.receiver(0)              # first: iceoryx2's sender waits for a subscriber
+    s = peer.sender(0)
+    msg = Builder(0, size, "bytes").build(0)
+    burst = max(1, min(getattr(peer, "depth_used", peer.depth), 256))
+    done = 0
+    while done < n:
+        k = min(burst, n - done)
+        for _ in range(k):
+            s.send(msg)
+        got = 0
+        while got < k:
+            if time.monotonic() > deadline:
+                raise TimeoutError("messages did not come back")
+            if r.recv() is not None:
+                got += 1
+        done += k
+    return s, r
+
+
+def _memory_child(peer_cls, size, depth, n, conn):
+    def body(_barrier):
+        deadline = time.monotonic() + SETUP_TIMEOUT
+        # one throwaway channel first: imports and one-time allocations of the
+        # library are not the queue's
+        first = _make_peer(peer_cls, 1, 1, "bytes", size, depth)
+        ends = _move_through(first, min(n, 64), size, deadline)
+        before = _footprint()
+        peer = _make_peer(peer_cls, 1, 1, "bytes", size, depth)
+        created = _footprint()
+        ends2 = _move_through(peer, n, size, deadline)
+        after = _footprint()
+        for e in (*ends, *ends2):
+            try:
+                e.close()
+            except Exception:  # noqa: BLE001
+                pass
+        for p in (peer, first):
+            try:
+                p.close()
+            except Exception:  # noqa: BLE001
+                pass
+        return {"rss_created": created[0] - before[0], "shm_created": created[1] - before[1],
+                "rss_used": after[0] - before[0], "shm_used": after[1] - before[1]}
+
+    class _NoBarrier:
+        def abort(self):
+            pass
+    _child(conn, _NoBarrier(), body)
+
+
+def run_memory(peer_cls, size=64, depth=1024, n=4096, timeout=30.0) -> dict:
+    """Memory one queue costs its creating process: resident bytes (RSS) and
+    /dev/shm mapped, right after creation and after ``n`` messages of ``size``
+    bytes went through it. Measured in a fresh process; kernel memory (pipe
+    and message-queue buffers) is not visible here and not counted."""
+    kids = _Children()
+    try:
+        kids.start("memory", _memory_child, (peer_cls, size, depth, n))
+        res = kids.collect([0], time.monotonic() + timeout)[0]
+    finally:
+        kids.reap()
+    res.pop("ok", None)
+    return res
+
+
+# --------------------------------------------------------- ping-pong ceiling --
+
+def pingpong_ceiling(size=64, n=20000) -> float:
+    """The smallest round trip the ping-pong loop can report (µs, median): the
+    timed part of ``_pinger`` with a no-op channel (send does nothing, receive
+    hands the message straight back)."""
+    build = Builder(0, size, "bytes").build
+    msgs = [build(i) for i in range(64)]
+    clock = time.perf_counter_ns
+    send = id
+    rtts = array("q")
+    for i in range(n):
+        m = msgs[i & 63]
+        t0 = clock()
+        send(m)
+        back = m
+        while back is None:
+            back = m
+        t1 = clock()
+        rtts.append(t1 - t0)
+    return percentile(sorted(rtts), 50) / 1e3
