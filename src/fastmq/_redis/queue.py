@@ -626,6 +626,15 @@ class RedisQueue(Queue):
     def max_in_flight(self, value):
         raise NotImplementedError("max_in_flight is not available on a redis:// queue")
 
+    @property
+    def in_flight(self) -> int:
+        """Un-acked messages this handle (in this process) holds: its
+        consumer's entries in ``pending()`` (one server call)."""
+        if self._id_pid != os.getpid():
+            return 0
+        ident = self._id
+        return sum(1 for p in self.pending() if p["consumer"] == ident)
+
     def _messages(self, res):
         ident, n, batch = self._id, res[0], res[2]
         out = []
@@ -754,8 +763,9 @@ class RedisQueue(Queue):
             if not parked:
                 return
             try:
-                if self._dlq is None:
-                    self._dlq = RedisQueue.open(self._dead_letter, url=self._link.url)
+                if self._dlq is None:        # created on demand, default sizes
+                    self._dlq = RedisQueue.create(self._dead_letter, url=self._link.url,
+                                                  exist_ok=True)
                 n = self._dlq._put(parked, 0)
             except QueueNotFound:
                 n = 0                               # kept parked until it exists
