@@ -7,6 +7,18 @@ tests FAIL with a message saying how to build it; they are only left out when
 ``FASTMQ_TEST_BACKENDS`` names the backends to run explicitly
 (``FASTMQ_TEST_BACKENDS=pure``).
 
+A module whose tests also apply over Redis opts in to a third backend,
+"redis", with ``pytestmark = pytest.mark.backends(*WITH_REDIS)``: its redis
+variants run against one private ``redis-server`` per test session (per
+xdist worker; see ``redis_support``), started on first use and stopped by pid
+at the end. ``FASTMQ_URL`` then names that server for the test and every
+child it starts, so ``fastmq.Queue.open(name, _backend=backend)`` goes there;
+``mq.Queue()`` (Redis has no anonymous queues) is a uniquely named queue,
+deleted at teardown. A test that does not apply over Redis says why with
+``not_on_redis(backend, why)``, which skips only its redis variant. Without a
+server binary the redis variants FAIL, saying how to get one;
+``FASTMQ_TEST_BACKENDS=native,pure`` leaves them out.
+
 Helpers here:
 
 * ``mq``            -- a small factory bound to the backend: ``mq.Queue(...)``,
@@ -14,6 +26,8 @@ Helpers here:
                        every handle it made is closed at teardown and every
                        name it created is unlinked.
 * ``qname``         -- a fresh, unique queue name (unlinked at teardown).
+* ``where(backend)`` -- the keyword (``_backend=`` or ``url=``) naming it.
+* ``not_on_redis``  -- skip the redis variant of a test, saying why.
 * ``shm``           -- snapshot/diff helpers for ``/dev/shm`` leftover checks.
 * ``run_python``    -- run ``python -c`` in a child with a bounded wait.
 * ``ChildGroup``    -- start multiprocessing children, join with a deadline,
@@ -95,6 +109,12 @@ def pytest_generate_tests(metafunc):
     module or test opted in to, narrowed by ``FASTMQ_TEST_BACKENDS``."""
     if "backend" not in metafunc.fixturenames:
         return
+    for m in metafunc.definition.iter_markers("parametrize"):
+        names = m.args[0] if m.args else m.kwargs.get("argnames", ())
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if "backend" in names:            # the test names its own backends
+            return
     marker = metafunc.definition.get_closest_marker("backends")
     allowed = marker.args if marker is not None else ALL_BACKENDS
     unknown = [b for b in allowed if b not in KNOWN_BACKENDS]
