@@ -7,6 +7,18 @@ tests FAIL with a message saying how to build it; they are only left out when
 ``FASTMQ_TEST_BACKENDS`` names the backends to run explicitly
 (``FASTMQ_TEST_BACKENDS=pure``).
 
+A module whose tests also apply over Redis opts in to a third backend,
+"redis", with ``pytestmark = pytest.mark.backends(*WITH_REDIS)``: its redis
+variants run against one private ``redis-server`` per test session (per
+xdist worker; see ``redis_support``), started on first use and stopped by pid
+at the end. ``FASTMQ_URL`` then names that server for the test and every
+child it starts, so ``fastmq.Queue.open(name, _backend=backend)`` goes there;
+``mq.Queue()`` (Redis has no anonymous queues) is a uniquely named queue,
+deleted at teardown. A test that does not apply over Redis says why with
+``not_on_redis(backend, why)``, which skips only its redis variant. Without a
+server binary the redis variants FAIL, saying how to get one;
+``FASTMQ_TEST_BACKENDS=native,pure`` leaves them out.
+
 Helpers here:
 
 * ``mq``            -- a small factory bound to the backend: ``mq.Queue(...)``,
@@ -14,6 +26,8 @@ Helpers here:
                        every handle it made is closed at teardown and every
                        name it created is unlinked.
 * ``qname``         -- a fresh, unique queue name (unlinked at teardown).
+* ``where(backend)`` -- the keyword (``_backend=`` or ``url=``) naming it.
+* ``not_on_redis``  -- skip the redis variant of a test, saying why.
 * ``shm``           -- snapshot/diff helpers for ``/dev/shm`` leftover checks.
 * ``run_python``    -- run ``python -c`` in a child with a bounded wait.
 * ``ChildGroup``    -- start multiprocessing children, join with a deadline,
@@ -66,18 +80,48 @@ except ImportError:  # pragma: no cover - the package is being written
 
 
 ALL_BACKENDS = ("native", "pure")
+#: What a module may opt in to: ``pytestmark = pytest.mark.backends(*WITH_REDIS)``
+#: (or the marker on one test). Modules without the marker run on ALL_BACKENDS.
+WITH_REDIS = ALL_BACKENDS + ("redis",)
+KNOWN_BACKENDS = WITH_REDIS
 
 
 def selected_backends():
     env = os.environ.get("FASTMQ_TEST_BACKENDS", "").strip()
     if not env:
-        return list(ALL_BACKENDS)
+        return list(KNOWN_BACKENDS)
     chosen = [b.strip() for b in env.split(",") if b.strip()]
-    bad = [b for b in chosen if b not in ALL_BACKENDS]
+    bad = [b for b in chosen if b not in KNOWN_BACKENDS]
     if bad:
         raise pytest.UsageError(f"FASTMQ_TEST_BACKENDS: unknown backend(s) {bad}; "
-                                f"choose from {ALL_BACKENDS}")
+                                f"choose from {KNOWN_BACKENDS}")
     return chosen
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "backends(*names): the backends this module/test runs on "
+                   "(default: native, pure; add 'redis' to run on a private Redis server)")
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize ``backend`` (and so ``mq``, ``qname``) over the backends the
+    module or test opted in to, narrowed by ``FASTMQ_TEST_BACKENDS``."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    for m in metafunc.definition.iter_markers("parametrize"):
+        names = m.args[0] if m.args else m.kwargs.get("argnames", ())
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if "backend" in names:            # the test names its own backends
+            return
+    marker = metafunc.definition.get_closest_marker("backends")
+    allowed = marker.args if marker is not None else ALL_BACKENDS
+    unknown = [b for b in allowed if b not in KNOWN_BACKENDS]
+    if unknown:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown backend(s) {unknown}")
+    chosen = [b for b in selected_backends() if b in allowed]
+    metafunc.parametrize("backend", chosen, indirect=True)
 
 
 def require_backend(backend):
@@ -91,6 +135,13 @@ def require_backend(backend):
                 f"({exc!r}). Build it with `pip install -e . --no-build-isolation`, "
                 "or run only the pure backend explicitly with FASTMQ_TEST_BACKENDS=pure.",
                 pytrace=False)
+    elif backend == "redis":
+        try:
+            import fastmq._redis  # noqa: F401
+        except ImportError as exc:
+            pytest.fail(f"redis backend not importable ({exc!r}): pip install fastmq[redis], "
+                        "or leave redis out with FASTMQ_TEST_BACKENDS=native,pure",
+                        pytrace=False)
     else:
         try:
             import fastmq._pure  # noqa: F401
@@ -98,13 +149,56 @@ def require_backend(backend):
             pytest.fail(f"pure backend not importable: {exc!r}", pytrace=False)
 
 
-@pytest.fixture(params=selected_backends())
+_REDIS = {}            # the session's (this worker's) private server, started on first use
+
+
+@pytest.fixture(scope="session")
+def _redis_session():
+    """One private Redis server per test session (per xdist worker), started
+    only if a redis variant runs; stopped by pid at the end of the session.
+    Without a server binary this FAILS with redis_support's message."""
+    from redis_support import RedisServer
+    server = RedisServer()
+    _REDIS["url"] = server.url
+    try:
+        yield server
+    finally:
+        _REDIS.pop("url", None)
+        server.close()
+
+
+@pytest.fixture
 def backend(request, monkeypatch):
-    """The backend name; also exported as FASTMQ_BACKEND for any child."""
+    """The backend name; also exported as FASTMQ_BACKEND for any child.
+
+    For "redis", ``FASTMQ_URL`` names this session's private server instead, so
+    that ``fastmq.Queue.open(name, _backend=backend)`` and ``Exchange`` calls in
+    the test or any child (which inherit the environment) go to it."""
     b = request.param
     require_backend(b)
-    monkeypatch.setenv("FASTMQ_BACKEND", b)
+    if b == "redis":
+        server = request.getfixturevalue("_redis_session")
+        monkeypatch.delenv("FASTMQ_BACKEND", raising=False)
+        monkeypatch.setenv("FASTMQ_URL", server.url)
+    else:
+        monkeypatch.delenv("FASTMQ_URL", raising=False)
+        monkeypatch.setenv("FASTMQ_BACKEND", b)
     return b
+
+
+def where(backend):
+    """The keyword that puts a named queue/exchange on ``backend``:
+    ``{"_backend": b}`` for shared memory, ``{"url": ...}`` for redis."""
+    if backend == "redis":
+        return {"url": _REDIS["url"]}
+    return {"_backend": backend}
+
+
+def not_on_redis(backend, why):
+    """Skip only the redis variant of a test whose semantics do not apply
+    over Redis, saying why; the shared-memory variants still run."""
+    if backend == "redis":
+        pytest.skip(f"not on redis: {why}")
 
 
 # ---------------------------------------------------------------- names
@@ -145,7 +239,7 @@ def qname(backend):
 def _unlink_quietly(backend, name):
     import fastmq
     try:
-        fastmq.Queue.unlink(name, _backend=backend)
+        fastmq.Queue.unlink(name, **where(backend))
     except Exception:
         pass
 
@@ -163,23 +257,27 @@ class MQ:
         self.names = []
 
     def Queue(self, *args, **kw):
+        """An anonymous queue; on redis (where every queue has a name) a
+        uniquely named one, deleted at teardown."""
+        if self.backend == "redis":
+            return self.create(unique_name("anon"), **dict(zip(("maxsize",), args)), **kw)
         q = self.fastmq.Queue(*args, _backend=self.backend, **kw)
         self.handles.append(q)
         return q
 
     def create(self, name, **kw):
-        q = self.fastmq.Queue.create(name, _backend=self.backend, **kw)
+        q = self.fastmq.Queue.create(name, **where(self.backend), **kw)
         self.handles.append(q)
         self.names.append(name)
         return q
 
     def open(self, name, **kw):
-        q = self.fastmq.Queue.open(name, _backend=self.backend, **kw)
+        q = self.fastmq.Queue.open(name, **where(self.backend), **kw)
         self.handles.append(q)
         return q
 
     def unlink(self, name):
-        return self.fastmq.Queue.unlink(name, _backend=self.backend)
+        return self.fastmq.Queue.unlink(name, **where(self.backend))
 
     def teardown(self):
         for q in self.handles:

@@ -20,9 +20,9 @@ import time
 import pytest
 
 import fastmq
-from conftest import unique_name, wait_until
+from conftest import WITH_REDIS, not_on_redis, unique_name, wait_until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.backends(*WITH_REDIS)]
 
 PROMPT = 5.0      # s: a dead consumer's messages are back well within this
 
@@ -40,7 +40,9 @@ def _dlq_name(mq):
 
 # ------------------------------------------------------------ the basics
 
-def test_get_message_value_data_and_ack(mq):
+def test_get_message_value_data_and_ack(mq, backend):
+    not_on_redis(backend, "a redis lease is a RedisMessage, not an instance of fastmq.Message (a "
+                          "C type it cannot subclass)")
     q = mq.Queue(maxsize=16)
     q.put({"job": 1})
     m = q.get_message(timeout=5)
@@ -74,7 +76,8 @@ def test_custom_serializer_is_used_for_value(mq):
     m.ack()
 
 
-def test_bad_arguments_raise_typed_errors(mq):
+def test_bad_arguments_raise_typed_errors(mq, backend):
+    not_on_redis(backend, "max_in_flight is not available over Redis (NotImplementedError)")
     q = mq.Queue(maxsize=4)
     q.put(1)
     for bad in (0, -1, math.nan, math.inf):
@@ -97,7 +100,9 @@ def test_bad_arguments_raise_typed_errors(mq):
 
 # ------------------------------------------------------------- leases
 
-def test_ack_after_expiry_is_lease_lost_even_if_not_taken(mq):
+def test_ack_after_expiry_is_lease_lost_even_if_not_taken(mq, backend):
+    not_on_redis(backend, "over Redis every call (qsize too) gives an expired lease back at once,"
+                          " so qsize() is 1, not 0")
     q = mq.Queue(maxsize=8)
     q.put("x")
     m = q.get_message(lease=0.1)
@@ -250,7 +255,8 @@ def test_ack_many_counts_lost_leases_without_raising(mq):
 
 # ------------------------------------------------------ in-flight bound
 
-def test_in_flight_bound_raises_too_many_in_flight(mq):
+def test_in_flight_bound_raises_too_many_in_flight(mq, backend):
+    not_on_redis(backend, "max_in_flight / TooManyInFlight are not available over Redis")
     q = mq.Queue(maxsize=32)
     q.max_in_flight = 3
     q.put_many(range(10))
@@ -268,7 +274,8 @@ def test_in_flight_bound_raises_too_many_in_flight(mq):
     assert q.qsize() == 10 - 3 - 1 - 1 + 1     # the nacked one went back
 
 
-def test_dropped_messages_count_until_their_lease_expires(mq):
+def test_dropped_messages_count_until_their_lease_expires(mq, backend):
+    not_on_redis(backend, "max_in_flight is not available over Redis")
     q = mq.Queue(maxsize=32)
     q.max_in_flight = 2
     q.put_many(range(6))
@@ -290,6 +297,8 @@ def _lease_and_hang(backend, name, n, ready_path):
 
 
 def test_sigkilled_consumer_messages_come_back_promptly(mq, backend, children, tmp_path):
+    not_on_redis(backend, "a dead consumer is known by its heartbeat lapsing (HEARTBEAT_TIMEOUT 5"
+                          " s, the bound here); test_redis_failures covers it")
     name, q = _named(mq, maxsize=32)
     q.put_many([f"m{i}" for i in range(5)])
     ready = tmp_path / "ready"
@@ -445,6 +454,8 @@ def test_many_consumers_racing_over_redeliveries(mq, backend, children, tmp_path
 # ------------------------------------------------------------- the CLI
 
 def test_cli_pending_lists_leased_messages(mq, backend):
+    not_on_redis(backend, "the CLI child gets FASTMQ_BACKEND=<backend>; the redis CLI (--url) is "
+                          "test_redis.py::test_cli")
     name, q = _named(mq, maxsize=8)
     q.put("x")
     m = q.get_message(timeout=5)
@@ -482,7 +493,9 @@ def test_large_leased_messages_round_trip_without_leaking_memory(mq):
     assert [q.get_bytes(timeout=5) for _ in big] == big
 
 
-def test_full_in_flight_table_waits_for_acks(mq):
+def test_full_in_flight_table_waits_for_acks(mq, backend):
+    not_on_redis(backend, "no in-flight table of maxsize entries over Redis: leases are not "
+                          "bounded by maxsize")
     # Another handle holds the whole table: waiting for its acks is right
     # (a handle holding the table itself gets TooManyInFlight instead).
     q = mq.Queue(maxsize=4)
@@ -615,6 +628,8 @@ def test_taker_killed_mid_lease_loses_and_duplicates_nothing(mq, backend, point)
     therefore left to crash recovery, whose slot pass frees such a slot
     instead of putting it back (fmq_lease_redeliver_due, fmq_tag_crashed).
     """
+    not_on_redis(backend, "crash points inside the ring's take; over Redis a take is one atomic "
+                          "script")
     name, q = _named(mq, maxsize=16)
     q.put_many(["a", "b", "c"])
     env = dict(os.environ, FASTMQ_BACKEND=backend)

@@ -11,6 +11,9 @@ import time
 import pytest
 
 import fastmq
+from conftest import WITH_REDIS, not_on_redis
+
+pytestmark = pytest.mark.backends(*WITH_REDIS)
 
 STATS_KEYS = {"depth", "capacity", "enqueued", "dequeued", "bytes_in_use", "producers",
               "consumers", "redelivered", "abandoned", "dead_lettered"}
@@ -34,6 +37,7 @@ def test_module_surface():
 
 
 def test_backend_env_var_selects_backend(backend):
+    not_on_redis(backend, "FASTMQ_BACKEND picks a shared-memory ring; redis is chosen by url")
     from conftest import run_python
     res = run_python("import fastmq; print(fastmq.backend)", env={"FASTMQ_BACKEND": backend})
     assert res.stdout.strip() == backend, res.stderr
@@ -352,7 +356,8 @@ def test_get_many_bad_max_messages(mq):
     assert q.get_many(1, timeout=5) == [1]
 
 
-def test_named_queue_file_mode(mq, qname):
+def test_named_queue_file_mode(mq, qname, backend):
+    not_on_redis(backend, "file modes of /dev/shm segments; a Redis queue has no file")
     import os
     import stat
     from conftest import Shm

@@ -484,6 +484,34 @@ def test_dead_letter_none_drops_and_counts(rq):
     assert s["dead_lettered"] == 1 and s["depth"] == 0 and s["bytes_in_use"] == 0
 
 
+def test_empty_payloads_through_every_path(rq):
+    """Zero-byte messages through get, lease/ack, ack_many, nack, expiry and
+    the dead-letter path: each settles its (zero) bytes without a server
+    error and the byte count comes back to 0."""
+    dlq = rq.create()
+    q = rq.create(max_deliveries=2, dead_letter=dlq.name)
+    q.put_bytes(b"")
+    assert q.get_bytes(timeout=5) == b""
+    q.put_many_bytes([b""] * 3)
+    ms = q.get_messages(3, timeout=5)
+    assert [bytes(m.data) for m in ms] == [b""] * 3
+    ms[0].ack()
+    assert q.ack_many(ms[1:]) == 2
+    q.put_bytes(b"")
+    q.get_message(timeout=5).nack()                   # back, delivery 2
+    q.get_message(timeout=5).nack()                   # past max_deliveries
+    assert dlq.get_bytes(timeout=5) == b""
+    q.put_bytes(b"")
+    q.get_message(timeout=5).nack(requeue=False)
+    assert dlq.get_bytes(timeout=5) == b""
+    q.put_bytes(b"")
+    q.get_message(timeout=5, lease=0.1)
+    time.sleep(0.25)
+    q.redeliver_expired()
+    assert bytes(q.get_message(timeout=5).data) == b""    # (left leased: closed below)
+    assert q.stats()["bytes_in_use"] == 0 and dlq.stats()["bytes_in_use"] == 0
+
+
 def test_ack_many(rq):
     q = rq.create()
     q.put_many(range(50))

@@ -77,7 +77,8 @@ class RedisExchange(Exchange):
             self._refresh()
         except QueueNotFound:
             link.close()
-            raise QueueNotFound(f"no fastmq exchange named {name!r} at {link.masked}") from None
+            raise QueueNotFound(f"no fastmq exchange named {name!r} at {link.masked} "
+                                f"(create it with fastmq.Exchange.create)") from None
         except BaseException:
             link.close()
             raise

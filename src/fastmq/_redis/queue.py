@@ -239,7 +239,7 @@ class RedisQueue(Queue):
         self._id_pid = None
         self._id = None
         self._local = threading.local()
-        self._active_at = -1e9
+        self._active_at = [-1e9, -1e9]   # last put, last take recorded
         self._dlq = None
         self._dl_checked = 0.0
         self._leased = False
@@ -328,6 +328,17 @@ class RedisQueue(Queue):
                           timeout=1.0)
             except Exception:  # noqa: BLE001 - the heartbeat lapse gives them back anyway
                 pass
+        with self._lock:
+            stash = list(self._stash) if self._id_pid == os.getpid() else []
+            self._stash.clear()
+        if stash:
+            # Taken from the server but never returned (a batch cut at an
+            # undecodable message): they go back (at the back) for the
+            # other consumers rather than vanish with this handle.
+            try:
+                self._put(stash, 1.0)
+            except Exception:  # noqa: BLE001 - the server is gone: nothing to give back to
+                pass
         dlq = self._dlq
         self._dlq = None
         if dlq is not None:
@@ -388,13 +399,15 @@ class RedisQueue(Queue):
                     self._id_pid = pid     # last: another thread may read _id now
         return self._id
 
-    def _activity(self):
-        """'1' at most once a second: the call also records this handle as
-        active, for ``stats()["producers"/"consumers"]``."""
+    def _activity(self, role):
+        """'1' at most once a second per role (0: put, 1: take): the call
+        also records this handle as active, for ``stats()["producers"]`` /
+        ``["consumers"]``. One clock per role: a put must not hide the take
+        that follows it within the second."""
         now = time.monotonic()
-        if now - self._active_at < 1.0:
+        if now - self._active_at[role] < 1.0:
             return "0"
-        self._active_at = now
+        self._active_at[role] = now
         return "1"
 
     def _request(self):
@@ -435,7 +448,7 @@ class RedisQueue(Queue):
             chunk = payloads if atomic else payloads[done:done + PUT_CHUNK]
             producer, seq = self._request()
             n, last = link.call("put", self._mkey,
-                                (prefix, producer, seq, int(atomic), wait_ms, self._activity(),
+                                (prefix, producer, seq, int(atomic), wait_ms, self._activity(0),
                                  *[b"0:" + p for p in chunk]), timeout)
             done += n
             if n == len(chunk):
@@ -493,11 +506,11 @@ class RedisQueue(Queue):
         while True:
             if lease_ms is None:
                 res = link.call("get", self._mkey,
-                                (prefix, n, self._ident(), wait_ms, self._activity()), timeout)
+                                (prefix, n, self._ident(), wait_ms, self._activity(1)), timeout)
             else:
                 res = link.call("lease", self._mkey,
                                 (prefix, n, self._ident(), lease_ms, _HB_MS, wait_ms,
-                                 self._activity()), timeout)
+                                 self._activity(1)), timeout)
             if res[0]:
                 return res
             if timeout == 0:
@@ -612,6 +625,15 @@ class RedisQueue(Queue):
     @max_in_flight.setter
     def max_in_flight(self, value):
         raise NotImplementedError("max_in_flight is not available on a redis:// queue")
+
+    @property
+    def in_flight(self) -> int:
+        """Un-acked messages this handle (in this process) holds: its
+        consumer's entries in ``pending()`` (one server call)."""
+        if self._id_pid != os.getpid():
+            return 0
+        ident = self._id
+        return sum(1 for p in self.pending() if p["consumer"] == ident)
 
     def _messages(self, res):
         ident, n, batch = self._id, res[0], res[2]
@@ -741,8 +763,9 @@ class RedisQueue(Queue):
             if not parked:
                 return
             try:
-                if self._dlq is None:
-                    self._dlq = RedisQueue.open(self._dead_letter, url=self._link.url)
+                if self._dlq is None:        # created on demand, default sizes
+                    self._dlq = RedisQueue.create(self._dead_letter, url=self._link.url,
+                                                  exist_ok=True)
                 n = self._dlq._put(parked, 0)
             except QueueNotFound:
                 n = 0                               # kept parked until it exists
@@ -760,11 +783,11 @@ class RedisQueue(Queue):
         while True:
             if lease_ms is None:
                 coro = link.acall("get", self._mkey,
-                                  (prefix, n, self._ident(), wait_ms, self._activity()), timeout)
+                                  (prefix, n, self._ident(), wait_ms, self._activity(1)), timeout)
             else:
                 coro = link.acall("lease", self._mkey,
                                   (prefix, n, self._ident(), lease_ms, _HB_MS, wait_ms,
-                                   self._activity()), timeout)
+                                   self._activity(1)), timeout)
             task = asyncio.ensure_future(coro)
             try:
                 res = await asyncio.shield(task)
@@ -825,7 +848,7 @@ class RedisQueue(Queue):
         while True:
             producer, seq = self._request()
             n, last = await link.acall("put", self._mkey,
-                                       (prefix, producer, seq, 0, wait_ms, self._activity(),
+                                       (prefix, producer, seq, 0, wait_ms, self._activity(0),
                                         b"0:" + payload), timeout)
             if n == 1:
                 return

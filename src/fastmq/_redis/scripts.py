@@ -57,6 +57,10 @@ Keys of a queue (prefix ``P = fmq:{name}:``):
 No consumer groups: raw ``XACK`` has no owner check and ``XCLAIM`` keeps an
 old id (a "requeued" message would jump the line); the lease structures
 above give both the owner check and re-append at the back.
+
+A decrement is written ``0 - x``, never ``-x``: for ``x == 0`` (an empty
+payload) Lua's ``-x`` is negative zero, which reaches the server as "-0",
+and HINCRBY rejects that as not an integer.
 """
 from __future__ import annotations
 
@@ -123,8 +127,8 @@ end
 local function release(b, k, bytes, force)
   local left = 0
   if not force then
-    left = redis.call('HINCRBY', P .. 'Lbc', b, -k)
-    redis.call('HINCRBY', P .. 'Lbb', b, -bytes)
+    left = redis.call('HINCRBY', P .. 'Lbc', b, 0 - k)
+    redis.call('HINCRBY', P .. 'Lbb', b, 0 - bytes)
   end
   if left <= 0 then
     local v = redis.call('HGET', P .. 'Lb', b)
@@ -162,7 +166,7 @@ local function give_back(id, why, dead)
     if redis.call('HGET', P .. 'm', 'dlq') ~= '' then
       redis.call('RPUSH', P .. 'D', payload)
     else
-      redis.call('HINCRBY', P .. 'm', 'bytes', -string.len(payload))
+      redis.call('HINCRBY', P .. 'm', 'bytes', 0 - string.len(payload))
     end
     redis.call('HINCRBY', P .. 'm', 'dead_lettered', 1)
   end
@@ -326,7 +330,7 @@ for i, ent in ipairs(ents) do
 end
 table.insert(ents, 1, #ents)
 redis.call('HINCRBY', KEYS[1], 'dequeued', #ents - 1)
-redis.call('HINCRBY', KEYS[1], 'bytes', -total)
+redis.call('HINCRBY', KEYS[1], 'bytes', 0 - total)
 signal('pw', P .. 'fr')
 return ents
 """
@@ -411,7 +415,7 @@ for _, b in ipairs(order) do
 end
 if acked > 0 then
   redis.call('HINCRBY', KEYS[1], 'dequeued', acked)
-  redis.call('HINCRBY', KEYS[1], 'bytes', -total)
+  redis.call('HINCRBY', KEYS[1], 'bytes', 0 - total)
   signal('pw', P .. 'fr')
 end
 return res
@@ -451,7 +455,7 @@ for i = 3, #ARGV, 2 do
 end
 if acked > 0 then
   redis.call('HINCRBY', KEYS[1], 'dequeued', acked)
-  redis.call('HINCRBY', KEYS[1], 'bytes', -total)
+  redis.call('HINCRBY', KEYS[1], 'bytes', 0 - total)
   signal('pw', P .. 'fr')
 end
 return res
@@ -544,7 +548,7 @@ local gone = redis.call('LPOP', P .. 'D', ARGV[3]) or {}
 local total = 0
 for _, d in ipairs(gone) do total = total + string.len(d) end
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'bytes', -total)
+  redis.call('HINCRBY', KEYS[1], 'bytes', 0 - total)
 end
 return #gone
 """
