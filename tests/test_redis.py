@@ -965,3 +965,59 @@ def test_threads_each_use_the_handle_at_once(rq):
     assert not errors
     s = q.stats()
     assert s["enqueued"] == 800 and s["dequeued"] == 800 and s["in_flight"] == 0
+
+
+def test_a_batch_settled_piece_by_piece_then_whole(rq):
+    """Members of one lease batch settled one by one (ack, nack, touch), the
+    rest acked together: every count and pending() stay exact."""
+    q = rq.create()
+    q.put_many(list(range(6)))
+    ms = q.get_messages(6)
+    assert [m.value for m in ms] == list(range(6))
+    assert len({m.id for m in ms}) == 6
+    ms[1].ack()
+    ms[3].nack()                                    # back at the end, delivery 2
+    ms[0].touch(60)
+    assert q.stats()["in_flight"] == 4
+    assert sorted(p["id"] for p in q.pending()) == sorted(m.id for m in (ms[0], ms[2], ms[4],
+                                                                           ms[5]))
+    with pytest.raises(fastmq.LeaseLost):
+        ms[3].ack()
+    assert q.ack_many(ms) == 4                       # 0 (touched), 2, 4, 5
+    assert all(m.acked for m in ms if m is not ms[3])
+    again = q.get_message(timeout=5)
+    assert again.value == 3 and again.delivery_count == 2
+    again.ack()
+    s = q.stats()
+    assert s["in_flight"] == 0 and s["depth"] == 0 and s["dequeued"] == 6
+    assert s["bytes_in_use"] == 0
+
+
+def test_a_departing_consumer_gives_back_in_lease_order(rq):
+    """More than 9 leases in a batch (ids <n>.1 ... <n>.12): they come back
+    in the order they were leased, not in the order of their ids as numbers."""
+    q = rq.create()
+    other = rq.open(q.name)
+    q.put_many(list(range(12)))
+    assert len(q.get_messages(12)) == 12
+    q.close()                                       # departs: leases go back
+    assert other.get_many(12, timeout=5) == list(range(12))
+
+
+def test_unlink_leaves_no_key_behind(rq):
+    """Leases held in several batches, touched ones, dead letters parked:
+    unlink removes every key of the queue."""
+    import redis
+    q = rq.create(dead_letter=None)
+    q.put_many(list(range(20)))
+    a = q.get_messages(5)
+    q.get_messages(5)
+    a[0].touch(30)
+    a[1].ack()
+    name = q.name
+    fastmq.Queue.unlink(name, url=rq.url)
+    raw = redis.Redis.from_url(rq.url)
+    try:
+        assert raw.keys(f"fmq:{{{name}}}:*") == []
+    finally:
+        raw.close()
