@@ -1021,3 +1021,23 @@ def test_unlink_leaves_no_key_behind(rq):
         assert raw.keys(f"fmq:{{{name}}}:*") == []
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("how", ["lease", "touch"])
+def test_a_short_lease_after_long_ones_still_expires_on_time(rq, how):
+    """Scripts skip the reclaim work while nothing can be due (a bound kept
+    in the queue's meta hash): a shorter deadline added later (a short lease,
+    or a touch to a short one) must move that bound, or it would expire late."""
+    q = rq.create()
+    other = rq.open(q.name)
+    q.put_many(["long", "short"])
+    q.get_message(lease=60)
+    if how == "lease":
+        q.get_message(lease=0.3)
+    else:
+        m = q.get_message(lease=60)
+        m.touch(0.3)
+    time.sleep(0.8)
+    again = other.get_message(block=False)          # due now: given back at once
+    assert again.value == "short" and again.delivery_count == 2
+    again.ack()

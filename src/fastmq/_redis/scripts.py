@@ -10,7 +10,10 @@ lives in one cluster slot.
 
 Keys of a queue (prefix ``P = fmq:{name}:``):
 
-* ``P m`` -- hash: the queue's settings and counters. Created by ``create``;
+* ``P m`` -- hash: the queue's settings and counters, and ``wake``: no lease
+  or consumer deadline is earlier (a lower bound: every added deadline
+  lowers it, a reclaim that ran sets it to the earliest one left), so the
+  scripts that reclaim read one field while nothing is due. Created by ``create``;
   every script fails with ``FMQNOTFOUND`` without it, so a server that lost
   its data (restart without persistence) gives ``QueueNotFound``, never a
   silent empty queue.
@@ -145,7 +148,15 @@ local function release(b, k, bytes, force)
     if string.byte(b, 1) == 98 then redis.call('DEL', P .. 'L:' .. b) end
   end
 end
+-- 'wake' in the meta hash: no deadline in Ld or C is earlier (a lower
+-- bound, so removing a deadline needs no update), and reclaim reads just
+-- it while nothing is due. Every deadline added goes through here.
+local function lower_wake(t)
+  local w = redis.call('HGET', KEYS[1], 'wake')
+  if not w or t < tonumber(w) then redis.call('HSET', KEYS[1], 'wake', t) end
+end
 local function new_batch(b, consumer, deadline, now, count, bytes)
+  lower_wake(deadline)
   redis.call('ZADD', P .. 'Ld', deadline, b)
   redis.call('HSET', P .. 'Lb', b, consumer .. ' ' .. now)
   redis.call('HSET', P .. 'Lbc', b, count)
@@ -220,6 +231,8 @@ end
 -- Give back the expired leases and the leases of consumers whose heartbeat
 -- lapsed (bounded work per call; the rest goes at the next call).
 local function reclaim(now)
+  local w = redis.call('HGET', KEYS[1], 'wake')
+  if w and now < tonumber(w) then return 0 end
   local n = 0
   local due = redis.call('ZRANGEBYSCORE', P .. 'Ld', '-inf', now, 'LIMIT', 0, 64)
   for _, b in ipairs(due) do
@@ -231,6 +244,13 @@ local function reclaim(now)
     n = n + give_back_all(c, 'abandoned')
     redis.call('ZREM', P .. 'C', c)
   end
+  -- The earliest deadline left (still due when the work above was bounded).
+  local nxt = '9999999999999999'
+  local a = redis.call('ZRANGE', P .. 'Ld', 0, 0, 'WITHSCORES')
+  local c = redis.call('ZRANGE', P .. 'C', 0, 0, 'WITHSCORES')
+  if a[2] then nxt = a[2] end
+  if c[2] and tonumber(c[2]) < tonumber(nxt) then nxt = c[2] end
+  redis.call('HSET', KEYS[1], 'wake', nxt)
   return n
 end
 -- Take the first `n` ready messages.
@@ -382,6 +402,7 @@ end
 redis.call('RPUSH', P .. 'L:' .. b, unpack(ents))
 new_batch(b, consumer, now + tonumber(ARGV[4]), now, n, bytes)
 redis.call('ZADD', P .. 'C', now + tonumber(ARGV[5]), consumer)
+lower_wake(now + tonumber(ARGV[5]))
 signal('pw', P .. 'fr')
 table.insert(ents, 1, b)
 table.insert(ents, 1, now)
@@ -664,14 +685,34 @@ EXCHANGE_SCRIPTS = {
 }
 
 
-_NEED_LEASES = {"get", "lease", "ack", "ack_batches", "settle", "heartbeat", "pending", "stats"}
+_NEED_LEASES = {"lease", "ack", "ack_batches", "settle", "heartbeat", "pending", "stats"}
+
+# An auto-ack get touches leases only when some are due: the lease helpers
+# (a dozen closures, made again on every call) are made only then. Nothing
+# due (the common case) costs one read of the meta hash's 'wake'.
+LAZY_RECLAIM = r"""
+local function reclaim(now)
+  local w = redis.call('HGET', KEYS[1], 'wake')
+  if w and now < tonumber(w) then return 0 end
+  local full = (function()
+""" + LEASES + r"""
+    return reclaim
+  end)()
+  return full(now)
+end
+local function take(n)
+  return redis.call('LPOP', P .. 'q', n) or {}
+end
+"""
 
 
 def sources():
     """name -> full Lua source: the queue scripts get the shared prelude, and
     those that touch leases the lease helpers too (each ``local function``
-    is a closure made again on every call, so the others go without)."""
-    out = {name: PRELUDE + (LEASES if name in _NEED_LEASES else "") + body
+    is a closure made again on every call, so the others go without; ``get``
+    makes them only when a lease is due)."""
+    out = {name: PRELUDE + (LEASES if name in _NEED_LEASES else
+                            LAZY_RECLAIM if name == "get" else "") + body
            for name, body in QUEUE_SCRIPTS.items()}
     out.update(EXCHANGE_SCRIPTS)
     return out
