@@ -358,9 +358,10 @@ return {room, '0-0'}
 
 # ARGV: P, max, getter, wait_ms, activity -> {n, "c:"payload...} or {0, id to wait from}
 GET = r"""
-local e = exists() if e then return e end
+local h = redis.call('HMGET', KEYS[1], 'dequeued', 'wake')
+if not h[1] then return redis.error_reply('FMQNOTFOUND') end
 local now = now_ms()
-reclaim(now)
+if not h[2] or now >= tonumber(h[2]) then reclaim(now) end
 if ARGV[5] == '1' then redis.call('ZADD', P .. 'G', now, ARGV[3]) end
 local ents = take(ARGV[2])
 if #ents == 0 then
