@@ -295,7 +295,7 @@ return 1
 # ARGV: P, producer, seq, atomic, wait_ms, activity, "0:"payload...
 # -> {count put, id to wait from (when not all went in)}
 PUT = r"""
-local m = redis.call('HMGET', KEYS[1], 'maxsize', 'maxbytes')
+local m = redis.call('HMGET', KEYS[1], 'maxsize', 'maxbytes', 'enqueued', 'bytes')
 if not m[1] then return redis.error_reply('FMQNOTFOUND') end
 local producer, seq = ARGV[2], tonumber(ARGV[3])
 if producer ~= '' then
@@ -317,7 +317,7 @@ end
 if ARGV[4] == '1' and room < n then room = 0 end
 local total = 0
 if maxbytes > 0 then
-  local used = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
+  local used = tonumber(m[4])
   local fit = 0
   for i = 1, room do
     local len = string.len(ARGV[first - 1 + i]) - 2
@@ -333,8 +333,9 @@ else
 end
 if room > 0 then
   redis.call('RPUSH', P .. 'q', unpack(ARGV, first, first - 1 + room))
-  redis.call('HINCRBY', KEYS[1], 'enqueued', room)
-  redis.call('HINCRBY', KEYS[1], 'bytes', total)
+  -- Both counters in one write (read above, in this same script).
+  redis.call('HSET', KEYS[1], 'enqueued', string.format('%d', tonumber(m[3]) + room),
+             'bytes', string.format('%d', tonumber(m[4]) + total))
   signal('gw', P .. 'sig')
 end
 if producer ~= '' then
