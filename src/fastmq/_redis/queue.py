@@ -92,8 +92,8 @@ class RedisMessage:
     deadline (server clock): once the lease expired they raise ``LeaseLost``.
     """
 
-    # _rid and _batch stay bytes, as the server sent them: an ack passes them
-    # back without encoding anything.
+    # _rid and _batch stay bytes (the batch as the server sent it, the id
+    # derived from it): an ack passes them back without encoding anything.
     __slots__ = ("_q", "_rid", "delivery_count", "_payload", "_state", "_value", "_consumer",
                  "_batch", "_bsize", "__weakref__")
 
