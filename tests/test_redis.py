@@ -888,3 +888,186 @@ def test_whole_batch_ack_after_expiry_is_lost(rq):
     time.sleep(0.4)
     assert q.ack_many(ms) == 0
     assert sorted(m.value for m in q.get_messages(3, timeout=5)) == [0, 1, 2]
+
+
+# ------------------------------------------------- the client's hot path
+
+def test_scripts_come_back_after_the_server_flushed_them(rq):
+    """The hot path sends EVALSHA only: a server that lost its script cache
+    (SCRIPT FLUSH, a restart) gets the script loaded again, once."""
+    import redis
+    q = rq.create()
+    q.put(1)
+    m = q.get_message()
+    raw = redis.Redis.from_url(rq.url)
+    try:
+        raw.script_flush()
+        q.put(2)                                     # put: reloaded, applied once
+        m.ack()                                      # ack: reloaded
+        raw.script_flush()
+        assert q.get() == 2                          # get: reloaded
+        assert q.qsize() == 0 and q.stats()["in_flight"] == 0
+    finally:
+        raw.close()
+
+
+def test_a_call_interrupted_mid_reply_never_hands_its_reply_to_the_next(rq):
+    """Ctrl-C (any exception) between sending a script and reading its reply:
+    the connection is dropped, so the next call cannot read the stale reply
+    as its own."""
+    q = rq.create()
+    q.put_many([1, 2, 3])
+    conn = q._link._conn()
+    real = conn.read_response
+    calls = []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    conn.read_response = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            q.get()                                  # the server took 1; its reply is lost
+    finally:
+        conn.read_response = real
+    assert q.get() == 2                              # not the stale reply [1]
+    assert q.get() == 3
+    assert q.qsize() == 0
+
+
+def _child_uses_inherited_handle(q, out):
+    try:
+        for i in range(100):
+            q.put(("child", i))
+        out.put("ok")
+    except BaseException as exc:  # noqa: BLE001
+        out.put(repr(exc))
+
+
+def test_a_forked_child_gets_connections_of_its_own(rq):
+    """The per-thread connection of the parent is not shared with a forked
+    child (both would read each other's replies)."""
+    q = rq.create()
+    q.put("before")
+    assert q.get() == "before"                       # the parent's connection exists
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    p = ctx.Process(target=_child_uses_inherited_handle, args=(q, out))
+    try:
+        p.start()
+        got = []
+        for i in range(200):                         # the parent keeps using its own
+            q.put(("parent", i))
+            got.append(q.get(timeout=10))
+        assert out.get(timeout=30) == "ok"
+    finally:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    while q.qsize():
+        got.append(q.get(timeout=10))
+    # Every reply went to the call that asked: each message exactly once.
+    assert sorted(got) == sorted([("parent", i) for i in range(200)] +
+                                 [("child", i) for i in range(100)])
+
+
+def test_threads_each_use_the_handle_at_once(rq):
+    """Several threads on one handle: each call gets its own reply."""
+    q = rq.create()
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(200):
+                q.put((k, i))
+            for _ in range(200):
+                q.get_message(timeout=10).ack()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors
+    s = q.stats()
+    assert s["enqueued"] == 800 and s["dequeued"] == 800 and s["in_flight"] == 0
+
+
+def test_a_batch_settled_piece_by_piece_then_whole(rq):
+    """Members of one lease batch settled one by one (ack, nack, touch), the
+    rest acked together: every count and pending() stay exact."""
+    q = rq.create()
+    q.put_many(list(range(6)))
+    ms = q.get_messages(6)
+    assert [m.value for m in ms] == list(range(6))
+    assert len({m.id for m in ms}) == 6
+    ms[1].ack()
+    ms[3].nack()                                    # back at the end, delivery 2
+    ms[0].touch(60)
+    assert q.stats()["in_flight"] == 4
+    assert sorted(p["id"] for p in q.pending()) == sorted(m.id for m in (ms[0], ms[2], ms[4],
+                                                                           ms[5]))
+    with pytest.raises(fastmq.LeaseLost):
+        ms[3].ack()
+    assert q.ack_many(ms) == 4                       # 0 (touched), 2, 4, 5
+    assert all(m.acked for m in ms if m is not ms[3])
+    again = q.get_message(timeout=5)
+    assert again.value == 3 and again.delivery_count == 2
+    again.ack()
+    s = q.stats()
+    assert s["in_flight"] == 0 and s["depth"] == 0 and s["dequeued"] == 6
+    assert s["bytes_in_use"] == 0
+
+
+def test_a_departing_consumer_gives_back_in_lease_order(rq):
+    """More than 9 leases in a batch (ids <n>.1 ... <n>.12): they come back
+    in the order they were leased, not in the order of their ids as numbers."""
+    q = rq.create()
+    other = rq.open(q.name)
+    q.put_many(list(range(12)))
+    assert len(q.get_messages(12)) == 12
+    q.close()                                       # departs: leases go back
+    assert other.get_many(12, timeout=5) == list(range(12))
+
+
+def test_unlink_leaves_no_key_behind(rq):
+    """Leases held in several batches, touched ones, dead letters parked:
+    unlink removes every key of the queue."""
+    import redis
+    q = rq.create(dead_letter=None)
+    q.put_many(list(range(20)))
+    a = q.get_messages(5)
+    q.get_messages(5)
+    a[0].touch(30)
+    a[1].ack()
+    name = q.name
+    fastmq.Queue.unlink(name, url=rq.url)
+    raw = redis.Redis.from_url(rq.url)
+    try:
+        assert raw.keys(f"fmq:{{{name}}}:*") == []
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("how", ["lease", "touch"])
+def test_a_short_lease_after_long_ones_still_expires_on_time(rq, how):
+    """Scripts skip the reclaim work while nothing can be due (a bound kept
+    in the queue's meta hash): a shorter deadline added later (a short lease,
+    or a touch to a short one) must move that bound, or it would expire late."""
+    q = rq.create()
+    other = rq.open(q.name)
+    q.put_many(["long", "short"])
+    q.get_message(lease=60)
+    if how == "lease":
+        q.get_message(lease=0.3)
+    else:
+        m = q.get_message(lease=60)
+        m.touch(0.3)
+    time.sleep(0.8)
+    again = other.get_message(block=False)          # due now: given back at once
+    assert again.value == "short" and again.delivery_count == 2
+    again.ack()

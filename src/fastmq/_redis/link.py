@@ -30,6 +30,16 @@ seconds at a time: the server holds the socket, so an idle waiter costs no
 CPU; ``close()`` disconnects the pool, which wakes a waiter blocked in
 another thread at once; Ctrl-C interrupts the socket read.
 
+The hot path (a single server, no ``wait_replicas``): each thread keeps one
+connection of its own (made by the pool's connection class, so TLS, auth and
+db are the url's) and sends ``EVALSHA`` packed once with hiredis, without
+redis-py's per-command machinery (pool checkout, retry wrapper, metrics,
+response callbacks -- a script's reply has none). A script the server lost is
+loaded again (``SCRIPT LOAD``) and the call resent; a connection that failed
+or was interrupted mid-call (Ctrl-C) is dropped, so a stale reply is never
+read as the next call's; ``close()`` drops these connections too, which wakes
+a thread blocked on one.
+
 asyncio: ``acall``/``await_signal`` do the same through a ``redis.asyncio``
 client, one per event loop (asyncio connections belong to the loop that made
 them).
@@ -37,16 +47,18 @@ them).
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import urllib.parse
+import weakref
 
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.retry import Retry
 
 from .._location import mask
@@ -66,6 +78,20 @@ _WRITES = frozenset({"create", "unlink", "put", "get", "lease", "ack", "ack_batc
                      "unpark",
                      "x_create", "x_bind", "x_unlink", "x_publish"})
 _PUTS = frozenset({"put", "x_publish", "create"})
+
+
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:                        # redis-py packs it then (slower)
+    _hiredis_pack = None
+
+
+def _pack(conn, args):
+    """One command in RESP (a list of chunks, as ``send_packed_command``
+    takes it): packed by hiredis in one C call when it is installed."""
+    if _hiredis_pack is not None:
+        return [_hiredis_pack(args)]
+    return conn.pack_command(*args)
 
 
 def _cluster_options():
@@ -126,6 +152,12 @@ class Link:
         except ValueError as exc:
             raise ValueError(f"bad redis url {self.masked!r}: {mask(str(exc))}") from None
         self.scripts = {n: self.client.register_script(s) for n, s in _SOURCES.items()}
+        self._sha = {n: sc.sha.encode() for n, sc in self.scripts.items()}
+        # The hot path's per-thread connections (see the module doc).
+        self._fast = not self.cluster and not self.wait_replicas
+        self._local = threading.local()
+        self._conns = weakref.WeakSet()
+        self._conns_lock = threading.Lock()
         self._aclients = {}               # event loop -> (client, scripts)
         self._alock = threading.Lock()
 
@@ -154,14 +186,50 @@ class Link:
 
     # ------------------------------------------------------------- sync
 
+    def _conn(self):
+        """This thread's own connection (made again in a forked child)."""
+        local = self._local
+        pid = os.getpid()
+        if getattr(local, "pid", None) != pid:
+            pool = self.client.connection_pool
+            conn = pool.connection_class(**pool.connection_kwargs)
+            with self._conns_lock:
+                self._conns.add(conn)
+            local.conn, local.pid = conn, pid
+            if self.closed:                # close() ran meanwhile: it missed this one
+                conn.disconnect()
+                self._check_open()
+        return local.conn
+
+    def _fast_call(self, name, key, args):
+        conn = self._conn()
+        packed = _pack(conn, (b"EVALSHA", self._sha[name], 1, key, *args))
+        try:
+            conn.send_packed_command(packed, check_health=False)
+            try:
+                return conn.read_response()
+            except NoScriptError:          # the server lost its script cache
+                conn.send_command("SCRIPT", "LOAD", _SOURCES[name], check_health=False)
+                conn.read_response()
+                conn.send_packed_command(packed, check_health=False)
+                return conn.read_response()
+        except ResponseError:
+            raise                          # a whole reply was read: the connection is fine
+        except BaseException:
+            conn.disconnect()              # a reply may still be on its way: never reuse
+            raise
+
     def call(self, name, key, args, timeout=None, what="queue"):
         """Run script ``name`` with KEYS=[key]; retries an outage (see above)."""
-        self._check_open()
-        script = self.scripts[name]
+        if self.closed:
+            raise QueueClosed("operation on a closed fastmq handle")
         start = None
         delay = 0.05
         while True:
             try:
+                if self._fast:
+                    return self._fast_call(name, key, args)
+                script = self.scripts[name]
                 if self.wait_replicas and name in _WRITES:
                     return self._call_and_wait(name, script, key, args)
                 return script(keys=(key,), args=args, client=self.client)
@@ -220,6 +288,13 @@ class Link:
                 self.client.connection_pool.disconnect()
         except Exception:  # noqa: BLE001 - closing must not raise
             pass
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.disconnect()
+            except Exception:  # noqa: BLE001 - closing must not raise
+                pass
         self._aclients.clear()
 
     # ------------------------------------------------------------ asyncio

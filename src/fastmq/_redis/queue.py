@@ -92,8 +92,8 @@ class RedisMessage:
     deadline (server clock): once the lease expired they raise ``LeaseLost``.
     """
 
-    # _rid and _batch stay bytes, as the server sent them: an ack passes them
-    # back without encoding anything.
+    # _rid and _batch stay bytes (the batch as the server sent it, the id
+    # derived from it): an ack passes them back without encoding anything.
     __slots__ = ("_q", "_rid", "delivery_count", "_payload", "_state", "_value", "_consumer",
                  "_batch", "_bsize", "__weakref__")
 
@@ -636,17 +636,20 @@ class RedisQueue(Queue):
         return sum(1 for p in self.pending() if p["consumer"] == ident)
 
     def _messages(self, res):
+        # res: n, now, batch b"b<number>", then the elements; the i-th
+        # element's lease id is b"<number>.<i>".
         ident, n, batch = self._id, res[0], res[2]
+        pre = batch[1:] + b"."
         out = []
         append = out.append
-        for i in range(3, len(res), 2):
-            e = res[i + 1]
+        for i in range(1, n + 1):
+            e = res[i + 2]
             if e[:2] == b"0:":                 # a first delivery: the common case
-                append(RedisMessage(self, res[i], 1, e[2:], ident, batch, n))
+                append(RedisMessage(self, pre + b"%d" % i, 1, e[2:], ident, batch, n))
             else:
                 at = e.index(b":")
-                append(RedisMessage(self, res[i], int(e[:at]) + 1, e[at + 1:], ident, batch,
-                                    n))
+                append(RedisMessage(self, pre + b"%d" % i, int(e[:at]) + 1, e[at + 1:], ident,
+                                    batch, n))
         if not self._leased:
             self._leased = True
             _heartbeats.register(self)
@@ -672,6 +675,23 @@ class RedisQueue(Queue):
         A whole lease batch -- every message one get_messages call returned --
         goes as one (batch, size) pair (``scripts.ACK_BATCHES``); the others
         message by message (``scripts.ACK``)."""
+        first = messages[0]
+        n = len(messages)
+        if n == first._bsize:
+            # The common case: exactly the messages of one get_messages call.
+            batch, consumer = first._batch, first._consumer
+            for m in messages:
+                if m._batch is not batch or m._consumer is not consumer:
+                    break
+            else:
+                if n == 1 or len({m._rid for m in messages}) == n:
+                    r = self._link.call("ack_batches", self._mkey,
+                                        (self._prefix, consumer, batch, n))[0]
+                    if r != -1:
+                        state = _ACKED if r == 1 else _LOST
+                        for m in messages:
+                            m._state = state
+                        return n if r == 1 else 0
         by_consumer = {}
         for m in messages:
             by_consumer.setdefault(m._consumer, {}).setdefault(m._batch, {})[m._rid] = m

@@ -10,7 +10,10 @@ lives in one cluster slot.
 
 Keys of a queue (prefix ``P = fmq:{name}:``):
 
-* ``P m`` -- hash: the queue's settings and counters. Created by ``create``;
+* ``P m`` -- hash: the queue's settings and counters, and ``wake``: no lease
+  or consumer deadline is earlier (a lower bound: every added deadline
+  lowers it, a reclaim that ran sets it to the earliest one left), so the
+  scripts that reclaim read one field while nothing is due. Created by ``create``;
   every script fails with ``FMQNOTFOUND`` without it, so a server that lost
   its data (restart without persistence) gives ``QueueNotFound``, never a
   silent empty queue.
@@ -23,21 +26,26 @@ Keys of a queue (prefix ``P = fmq:{name}:``):
   here; the stream features (ids, consumer groups) are not used anyway (see
   the end of this note). ``maxsize`` is checked before the push, so nothing
   is ever trimmed.
-* ``P L`` -- leased messages by lease id ``"<batch>.<n>"``: the element as
-  it was taken from ``q`` (``t`` in front once ``touch`` moved it to a batch
-  of its own). A lease id names *this* delivery (batch numbers come from the
-  counter ``lseq`` in ``P m``): a redelivery re-appends the message at the
-  back and the next lease gets a new id, so an old holder's ``ack`` finds
-  nothing and is refused.
-* ``P Ld`` / ``P Lb`` / ``P Lbc`` / ``P Lo:<consumer>`` -- lease batches: the
-  messages leased by one call (batch ``b<number>``) share one deadline (zset
-  ``Ld``, server clock from ``TIME``), one record ``"<consumer>
-  <leased_at_ms> <id> <id>..."`` (``Lb``), one count of the members not
-  settled yet (``Lbc``) and one entry in their consumer's set of batches
+* ``P L:b<number>`` -- the messages leased by one call (lease batch
+  ``b<number>``; numbers come from the counter ``lseq`` in ``P m``): a list
+  of the elements as they were taken from ``q``, in order, moved there by
+  one ``RPUSH``. The i-th one's lease id is ``"<number>.<i>"`` (the client
+  derives the ids, so neither the lease nor the reply carries them); a member
+  settled on its own (single ack, nack, touch, redelivery) becomes ``''``,
+  and the list goes with its batch. A lease id names *this* delivery: a
+  redelivery re-appends the message at the back and the next lease gets a
+  new id, so an old holder's ``ack`` finds nothing and is refused.
+* ``P L`` -- hash of touched leases by id: ``touch`` moves a message out of
+  its batch to a batch of its own, ``t<id>``.
+* ``P Ld`` / ``P Lb`` / ``P Lbc`` / ``P Lbb`` / ``P Lo:<consumer>`` -- per
+  lease batch: one deadline (zset ``Ld``, server clock from ``TIME``), one
+  record ``"<consumer> <leased_at_ms>"`` (``Lb``), the count and payload
+  bytes of the members not settled yet (``Lbc``, ``Lbb``; in flight is the
+  sum of ``Lbc``) and one entry in the consumer's set of batches
   (``Lo:<consumer>``). So a lease or an ack checks owner and deadline once
-  per batch and per message only moves strings. ``touch`` moves a message
-  to a batch of its own (``t<id>``); a due batch gives back the members
-  still in it.
+  per batch, and the ack of a whole batch (``ACK_BATCHES``) is a few hash
+  operations and one ``DEL``, with no per-message work on the server; a due
+  batch gives back the members still in it.
 * ``P C`` -- zset of leasing consumers by heartbeat deadline. A consumer
   whose heartbeat lapsed is gone: its leases are given back, counted
   ``abandoned``, by the next script that reclaims.
@@ -89,9 +97,6 @@ end
 
 # Lease handling, for the scripts that reclaim or settle leases.
 LEASES = r"""
-local function id_less(a, b)
-  return tonumber(a) < tonumber(b)
-end
 -- The deliveries so far and the payload of a queue element "<c>:<payload>".
 local function unpack_element(e)
   local c, at = string.match(e, '^(%d+):()')
@@ -100,27 +105,34 @@ end
 local function payload_len(e)
   return string.len(e) - string.find(e, ':', 1, true)
 end
--- A batch record: consumer, leased_at, ids.
-local function batch_record(b)
-  local v = redis.call('HGET', P .. 'Lb', b)
-  local ids, consumer, lat = {}, nil, nil
-  if v then
-    for w in string.gmatch(v, '%S+') do
-      if consumer == nil then consumer = w
-      elseif lat == nil then lat = w
-      else ids[#ids + 1] = w end
-    end
+-- The element of lease `id` in batch `b` (nil: not there any more). A batch
+-- 'b<n>' keeps its elements in the list 'L:b<n>' (id "<n>.<i>" at index
+-- i - 1; '' once settled on its own); a touched message, batch 't<id>', in
+-- the hash 'L'.
+local function locate(id, b)
+  if string.byte(b, 1) == 116 then
+    if b ~= 't' .. id then return nil end
+    return redis.call('HGET', P .. 'L', id) or nil
   end
-  return consumer, lat, ids
-end
--- The element of a lease record, and the batch the record is in.
-local function element(v)
-  if string.byte(v, 1) == 116 then return string.sub(v, 2) end     -- 't': touched
+  local num, i = string.match(id, '^(%d+)%.(%d+)$')
+  if not num or b ~= 'b' .. num then return nil end
+  local v = redis.call('LINDEX', P .. 'L:' .. b, tonumber(i) - 1)
+  if not v or v == '' then return nil end
   return v
 end
-local function batch_of(id, v)
-  if string.byte(v, 1) == 116 then return 't' .. id end
-  return 'b' .. string.match(id, '^(%d+)%.')
+-- Take the located lease `id` out of batch `b`.
+local function drop(id, b)
+  if string.byte(b, 1) == 116 then
+    redis.call('HDEL', P .. 'L', id)
+  else
+    redis.call('LSET', P .. 'L:' .. b, tonumber(string.match(id, '%.(%d+)$')) - 1, '')
+  end
+end
+-- The owner and leased_at of batch `b` (record "<consumer> <leased_at_ms>").
+local function batch_record(b)
+  local v = redis.call('HGET', P .. 'Lb', b)
+  if not v then return nil, nil end
+  return string.match(v, '^(%S+) (%S+)')
 end
 -- `k` members (`bytes` payload bytes) of batch `b` were settled; the batch
 -- goes with its last member (or now, with `force`).
@@ -137,25 +149,34 @@ local function release(b, k, bytes, force)
     redis.call('HDEL', P .. 'Lb', b)
     redis.call('HDEL', P .. 'Lbc', b)
     redis.call('HDEL', P .. 'Lbb', b)
+    if string.byte(b, 1) == 98 then redis.call('DEL', P .. 'L:' .. b) end
   end
 end
-local function new_batch(b, consumer, deadline, now, ids, bytes)
+-- 'wake' in the meta hash: no deadline in Ld or C is earlier (a lower
+-- bound, so removing a deadline needs no update), and reclaim reads just
+-- it while nothing is due. Every deadline added goes through here.
+local function lower_wake(t)
+  local w = redis.call('HGET', KEYS[1], 'wake')
+  if not w or t < tonumber(w) then redis.call('HSET', KEYS[1], 'wake', t) end
+end
+local function new_batch(b, consumer, deadline, now, count, bytes)
+  lower_wake(deadline)
   redis.call('ZADD', P .. 'Ld', deadline, b)
-  redis.call('HSET', P .. 'Lb', b, consumer .. ' ' .. now .. ' ' .. table.concat(ids, ' '))
-  redis.call('HSET', P .. 'Lbc', b, #ids)
+  redis.call('HSET', P .. 'Lb', b, consumer .. ' ' .. now)
+  redis.call('HSET', P .. 'Lbc', b, count)
   redis.call('HSET', P .. 'Lbb', b, bytes)
   redis.call('SADD', P .. 'Lo:' .. consumer, b)
 end
--- End the lease of `id`: back to the queue (with one more delivery
--- counted), or dead-lettered past max_deliveries / when `dead` is true.
--- `why` is the counter bumped on a requeue besides 'redelivered'.
-local function give_back(id, why, dead)
-  local v = redis.call('HGET', P .. 'L', id)
+-- End the lease of `id` (in batch `b`): back to the queue (with one more
+-- delivery counted), or dead-lettered past max_deliveries / when `dead` is
+-- true. `why` is the counter bumped on a requeue besides 'redelivered'.
+local function give_back(id, b, why, dead)
+  local v = locate(id, b)
   if not v then return 0 end
-  local c, payload = unpack_element(element(v))
+  local c, payload = unpack_element(v)
   local count = c + 1                       -- deliveries, this one included
-  redis.call('HDEL', P .. 'L', id)
-  release(batch_of(id, v), 1, string.len(payload))
+  drop(id, b)
+  release(b, 1, string.len(payload))
   local maxdel = tonumber(redis.call('HGET', P .. 'm', 'maxdel') or '20')
   if not dead and count < maxdel then
     redis.call('RPUSH', P .. 'q', count .. ':' .. payload)
@@ -172,27 +193,41 @@ local function give_back(id, why, dead)
   end
   return 1
 end
--- The ids of batch `b` that are still in it.
+-- The members of batch `b` still in it: ids, elements, owner, leased_at.
 local function members(b)
-  local consumer, _, ids = batch_record(b)
-  local out = {}
-  if #ids > 0 then
-    local vals = redis.call('HMGET', P .. 'L', unpack(ids))
-    for i, id in ipairs(ids) do
-      if vals[i] and batch_of(id, vals[i]) == b then out[#out + 1] = id end
+  local consumer, lat = batch_record(b)
+  local ids, vals = {}, {}
+  if string.byte(b, 1) == 116 then
+    local id = string.sub(b, 2)
+    local v = redis.call('HGET', P .. 'L', id)
+    if v then ids[1], vals[1] = id, v end
+  else
+    local pre = string.sub(b, 2) .. '.'
+    for i, v in ipairs(redis.call('LRANGE', P .. 'L:' .. b, 0, -1)) do
+      if v ~= '' then
+        ids[#ids + 1] = pre .. i
+        vals[#vals + 1] = v
+      end
     end
   end
-  return out, consumer
+  return ids, consumer, vals, lat
 end
--- Give back every message of consumer `c` (heartbeat lapsed, or departing).
+-- Give back every message of consumer `c` (heartbeat lapsed, or departing),
+-- in lease order.
 local function give_back_all(c, why)
-  local n, ids = 0, {}
+  local n, all = 0, {}
   local batches = redis.call('SMEMBERS', P .. 'Lo:' .. c)
   for _, b in ipairs(batches) do
-    for _, id in ipairs(members(b)) do ids[#ids + 1] = id end
+    for _, id in ipairs(members(b)) do
+      local num, i = string.match(id, '^(%d+)%.(%d+)$')
+      all[#all + 1] = {tonumber(num), tonumber(i), id, b}
+    end
   end
-  table.sort(ids, id_less)
-  for _, id in ipairs(ids) do n = n + give_back(id, why, false) end
+  table.sort(all, function(x, y)
+    if x[1] ~= y[1] then return x[1] < y[1] end
+    return x[2] < y[2]
+  end)
+  for _, e in ipairs(all) do n = n + give_back(e[3], e[4], why, false) end
   for _, b in ipairs(batches) do release(b, 0, 0, true) end
   redis.call('DEL', P .. 'Lo:' .. c)
   return n
@@ -200,10 +235,12 @@ end
 -- Give back the expired leases and the leases of consumers whose heartbeat
 -- lapsed (bounded work per call; the rest goes at the next call).
 local function reclaim(now)
+  local w = redis.call('HGET', KEYS[1], 'wake')
+  if w and now < tonumber(w) then return 0 end
   local n = 0
   local due = redis.call('ZRANGEBYSCORE', P .. 'Ld', '-inf', now, 'LIMIT', 0, 64)
   for _, b in ipairs(due) do
-    for _, id in ipairs(members(b)) do n = n + give_back(id, false, false) end
+    for _, id in ipairs(members(b)) do n = n + give_back(id, b, false, false) end
     release(b, 0, 0, true)
   end
   local gone = redis.call('ZRANGEBYSCORE', P .. 'C', '-inf', now, 'LIMIT', 0, 16)
@@ -211,6 +248,13 @@ local function reclaim(now)
     n = n + give_back_all(c, 'abandoned')
     redis.call('ZREM', P .. 'C', c)
   end
+  -- The earliest deadline left (still due when the work above was bounded).
+  local nxt = '9999999999999999'
+  local a = redis.call('ZRANGE', P .. 'Ld', 0, 0, 'WITHSCORES')
+  local c = redis.call('ZRANGE', P .. 'C', 0, 0, 'WITHSCORES')
+  if a[2] then nxt = a[2] end
+  if c[2] and tonumber(c[2]) < tonumber(nxt) then nxt = c[2] end
+  redis.call('HSET', KEYS[1], 'wake', nxt)
   return n
 end
 -- Take the first `n` ready messages.
@@ -242,6 +286,9 @@ local e = exists() if e then return e end
 for _, c in ipairs(redis.call('ZRANGE', P .. 'C', 0, -1)) do
   redis.call('DEL', P .. 'Lo:' .. c)
 end
+for _, b in ipairs(redis.call('ZRANGE', P .. 'Ld', 0, -1)) do
+  redis.call('DEL', P .. 'L:' .. b)
+end
 for _, k in ipairs({'m', 'q', 'L', 'Ld', 'Lb', 'Lbc', 'Lbb', 'C', 'D', 'sig', 'fr', 'gw', 'pw', 'seq',
                     'P', 'G', 'fwd'}) do
   redis.call('DEL', P .. k)
@@ -252,7 +299,7 @@ return 1
 # ARGV: P, producer, seq, atomic, wait_ms, activity, "0:"payload...
 # -> {count put, id to wait from (when not all went in)}
 PUT = r"""
-local m = redis.call('HMGET', KEYS[1], 'maxsize', 'maxbytes')
+local m = redis.call('HMGET', KEYS[1], 'maxsize', 'maxbytes', 'enqueued', 'bytes')
 if not m[1] then return redis.error_reply('FMQNOTFOUND') end
 local producer, seq = ARGV[2], tonumber(ARGV[3])
 if producer ~= '' then
@@ -274,7 +321,7 @@ end
 if ARGV[4] == '1' and room < n then room = 0 end
 local total = 0
 if maxbytes > 0 then
-  local used = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
+  local used = tonumber(m[4])
   local fit = 0
   for i = 1, room do
     local len = string.len(ARGV[first - 1 + i]) - 2
@@ -290,8 +337,9 @@ else
 end
 if room > 0 then
   redis.call('RPUSH', P .. 'q', unpack(ARGV, first, first - 1 + room))
-  redis.call('HINCRBY', KEYS[1], 'enqueued', room)
-  redis.call('HINCRBY', KEYS[1], 'bytes', total)
+  -- Both counters in one write (read above, in this same script).
+  redis.call('HSET', KEYS[1], 'enqueued', string.format('%d', tonumber(m[3]) + room),
+             'bytes', string.format('%d', tonumber(m[4]) + total))
   signal('gw', P .. 'sig')
 end
 if producer ~= '' then
@@ -315,9 +363,10 @@ return {room, '0-0'}
 
 # ARGV: P, max, getter, wait_ms, activity -> {n, "c:"payload...} or {0, id to wait from}
 GET = r"""
-local e = exists() if e then return e end
+local h = redis.call('HMGET', KEYS[1], 'dequeued', 'wake')
+if not h[1] then return redis.error_reply('FMQNOTFOUND') end
 local now = now_ms()
-reclaim(now)
+if not h[2] or now >= tonumber(h[2]) then reclaim(now) end
 if ARGV[5] == '1' then redis.call('ZADD', P .. 'G', now, ARGV[3]) end
 local ents = take(ARGV[2])
 if #ents == 0 then
@@ -336,7 +385,8 @@ return ents
 """
 
 # ARGV: P, max, consumer, lease_ms, heartbeat_ms, wait_ms, activity
-# -> {n, now, batch, id, element, id, element...} or {0, id to wait from}
+# -> {n, now, batch "b<number>", element...} (the i-th element's lease id is
+# "<number>.<i>") or {0, id to wait from}
 LEASE = r"""
 local e = exists() if e then return e end
 local now = now_ms()
@@ -344,72 +394,60 @@ reclaim(now)
 local consumer = ARGV[3]
 if ARGV[7] == '1' then redis.call('ZADD', P .. 'G', now, consumer) end
 local ents = take(ARGV[2])
-if #ents == 0 then
+local n = #ents
+if n == 0 then
   if tonumber(ARGV[6]) > 0 then redis.call('SET', P .. 'gw', '1', 'PX', ARGV[6]) end
   return {0, last_id(P .. 'sig')}
 end
-local deadline = now + tonumber(ARGV[4])
-local number = redis.call('HINCRBY', KEYS[1], 'lseq', 1)
-local b, pre = 'b' .. number, number .. '.'
-local out, L, ids, bytes = {#ents, now, b}, {}, {}, 0
-for i, ent in ipairs(ents) do
-  local id = pre .. i
-  ids[i] = id
-  L[2 * i - 1], L[2 * i] = id, ent
-  out[2 * i + 2], out[2 * i + 3] = id, ent
-  bytes = bytes + payload_len(ent)
+local b = 'b' .. redis.call('HINCRBY', KEYS[1], 'lseq', 1)
+local bytes, find = 0, string.find
+for i = 1, n do
+  local ent = ents[i]
+  bytes = bytes + #ent - find(ent, ':', 1, true)
 end
-redis.call('HSET', P .. 'L', unpack(L))
-new_batch(b, consumer, deadline, now, ids, bytes)
+redis.call('RPUSH', P .. 'L:' .. b, unpack(ents))
+new_batch(b, consumer, now + tonumber(ARGV[4]), now, n, bytes)
 redis.call('ZADD', P .. 'C', now + tonumber(ARGV[5]), consumer)
+lower_wake(now + tonumber(ARGV[5]))
 signal('pw', P .. 'fr')
-return out
+table.insert(ents, 1, b)
+table.insert(ents, 1, now)
+table.insert(ents, 1, n)
+return ents
 """
 
 # ARGV: P, consumer, id, batch, id, batch, ... -> {1 acked | 0 lost, ...}
 ACK = r"""
 local now = now_ms()
 local consumer = ARGV[2]
-local ids = {}
-for i = 3, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
-local vals = redis.call('HMGET', P .. 'L', unpack(ids))
-local res, groups, order, pres = {}, {}, {}, {}
-for i, id in ipairs(ids) do
-  res[i] = 0
-  local b, v = ARGV[2 * i + 2], vals[i]
+local res, vals, groups, order = {}, {}, {}, {}
+for i = 3, #ARGV, 2 do
+  local k = (i - 1) / 2
+  local id, b = ARGV[i], ARGV[i + 1]
+  res[k] = 0
+  local v = locate(id, b)
   if v then
-    local mine
-    if string.byte(v, 1) == 116 then
-      mine = b == 't' .. id
-    else
-      local pre = pres[b]
-      if not pre then pre = string.sub(b, 2) .. '.' pres[b] = pre end
-      mine = string.byte(b, 1) == 98 and string.find(id, pre, 1, true) == 1
-    end
-    if mine then
-      local g = groups[b]
-      if not g then g = {} groups[b] = g order[#order + 1] = b end
-      g[#g + 1] = i
-    end
+    vals[k] = v
+    local g = groups[b]
+    if not g then g = {} groups[b] = g order[#order + 1] = b end
+    g[#g + 1] = k
   end
 end
 local acked, total = 0, 0
 for _, b in ipairs(order) do
   local g = groups[b]
-  local owner = string.match(redis.call('HGET', P .. 'Lb', b) or '', '^(%S+) ')
-  local dl = tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0')
-  if owner == consumer then
-    local mine = {}
-    for j, i in ipairs(g) do mine[j] = ids[i] end
-    if dl >= now then
+  if batch_record(b) == consumer then
+    if tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0') >= now then
       local bytes = 0
-      for _, i in ipairs(g) do bytes = bytes + payload_len(vals[i]) end
-      redis.call('HDEL', P .. 'L', unpack(mine))
-      release(b, #mine, bytes)
-      for _, i in ipairs(g) do res[i] = 1 end
-      acked, total = acked + #mine, total + bytes
+      for _, k in ipairs(g) do
+        bytes = bytes + payload_len(vals[k])
+        drop(ARGV[2 * k + 1], b)
+        res[k] = 1
+      end
+      release(b, #g, bytes)
+      acked, total = acked + #g, total + bytes
     else
-      for _, id in ipairs(mine) do give_back(id, false, false) end   -- expired: back now
+      for _, k in ipairs(g) do give_back(ARGV[2 * k + 1], b, false, false) end   -- expired: back now
     end
   end
 end
@@ -431,24 +469,16 @@ local res, acked, total = {}, 0, 0
 for i = 3, #ARGV, 2 do
   local b, size = ARGV[i], tonumber(ARGV[i + 1])
   local r = 0
-  local rec = redis.call('HGET', P .. 'Lb', b)
-  if rec and string.match(rec, '^(%S+) ') == consumer then
+  if batch_record(b) == consumer then
     if tonumber(redis.call('HGET', P .. 'Lbc', b)) ~= size then
       r = -1
+    elseif tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0') >= now then
+      total = total + tonumber(redis.call('HGET', P .. 'Lbb', b))
+      release(b, 0, 0, true)
+      acked = acked + size
+      r = 1
     else
-      local ids = {}
-      for w in string.gmatch(rec, '%S+') do ids[#ids + 1] = w end
-      table.remove(ids, 1)
-      table.remove(ids, 1)
-      if tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0') >= now then
-        total = total + tonumber(redis.call('HGET', P .. 'Lbb', b))
-        redis.call('HDEL', P .. 'L', unpack(ids))
-        release(b, 0, 0, true)
-        acked = acked + size
-        r = 1
-      else
-        for _, id in ipairs(ids) do give_back(id, false, false) end
-      end
+      for _, id in ipairs(members(b)) do give_back(id, b, false, false) end
     end
   end
   res[#res + 1] = r
@@ -465,21 +495,22 @@ return res
 SETTLE = r"""
 local now = now_ms()
 local consumer, id, b = ARGV[2], ARGV[3], ARGV[4]
-local v = redis.call('HGET', P .. 'L', id)
-if not v or batch_of(id, v) ~= b then return 0 end
-if string.match(redis.call('HGET', P .. 'Lb', b) or '', '^(%S+) ') ~= consumer then return 0 end
+local v = locate(id, b)
+if not v then return 0 end
+if batch_record(b) ~= consumer then return 0 end
 if tonumber(redis.call('ZSCORE', P .. 'Ld', b) or '0') < now then
-  give_back(id, false, false)
+  give_back(id, b, false, false)
   return 0
 end
 if ARGV[5] == 'touch' then
   local t, bytes = 't' .. id, payload_len(v)
+  drop(id, b)
   release(b, 1, bytes)
-  redis.call('HSET', P .. 'L', id, 't' .. element(v))
-  new_batch(t, consumer, now + tonumber(ARGV[6]), now, {id}, bytes)
+  redis.call('HSET', P .. 'L', id, v)
+  new_batch(t, consumer, now + tonumber(ARGV[6]), now, 1, bytes)
   return 1
 end
-give_back(id, false, ARGV[5] == 'dead')
+give_back(id, b, false, ARGV[5] == 'dead')
 return 1
 """
 
@@ -507,10 +538,9 @@ local out = {}
 local all = redis.call('ZRANGE', P .. 'Ld', 0, -1, 'WITHSCORES')
 for i = 1, #all, 2 do
   local b, dl = all[i], all[i + 1]
-  local _, lat = batch_record(b)
-  local ids, consumer = members(b)
-  for _, id in ipairs(ids) do
-    local c = unpack_element(element(redis.call('HGET', P .. 'L', id)))
+  local ids, consumer, vals, lat = members(b)
+  for j, id in ipairs(ids) do
+    local c = unpack_element(vals[j])
     out[#out + 1] = id
     out[#out + 1] = (c + 1) .. ' ' .. consumer .. ' ' .. lat .. ' ' .. dl
   end
@@ -523,7 +553,9 @@ STATS = r"""
 local e = exists() if e then return e end
 local now = now_ms()
 reclaim(now)
-return {redis.call('HGETALL', KEYS[1]), redis.call('LLEN', P .. 'q'), redis.call('HLEN', P .. 'L'),
+local in_flight = 0
+for _, k in ipairs(redis.call('HVALS', P .. 'Lbc')) do in_flight = in_flight + tonumber(k) end
+return {redis.call('HGETALL', KEYS[1]), redis.call('LLEN', P .. 'q'), in_flight,
         redis.call('ZCOUNT', P .. 'C', now, '+inf'),
         redis.call('ZCOUNT', P .. 'P', now - 60000, '+inf'),
         redis.call('ZCOUNT', P .. 'G', now - 60000, '+inf'),
@@ -659,14 +691,34 @@ EXCHANGE_SCRIPTS = {
 }
 
 
-_NEED_LEASES = {"get", "lease", "ack", "ack_batches", "settle", "heartbeat", "pending", "stats"}
+_NEED_LEASES = {"lease", "ack", "ack_batches", "settle", "heartbeat", "pending", "stats"}
+
+# An auto-ack get touches leases only when some are due: the lease helpers
+# (a dozen closures, made again on every call) are made only then. Nothing
+# due (the common case) costs one read of the meta hash's 'wake'.
+LAZY_RECLAIM = r"""
+local function reclaim(now)
+  local w = redis.call('HGET', KEYS[1], 'wake')
+  if w and now < tonumber(w) then return 0 end
+  local full = (function()
+""" + LEASES + r"""
+    return reclaim
+  end)()
+  return full(now)
+end
+local function take(n)
+  return redis.call('LPOP', P .. 'q', n) or {}
+end
+"""
 
 
 def sources():
     """name -> full Lua source: the queue scripts get the shared prelude, and
     those that touch leases the lease helpers too (each ``local function``
-    is a closure made again on every call, so the others go without)."""
-    out = {name: PRELUDE + (LEASES if name in _NEED_LEASES else "") + body
+    is a closure made again on every call, so the others go without; ``get``
+    makes them only when a lease is due)."""
+    out = {name: PRELUDE + (LEASES if name in _NEED_LEASES else
+                            LAZY_RECLAIM if name == "get" else "") + body
            for name, body in QUEUE_SCRIPTS.items()}
     out.update(EXCHANGE_SCRIPTS)
     return out
