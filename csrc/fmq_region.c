@@ -526,19 +526,22 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     atomic_store_explicit(&h->init_state, FMQ_INIT_READY, memory_order_release);
     fmq_live_init_lock(fd, F_UNLCK);
 
-    /* Registered before the name appears, so the first opener does not take
-     * itself for the only participant (and audit a brand-new queue). */
-    if ((rc = fmq_live_register(r)) != FMQ_OK) {
+    /* An anonymous segment keeps LOCK_SH from before its name is visible (a
+     * cleanup may probe it at once); a named one uses no flock at all. This
+     * comes before registering: registration gives the handle a description
+     * of its own (fmq_live.c), and the LOCK_EX taken above stays on the one
+     * the mapping refers to, where it would shut out the handle's own
+     * LOCK_SH (and every opener's). */
+    if (flock(fd, anonymous ? LOCK_SH : LOCK_UN) != 0) {
+        rc = fmq_os_fail("cannot lock", name);
         unlink(tmp);
         fmq_region_free(r);
         return rc;
     }
-    /* An anonymous segment keeps LOCK_SH from before its name is visible (a
-     * cleanup may probe it at once); a named one uses no flock at all. */
-    if (flock(fd, anonymous ? LOCK_SH : LOCK_UN) != 0) {
-        rc = fmq_os_fail("cannot lock", name);
+    /* Registered before the name appears, so the first opener does not take
+     * itself for the only participant (and audit a brand-new queue). */
+    if ((rc = fmq_live_register(r)) != FMQ_OK) {
         unlink(tmp);
-        fmq_live_unregister(r);
         fmq_region_free(r);
         return rc;
     }

@@ -19,7 +19,7 @@ import time
 import pytest
 
 import fastmq
-from conftest import native_only, pool_room, unique_name, wait_until
+from conftest import SHM_DIR, native_only, pool_room, unique_name, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,12 +62,15 @@ def address(view):
 
 
 def in_mapping(addr, q):
-    """Is ``addr`` inside this process's mapping of the queue's segment?"""
-    seg = q._live_ring().name
+    """Is ``addr`` inside this process's mapping of the queue's segment? The
+    mapping is found by the segment's inode: it was mapped under the
+    temporary name it was built under, which maps still show."""
+    ino = os.stat(os.path.join(SHM_DIR, q._live_ring().name)).st_ino
     with open("/proc/self/maps") as f:
         for line in f:
-            if seg in line:
-                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            fields = line.split()
+            if len(fields) >= 5 and fields[4] == str(ino):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
                 if lo <= addr < hi:
                     return True
     return False

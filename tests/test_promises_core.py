@@ -498,6 +498,21 @@ CRASHES = [
 ]
 
 
+def _scribble_free_blocks(q, most=64):
+    """Reserve every free block (up to ``most``) and fill it with b"J": a block
+    wrongly freed under a message then shows foreign bytes. The caller aborts
+    the reservations."""
+    junk = []
+    try:
+        while len(junk) < most:
+            res = q._ring.reserve(BLOCK, 0)
+            res.view[:] = b"J" * BLOCK
+            junk.append(res)
+    except fastmq.Full:
+        pass
+    return junk
+
+
 @pytest.mark.parametrize("action,point", CRASHES)
 def test_a_process_killed_at_an_in_flight_crash_point_loses_nothing_and_delivers_nothing_foreign(
         mq, qname, kids, backend, action, point):
@@ -518,14 +533,7 @@ def test_a_process_killed_at_an_in_flight_crash_point_loses_nothing_and_delivers
     p.wait(30)
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr.read())
     _recover(q)
-    junk = []
-    try:
-        while len(junk) < 64:                      # any wrongly freed block: scribbled
-            res = q._ring.reserve(BLOCK, 0)
-            res.view[:] = b"J" * BLOCK
-            junk.append(res)
-    except fastmq.Full:
-        pass
+    junk = _scribble_free_blocks(q)
     seen = []
     deadline = time.monotonic() + 8
     while time.monotonic() < deadline and not (seen and time.monotonic() > deadline - 5):
@@ -675,14 +683,7 @@ def test_a_lease_that_runs_out_before_its_take_freed_the_slot_is_not_requeued_un
     q.redeliver_expired()
     kids.kill(p)
     _recover(q)
-    junk = []
-    try:
-        while len(junk) < 64:                      # any wrongly freed block: scribbled
-            res = q._ring.reserve(BLOCK, 0)
-            res.view[:] = b"J" * BLOCK
-            junk.append(res)
-    except fastmq.Full:
-        pass
+    junk = _scribble_free_blocks(q)
     seen = []
     try:
         deadline = time.monotonic() + 4
