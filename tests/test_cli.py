@@ -195,8 +195,9 @@ def test_ls_sizes_in_human_units(named):
     lines = res.stdout.splitlines()
     header = lines[0].split()
     row = next(line.split() for line in lines if line.split()[:1] == [named])
-    size = row[header.index("SIZE")]
-    assert re.fullmatch(r"\d+(\.\d)?(B|KiB|MiB|GiB|TiB)", size), size
+    for column in ("MEMORY", "CAP"):
+        size = row[header.index(column)]
+        assert re.fullmatch(r"\d+(\.\d)?(B|KiB|MiB|GiB|TiB)", size), (column, size)
     assert row[header.index("FILL")] == f"{100 * 3 / 64:.0f}%"
 
 
@@ -210,6 +211,8 @@ def test_ls_json(named):
     q = mine[0]
     assert (q["depth"], q["capacity"], q["status"]) == (3, 64, "ok")
     assert isinstance(q["size_bytes"], int) and q["size_bytes"] > 0
+    # resident memory, not the sparse file's apparent size
+    assert 0 < q["memory_bytes"] <= q["size_bytes"], q
     assert isinstance(doc["exchanges"], list)
 
 

@@ -105,13 +105,15 @@ def cmd_ls(args) -> int:
                           "queues": queues, "exchanges": exchanges}, indent=2))
         return 0
     if queues:
-        rows = [("NAME", "DEPTH", "CAPACITY", "FILL", "SIZE", "OWNER", "MODE", "STATUS")]
+        rows = [("NAME", "DEPTH", "CAPACITY", "FILL", "MEMORY", "CAP", "OWNER", "MODE",
+                 "STATUS")]
         for q in queues:
             fill = (f"{100 * q['depth'] / q['capacity']:.0f}%"
                     if q.get("depth") is not None and q.get("capacity") else "-")
             rows.append((q["name"], _or_dash(q.get("depth")), _or_dash(q.get("capacity")),
-                         fill, human_bytes(q["size_bytes"]) if q.get("size_bytes") is not None
-                         else "-", q.get("owner") or "?", q.get("mode") or "?", q["status"]))
+                         fill, _bytes_or_dash(q.get("memory_bytes")),
+                         _bytes_or_dash(q.get("capacity_bytes")),
+                         q.get("owner") or "?", q.get("mode") or "?", q["status"]))
         _print_table(rows)
     else:
         print(f"no named fastmq queues in {shm_dir}")
@@ -127,13 +129,20 @@ def _or_dash(value) -> str:
     return "-" if value is None else str(value)
 
 
+def _bytes_or_dash(value) -> str:
+    return "-" if value is None else human_bytes(value)
+
+
 def _queue_row(fastmq, shm_dir, entry) -> dict:
+    # size_bytes is the file's apparent size (address space: segments are
+    # sparse); memory_bytes what it holds in /dev/shm (its allocated pages).
     row = {"name": entry[len(QUEUE_PREFIX):], "depth": None, "capacity": None,
-           "size_bytes": None, "owner": None, "mode": None, "status": "ok"}
+           "size_bytes": None, "memory_bytes": None, "capacity_bytes": None,
+           "owner": None, "mode": None, "status": "ok"}
     try:
         st = os.stat(os.path.join(shm_dir, entry))
         row.update(owner=_owner(st.st_uid), mode=oct(st.st_mode & 0o777)[2:],
-                   size_bytes=st.st_size)
+                   size_bytes=st.st_size, memory_bytes=st.st_blocks * 512)
     except OSError as exc:
         row["status"] = _describe(exc)
         return row
@@ -143,7 +152,8 @@ def _queue_row(fastmq, shm_dir, entry) -> dict:
             s = q.stats()
         finally:
             q.close()
-        row.update(depth=s.get("depth"), capacity=s.get("capacity"))
+        row.update(depth=s.get("depth"), capacity=s.get("capacity"),
+                   capacity_bytes=s.get("capacity_bytes"))
     except Exception as exc:  # noqa: BLE001 - one bad segment must not hide the others
         row["status"] = _describe(exc)
     return row
@@ -187,6 +197,10 @@ def _stats_block(name: str, stats: dict, previous=None, elapsed=None) -> str:
         v = stats[k]
         if k == "stalled":
             text = _stalled(v)
+        elif k == "memory" and isinstance(v, dict):
+            text = ", ".join(
+                f"{part} {n:,}" if part.startswith("slots") or not isinstance(n, int)
+                else f"{part} {human_bytes(n)}" for part, n in v.items())
         elif isinstance(v, int) and not isinstance(v, bool):
             text = f"{v:,}"
             if k in BYTE_KEYS:
