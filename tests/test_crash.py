@@ -708,7 +708,8 @@ def test_kill9_every_user_of_anonymous_queue_leaves_nothing(kids):
     path_a, path_b = (os.path.join("/dev/shm", s) for s in (seg_a, seg_b))
     assert os.path.exists(path_a) and os.path.exists(path_b)
     _killpg(a)
-    assert os.path.exists(path_a), "nobody closed it: it is still there (until cleanup)"
+    # Nobody closed A, so only a cleanup removes it; any fastmq process that
+    # starts on this host meanwhile (another test's child) may already have.
     # 1. the next fastmq process to start removes A; B is still in use: kept
     res = subprocess.run([sys.executable, "-c", "import fastmq"], timeout=60,
                          capture_output=True, text=True)
