@@ -47,7 +47,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/random.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -285,9 +284,15 @@ static int fmq_shm_path(const char *name, char *out, size_t outlen) {
 /* A fresh temporary path: the pid tells cleanup whose it is (removed once
  * that process is gone), the random part makes it unguessable. */
 static void fmq_tmp_path(char *out, size_t outlen) {
-    uint64_t rnd;
-    if (getrandom(&rnd, sizeof rnd, GRND_NONBLOCK) != (ssize_t)sizeof rnd)
+    /* /dev/urandom rather than getrandom(), which glibc has only from 2.25
+     * (the wheels target 2.17). O_CREAT|O_EXCL|O_NOFOLLOW makes any name safe;
+     * randomness only keeps it from being guessed in advance. */
+    uint64_t rnd = 0;
+    int ufd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (ufd < 0 || read(ufd, &rnd, sizeof rnd) != (ssize_t)sizeof rnd)
         rnd = fmq_now_ns() ^ ((uint64_t)(uintptr_t)out << 16);
+    if (ufd >= 0)
+        close(ufd);
     snprintf(out, outlen, FMQ_SHM_DIR FMQ_TMP_PREFIX "%ld-%016llx", (long)getpid(),
              (unsigned long long)rnd);
 }
