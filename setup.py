@@ -126,6 +126,9 @@ def _extensions():
         "fastmq._core",
         sources=["src/fastmq/_core.pyx"] + sorted(glob.glob("csrc/*.c")),
         include_dirs=["csrc"],
+        # Cython tracks the included parts itself; listing them (and the C
+        # headers) makes a plain rebuild notice an edit to any of them.
+        depends=sorted(glob.glob("src/fastmq/_core_parts/*.pxi") + glob.glob("csrc/*.h")),
         # glibc < 2.34 keeps shm_open in librt and pthread_* in libpthread.
         libraries=["rt", "pthread"],
         extra_compile_args=compile_args,

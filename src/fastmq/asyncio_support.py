@@ -23,10 +23,13 @@ The thread exits when no coroutine is waiting. A forked child starts its own
 waiters (threads do not survive ``fork()``, and a condition inherited from a
 parent's thread may be locked forever): inherited ones are recognised by the
 fork generation (``_lifetime.fork_generation``) they were made under.
+
+``asyncio`` itself is imported by ``call`` on first use, not here: it is most
+of the cost of ``import fastmq``, and a caller that awaits has already
+imported it.
 """
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
@@ -119,6 +122,7 @@ async def call(queue, attempt, for_space, timeout, need=0):
     """Await ``attempt()`` -- the operation with ``block=False`` -- until it
     stops raising Empty (Full when ``for_space``), or ``timeout`` passes (None:
     forever). ``need``: the bytes a put needs, to wait for room that fits."""
+    import asyncio      # already in sys.modules: the caller is a coroutine
     would_block = Full if for_space else Empty
     deadline = None if timeout is None else time.monotonic() + timeout
     loop = asyncio.get_running_loop()
