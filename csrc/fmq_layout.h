@@ -183,7 +183,8 @@ typedef struct fmq_ctl {
 } fmq_ctl;
 
 typedef struct fmq_participant {
-    alignas(FMQ_LINE) _Atomic uint64_t ident;   /* pid << 32 | gen << 16 | state */
+    alignas(FMQ_LINE) _Atomic uint64_t ident;   /* pid << 32 | gen << 16 | state:
+                                                   accessors FMQ_PART_* (fmq_words.h) */
     uint64_t start_time;                        /* /proc/<pid>/stat field 22    */
     _Atomic uint32_t roles;
     uint32_t reserved_;
@@ -209,11 +210,7 @@ typedef struct fmq_slot {
  *   bits 24..47  reader tag: the consumer copying it out, or a recv() lease
  *   bit  48      IN_RING: a queued message (slot) refers to it
  * The block is free exactly when the word is 0. */
-#define FMQ_BLK_WRITER(w) ((uint32_t)((w) & FMQ_OWNER_MASK))
-#define FMQ_BLK_READER(w) ((uint32_t)(((w) >> 24) & FMQ_OWNER_MASK))
-#define FMQ_BLK_IN_RING (1ull << 48)
-#define FMQ_BLK_MAKE(writer, reader, in_ring) \
-    ((uint64_t)(writer) | ((uint64_t)(reader) << 24) | ((in_ring) ? FMQ_BLK_IN_RING : 0))
+#define FMQ_BLK_IN_RING (1ull << 48)   /* accessors: fmq_words.h */
 
 /* An in-flight (leased) message: it has left the ring but not the queue.
  * The word packs token(32) << 32 | state(8) << 24 | owner tag(24); the token
@@ -252,7 +249,7 @@ typedef struct fmq_lease {
 #define FMQ_PIN_NONE 0u
 #define FMQ_PIN_PINNED 1u
 #define FMQ_PIN_HANDED 2u
-#define FMQ_PIN(tok, st) (((uint64_t)(tok) << 32) | (uint64_t)(st))
+/* pin word accessors (FMQ_PIN, FMQ_PIN_TOKEN): fmq_words.h */
 
 typedef struct fmq_block_meta {
     _Atomic uint64_t state;     /* holders, see above                         */

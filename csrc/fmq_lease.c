@@ -87,11 +87,6 @@
 #include "fmq_internal.h"
 #include "fmq_wait.h"
 
-#define FMQ_LTOKEN(w) ((uint32_t)((w) >> 32))
-#define FMQ_LSTATE(w) ((uint32_t)(((w) >> 24) & 0xFF))
-#define FMQ_LOWNER(w) ((uint32_t)((w) & FMQ_OWNER_MASK))
-#define FMQ_LWORD(tok, st, own) \
-    (((uint64_t)(tok) << 32) | ((uint64_t)(st) << 24) | (uint64_t)(own))
 #define FMQ_SWEEP_NS 1000000000ull
 
 static inline fmq_lease *fmq_lease_at(const fmq_region *r, uint32_t i) {
@@ -157,7 +152,7 @@ static int fmq_lease_hand_pin(fmq_lease *e, uint32_t tok) {
 static void fmq_lease_share_to_ring(fmq_region *r, fmq_lease *e, uint32_t tok, uint32_t block) {
     uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);
     if (holder && block != FMQ_NO_BLOCK) {
-        uint64_t h = (uint64_t)holder << 24;
+        uint64_t h = FMQ_BLK_AS_READER(holder);
         const uint64_t mask = FMQ_BLK_IN_RING | FMQ_READER_MASK;
         fmq_pool_transition(r, block, mask, h, h | FMQ_BLK_IN_RING);
         FMQ_CRASHPOINT("lease.share.co_owned");
@@ -176,7 +171,7 @@ static void fmq_lease_drop_share(fmq_region *r, fmq_lease *e, uint32_t tok, uint
     uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);
     if (holder) {
         if (!fmq_lease_hand_pin(e, tok))
-            fmq_pool_transition(r, block, FMQ_READER_MASK, (uint64_t)holder << 24, 0);
+            fmq_pool_transition(r, block, FMQ_READER_MASK, FMQ_BLK_AS_READER(holder), 0);
         atomic_store_explicit(&e->holder, 0, memory_order_release);
     } else {
         fmq_pool_transition(r, block, FMQ_BLK_IN_RING, FMQ_BLK_IN_RING, 0);
@@ -242,7 +237,7 @@ again:;
             atomic_store_explicit(&e->holder, 0, memory_order_relaxed);
         } else {
             int rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
-                                         FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24);
+                                         FMQ_BLK_IN_RING, FMQ_BLK_AS_READER(r->owner_tag));
             if (rc != FMQ_OK) {
                 atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
                                       memory_order_release);                 /* [R-free] */
@@ -329,7 +324,7 @@ int fmq_lease_pin(fmq_region *r, uint32_t slot, uint32_t token, const unsigned c
         /* The pin belongs to another use of the entry: our lease expired and
          * the entry was re-leased (new token) in between. That is a lost
          * lease, not a double pin. */
-        if ((uint32_t)(pin >> 32) != token ||
+        if (FMQ_PIN_TOKEN(pin) != token ||
             atomic_load_explicit(&e->word, memory_order_seq_cst) != w)
             return fmq_fail(FMQ_ELOST, "lease lost");
         return fmq_fail(FMQ_ESTATE, "in-flight entry %u is already pinned", slot);
@@ -383,7 +378,7 @@ int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token) {
     fmq_lease_drop_share(r, e, token, FMQ_ONCE(e->block));
     atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0),
                           memory_order_release);                           /* [R-free] */
-    fmq_ring_wake_producers(r);   /* lease takers wait on the space line too */
+    fmq_wake_space(r);   /* lease takers wait on the space line too */
     return FMQ_OK;
 }
 
@@ -508,15 +503,15 @@ int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue) {
 }
 
 int fmq_tag_is_dead(fmq_region *r, uint32_t tag) {
-    uint32_t idx = tag >> FMQ_GEN_BITS, gen = tag & ((1u << FMQ_GEN_BITS) - 1);
+    uint32_t idx = FMQ_TAG_INDEX(tag), gen = FMQ_TAG_GEN(tag);
     if (tag == 0 || idx >= r->g.nparticipants)
         return 0;
     if (tag == r->owner_tag)
         return 0;
     uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
-    if (((uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1)) != gen)
+    if (FMQ_PART_GEN(id) != gen)
         return 1;                                   /* entry reused: gone */
-    if ((id & 0xFFFF) != FMQ_PART_ACTIVE)
+    if (FMQ_PART_STATE(id) != FMQ_PART_ACTIVE)
         return 1;                                   /* closed its handle */
     return !fmq_live_is_alive(r, idx);
 }
@@ -607,7 +602,7 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
     atomic_store_explicit(&r->ctl->next_due.v, any ? (next == ~0ull ? now + FMQ_SWEEP_NS : next)
                                                    : 0,
                           memory_order_relaxed);
-    if (need_recover && fmq_recover(r) > 0)
+    if (need_recover && r->up->recover(r) > 0)
         n += fmq_lease_redeliver_due(r, 1);   /* the entries it orphaned are due now */
     return n;
 }
@@ -615,12 +610,12 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
 /* Killed (its participant entry still ACTIVE under the same generation, but
  * its kernel lock gone), as opposed to having closed its handle cleanly. */
 int fmq_tag_crashed(fmq_region *r, uint32_t tag) {
-    uint32_t idx = tag >> FMQ_GEN_BITS, gen = tag & ((1u << FMQ_GEN_BITS) - 1);
+    uint32_t idx = FMQ_TAG_INDEX(tag), gen = FMQ_TAG_GEN(tag);
     if (idx >= r->g.nparticipants)
         return 0;
     uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
-    return ((uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1)) == gen &&
-           (id & 0xFFFF) == FMQ_PART_ACTIVE && !fmq_live_is_alive(r, idx);
+    return FMQ_PART_GEN(id) == gen && FMQ_PART_STATE(id) == FMQ_PART_ACTIVE &&
+           !fmq_live_is_alive(r, idx);
 }
 
 /* The in-flight table and the ring are both full and a lease is due: its
@@ -666,7 +661,7 @@ int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32
          * one (then the entry keeps its IN_RING share and we cannot pin). */
         if (block != FMQ_NO_BLOCK &&
             fmq_pool_transition(r, block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
-                                FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24) == FMQ_OK)
+                                FMQ_BLK_IN_RING, FMQ_BLK_AS_READER(r->owner_tag)) == FMQ_OK)
             atomic_store_explicit(&e->holder, r->owner_tag, memory_order_release);
         atomic_store_explicit(&e->pin, FMQ_PIN(tok + 1, FMQ_PIN_NONE), memory_order_relaxed);
         e->deliveries = deliveries + 1;
@@ -696,30 +691,19 @@ static int fmq_has_free_lease(fmq_region *r) {
  * past deadline_ns (0 = none): FMQ_OK (retry), FMQ_AGAIN (slice over: check
  * signals and close(), retry), FMQ_EINTR, or FMQ_TIMEDOUT. Touches no Python
  * state: the binding calls it with the GIL released. */
+static int fmq_lease_free_ready(void *r) { return fmq_has_free_lease(r); }
+
 int fmq_lease_wait_free(fmq_region *r, uint64_t deadline_ns) {
     /* Rare (the table holds maxsize entries): a plain sliced sleep on the
-     * space line, which ack and redelivery wake. Their FREE store is a
-     * release, not part of the seq_cst order of our count increment and
-     * re-check, so a wake can be missed; the slice bounds that to 100 ms
-     * (a seq_cst store on every ack would cost more than it saves here). */
-    fmq_waitline *wl = &r->ctl->space;
+     * space line (fmq_wait.h's handshake), which ack and redelivery wake.
+     * Their FREE store is a release, not part of the seq_cst order of the
+     * sleeper's count increment and re-check, so a wake can be missed; the
+     * slice bounds that to FMQ_SLICE_NS (a seq_cst store on every ack would
+     * cost more than it saves here). */
     fmq_lease_redeliver_due(r, 0);
-    atomic_fetch_add_explicit(&wl->waiters, 1, memory_order_seq_cst);
-    uint32_t epoch = atomic_load_explicit(&wl->epoch, memory_order_seq_cst);
-    int rc = FMQ_OK;
-    if (!fmq_has_free_lease(r)) {
-        uint64_t now = fmq_now_ns(), slice = 100000000ull;
-        if (deadline_ns && deadline_ns <= now)
-            rc = FMQ_TIMEDOUT;
-        else {
-            if (deadline_ns && deadline_ns - now < slice)
-                slice = deadline_ns - now;
-            rc = fmq_wait_on(&wl->epoch, epoch, slice);
-            if (rc == FMQ_TIMEDOUT)
-                rc = deadline_ns && fmq_now_ns() >= deadline_ns ? FMQ_TIMEDOUT : FMQ_AGAIN;
-        }
-    }
-    atomic_fetch_sub_explicit(&wl->waiters, 1, memory_order_relaxed);
+    int rc = fmq_waitline_sleep(&r->ctl->space, fmq_lease_free_ready, r, deadline_ns);
+    if (rc == FMQ_AGAIN && deadline_ns && fmq_now_ns() >= deadline_ns)
+        rc = FMQ_TIMEDOUT;
     return rc;
 }
 
@@ -735,11 +719,10 @@ int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max) {
         uint32_t st = FMQ_LSTATE(w);
         if (st != FMQ_LS_LEASED && st != FMQ_LS_REQUEUING)
             continue;
-        uint32_t owner = FMQ_LOWNER(w), idx = owner >> FMQ_GEN_BITS;
+        uint32_t owner = FMQ_LOWNER(w), idx = FMQ_TAG_INDEX(owner);
         uint32_t pid = 0;
         if (owner && idx < r->g.nparticipants)
-            pid = (uint32_t)(atomic_load_explicit(&r->parts[idx].ident, memory_order_relaxed) >>
-                             32);
+            pid = FMQ_PART_PID(atomic_load_explicit(&r->parts[idx].ident, memory_order_relaxed));
         out[n].slot = i;
         out[n].token = FMQ_LTOKEN(w);
         out[n].pid = pid;
@@ -793,7 +776,7 @@ int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token) {
     atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0),
                           memory_order_release);                           /* [R-free] */
     fmq_count(r, FMQ_ST_DEAD_LETTERED, 1);
-    fmq_ring_wake_producers(r);
+    fmq_wake_space(r);
     return FMQ_OK;
 }
 
@@ -915,22 +898,18 @@ void fmq_lease_mark_blocks(fmq_region *r, unsigned char *published) {
     }
 }
 
-int fmq_block_referenced(fmq_region *r, uint32_t block, uint64_t skip_ticket) {
+int fmq_lease_names_block(fmq_region *r, uint32_t block) {
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
         fmq_lease *e = fmq_lease_at(r, i);
+        /* [A-entry]: pairs with the release that gave the entry its state, so
+         * its block field is the one written before. */
         uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
         if (FMQ_LSTATE(w) != FMQ_LS_FREE && FMQ_ONCE(e->block) == block)
             return 1;
     }
-    uint64_t nslots = fmq_ring_committed(r);   /* only reserved slots exist */
-    for (uint64_t i = 0; i < nslots; i++) {
-        if (skip_ticket != ~0ull && i == skip_ticket % r->g.slot_count)
-            continue;
-        fmq_slot *s = (fmq_slot *)(r->ring + i * r->g.slot_stride);
-        uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);
-        uint32_t phase = (uint32_t)((w >> FMQ_OWNER_BITS) & 3);
-        if ((phase == FMQ_PH_READY || phase == FMQ_PH_READING) && FMQ_ONCE(s->block) == block)
-            return 1;
-    }
     return 0;
+}
+
+int fmq_block_referenced(fmq_region *r, uint32_t block, uint64_t skip_ticket) {
+    return fmq_lease_names_block(r, block) || fmq_ring_names_block(r, block, skip_ticket);
 }

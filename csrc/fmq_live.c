@@ -213,11 +213,11 @@ int fmq_live_register(fmq_region *r) {
         }
         fmq_participant *p = &r->parts[idx];
         uint64_t old = atomic_load_explicit(&p->ident, memory_order_acquire);
-        uint32_t old_gen = (uint32_t)(old >> 16) & ((1u << FMQ_GEN_BITS) - 1);
-        if ((old & 0xFFFF) == FMQ_PART_ACTIVE) {
+        uint32_t old_gen = FMQ_PART_GEN(old);
+        if (FMQ_PART_STATE(old) == FMQ_PART_ACTIVE) {
             /* The previous occupant died without closing: take back what it
              * held before its identity is gone for good. */
-            fmq_reap_tag(r, (idx << FMQ_GEN_BITS) | old_gen);
+            r->up->reap_tag(r, FMQ_TAG(idx, old_gen));
             atomic_fetch_add_explicit(&r->ctl->recoveries.v, 1, memory_order_relaxed);
         }
         /* Fold the predecessor's counters into the segment's retired totals so
@@ -227,17 +227,15 @@ int fmq_live_register(fmq_region *r) {
             if (v)
                 atomic_fetch_add_explicit(&r->ctl->retired[s], v, memory_order_relaxed);
         }
-        uint32_t gen = (old_gen + 1) & ((1u << FMQ_GEN_BITS) - 1);
+        uint32_t gen = (old_gen + 1) & FMQ_GEN_MASK;
         if (gen == 0)
             gen = 1;   /* tag 0 means "nobody" in slot and block words */
         atomic_store_explicit(&p->roles, 0, memory_order_relaxed);
         p->start_time = 0;
-        atomic_store_explicit(&p->ident,
-                              ((uint64_t)(uint32_t)getpid() << 32) | ((uint64_t)gen << 16) |
-                                  FMQ_PART_ACTIVE,
+        atomic_store_explicit(&p->ident, FMQ_PART_IDENT(getpid(), gen, FMQ_PART_ACTIVE),
                               memory_order_release);
         r->me = idx;
-        r->owner_tag = (idx << FMQ_GEN_BITS) | gen;
+        r->owner_tag = FMQ_TAG(idx, gen);
         r->self = p;
         r->roles = 0;
         r->fork_gen = fmq_fork_generation;
@@ -253,7 +251,7 @@ void fmq_live_unregister(fmq_region *r) {
     if (!r->self || r->fork_gen != fmq_fork_generation)
         return;   /* a forked child never registered: the entry is the parent's */
     uint64_t id = atomic_load_explicit(&r->self->ident, memory_order_relaxed);
-    atomic_store_explicit(&r->self->ident, (id & ~0xFFFFull) | FMQ_PART_FREE,
+    atomic_store_explicit(&r->self->ident, FMQ_PART_WITH_STATE(id, FMQ_PART_FREE),
                           memory_order_release);
     /* The lock goes with the descriptor when the caller closes it. */
 }

@@ -51,27 +51,14 @@ static int fmq_entry_lock(fmq_region *r, uint32_t idx, short type) {
     return fmq_live_lock_byte(r->fd, F_OFD_SETLK, type, FMQ_LOCK_BASE + idx, NULL);
 }
 
-static inline fmq_slot *fmq_rslot(fmq_region *r, uint64_t i) {
-    return (fmq_slot *)(r->ring + i * r->g.slot_stride);
-}
-
-/* Index of a block across all classes, for the "published" bitmap. */
-int64_t fmq_block_ordinal(fmq_region *r, uint32_t block) {
-    uint32_t c = FMQ_BLOCK_CLASS(block);
-    if (c >= r->g.nclasses || FMQ_BLOCK_INDEX(block) >= r->g.classes[c].nblocks)
-        return -1;
-    int64_t base = 0;
-    for (uint32_t k = 0; k < c; k++)
-        base += (int64_t)r->g.classes[k].nblocks;
-    return base + FMQ_BLOCK_INDEX(block);
-}
-
-/* Was the message in slot i (at the lap its stamp says) moved into an entry? */
+/* Was the message in slot i (at the lap its stamp says) moved into an entry?
+ * A taken ticket matches when it maps to that slot and its lap's stamp is the
+ * slot's stamp without the phase (fmq_slot_at / fmq_lap_stamp, as the ring). */
 static int fmq_was_taken(fmq_region *r, const fmq_taken *t, uint64_t i, uint64_t stamp) {
-    uint64_t lap = stamp >> 2, mask = (1ull << (FMQ_STAMP_BITS - 2)) - 1;
+    uint64_t lap_stamp = stamp & ~3ull;
     for (size_t k = 0; k < t->n; k++)
-        if (t->tickets[k] % r->g.slot_count == i &&
-            ((t->tickets[k] / r->g.slot_count) & mask) == lap)
+        if (fmq_slot_at(r, t->tickets[k]) == fmq_slot_at(r, i) &&
+            fmq_lap_stamp(r, t->tickets[k]) == lap_stamp)
             return 1;
     return 0;
 }
@@ -91,11 +78,11 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     /* 1. slots (model: recover.slot_pass; only reserved ones exist: fmq_pool.c) */
     uint64_t nslots = fmq_ring_committed(r);
     for (uint64_t i = 0; i < nslots; i++) {
-        fmq_slot *s = fmq_rslot(r, i);
+        fmq_slot *s = fmq_slot_at(r, i);
         uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);   /* [A-reap] */
-        uint64_t stamp = w >> FMQ_OWNER_BITS;
-        uint32_t phase = (uint32_t)(stamp & 3);
-        uint32_t owner = (uint32_t)(w & FMQ_OWNER_MASK);
+        uint64_t stamp = fmq_stamp(w);
+        uint32_t phase = fmq_slot_phase(w);
+        uint32_t owner = fmq_slot_owner(w);
         uint32_t sb = FMQ_ONCE(s->block);   /* one load: checked, then used */
         if ((phase == FMQ_PH_READY || phase == FMQ_PH_READING) && sb != FMQ_NO_BLOCK) {
             int64_t o = fmq_block_ordinal(r, sb);
@@ -105,8 +92,7 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
         if (owner != tag || owner == 0)
             continue;
         if (phase == FMQ_PH_WRITING) {
-            uint64_t next = ((stamp - FMQ_PH_WRITING + 4) & ((1ull << FMQ_STAMP_BITS) - 1))
-                            << FMQ_OWNER_BITS;
+            uint64_t next = fmq_word(stamp - FMQ_PH_WRITING + 4, 0);   /* EMPTY, next lap */
             FMQ_CRASHPOINT("recover.before_skip");
             if (atomic_compare_exchange_strong_explicit(&s->word, &w, next,
                                                         memory_order_seq_cst,
@@ -114,8 +100,7 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
                 abandoned++;
         } else if (phase == FMQ_PH_READING && fmq_was_taken(r, &taken, i, stamp)) {
             /* moved into an in-flight entry that now owns the block: free it */
-            uint64_t next = ((stamp - FMQ_PH_READING + 4) & ((1ull << FMQ_STAMP_BITS) - 1))
-                            << FMQ_OWNER_BITS;
+            uint64_t next = fmq_word(stamp - FMQ_PH_READING + 4, 0);   /* EMPTY, next lap */
             atomic_compare_exchange_strong_explicit(&s->word, &w, next, memory_order_seq_cst,
                                                     memory_order_relaxed);
         } else if (phase == FMQ_PH_READING) {
@@ -123,10 +108,9 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
             if (b != FMQ_NO_BLOCK && fmq_block_ordinal(r, b) >= 0) {
                 /* reader share (if it got that far) back to the ring */
                 fmq_pool_transition(r, b, FMQ_BLK_IN_RING | FMQ_READER_MASK,
-                                    (uint64_t)tag << 24, FMQ_BLK_IN_RING);
+                                    FMQ_BLK_AS_READER(tag), FMQ_BLK_IN_RING);
             }
-            uint64_t ready = ((stamp - FMQ_PH_READING + FMQ_PH_READY) &
-                              ((1ull << FMQ_STAMP_BITS) - 1)) << FMQ_OWNER_BITS;
+            uint64_t ready = fmq_word(stamp - FMQ_PH_READING + FMQ_PH_READY, 0);
             FMQ_CRASHPOINT("recover.before_unclaim");
             atomic_compare_exchange_strong_explicit(&s->word, &w, ready, memory_order_seq_cst,
                                                     memory_order_relaxed);
@@ -144,7 +128,7 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     if (published)
         fmq_lease_mark_blocks(r, published);
     for (uint32_t c = 0; c < r->g.nclasses; c++) {
-        fmq_block_meta *meta = (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
+        fmq_block_meta *meta = fmq_pool_meta(r, c);
         int64_t base = fmq_block_ordinal(r, FMQ_BLOCK_REF(c, 0));
         uint64_t carved = fmq_pool_carved(r, c);
         for (uint64_t i = 0; i < carved; i++) {
@@ -182,8 +166,8 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     if (reclaimed)
         atomic_fetch_add_explicit(&r->ctl->retired[FMQ_ST_RECLAIMED], reclaimed,
                                   memory_order_relaxed);
-    fmq_ring_wake_consumers(r, 1);
-    fmq_ring_wake_producers(r);
+    fmq_wake_data(r, 1);
+    fmq_wake_space(r);
 }
 
 /* model: recover.reap */
@@ -192,7 +176,7 @@ int fmq_recover(fmq_region *r) {
     for (uint32_t idx = 0; idx < r->g.nparticipants; idx++) {
         fmq_participant *p = &r->parts[idx];
         uint64_t id = atomic_load_explicit(&p->ident, memory_order_acquire);
-        if ((id & 0xFFFF) != FMQ_PART_ACTIVE || idx == r->me)
+        if (FMQ_PART_STATE(id) != FMQ_PART_ACTIVE || idx == r->me)
             continue;
         if (fmq_live_is_alive(r, idx))
             continue;
@@ -200,9 +184,8 @@ int fmq_recover(fmq_region *r) {
         if (fmq_entry_lock(r, idx, F_WRLCK) != 0)
             continue;
         if (atomic_load_explicit(&p->ident, memory_order_acquire) == id) {
-            uint32_t gen = (uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1);
-            fmq_reap_tag(r, (idx << FMQ_GEN_BITS) | gen);
-            atomic_store_explicit(&p->ident, (id & ~0xFFFFull) | FMQ_PART_FREE,
+            fmq_reap_tag(r, FMQ_TAG(idx, FMQ_PART_GEN(id)));
+            atomic_store_explicit(&p->ident, FMQ_PART_WITH_STATE(id, FMQ_PART_FREE),
                                   memory_order_release);
             atomic_fetch_add_explicit(&r->ctl->recoveries.v, 1, memory_order_relaxed);
             reaped++;
@@ -213,25 +196,25 @@ int fmq_recover(fmq_region *r) {
 }
 
 void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t since_ns) {
-    uint32_t owner = (uint32_t)(word & FMQ_OWNER_MASK);
-    uint32_t idx = owner >> FMQ_GEN_BITS;
-    uint32_t gen = owner & ((1u << FMQ_GEN_BITS) - 1);
+    uint32_t owner = fmq_slot_owner(word);
+    uint32_t idx = FMQ_TAG_INDEX(owner);
+    uint32_t gen = FMQ_TAG_GEN(owner);
     if (owner == 0 || idx >= r->g.nparticipants)
         return;
     fmq_participant *p = &r->parts[idx];
     uint64_t id = atomic_load_explicit(&p->ident, memory_order_acquire);
-    int same_gen = ((uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1)) == gen;
-    if (same_gen && (id & 0xFFFF) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx)) {
+    int same_gen = FMQ_PART_GEN(id) == gen;
+    if (same_gen && FMQ_PART_STATE(id) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx)) {
         /* Alive but not moving (frozen): report, never reap. */
-        atomic_store_explicit(&r->ctl->stall.pid, (uint32_t)(id >> 32), memory_order_relaxed);
-        atomic_store_explicit(&r->ctl->stall.phase, (uint32_t)((word >> FMQ_OWNER_BITS) & 3),
+        atomic_store_explicit(&r->ctl->stall.pid, FMQ_PART_PID(id), memory_order_relaxed);
+        atomic_store_explicit(&r->ctl->stall.phase, fmq_slot_phase(word),
                               memory_order_relaxed);
         atomic_store_explicit(&r->ctl->stall.since_ns, since_ns, memory_order_relaxed);
         atomic_store_explicit(&r->ctl->stall.word, word, memory_order_relaxed);
         atomic_store_explicit(&r->ctl->stall.ticket, ticket + 1, memory_order_release);
         return;
     }
-    if (same_gen && (id & 0xFFFF) == FMQ_PART_ACTIVE) {
+    if (same_gen && FMQ_PART_STATE(id) == FMQ_PART_ACTIVE) {
         fmq_recover(r);
     } else if (fmq_entry_lock(r, idx, F_WRLCK) == 0) {
         /* The entry was freed or reused since and nobody holds it now: reap
@@ -266,7 +249,7 @@ void fmq_audit_if_alone(fmq_region *r) {
     int alone = 1;
     for (uint32_t idx = 0; idx < r->g.nparticipants && alone; idx++) {
         uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
-        if (idx != r->me && (id & 0xFFFF) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx))
+        if (idx != r->me && FMQ_PART_STATE(id) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx))
             alone = 0;
     }
     uint64_t reclaimed = alone ? fmq_pool_audit(r) : 0;

@@ -42,7 +42,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,23 +57,11 @@
 /* errors                                                                   */
 /* ======================================================================== */
 
-static __thread char fmq_errbuf[512];
-
-const char *fmq_last_error(void) { return fmq_errbuf; }
-
-int fmq_fail(int code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(fmq_errbuf, sizeof fmq_errbuf, fmt, ap);
-    va_end(ap);
-    return code;
-}
+/* fmq_fail and fmq_last_error live in fmq_base.c (every layer reports). */
 
 /* ======================================================================== */
 /* process-wide state                                                       */
 /* ======================================================================== */
-
-volatile unsigned fmq_fork_generation = 0;
 
 unsigned fmq_fork_gen(void) { return fmq_fork_generation; }
 
@@ -103,36 +90,10 @@ int fmq_global_init(void) {
     return FMQ_OK;
 }
 
-uint64_t fmq_now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static uint64_t fmq_realtime_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-/* FASTMQ_CRASH_AT=<name>[:<nth>] (read once, at import) makes the process
- * SIGKILL itself the nth time it passes that crash point, exactly like an OOM
- * kill at that instruction. Tests only; unset, each point costs one branch. */
-#include <signal.h>
-const char *fmq_crash_spec = NULL;
-void fmq_crashpoint(const char *where) {
-    static _Atomic long hits = 0;
-    const char *spec = fmq_crash_spec;
-    size_t n = strlen(where);
-    if (strncmp(spec, where, n) != 0 || (spec[n] != '\0' && spec[n] != ':'))
-        return;
-    long nth = spec[n] == ':' ? atol(spec + n + 1) : 1;
-    if (atomic_fetch_add(&hits, 1) + 1 < nth)
-        return;
-    /* FASTMQ_CRASH_SIGNAL=STOP freezes the process there instead, so a test
-     * can act while it is frozen at that very step and then SIGKILL it. */
-    const char *sig = getenv("FASTMQ_CRASH_SIGNAL");
-    kill(getpid(), sig && strcmp(sig, "STOP") == 0 ? SIGSTOP : SIGKILL);
 }
 
 /* ======================================================================== */
@@ -306,11 +267,22 @@ static int fmq_open_path(const char *path, int flags, unsigned mode) {
 /* mapping and validation                                                   */
 /* ======================================================================== */
 
+/* The calls the lower layers make upward (fmq_internal.h, "Layers"): this
+ * file is above all of them, so it is the one that wires them. */
+static const fmq_upcalls fmq_upcalls_core = {
+    .recover = fmq_recover,
+    .recover_stalled = fmq_recover_stalled,
+    .reap_tag = fmq_reap_tag,
+    .redeliver_due = fmq_lease_redeliver_due,
+    .lease_names_block = fmq_lease_names_block,
+};
+
 static fmq_region *fmq_region_new(const char *name, int fd) {
     fmq_region *r = calloc(1, sizeof *r);
     if (!r)
         return NULL;
     r->fd = fd;
+    r->up = &fmq_upcalls_core;
     snprintf(r->name, sizeof r->name, "%s", name);
     return r;
 }
@@ -818,7 +790,7 @@ void fmq_region_stats(fmq_region *r, fmq_stats *st) {
         uint64_t id = atomic_load_explicit(&pp->ident, memory_order_acquire);
         for (int i = 0; i < FMQ_NSTATS; i++)
             sum[i] += atomic_load_explicit(&pp->stats[i], memory_order_relaxed);
-        if ((id & 0xFFFF) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, p)) {
+        if (FMQ_PART_STATE(id) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, p)) {
             uint32_t roles = atomic_load_explicit(&pp->roles, memory_order_relaxed);
             st->participants++;
             st->producers += (roles & FMQ_ROLE_PRODUCER) != 0;
