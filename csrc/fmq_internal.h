@@ -66,7 +66,7 @@ struct fmq_region {
 #define FMQ_WHY_CAP 1           /* the queue's capacity_bytes                    */
 #define FMQ_WHY_SHM 2           /* no free space in /dev/shm                     */
 
-/* ---- calls up the layers ------------------------------------------------------ */
+/* ---- calls up the layers ------------------------------------------------- */
 /* What a lower layer may ask of a higher one, filled by fmq_region.c with the
  * functions named. Every caller is on a slow path (a wait that got nowhere for
  * a slice, a registration, a damaged message), so the indirect call is free. */
@@ -79,7 +79,7 @@ struct fmq_upcalls {
     int (*lease_names_block)(fmq_region *r, uint32_t block);    /* fmq_lease_names_block */
 };
 
-/* ==== fmq_live.c: participants ====================================================== */
+/* ==== fmq_live.c: participants ============================================ */
 /* fork handlers (prepare, parent, child), installed by fmq_region.c */
 void fmq_live_before_fork(void);
 void fmq_live_after_fork_parent(void);
@@ -92,7 +92,7 @@ int fmq_live_lock_byte(int fd, int cmd, short type, long long at, struct flock *
 int fmq_live_init_lock(int fd, short type);
 int fmq_live_init_in_progress(int fd);
 
-/* ==== fmq_pool.c: blocks and segment memory =========================================== */
+/* ==== fmq_pool.c: blocks and segment memory =============================== */
 int fmq_pool_available(fmq_region *r, uint64_t nbytes);
 int fmq_pool_transition(fmq_region *r, uint32_t block, uint64_t mask, uint64_t expect,
                         uint64_t set);
@@ -117,7 +117,7 @@ int fmq_ring_room(fmq_region *r, uint64_t t);
 #define FMQ_WRITER_MASK ((uint64_t)FMQ_OWNER_MASK)
 #define FMQ_READER_MASK ((uint64_t)FMQ_OWNER_MASK << 24)
 
-/* ==== fmq_ring.c: the slot ring ========================================================== */
+/* ==== fmq_ring.c: the slot ring =========================================== */
 /* Where ticket t lives, and the stamp of t's lap (phase EMPTY): every file
  * that reads slot words uses these, so a ticket maps to one slot one way. */
 static inline fmq_slot *fmq_slot_at(const fmq_region *r, uint64_t t) {
@@ -154,7 +154,7 @@ int fmq_ring_names_block(fmq_region *r, uint32_t block, uint64_t skip_ticket);
 /* Recompute the head/tail hints from the slot words. */
 void fmq_ring_repair_hints(fmq_region *r);
 
-/* ==== fmq_lease.c: in-flight entries ======================================================= */
+/* ==== fmq_lease.c: in-flight entries ====================================== */
 typedef struct fmq_taken {
     uint64_t *tickets;          /* src tickets of a dead tag's leased entries */
     size_t n;
@@ -172,12 +172,12 @@ int fmq_lease_names_block(fmq_region *r, uint32_t block);
  * relies on is never dropped. */
 int fmq_block_referenced(fmq_region *r, uint32_t block, uint64_t skip_ticket);
 
-/* ==== fmq_recover.c: crash recovery ========================================================== */
+/* ==== fmq_recover.c: crash recovery ======================================= */
 void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t since_ns);
 void fmq_reap_tag(fmq_region *r, uint32_t dead_tag);
 void fmq_audit_if_alone(fmq_region *r);
 
-/* ==== helpers for every layer ================================================================== */
+/* ==== helpers for every layer ============================================= */
 /* Read a field that another process may change under us exactly once: the
  * value that is checked is then the value that is used (a plain load of a
  * shared field may legally be repeated by the compiler). Relaxed: ordering

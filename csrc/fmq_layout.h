@@ -61,7 +61,11 @@
 #define FMQ_MIN_BLOCK 4096
 #define FMQ_MAX_SLOTS (1ull << 24)
 #define FMQ_MAX_BLOCKS_PER_CLASS ((1u << 24) - 1)
-#define FMQ_MAX_MESSAGE (1ull << 40)
+/* The largest message the format can hold: a slot's and an in-flight entry's
+ * len field is 32 bits. The one limit for max_message_size; the layers above
+ * use this value rather than a limit of their own. */
+#define FMQ_MAX_MESSAGE 0xFFFFFFFFull
+#define FMQ_MAX_CAPACITY (4ull << 40)   /* capacity_bytes: 4 TiB of blocks */
 #define FMQ_DEAD_LETTER_MAX 256
 /* Kernel lock bytes, far past any segment's end: participant i locks
  * FMQ_LOCK_BASE + i; the creator locks FMQ_LOCK_BASE - 1 while initialising. */
@@ -280,6 +284,9 @@ _Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
 _Static_assert(FMQ_MAX_PARTICIPANTS <= (1u << (FMQ_OWNER_BITS - FMQ_GEN_BITS)),
                "the participant index must fit in the owner tag of a slot word");
 _Static_assert(FMQ_STAMP_BITS + FMQ_OWNER_BITS == 64, "the slot word is exactly 64 bits");
+_Static_assert(FMQ_MAX_MESSAGE == (uint32_t)-1 && sizeof(((fmq_slot *)0)->len) == 4 &&
+                   sizeof(((fmq_lease *)0)->len) == 4,
+               "FMQ_MAX_MESSAGE is what a 32-bit len field records, no more, no less");
 _Static_assert(FMQ_MAX_CLASSES < 15 + 1 && FMQ_MAX_BLOCKS_PER_CLASS < (1u << 24),
                "a block reference must never equal FMQ_NO_BLOCK");
 

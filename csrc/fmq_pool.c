@@ -487,9 +487,9 @@ static inline uint64_t fmq_pages_for(uint64_t nbytes) {
 
 /* model: pool.alloc */
 int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
-    /* A slot records a message's length in 32 bits: never hand out room for
-     * more than it can say. */
-    if (nbytes > r->g.max_message_size || nbytes > UINT32_MAX)
+    /* A slot records a message's length in 32 bits (FMQ_MAX_MESSAGE): never
+     * hand out room for more than it can say. */
+    if (nbytes > r->g.max_message_size || nbytes > FMQ_MAX_MESSAGE)
         return FMQ_TOOBIG;
     int c0 = fmq_pool_class_for(r, nbytes);
     if (c0 < 0)
@@ -641,7 +641,9 @@ uint64_t fmq_pool_audit(fmq_region *r) {
         int sane = 1;
         uint64_t steps = 0;
         for (int cold = 0; cold < 2 && sane; cold++) {
-            uint32_t i = FMQ_TOP_INDEX(atomic_load(fmq_pool_top(r, c, cold)));
+            /* [A-pop]: the links read under the top are the pushed ones */
+            uint32_t i = FMQ_TOP_INDEX(
+                atomic_load_explicit(fmq_pool_top(r, c, cold), memory_order_acquire));
             for (; i != FMQ_NIL; steps++) {
                 if (i >= nb || steps > nb || on_stack[i]) {
                     sane = 0;   /* a scribbled stack: leave it to CorruptQueue checks */
@@ -654,7 +656,8 @@ uint64_t fmq_pool_audit(fmq_region *r) {
         uint64_t bs = r->g.classes[c].block_size;
         for (uint64_t b = 0; sane && b < nb; b++) {
             uint64_t pages = atomic_load_explicit(&meta[b].pages, memory_order_relaxed);
-            if (atomic_load(&meta[b].state) != 0) {
+            /* acquire, as fmq_pool_transition's load of a block word */
+            if (atomic_load_explicit(&meta[b].state, memory_order_acquire) != 0) {
                 in_use += pages * FMQ_PAGE;
                 continue;
             }
@@ -745,7 +748,9 @@ void fmq_pool_census(fmq_region *r, uint64_t *carved, uint64_t *free_out, uint64
         fmq_block_meta *meta = fmq_pool_meta(r, c);
         *carved += nb;
         for (int cold = 0; cold < 2; cold++) {
-            uint32_t i = FMQ_TOP_INDEX(atomic_load(fmq_pool_top(r, c, cold)));
+            /* [A-pop]: the links read under the top are the pushed ones */
+            uint32_t i = FMQ_TOP_INDEX(
+                atomic_load_explicit(fmq_pool_top(r, c, cold), memory_order_acquire));
             for (uint64_t steps = 0; i != FMQ_NIL && i < nb && steps <= nb; steps++) {
                 ++*free_out;
                 i = atomic_load_explicit(&meta[i].next, memory_order_relaxed);

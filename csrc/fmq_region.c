@@ -34,6 +34,11 @@
  * to the inode it locked, so it never attaches to a segment the last closer
  * has just unlinked.
  *
+ * Process-wide. This file is the top of the core's layers (fmq_internal.h):
+ * it installs the one fork handler (fmq_global_init) and fills each handle's
+ * r->up, the table through which the lower layers reach recovery and the
+ * in-flight table.
+ *
  * Truncation. The segment is mapped; a process that can write the file and
  * truncates it makes every mapped access past the new end a SIGBUS. That is
  * what a writer with access can do (see README, "Security"); it is not
@@ -148,11 +153,11 @@ int fmq_geometry_compute(uint64_t slot_count, uint32_t slot_stride,
     if (max_message_size < 1 || max_message_size > FMQ_MAX_MESSAGE)
         return fmq_fail(FMQ_EINVAL, "max_message_size must be between 1 and %llu bytes, got %llu",
                         (unsigned long long)FMQ_MAX_MESSAGE, (unsigned long long)max_message_size);
-    if (capacity_bytes < max_message_size || capacity_bytes > 4 * FMQ_MAX_MESSAGE)
+    if (capacity_bytes < max_message_size || capacity_bytes > FMQ_MAX_CAPACITY)
         return fmq_fail(FMQ_EINVAL,
                         "capacity_bytes must be at least max_message_size (%llu) and at most "
                         "%llu, got %llu", (unsigned long long)max_message_size,
-                        (unsigned long long)(4 * FMQ_MAX_MESSAGE),
+                        (unsigned long long)FMQ_MAX_CAPACITY,
                         (unsigned long long)capacity_bytes);
 
     g->slot_count = slot_count;
@@ -556,10 +561,13 @@ static int fmq_region_end_dead_audit(fmq_region *r, int fd) {
     if (fmq_live_init_lock(fd, F_WRLCK) != 0)
         return 0;   /* an auditor is alive and working */
     uint32_t expect = FMQ_INIT_AUDITING;
-    atomic_compare_exchange_strong(&((fmq_header *)r->base)->init_state, &expect,
-                                   FMQ_INIT_READY);
+    /* [R-init] / [A-init], as in fmq_region_create / fmq_region_open. */
+    atomic_compare_exchange_strong_explicit(&((fmq_header *)r->base)->init_state, &expect,
+                                            FMQ_INIT_READY, memory_order_release,
+                                            memory_order_acquire);
     fmq_live_init_lock(fd, F_UNLCK);
-    return atomic_load(&((fmq_header *)r->base)->init_state) == FMQ_INIT_READY;
+    return atomic_load_explicit(&((fmq_header *)r->base)->init_state, memory_order_acquire) ==
+           FMQ_INIT_READY;
 }
 
 /* Take LOCK_SH on an anonymous segment without blocking: a closer or cleanup
@@ -810,17 +818,21 @@ void fmq_region_stats(fmq_region *r, fmq_stats *st) {
         st->blocks_total += r->g.classes[c].nblocks;
     st->reclaimed = sum[FMQ_ST_RECLAIMED];
     st->recoveries = atomic_load_explicit(&r->ctl->recoveries.v, memory_order_relaxed);
+    /* [A-stall]: pairs with [R-stall] (fmq_recover_stalled), so the record's
+     * relaxed fields read below are the ones written with this ticket. */
     st->stall_ticket = atomic_load_explicit(&r->ctl->stall.ticket, memory_order_acquire);
     if (st->stall_ticket) {
         /* Report it only while that slot is still stuck as it was: a frozen
          * process that resumed has moved on, and the record is stale. */
         uint64_t t = st->stall_ticket - 1;
-        const fmq_slot *s = (const fmq_slot *)(r->ring + (t % r->g.slot_count) *
-                                                             r->g.slot_stride);
+        const fmq_slot *s = fmq_slot_at(r, t);
         if (atomic_load_explicit(&s->word, memory_order_acquire) !=
             atomic_load_explicit(&r->ctl->stall.word, memory_order_relaxed)) {
             uint64_t expect = st->stall_ticket;
-            atomic_compare_exchange_strong(&r->ctl->stall.ticket, &expect, 0);
+            /* relaxed: clears a stale record (a compare; nothing read under it) */
+            atomic_compare_exchange_strong_explicit(&r->ctl->stall.ticket, &expect, 0,
+                                                    memory_order_relaxed,
+                                                    memory_order_relaxed);
             st->stall_ticket = 0;
         }
     }

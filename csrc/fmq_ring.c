@@ -44,10 +44,13 @@
  *             waker's load of the waiter count are seq_cst; so are the
  *             sleeper's increment of the count and its re-check loads. In
  *             that single total order (Dekker) either the waker sees the
- *             sleeper or the sleeper sees the new state; never neither.
+ *             sleeper or the sleeper sees the new state; never neither. The
+ *             handshake itself is fmq_wait.h's (fmq_waitline_wake/sleep).
  *
  * Failure model. A producer killed in WRITING leaves its slot WRITING: the
- * consumers stop there until recovery (fmq_live) proves it dead and skips it.
+ * consumers stop there until crash recovery (fmq_recover.c, which asks
+ * fmq_live.c whether the owner lives) skips it. A waiter that gets nowhere
+ * calls recovery through r->up: recovery is a layer above the ring.
  * A consumer killed in READING likewise blocks producers one lap later until
  * recovered. A killed sleeper leaves a waiter count one too high, which costs
  * only a spurious futex wake.

@@ -43,12 +43,14 @@ int fmq_wait_on(_Atomic uint32_t *word, uint32_t expected, uint64_t timeout_ns) 
     uint64_t step = 200000; /* 200 us */
     if (timeout_ns < step)
         step = timeout_ns;
-    if (atomic_load(word) != expected)
+    /* seq_cst, as FUTEX_WAIT's own check is against the waker's seq_cst
+     * epoch increment (fmq_waitline_wake). */
+    if (atomic_load_explicit(word, memory_order_seq_cst) != expected)
         return FMQ_OK;
     struct timespec ts = {0, (long)step};
     if (nanosleep(&ts, NULL) != 0 && errno == EINTR)
         return FMQ_EINTR;
-    return atomic_load(word) != expected ? FMQ_OK : FMQ_TIMEDOUT;
+    return atomic_load_explicit(word, memory_order_seq_cst) != expected ? FMQ_OK : FMQ_TIMEDOUT;
 }
 
 void fmq_wait_wake(_Atomic uint32_t *word, int n) {
