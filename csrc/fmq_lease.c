@@ -727,7 +727,7 @@ int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32
 
 static int fmq_has_free_lease(fmq_region *r) {
     for (uint32_t i = 0; i < fmq_lease_count(r); i++)
-        /* seq_cst: the sleeper's re-check of fmq_wait.h's handshake */
+        /* [S-wait]: the sleeper's re-check of fmq_wait.h's handshake */
         if (FMQ_LSTATE(atomic_load_explicit(&fmq_lease_at(r, i)->word, memory_order_seq_cst)) ==
             FMQ_LS_FREE)
             return 1;

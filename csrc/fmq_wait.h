@@ -12,7 +12,8 @@
  * never pass more than one slice (FMQ_SLICE_NS, 100 ms), so a lost wake-up can
  * cost at most one slice and Ctrl-C is seen within one slice. The waiter
  * handshake on a wait line (fmq_waitline_wake / fmq_waitline_sleep) is here
- * too, written once for every sleeper of the core.
+ * too, written once for every sleeper of the core; [S-wait] tags its seq_cst
+ * operations where they stand in other files (a sleeper's re-check loads).
  */
 #ifndef FMQ_WAIT_H
 #define FMQ_WAIT_H
