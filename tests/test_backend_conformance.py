@@ -408,3 +408,14 @@ def test_a_redis_message_has_the_public_message_surface():
     assert all(hasattr(fastmq.Message, n) for n in public)
     missing = sorted(n for n in public if not hasattr(RedisMessage, n))
     assert not missing, missing
+
+
+def test_every_layer_uses_the_one_message_size_limit(mq, backend):
+    from fastmq import queue
+    limit = _contract.MAX_MESSAGE_SIZE
+    assert queue.MAX_MESSAGE_SIZE == limit
+    for b in _backend.BACKENDS:
+        if b != "native" or _backend.native_available():
+            assert _ring_module(b).MAX_MESSAGE_SIZE == limit
+    with pytest.raises(ValueError, match="max_message_size"):
+        mq.Queue(maxsize=4, max_message_size=limit + 1)

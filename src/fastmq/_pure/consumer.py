@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from .._contract import ACKED, HELD, LOST, MESSAGE_FIELDS, NACKED
+from . import errors
 from ..errors import LeaseLost
 
 _SETTLED_REASON = ("is held", "was acked", "was nacked", "lease was already reported lost")
@@ -49,8 +50,8 @@ class Consumer:
             raise ValueError(f"{msg!r} was not leased through this queue handle in this "
                              "process")
         if msg._state != HELD:
-            raise LeaseLost(f"cannot {what} message {msg._slot}: it "
-                            f"{_SETTLED_REASON[msg._state]}")
+            errors.lease_lost(f"cannot {what} message {msg._slot}: it "
+                              f"{_SETTLED_REASON[msg._state]}")
 
     def _run(self, msg, state, op, *args):
         """``op(slot, token, *args)`` on msg's entry; then msg is ``state``

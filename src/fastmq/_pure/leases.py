@@ -54,7 +54,8 @@ import struct
 import time
 import weakref
 
-from ..errors import CorruptQueue, Empty, LeaseLost
+from . import errors
+from ..errors import CorruptQueue, LeaseLost
 from .procs import alive, start_time
 
 # lease state: attempt, committed, tail, active_half, next_due_ns,
@@ -207,11 +208,11 @@ class InFlightTable:
         pid, start, handle = self._me()
         if (e is None or e.state != state or e.token != token or e.pid != pid
                 or e.handle != handle):
-            raise LeaseLost(f"the lease of message {slot} was lost (expired and "
-                            "redelivered, reclaimed, or not held by this handle)")
+            errors.lease_lost(f"the lease of message {slot} was lost (expired and "
+                              "redelivered, reclaimed, or not held by this handle)")
         if check_deadline and now_ns() > e.deadline_ns:
-            raise LeaseLost(f"the lease of message {slot} expired; the message will "
-                            "be redelivered")
+            errors.lease_lost(f"the lease of message {slot} expired; the message will "
+                              "be redelivered")
         return e
 
     # ------------------------------------------------------------ taking
@@ -240,13 +241,13 @@ class InFlightTable:
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0 and timeout != 0:
-                raise Empty("queue is empty")
+                errors.empty()
             got = ring.wait_for(attempt, 0 if timeout == 0 else
                                 (0.05 if left is None else min(0.05, left)))
             if got is not again:
                 return got
             if timeout == 0:
-                raise Empty("queue is empty")
+                errors.empty()
 
     def _take_locked(self, fd, state, ls, max_messages, lease_ns):
         self._redeliver_locked(fd, state, ls, force=False)

@@ -69,11 +69,10 @@ import time
 import weakref
 
 from .. import _contract, _lifetime, _names
-from . import consumer, leases, portable
+from . import consumer, errors, leases, portable
 from .message import LeasedMessage
 from .procs import alive as _alive, start_time as _start_time
-from ..errors import (CorruptQueue, Empty, Full, MessageTooLarge, QueueClosed,
-                      QueueExists, QueueNotFound)
+from ..errors import CorruptQueue, MessageTooLarge, QueueExists, QueueNotFound
 
 __all__ = ["Ring", "Reservation", "ReceivedView", "Consumer", "LeasedMessage",
            "list_segments", "backend_name", "MAX_MESSAGE_SIZE", "MAGIC", "VERSION"]
@@ -390,7 +389,7 @@ class Ring:
 
     def _fd(self):
         if self._h.closed:
-            raise QueueClosed("queue handle is closed")
+            errors.closed()
         return self._h.fd
 
     def _locked(self, fn, *args):
@@ -688,7 +687,7 @@ class Ring:
         done = self._wait(lambda: self._locked(self._put_locked, (view,)) or _AGAIN,
                           timeout)
         if done is _AGAIN:
-            raise Full(self._full_reason(len(view)))
+            errors.full(self._full_reason(len(view)))
 
     def put_many(self, items, timeout):
         views = [_as_bytes_view(item) for item in items]
@@ -739,7 +738,7 @@ class Ring:
             if got is not _AGAIN:
                 return got
             if timeout == 0 or (left is not None and left <= _LEASE_SWEEP):
-                raise Empty("queue is empty")
+                errors.empty()
 
     _next_lease_sweep = 0.0
 
@@ -765,7 +764,7 @@ class Ring:
         room = self._wait(lambda: self._locked(lambda fd, st: self._fits(st, nbytes))
                           or _AGAIN, timeout)
         if room is _AGAIN:
-            raise Full(self._full_reason(nbytes))
+            errors.full(self._full_reason(nbytes))
         return Reservation(self, nbytes)
 
     def _full_reason(self, nbytes):
