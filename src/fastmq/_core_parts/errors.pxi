@@ -1,4 +1,5 @@
-# Part of fastmq._core (the error funnel: C return codes, Full/Empty and signal checks to exceptions).
+# Part of fastmq._core (the error funnel: C return codes, Full/Empty and wait-slice
+# signal checks, to exceptions).
 # Included by src/fastmq/_core.pyx; it shares that module's namespace.
 
 # ======================================================================== #

@@ -9,7 +9,8 @@ cdef class Ring:
     """One process-local handle on a queue segment (see _ring_protocol.Ring)."""
     cdef fmq_region *r
     cdef int busy          # calls in progress (GIL held while counting)
-    cdef int pins          # live Reservations/ReceivedViews/_PinnedPayloads (views may point into the map)
+    cdef int pins          # live exporters (Reservation, ReceivedView, _PinnedPayload):
+                           # their views may point into the map
     cdef bint _closed
     cdef bint _leases_returned   # close() handed this handle's leases back
     cdef readonly str name
