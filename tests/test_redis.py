@@ -202,6 +202,21 @@ def test_atomic_put_many(rq):
     assert q.get_many(10) == [0, 1, 2, 3, 4]
 
 
+def test_atomic_put_many_and_lease_beyond_luas_unpack_limit(rq):
+    # Lua's unpack() stops at about 8000 values; a batch this size once failed
+    # inside the script with a raw ResponseError.
+    n = 20_000
+    q = rq.create()
+    assert q.put_many_bytes([b"%d" % i for i in range(n)], atomic=True) == n
+    msgs = []
+    deadline = time.monotonic() + 30
+    while len(msgs) < n and time.monotonic() < deadline:
+        msgs += q.get_messages(n - len(msgs), timeout=10)
+    assert [bytes(m.data) for m in msgs] == [b"%d" % i for i in range(n)]
+    assert q.ack_many(msgs) == n
+    assert q.qsize() == 0
+
+
 def test_message_too_large(rq):
     q = rq.create(max_message_size=100)
     with pytest.raises(fastmq.MessageTooLarge):

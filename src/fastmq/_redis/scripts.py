@@ -74,6 +74,17 @@ from __future__ import annotations
 
 PRELUDE = r"""
 local P = ARGV[1]
+-- RPUSH of a[first..last] in slices: Lua's unpack() has a C-stack limit of
+-- about 8000 values, and an atomic put or a lease may carry more.
+local function rpush_range(key, a, first, last)
+  local i = first
+  while i <= last do
+    local j = i + 999
+    if j > last then j = last end
+    redis.call('RPUSH', key, unpack(a, i, j))
+    i = j + 1
+  end
+end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -336,7 +347,7 @@ else
   total = total - 2 * room
 end
 if room > 0 then
-  redis.call('RPUSH', P .. 'q', unpack(ARGV, first, first - 1 + room))
+  rpush_range(P .. 'q', ARGV, first, first - 1 + room)
   -- Both counters in one write (read above, in this same script).
   redis.call('HSET', KEYS[1], 'enqueued', string.format('%d', tonumber(m[3]) + room),
              'bytes', string.format('%d', tonumber(m[4]) + total))
@@ -405,7 +416,7 @@ for i = 1, n do
   local ent = ents[i]
   bytes = bytes + #ent - find(ent, ':', 1, true)
 end
-redis.call('RPUSH', P .. 'L:' .. b, unpack(ents))
+rpush_range(P .. 'L:' .. b, ents, 1, n)
 new_batch(b, consumer, now + tonumber(ARGV[4]), now, n, bytes)
 redis.call('ZADD', P .. 'C', now + tonumber(ARGV[5]), consumer)
 lower_wake(now + tonumber(ARGV[5]))
