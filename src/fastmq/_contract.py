@@ -3,8 +3,9 @@
 A neutral module: it imports nothing from fastmq, so both backends
 (``fastmq._core``, ``fastmq._pure``), the policy layer (``fastmq.acks``) and
 the API layer (``fastmq.queue``) can import it without an import cycle. The
-native core has the same numbers compiled in (``_core_parts/consumer.pxi``);
-``tests/test_backend_conformance.py`` checks that they agree.
+native binding has the same numbers compiled in and refuses to load if they
+differ (``_core_parts/consumer.pxi``); ``tests/test_backend_conformance.py``
+checks every backend against them.
 """
 from __future__ import annotations
 

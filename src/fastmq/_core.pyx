@@ -54,6 +54,7 @@ cdef extern from "Python.h":
 
 import os as _os
 
+from fastmq import _contract
 from fastmq.errors import (CorruptQueue, Empty, Error, Full, LeaseLost, MessageTooLarge,
                            QueueClosed, QueueExists, QueueNotFound)
 
@@ -63,7 +64,7 @@ backend_name = "native"
 # release/re-acquire costs more than it frees up for other threads.
 cdef Py_ssize_t _NOGIL_COPY = 64 * 1024
 # The slot and in-flight formats record a message's length in 32 bits
-# (fastmq/_contract.py's MAX_MESSAGE_SIZE; the conformance test compares).
+# (fastmq/_contract.py's MAX_MESSAGE_SIZE; consumer.pxi checks they agree).
 cdef uint64_t _MAX_FORMAT_LEN = 0xFFFFFFFFu
 MAX_MESSAGE_SIZE = _MAX_FORMAT_LEN
 

@@ -2,8 +2,9 @@
 
 One protocol for both backends, so a segment's lifetime never depends on which
 backend a process uses: this module implements it for the pure backend and
-for ``cleanup()``; ``csrc/fmq_region.c`` (create, open, close) and
-``csrc/fmq_live.c`` (the fork handler) implement the same steps in C.
+for ``cleanup()``; ``csrc/fmq_region.c`` (create, open, close, and the fork
+handler, which runs ``fmq_live_after_fork`` of ``csrc/fmq_live.c`` for each
+inherited handle) implements the same steps in C.
 
 * Every open handle of an anonymous segment holds ``flock(LOCK_SH)`` on the
   segment file. flock locks belong to the *open file description*, so the

@@ -11,13 +11,19 @@
 # leased messages                                                          #
 # ======================================================================== #
 
-# Settlement states of a leased message: fastmq/_contract.py's numbers
-# (tests/test_backend_conformance.py checks they agree).
+# Settlement states of a leased message: fastmq/_contract.py's numbers, as
+# compile-time constants; checked against it when the module loads.
 cdef enum:
     HELD = 0
     ACKED = 1
     NACKED = 2
     LOST = 3
+
+if (HELD, ACKED, NACKED, LOST) != (_contract.HELD, _contract.ACKED, _contract.NACKED,
+                                   _contract.LOST) or \
+        _MAX_FORMAT_LEN != _contract.MAX_MESSAGE_SIZE:
+    raise ImportError("fastmq._core was built against other constants than fastmq/_contract.py "
+                      "(settlement states or MAX_MESSAGE_SIZE); rebuild the extension")
 
 cdef tuple _SETTLED_REASON = ("is held", "was acked", "was nacked",
                               "lease was already reported lost")
