@@ -59,8 +59,8 @@ putting meanwhile cannot keep it going forever), writes them to a temporary
 file next to ``FILE``, flushes it to disk (``fsync``), and only then names it
 ``FILE`` (a link, so an existing ``FILE`` is never overwritten unless
 ``force``). A ``FILE`` therefore always holds a complete dump; a dump that
-was killed leaves at most a ``FILE.*.partial`` file, which ``restore``
-refuses as truncated. Then:
+was killed leaves at most a ``FILE.*.partial`` file (``restore`` refuses it
+as truncated unless the kill came after its last byte). Then:
 
 * a **copy** (the default) gives every message back with ``nack()``, one by
   one in queue order, so a queue nobody else used meanwhile ends with the
@@ -69,9 +69,9 @@ refuses as truncated. Then:
   delivery; consumers see ``redelivered``); a message that the dump received
   on its last allowed delivery (``max_deliveries``) would be dead-lettered by
   a ``nack``, so it is put back as a fresh copy (its count starts over) and
-  the original acked (killed between the two: that one message is there
-  twice); messages put or taken by others during the dump interleave with
-  the returned ones.
+  the original acked (killed between the two: the copy stays and the
+  original is dead-lettered); messages put or taken by others during the
+  dump interleave with the returned ones.
 * a **drain** (``drain=True``) acks the messages once ``FILE`` is complete and
   on disk: they move into the file exactly. Killed before ``FILE`` is
   complete: every message comes back to the queue (``delivery_count`` + 1,
