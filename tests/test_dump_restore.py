@@ -454,24 +454,35 @@ def _check_after_kill(q, path, items, drained):
 
 
 def _killed_dump(loc, name, path, drain_flag, crashpoint=None, delay=None):
+    """Run a dump; with ``delay``, SIGKILL it ``delay`` seconds after its
+    temporary file appeared (the dump's own work starts then, after the
+    interpreter's start-up). Returns (exit status, seconds from the
+    temporary file's appearance to the exit, or None)."""
     args = [sys.executable, "-m", "fastmq", "dump", name, "-o", str(path), *loc.args()]
     if drain_flag:
         args.append("--drain")
     env = loc.env()
     if crashpoint:
         env["FASTMQ_DUMP_CRASHPOINT"] = crashpoint
-    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started = None
     try:
-        if delay is not None:
-            time.sleep(delay)
-            p.send_signal(signal.SIGKILL)
-        out, err = p.communicate(timeout=120)
+        deadline = time.monotonic() + 120
+        while p.poll() is None and time.monotonic() < deadline:
+            if started is None and glob.glob(str(path) + ".*.partial"):
+                started = time.monotonic()
+            if started is not None and delay is not None and \
+                    time.monotonic() - started >= delay:
+                p.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.001)
+        err = p.communicate(timeout=120)[1]
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
     assert b"Traceback" not in err, err
-    return p.returncode
+    return p.returncode, None if started is None else time.monotonic() - started
 
 
 @pytest.mark.parametrize("drain_flag", [True, False], ids=["drain", "copy"])
@@ -483,7 +494,7 @@ def test_sigkill_of_the_dump_at_every_crash_point_loses_nothing(loc, tmp_path, d
     try:
         for point in (DRAIN_POINTS if drain_flag else COPY_POINTS):
             fill(q, items)
-            rc = _killed_dump(loc, name, path, drain_flag, crashpoint=point)
+            rc, _ = _killed_dump(loc, name, path, drain_flag, crashpoint=point)
             assert rc == -signal.SIGKILL, point
             assert os.path.exists(path) == (point in ("published", "drain-acked-some")), point
             _check_after_kill(q, path, items, drain_flag)
@@ -499,18 +510,17 @@ def test_sigkill_of_the_dump_at_random_moments_loses_nothing(loc, tmp_path, drai
     path = tmp_path / "r.dump"
     rnd = random.Random(int(os.environ.get("FASTMQ_TEST_SEED", "0")) or None)
     try:
-        # How long a whole dump takes here, interpreter start included:
+        # How long the dump's own work takes here (from its temporary file
+        # on), so that the kills land within it:
         fill(q, items)
-        t0 = time.monotonic()
-        assert _killed_dump(loc, name, path, False) == 0
-        span = time.monotonic() - t0
+        rc, span = _killed_dump(loc, name, path, False)
+        assert rc == 0 and span is not None
         os.unlink(path)
         assert drain(q) == items
-        rounds = 3 if loc.kind == "redis" else 8    # a dead redis consumer takes 5 s to notice
+        rounds = 3 if loc.kind == "redis" else 10   # a dead redis consumer takes 5 s to notice
         for _ in range(rounds):
             fill(q, items)
-            delay = rnd.uniform(0.1 * span, span)
-            _killed_dump(loc, name, path, drain_flag, delay=delay)
+            _killed_dump(loc, name, path, drain_flag, delay=rnd.uniform(0, span))
             _check_after_kill(q, path, items, drain_flag)
     finally:
         q.close()
