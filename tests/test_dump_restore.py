@@ -667,3 +667,41 @@ def test_credentials_are_never_printed_or_stored(request, fresh_server, tmp_path
     for t in texts:
         assert secret not in t, t
     q.close()
+
+
+def test_fastmq_url_in_the_environment_is_the_default_location(request, tmp_path):
+    r = _make_loc(request, "redis")
+    name = unique_name("env")
+    q = r.create(name)
+    fill(q, [b"over", b"there"])
+    env = dict(os.environ, FASTMQ_URL=r.url)
+    env.pop("FASTMQ_BACKEND", None)
+    path = tmp_path / "env.dump"
+    for args in (["dump", name, "-o", str(path), "--drain"], ["rm", name],
+                 ["restore", str(path), name]):
+        res = subprocess.run([sys.executable, "-m", "fastmq", *args], capture_output=True,
+                             text=True, timeout=60, env=env)
+        assert_ok(res)
+    q.close()
+    q = r.open(name)
+    assert drain(q) == [b"over", b"there"]
+    q.close()
+    with pytest.raises(fastmq.QueueNotFound):       # nothing went to shared memory
+        fastmq.Queue.open(name)
+
+
+def test_authenticated_messages_stay_sealed(loc, tmp_path):
+    if loc.kind == "redis":
+        pytest.skip("not on redis: authkey= is a shared-memory feature")
+    key = b"k" * 32
+    name, copy = unique_name("src"), unique_name("dst")
+    q = loc.create(name, authkey=key)
+    q.put({"signed": True})
+    path = tmp_path / "a.dump"
+    assert_ok(fmq(loc, "dump", name, "-o", str(path), "--drain"))   # the dump has no key
+    assert_ok(fmq(loc, "restore", str(path), copy))
+    loc.forget(copy)
+    r = fastmq.Queue.open(copy, authkey=key, **loc.kw())
+    assert r.get(timeout=5) == {"signed": True}                     # the tag survived
+    r.close()
+    q.close()
