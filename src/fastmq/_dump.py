@@ -128,9 +128,15 @@ _TRAIL = struct.Struct("<cQQ")    # tag, count, total
 TRAILER_SIZE = _TRAIL.size + 32 + len(END)
 
 DEFAULT_LEASE = 300.0             # seconds a dump holds its leases between renewals
-LEASE_BATCH = 1000                # messages per get_messages call
+# Messages per get_messages / ack_many call: at least this many, and at most
+# ten calls for the whole queue (a backend may scan its in-flight table per call).
+LEASE_BATCH = 1000
 PUT_BATCH = 1000                  # messages per put_many_bytes call (non-atomic)
 ACK_BATCH = 1000
+
+
+def _batch(n, floor):
+    return max(floor, -(-n // 10))
 
 
 class CorruptDump(Error, ValueError):
@@ -399,8 +405,9 @@ class _Held:
     def ack(self):
         acked = 0
         msgs, self.messages = self.messages, []
-        for i in range(0, len(msgs), ACK_BATCH):
-            acked += self.q.ack_many(msgs[i:i + ACK_BATCH])
+        step = _batch(len(msgs), ACK_BATCH)
+        for i in range(0, len(msgs), step):
+            acked += self.q.ack_many(msgs[i:i + step])
             _crashpoint("drain-acked-some")
         return len(msgs) - acked
 
@@ -427,6 +434,7 @@ def dump_queue(name, path, *, url=None, drain=False, force=False, lease=DEFAULT_
         except (NotImplementedError, AttributeError, ValueError):
             pass
         want = q.qsize()
+        step = _batch(want, LEASE_BATCH)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
                                    suffix=".partial", dir=os.path.dirname(path) or ".")
         with os.fdopen(fd, "wb") as raw:
@@ -434,7 +442,7 @@ def dump_queue(name, path, *, url=None, drain=False, force=False, lease=DEFAULT_
             writer = DumpWriter(f, header)
             while len(held.messages) < want:
                 try:
-                    batch = q.get_messages(min(want - len(held.messages), LEASE_BATCH),
+                    batch = q.get_messages(min(want - len(held.messages), step),
                                            block=False, lease=held.lease)
                 except Empty:
                     break
