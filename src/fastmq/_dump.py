@@ -91,10 +91,11 @@ in its header (``QueueExists`` never happens by accident: an existing queue
 is used as it is, with its own options). It refuses a queue that already
 holds messages (ready or in flight) unless ``append=True``, which puts the
 dump's messages behind them. The messages go in, in order, as one atomic
-batch where the location offers atomic batches and the dump fits in one (a
-restore killed mid-way then leaves nothing of itself); otherwise in batches
-(killed mid-way: the messages put so far stay, and the error or the report
-says how many). Delivery counts are recorded in the dump but not restored:
+batch where the location offers atomic batches and the dump fits in one (at
+most ``ATOMIC_MAX`` messages, and the queue's ``maxsize``): a restore killed
+mid-way then leaves nothing of itself. Otherwise they go in batches, and a
+restore killed mid-way leaves the first messages of the dump in the queue
+(one that fails says how many). Delivery counts are recorded in the dump but not restored:
 no location lets a put set one, so restored messages start at delivery 1.
 """
 from __future__ import annotations
@@ -132,6 +133,7 @@ DEFAULT_LEASE = 300.0             # seconds a dump holds its leases between rene
 # ten calls for the whole queue (a backend may scan its in-flight table per call).
 LEASE_BATCH = 1000
 PUT_BATCH = 1000                  # messages per put_many_bytes call (non-atomic)
+ATOMIC_MAX = 4096                 # at most this many go in as one atomic batch
 ACK_BATCH = 1000
 
 
@@ -554,7 +556,8 @@ def restore_queue(path, name, *, url=None, append=False, timeout=30.0, _dump=Non
                             f"{dump.max_length} (nothing was restored)")
         payloads = [p for _, p in dump.records]
         atomic = False
-        if payloads and _supports_atomic(q) and (not q.maxsize or len(payloads) <= q.maxsize):
+        if (payloads and len(payloads) <= ATOMIC_MAX and _supports_atomic(q)
+                and (not q.maxsize or len(payloads) <= q.maxsize)):
             try:
                 if q.put_many_bytes(payloads, timeout=timeout, atomic=True) != len(payloads):
                     raise Full
