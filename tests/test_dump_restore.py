@@ -705,3 +705,29 @@ def test_authenticated_messages_stay_sealed(loc, tmp_path):
     assert r.get(timeout=5) == {"signed": True}                     # the tag survived
     r.close()
     q.close()
+
+
+def test_restore_larger_than_one_atomic_batch_goes_in_order(loc, tmp_path):
+    name, copy = unique_name("src"), unique_name("dst")
+    q = loc.create(name)
+    items = payloads(_dump.ATOMIC_MAX + 904, seed=17)
+    fill(q, items)
+    path = tmp_path / "big.dump"
+    assert_ok(fmq(loc, "dump", name, "-o", str(path), "--drain"))
+    res = fmq(loc, "restore", str(path), copy)
+    assert_ok(res)
+    loc.forget(copy)
+    assert "atomic" not in res.stdout
+    r = loc.open(copy)
+    assert drain(r) == items
+    # A small one goes in as one atomic batch wherever the location has them.
+    fill(r, items[:10])
+    small = tmp_path / "small.dump"
+    assert_ok(fmq(loc, "dump", copy, "-o", str(small)))
+    other = unique_name("dst2")
+    res = fmq(loc, "restore", str(small), other)
+    assert_ok(res)
+    loc.forget(other)
+    assert ("as one atomic batch" in res.stdout) == _dump._supports_atomic(r), res.stdout
+    r.close()
+    q.close()
