@@ -731,3 +731,19 @@ def test_restore_larger_than_one_atomic_batch_goes_in_order(loc, tmp_path):
     assert ("as one atomic batch" in res.stdout) == _dump._supports_atomic(r), res.stdout
     r.close()
     q.close()
+
+
+def test_messages_leased_by_a_consumer_are_not_dumped_and_stay(loc, tmp_path):
+    name = unique_name("src")
+    q = loc.create(name)
+    fill(q, [b"held", b"ready"])
+    m = q.get_message(timeout=5, lease=60.0)
+    path = tmp_path / "l.dump"
+    res = fmq(loc, "dump", name, "-o", str(path), "--drain")
+    assert_ok(res)
+    assert "1 message(s) leased by consumers are not in it" in res.stdout
+    assert dump_payloads(path) == [b"ready"]
+    assert bytes(m.data) == b"held"
+    m.nack()                                      # still the queue's: it comes back
+    assert drain(q) == [b"held"]
+    q.close()

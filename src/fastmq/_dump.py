@@ -54,11 +54,13 @@ No location offers a read that leaves the queue untouched (a peek), so a
 dump *leases* the messages (``get_messages``): while the dump holds them
 they are invisible to consumers, and leases are what make a crash safe --
 messages a dead process held go back to the queue by themselves. The dump
-takes at most the number of messages queued when it starts (producers
-putting meanwhile cannot keep it going forever), writes them to a temporary
-file next to ``FILE``, flushes it to disk (``fsync``), and only then names it
-``FILE`` (a link, so an existing ``FILE`` is never overwritten unless
-``force``). A ``FILE`` therefore always holds a complete dump; a dump that
+takes the messages that are ready -- at most as many as were queued when it
+starts, so producers putting meanwhile cannot keep it going forever; a
+message another consumer holds leased at that moment is not in the dump
+(with ``drain`` it stays in the queue; the report counts them) -- writes
+them to a temporary file next to ``FILE`` (mode 0600), flushes it to disk
+(``fsync``), and only then names it ``FILE`` (a link, so an existing
+``FILE`` is never overwritten unless ``force``). A ``FILE`` therefore always holds a complete dump; a dump that
 was killed leaves at most a ``FILE.*.partial`` file (``restore`` refuses it
 as truncated unless the kill came after its last byte). Then:
 
@@ -101,7 +103,6 @@ no location lets a put set one, so restored messages start at delivery 1.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import signal
@@ -418,7 +419,8 @@ def dump_queue(name, path, *, url=None, drain=False, force=False, lease=DEFAULT_
                _open=None) -> dict:
     """Dump the queue ``name`` (at ``url``) to the file ``path``; see the
     module doc. Returns a summary dict (``count``, ``bytes``, ``drained``,
-    ``already_back``)."""
+    ``already_back``, ``in_flight_elsewhere``: messages other consumers held,
+    not in the dump)."""
     from .queue import Queue
     path = os.fspath(path)
     if not force and os.path.lexists(path):
@@ -439,8 +441,7 @@ def dump_queue(name, path, *, url=None, drain=False, force=False, lease=DEFAULT_
         step = _batch(want, LEASE_BATCH)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
                                    suffix=".partial", dir=os.path.dirname(path) or ".")
-        with os.fdopen(fd, "wb") as raw:
-            f = io.BufferedWriter(raw, 1 << 20)
+        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
             writer = DumpWriter(f, header)
             while len(held.messages) < want:
                 try:
@@ -457,7 +458,7 @@ def dump_queue(name, path, *, url=None, drain=False, force=False, lease=DEFAULT_
             writer.finish()
             f.flush()
             _crashpoint("written")
-            os.fsync(raw.fileno())
+            os.fsync(f.fileno())
         _publish(tmp, path, force)
         tmp = None
         _crashpoint("published")
@@ -465,7 +466,7 @@ def dump_queue(name, path, *, url=None, drain=False, force=False, lease=DEFAULT_
         count, total = writer.count, writer.total
         back = held.ack() if drain else held.give_back(opts["max_deliveries"])
         return {"count": count, "bytes": total, "drained": drain, "already_back": back,
-                "path": path}
+                "path": path, "in_flight_elsewhere": len(q.pending())}
     finally:
         try:
             if held.messages:             # failed before settling: give them back

@@ -402,6 +402,9 @@ def cmd_dump(args) -> int:
                      "still in the queue")
     else:
         tail = "copied: they are back in the queue, each delivery count one higher"
+    if done["in_flight_elsewhere"]:
+        tail += (f"; {done['in_flight_elsewhere']} message(s) leased by consumers are not "
+                 "in it")
     print(f"{what} ({tail})")
     return 0
 
