@@ -747,3 +747,30 @@ def test_messages_leased_by_a_consumer_are_not_dumped_and_stay(loc, tmp_path):
     m.nack()                                      # still the queue's: it comes back
     assert drain(q) == [b"held"]
     q.close()
+
+
+def test_a_full_in_flight_table_is_reported_not_hidden(loc, tmp_path):
+    if loc.kind == "redis":
+        pytest.skip("not on redis: its in-flight entries have no fixed table")
+    name = unique_name("src")
+    q = loc.create(name, maxsize=4)
+    fill(q, [b"0", b"1", b"2", b"3"])
+    held = q.get_messages(2, timeout=5, lease=60.0)        # 2 of the 4 table entries
+    fill(q, [b"4", b"5"])                                    # 4 ready again
+    path = tmp_path / "t.dump"
+    res = fmq(loc, "dump", name, "-o", str(path))
+    assert_ok(res)
+    assert "2 ready message(s) are not in it" in res.stdout, res.stdout
+    assert "2 message(s) leased by consumers are not in it" in res.stdout, res.stdout
+    assert dump_payloads(path) == [b"2", b"3"]
+    for m in held:
+        m.nack()
+    # Nothing lost (the nacked ones may wait for room before they are back).
+    deadline = time.monotonic() + 10
+    got = []
+    while len(got) < 6 and time.monotonic() < deadline:
+        q.redeliver_expired()
+        got += drain(q)
+        time.sleep(0.05)
+    assert sorted(got) == [b"0", b"1", b"2", b"3", b"4", b"5"]
+    q.close()

@@ -53,16 +53,21 @@ Reading a queue without consuming it
 No location offers a read that leaves the queue untouched (a peek), so a
 dump *leases* the messages (``get_messages``): while the dump holds them
 they are invisible to consumers, and leases are what make a crash safe --
-messages a dead process held go back to the queue by themselves. The dump
-takes the messages that are ready -- at most as many as were queued when it
-starts, so producers putting meanwhile cannot keep it going forever; a
-message another consumer holds leased at that moment is not in the dump
-(with ``drain`` it stays in the queue; the report counts them) -- writes
-them to a temporary file next to ``FILE`` (mode 0600), flushes it to disk
-(``fsync``), and only then names it ``FILE`` (a link, so an existing
-``FILE`` is never overwritten unless ``force``). A ``FILE`` therefore always holds a complete dump; a dump that
-was killed leaves at most a ``FILE.*.partial`` file (``restore`` refuses it
-as truncated unless the kill came after its last byte). Then:
+messages a dead process held go back to the queue by themselves.
+
+What is in a dump: the messages that are ready, at most as many as were
+queued when it starts (producers putting meanwhile cannot keep it going
+forever). Not in it, and left in the queue: messages other consumers hold
+leased at that moment, and ready messages for which the queue's in-flight
+table has no entry left (it holds ``maxsize`` leases in all); the report
+counts both.
+
+How it is written: to a temporary file next to ``FILE`` (mode 0600), flushed
+to disk (``fsync``), and only then named ``FILE`` (a link, so an existing
+``FILE`` is never overwritten unless ``force``). A ``FILE`` therefore always
+holds a complete dump; a dump that was killed leaves at most a
+``FILE.*.partial`` file (``restore`` refuses it as truncated unless the kill
+came after its last byte). Then:
 
 * a **copy** (the default) gives every message back with ``nack()``, one by
   one in queue order, so a queue nobody else used meanwhile ends with the
@@ -420,7 +425,8 @@ def dump_queue(name, path, *, url=None, drain=False, force=False, lease=DEFAULT_
     """Dump the queue ``name`` (at ``url``) to the file ``path``; see the
     module doc. Returns a summary dict (``count``, ``bytes``, ``drained``,
     ``already_back``, ``in_flight_elsewhere``: messages other consumers held,
-    not in the dump)."""
+    not in the dump, ``left_behind``: ready messages the dump could not
+    lease because the in-flight table was full, not in the dump either)."""
     from .queue import Queue
     path = os.fspath(path)
     if not force and os.path.lexists(path):
@@ -443,11 +449,15 @@ def dump_queue(name, path, *, url=None, drain=False, force=False, lease=DEFAULT_
                                    suffix=".partial", dir=os.path.dirname(path) or ".")
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
             writer = DumpWriter(f, header)
+            left_behind = 0
             while len(held.messages) < want:
                 try:
                     batch = q.get_messages(min(want - len(held.messages), step),
                                            block=False, lease=held.lease)
                 except Empty:
+                    # Messages still ready that no lease could take: the
+                    # in-flight table is full (other consumers hold the rest).
+                    left_behind = min(q.qsize(), want - len(held.messages))
                     break
                 held.messages.extend(batch)
                 for m in batch:
@@ -466,7 +476,8 @@ def dump_queue(name, path, *, url=None, drain=False, force=False, lease=DEFAULT_
         count, total = writer.count, writer.total
         back = held.ack() if drain else held.give_back(opts["max_deliveries"])
         return {"count": count, "bytes": total, "drained": drain, "already_back": back,
-                "path": path, "in_flight_elsewhere": len(q.pending())}
+                "path": path, "in_flight_elsewhere": len(q.pending()),
+                "left_behind": left_behind}
     finally:
         try:
             if held.messages:             # failed before settling: give them back

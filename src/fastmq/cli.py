@@ -402,6 +402,9 @@ def cmd_dump(args) -> int:
                      "still in the queue")
     else:
         tail = "copied: they are back in the queue, each delivery count one higher"
+    if done["left_behind"]:
+        tail += (f"; {done['left_behind']} ready message(s) are not in it: the queue's "
+                 "in-flight table was full (consumers hold many leases)")
     if done["in_flight_elsewhere"]:
         tail += (f"; {done['in_flight_elsewhere']} message(s) leased by consumers are not "
                  "in it")
