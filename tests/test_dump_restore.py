@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import json
 import os
 import random
 import signal
@@ -30,8 +29,8 @@ import pytest
 
 import fastmq
 from fastmq import _dump
-from conftest import WITH_REDIS, _REDIS, unique_name
-from redis_support import *  # noqa: F401,F403 - fixtures (fresh_server)
+from conftest import WITH_REDIS, unique_name
+from redis_support import fresh_server  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.backends(*WITH_REDIS)
 
@@ -508,7 +507,8 @@ def test_sigkill_of_the_dump_at_random_moments_loses_nothing(loc, tmp_path, drai
     q = loc.create(name, max_deliveries=1000)
     items = payloads(3000, seed=13, big_every=500)
     path = tmp_path / "r.dump"
-    rnd = random.Random(int(os.environ.get("FASTMQ_TEST_SEED", "0")) or None)
+    seed = int(os.environ.get("FASTMQ_TEST_SEED") or random.randrange(1 << 30))
+    rnd = random.Random(seed)
     try:
         # How long the dump's own work takes here (from its temporary file
         # on), so that the kills land within it:
@@ -520,8 +520,13 @@ def test_sigkill_of_the_dump_at_random_moments_loses_nothing(loc, tmp_path, drai
         rounds = 3 if loc.kind == "redis" else 10   # a dead redis consumer takes 5 s to notice
         for _ in range(rounds):
             fill(q, items)
-            _killed_dump(loc, name, path, drain_flag, delay=rnd.uniform(0, span))
-            _check_after_kill(q, path, items, drain_flag)
+            delay = rnd.uniform(0, span)
+            _killed_dump(loc, name, path, drain_flag, delay=delay)
+            try:
+                _check_after_kill(q, path, items, drain_flag)
+            except AssertionError as exc:
+                raise AssertionError(f"killed {delay:.3f} s into the dump "
+                                     f"(FASTMQ_TEST_SEED={seed}): {exc}") from None
     finally:
         q.close()
 

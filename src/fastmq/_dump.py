@@ -237,7 +237,8 @@ def parse_dump(data: bytes, label: str = "the dump") -> Dump:
     if magic != MAGIC:
         raise bad("not a fastmq dump (wrong magic bytes at offset 0)")
     if version != FORMAT_VERSION:
-        newer = " (written by a newer fastmq? upgrade to read it)" if version > FORMAT_VERSION else ""
+        newer = (" (written by a newer fastmq? upgrade to read it)"
+                 if version > FORMAT_VERSION else "")
         raise bad(f"format version {version}, and this fastmq reads version "
                   f"{FORMAT_VERSION} only{newer}")
     if hlen > MAX_HEADER:
