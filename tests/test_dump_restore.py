@@ -779,3 +779,20 @@ def test_a_full_in_flight_table_is_reported_not_hidden(loc, tmp_path):
         time.sleep(0.05)
     assert sorted(got) == [b"0", b"1", b"2", b"3", b"4", b"5"]
     q.close()
+
+
+def test_file_mode_is_kept_on_shared_memory(loc, tmp_path):
+    if loc.kind == "redis":
+        pytest.skip("not on redis: mode= does not apply (access is the server's)")
+    name, copy = unique_name("src"), unique_name("dst")
+    q = loc.create(name, mode=0o640)
+    q.close()
+    path = tmp_path / "m.dump"
+    assert_ok(fmq(loc, "dump", name, "-o", str(path)))
+    assert _dump.read_dump(path).header["queue"]["file_mode"] == 0o640
+    assert_ok(fmq(loc, "restore", str(path), copy))
+    loc.forget(copy)
+    r = loc.open(copy)
+    assert _dump.queue_options(r)["file_mode"] == 0o640
+    r.close()
+    assert oct(os.stat(str(path)).st_mode & 0o777) == oct(0o600)   # the dump: owner only

@@ -323,8 +323,9 @@ def _check_options(opts, bad):
 
 # --------------------------------------------------------- queue metadata
 
-def queue_options(q) -> dict:
-    """What ``Queue.create`` needs to make another queue like ``q``."""
+def queue_options(q, url=None) -> dict:
+    """What ``Queue.create`` needs to make another queue like ``q`` (which
+    lives at ``url``)."""
     from .queue import unbounded_slots
     maxsize, cap = q.maxsize, q.capacity_bytes
     # A queue made with maxsize <= 0 has unbounded_slots(capacity_bytes)
@@ -342,13 +343,14 @@ def queue_options(q) -> dict:
     return {"maxsize": int(maxsize), "max_message_size": int(q.max_message_size),
             "capacity_bytes": None if cap is None else int(cap),
             "max_deliveries": int(max_deliveries), "dead_letter": dead_letter or None,
-            "file_mode": _file_mode(q)}
+            "file_mode": _file_mode(q, url)}
 
 
-def _file_mode(q):
+def _file_mode(q, url):
     """The permission bits of a shared-memory queue's segment, else None."""
     ring = getattr(q, "_ring", None)
-    if getattr(q, "backend", None) not in ("native", "pure") or ring is None:
+    if (_location.resolve(url)[0] != "shm" or ring is None
+            or getattr(q, "backend", None) not in ("native", "pure")):
         return None
     from . import _lifetime
     base = _lifetime.NATIVE_SHM_DIR if q.backend == "native" else _lifetime.SHM_DIR
@@ -436,7 +438,7 @@ def dump_queue(name, path, *, url=None, drain=False, force=False, lease=DEFAULT_
     tmp = None
     held = _Held(q, float(lease))
     try:
-        opts = queue_options(q)
+        opts = queue_options(q, url)
         header = {"format": FORMAT_NAME, "name": name, "source": _where(url),
                   "backend": getattr(q, "backend", None), "created": time.time(),
                   "fastmq": _version(), "mode": "drain" if drain else "copy", "queue": opts}
@@ -482,7 +484,7 @@ def dump_queue(name, path, *, url=None, drain=False, force=False, lease=DEFAULT_
     finally:
         try:
             if held.messages:             # failed before settling: give them back
-                held.give_back(queue_options(q)["max_deliveries"])
+                held.give_back(queue_options(q, url)["max_deliveries"])
         finally:
             if tmp is not None:
                 try:
