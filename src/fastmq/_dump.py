@@ -26,7 +26,8 @@ The dump file (format version 1; integers little-endian)
                                 "max_message_size", "capacity_bytes" (null:
                                 the location's default), "max_deliveries",
                                 "dead_letter" (null: none), "file_mode"
-                                (null: unknown)
+                                (null: unknown), and for a durable
+                                queue "sync" and "sync_interval"
              crc       u32      CRC-32 of every header byte before it
     record   tag       1 byte   "R"                     (zero or more records,
              deliveries u32     times it had been        in queue order)
@@ -319,6 +320,11 @@ def _check_options(opts, bad):
             raise bad(f"the header's queue option {key!r} is {v!r}")
     if opts.get("dead_letter") is not None and not isinstance(opts["dead_letter"], str):
         raise bad("the header's queue option 'dead_letter' is not a name")
+    if opts.get("sync") is not None and not isinstance(opts["sync"], str):
+        raise bad("the header's queue option 'sync' is not a name")
+    v = opts.get("sync_interval")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+        raise bad(f"the header's queue option 'sync_interval' is {v!r}")
 
 
 # --------------------------------------------------------- queue metadata
@@ -340,10 +346,17 @@ def queue_options(q, url=None) -> dict:
     dead_letter = getattr(q, "dead_letter", None)
     if dead_letter is None:
         dead_letter = getattr(ring, "dead_letter", None)
-    return {"maxsize": int(maxsize), "max_message_size": int(q.max_message_size),
+    opts = {"maxsize": int(maxsize), "max_message_size": int(q.max_message_size),
             "capacity_bytes": None if cap is None else int(cap),
             "max_deliveries": int(max_deliveries), "dead_letter": dead_letter or None,
             "file_mode": _file_mode(q, url)}
+    # A durable queue's flush policy (its stats say; other locations have none).
+    stats = q.stats()
+    if isinstance(stats.get("sync"), str):
+        opts["sync"] = stats["sync"]
+        if isinstance(stats.get("sync_interval"), (int, float)):
+            opts["sync_interval"] = stats["sync_interval"]
+    return opts
 
 
 def _file_mode(q, url):
@@ -557,6 +570,10 @@ def restore_queue(path, name, *, url=None, append=False, timeout=30.0, _dump=Non
                   dead_letter=opts["dead_letter"])
         if opts.get("file_mode") is not None:
             kw["mode"] = opts["file_mode"]
+        if opts.get("sync") and _location.resolve(url)[0] == "file":
+            kw["sync"] = opts["sync"]         # durable to durable: the same flush policy
+            if opts.get("sync_interval"):
+                kw["sync_interval"] = opts["sync_interval"]
         q = Queue.create(name, url=url, **kw)
         created = True
     try:
