@@ -72,7 +72,11 @@ came after its last byte). Then:
 
 * a **copy** (the default) gives every message back with ``nack()``, one by
   one in queue order, so a queue nobody else used meanwhile ends with the
-  same messages in the same order. Limits, all of which come from having no
+  same messages in the same order. Killed at any point, it loses nothing:
+  the messages it still held come back by themselves, and the one it was
+  giving back at that instant may come back twice (a queue requeues a
+  message before it frees the old entry, so a crash in between duplicates
+  rather than loses it). Limits, all of which come from having no
   peek: every message's ``delivery_count`` goes up by one (the dump was a
   delivery; consumers see ``redelivered``); a message that the dump received
   on its last allowed delivery (``max_deliveries``) would be dead-lettered by
