@@ -539,8 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move the messages: ack them once FILE is safely written")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     p.add_argument("--lease", type=_positive, default=300.0, metavar="SECONDS",
-                   help="lease of the messages while the dump holds them (renewed as "
-                   "needed; a killed dump's messages come back sooner)")
+                   help="lease of the messages while the dump holds them (renewed while "
+                   "it runs; a dump that is stopped, not killed, keeps them this long)")
     p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_dump)
 
