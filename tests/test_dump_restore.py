@@ -29,24 +29,29 @@ import pytest
 
 import fastmq
 from fastmq import _dump
+import conftest
 from conftest import WITH_REDIS, unique_name
 from redis_support import fresh_server  # noqa: F401 - a fixture
 
-pytestmark = pytest.mark.backends(*WITH_REDIS)
+# Durable file:// queues join every test (and the moves) where this tree has
+# them: conftest then knows the "file" location.
+HAVE_FILE = hasattr(conftest, "durable_url")
+pytestmark = pytest.mark.backends(*WITH_REDIS, *(("file",) if HAVE_FILE else ()))
 
 
 # ----------------------------------------------------------------- helpers
 
 class Loc:
     """A location as the tests address it: shared memory of one backend
-    (``FASTMQ_BACKEND`` for the command line), or a Redis server (``--url``)."""
+    (``FASTMQ_BACKEND`` for the command line), a Redis server or a durable
+    directory (``--url``)."""
 
     def __init__(self, kind, url=None):
         self.kind, self.url = kind, url
         self.names = []
 
     def kw(self):
-        return {"url": self.url} if self.kind == "redis" else {"_backend": self.kind}
+        return {"url": self.url} if self.url else {"_backend": self.kind}
 
     def env(self):
         env = dict(os.environ)
@@ -55,11 +60,11 @@ class Loc:
         if self.kind == "redis":
             env.pop("FASTMQ_BACKEND", None)
         else:
-            env["FASTMQ_BACKEND"] = self.kind
+            env["FASTMQ_BACKEND"] = "native" if self.kind == "file" else self.kind
         return env
 
     def args(self):
-        return ["--url", self.url] if self.kind == "redis" else []
+        return ["--url", self.url] if self.url else []
 
     def create(self, name, **kw):
         q = fastmq.Queue.create(name, **self.kw(), **kw)
@@ -84,6 +89,8 @@ def _make_loc(request, kind):
     url = None
     if kind == "redis":
         url = request.getfixturevalue("_redis_session").url
+    elif kind == "file":
+        url = conftest.durable_url()
     loc = Loc(kind, url)
     request.addfinalizer(loc.cleanup)
     return loc
@@ -325,6 +332,9 @@ def test_unbounded_queue_stays_unbounded(loc, tmp_path):
 
 MOVES = [("native", "pure"), ("pure", "native"), ("native", "redis"), ("redis", "native"),
          ("pure", "redis"), ("redis", "pure")]
+if HAVE_FILE:
+    MOVES += [("native", "file"), ("file", "native"), ("pure", "file"), ("file", "redis"),
+              ("redis", "file")]
 
 
 @pytest.mark.parametrize("src,dst", MOVES)
@@ -522,7 +532,8 @@ def test_sigkill_of_the_dump_at_random_moments_loses_nothing(loc, tmp_path, drai
         assert rc == 0 and span is not None
         os.unlink(path)
         assert drain(q) == items
-        rounds = 3 if loc.kind == "redis" else 10   # a dead redis consumer takes 5 s to notice
+        # A dead redis consumer takes 5 s to notice; a durable dump flushes.
+        rounds = 3 if loc.kind in ("redis", "file") else 10
         for _ in range(rounds):
             fill(q, items)
             delay = rnd.uniform(0, span)
@@ -787,8 +798,8 @@ def test_a_full_in_flight_table_is_reported_not_hidden(loc, tmp_path):
 
 
 def test_file_mode_is_kept_on_shared_memory(loc, tmp_path):
-    if loc.kind == "redis":
-        pytest.skip("not on redis: mode= does not apply (access is the server's)")
+    if loc.kind in ("redis", "file"):
+        pytest.skip("shared memory only: a dump records the mode of a segment")
     name, copy = unique_name("src"), unique_name("dst")
     q = loc.create(name, mode=0o640)
     q.close()
