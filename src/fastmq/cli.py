@@ -10,6 +10,13 @@
     fastmq rm NAME...             unlink named queues or exchanges (handles keep
                                   working); removes every name that exists and
                                   reports the missing ones
+    fastmq dump NAME -o FILE [--drain] [--force]
+                                  write the queue's messages and options to a
+                                  checksummed file (a copy, or with --drain a
+                                  move); see fastmq._dump
+    fastmq restore FILE NAME [--append]
+                                  verify a dump as a whole, then recreate the
+                                  queue from it (here or at another --url)
     fastmq --version
 
 Exit status: 0 ok; 1 error, with a one-line message on stderr and no traceback
@@ -382,6 +389,52 @@ def _located(args):
     return located.COMMANDS[args.command]
 
 
+def cmd_dump(args) -> int:
+    from . import _dump
+    done = _dump.dump_queue(args.name, args.output, url=args.url, drain=args.drain,
+                            force=args.force, lease=args.lease)
+    what = (f"dumped {done['count']} message(s) ({human_bytes(done['bytes'])}) of queue "
+            f"{args.name!r} to {done['path']}")
+    if args.drain:
+        tail = "drained: they left the queue"
+        if done["already_back"]:
+            tail += (f"; {done['already_back']} lease(s) ran out first, so those are also "
+                     "still in the queue")
+    else:
+        tail = "copied: they are back in the queue, each delivery count one higher"
+    if done["left_behind"]:
+        tail += (f"; {done['left_behind']} ready message(s) are not in it: the queue's "
+                 "in-flight table was full (consumers hold many leases)")
+    if done["in_flight_elsewhere"]:
+        tail += (f"; {done['in_flight_elsewhere']} message(s) leased by consumers are not "
+                 "in it")
+    print(f"{what} ({tail})")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from . import _dump
+    done = _dump.restore_queue(args.file, args.name, url=args.url, append=args.append,
+                               timeout=args.timeout)
+    where = "new queue" if done["created"] else "queue"
+    how = "as one atomic batch" if done["atomic"] else "in order"
+    print(f"restored {done['count']} message(s) ({human_bytes(done['bytes'])}) into {where} "
+          f"{args.name!r} {how}" + (f"; {done['redelivered']} had been delivered before "
+                                    "(their delivery counts start over)"
+                                    if done["redelivered"] else ""))
+    return 0
+
+
+def _positive(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+    return value
+
+
 def cmd_bench(args) -> int:
     from . import bench
     return bench.run_from_args(args, args._parser)
@@ -469,6 +522,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", metavar="NAME", help="queue or exchange names")
     p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("dump", help="back a queue up to a file (a copy, or a move with --drain)",
+                       description="Write the queue's messages, in order, and the options "
+                       "that recreate it to FILE: a versioned, checksummed dump. The "
+                       "messages are leased while they are written, so a dump killed at any "
+                       "moment loses none. Without --drain they are given back afterwards "
+                       "(a copy: each one's delivery count goes up by one); with --drain "
+                       "they are acked once FILE is complete and on disk (a move; killed "
+                       "after that, some may be in both places, none in neither).",
+                       formatter_class=fmt)
+    p.add_argument("name", help="the queue's name")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="the dump file (written under a temporary name, then renamed)")
+    p.add_argument("--drain", action="store_true",
+                   help="move the messages: ack them once FILE is safely written")
+    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    p.add_argument("--lease", type=_positive, default=300.0, metavar="SECONDS",
+                   help="lease of the messages while the dump holds them (renewed while "
+                   "it runs; a dump that is stopped, not killed, keeps them this long)")
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
+    p.set_defaults(func=cmd_dump)
+
+    p = sub.add_parser("restore", help="recreate a queue from a dump file",
+                       description="Verify the whole dump (magic, version, checksums, "
+                       "count), then create the queue NAME with the options it records "
+                       "and put its messages in, in order. A damaged or truncated dump is "
+                       "refused before anything is put. An existing queue is used as it "
+                       "is; one that holds messages is refused unless --append.",
+                       formatter_class=fmt)
+    p.add_argument("file", metavar="FILE", help="a file written by fastmq dump")
+    p.add_argument("name", help="the queue to restore into (created if it does not exist)")
+    p.add_argument("--append", action="store_true",
+                   help="restore into a queue that already holds messages, behind them")
+    p.add_argument("--timeout", type=_positive, default=30.0, metavar="SECONDS",
+                   help="how long a put may wait for room in the queue")
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
+    p.set_defaults(func=cmd_restore)
     return parser
 
 
@@ -477,7 +567,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_usage(sys.stderr)
-        print("fastmq: error: a command is required (bench, ls, stat, pending, rm)",
+        print("fastmq: error: a command is required (bench, ls, stat, pending, rm, dump, "
+              "restore)",
               file=sys.stderr)
         return 2
     if getattr(args, "interval", 1.0) <= 0:
