@@ -34,6 +34,13 @@ struct fmq_region {
     uint64_t keep_bytes;        /* warm free-block memory kept (fmq_pool.c)      */
     uint64_t budget;            /* block pages allowed: capacity_bytes, paged    */
     int nospace_why;            /* FMQ_WHY_*: why the last block request failed  */
+    /* durable (file://) queues, fmq_durable.c; all zero for shared memory */
+    int durable;
+    uint32_t sync_mode;         /* FMQ_SYNC_*                                    */
+    uint64_t sync_interval_ns;
+    struct fmq_dctl *dctl;      /* the flush words, past the segment's end       */
+    uint64_t dur_kept, dur_dropped, dur_generation;   /* this open's recovery   */
+    char *dur_path;             /* the file (malloc'd; freed by fmq_region_free) */
 };
 
 #define FMQ_WHY_CAP 1           /* the queue's capacity_bytes                    */
@@ -141,5 +148,24 @@ static inline void fmq_cpu_relax(void) {
     __asm__ __volatile__("yield" ::: "memory");
 #endif
 }
+
+/* ---- durable queues (fmq_durable.c) and the region helpers they share ------- */
+uint32_t fmq_durable_crc(uint32_t len, const unsigned char *payload);
+/* sync="commit": wait until everything committed so far is on disk (group
+ * commit); other modes: nothing. For the core's own moves (lease take,
+ * requeue) whose two halves a power loss must not split. */
+int fmq_durable_barrier_for_move(fmq_region *r);
+void fmq_durable_on_close(fmq_region *r);
+int fmq_name_ok(const char *name);
+int fmq_open_path(const char *path, int flags, unsigned mode);
+fmq_region *fmq_region_new(const char *name, int fd);
+void fmq_region_bind(fmq_region *r);
+void fmq_region_free(fmq_region *r);
+int fmq_validate(fmq_region *r, size_t file_size);
+void fmq_pool_init(fmq_region *r);
+void fmq_region_set_keep(fmq_region *r);
+int fmq_os_fail(const char *what, const char *name);
+uint64_t fmq_geometry_check(const fmq_header *h);
+uint64_t fmq_realtime_ns(void);
 
 #endif /* FMQ_INTERNAL_H */

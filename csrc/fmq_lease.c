@@ -237,6 +237,7 @@ again:;
         e->len = m->len;
         e->block = m->block;
         e->deliveries = m->deliveries + 1;
+        e->crc = m->crc;   /* a durable queue's recovery checks the entry with it */
         if (m->block == FMQ_NO_BLOCK) {
             memcpy(fmq_lease_inline(e), m->data, m->len);
             atomic_store_explicit(&e->holder, 0, memory_order_relaxed);
@@ -257,6 +258,10 @@ again:;
                               memory_order_release);                        /* [R-lease] */
         fmq_lower_next_due(r, now + lease_ns);
         FMQ_CRASHPOINT("lease.take.leased");
+        /* sync="commit": the entry reaches the disk before the slot is
+         * freed, so a power loss cannot keep the free and lose the entry. */
+        if (r->durable)
+            (void)fmq_durable_barrier_for_move(r);   /* a failed flush: as "interval" */
         int rc = fmq_ring_free_moved(r, m);
         if (rc != FMQ_OK)
             return rc;
@@ -488,6 +493,10 @@ static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int fo
     if (rc != FMQ_OK)
         return rc;
     FMQ_CRASHPOINT("lease.requeue.committed");
+    /* sync="commit": the new copy is on disk before the entry is freed (a
+     * failed flush leaves a duplicate after a power loss, never a loss). */
+    if (r->durable)
+        (void)fmq_durable_barrier_for_move(r);
     fmq_lease_settle(r, e, token, block);
     fmq_count(r, FMQ_ST_REDELIVERED, 1);
     return FMQ_OK;
