@@ -194,9 +194,10 @@ cdef class Ring:
         finally:
             self._leave()
         return {"sync": _SYNC_NAMES[info.sync_mode], "sync_interval": info.sync_interval_ns / 1e9,
-                "generation": info.generation, "recoveries": info.recoveries,
+                "generation": info.generation, "rebuilds": info.recoveries,
                 "flushes": info.flushes, "recovered_kept": info.kept,
-                "recovered_dropped": info.dropped, "dropped_total": info.dropped_total}
+                "recovered_dropped": info.dropped,
+                "recovered_dropped_total": info.dropped_total}
 
     @staticmethod
     def unlink(str name):
