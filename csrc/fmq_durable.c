@@ -331,8 +331,14 @@ static int fmq_flush_until(fmq_region *r, uint64_t seq) {
             waited_since = now;
         if (now - waited_since > FMQ_FLUSH_PATIENCE_NS) {
             /* The flusher is slow, frozen or dead: flushing again is
-             * always correct, and our number is covered by our own. */
+             * always correct, and our number is covered by our own. A dead
+             * one's word is cleared, or every later flush would wait here. */
+            uint64_t f = atomic_load_explicit(&d->flusher.v, memory_order_acquire);
             int rc = fmq_flush_once(r);
+            if (f && fmq_tag_is_dead(r, (uint32_t)(f - 1)))
+                atomic_compare_exchange_strong_explicit(&d->flusher.v, &f, 0,
+                                                        memory_order_seq_cst,
+                                                        memory_order_relaxed);
             if (rc != FMQ_OK)
                 return rc;
             waited_since = 0;

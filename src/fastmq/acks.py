@@ -428,11 +428,14 @@ class Acks:
     def _dead_letter_queue(self, name):
         if self._dlq is None or self._dlq.closed:
             from .queue import Queue
-            backend = self.queue.backend
+            where = {"_backend": self.queue.backend}
+            path = getattr(self.queue._ring, "path", None)
+            if path is not None:       # a durable queue: its dead letters are durable too
+                where = {"url": "file://" + os.path.dirname(path)}
             try:
-                self._dlq = Queue.open(name, _backend=backend)
+                self._dlq = Queue.open(name, **where)
             except QueueNotFound:
-                self._dlq = Queue.create(name, exist_ok=True, _backend=backend)
+                self._dlq = Queue.create(name, exist_ok=True, **where)
         return self._dlq
 
     def close(self):

@@ -231,9 +231,9 @@ class Queue(Generic[_T]):
         that finds the last flush older than ``sync_interval`` seconds
         flushes, and so does closing a handle) or ``"none"`` (the OS writes
         back when it likes). An existing queue keeps the mode it was made with."""
-        scheme, _ = _location.resolve(url)
+        scheme, resolved = _location.resolve(url)
         if scheme == "file":
-            return cls._create_durable(name, url, maxsize, max_message_size, capacity_bytes,
+            return cls._create_durable(name, resolved, maxsize, max_message_size, capacity_bytes,
                                        mode, exist_ok, serializer, max_deliveries, dead_letter,
                                        authkey, _backend, sync, sync_interval)
         if sync is not None:
@@ -306,9 +306,9 @@ class Queue(Generic[_T]):
              authkey: Optional[bytes] = None, _backend: Optional[str] = None,
              url: Optional[str] = None) -> "Queue[Any]":
         """Open the existing named queue ``name`` (``QueueNotFound`` if absent)."""
-        scheme, _ = _location.resolve(url)
+        scheme, resolved = _location.resolve(url)
         if scheme == "file":
-            return cls._open_durable(name, url, serializer, authkey, _backend)
+            return cls._open_durable(name, resolved, serializer, authkey, _backend)
         impl = _location.queue_class(url)
         if impl is not None:
             _auth.only_in_shared_memory(authkey, url)
@@ -326,7 +326,7 @@ class Queue(Generic[_T]):
     @staticmethod
     def unlink(name: str, *, _backend: Optional[str] = None, url: Optional[str] = None) -> None:
         """Remove the name ``name``; handles already open keep working."""
-        scheme, _ = _location.resolve(url)
+        scheme, url = _location.resolve(url)
         if scheme == "file":
             path = _location.file_path(url, _names.validate_name(name))
             try:
@@ -977,7 +977,9 @@ def _durable_backend(name, url):
     need a second implementation of the flush protocol and of the recovery
     scan (the crash-critical part), and could not share the files anyway
     (its layout differs). So it is a typed error that says what to do."""
-    backend, module = _backend_resolve(name)
+    # As on redis://, the url picks the location and _backend= is not used to
+    # choose anything else; only a pure ring (asked for, or the default) is refused.
+    backend, module = _backend.resolve("pure" if name == "pure" else None)
     if backend != "native":
         raise NotImplementedError(
             f"durable queues ({_location.mask(url)!r}) need fastmq's native backend (the C "
