@@ -38,12 +38,14 @@
  * is always correct), so a flusher killed or frozen mid-flush costs a
  * delay, never a hang.
  *   sync="commit": fmq_durable_sync waits for its number (put returns after
- *     the flush); the core's two-step moves (a lease taken out of the ring,
- *     a lease requeued into it) wait between the steps, so a power loss
- *     keeps the message on one side or both, never neither.
+ *     the flush).
  *   sync="interval": a put that finds the last completed flush older than
  *     the interval flushes (in its own call); closing a handle flushes. No
  *     background thread: with no puts, nothing is flushed until close.
+ *   Both: the core's two-step moves (a lease taken out of the ring by
+ *     get_message, a lease requeued into it) wait for a flush between the
+ *     steps, so a power loss keeps the message on one side or both, never
+ *     neither (a plain get() needs none: a consumed message may come back).
  *   sync="none": only closing a handle of an "interval"/"commit" queue
  *     flushes; the OS writes back when it likes.
  *
@@ -361,7 +363,9 @@ static int fmq_barrier(fmq_region *r) {
 }
 
 int fmq_durable_barrier_for_move(fmq_region *r) {
-    if (!r->durable || r->sync_mode != FMQ_SYNC_COMMIT)
+    /* "interval" too: it keeps every put older than the last flush, and a
+     * leased, unacked message is still one of them. */
+    if (!r->durable || r->sync_mode == FMQ_SYNC_NONE)
         return FMQ_OK;
     return fmq_barrier(r);
 }

@@ -258,8 +258,9 @@ again:;
                               memory_order_release);                        /* [R-lease] */
         fmq_lower_next_due(r, now + lease_ns);
         FMQ_CRASHPOINT("lease.take.leased");
-        /* sync="commit": the entry reaches the disk before the slot is
-         * freed, so a power loss cannot keep the free and lose the entry. */
+        /* A durable queue (sync "commit"/"interval"): the entry reaches the
+         * disk before the slot is freed, so a power loss cannot keep the
+         * free and lose the entry. */
         if (r->durable)
             (void)fmq_durable_barrier_for_move(r);   /* a failed flush: as "interval" */
         int rc = fmq_ring_free_moved(r, m);
@@ -493,8 +494,9 @@ static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int fo
     if (rc != FMQ_OK)
         return rc;
     FMQ_CRASHPOINT("lease.requeue.committed");
-    /* sync="commit": the new copy is on disk before the entry is freed (a
-     * failed flush leaves a duplicate after a power loss, never a loss). */
+    /* A durable queue (sync "commit"/"interval"): the new copy is on disk
+     * before the entry is freed (after a failed flush a power loss may
+     * leave a duplicate, never a loss). */
     if (r->durable)
         (void)fmq_durable_barrier_for_move(r);
     fmq_lease_settle(r, e, token, block);
