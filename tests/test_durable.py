@@ -92,6 +92,15 @@ def _ids(log):
     return ids, bad
 
 
+def _wait_started(logs, timeout=20.0):
+    """Until every log has a line (its process is up and working), bounded."""
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        if all(os.path.exists(lg) and os.path.getsize(lg) > 0 for lg in logs):
+            return
+        time.sleep(0.02)
+
+
 def _create(d, name, sync, **kw):
     geo = dict(GEOMETRY, **kw)
     return fastmq.Queue.create(name, url=_url(d), sync=sync, sync_interval=0.005, **geo)
@@ -254,7 +263,8 @@ def test_kill9_at_random_moments_then_reopen_loses_nothing_committed(ddir, sync)
         procs.append(_spawn("consumer", url, "k9", cons, rnd))
         next_id += 200000
         try:
-            time.sleep(rng.uniform(0.3, 1.0))
+            _wait_started(plog)
+            time.sleep(rng.uniform(0.05, 0.6))
         finally:
             _reap(procs)
     required, returned, _ = _required(logs, cons)
@@ -357,7 +367,8 @@ def _power_loss_round(ddir, sync, rng, crash_env=None):
              _spawn("producer", url, name, plogs[1], 1000000, 100000, env=env),
              _spawn("consumer", url, name, cons, rng.randrange(1000), env=env)]
     try:
-        time.sleep(rng.uniform(0.3, 0.9))
+        _wait_started(plogs[1:])
+        time.sleep(rng.uniform(0.05, 0.5))
     finally:
         _reap(procs)
     current = os.path.join(ddir, "current.img")
