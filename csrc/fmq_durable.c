@@ -349,8 +349,10 @@ static int fmq_flush_until(fmq_region *r, uint64_t seq) {
         atomic_fetch_add_explicit(&d->wait.waiters, 1, memory_order_seq_cst);
         uint32_t ep = atomic_load_explicit(&d->wait.epoch, memory_order_seq_cst);
         if (atomic_load_explicit(&d->flushed_seq.v, memory_order_seq_cst) < seq &&
-            atomic_load_explicit(&d->flusher.v, memory_order_seq_cst) != 0)
-            (void)fmq_wait_on(&d->wait.epoch, ep, FMQ_FLUSH_SLICE_NS);
+            atomic_load_explicit(&d->flusher.v, memory_order_seq_cst) != 0) {
+            const uint64_t slice = FMQ_FLUSH_SLICE_NS;   /* bounded: re-check */
+            (void)fmq_wait_on(&d->wait.epoch, ep, slice);
+        }
         atomic_fetch_sub_explicit(&d->wait.waiters, 1, memory_order_relaxed);
     }
 }
