@@ -644,3 +644,31 @@ def test_compaction_killed_midway_is_finished_by_the_next_opener(ddir, point):
     got, bad, _ = _check(url, "mx")
     assert bad == [] and got == sorted(got) and newer <= set(got)
     assert not os.path.exists(os.path.join(ddir, "mx.fmq.rebuild"))
+
+
+# ------------------------------------------------------------- the CLI
+
+def test_cli_ls_stat_rm_on_a_file_location(ddir):
+    q = _create(ddir, "alpha", "interval")
+    q.put_bytes(W.payload(1))
+    q.close()
+    with open(os.path.join(ddir, "junk.fmq"), "wb") as f:
+        f.write(b"not a queue")
+    env = dict(os.environ, FASTMQ_BACKEND="native")
+    env.pop("FASTMQ_URL", None)
+
+    def cli(*a):
+        return subprocess.run([sys.executable, "-m", "fastmq", *a, "--url", _url(ddir)],
+                              env=env, capture_output=True, text=True, timeout=60)
+    res = cli("ls", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = {r["name"]: r for r in json.loads(res.stdout)["queues"]}
+    assert rows["alpha"]["depth"] == 1 and rows["alpha"]["sync"] == "interval"
+    assert rows["junk"]["status"].startswith("error: CorruptQueue")
+    res = cli("stat", "alpha")
+    assert res.returncode == 0 and "depth" in res.stdout, res.stderr
+    res = cli("rm", "alpha")
+    assert res.returncode == 0, res.stderr
+    assert not os.path.exists(os.path.join(ddir, "alpha.fmq"))
+    res = cli("rm", "alpha")
+    assert res.returncode == 1 and "alpha" in res.stderr
