@@ -672,3 +672,22 @@ def test_cli_ls_stat_rm_on_a_file_location(ddir):
     assert not os.path.exists(os.path.join(ddir, "alpha.fmq"))
     res = cli("rm", "alpha")
     assert res.returncode == 1 and "alpha" in res.stderr
+
+
+def test_creator_killed_before_the_link_leaves_nothing_that_opens(ddir):
+    """A creator killed after writing its file but before linking it into
+    place: the name does not exist (never a half-made queue), and the next
+    create removes the dead creator's temporary file and succeeds."""
+    code = ("import fastmq, sys; fastmq.Queue.create('cr', url=sys.argv[1], maxsize=8, "
+            "max_message_size=4096, capacity_bytes=1 << 20)")
+    env = dict(os.environ, FASTMQ_BACKEND="native", FASTMQ_CRASH_AT="durable.create.before_link")
+    res = subprocess.run([sys.executable, "-c", code, _url(ddir)], env=env, timeout=60,
+                         capture_output=True, text=True)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    assert [n for n in os.listdir(ddir) if ".tmp-" in n], "the crash left no temporary file?"
+    with pytest.raises(fastmq.QueueNotFound):
+        fastmq.Queue.open("cr", url=_url(ddir))
+    q = fastmq.Queue.create("cr", url=_url(ddir), maxsize=8, max_message_size=4096,
+                            capacity_bytes=1 << 20)
+    q.close()
+    assert sorted(os.listdir(ddir)) == ["cr.fmq"]

@@ -281,6 +281,7 @@ class Queue(Generic[_T]):
         backend, module = _durable_backend(backend_name, url)
         directory = _location.file_dir(url)
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        _remove_dead_creators_files(_location.file_path(url, name))
         ring = module.Ring.create_durable(
             segment, _location.file_path(url, name), mode=mode, exist_ok=exist_ok,
             max_deliveries=max_deliveries, dead_letter=dead_letter or "",
@@ -970,6 +971,33 @@ def _numpy():
     except ImportError:
         raise ImportError("reserve_array needs numpy: pip install numpy") from None
     return numpy
+
+
+def _remove_dead_creators_files(path):
+    """A creator killed before it linked the file into place leaves its
+    temporary file (``<file>.tmp-<pid>-<random>``): removed once that pid is
+    gone. A live creator's file is never touched."""
+    directory, base = os.path.split(path)
+    prefix = base + ".tmp-"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for entry in names:
+        if not entry.startswith(prefix):
+            continue
+        try:
+            pid = int(entry[len(prefix):].split("-", 1)[0])
+            os.kill(pid, 0)
+            continue                      # its creator is alive
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue                      # not ours to judge
+        try:
+            os.unlink(os.path.join(directory, entry))
+        except OSError:
+            pass
 
 
 def _durable_backend(name, url):
