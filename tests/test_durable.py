@@ -691,3 +691,26 @@ def test_creator_killed_before_the_link_leaves_nothing_that_opens(ddir):
                             capacity_bytes=1 << 20)
     q.close()
     assert sorted(os.listdir(ddir)) == ["cr.fmq"]
+
+
+def test_openers_racing_after_a_crash_rebuild_once_and_share_the_backlog(ddir):
+    """Three processes open a file nobody has open at the same moment: one
+    rebuilds (the others wait for it on the init lock, then find it
+    registered), and between them they deliver every message exactly once."""
+    q = _create(ddir, "race", "commit", maxsize=256, capacity_bytes=4 << 20)
+    for i in range(120):
+        q.put_bytes(W.payload(i))
+    q.close()
+    procs = [_spawn("check_one", _url(ddir), "race") for _ in range(3)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        _reap(procs)
+    ids = [i for r in results for i in r["ids"]]
+    assert all(r["bad"] == [] for r in results)
+    assert sorted(ids) == list(range(120)), "lost or duplicated"
+    assert sum(1 for r in results if r["kept"]) == 1, [r["kept"] for r in results]
