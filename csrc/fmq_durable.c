@@ -77,6 +77,16 @@
  *   Every step is recomputed from the records by the next opener, so a
  *   rebuild killed (or powered off) at any point is simply done again.
  *
+ * Memory order. [R-seq] a committer's fetch_add of commit_seq comes after
+ * its commit CAS (both seq_cst); the flusher's seq_cst load of commit_seq
+ * [A-seq] therefore sees only numbers whose stores precede its fdatasync.
+ * [R-flushed] the CAS-max of flushed_seq after the fdatasync returned pairs
+ * with [A-flushed], the waiter's load: covered means on disk. The flusher
+ * word is a CAS-elected lock whose loss (a dead flusher) costs a waiter
+ * FMQ_FLUSH_PATIENCE_NS, never correctness. The rebuild runs alone (init
+ * lock held, every other participant dead), so it uses relaxed accesses;
+ * its results are published to later openers by the init lock itself.
+ *
  * Failure model. kill -9 of any process: the page cache keeps every store,
  * so a durable queue behaves exactly like a shared-memory one (crash
  * recovery, fmq_recover.c). Power loss: any page written since the last
@@ -293,7 +303,7 @@ static int fmq_flush_once(fmq_region *r) {
     struct fmq_dctl *d = r->dctl;
     /* seq_cst: ordered after every commit whose number we cover (their
      * fetch_add came after their commit CAS) and before the fdatasync. */
-    uint64_t upto = atomic_load_explicit(&d->commit_seq.v, memory_order_seq_cst);
+    uint64_t upto = atomic_load_explicit(&d->commit_seq.v, memory_order_seq_cst);   /* [A-seq] */
     FMQ_CRASHPOINT("durable.flush.before_sync");
     if (fmq_fdatasync(r->fd) != 0)
         return fmq_os_fail("cannot flush durable queue", r->name);
@@ -301,7 +311,7 @@ static int fmq_flush_once(fmq_region *r) {
     uint64_t n = atomic_fetch_add_explicit(&d->flushes.v, 1, memory_order_relaxed) + 1;
     fmq_copy_image(r, n);
     atomic_store_explicit(&d->last_flush_ns.v, fmq_now_ns(), memory_order_relaxed);
-    fmq_max_u64(&d->flushed_seq.v, upto);
+    fmq_max_u64(&d->flushed_seq.v, upto);   /* [R-flushed] pairs with [A-flushed] */
     return FMQ_OK;
 }
 
@@ -311,6 +321,8 @@ static int fmq_flush_until(fmq_region *r, uint64_t seq) {
     struct fmq_dctl *d = r->dctl;
     uint64_t waited_since = 0;
     for (;;) {
+        /* [A-flushed]: a number covered means the fdatasync that covered it
+         * returned before the flusher published it ([R-flushed]). */
         if (atomic_load_explicit(&d->flushed_seq.v, memory_order_seq_cst) >= seq)
             return FMQ_OK;
         uint64_t zero = 0;
@@ -360,7 +372,8 @@ static int fmq_flush_until(fmq_region *r, uint64_t seq) {
 static int fmq_barrier(fmq_region *r) {
     /* After our commit CAS (seq_cst): a flusher that reads a commit_seq
      * including our number started its fdatasync after our stores. */
-    uint64_t seq = atomic_fetch_add_explicit(&r->dctl->commit_seq.v, 1, memory_order_seq_cst) + 1;
+    uint64_t seq = atomic_fetch_add_explicit(&r->dctl->commit_seq.v, 1,
+                                             memory_order_seq_cst) + 1;   /* [R-seq] */
     return fmq_flush_until(r, seq);
 }
 
