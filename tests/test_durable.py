@@ -218,19 +218,20 @@ def test_group_commit_shares_flushes_between_producers(ddir):
 
 
 def test_interval_put_flushes_when_the_last_flush_is_old(ddir):
-    q = fastmq.Queue.create("iv", url=_url(ddir), sync="interval", sync_interval=0.05,
+    """sync="interval": the put that finds the last flush older than the
+    interval flushes; puts within the interval do not."""
+    q = fastmq.Queue.create("iv", url=_url(ddir), sync="interval", sync_interval=0.5,
                             **GEOMETRY)
+    time.sleep(0.6)
     before = q.stats()["flushes"]
-    q.put_bytes(b"a")                      # the creation's flush is old by now? maybe not
-    time.sleep(0.1)
-    q.put_bytes(b"b")                      # older than 50 ms: this put flushes
+    q.put_bytes(b"b")                      # the last flush is older than 0.5 s
     mid = q.stats()["flushes"]
     for _ in range(20):
         q.put_bytes(b"c")                  # within the interval: no flush each
     after = q.stats()["flushes"]
     q.close()
-    assert mid >= before + 1
-    assert after - mid <= 2
+    assert mid == before + 1
+    assert after - mid <= 1                # at most one more, if 0.5 s passed meanwhile
 
 
 # ------------------------------------------------------------- kill -9
