@@ -96,6 +96,7 @@
  * (EIO) is reported to the put that waited for it as an OSError.
  */
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -115,7 +116,6 @@
 #define FMQ_FLUSH_SLICE_NS 10000000ull        /* a flush waiter re-checks this often  */
 #define FMQ_FLUSH_PATIENCE_NS 200000000ull    /* then flushes on its own              */
 #define FMQ_OPEN_PATIENCE_NS 60000000000ull   /* another opener rebuilding            */
-#define FMQ_STAMP_MASK_D ((1ull << FMQ_STAMP_BITS) - 1)
 
 typedef struct fmq_superblock {
     char magic[8];
@@ -145,84 +145,6 @@ struct fmq_dctl {
 
 _Static_assert(sizeof(fmq_superblock) <= FMQ_PAGE, "a superblock copy fills at most one page");
 _Static_assert(sizeof(struct fmq_dctl) <= FMQ_PAGE, "the flush words fit one page");
-
-/* ======================================================================== */
-/* CRC-32C (Castagnoli)                                                     */
-/* ======================================================================== */
-
-static uint32_t fmq_crc_table[8][256];
-static int fmq_crc_hw = -1;
-
-static void fmq_crc_init(void) {
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-        fmq_crc_table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            fmq_crc_table[t][i] = (fmq_crc_table[t - 1][i] >> 8) ^
-                                  fmq_crc_table[0][fmq_crc_table[t - 1][i] & 0xFF];
-#if defined(__x86_64__)
-    __builtin_cpu_init();
-    fmq_crc_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
-#else
-    fmq_crc_hw = 0;
-#endif
-}
-
-static uint32_t fmq_crc_sw(uint32_t crc, const unsigned char *p, size_t n) {
-    while (n >= 8) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        v ^= crc;
-        crc = fmq_crc_table[7][v & 0xFF] ^ fmq_crc_table[6][(v >> 8) & 0xFF] ^
-              fmq_crc_table[5][(v >> 16) & 0xFF] ^ fmq_crc_table[4][(v >> 24) & 0xFF] ^
-              fmq_crc_table[3][(v >> 32) & 0xFF] ^ fmq_crc_table[2][(v >> 40) & 0xFF] ^
-              fmq_crc_table[1][(v >> 48) & 0xFF] ^ fmq_crc_table[0][v >> 56];
-        p += 8;
-        n -= 8;
-    }
-    while (n--)
-        crc = (crc >> 8) ^ fmq_crc_table[0][(crc ^ *p++) & 0xFF];
-    return crc;
-}
-
-#if defined(__x86_64__)
-__attribute__((target("sse4.2"))) static uint32_t fmq_crc_x86(uint32_t crc,
-                                                             const unsigned char *p,
-                                                             size_t n) {
-    uint64_t c = crc;
-    while (n >= 8) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        c = __builtin_ia32_crc32di(c, v);
-        p += 8;
-        n -= 8;
-    }
-    uint32_t c32 = (uint32_t)c;
-    while (n--)
-        c32 = __builtin_ia32_crc32qi(c32, *p++);
-    return c32;
-}
-#endif
-
-static uint32_t fmq_crc32c(uint32_t seed, const void *data, size_t n) {
-    if (__builtin_expect(fmq_crc_hw < 0, 0))
-        fmq_crc_init();   /* idempotent: racing threads compute the same table */
-    uint32_t crc = ~seed;
-#if defined(__x86_64__)
-    if (fmq_crc_hw)
-        return ~fmq_crc_x86(crc, data, n);
-#endif
-    return ~fmq_crc_sw(crc, data, n);
-}
-
-uint32_t fmq_durable_crc(uint32_t len, const unsigned char *payload) {
-    uint32_t c = fmq_crc32c(0, &len, sizeof len);
-    return payload ? fmq_crc32c(c, payload, len) : c;
-}
 
 /* ======================================================================== */
 /* test hook: images of the file at every completed flush                   */
@@ -315,6 +237,18 @@ static int fmq_flush_once(fmq_region *r) {
     return FMQ_OK;
 }
 
+typedef struct {
+    struct fmq_dctl *d;
+    uint64_t seq;
+} fmq_flush_wait_ctx;
+
+/* A sleeping flush waiter's re-check: covered, or nobody flushing. */
+static int fmq_flush_settled(void *arg) {
+    const fmq_flush_wait_ctx *c = arg;
+    return atomic_load_explicit(&c->d->flushed_seq.v, memory_order_seq_cst) >= c->seq ||
+           atomic_load_explicit(&c->d->flusher.v, memory_order_seq_cst) == 0;   /* [S-wait] */
+}
+
 /* Wait until commit number `seq` is on disk, flushing ourselves when nobody
  * else is (group commit, see the header). */
 static int fmq_flush_until(fmq_region *r, uint64_t seq) {
@@ -331,10 +265,9 @@ static int fmq_flush_until(fmq_region *r, uint64_t seq) {
                                                     memory_order_seq_cst,
                                                     memory_order_relaxed)) {
             int rc = fmq_flush_once(r);
+            /* [S-wait] the release of the flusher word, then the wake */
             atomic_store_explicit(&d->flusher.v, 0, memory_order_seq_cst);
-            atomic_fetch_add_explicit(&d->wait.epoch, 1, memory_order_seq_cst);
-            if (atomic_load_explicit(&d->wait.waiters, memory_order_seq_cst))
-                fmq_wait_wake(&d->wait.epoch, 1 << 30);
+            fmq_waitline_wake(&d->wait, INT_MAX);
             if (rc != FMQ_OK)
                 return rc;
             continue;
@@ -358,14 +291,8 @@ static int fmq_flush_until(fmq_region *r, uint64_t seq) {
             waited_since = 0;
             continue;
         }
-        atomic_fetch_add_explicit(&d->wait.waiters, 1, memory_order_seq_cst);
-        uint32_t ep = atomic_load_explicit(&d->wait.epoch, memory_order_seq_cst);
-        if (atomic_load_explicit(&d->flushed_seq.v, memory_order_seq_cst) < seq &&
-            atomic_load_explicit(&d->flusher.v, memory_order_seq_cst) != 0) {
-            const uint64_t slice = FMQ_FLUSH_SLICE_NS;   /* bounded: re-check */
-            (void)fmq_wait_on(&d->wait.epoch, ep, slice);
-        }
-        atomic_fetch_sub_explicit(&d->wait.waiters, 1, memory_order_relaxed);
+        fmq_flush_wait_ctx ctx = {d, seq};
+        (void)fmq_waitline_sleep(&d->wait, fmq_flush_settled, &ctx, now + FMQ_FLUSH_SLICE_NS);
     }
 }
 
@@ -377,7 +304,7 @@ static int fmq_barrier(fmq_region *r) {
     return fmq_flush_until(r, seq);
 }
 
-int fmq_durable_barrier_for_move(fmq_region *r) {
+static int fmq_durable_barrier_for_move(fmq_region *r) {
     /* "interval" too: it keeps every put older than the last flush, and a
      * leased, unacked message is still one of them. */
     if (!r->durable || r->sync_mode == FMQ_SYNC_NONE)
@@ -406,10 +333,21 @@ int fmq_durable_flush(fmq_region *r) {
     return fmq_barrier(r);
 }
 
-void fmq_durable_on_close(fmq_region *r) {
+static void fmq_durable_on_close(fmq_region *r) {
     if (r->sync_mode != FMQ_SYNC_NONE && r->dctl)
         (void)fmq_barrier(r);
 }
+
+/* The core's upcalls (fmq_region.c's set) plus the two of a durable queue. */
+static const fmq_upcalls fmq_upcalls_durable = {
+    .recover = fmq_recover,
+    .recover_stalled = fmq_recover_stalled,
+    .reap_tag = fmq_reap_tag,
+    .redeliver_due = fmq_lease_redeliver_due,
+    .lease_names_block = fmq_lease_names_block,
+    .durable_barrier = fmq_durable_barrier_for_move,
+    .durable_close = fmq_durable_on_close,
+};
 
 int fmq_durable_info_get(fmq_region *r, fmq_durable_info *out) {
     memset(out, 0, sizeof *out);
@@ -493,6 +431,7 @@ static int fmq_dir_fsync(const char *path) {
 
 static int fmq_bind_durable(fmq_region *r, const char *path) {
     r->durable = 1;
+    r->up = &fmq_upcalls_durable;
     r->dctl = (struct fmq_dctl *)(r->base + r->g.total_size + 2 * FMQ_PAGE);
     r->dur_path = strdup(path);
     return r->dur_path ? FMQ_OK : fmq_fail(FMQ_EOS, "out of memory");
@@ -700,14 +639,14 @@ static const unsigned char *fmq_rec_payload(fmq_region *r, uint32_t len, uint32_
 }
 
 static uint64_t fmq_dlap_near(uint64_t stamp_lap, uint64_t ref_lap) {
-    const uint64_t m = (1ull << (FMQ_STAMP_BITS - 2)) - 1;
+    const uint64_t m = FMQ_LAP_MASK;
     int64_t d = (int64_t)(((stamp_lap - ref_lap) & m) << (64 - (FMQ_STAMP_BITS - 2))) >>
                 (64 - (FMQ_STAMP_BITS - 2));
     return d < 0 && (uint64_t)-d > ref_lap ? stamp_lap : ref_lap + (uint64_t)d;
 }
 
 static inline uint64_t fmq_dword(uint64_t ticket, uint64_t n, uint32_t phase_plus) {
-    return ((((ticket / n) * 4) + phase_plus) & FMQ_STAMP_MASK_D) << FMQ_OWNER_BITS;
+    return fmq_word((ticket / n) * 4 + phase_plus, 0);   /* nobody owns it */
 }
 
 static void fmq_reserve_range(fmq_region *r, uint64_t off, uint64_t len) {
@@ -835,10 +774,11 @@ static int fmq_durable_rebuild(fmq_region *r, fmq_superblock *sb, int which_old)
     for (uint64_t i = 0; i < n; i++) {
         fmq_lease *e = fmq_dlease(r, i);
         uint64_t w = atomic_load_explicit(&e->word, memory_order_relaxed);
-        uint32_t st = (uint32_t)((w >> 24) & 0xFF), tok = (uint32_t)(w >> 32);
+        uint32_t st = FMQ_LSTATE(w), tok = FMQ_LTOKEN(w);
         if (st == FMQ_LS_FREE) {
-            if (w & 0xFFFFFFull)   /* a FREE word names nobody */
-                atomic_store_explicit(&e->word, (uint64_t)tok << 32, memory_order_relaxed);
+            if (FMQ_LOWNER(w))   /* a FREE word names nobody */
+                atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
+                                      memory_order_relaxed);
             continue;
         }
         int keep = 0;
@@ -847,7 +787,7 @@ static int fmq_durable_rebuild(fmq_region *r, fmq_superblock *sb, int which_old)
             st == FMQ_LS_TAKING) {
             const unsigned char *pl =
                 fmq_rec_payload(r, len, block, (unsigned char *)e + FMQ_LEASE_HEADER);
-            keep = pl && FMQ_ONCE(e->crc) == fmq_durable_crc(len, pl);
+            keep = pl && FMQ_ONCE(e->crc) == fmq_record_crc(len, pl);
             if (keep && block != FMQ_NO_BLOCK) {
                 int64_t o = fmq_block_ordinal(r, block);
                 if (o < 0 || claimed[o])
@@ -860,7 +800,8 @@ static int fmq_durable_rebuild(fmq_region *r, fmq_superblock *sb, int which_old)
         }
         if (!keep) {
             atomic_store_explicit(&e->holder, 0, memory_order_relaxed);
-            atomic_store_explicit(&e->word, (uint64_t)tok << 32, memory_order_relaxed);
+            atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
+                                  memory_order_relaxed);
             continue;
         }
         int dead = st == FMQ_LS_DEAD || st == FMQ_LS_TAKING;
@@ -868,9 +809,7 @@ static int fmq_durable_rebuild(fmq_region *r, fmq_superblock *sb, int which_old)
         atomic_store_explicit(&e->holder, 0, memory_order_relaxed);
         atomic_store_explicit(&e->pin, FMQ_PIN(tok, FMQ_PIN_NONE), memory_order_relaxed);
         atomic_store_explicit(&e->deadline_ns, 0, memory_order_relaxed);   /* due now */
-        atomic_store_explicit(&e->word,
-                              ((uint64_t)tok << 32) |
-                                  ((uint64_t)(dead ? FMQ_LS_DEAD : FMQ_LS_LEASED) << 24),
+        atomic_store_explicit(&e->word, FMQ_LWORD(tok, dead ? FMQ_LS_DEAD : FMQ_LS_LEASED, 0),
                               memory_order_relaxed);
         orphans += !dead;
         kept++;
@@ -882,19 +821,19 @@ static int fmq_durable_rebuild(fmq_region *r, fmq_superblock *sb, int which_old)
     /* 2. slots */
     uint64_t k = 0, ref = 0;
     int have_ref = 0;
-    const uint64_t lapmask = (1ull << (FMQ_STAMP_BITS - 2)) - 1;
+    const uint64_t lapmask = FMQ_LAP_MASK;
     for (uint64_t i = 0; i < n; i++) {
         fmq_slot *s = fmq_dslot(r, i);
         uint64_t w = atomic_load_explicit(&s->word, memory_order_relaxed);
-        uint64_t stamp = w >> FMQ_OWNER_BITS;
-        uint32_t ph = (uint32_t)(stamp & 3);
+        uint64_t stamp = fmq_stamp(w);
+        uint32_t ph = fmq_stamp_phase(stamp);
         if (ph == FMQ_PH_WRITING) {
             abandoned++;
             continue;
         }
         if (ph != FMQ_PH_READY && ph != FMQ_PH_READING)
             continue;
-        uint64_t lap = stamp >> 2;
+        uint64_t lap = fmq_stamp_lap(stamp);
         if (ph == FMQ_PH_READING) {
             int was_taken = 0;
             for (uint64_t t = 0; t < ntaken && !was_taken; t++)
@@ -905,7 +844,7 @@ static int fmq_durable_rebuild(fmq_region *r, fmq_superblock *sb, int which_old)
         uint32_t len = FMQ_ONCE(s->len), block = FMQ_ONCE(s->block);
         const unsigned char *pl =
             fmq_rec_payload(r, len, block, (unsigned char *)s + FMQ_SLOT_HEADER);
-        if (!pl || FMQ_ONCE(s->crc) != fmq_durable_crc(len, pl)) {
+        if (!pl || FMQ_ONCE(s->crc) != fmq_record_crc(len, pl)) {
             dropped++;
             continue;
         }
@@ -1049,7 +988,7 @@ static int fmq_durable_rebuild(fmq_region *r, fmq_superblock *sb, int which_old)
         uint64_t id = atomic_load_explicit(&pp->ident, memory_order_relaxed);
         memset((void *)pp, 0, sizeof *pp);
         /* keep the generation, so a tag of the previous run never matches */
-        atomic_store_explicit(&pp->ident, id & (((1ull << FMQ_GEN_BITS) - 1) << 16),
+        atomic_store_explicit(&pp->ident, FMQ_PART_IDENT(0, FMQ_PART_GEN(id), FMQ_PART_FREE),
                               memory_order_relaxed);
     }
     retired[FMQ_ST_ABANDONED] += abandoned;
@@ -1241,7 +1180,7 @@ int fmq_durable_open(const char *path, const char *name, fmq_region **out) {
     int alone = 1;
     for (uint32_t idx = 0; idx < r->g.nparticipants && alone; idx++) {
         uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
-        if ((id & 0xFFFF) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx))
+        if (FMQ_PART_STATE(id) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx))
             alone = 0;
     }
     if (alone && (rc = fmq_durable_rebuild(r, &sb, 1 - best)) != FMQ_OK)

@@ -14,9 +14,16 @@ memory on this host. The forms:
 
 ``mask()`` is what every message, ``repr`` and CLI line shows of a URL: the
 password (and the user name) replaced by ``***``.
+
+A location other than shared memory is served by a module named in
+``_LOCATIONS`` and imported by that name when first needed (the same registry
+pattern as ``_backend._MODULES``): those modules import this one (for
+``resolve`` and ``mask``) and build on ``fastmq.queue``, so a plain import of
+them from here would make every layer an import cycle.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import urllib.parse
@@ -67,20 +74,26 @@ def file_path(url, name) -> str:
     return os.path.join(file_dir(url), name + FILE_SUFFIX)
 
 
-def _redis_module():
+# scheme -> the module that serves it (shm: is the caller's own)
+_LOCATIONS = {"redis": "fastmq._redis", "rediss": "fastmq._redis", "unix": "fastmq._redis"}
+
+
+def location_module(scheme, part=""):
+    """The module serving ``scheme`` (``part``: one of its submodules, e.g.
+    ``".cli"``); ImportError saying what to install when its client library
+    is missing."""
     try:
-        from . import _redis
+        return importlib.import_module(_LOCATIONS[scheme] + part)
     except ImportError as exc:         # the optional client library is missing
-        raise ImportError(f"a redis:// location needs the redis client library: "
+        raise ImportError(f"a {scheme}:// location needs the redis client library: "
                           f"pip install fastmq[redis] ({exc})") from None
-    return _redis
 
 
 def queue_class(url):
     """The queue class for ``url``, or None for shared memory and durable
     files (both are the caller's own ``Queue``, on another ring)."""
     scheme, _ = resolve(url)
-    return None if scheme in ("shm", "file") else _redis_module().RedisQueue
+    return None if scheme in ("shm", "file") else location_module(scheme).RedisQueue
 
 
 def exchange_class(url):
@@ -90,7 +103,7 @@ def exchange_class(url):
         raise NotImplementedError(f"exchanges are not available at a file:// location "
                                   f"({mask(url)!r}): create the exchange in shared memory "
                                   "(its bindings name queues there) or on redis://")
-    return None if scheme == "shm" else _redis_module().RedisExchange
+    return None if scheme == "shm" else location_module(scheme).RedisExchange
 
 
 _CREDENTIALS = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^@/]*@")

@@ -378,10 +378,9 @@ def _located(args):
     if scheme == "file":
         return _file_command(args.command, url)
     try:
-        from ._redis import cli as located
+        located = _location.location_module(scheme, ".cli")
     except ImportError as exc:
-        raise UserError(f"{args.url or os.environ.get(_location.ENV)!r} needs the redis client "
-                        f"library: pip install fastmq[redis] ({exc})") from None
+        raise UserError(f"{args.url or os.environ.get(_location.ENV)!r}: {exc}") from None
     return located.COMMANDS[args.command]
 
 
