@@ -292,8 +292,14 @@ again:;
         /* A durable queue (sync "commit"/"interval"): the entry reaches the
          * disk before the slot is freed, so a power loss cannot keep the
          * free and lose the entry. */
-        if (r->up->durable_barrier)   /* a failed flush: as sync="none" */
+        if (r->up->durable_barrier) {   /* a failed flush: as sync="none" */
             (void)r->up->durable_barrier(r);
+            /* The lease runs from now, not from before the flush. No
+             * redeliverer has touched the entry meanwhile: the slot is still
+             * READING by us (fmq_lease_take_unfinished). */
+            atomic_store_explicit(&e->deadline_ns, fmq_now_ns() + lease_ns,
+                                  memory_order_relaxed);
+        }
         int rc = fmq_ring_free_moved(r, m);
         if (rc != FMQ_OK)
             return rc;
