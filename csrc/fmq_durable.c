@@ -21,7 +21,7 @@
  *
  * Records. Every ring record (a slot and its payload, inline or in a block;
  * an atomic batch is one record) carries a CRC-32C of its length and
- * payload (fmq_slot.crc), written before the commit CAS publishes it; a
+ * payload (fmq_slot.crc, fmq_crc.c), written before the commit CAS publishes it; a
  * message moved into the in-flight table keeps it (fmq_lease.crc).
  *
  * Flushing. A flush is one fdatasync of the file: the kernel writes back the

@@ -7,6 +7,7 @@
  * the same order and fails on a call upward or sideways):
  *
  *   fmq_selftest.c                      the C self-test, over the whole core
+ *   fmq_durable.c                       durable files: flushes, rebuild on open
  *   fmq_region.c                        open/create/close, fork handler, stats
  *   fmq_recover.c                       crash recovery: reaps dead holders
  *   fmq_lease.c                         in-flight entries (at-least-once)
@@ -14,7 +15,7 @@
  *   fmq_pool.c                          blocks and memory of the segment
  *   fmq_live.c                          participants: who is alive
  *   fmq_wait.c, fmq_mac.c               futex shim + waiter handshake; MAC
- *   fmq_base.c                          errors, clock, crash points
+ *   fmq_base.c, fmq_crc.c               errors, clock, crash points; CRC-32C
  *
  * The few places where a lower layer needs a higher one (a stuck waiter in
  * the ring asks recovery to look for the dead, registration into a dead
