@@ -169,8 +169,8 @@ def test_pure_backend_refuses_durable_queues_with_a_typed_error(ddir):
 
 
 def test_bad_urls_and_sync_arguments(ddir):
-    with pytest.raises(ValueError, match="absolute"):
-        fastmq.Queue.create("q", url="file://relative/dir", **GEOMETRY)
+    with pytest.raises(ValueError, match="must be absolute"):
+        fastmq.Queue.create("q", url="file:relative/dir", **GEOMETRY)
     with pytest.raises(ValueError, match="no host"):
         fastmq.Queue.create("q", url="file://somehost/dir", **GEOMETRY)
     with pytest.raises(ValueError, match="sync"):
