@@ -77,6 +77,7 @@ typedef struct fmq_msg {
     uint32_t block;         /* FMQ_NO_BLOCK or a block reference              */
     uint32_t deliveries;
     int detached;           /* the slot was released, only the block is ours  */
+    uint32_t crc;           /* durable queues: the record's checksum, as claimed */
     unsigned char *data;    /* payload inside the mapping                     */
 } fmq_msg;
 
@@ -95,6 +96,27 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode,
                       int anonymous, int exist_ok, fmq_region **out);
 int fmq_region_open(const char *name, fmq_region **out);
 int fmq_region_unlink(const char *name);
+
+/* ---- durable queues: a file on a real filesystem (fmq_durable.c) ----------- */
+#define FMQ_SYNC_NONE 0u       /* the OS writes back when it likes             */
+#define FMQ_SYNC_INTERVAL 1u   /* a put finding the last flush too old flushes */
+#define FMQ_SYNC_COMMIT 2u     /* a put returns once it is on stable storage   */
+/* path: the queue's file; name: for messages (the queue's segment name). */
+int fmq_durable_create(const char *path, const char *name, const fmq_params *p, unsigned mode,
+                       int exist_ok, uint32_t sync_mode, uint64_t sync_interval_ns,
+                       fmq_region **out);
+int fmq_durable_open(const char *path, const char *name, fmq_region **out);
+/* After a put (or a batch of them) committed: what the sync mode asks --
+ * "commit" waits for a flush covering it (shared with concurrent producers),
+ * "interval" flushes if the last flush is older than the interval. */
+int fmq_durable_sync(fmq_region *r);
+int fmq_durable_flush(fmq_region *r);   /* flush now, whatever the mode */
+typedef struct fmq_durable_info {
+    uint32_t sync_mode;
+    uint64_t sync_interval_ns, generation, recoveries, flushes;
+    uint64_t kept, dropped, dropped_total;   /* this open's recovery; all of them */
+} fmq_durable_info;
+int fmq_durable_info_get(fmq_region *r, fmq_durable_info *out);   /* FMQ_EINVAL: not durable */
 /* Drop the mapping and the locks; an anonymous segment is unlinked here when
  * no other handle anywhere holds it. */
 void fmq_region_close(fmq_region *r);

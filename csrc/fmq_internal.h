@@ -7,6 +7,7 @@
  * the same order and fails on a call upward or sideways):
  *
  *   fmq_selftest.c                      the C self-test, over the whole core
+ *   fmq_durable.c                       durable files: flushes, rebuild on open
  *   fmq_region.c                        open/create/close, fork handler, stats
  *   fmq_recover.c                       crash recovery: reaps dead holders
  *   fmq_lease.c                         in-flight entries (at-least-once)
@@ -14,7 +15,7 @@
  *   fmq_pool.c                          blocks and memory of the segment
  *   fmq_live.c                          participants: who is alive
  *   fmq_wait.c, fmq_mac.c               futex shim + waiter handshake; MAC
- *   fmq_base.c                          errors, clock, crash points
+ *   fmq_base.c, fmq_crc.c               errors, clock, crash points; CRC-32C
  *
  * The few places where a lower layer needs a higher one (a stuck waiter in
  * the ring asks recovery to look for the dead, registration into a dead
@@ -61,6 +62,13 @@ struct fmq_region {
     uint64_t budget;            /* block pages allowed: capacity_bytes, paged    */
     int nospace_why;            /* FMQ_WHY_*: why the last block request failed  */
     const fmq_upcalls *up;      /* calls up the layers (fmq_region.c fills it)   */
+    /* durable (file://) queues, fmq_durable.c; all zero for shared memory */
+    int durable;
+    uint32_t sync_mode;         /* FMQ_SYNC_*                                    */
+    uint64_t sync_interval_ns;
+    struct fmq_dctl *dctl;      /* the flush words, past the segment's end       */
+    uint64_t dur_kept, dur_dropped, dur_generation;   /* this open's recovery   */
+    char *dur_path;             /* the file (malloc'd; freed by fmq_region_free) */
 };
 
 #define FMQ_WHY_CAP 1           /* the queue's capacity_bytes                    */
@@ -77,6 +85,11 @@ struct fmq_upcalls {
     void (*reap_tag)(fmq_region *r, uint32_t dead_tag);         /* fmq_reap_tag */
     int (*redeliver_due)(fmq_region *r, int force);             /* fmq_lease_redeliver_due */
     int (*lease_names_block)(fmq_region *r, uint32_t block);    /* fmq_lease_names_block */
+    /* durable (file://) queues only, NULL in shared memory (fmq_durable.c): a
+     * flush between the two steps of a lease take or requeue, and the last
+     * flush of a closing handle */
+    int (*durable_barrier)(fmq_region *r);
+    void (*durable_close)(fmq_region *r);
 };
 
 /* ==== fmq_live.c: participants ============================================ */
@@ -205,5 +218,22 @@ static inline void fmq_cpu_relax(void) {
     __asm__ __volatile__("yield" ::: "memory");
 #endif
 }
+
+/* ==== fmq_crc.c: the checksum of a durable queue's records ================ */
+uint32_t fmq_crc32c(uint32_t seed, const void *data, size_t n);
+uint32_t fmq_record_crc(uint32_t len, const unsigned char *payload);
+
+/* ==== fmq_region.c helpers that fmq_durable.c (the layer above) shares ====== */
+int fmq_name_ok(const char *name);
+int fmq_open_path(const char *path, int flags, unsigned mode);
+fmq_region *fmq_region_new(const char *name, int fd);
+void fmq_region_bind(fmq_region *r);
+void fmq_region_free(fmq_region *r);
+int fmq_validate(fmq_region *r, size_t file_size);
+void fmq_pool_init(fmq_region *r);
+void fmq_region_set_keep(fmq_region *r);
+int fmq_os_fail(const char *what, const char *name);
+uint64_t fmq_geometry_check(const fmq_header *h);
+uint64_t fmq_realtime_ns(void);
 
 #endif /* FMQ_INTERNAL_H */

@@ -204,7 +204,8 @@ typedef struct fmq_slot {
     uint32_t block;
     uint32_t deliveries;
     uint32_t flags;
-    uint64_t reserved_;
+    uint32_t crc;           /* durable queues: CRC-32C of the record (fmq_durable.c) */
+    uint32_t reserved_;
     /* inline payload follows, slot_stride - FMQ_SLOT_HEADER bytes */
 } fmq_slot;
 
@@ -239,7 +240,8 @@ typedef struct fmq_lease {
     uint32_t deliveries;            /* this delivery's count (1 = first) */
     _Atomic uint32_t holder;
     _Atomic uint64_t pin;           /* token << 32 | FMQ_PIN_*, see below */
-    uint64_t reserved_;
+    uint32_t crc;                   /* durable queues: the record's CRC-32C, kept */
+    uint32_t reserved_;
     /* inline payload follows */
 } fmq_lease;
 

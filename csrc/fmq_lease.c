@@ -268,6 +268,7 @@ again:;
         e->len = m->len;
         e->block = m->block;
         e->deliveries = m->deliveries + 1;
+        e->crc = m->crc;   /* a durable queue's recovery checks the entry with it */
         if (m->block == FMQ_NO_BLOCK) {
             memcpy(fmq_lease_inline(e), m->data, m->len);
             atomic_store_explicit(&e->holder, 0, memory_order_relaxed);   /* FILLING */
@@ -288,6 +289,17 @@ again:;
                               memory_order_release);                        /* [R-lease] */
         fmq_lower_next_due(r, now + lease_ns);
         FMQ_CRASHPOINT("lease.take.leased");
+        /* A durable queue (sync "commit"/"interval"): the entry reaches the
+         * disk before the slot is freed, so a power loss cannot keep the
+         * free and lose the entry. */
+        if (r->up->durable_barrier) {   /* a failed flush: as sync="none" */
+            (void)r->up->durable_barrier(r);
+            /* The lease runs from now, not from before the flush. No
+             * redeliverer has touched the entry meanwhile: the slot is still
+             * READING by us (fmq_lease_take_unfinished). */
+            atomic_store_explicit(&e->deadline_ns, fmq_now_ns() + lease_ns,
+                                  memory_order_relaxed);
+        }
         int rc = fmq_ring_free_moved(r, m);
         if (rc != FMQ_OK)
             return rc;
@@ -521,6 +533,11 @@ static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int fo
     if (rc != FMQ_OK)
         return rc;
     FMQ_CRASHPOINT("lease.requeue.committed");
+    /* A durable queue (sync "commit"/"interval"): the new copy is on disk
+     * before the entry is freed (after a failed flush a power loss may
+     * leave a duplicate, never a loss). */
+    if (r->up->durable_barrier)
+        (void)r->up->durable_barrier(r);
     fmq_lease_settle(r, e, token, block);
     fmq_count(r, FMQ_ST_REDELIVERED, 1);
     return FMQ_OK;

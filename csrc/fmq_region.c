@@ -95,7 +95,7 @@ int fmq_global_init(void) {
     return FMQ_OK;
 }
 
-static uint64_t fmq_realtime_ns(void) {
+uint64_t fmq_realtime_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
@@ -208,7 +208,7 @@ int fmq_geometry_compute(uint64_t slot_count, uint32_t slot_stride,
     return FMQ_OK;
 }
 
-static uint64_t fmq_geometry_check(const fmq_header *h) {
+uint64_t fmq_geometry_check(const fmq_header *h) {
     /* Hash every header byte before init_state and from classes to the
      * check itself, skipping only the mutable init_state word. */
     uint64_t x = fmq_fnv1a(1469598103934665603ull, h, offsetof(fmq_header, init_state));
@@ -220,7 +220,7 @@ static uint64_t fmq_geometry_check(const fmq_header *h) {
 /* names                                                                    */
 /* ======================================================================== */
 
-static int fmq_name_ok(const char *name) {
+int fmq_name_ok(const char *name) {
     size_t n = strlen(name);
     if (n < 1 || n > 250 || name[0] == '.')
         return 0;
@@ -263,7 +263,7 @@ static void fmq_tmp_path(char *out, size_t outlen) {
              (unsigned long long)rnd);
 }
 
-static int fmq_open_path(const char *path, int flags, unsigned mode) {
+int fmq_open_path(const char *path, int flags, unsigned mode) {
     /* O_NOFOLLOW: a symlink planted under a queue's name is not followed. */
     return open(path, flags | O_NOFOLLOW | O_CLOEXEC, mode);
 }
@@ -282,7 +282,7 @@ static const fmq_upcalls fmq_upcalls_core = {
     .lease_names_block = fmq_lease_names_block,
 };
 
-static fmq_region *fmq_region_new(const char *name, int fd) {
+fmq_region *fmq_region_new(const char *name, int fd) {
     fmq_region *r = calloc(1, sizeof *r);
     if (!r)
         return NULL;
@@ -292,7 +292,7 @@ static fmq_region *fmq_region_new(const char *name, int fd) {
     return r;
 }
 
-static void fmq_region_bind(fmq_region *r) {
+void fmq_region_bind(fmq_region *r) {
     r->hdr = (fmq_header *)r->base;
     r->ctl = (fmq_ctl *)(r->base + r->g.ctl_offset);
     r->parts = (fmq_participant *)(r->base + r->g.participants_offset);
@@ -301,15 +301,16 @@ static void fmq_region_bind(fmq_region *r) {
     r->inline_max = r->g.slot_stride - FMQ_SLOT_HEADER;
 }
 
-static void fmq_region_free(fmq_region *r) {
+void fmq_region_free(fmq_region *r) {
     if (r->base && r->base != MAP_FAILED)
         munmap(r->base, r->size);
     if (r->fd >= 0)
         close(r->fd);
+    free(r->dur_path);
     free(r);
 }
 
-static int fmq_validate(fmq_region *r, size_t file_size) {
+int fmq_validate(fmq_region *r, size_t file_size) {
     const fmq_header *h = r->hdr;
     if (memcmp(h->magic, FMQ_MAGIC, 6) != 0)
         return fmq_fail(FMQ_ECORRUPT, "segment %s is not a fastmq queue (bad magic)", r->name);
@@ -353,7 +354,7 @@ static int fmq_validate(fmq_region *r, size_t file_size) {
 
 /* Nothing to write per block: blocks are carved on demand (fmq_pool.c) from
  * zeroed, freshly reserved metadata. Only the empty stacks need a value. */
-static void fmq_pool_init(fmq_region *r) {
+void fmq_pool_init(fmq_region *r) {
     for (uint32_t c = 0; c < r->g.nclasses; c++) {
         atomic_store_explicit(&r->ctl->free_top[c].v, FMQ_NIL, memory_order_relaxed);
         atomic_store_explicit(&r->ctl->cold_top[c].v, FMQ_NIL, memory_order_relaxed);
@@ -364,7 +365,7 @@ static void fmq_pool_init(fmq_region *r) {
  * cap, at least 4 MiB, at most 16 MiB. Smaller costs a fallocate, a punch and
  * a page fault per page for every big message of a backlog that swings
  * between empty and a few messages; larger holds more memory while idle. */
-static void fmq_region_set_keep(fmq_region *r) {
+void fmq_region_set_keep(fmq_region *r) {
     uint64_t k = r->g.capacity_bytes / 16;
     if (k < (4ull << 20))
         k = 4ull << 20;
@@ -374,7 +375,7 @@ static void fmq_region_set_keep(fmq_region *r) {
     r->budget = fmq_round_up(r->g.capacity_bytes, FMQ_PAGE);
 }
 
-static int fmq_os_fail(const char *what, const char *name) {
+int fmq_os_fail(const char *what, const char *name) {
     int e = errno;
     int rc = fmq_fail(FMQ_EOS, "%s %s: %s", what, name, strerror(e));
     errno = e;
@@ -741,6 +742,8 @@ int fmq_region_unlink(const char *name) {
 void fmq_region_close(fmq_region *r) {
     if (!r)
         return;
+    if (r->up && r->up->durable_close)
+        r->up->durable_close(r);   /* the last flush of "interval" / "commit" */
     fmq_live_unregister(r);
     munmap(r->base, r->size);
     r->base = NULL;
@@ -759,6 +762,7 @@ void fmq_region_close(fmq_region *r) {
             close(fd);
         }
     }
+    free(r->dur_path);
     free(r);
 }
 

@@ -282,6 +282,11 @@ int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int
     if (block != FMQ_NO_BLOCK &&
         (rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING, 0, FMQ_BLK_IN_RING)) != FMQ_OK)
         return rc;
+    /* A durable queue's record carries its checksum, written before the
+     * publish like every other field (fmq_durable.c). */
+    if (r->durable)
+        s->crc = fmq_record_crc(len, block == FMQ_NO_BLOCK ? (const unsigned char *)s +
+                                 FMQ_SLOT_HEADER : fmq_pool_ptr(r, block));
     FMQ_CRASHPOINT("ring.commit.before_publish");
     uint64_t expect = m->word;
     uint64_t ready = fmq_word(fmq_lap_stamp(r, m->ticket) + FMQ_PH_READY, 0);
@@ -366,6 +371,7 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
             m->len = len;
             m->block = block;
             m->deliveries = FMQ_ONCE(s->deliveries);
+            m->crc = FMQ_ONCE(s->crc);
             m->detached = 0;
             if (block == FMQ_NO_BLOCK) {
                 if (len > r->inline_max)

@@ -83,7 +83,9 @@ ALL_BACKENDS = ("native", "pure")
 #: What a module may opt in to: ``pytestmark = pytest.mark.backends(*WITH_REDIS)``
 #: (or the marker on one test). Modules without the marker run on ALL_BACKENDS.
 WITH_REDIS = ALL_BACKENDS + ("redis",)
-KNOWN_BACKENDS = WITH_REDIS
+#: "file": the native core on a durable ``file:///dir`` location (a directory
+#: on a real filesystem, see ``durable_dir``); modules opt in as for redis.
+KNOWN_BACKENDS = WITH_REDIS + ("file",)
 
 
 def selected_backends():
@@ -126,7 +128,7 @@ def pytest_generate_tests(metafunc):
 
 def require_backend(backend):
     """Fail (not skip) when the backend under test cannot be loaded."""
-    if backend == "native":
+    if backend in ("native", "file"):
         try:
             import fastmq._core  # noqa: F401
         except ImportError as exc:
@@ -176,7 +178,10 @@ def backend(request, monkeypatch):
     the test or any child (which inherit the environment) go to it."""
     b = request.param
     require_backend(b)
-    if b == "redis":
+    if b == "file":
+        monkeypatch.setenv("FASTMQ_BACKEND", "native")
+        monkeypatch.setenv("FASTMQ_URL", durable_url())
+    elif b == "redis":
         server = request.getfixturevalue("_redis_session")
         monkeypatch.delenv("FASTMQ_BACKEND", raising=False)
         monkeypatch.setenv("FASTMQ_URL", server.url)
@@ -188,10 +193,60 @@ def backend(request, monkeypatch):
 
 def where(backend):
     """The keyword that puts a named queue/exchange on ``backend``:
-    ``{"_backend": b}`` for shared memory, ``{"url": ...}`` for redis."""
+    ``{"_backend": b}`` for shared memory, ``{"url": ...}`` for redis and
+    for durable files."""
     if backend == "redis":
         return {"url": _REDIS["url"]}
+    if backend == "file":
+        return {"url": durable_url()}
     return {"_backend": backend}
+
+
+def _fs_type(path):
+    """The filesystem type of the mount holding ``path`` (from /proc/mounts)."""
+    path = os.path.realpath(path)
+    best, kind = "", None
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mnt, fstype = parts[1], parts[2]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, kind = mnt, fstype
+    except OSError:
+        return None
+    return kind
+
+
+_DURABLE = {}
+
+
+def durable_dir():
+    """A directory on a real (disk) filesystem for durable queues, private to
+    this test process: under $FASTMQ_TEST_DURABLE_DIR, /var/tmp or /tmp,
+    whichever is not tmpfs/ramfs. Skips (saying why) only where none is."""
+    if "dir" not in _DURABLE:
+        for root in (os.environ.get("FASTMQ_TEST_DURABLE_DIR"), "/var/tmp", "/tmp"):
+            if root and os.path.isdir(root) and _fs_type(root) not in ("tmpfs", "ramfs", None):
+                d = os.path.join(root, f"fastmq-durable-tests-{os.getpid()}")
+                os.makedirs(d, exist_ok=True)
+                _DURABLE["dir"] = d
+                break
+        else:
+            pytest.skip("no directory on a real (non-tmpfs) filesystem for durable queues; "
+                        "set FASTMQ_TEST_DURABLE_DIR")
+    return _DURABLE["dir"]
+
+
+def durable_url():
+    return "file://" + durable_dir()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    d = _DURABLE.get("dir")
+    if d and os.path.isdir(d):
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def not_on_redis(backend, why):
@@ -259,7 +314,7 @@ class MQ:
     def Queue(self, *args, **kw):
         """An anonymous queue; on redis (where every queue has a name) a
         uniquely named one, deleted at teardown."""
-        if self.backend == "redis":
+        if self.backend in ("redis", "file"):
             return self.create(unique_name("anon"), **dict(zip(("maxsize",), args)), **kw)
         q = self.fastmq.Queue(*args, _backend=self.backend, **kw)
         self.handles.append(q)

@@ -21,7 +21,7 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Bottom first. A file may call files on lower lines only.
 LAYERS: list[tuple[str, ...]] = [
-    ("fmq_base.c",),                  # errors, clock, crash points
+    ("fmq_base.c", "fmq_crc.c"),      # errors, clock, crash points; CRC-32C
     ("fmq_wait.c", "fmq_mac.c"),      # futex shim + waiter handshake; MAC
     ("fmq_live.c",),                  # participants: who is alive
     ("fmq_pool.c",),                  # blocks and segment memory
@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fmq_lease.c",),                 # in-flight entries
     ("fmq_recover.c",),               # crash recovery
     ("fmq_region.c",),                # open/create/close, fork handler
+    ("fmq_durable.c",),               # durable files: flushes, rebuild (upcalls via r->up)
     ("fmq_selftest.c",),              # the C self-test
 ]
 

@@ -62,6 +62,21 @@ cdef extern from "fmq.h" nogil:
                           int anonymous, int exist_ok, fmq_region **out)
     int fmq_region_open(const char *name, fmq_region **out)
     int fmq_region_unlink(const char *name)
+    enum:
+        FMQ_SYNC_NONE
+        FMQ_SYNC_INTERVAL
+        FMQ_SYNC_COMMIT
+    int fmq_durable_create(const char *path, const char *name, const fmq_params *p,
+                           unsigned mode, int exist_ok, uint32_t sync_mode,
+                           uint64_t sync_interval_ns, fmq_region **out)
+    int fmq_durable_open(const char *path, const char *name, fmq_region **out)
+    int fmq_durable_sync(fmq_region *r)
+    int fmq_durable_flush(fmq_region *r)
+    ctypedef struct fmq_durable_info:
+        uint32_t sync_mode
+        uint64_t sync_interval_ns, generation, recoveries, flushes
+        uint64_t kept, dropped, dropped_total
+    int fmq_durable_info_get(fmq_region *r, fmq_durable_info *out)
     void fmq_region_close(fmq_region *r)
     int fmq_region_check_fork(fmq_region *r)
     uint64_t fmq_region_maxsize(const fmq_region *r)

@@ -8,8 +8,9 @@ memory on this host. The forms:
   Redis (>= 7) or Valkey server, through ``fastmq._redis`` (needs the
   ``redis`` extra: ``pip install fastmq[redis]``); ``unix:///path/redis.sock``
   is a Redis server on a Unix socket of this host;
-* ``file:///dir`` -- durable queues in a directory: not in this version, so
-  it is a ``ValueError`` that says so rather than a silent fall-back.
+* ``file:///dir`` -- durable queues: one file per queue (``<name>.fmq``) in
+  that directory, on a real (disk) filesystem; see ``file_path``. Exchanges
+  are not available there (``NotImplementedError``).
 
 ``mask()`` is what every message, ``repr`` and CLI line shows of a URL: the
 password (and the user name) replaced by ``***``.
@@ -27,7 +28,10 @@ import os
 import re
 import urllib.parse
 
-__all__ = ["resolve", "queue_class", "exchange_class", "mask", "ENV"]
+__all__ = ["resolve", "queue_class", "exchange_class", "mask", "ENV", "file_dir", "file_path",
+           "FILE_SUFFIX"]
+
+FILE_SUFFIX = ".fmq"                      # a durable queue's file: <dir>/<name>.fmq
 
 ENV = "FASTMQ_URL"
 _SCHEMES = ("shm", "redis", "rediss", "unix", "file")
@@ -42,14 +46,32 @@ def resolve(url):
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme not in _SCHEMES:
         raise ValueError(f"unsupported fastmq location {mask(url)!r}: use shm:, "
-                         "redis://host:port/db or rediss://host:port/db")
+                         "file:///dir, redis://host:port/db or rediss://host:port/db")
     if scheme == "file":
-        raise ValueError(f"durable file:// queues are not available in this version "
-                         f"({mask(url)!r}); use shm: (this host) or redis:// (many hosts)")
+        file_dir(url)                     # checks the form
     if scheme in ("redis", "rediss") and not urllib.parse.urlsplit(url).hostname:
         raise ValueError(f"{mask(url)!r}: a redis url needs a host "
                          "(redis://[user:password@]host:port/db)")
     return scheme, url
+
+
+def file_dir(url) -> str:
+    """The directory of a ``file:///dir`` location (absolute, normalised)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise ValueError(f"{mask(url)!r}: a durable location is file:///absolute/dir "
+                         "(no host, query or fragment)")
+    path = urllib.parse.unquote(parts.path)
+    if not path.startswith("/"):
+        raise ValueError(f"{mask(url)!r}: the directory must be absolute (file:///var/lib/q)")
+    if "\0" in path:
+        raise ValueError(f"{mask(url)!r}: the path contains a NUL")
+    return os.path.normpath(path)
+
+
+def file_path(url, name) -> str:
+    """The file of durable queue ``name`` (a validated queue name) at ``url``."""
+    return os.path.join(file_dir(url), name + FILE_SUFFIX)
 
 
 # scheme -> the module that serves it (shm: is the caller's own)
@@ -68,14 +90,19 @@ def location_module(scheme, part=""):
 
 
 def queue_class(url):
-    """The queue class for ``url``, or None for shared memory (the caller's own)."""
+    """The queue class for ``url``, or None for shared memory and durable
+    files (both are the caller's own ``Queue``, on another ring)."""
     scheme, _ = resolve(url)
-    return None if scheme == "shm" else location_module(scheme).RedisQueue
+    return None if scheme in ("shm", "file") else location_module(scheme).RedisQueue
 
 
 def exchange_class(url):
     """The exchange class for ``url``, or None for shared memory."""
     scheme, _ = resolve(url)
+    if scheme == "file":
+        raise NotImplementedError(f"exchanges are not available at a file:// location "
+                                  f"({mask(url)!r}): create the exchange in shared memory "
+                                  "(its bindings name queues there) or on redis://")
     return None if scheme == "shm" else location_module(scheme).RedisExchange
 
 

@@ -359,11 +359,15 @@ class Acks:
         if self._dlq is None or self._dlq.closed:
             # The queue's own class (fastmq.Queue): no import of queue.py,
             # which imports this module.
-            queue_class, backend = type(self.queue), self.queue.backend
+            queue_class = type(self.queue)
+            where = {"_backend": self.queue.backend}
+            path = getattr(self.queue._ring, "path", None)
+            if path is not None:       # a durable queue: its dead letters are durable too
+                where = {"url": "file://" + os.path.dirname(path)}
             try:
-                self._dlq = queue_class.open(name, _backend=backend)
+                self._dlq = queue_class.open(name, **where)
             except QueueNotFound:
-                self._dlq = queue_class.create(name, exist_ok=True, _backend=backend)
+                self._dlq = queue_class.create(name, exist_ok=True, **where)
         return self._dlq
 
     def close(self):

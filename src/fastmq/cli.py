@@ -379,9 +379,11 @@ def _located(args):
     if args.command not in ("ls", "stat", "pending", "rm"):
         return None
     from . import _location
-    scheme = _location.resolve(args.url)[0]
+    scheme, url = _location.resolve(args.url)
     if scheme == "shm":
         return None
+    if scheme == "file":
+        return _file_command(args.command, url)
     try:
         located = _location.location_module(scheme, ".cli")
     except ImportError as exc:
@@ -433,6 +435,57 @@ def _positive(text):
     if not value > 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
     return value
+
+
+def _file_command(command, url):
+    """ls/stat/pending/rm on a ``file:///dir`` location (durable queues)."""
+    from . import _location
+
+    def ls(args) -> int:
+        fastmq = _fastmq()
+        directory = _location.file_dir(url)
+        try:
+            names = sorted(n[:-len(_location.FILE_SUFFIX)] for n in os.listdir(directory)
+                           if n.endswith(_location.FILE_SUFFIX))
+        except OSError as exc:
+            raise UserError(f"cannot list {directory}: {exc.strerror or exc}") from None
+        queues = []
+        for name in names:
+            path = os.path.join(directory, name + _location.FILE_SUFFIX)
+            row = {"name": name, "depth": None, "capacity": None, "sync": None,
+                   "disk_bytes": None, "status": "ok"}
+            try:
+                st = os.stat(path)
+                row["disk_bytes"] = st.st_blocks * 512
+                q = fastmq.Queue.open(name, url=url)
+                try:
+                    stats = q.stats()
+                finally:
+                    q.close()
+                row.update(depth=stats["depth"], capacity=stats["capacity"],
+                           sync=stats.get("sync"))
+            except Exception as exc:  # one bad file must not hide the others
+                row["status"] = f"error: {_describe(exc)}"
+            queues.append(row)
+        if args.json:
+            print(json.dumps({"directory": directory, "queues": queues}, indent=2))
+            return 0
+        if not queues:
+            print(f"no durable fastmq queues in {directory}")
+            return 0
+        rows = [("NAME", "DEPTH", "CAPACITY", "SYNC", "DISK", "STATUS")]
+        for q in queues:
+            rows.append((q["name"], _or_dash(q["depth"]), _or_dash(q["capacity"]),
+                         q["sync"] or "-", _bytes_or_dash(q["disk_bytes"]), q["status"]))
+        _print_table(rows)
+        return 0
+
+    def via_env(args) -> int:
+        # stat/pending/rm open the queue by name: the location comes from here
+        os.environ[_location.ENV] = url
+        return args.func(args)
+
+    return ls if command == "ls" else via_env
 
 
 def cmd_bench(args) -> int:

@@ -220,10 +220,26 @@ class Queue(Generic[_T]):
                exist_ok: bool = False, serializer: Optional[Serializer] = None,
                max_deliveries: int = 20, dead_letter: Optional[str] = None,
                authkey: Optional[bytes] = None,
-               _backend: Optional[str] = None, url: Optional[str] = None) -> "Queue[Any]":
+               _backend: Optional[str] = None, url: Optional[str] = None,
+               sync: Optional[str] = None, sync_interval: float = 1.0) -> "Queue[Any]":
         """Create the named queue ``name`` (``QueueExists`` if it exists, unless
         ``exist_ok=True``, which opens it -- its own sizes win). ``url``: where
-        (None: ``$FASTMQ_URL``, else this host's shared memory; see ``_location``)."""
+        (None: ``$FASTMQ_URL``, else this host's shared memory; see ``_location``).
+
+        Durable queues (``url="file:///dir"``) take ``sync``: ``"commit"`` (the
+        default: ``put`` returns once the message is on stable storage; the
+        puts of concurrent producers share one flush), ``"interval"`` (a put
+        that finds the last flush older than ``sync_interval`` seconds
+        flushes, and so does closing a handle) or ``"none"`` (the OS writes
+        back when it likes). An existing queue keeps the mode it was made with."""
+        scheme, resolved = _location.resolve(url)
+        if scheme == "file":
+            return cls._create_durable(name, resolved, maxsize, max_message_size, capacity_bytes,
+                                       mode, exist_ok, serializer, max_deliveries, dead_letter,
+                                       authkey, _backend, sync, sync_interval)
+        if sync is not None:
+            raise ValueError("sync= applies to durable queues only (url=\"file:///dir\"); "
+                             "shared-memory and redis:// queues have no sync mode")
         impl = _location.queue_class(url)
         if impl is not None:
             _auth.only_in_shared_memory(authkey, url)
@@ -246,10 +262,55 @@ class Queue(Generic[_T]):
         return cls._from_ring(ring, backend, name, serializer, authkey)
 
     @classmethod
+    def _create_durable(cls, name, url, maxsize, max_message_size, capacity_bytes, mode,
+                        exist_ok, serializer, max_deliveries, dead_letter, authkey, backend_name,
+                        sync, sync_interval):
+        segment = _names.segment_for(name)
+        if max_message_size is None:
+            max_message_size = DEFAULT_MAX_MESSAGE_SIZE
+        if capacity_bytes is None:
+            # A file, not /dev/shm: the shared-memory share does not apply.
+            _check_int("max_message_size", max_message_size, 1, MAX_MESSAGE_SIZE)
+            capacity_bytes = max(MIN_CAPACITY_BYTES, 2 * max_message_size)
+        geometry = _geometry(maxsize, max_message_size, capacity_bytes)
+        serializer = _check_serializer(serializer)
+        authkey = _auth.check_authkey(authkey)
+        _check_int("mode", mode, 0, 0o777)
+        _check_int("max_deliveries", max_deliveries, 1, 1 << 30)
+        if dead_letter is not None:
+            _names.validate_name(dead_letter)
+        backend, module = _durable_backend(backend_name, url)
+        directory = _location.file_dir(url)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        _remove_dead_creators_files(_location.file_path(url, name))
+        ring = module.Ring.create_durable(
+            segment, _location.file_path(url, name), mode=mode, exist_ok=exist_ok,
+            max_deliveries=max_deliveries, dead_letter=dead_letter or "",
+            sync="commit" if sync is None else sync, sync_interval=sync_interval, **geometry)
+        return cls._from_ring(ring, backend, name, serializer, authkey)
+
+    @classmethod
+    def _open_durable(cls, name, url, serializer, authkey, backend_name):
+        segment = _names.segment_for(name)
+        serializer = _check_serializer(serializer)
+        authkey = _auth.check_authkey(authkey)
+        backend, module = _durable_backend(backend_name, url)
+        path = _location.file_path(url, name)
+        try:
+            ring = module.Ring.open(segment, path=path)
+        except QueueNotFound:
+            raise QueueNotFound(f"no durable fastmq queue named {name!r} "
+                                f"at {_location.mask(url)!r} ({path})") from None
+        return cls._from_ring(ring, backend, name, serializer, authkey)
+
+    @classmethod
     def open(cls, name: str, serializer: Optional[Serializer] = None, *,
              authkey: Optional[bytes] = None, _backend: Optional[str] = None,
              url: Optional[str] = None) -> "Queue[Any]":
         """Open the existing named queue ``name`` (``QueueNotFound`` if absent)."""
+        scheme, resolved = _location.resolve(url)
+        if scheme == "file":
+            return cls._open_durable(name, resolved, serializer, authkey, _backend)
         impl = _location.queue_class(url)
         if impl is not None:
             _auth.only_in_shared_memory(authkey, url)
@@ -267,6 +328,20 @@ class Queue(Generic[_T]):
     @staticmethod
     def unlink(name: str, *, _backend: Optional[str] = None, url: Optional[str] = None) -> None:
         """Remove the name ``name``; handles already open keep working."""
+        scheme, url = _location.resolve(url)
+        if scheme == "file":
+            path = _location.file_path(url, _names.validate_name(name))
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                raise QueueNotFound(f"no durable fastmq queue named {name!r} at "
+                                    f"{_location.mask(url)!r}") from None
+            for leftover in (path + ".rebuild", path + ".rebuild.tmp"):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
+            return None
         impl = _location.queue_class(url)
         if impl is not None:
             return impl.unlink(name, url=url)
@@ -290,6 +365,9 @@ class Queue(Generic[_T]):
         args = (ring.name, ring.anonymous, self._serializer, self.backend)
         if self._auth is not None and get_spawning_popen() is not None:
             args += (self._auth.key,)
+        path = getattr(ring, "path", None)
+        if path is not None:                # a durable queue: reopen the same file
+            args = args + (None,) * (5 - len(args)) + (path,)
         return (_reopen, args)
 
     # ------------------------------------------------------------ lifecycle
@@ -564,7 +642,20 @@ class Queue(Generic[_T]):
         ring = self._live_ring()
         stats = dict(ring.stats())
         stats["rejected"] = _auth.rejected(ring)   # failed authentication (authkey=)
+        durable = getattr(ring, "durable_info", None)
+        info = durable() if durable is not None else None
+        if info is not None:                # file:// queues: sync mode, last recovery
+            stats.update(info)
         return stats
+
+    def flush(self) -> None:
+        """Durable queues: put everything committed so far on stable storage
+        now, whatever the sync mode (``sync="none"`` and ``"interval"`` users
+        call it at their own checkpoints). ``ValueError`` on other queues."""
+        ring = self._live_ring()
+        if getattr(ring, "path", None) is None:
+            raise ValueError("flush() applies to durable queues only (url=\"file:///dir\")")
+        ring.flush()
 
     # ------------------------------------------------------------- zero-copy
 
@@ -883,11 +974,55 @@ def _numpy():
     return numpy
 
 
-def _reopen(segment, anonymous, serializer, backend, authkey=None):
-    """Unpickle a handle: open its segment in this process."""
+def _remove_dead_creators_files(path):
+    """A creator killed before it linked the file into place leaves its
+    temporary file (``<file>.tmp-<pid>-<random>``): removed once that pid is
+    gone. A live creator's file is never touched."""
+    directory, base = os.path.split(path)
+    prefix = base + ".tmp-"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for entry in names:
+        if not entry.startswith(prefix):
+            continue
+        try:
+            pid = int(entry[len(prefix):].split("-", 1)[0])
+            os.kill(pid, 0)
+            continue                      # its creator is alive
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue                      # not ours to judge
+        try:
+            os.unlink(os.path.join(directory, entry))
+        except OSError:
+            pass
+
+
+def _durable_backend(name, url):
+    """Durable queues live in the native core only: the pure backend would
+    need a second implementation of the flush protocol and of the recovery
+    scan (the crash-critical part), and could not share the files anyway
+    (its layout differs). So it is a typed error that says what to do."""
+    # As on redis://, the url picks the location and _backend= is not used to
+    # choose anything else; only a pure ring (asked for, or the default) is refused.
+    backend, module = _backend.resolve("pure" if name == "pure" else None)
+    if backend != "native":
+        raise NotImplementedError(
+            f"durable queues ({_location.mask(url)!r}) need fastmq's native backend (the C "
+            "core); this process uses the pure-Python one -- install a fastmq wheel for this "
+            "platform (or build it with a C compiler) and unset FASTMQ_BACKEND=pure")
+    return backend, module
+
+
+def _reopen(segment, anonymous, serializer, backend, authkey=None, path=None):
+    """Unpickle a handle: open its segment (or its durable file) in this process."""
     module = _backend.ring_module(backend)
     try:
-        ring = module.Ring.open(segment)
+        ring = module.Ring.open(segment) if path is None else module.Ring.open(segment,
+                                                                                path=path)
     except QueueNotFound:
         what = "anonymous queue" if anonymous else f"queue {_names.queue_name_of(segment)!r}"
         raise QueueNotFound(f"cannot unpickle fastmq handle: the {what} no longer "

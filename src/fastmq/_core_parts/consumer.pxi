@@ -199,7 +199,12 @@ cdef class Consumer:
                         break
                 else:
                     ring._claim_msg(&m, nonblock, deadline)
-                rc = fmq_lease_take(ring.r, &m, lease_ns, &slot, &token, &deliveries)
+                if ring._durable:
+                    # a durable queue flushes inside the take (fmq_durable.c)
+                    with nogil:
+                        rc = fmq_lease_take(ring.r, &m, lease_ns, &slot, &token, &deliveries)
+                else:
+                    rc = fmq_lease_take(ring.r, &m, lease_ns, &slot, &token, &deliveries)
                 if rc == FMQ_FULL:
                     # The in-flight table is full: put the message back and wait
                     # for acks (or return what we have).

@@ -58,6 +58,20 @@ cdef int _raise(int rc, str detail=None, int kind=KIND_RING) except -1:
     raise Error("fastmq internal error %d: %s" % (rc, msg))
 
 
+_SYNC_MODES = {"none": FMQ_SYNC_NONE, "interval": FMQ_SYNC_INTERVAL, "commit": FMQ_SYNC_COMMIT}
+_SYNC_NAMES = {v: k for k, v in _SYNC_MODES.items()}
+
+
+cdef bytes _path_bytes(object path):
+    """The C string of a durable queue's file path."""
+    cdef bytes b = _os.fsencode(path)
+    if b"\0" in b:
+        raise ValueError("invalid path %r: it contains a NUL" % (path,))
+    if len(b) > 4000:
+        raise ValueError("path too long (%d bytes; at most 4000)" % len(b))
+    return b
+
+
 cdef int _check_wait(bint closed) except -1:
     """After a wait slice ended without the awaited event (FMQ_AGAIN /
     FMQ_EINTR): run pending signal handlers (Ctrl-C raises KeyboardInterrupt

@@ -18,6 +18,8 @@ cdef class Ring:
     cdef readonly object maxsize, max_message_size, capacity_bytes
     cdef Py_ssize_t _max_msg
     cdef uint32_t _inline_max
+    cdef bint _durable            # a file:// queue: puts call fmq_durable_sync
+    cdef readonly object path     # its file, or None (shared memory)
     cdef object __weakref__
 
     def __cinit__(self):
@@ -32,6 +34,8 @@ cdef class Ring:
         self.capacity_bytes = fmq_region_capacity_bytes(r)
         self._max_msg = <Py_ssize_t>fmq_region_max_message_size(r)
         self._inline_max = fmq_region_inline_max(r)
+        cdef fmq_durable_info info
+        self._durable = fmq_durable_info_get(r, &info) == FMQ_OK
 
     @classmethod
     def create(cls, str name, *, maxsize, max_message_size, capacity_bytes, mode=0o600,
@@ -81,19 +85,120 @@ cdef class Ring:
         return self
 
     @classmethod
-    def open(cls, str name):
+    def open(cls, str name, *, path=None):
         cdef fmq_region *r = NULL
         cdef bytes bname = _segment_bytes(name)
         cdef const char *cname = bname
+        cdef bytes bpath = _path_bytes(path) if path is not None else b""
+        cdef const char *cpath = bpath
+        cdef bint durable = path is not None
         cdef int rc
-        # Without the GIL: open waits (bounded) for another process's lock.
+        # Without the GIL: open waits (bounded) for another process's lock,
+        # and a durable queue's first opener rebuilds it (fmq_durable.c).
         with nogil:
-            rc = fmq_region_open(cname, &r)
+            if durable:
+                rc = fmq_durable_open(cpath, cname, &r)
+            else:
+                rc = fmq_region_open(cname, &r)
         if rc != FMQ_OK:
             _raise(rc)
         cdef Ring self = Ring.__new__(Ring)
         self._bind(r)
+        self.path = path
         return self
+
+    @classmethod
+    def create_durable(cls, str name, str path, *, maxsize, max_message_size,
+                       capacity_bytes, mode=0o600, exist_ok=False, max_deliveries=20,
+                       dead_letter="", slot_size=0, sync="commit", sync_interval=1.0):
+        """A durable queue kept in the file ``path`` (see fmq_durable.c)."""
+        cdef fmq_params p
+        cdef fmq_region *r = NULL
+        cdef bytes bname = _segment_bytes(name)
+        cdef bytes bpath = _path_bytes(path)
+        cdef bytes bdead = (dead_letter or "").encode()
+        cdef uint32_t smode
+        cdef uint64_t interval_ns
+        if sync not in _SYNC_MODES:
+            raise ValueError("sync must be one of %s, not %r"
+                             % (", ".join(repr(k) for k in _SYNC_MODES), sync))
+        smode = _SYNC_MODES[sync]
+        if isinstance(sync_interval, bool) or not isinstance(sync_interval, (int, float)):
+            raise TypeError("sync_interval must be a number of seconds, not %s"
+                            % type(sync_interval).__name__)
+        if not 0 < sync_interval < 1e6:
+            raise ValueError("sync_interval must be > 0 and < 1e6 seconds, got %r"
+                             % (sync_interval,))
+        interval_ns = <uint64_t>(sync_interval * 1e9)
+        for label, v in (("maxsize", maxsize), ("max_message_size", max_message_size),
+                         ("capacity_bytes", capacity_bytes), ("max_deliveries", max_deliveries),
+                         ("slot_size", slot_size)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError("%s must be an int, not %s" % (label, type(v).__name__))
+            if v < 0 or v >= 2 ** 32 and label in ("max_deliveries", "slot_size") or v >= 2 ** 63:
+                raise ValueError("%s out of range: %r" % (label, v))
+        if max_message_size > _MAX_FORMAT_LEN:
+            raise ValueError("max_message_size must be between 1 and %d bytes, got %d"
+                             % (_MAX_FORMAT_LEN, max_message_size))
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise ValueError("mode must be permission bits only (0 to 0o777), got %r" % (mode,))
+        cdef unsigned umode = mode
+        cdef int eok = 1 if exist_ok else 0
+        cdef const char *cname = bname
+        cdef const char *cpath = bpath
+        p.maxsize = maxsize
+        p.max_message_size = max_message_size
+        p.capacity_bytes = capacity_bytes
+        p.slot_size = slot_size
+        p.max_deliveries = max_deliveries
+        p.dead_letter = bdead
+        cdef int rc
+        with nogil:
+            rc = fmq_durable_create(cpath, cname, &p, umode, eok, smode, interval_ns, &r)
+        if rc != FMQ_OK:
+            _raise(rc)
+        cdef Ring self = Ring.__new__(Ring)
+        self._bind(r)
+        self.path = path
+        return self
+
+    # ---- durability (file:// queues) -------------------------------------- #
+
+    cdef int _sync(self) except -1:
+        """After a put (or a batch): what the queue's sync mode asks."""
+        cdef int rc
+        with nogil:
+            rc = fmq_durable_sync(self.r)
+        if rc != FMQ_OK:
+            _raise(rc)
+        return 0
+
+    def flush(self):
+        """Everything committed so far onto stable storage (durable queues)."""
+        cdef int rc
+        self._enter()
+        try:
+            with nogil:
+                rc = fmq_durable_flush(self.r)
+            if rc != FMQ_OK:
+                _raise(rc)
+        finally:
+            self._leave()
+
+    def durable_info(self):
+        """None for shared memory; else the sync mode and the last recovery's figures."""
+        cdef fmq_durable_info info
+        self._enter()
+        try:
+            if fmq_durable_info_get(self.r, &info) != FMQ_OK:
+                return None
+        finally:
+            self._leave()
+        return {"sync": _SYNC_NAMES[info.sync_mode], "sync_interval": info.sync_interval_ns / 1e9,
+                "generation": info.generation, "rebuilds": info.recoveries,
+                "flushes": info.flushes, "recovered_kept": info.kept,
+                "recovered_dropped": info.dropped,
+                "recovered_dropped_total": info.dropped_total}
 
     @staticmethod
     def unlink(str name):
@@ -330,6 +435,8 @@ cdef class Ring:
                 self._put_raw(<const unsigned char *>view.buf, view.len, nonblock, deadline, 1)
             finally:
                 PyBuffer_Release(&view)
+            if self._durable:
+                self._sync()
         finally:
             self._leave()
 
@@ -375,7 +482,15 @@ cdef class Ring:
         finally:
             if self.r != NULL and done:
                 fmq_ring_wake_consumers(self.r, 1)
-            self._leave()
+                if self._durable:
+                    try:
+                        self._sync()    # one flush for the whole batch
+                    finally:
+                        self._leave()
+                else:
+                    self._leave()
+            else:
+                self._leave()
         return done
 
     def reserve(self, Py_ssize_t nbytes, timeout=None):
