@@ -252,7 +252,8 @@ class _Lessee:
         in-flight entries held by this process bound the true number."""
         pid = os.getpid()
         held = sum(1 for entry in self.ring.pending()
-                   if entry.get("pid") == pid and entry.get("expires_in", 1) > 0)
+                   if entry.get("pid") == pid and not entry.get("dead_letter")
+                   and entry.get("expires_in", 1) > 0)
         if held < self.count:
             self.count = held
         return self.count
@@ -445,11 +446,15 @@ def pending(acks, ring):
     """Every in-flight entry, read-only: nothing is redelivered or forwarded
     here (live consumers do that within about a second). ``orphaned`` marks
     an entry no live consumer holds -- its holder died or let it go -- which
-    is on its way back to the queue."""
+    is on its way back to the queue. ``dead_letter`` marks a message waiting
+    for (or being forwarded to) the dead-letter queue; its ``expires_in``
+    is None."""
     rows = []
     for entry in ring.pending():
         row = dict(entry)
-        row["orphaned"] = not _alive(row.get("pid", 0))
+        row.setdefault("dead_letter", False)
+        # A dead letter is not coming back to the queue: never "orphaned".
+        row["orphaned"] = not row["dead_letter"] and not _alive(row.get("pid", 0))
         rows.append(row)
     return rows
 

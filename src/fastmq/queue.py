@@ -709,9 +709,10 @@ class Queue(Generic[_T]):
         """In-flight (leased, un-acked) messages of the whole queue, as dicts:
         ``id``, ``pid`` (holder; 0 if none), ``idle`` (seconds since
         leased), ``delivery_count``, ``orphaned`` (no live consumer holds
-        it: it is coming back to the queue), plus ``token`` and
-        ``expires_in`` (negative once expired). Read-only: it redelivers
-        nothing (``redeliver_expired()`` does)."""
+        it: it is coming back to the queue), ``dead_letter`` (waiting for,
+        or being forwarded to, the dead-letter queue), plus ``token`` and
+        ``expires_in`` (negative once expired; None for a dead letter).
+        Read-only: it redelivers nothing (``redeliver_expired()`` does)."""
         return acks.pending(self._acks, self._live_ring())
 
     def redeliver_expired(self) -> int:
