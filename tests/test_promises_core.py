@@ -783,3 +783,70 @@ def test_a_damaged_record_met_by_a_lease_is_skipped_on_both_backends(mq, backend
     assert m.data == b"one"
     m.ack()
     assert q.stats()["abandoned"] == 1 and q.qsize() == 0 and q.pending() == []
+
+
+# ------------------------------------------- exporters in reference cycles
+
+LEASE_CYCLES = r'''
+import gc, itertools, sys
+import fastmq
+try:
+    import numpy as np
+except ImportError:
+    np = None
+
+STEPS = ("close", "release", "qclose", "ringclose", "dellease", "gc", "read")
+
+def scenario(size, with_lease, steps):
+    q = fastmq.Queue(maxsize=8, max_message_size=1 << 20)
+    ring = q._ring
+    ring.put(b"x" * size, None)
+    n = {"lease": ring.recv(None)}      # the core's own Lease
+    lease = n["lease"]
+    cyc = [lease.view[2:], lease.view[1:].cast("B"), memoryview(lease.view)[3:]]
+    if np is not None:
+        cyc.append(np.frombuffer(lease.view[4:], dtype=np.uint8))
+    if with_lease:
+        cyc.append(lease)
+    cyc.append(cyc)                      # a reference cycle of slices of the view
+    del lease, cyc
+    for st in steps:
+        try:
+            if st == "close": n["lease"].close()
+            elif st == "release": n["lease"].release()
+            elif st == "qclose": q.close()
+            elif st == "ringclose": ring.close()
+            elif st == "dellease": del n["lease"]
+            elif st == "gc": gc.collect()
+            elif st == "read": bytes(n["lease"].view[:2])
+        except (KeyError, BufferError, ValueError):
+            pass
+    for st in ("release", "close"):
+        try:
+            getattr(n["lease"], st)()
+        except (KeyError, BufferError, ValueError):
+            pass
+    n.clear()
+    gc.collect()
+    q.close()
+
+count = 0
+for size in (100, 20000):                # inline (a private copy) and a pool block
+    for with_lease in (False, True):
+        for steps in itertools.permutations(STEPS, 3):
+            scenario(size, with_lease, steps)
+            count += 1
+print("SURVIVED", count)
+'''
+
+
+def test_a_leases_view_sliced_into_a_reference_cycle_never_crashes(backend):
+    """The core's own ``Lease``: its view sliced (and cast, and viewed by
+    numpy) into a reference cycle, then ``close()``/``release()``, the
+    queue's and the ring's ``close()``, dropping the lease and
+    ``gc.collect()`` in every order of three. Each run must end normally
+    (a crash would kill the child), with nothing left mapped."""
+    native_only(backend, "the core's Lease lives in the native extension")
+    from conftest import run_python
+    res = run_python(LEASE_CYCLES, timeout=300)
+    assert res.returncode == 0 and "SURVIVED" in res.stdout, res.stderr[-3000:]
