@@ -12,6 +12,8 @@ Cases (all in one process, native backend unless FASTMQ_BACKEND says otherwise):
   ring64      the same through the queue's ring object (no Python-level wrapper: what
               put_bytes/get_bytes would cost if they were the compiled methods)
   dict        q.put(d) + q.get()                      a small dict
+  obj64       q.put(b) + q.get()                      64 B bytes, pickled (auth_cost.py's 64 B case)
+  auth64      the same on a queue with authkey=       (their difference: what the MAC costs)
   pickle      pickle.dumps(d, 5) + pickle.loads(...)  the same dict, no queue (floor of ``dict``)
   call        f(b) for a trivial Python function       the cost of any Python-level call
   lease64     q.put_bytes(b) + q.get_message() + m.ack()   64 B, at-least-once
@@ -34,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 
-CASES = ("bytes64", "ring64", "dict", "pickle", "call", "lease64", "batch64")
+CASES = ("bytes64", "ring64", "dict", "obj64", "auth64", "pickle", "call", "lease64", "batch64")
 WARMUP = 2000
 SMALL_DICT = {"id": 12345, "name": "sensor-7", "value": 3.25, "tags": ["a", "b"]}
 
@@ -44,9 +46,9 @@ def _child(case: str, n: int) -> None:
     payload = bytes(range(64))
     d = dict(SMALL_DICT)
     q = None
-    if case in ("bytes64", "ring64", "dict", "lease64", "batch64"):
+    if case in ("bytes64", "ring64", "dict", "obj64", "auth64", "lease64", "batch64"):
         import fastmq
-        q = fastmq.Queue(maxsize=1024)
+        q = fastmq.Queue(maxsize=1024, authkey=bytes(32) if case == "auth64" else None)
     if case == "bytes64":
         put, get = q.put_bytes, q.get_bytes
 
@@ -68,6 +70,13 @@ def _child(case: str, n: int) -> None:
         def loop(k):
             for _ in range(k):
                 put(d)
+                get()
+    elif case in ("obj64", "auth64"):
+        put, get = q.put, q.get
+
+        def loop(k):
+            for _ in range(k):
+                put(payload)
                 get()
     elif case == "pickle":
         dumps, loads = pickle.dumps, pickle.loads

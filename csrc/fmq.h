@@ -225,8 +225,11 @@ int fmq_lease_wait_free(fmq_region *r, uint64_t deadline_ns);
  * (a redelivery). FMQ_EMPTY if there is none to take. */
 int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot, uint32_t *token,
                     uint32_t *deliveries);
+/* One in-flight entry: a lease (dead_letter 0), or a message parked for the
+ * dead-letter queue or being forwarded there (dead_letter 1; pid is its
+ * taker's while forwarded, else 0). */
 typedef struct fmq_pending {
-    uint32_t slot, token, pid, deliveries, state;
+    uint32_t slot, token, pid, deliveries, state, dead_letter;
     uint64_t leased_ns, deadline_ns;
 } fmq_pending;
 int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max);

@@ -781,11 +781,15 @@ int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max) {
         fmq_lease *e = fmq_lease_at(r, i);
         uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-mine] */
         uint32_t st = FMQ_LSTATE(w);
-        if (st != FMQ_LS_LEASED && st != FMQ_LS_REQUEUING)
+        /* Every entry that holds a message: leased ones, and dead letters
+         * (parked, or being forwarded) -- they are in flight too. */
+        int dead = st == FMQ_LS_DEAD || st == FMQ_LS_TAKING;
+        if (st != FMQ_LS_LEASED && st != FMQ_LS_REQUEUING && !dead)
             continue;
         uint32_t owner = FMQ_LOWNER(w), idx = FMQ_TAG_INDEX(owner);
         uint32_t pid = 0;
-        if (owner && idx < r->g.nparticipants)
+        /* A parked letter's owner is whoever parked it, not a holder. */
+        if (owner && idx < r->g.nparticipants && st != FMQ_LS_DEAD)
             /* relaxed: pid and deadline only reported, never acted on */
             pid = FMQ_PART_PID(atomic_load_explicit(&r->parts[idx].ident, memory_order_relaxed));
         out[n].slot = i;
@@ -793,6 +797,7 @@ int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max) {
         out[n].pid = pid;
         out[n].deliveries = FMQ_ONCE(e->deliveries);
         out[n].state = st;
+        out[n].dead_letter = dead ? 1u : 0u;
         out[n].leased_ns = FMQ_ONCE(e->leased_ns);
         out[n].deadline_ns = atomic_load_explicit(&e->deadline_ns, memory_order_relaxed);
         n++;

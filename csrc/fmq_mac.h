@@ -36,5 +36,13 @@ int fmq_mac_init(fmq_mac_state *s, const unsigned char *key, size_t keylen, size
 void fmq_mac_absorb_key(fmq_mac_state *s);
 void fmq_mac_update(fmq_mac_state *s, const unsigned char *data, size_t len);
 void fmq_mac_final(fmq_mac_state *s, unsigned char *out);
+/* The tag of data[0..len) in one call, from a state after
+ * fmq_mac_absorb_key (len must be at least 1: the tag of empty input
+ * compresses the key block as the last one, which fmq_mac_final does). */
+void fmq_mac_oneshot(const fmq_mac_state *keyed, const unsigned char *data, size_t len,
+                     unsigned char *out);
+/* Tests: 1 = use the portable compression even where AVX2 is available,
+ * 0 = choose by the CPU again. Returns whether the portable one was in use. */
+int fmq_mac_force_portable(int portable);
 
 #endif

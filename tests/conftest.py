@@ -297,6 +297,13 @@ def _unlink_quietly(backend, name):
         fastmq.Queue.unlink(name, **where(backend))
     except Exception:
         pass
+    if backend != "redis":
+        # A queue the test damaged (or that fastmq refuses to unlink for any
+        # other reason) must not outlive the test either: its file is ours.
+        try:
+            os.unlink(os.path.join(SHM_DIR, "fastmq-q-" + name))
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------- queue factory
@@ -492,3 +499,56 @@ def wait_until(pred, timeout, interval=0.01):
             return True
         time.sleep(interval)
     return pred()
+
+
+# ------------------------------------------------- segments a test leaves behind
+#
+# Every name a test makes (unique_name) carries this process's pid, so a file
+# in /dev/shm named fmqtest-...-<our pid>-... that is still there when the
+# session ends was left by one of our tests: its fixtures did not unlink it.
+# Each test's new ones are noted with the test that made them; at the end,
+# the ones that still exist are reported with those tests, removed (they are
+# ours) and fail the session.
+
+_LEFT_BEHIND = {}                 # file name -> nodeid of the test that made it
+
+
+def _own_test_files():
+    mark = f"-{os.getpid()}-"
+    try:
+        return {n for n in os.listdir(SHM_DIR) if "fmqtest-" in n and mark in n}
+    except FileNotFoundError:     # pragma: no cover - not Linux
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def _watch_for_left_behind_segments(request):
+    before = _own_test_files()
+    yield
+    for n in _own_test_files() - before:
+        _LEFT_BEHIND.setdefault(n, request.node.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = sorted((t, n) for n, t in _LEFT_BEHIND.items()
+                  if os.path.lexists(os.path.join(SHM_DIR, n)))
+    if not left:
+        return
+    lines = [f"{len(left)} file(s) in {SHM_DIR} left behind by tests of this run "
+             f"(pid {os.getpid()}); removed now:"]
+    for test, n in left:
+        lines.append(f"  {n}  <- {test}")
+        try:
+            os.unlink(os.path.join(SHM_DIR, n))
+        except OSError:
+            pass
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_sep("=", "segments left behind", red=True)
+        for line in lines:
+            reporter.write_line(line)
+    else:                         # pragma: no cover - no terminal (xdist worker)
+        sys.stderr.write("\n".join(lines) + "\n")
+    if session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

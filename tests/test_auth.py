@@ -276,28 +276,66 @@ def test_handle_pickled_into_a_queue_does_not_carry_the_key(mq):
         q.get(timeout=5)
 
 
-def test_the_c_mac_is_keyed_blake2b(backend):
+@pytest.mark.parametrize("compression", ["portable", "by_cpu"])
+def test_the_c_mac_is_keyed_blake2b(backend, compression):
     """The native build's MAC (csrc/fmq_mac.c) is exactly hashlib's keyed
-    BLAKE2b, so handles with and without the extension agree on every tag."""
+    BLAKE2b, so handles with and without the extension agree on every tag --
+    with either compression function (the portable one, and the AVX2 one the
+    CPU check picks where it can), at every block boundary, and past the size
+    where the tag is computed without the GIL."""
     import hashlib
     import random
     from conftest import native_only
     native_only(backend, "the C MAC lives in the native extension")
-    from fastmq._core import Mac
+    from fastmq._core import Mac, _mac_force_portable
     rng = random.Random(7)
-    for _ in range(500):
-        key = rng.randbytes(rng.randint(1, 64))
-        data = rng.randbytes(rng.choice([0, 1, 127, 128, 129, 256, 257, rng.randint(0, 3000)]))
-        mac = Mac(key, b"\x00FQA")
-        want = hashlib.blake2b(data, key=key, digest_size=16).digest()
-        sealed = mac.seal(data)
-        assert sealed == b"\x00FQA" + want + data
-        cut = rng.randint(0, len(data))
-        assert mac.tag(data[:cut], data[cut:]) == want
-        assert mac.open(sealed) == data
-        bad = bytearray(sealed)
-        bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
-        assert mac.open(bytes(bad)) is None
+    was = _mac_force_portable(compression == "portable")
+    try:
+        sizes = [0, 1, 127, 128, 129, 255, 256, 257, 1 << 16, (1 << 16) + 1, 300_001]
+        for i in range(500):
+            key = rng.randbytes(rng.randint(1, 64))
+            size = sizes[i] if i < len(sizes) else rng.randint(0, 3000)
+            data = rng.randbytes(size)
+            mac = Mac(key, b"\x00FQA")
+            want = hashlib.blake2b(data, key=key, digest_size=16).digest()
+            sealed = mac.seal(data)
+            assert sealed == b"\x00FQA" + want + data, (size, len(key))
+            cut = rng.randint(0, len(data))
+            assert mac.tag(data[:cut], data[cut:]) == want
+            assert mac.check(sealed) == data
+            bad = bytearray(sealed)
+            bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
+            assert mac.check(bytes(bad)) is None
+    finally:
+        _mac_force_portable(was)
+
+
+@pytest.mark.parametrize("stored", [b"", b"\x00FQ", b"\x00FQA" + b"t" * 15, b"x" * 19])
+def test_a_message_shorter_than_a_tag_is_rejected_and_consumed(mq, stored):
+    q, keyless = _pair(mq)
+    keyless.put_bytes(stored)
+    q.put("behind")
+    with pytest.raises(fastmq.AuthenticationError, match="has no authentication tag"):
+        q.get(timeout=5)
+    assert q.get(timeout=5) == "behind"
+    assert q.stats()["rejected"] == 1
+
+
+@pytest.mark.parametrize("where", ["slot", "block"])
+def test_a_sealed_message_exactly_fills_max_message_size(mq, where):
+    """The tag counts against max_message_size: a payload that fits with
+    its tag goes in whole (in a slot or a block), one byte more is
+    MessageTooLarge naming the tag, and nothing is written."""
+    limit = 200 if where == "slot" else 64 << 10
+    q, keyless = _pair(mq, max_message_size=limit)
+    from fastmq import _auth
+    fits = b"f" * (limit - _auth.OVERHEAD)
+    q.put_bytes(fits)
+    with pytest.raises(fastmq.MessageTooLarge, match="authentication tag"):
+        q.put_bytes(fits + b"!")
+    assert q.qsize() == 1
+    assert q.get_bytes(timeout=5) == fits
+    assert q.qsize() == 0
 
 
 def test_pure_and_native_handles_agree_on_tags(mq, backend, monkeypatch):
@@ -305,7 +343,7 @@ def test_pure_and_native_handles_agree_on_tags(mq, backend, monkeypatch):
     from fastmq import _auth
     q = mq.Queue(authkey=KEY)
     q.put("from the C MAC")
-    monkeypatch.setattr(_auth, "_CMac", None)
+    monkeypatch.setattr(_auth, "_NativeAuth", None)
     slow = fastmq.Queue._from_ring(q._ring, q.backend, None, None, KEY)
     assert slow.get(timeout=5) == "from the C MAC"
     slow.put("from hashlib")

@@ -526,8 +526,9 @@ def test_forked_child_takes_its_own_exchange_locks(backend):
     from fcntl import LOCK_EX, LOCK_UN, flock
 
     import fastmq
-    qname_ = "fmqtest-fe-" + uuid.uuid4().hex[:10]
-    ename = "fmqtest-fe-" + uuid.uuid4().hex[:10]
+    from conftest import unique_name
+    qname_ = unique_name("fe")
+    ename = unique_name("fe")
     q2name = qname_ + "-2"
     q = fastmq.Queue.create(qname_, _backend=backend, maxsize=2, max_message_size=4 * KiB)
     q2 = fastmq.Queue.create(q2name, _backend=backend, maxsize=2, max_message_size=4 * KiB)
@@ -571,14 +572,18 @@ def test_forked_child_takes_its_own_exchange_locks(backend):
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
             _reap(pid, STEP)
-        q.close()                          # frees the publisher (QueueClosed)
-        ex.close()
-        if publisher is not None:
-            publisher.join(STEP)
-        q2.close()
-        fastmq.Queue.unlink(qname_, _backend=backend)
-        fastmq.Queue.unlink(q2name, _backend=backend)
-        fastmq.Exchange.unlink(ename)
+        # Each step runs even if one before it raises: none may leave a file.
+        for step in (q.close,                  # frees the publisher (QueueClosed)
+                     ex.close,
+                     lambda: publisher is not None and publisher.join(STEP),
+                     q2.close,
+                     lambda: fastmq.Queue.unlink(qname_, _backend=backend),
+                     lambda: fastmq.Queue.unlink(q2name, _backend=backend),
+                     lambda: fastmq.Exchange.unlink(ename)):
+            try:
+                step()
+            except Exception:
+                pass
 
 
 def _quietly(fn, *args):
@@ -608,7 +613,8 @@ def test_idle_forked_child_does_not_keep_a_dead_producer_alive(tmp_path):
     repaired and the queue moves: the child must not hold the parent's
     liveness (native: the participant lock of an inherited file description)."""
     import fastmq
-    name = "fmqtest-fi-" + uuid.uuid4().hex[:12]
+    from conftest import unique_name
+    name = unique_name("fi")
     q = fastmq.Queue.create(name, _backend="native", **GEOMETRY)
     script = tmp_path / "producer.py"
     script.write_text(IDLE_CHILD_PRODUCER)

@@ -200,8 +200,10 @@ def test_exchange_publish_to_full_queue(mq, backend):
         ex.bind(name)
         assert_waits_then_closes(lambda: ex.publish("x"), ex.close)
     finally:
-        ex.close()
-        fastmq.Exchange.unlink(ename)
+        try:
+            ex.close()
+        finally:
+            fastmq.Exchange.unlink(ename)
 
 
 # ---------------------------------------------------------------- batch sizes

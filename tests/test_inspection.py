@@ -259,3 +259,43 @@ def test_a_killed_consumers_leases_come_back_to_a_waiting_consumer(mq, backend, 
     took = time.monotonic() - t0
     assert sorted(got) == ["a", "b", "c"], got
     assert took < 3.0, f"the dead consumer's leases took {took:.1f}s to come back"
+
+
+def test_pending_lists_dead_letters_parked_and_being_forwarded(mq, backend):
+    """A dead letter is in flight until it reaches the dead-letter queue:
+    ``pending()`` (and ``fastmq pending``) list it while it is parked and
+    while a handle has taken it but cannot forward it (the dead-letter queue
+    is full), marked ``dead_letter`` and never ``orphaned``; once forwarded
+    it is gone from the list."""
+    dlq_name = unique_name("dlq")
+    mq.names.append(dlq_name)
+    dlq = mq.create(dlq_name, maxsize=1)
+    dlq.put("occupant")                              # full: forwarding must wait
+    q = mq.create(unique_name("insp"), maxsize=8, dead_letter=dlq_name)
+    viewer = mq.open(q.name)
+    q.put("poison")
+    m = q.get_message(timeout=5)
+    m.nack(requeue=False)                            # parked, not yet forwarded
+
+    rows = viewer.pending()
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert row["dead_letter"] is True and row["orphaned"] is False, row
+    assert row["pid"] == 0 and row["expires_in"] is None and row["id"] == m.id, row
+    res = _cli("pending", q.name, backend=backend)
+    assert res.returncode == 0, res.stderr
+    assert "no messages in flight" not in res.stdout and "dlq" in res.stdout, res.stdout
+
+    with pytest.raises(fastmq.Empty):
+        q.get_message(timeout=0.1)                   # takes it; the full queue refuses it
+    rows = viewer.pending()
+    assert len(rows) == 1, rows
+    assert rows[0]["dead_letter"] is True and rows[0]["orphaned"] is False, rows
+    assert rows[0]["pid"] == os.getpid(), rows       # its taker
+    assert q.qsize() == 0
+
+    assert dlq.get(timeout=5) == "occupant"          # room again
+    q.redeliver_expired()                            # forwards what it holds
+    assert viewer.pending() == []
+    assert dlq.get(timeout=5) == "poison"
+    assert viewer.pending() == [] and q.pending() == []

@@ -7,8 +7,10 @@ can be in while a dead producer still names its block.
 
 Damage is done the way a buggy or hostile co-process would do it: by writing
 into the live segment file (``/dev/shm/<segment>``), at the offsets the
-segment's own header gives (see ``csrc/fmq_layout.h``). Those tests are
-native-only by nature (the pure backend's file has another layout).
+segment's own header gives (see ``csrc/fmq_layout.h``). Most of those tests
+are native-only by nature (the pure backend's file has another layout); the
+damaged-record family at the end damages either backend's file at its own
+offsets.
 """
 from __future__ import annotations
 
@@ -702,3 +704,149 @@ def test_a_lease_that_runs_out_before_its_take_freed_the_slot_is_not_requeued_un
     finally:
         for res in junk:
             res.abort()
+
+
+# ------------------------------------------- damaged records, on both backends
+
+def _damage_length(q, backend, index, length):
+    """Write ``length`` as the stored length of the ``index``-th queued
+    message (counting from the head), in the live segment file."""
+    if backend == "native":
+        s = Segment(q)
+        try:
+            head = s.u64(s.head_off)
+            s.u32(s.slot(head + index) + 8, length)
+        finally:
+            s.close()
+        return
+    from fastmq._pure import ring as pure
+    path = q._ring._h.path
+    fd = os.open(path, os.O_RDWR)
+    try:
+        head = struct.unpack("<Q", os.pread(fd, 8, pure.STATE_OFFSET))[0]
+        area = q._ring._area
+        pos = head
+        for _ in range(index):
+            (n,) = struct.unpack("<I", os.pread(fd, 4, pure.DATA_OFFSET + pos % area))
+            pos += pure.RECORD_HEADER.size + n
+        os.pwrite(fd, struct.pack("<I", length), pure.DATA_OFFSET + pos % area)
+    finally:
+        os.close(fd)
+
+
+def _drain(q, tries=10):
+    """Every message left, tolerating CorruptQueue for the damaged ones."""
+    got, errors = [], 0
+    for _ in range(tries):
+        try:
+            got.extend(q.get_many_bytes(8, timeout=0.3))
+        except fastmq.CorruptQueue:
+            errors += 1
+        except fastmq.Empty:
+            break
+    return got, errors
+
+
+@pytest.mark.parametrize("where", ["only", "first", "middle", "last"])
+def test_a_record_with_an_impossible_length_is_skipped_on_both_backends(mq, backend, where):
+    """A stored length that cannot be right (past max_message_size): that
+    message is consumed, never delivered, counted once in ``abandoned``; the
+    ones around it come out in order and the queue keeps working for whole
+    laps (the pure ring's byte ring has to find where the next record
+    starts; the native ring's slots are independent)."""
+    q = mq.create(unique_name("dmg"), maxsize=4, max_message_size=4096)
+    bodies = [b"only-one"] if where == "only" else [b"zero", b"one--", b"two---"]
+    for b in bodies:
+        q.put_bytes(b)
+    index = {"only": 0, "first": 0, "middle": 1, "last": 2}[where]
+    _damage_length(q, backend, index, 1 << 20)
+    got, errors = _drain(q)
+    assert got == bodies[:index] + bodies[index + 1:]
+    assert errors == 1
+    assert q.stats()["abandoned"] == 1
+    assert q.qsize() == 0
+    for lap in range(3):                            # whole laps through the same space
+        for i in range(4):
+            q.put_bytes(b"%d-%d" % (lap, i), timeout=1)
+        assert [q.get_bytes(timeout=1) for _ in range(4)] == [b"%d-%d" % (lap, i)
+                                                              for i in range(4)]
+
+
+def test_a_damaged_record_met_by_a_lease_is_skipped_on_both_backends(mq, backend):
+    q = mq.create(unique_name("dmg"), maxsize=4, max_message_size=4096)
+    for b in (b"zero", b"one"):
+        q.put_bytes(b)
+    _damage_length(q, backend, 0, 1 << 20)
+    with pytest.raises(fastmq.CorruptQueue):
+        q.get_message(timeout=1)
+    m = q.get_message(timeout=1)
+    assert m.data == b"one"
+    m.ack()
+    assert q.stats()["abandoned"] == 1 and q.qsize() == 0 and q.pending() == []
+
+
+# ------------------------------------------- exporters in reference cycles
+
+LEASE_CYCLES = r'''
+import gc, itertools, sys
+import fastmq
+try:
+    import numpy as np
+except ImportError:
+    np = None
+
+STEPS = ("close", "release", "qclose", "ringclose", "dellease", "gc", "read")
+
+def scenario(size, with_lease, steps):
+    q = fastmq.Queue(maxsize=8, max_message_size=1 << 20)
+    ring = q._ring
+    ring.put(b"x" * size, None)
+    n = {"lease": ring.recv(None)}      # the core's own Lease
+    lease = n["lease"]
+    cyc = [lease.view[2:], lease.view[1:].cast("B"), memoryview(lease.view)[3:]]
+    if np is not None:
+        cyc.append(np.frombuffer(lease.view[4:], dtype=np.uint8))
+    if with_lease:
+        cyc.append(lease)
+    cyc.append(cyc)                      # a reference cycle of slices of the view
+    del lease, cyc
+    for st in steps:
+        try:
+            if st == "close": n["lease"].close()
+            elif st == "release": n["lease"].release()
+            elif st == "qclose": q.close()
+            elif st == "ringclose": ring.close()
+            elif st == "dellease": del n["lease"]
+            elif st == "gc": gc.collect()
+            elif st == "read": bytes(n["lease"].view[:2])
+        except (KeyError, BufferError, ValueError):
+            pass
+    for st in ("release", "close"):
+        try:
+            getattr(n["lease"], st)()
+        except (KeyError, BufferError, ValueError):
+            pass
+    n.clear()
+    gc.collect()
+    q.close()
+
+count = 0
+for size in (100, 20000):                # inline (a private copy) and a pool block
+    for with_lease in (False, True):
+        for steps in itertools.permutations(STEPS, 3):
+            scenario(size, with_lease, steps)
+            count += 1
+print("SURVIVED", count)
+'''
+
+
+def test_a_leases_view_sliced_into_a_reference_cycle_never_crashes(backend):
+    """The core's own ``Lease``: its view sliced (and cast, and viewed by
+    numpy) into a reference cycle, then ``close()``/``release()``, the
+    queue's and the ring's ``close()``, dropping the lease and
+    ``gc.collect()`` in every order of three. Each run must end normally
+    (a crash would kill the child), with nothing left mapped."""
+    native_only(backend, "the core's Lease lives in the native extension")
+    from conftest import run_python
+    res = run_python(LEASE_CYCLES, timeout=300)
+    assert res.returncode == 0 and "SURVIVED" in res.stdout, res.stderr[-3000:]

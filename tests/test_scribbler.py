@@ -1,21 +1,32 @@
-"""A live scribbler: a helper process overwrites random control words of a
-live segment while a producer and consumers run, for a bounded time.
+"""A live scribbler: a helper process overwrites random words of a live
+segment while a producer and consumers run, for a bounded time.
 
 What must hold however the words are damaged: no process dies by a signal
 (segfault, SIGBUS), nothing hangs (every child finishes within its bound),
-only fastmq's typed exceptions surface, and no torn message is delivered --
-every payload carries its own length and checksum, and each one received
-must verify. A ``CorruptQueue``, a lost or a repeated message are acceptable
-outcomes of the damage; a wrong byte handed to the application is not.
+only fastmq's typed exceptions surface, and no message longer than the
+queue's max_message_size is ever handed out (no read past what a slot or a
+block holds). A ``CorruptQueue``, a lost or a repeated message are
+acceptable outcomes of the damage. Every payload carries its own length and
+checksum, and what a consumer receives is checked against them:
 
-The scribbler writes the words that order the queue -- slot words, the
-head/tail hints, in-flight entry words and deadlines, block state words, the
-free-stack tops and the wait words -- at the offsets the segment's header
-gives (``csrc/fmq_layout.h``). It leaves message lengths, block references
-and payload bytes alone: a plausible but wrong length cannot be told from a
-right one without a checksum of the payload, which the queue does not keep
-(the targeted tests in ``test_promises_core.py`` cover lengths that fail
-validation). NATIVE ONLY: the pure backend's file has another layout.
+* ``control`` -- the words that order the queue: slot words, the head/tail
+  hints, in-flight entry words and deadlines, block state words, the
+  free-stack tops and the wait words. A torn message must never be
+  delivered.
+* ``lengths`` -- also the stored lengths and block references of queued and
+  in-flight messages. Without a checksum of the payload in the queue, a
+  plausible but wrong length cannot be told from a right one, so a message
+  with wrong bytes may be delivered: like changing payload bytes, that is
+  what a process with write access can do to a reader (README "Security").
+  What must hold is the rest: no crash, no hang, no over-read.
+* ``lengths`` and ``payload`` with ``authkey=``: the scribbler also changes
+  payload bytes in slots and blocks, and every handle has the key. Now a
+  changed message must be rejected (``AuthenticationError``), never
+  delivered: every message received must verify.
+
+Offsets come from the segment's header (``csrc/fmq_layout.h``). NATIVE ONLY:
+the pure backend's file has another layout (its damaged-record tests are in
+``test_promises_core.py``).
 """
 from __future__ import annotations
 
@@ -37,6 +48,8 @@ _COMMON = """
 import os, random, struct, sys, time, zlib
 import fastmq
 NAME, BACKEND, DURATION, SEED = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+MODE, KEY = sys.argv[5], (bytes.fromhex(sys.argv[6]) or None)
+MAX_MESSAGE = 32768
 rng = random.Random(SEED)
 TYPED = (fastmq.Error, fastmq.Full, fastmq.Empty, ValueError)
 end = time.monotonic() + DURATION
@@ -54,7 +67,7 @@ def verify(data):
 """
 
 _PRODUCER = _COMMON + """
-q = fastmq.Queue.open(NAME, _backend=BACKEND)
+q = fastmq.Queue.open(NAME, _backend=BACKEND, authkey=KEY)
 sent = errors = 0
 kinds = {}
 while time.monotonic() < end:
@@ -70,15 +83,17 @@ print("sent", sent, "errors", errors, kinds, flush=True)
 """
 
 _CONSUMER = _COMMON + """
-q = fastmq.Queue.open(NAME, _backend=BACKEND)
-mode = sys.argv[5]
+q = fastmq.Queue.open(NAME, _backend=BACKEND, authkey=KEY)
+read = sys.argv[7]
 got = torn = errors = 0
 while time.monotonic() < end:
     try:
-        if mode == "get":
+        if read == "get":
             items = [q.get_bytes(timeout=0.05)]
-        elif mode == "many":
-            items = q._ring.get_many(8, 0.05, None)
+        elif read == "many":
+            # Without a key, the ring's own batch read; with one, the checked one.
+            items = (q.get_many_bytes(8, timeout=0.05) if KEY else
+                     q._ring.get_many(8, 0.05, None))
         else:
             msgs = q.get_messages(8, timeout=0.05, lease=0.5)
             items = [bytes(m.data) for m in msgs]
@@ -94,6 +109,8 @@ while time.monotonic() < end:
         continue
     for data in items:
         got += 1
+        if len(data) > MAX_MESSAGE:
+            print("OVERREAD", len(data), flush=True)
         if not verify(data):
             torn += 1
             print("TORN", len(data), bytes(data[:16]).hex(), flush=True)
@@ -103,7 +120,7 @@ print("got", got, "torn", torn, "errors", errors, flush=True)
 
 _SCRIBBLER = _COMMON + """
 import mmap
-fd = os.open("/dev/shm/" + sys.argv[5], os.O_RDWR)
+fd = os.open("/dev/shm/" + sys.argv[7], os.O_RDWR)
 m = mmap.mmap(fd, os.fstat(fd).st_size)
 (slots, stride, ncls, _mms, _cap, nparts, _md, ctl, parts, ring, lease) = \\
     struct.unpack_from("<QIIQQIIQQQQ", m, 32)
@@ -115,6 +132,21 @@ targets += [ring + i * stride for i in range(slots)]             # slot words
 targets += [lease + i * (stride + 64) + k for i in range(slots) for k in (0, 8, 48)]
 for size, nblocks, meta, data in classes:                        # block state words
     targets += [meta + 16 * b for b in range(min(nblocks, 64))]
+if MODE in ("lengths", "payload"):
+    # len | block of each slot (offset 8) and of each in-flight entry (32)
+    targets += [ring + i * stride + 8 for i in range(slots)] * 4
+    targets += [lease + i * (stride + 64) + 32 for i in range(slots)] * 4
+if MODE == "payload":
+    # payload bytes: inline in slots (past their 32-byte header), in entries
+    # (past 64), and in the first blocks of each class
+    inline = [ring + i * stride + 32 + 8 * k for i in range(slots)
+              for k in range((stride - 32) // 8)]
+    inline += [lease + i * (stride + 64) + 64 + 8 * k for i in range(slots)
+               for k in range((stride - 32) // 8)]
+    blocks = [data + b * size + 8 * k for size, nblocks, meta, data in classes
+              for b in range(min(nblocks, 16)) for k in range(0, min(size, 4096) // 8)]
+    payload = inline + blocks
+    targets += rng.sample(payload, min(len(payload), 4 * len(targets)))
 flips = 0
 while time.monotonic() < end:
     off = rng.choice(targets)
@@ -138,19 +170,28 @@ def _start(code, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_a_live_scribbler_never_crashes_hangs_or_tears_a_delivery(mq, backend, qname, seed):
-    native_only(backend, "writes into the native segment's control words")
-    q = mq.create(qname, maxsize=32, max_message_size=32768, capacity_bytes=1 << 20)
+SCRIBBLES = [("control", False, 1), ("control", False, 2), ("lengths", False, 3),
+             ("lengths", True, 4), ("payload", True, 5)]
+
+
+@pytest.mark.parametrize("mode,keyed,seed", SCRIBBLES,
+                         ids=[f"{m}-{'authkey' if k else 'nokey'}-{s}" for m, k, s in SCRIBBLES])
+def test_a_live_scribbler_never_crashes_hangs_or_tears_a_delivery(mq, backend, qname, mode,
+                                                                  keyed, seed):
+    native_only(backend, "writes into the native segment's words")
+    key = os.urandom(32) if keyed else None
+    q = mq.create(qname, maxsize=32, max_message_size=32768, capacity_bytes=1 << 20,
+                  authkey=key)
     segment = q._ring.name
+    common = (qname, backend, DURATION)
+    tail = (mode, key.hex() if key else "")
     procs = []
     try:
-        procs.append(("producer", _start(_PRODUCER, qname, backend, DURATION, seed)))
-        for i, mode in enumerate(["get", "many", "lease"]):
-            procs.append((f"consumer-{mode}",
-                          _start(_CONSUMER, qname, backend, DURATION, seed * 10 + i, mode)))
-        procs.append(("scribbler", _start(_SCRIBBLER, qname, backend, DURATION, seed,
-                                          segment)))
+        procs.append(("producer", _start(_PRODUCER, *common, seed, *tail)))
+        for i, read in enumerate(["get", "many", "lease"]):
+            procs.append((f"consumer-{read}",
+                          _start(_CONSUMER, *common, seed * 10 + i, *tail, read)))
+        procs.append(("scribbler", _start(_SCRIBBLER, *common, seed, *tail, segment)))
         bound = time.monotonic() + DURATION + 30
         outs = {}
         for name, p in procs:
@@ -166,12 +207,16 @@ def test_a_live_scribbler_never_crashes_hangs_or_tears_a_delivery(mq, backend, q
             assert rc >= 0, (f"{name} died by signal "
                              f"{signal.Signals(-rc).name}\n{out}\n{err[-3000:]}")
             assert rc == 0, f"{name} raised an untyped exception (rc {rc})\n{err[-3000:]}"
-            assert "TORN" not in out, f"{name} received a torn message:\n{out}"
+            assert "OVERREAD" not in out, f"{name} received more than a message holds:\n{out}"
+            if mode == "control" or keyed:
+                assert "TORN" not in out, f"{name} received a torn message:\n{out}"
         print({n: o[1].strip() for n, o in outs.items()})
-        got = sum(int(out.split()[1]) for name, (rc, out, err) in outs.items()
+        got = sum(int(out.split()[-5]) for name, (rc, out, err) in outs.items()
                   if name.startswith("consumer"))
-        assert int(outs["scribbler"][1].split()[1]) > 100      # it really scribbled
+        assert int(outs["scribbler"][1].split()[-1]) > 100     # it really scribbled
         assert got > 0                                          # and traffic flowed
+        if mode == "payload":                                   # changed ones were caught
+            assert q.stats()["rejected"] > 0
     finally:
         for _, p in procs:
             if p.poll() is None:
@@ -182,7 +227,8 @@ def test_a_live_scribbler_never_crashes_hangs_or_tears_a_delivery(mq, backend, q
     code = textwrap.dedent(f"""
         import fastmq
         try:
-            q = fastmq.Queue.open({qname!r}, _backend={backend!r})
+            q = fastmq.Queue.open({qname!r}, _backend={backend!r},
+                                  authkey={key!r})
             for _ in range(50):
                 try:
                     q.get_bytes(timeout=0.01)

@@ -87,42 +87,30 @@ except ImportError:                   # pragma: no cover - pure-only install
     _CMac = None
 
 
-class Auth:
+def Auth(key: bytes, ring=None):
     """One handle's key: signs what it writes, checks what it reads.
 
     ``seal(payload)`` -> the whole message (bytes); ``check(message)`` -> the
-    payload of a bytes message, or None if it fails; ``tag(*parts)``."""
+    payload of a bytes message, or None if it fails; ``tag(*parts)``.
+    Given the handle's ``ring``: ``put_sealed(payload, timeout)`` puts a
+    payload with its tag, and ``get_checked(timeout)`` takes one message and
+    returns its checked payload (bytes), or None (no tag) / False (wrong
+    tag) for a message that failed and was consumed (see ``rejected_error``).
+    With the extension these are methods of the C ``Mac`` itself: on a
+    native ring each is one C call that builds no intermediate message."""
+    # BLAKE2b takes keys up to 64 bytes; a longer one is hashed down first
+    # (deterministically, so every holder derives the same MAC key).
+    mac_key = key if len(key) <= 64 else hashlib.blake2b(key).digest()
+    auth = _HashlibAuth(mac_key, ring) if _NativeAuth is None else \
+        _NativeAuth(mac_key, MAGIC, ring)
+    auth.key = key
+    return auth
 
-    __slots__ = ("key", "_proto", "seal", "check", "tag")
 
-    def __init__(self, key: bytes):
-        self.key = key
-        # BLAKE2b takes keys up to 64 bytes; a longer one is hashed down first
-        # (deterministically, so every holder derives the same MAC key).
-        mac_key = key if len(key) <= 64 else hashlib.blake2b(key).digest()
-        if _CMac is not None:
-            mac = _CMac(mac_key, MAGIC)
-            self.seal, self.check, self.tag = mac.seal, mac.open, mac.tag
-        else:
-            # Keyed once; each message copies the keyed state (cheaper than
-            # keying again, which is a whole compression-function call).
-            self._proto = hashlib.blake2b(key=mac_key, digest_size=TAG_SIZE)
-            self.seal, self.check, self.tag = self._seal, self._check, self._tag
+class _Helpers:
+    """What both kinds of ``Auth`` share, over their seal/check/tag/ring."""
 
-    def _tag(self, *parts) -> bytes:
-        h = self._proto.copy()
-        for p in parts:
-            h.update(p)
-        return h.digest()
-
-    def _seal(self, payload) -> bytes:
-        return MAGIC + self._tag(payload) + bytes(payload)
-
-    def _check(self, message):
-        if message[:4] == MAGIC and hmac.compare_digest(
-                self._tag(memoryview(message)[OVERHEAD:]), message[4:OVERHEAD]):
-            return message[OVERHEAD:]
-        return None
+    __slots__ = ()
 
     def open(self, message):
         """``check`` that raises ``AuthenticationError`` (not counted: the
@@ -136,15 +124,16 @@ class Auth:
 
     def put(self, ring, payload, timeout):
         """Put ``payload`` with its tag (big payloads: written in place, one copy)."""
+        if self.direct and ring is self.ring:
+            self.put_sealed(payload, timeout)      # the C path: in place, the MAC without the GIL
+            return
         n = memoryview(payload).nbytes
+        total = n + OVERHEAD
+        if total > ring.max_message_size:
+            raise too_large(n, ring)
         if n < _SMALL:
             ring.put(self.seal(payload), timeout)
             return
-        total = n + OVERHEAD
-        if total > ring.max_message_size:
-            raise MessageTooLarge(f"message of {n} bytes (+{OVERHEAD} bytes of authentication "
-                                  f"tag) exceeds this queue's max_message_size of "
-                                  f"{ring.max_message_size} bytes")
         reservation = ring.reserve(total, timeout)
         try:
             with memoryview(reservation.view) as view:
@@ -186,6 +175,55 @@ class Auth:
         return prefix, rest
 
 
+class _HashlibAuth(_Helpers):
+    """``Auth`` without the extension: hashlib's BLAKE2b, keyed once; each
+    message copies the keyed state (cheaper than keying again, which is a
+    whole compression-function call)."""
+
+    __slots__ = ("key", "ring", "_proto")
+    direct = False                    # put/get go through the ring's own calls
+
+    def __init__(self, mac_key, ring):
+        self.ring = ring
+        self._proto = hashlib.blake2b(key=mac_key, digest_size=TAG_SIZE)
+
+    def tag(self, *parts) -> bytes:
+        h = self._proto.copy()
+        for p in parts:
+            h.update(p)
+        return h.digest()
+
+    def seal(self, payload) -> bytes:
+        return MAGIC + self.tag(payload) + bytes(payload)
+
+    def check(self, message):
+        if message[:4] == MAGIC and hmac.compare_digest(
+                self.tag(memoryview(message)[OVERHEAD:]), message[4:OVERHEAD]):
+            return message[OVERHEAD:]
+        return None
+
+    def put_sealed(self, payload, timeout):
+        if memoryview(payload).nbytes + OVERHEAD > self.ring.max_message_size:
+            raise too_large(memoryview(payload).nbytes, self.ring)
+        self.ring.put(self.seal(payload), timeout)
+
+    def get_checked(self, timeout):
+        message = self.ring.get(timeout)       # a private copy: check, then use
+        payload = self.check(message)
+        if payload is None:
+            return None if bytes(message[:4]) != MAGIC else False
+        return payload if payload.__class__ is bytes else bytes(payload)
+
+
+if _CMac is not None:
+    class _NativeAuth(_CMac, _Helpers):
+        """``Auth`` on the C ``Mac`` (seal, check, tag, put_sealed, get_checked)."""
+
+        __slots__ = ("key",)
+else:                                 # pragma: no cover - pure-only install
+    _NativeAuth = None
+
+
 class Rejected:
     """What a check that failed returns: ``error`` is the exception to raise."""
 
@@ -193,6 +231,18 @@ class Rejected:
 
     def __init__(self, error):
         self.error = error
+
+
+def too_large(n, ring):
+    # The same words as the C Mac.put_sealed's.
+    return MessageTooLarge(f"message of {n} bytes (+{OVERHEAD} bytes of authentication tag) "
+                           f"exceeds this queue's max_message_size of "
+                           f"{ring.max_message_size} bytes")
+
+
+def rejected_error(failed):
+    """The error for what ``get_checked`` returned instead of a payload."""
+    return rejection(b"" if failed is None else MAGIC)
 
 
 def rejection(message):

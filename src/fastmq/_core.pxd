@@ -133,7 +133,7 @@ cdef extern from "fmq.h" nogil:
     int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot, uint32_t *token,
                         uint32_t *deliveries)
     ctypedef struct fmq_pending:
-        uint32_t slot, token, pid, deliveries, state
+        uint32_t slot, token, pid, deliveries, state, dead_letter
         uint64_t leased_ns, deadline_ns
     int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max)
     int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token)

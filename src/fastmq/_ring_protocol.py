@@ -170,7 +170,9 @@ class Ring(Protocol):
     def pending(self) -> list:
         """In-flight messages of the whole queue: dicts with id (slot), token,
         pid (holder; 0 if orphaned), idle (seconds since leased),
-        delivery_count, expires_in. Read-only."""
+        delivery_count, dead_letter (parked for, or being forwarded to, the
+        dead-letter queue; pid is then its taker's or 0), expires_in (None
+        for a dead letter). Read-only."""
 
     def redeliver_due(self) -> int:
         """Requeue every lease that expired or whose holder is dead; returns

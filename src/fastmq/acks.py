@@ -380,11 +380,15 @@ def pending(acks, ring):
     """Every in-flight entry, read-only: nothing is redelivered or forwarded
     here (live consumers do that within about a second). ``orphaned`` marks
     an entry no live consumer holds -- its holder died or let it go -- which
-    is on its way back to the queue."""
+    is on its way back to the queue. ``dead_letter`` marks a message waiting
+    for (or being forwarded to) the dead-letter queue; its ``expires_in``
+    is None."""
     rows = []
     for entry in ring.pending():
         row = dict(entry)
-        row["orphaned"] = not _alive(row.get("pid", 0))
+        row.setdefault("dead_letter", False)
+        # A dead letter is not coming back to the queue: never "orphaned".
+        row["orphaned"] = not row["dead_letter"] and not _alive(row.get("pid", 0))
         rows.append(row)
     return rows
 

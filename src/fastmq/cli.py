@@ -332,12 +332,17 @@ def cmd_pending(args) -> int:
     if any(m.get("orphaned") and m.get("pid") for m in items):
         print("(* its consumer exited: the message goes back to the queue within about "
               "a second while any consumer uses it)")
+    if any(m.get("dead_letter") for m in items):
+        print("(dlq: a dead letter waiting to be forwarded to the dead-letter queue)")
     for m in sorted(items, key=lambda m: -m.get("idle", 0)):
         pid = m.get("pid") or "orphan"     # 0: its holder is gone, due now
         if m.get("orphaned") and m.get("pid"):
             pid = f"{pid}*"                # * its holder exited: coming back
+        expires = _seconds(m.get("expires_in"))
+        if m.get("dead_letter"):
+            pid, expires = "dlq", "-"
         print(f"{m.get('id', '?')!s:>8}  {pid!s:>8}  {_seconds(m.get('idle')):>8}  "
-              f"{_seconds(m.get('expires_in')):>12}  {m.get('delivery_count', '?')!s:>10}")
+              f"{expires:>12}  {m.get('delivery_count', '?')!s:>10}")
     return 0
 
 

@@ -210,7 +210,7 @@ class Queue(Generic[_T]):
         self.backend = backend
         self.name = name                  # None for anonymous queues
         self._serializer = serializer
-        self._auth = _auth.Auth(authkey) if authkey is not None else None
+        self._auth = _auth.Auth(authkey, ring) if authkey is not None else None
         self._reserved_arrays = {}        # id(array) -> Reservation (reserve_array)
         self._lock = threading.Lock()
 
@@ -476,7 +476,7 @@ class Queue(Generic[_T]):
             if self._serializer is None:
                 data = _plain_pickle(obj)
                 if data is not None and len(data) < _SMALL_SEALED:
-                    self._ring.put(auth.seal(data), timeout)    # the common case
+                    auth.put_sealed(data, timeout)    # the common case
                 else:
                     _serialize.put_object(self._ring, obj, timeout, auth)
             else:
@@ -500,10 +500,9 @@ class Queue(Generic[_T]):
         if auth is not None:
             if zero_copy or self._serializer is not None:
                 return self._get_sealed(timeout, zero_copy)
-            message = self._ring.get(timeout)    # a private copy: check, then use
-            payload = auth.check(message)
-            if payload is None:
-                self._rejected(_auth.rejection(message))
+            payload = auth.get_checked(timeout)    # checked on a private copy
+            if payload.__class__ is not bytes:
+                self._rejected(_auth.rejected_error(payload))
             return _serialize.decode(payload)
         if self._serializer is not None:
             return self._loads(self._ring.get(timeout))
@@ -802,9 +801,10 @@ class Queue(Generic[_T]):
         """In-flight (leased, un-acked) messages of the whole queue, as dicts:
         ``id``, ``pid`` (holder; 0 if none), ``idle`` (seconds since
         leased), ``delivery_count``, ``orphaned`` (no live consumer holds
-        it: it is coming back to the queue), plus ``token`` and
-        ``expires_in`` (negative once expired). Read-only: it redelivers
-        nothing (``redeliver_expired()`` does)."""
+        it: it is coming back to the queue), ``dead_letter`` (waiting for,
+        or being forwarded to, the dead-letter queue), plus ``token`` and
+        ``expires_in`` (negative once expired; None for a dead letter).
+        Read-only: it redelivers nothing (``redeliver_expired()`` does)."""
         return acks.pending(self._acks, self._live_ring())
 
     def redeliver_expired(self) -> int:

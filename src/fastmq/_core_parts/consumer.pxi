@@ -355,7 +355,7 @@ cdef class Consumer:
         pid = _os.getpid()
         cdef Py_ssize_t held = 0
         for entry in self.ring.pending():
-            if entry["pid"] == pid and entry["expires_in"] > 0:
+            if entry["pid"] == pid and not entry["dead_letter"] and entry["expires_in"] > 0:
                 held += 1
         if held < self.in_flight:
             self.in_flight = held

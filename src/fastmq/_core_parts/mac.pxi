@@ -13,8 +13,12 @@ cdef extern from "fmq_mac.h" nogil:
     void fmq_mac_absorb_key(fmq_mac_state *s)
     void fmq_mac_update(fmq_mac_state *s, const unsigned char *data, size_t len)
     void fmq_mac_final(fmq_mac_state *s, unsigned char *out)
+    int fmq_mac_force_portable(int portable)
+    void fmq_mac_oneshot(const fmq_mac_state *keyed, const unsigned char *data, size_t len,
+                         unsigned char *out)
 
 from cpython.bytes cimport PyBytes_GET_SIZE
+from libc.string cimport memcmp
 
 cdef enum:
     _MAC_MAGIC_LEN = 4
@@ -23,15 +27,39 @@ cdef enum:
     _MAC_NOGIL = 65536
 
 
+def _mac_force_portable(bint portable):
+    """Tests: compress with the portable code even where the AVX2 one would
+    be chosen (True), or choose by the CPU again (False). Returns whether
+    the portable one was in use before."""
+    return fmq_mac_force_portable(portable) != 0
+
+
 cdef class Mac:
     """One key's MAC, as ``_auth`` uses it: ``MAGIC + tag + payload``.
     Private bytes only (the caller copies shared memory first, or hashes a
-    view it has decided to trust the bytes of)."""
+    view it has decided to trust the bytes of).
+
+    Given the handle's ``ring``, ``put_sealed`` and ``get_checked`` move
+    sealed messages through it. For a native ``Ring`` each is one C call:
+    the tag and the payload go straight into the slot or block, and a
+    message comes out as its payload alone, checked on the private copy --
+    no intermediate bytes object and no Python frame per message, which
+    cost as much as the MAC itself for small messages. Any other ring (the
+    pure backend's) is used through its ``put``/``get``.
+
+    ``fastmq._auth`` subclasses this (adding the Python-level helpers), so
+    the per-message calls are plain method calls on one object."""
     cdef fmq_mac_state base       # key block pending: for an empty payload
     cdef fmq_mac_state keyed      # key block absorbed: copied per message
     cdef bytes magic
+    cdef Ring native              # the ring if it is a native one, else None
+    cdef readonly object ring     # the ring put_sealed/get_checked use (or None)
+    cdef readonly bint direct     # ring is a native Ring: put/get straight through it
 
-    def __cinit__(self, bytes key, bytes magic):
+    def __cinit__(self, bytes key, bytes magic, ring=None):
+        self.ring = ring
+        self.native = ring if isinstance(ring, Ring) else None
+        self.direct = self.native is not None
         if len(magic) != _MAC_MAGIC_LEN:
             raise ValueError("magic must be 4 bytes")
         if fmq_mac_init(&self.base, <const unsigned char *>PyBytes_AS_STRING(key),
@@ -42,14 +70,15 @@ cdef class Mac:
         self.magic = magic
 
     cdef void _tag(self, const unsigned char *p, Py_ssize_t n, unsigned char *out) noexcept:
-        cdef fmq_mac_state s = self.keyed if n > 0 else self.base
-        if n >= _MAC_NOGIL:
-            with nogil:
-                fmq_mac_update(&s, p, <size_t>n)
-                fmq_mac_final(&s, out)
-        else:
-            fmq_mac_update(&s, p, <size_t>n)
+        cdef fmq_mac_state s
+        if n == 0:
+            s = self.base
             fmq_mac_final(&s, out)
+        elif n >= _MAC_NOGIL:
+            with nogil:
+                fmq_mac_oneshot(&self.keyed, p, <size_t>n, out)
+        else:
+            fmq_mac_oneshot(&self.keyed, p, <size_t>n, out)
 
     def tag(self, *parts):
         """The tag of the concatenation of ``parts`` (bytes-like)."""
@@ -82,7 +111,7 @@ cdef class Mac:
             PyBuffer_Release(&view)
         return out
 
-    def open(self, bytes message):
+    def check(self, bytes message):
         """The payload of ``message`` if its magic and tag are right, else
         None. The comparison takes the same time wherever it differs."""
         cdef Py_ssize_t n = PyBytes_GET_SIZE(message)
@@ -103,3 +132,141 @@ cdef class Mac:
         if diff:
             return None
         return PyBytes_FromStringAndSize(<const char *>p + _MAC_OVERHEAD, n - _MAC_OVERHEAD)
+
+    # ---- straight through a ring ---------------------------------------- #
+
+    cdef int _seal_into(self, unsigned char *dst, const unsigned char *tag,
+                        const unsigned char *src, Py_ssize_t n) except -1:
+        memcpy(dst, PyBytes_AS_STRING(self.magic), _MAC_MAGIC_LEN)
+        memcpy(dst + _MAC_MAGIC_LEN, tag, _MAC_TAG)
+        if n >= _NOGIL_COPY:
+            with nogil:
+                memcpy(dst + _MAC_OVERHEAD, src, <size_t>n)
+        else:
+            memcpy(dst + _MAC_OVERHEAD, src, <size_t>n)
+        return 0
+
+    def put_sealed(self, data, timeout=None):
+        """Enqueue ``MAGIC + tag + data`` (``data`` bytes-like), written in
+        place: the same slot/block protocol as ``Ring.put``, with the tag
+        computed from the caller's bytes before anything is claimed (so the
+        slot is held no longer than for an unkeyed put)."""
+        cdef Ring ring = self.native
+        cdef Py_buffer view
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        cdef unsigned char tag[_MAC_TAG]
+        cdef const unsigned char *src
+        cdef Py_ssize_t n, total
+        cdef uint32_t block = FMQ_NO_BLOCK
+        cdef fmq_msg m
+        cdef int rc
+        if ring is None:                            # another backend's ring
+            n = memoryview(data).nbytes
+            if n + _MAC_OVERHEAD > self.ring.max_message_size:
+                raise MessageTooLarge(
+                    "message of %d bytes (+%d bytes of authentication tag) exceeds this "
+                    "queue's max_message_size of %d bytes" % (n, _MAC_OVERHEAD,
+                                                              self.ring.max_message_size))
+            self.ring.put(self.seal(data), timeout)
+            return
+        ring._enter()
+        try:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                src = <const unsigned char *>view.buf
+                n = view.len
+                total = n + _MAC_OVERHEAD
+                if total > ring._max_msg:
+                    raise MessageTooLarge(
+                        "message of %d bytes (+%d bytes of authentication tag) exceeds this "
+                        "queue's max_message_size of %d bytes" % (n, _MAC_OVERHEAD,
+                                                                  ring._max_msg))
+                ring._check_size(total)
+                self._tag(src, n, tag)
+                if total > <Py_ssize_t>ring._inline_max:
+                    ring._alloc_block(total, nonblock, deadline, &block)
+                    self._seal_into(fmq_pool_ptr(ring.r, block), tag, src, n)
+                    try:
+                        ring._claim_slot(&m, nonblock, deadline)
+                    except BaseException:
+                        fmq_pool_release_writer(ring.r, block)     # nothing was published
+                        raise
+                else:
+                    ring._claim_slot(&m, nonblock, deadline)
+                    self._seal_into(fmq_ring_inline_ptr(ring.r, &m), tag, src, n)
+                rc = fmq_ring_commit(ring.r, &m, <uint32_t>total, block, 1, 0)
+                if rc != FMQ_OK:
+                    if block != FMQ_NO_BLOCK:
+                        fmq_pool_release_writer(ring.r, block)
+                    _raise(rc)
+            finally:
+                PyBuffer_Release(&view)
+        finally:
+            ring._leave()
+
+    def get_checked(self, timeout=None):
+        """Dequeue one message and return its payload (bytes) if its magic
+        and tag are right; else the message is consumed all the same and
+        this returns None (no tag) or False (a tag that does not match).
+
+        The tag and the payload are copied out of shared memory first and
+        the check runs on those private copies, so the bytes checked are
+        the bytes the caller deserializes: a co-process cannot change them
+        in between."""
+        cdef Ring ring = self.native
+        cdef bint nonblock
+        cdef uint64_t deadline
+        cdef fmq_msg m
+        cdef unsigned char head[_MAC_OVERHEAD]
+        cdef unsigned char want[_MAC_TAG]
+        cdef const unsigned char *mg = <const unsigned char *>PyBytes_AS_STRING(self.magic)
+        cdef bytes out = None
+        cdef unsigned char *dst
+        cdef Py_ssize_t n = 0
+        cdef unsigned char diff = 0
+        cdef int rc, i
+        if ring is None:
+            out = self.ring.get(timeout)            # a private copy: check, then use
+            if PyBytes_GET_SIZE(out) < _MAC_OVERHEAD or \
+                    memcmp(PyBytes_AS_STRING(out), mg, _MAC_MAGIC_LEN) != 0:
+                return None
+            payload = self.check(out)
+            return False if payload is None else payload
+        deadline = _deadline(timeout, &nonblock)
+        ring._enter()
+        try:
+            ring._claim_msg(&m, nonblock, deadline)
+            if m.len >= _MAC_OVERHEAD:
+                n = <Py_ssize_t>m.len - _MAC_OVERHEAD
+                try:
+                    out = PyBytes_FromStringAndSize(NULL, n)
+                except BaseException:
+                    fmq_ring_unclaim(ring.r, &m)           # the message stays queued
+                    raise
+                dst = <unsigned char *>PyBytes_AS_STRING(out)
+                # As Ring.get: the slot stays claimed during the copy, so a
+                # process killed mid-copy gives the message back.
+                memcpy(head, m.data, _MAC_OVERHEAD)
+                if n >= _NOGIL_COPY:
+                    with nogil:
+                        memcpy(dst, m.data + _MAC_OVERHEAD, <size_t>n)
+                else:
+                    memcpy(dst, m.data + _MAC_OVERHEAD, <size_t>n)
+            rc = fmq_ring_release(ring.r, &m, 1)
+            if rc != FMQ_OK:
+                _raise(rc)
+        finally:
+            ring._leave()
+        if out is None:
+            return None                             # too short to carry a tag
+        for i in range(_MAC_MAGIC_LEN):
+            diff |= head[i] ^ mg[i]
+        if diff:
+            return None
+        self._tag(<const unsigned char *>PyBytes_AS_STRING(out), n, want)
+        for i in range(_MAC_TAG):
+            diff |= head[_MAC_MAGIC_LEN + i] ^ want[i]
+        if diff:
+            return False
+        return out

@@ -701,7 +701,9 @@ cdef class Ring:
                 return [{"id": buf[i].slot, "token": buf[i].token, "pid": buf[i].pid,
                          "idle": (now - buf[i].leased_ns) / 1e9,
                          "delivery_count": buf[i].deliveries,
-                         "expires_in": (<double>buf[i].deadline_ns - <double>now) / 1e9}
+                         "dead_letter": buf[i].dead_letter != 0,
+                         "expires_in": None if buf[i].dead_letter else
+                         (<double>buf[i].deadline_ns - <double>now) / 1e9}
                         for i in range(n)]
             finally:
                 PyMem_Free(buf)

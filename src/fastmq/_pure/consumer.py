@@ -106,7 +106,8 @@ class Consumer:
         native Consumer.recount). Returns the count."""
         pid = os.getpid()
         held = sum(1 for entry in self.ring.pending()
-                   if entry["pid"] == pid and entry["expires_in"] > 0)
+                   if entry["pid"] == pid and not entry["dead_letter"]
+                   and entry["expires_in"] > 0)
         if held < self.in_flight:
             self.in_flight = held
         return self.in_flight

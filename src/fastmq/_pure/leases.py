@@ -488,10 +488,14 @@ class InFlightTable:
     def pending(self):
         def run(fd, state, ls):
             now = now_ns()
-            return [{"id": e.index, "token": e.token, "pid": e.pid,
+            # Every entry that holds a message: leases, and dead letters
+            # (parked, or being forwarded by the pid that took them).
+            return [{"id": e.index, "token": e.token,
+                     "pid": e.pid if e.state != DEAD else 0,
                      "idle": (now - e.leased_ns) / 1e9, "delivery_count": e.deliveries,
-                     "expires_in": (e.deadline_ns - now) / 1e9}
-                    for e in self._entries(fd, ls) if e.state == LEASED]
+                     "dead_letter": e.state != LEASED,
+                     "expires_in": (e.deadline_ns - now) / 1e9 if e.state == LEASED else None}
+                    for e in self._entries(fd, ls) if e.state in (LEASED, DEAD, TAKING)]
         return self._lease_op(run)
 
     def in_flight_count(self, fd):

@@ -109,11 +109,12 @@ MAX_PARTICIPANTS = 128
 ROLE_PRODUCER, ROLE_CONSUMER = 1, 2
 LOCK_BYTE = HEADER_SIZE - 1           # record-locked byte (advisory; never read)
 REJECTED_OFFSET = HEADER_SIZE - 16    # u64: messages that failed authentication
+ABANDONED_OFFSET = REJECTED_OFFSET - 8  # u64: damaged records skipped (under the lock)
 
 assert GEOMETRY_OFFSET + GEOMETRY.size <= STATE_OFFSET
 assert STATE_OFFSET + STATE.size == leases.LEASE_STATE_OFFSET
 assert leases.LEASE_STATE_OFFSET + leases.LEASE_STATE.size <= PARTICIPANTS_OFFSET
-assert PARTICIPANTS_OFFSET + MAX_PARTICIPANTS * PARTICIPANT.size <= REJECTED_OFFSET
+assert PARTICIPANTS_OFFSET + MAX_PARTICIPANTS * PARTICIPANT.size <= ABANDONED_OFFSET
 assert REJECTED_OFFSET + 8 <= LOCK_BYTE
 assert STATE_OFFSET % 64 == 0 and STATE.size == 64   # never crosses a page
 
@@ -507,12 +508,74 @@ class Ring:
                 self._read_at(fd, head, RECORD_HEADER.size))
             if length > self.max_message_size or \
                     RECORD_HEADER.size + length > state[1] - head:
-                raise CorruptQueue(f"segment {self.name!r} holds a record of "
-                                   f"impossible length {length}")
+                if out:
+                    break                # the good ones first; the next read meets it
+                self._abandon(fd, state)
+                raise CorruptQueue(f"segment {self.name!r} held a record of impossible "
+                                   f"length {length}: it was skipped (counted in "
+                                   f"stats()['abandoned']) and the queue goes on")
             payload = self._read_at(fd, head + RECORD_HEADER.size, length)
             head += RECORD_HEADER.size + length
             out.append((payload, deliveries, head))
         return out
+
+    def _abandon(self, fd, state):
+        """The record at the head has an impossible length: consume it
+        without delivering it, count it in ``abandoned``, publish.
+
+        A record's length is the only thing that says where the next one
+        starts, so the next one is looked for: the first position past the
+        head from which the remaining ``count - 1`` records chain, each of a
+        possible length, exactly to the tail. The damaged record's true
+        length was at most ``max_message_size``, so only that many positions
+        are tried, and the true boundary is among them. (The search starts
+        right past the head, not past a whole header: after an earlier
+        length that was wrong but possible, the head itself may be off a
+        boundary.) A payload that itself contains such a chain could be
+        taken for records: like a scribbled length in the native ring,
+        damage inside the data area is a writer's power (README "Security").
+        If no position chains, nothing after the head can be delimited:
+        every remaining record is abandoned and the ring restarts empty."""
+        head, tail, count = state[0], state[1], state[2]
+        rest = count - 1
+        start = head + 1
+        nxt, skipped = tail, count
+        if rest > 0:
+            last = min(tail - RECORD_HEADER.size,
+                       head + RECORD_HEADER.size + self.max_message_size)
+            window = self._read_at(fd, start, last - start + RECORD_HEADER.size) \
+                if last >= start else b""
+            for cand in range(start, last + 1):
+                (length,) = struct.unpack_from("<I", window, cand - start)
+                if length > self.max_message_size or \
+                        cand + RECORD_HEADER.size + length > tail:
+                    continue
+                if self._chains_to(fd, cand, tail, rest):
+                    nxt, skipped = cand, 1
+                    break
+        state[0] = nxt
+        state[2] -= skipped                  # not dequeued: abandoned (as the native ring)
+        if state[2] == 0:
+            state[0] = state[1] = 0
+        self._add_abandoned(fd, skipped)
+        self._write_state(fd, state)
+
+    def _chains_to(self, fd, pos, tail, n):
+        """Do exactly ``n`` records of possible lengths start at ``pos`` and
+        end at ``tail``?"""
+        for _ in range(n):
+            if tail - pos < RECORD_HEADER.size:
+                return False
+            length, _ = RECORD_HEADER.unpack(self._read_at(fd, pos, RECORD_HEADER.size))
+            if length > self.max_message_size or pos + RECORD_HEADER.size + length > tail:
+                return False
+            pos += RECORD_HEADER.size + length
+        return pos == tail
+
+    def _add_abandoned(self, fd, n):
+        raw = os.pread(fd, 8, ABANDONED_OFFSET)
+        old = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+        os.pwrite(fd, struct.pack("<Q", old + n), ABANDONED_OFFSET)
 
     def _consume(self, fd, state, records):
         """Hand the first ``len(records)`` messages over: one state write."""
@@ -804,14 +867,17 @@ class Ring:
 
     def stats(self):
         def read(fd, state):
-            return state, self._participants(fd), self.in_flight_table.in_flight_count(fd)
-        state, (producers, consumers), in_flight = self._locked(read)
+            raw = os.pread(fd, 8, ABANDONED_OFFSET)
+            abandoned = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+            return (state, self._participants(fd), self.in_flight_table.in_flight_count(fd),
+                    abandoned)
+        state, (producers, consumers), in_flight, abandoned = self._locked(read)
         return {
             "depth": state[2], "capacity": self.maxsize,
             "enqueued": state[4], "dequeued": state[5],
             "bytes_in_use": state[1] - state[0],
             "producers": producers, "consumers": consumers,
-            "redelivered": state[6], "abandoned": 0, "dead_lettered": state[7],
+            "redelivered": state[6], "abandoned": abandoned, "dead_lettered": state[7],
             "in_flight": in_flight,
             "max_message_size": self.max_message_size,
             "capacity_bytes": self.capacity_bytes,
