@@ -141,6 +141,10 @@ cdef class _Exporter:
         if self._view is None:
             return self.exports > 0
         mv = <PyMemoryViewObject *>self._view
+        if mv.mbuf == NULL:
+            # The collector cleared our cached view (memory_clear drops its
+            # managed buffer): only our own export count is left to tell.
+            return self.exports > 1
         return self.exports > 1 or mv.exports > 0 or mv.mbuf.exports > 1
 
 
