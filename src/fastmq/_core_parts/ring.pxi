@@ -2,6 +2,11 @@
 # Included by src/fastmq/_core.pyx; it shares that module's namespace.
 
 from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
+
+
+cdef extern from "Python.h":
+    object PyObject_Vectorcall(object callable, PyObject **args, size_t nargsf, object kwnames)
 
 # ======================================================================== #
 # Ring                                                                     #
@@ -22,6 +27,9 @@ from cpython.bytes cimport PyBytes_GET_SIZE
 # out-of-band buffers is made and read here, and everything else (frames of
 # numpy arrays, zero-copy reads, malformed messages) is handed to
 # ``_serialize``'s own functions, so the framing lives in one place.
+# These and the ring's own put/get methods are ``binding(False)``: a plain
+# C method (a builtin bound to the ring) is called without the extra layer of
+# a bound Python-level function object, about 80 instructions a call.
 
 cdef object _call_timeout(object block, object timeout):
     """queue._timeout: None (forever), 0 (one non-blocking try) or seconds > 0;
@@ -38,6 +46,15 @@ cdef object _call_timeout(object block, object timeout):
     if timeout != timeout:
         raise ValueError("'timeout' must be a number of seconds or None, not NaN")
     return 0
+
+
+cdef inline uint64_t _call_deadline(object block, object timeout,
+                                    bint *nonblock) except? 1:
+    """_deadline(_call_timeout(block, timeout)), the defaults without a call."""
+    if timeout is None and block is True:
+        nonblock[0] = False
+        return 0
+    return _deadline(_call_timeout(block, timeout), nonblock)
 
 
 cdef int _call_max_messages(object value) except -1:
@@ -60,11 +77,15 @@ cdef object _ser_no_buffers = None   # types whose objects hold no out-of-band b
 cdef object _ser_refuse = None       # the buffer_callback that aborts a plain pickle ...
 cdef object _ser_has_buffers = None  # ... by raising this
 cdef object _ser_unpickle_errors = None
+cdef object _ser_kwnames = ("buffer_callback",)
+# _serialize._NO_BUFFERS as a table of type pointers: one compare each.
+cdef PyTypeObject *_ser_plain_types[16]
+cdef Py_ssize_t _ser_n_plain = -1          # -1: use the set itself (more than 16)
 
 
 cdef int _load_codec() except -1:
     global _ser, _ser_dumps, _ser_loads, _ser_protocol, _ser_no_buffers, _ser_refuse
-    global _ser_has_buffers, _ser_unpickle_errors
+    global _ser_has_buffers, _ser_unpickle_errors, _ser_n_plain
     from fastmq import _serialize
     _ser_dumps = _serialize._pickle_dumps
     _ser_loads = _serialize._pickle_loads
@@ -73,17 +94,39 @@ cdef int _load_codec() except -1:
     _ser_refuse = _serialize._refuse_buffers
     _ser_has_buffers = _serialize._HasBuffers
     _ser_unpickle_errors = _serialize._UNPICKLE_ERRORS
+    _ser_n_plain = -1
+    if len(_ser_no_buffers) <= 16:
+        for i, t in enumerate(_ser_no_buffers):
+            _ser_plain_types[i] = <PyTypeObject *>t  # types live as long as the set
+        _ser_n_plain = len(_ser_no_buffers)
     _ser = _serialize
     return 0
+
+
+cdef inline bint _no_buffers(object obj) except -1:
+    """type(obj) in _serialize._NO_BUFFERS"""
+    cdef Py_ssize_t i
+    cdef PyTypeObject *t = Py_TYPE(obj)
+    if _ser_n_plain < 0:
+        return type(obj) in _ser_no_buffers
+    for i in range(_ser_n_plain):
+        if _ser_plain_types[i] == t:
+            return True
+    return False
 
 
 cdef object _plain_pickle(object obj):
     """_serialize._plain_pickle: the pickle of obj, or None if it has
     out-of-band buffers."""
-    if type(obj) in _ser_no_buffers:
+    cdef PyObject *args[3]
+    if _no_buffers(obj):
         return _ser_dumps(obj, _ser_protocol)
+    # dumps(obj, protocol, buffer_callback=refuse), without a keyword dict.
+    args[0] = <PyObject *>obj
+    args[1] = <PyObject *>_ser_protocol
+    args[2] = <PyObject *>_ser_refuse
     try:
-        return _ser_dumps(obj, _ser_protocol, buffer_callback=_ser_refuse)
+        return PyObject_Vectorcall(_ser_dumps, args, 2, _ser_kwnames)
     except _ser_has_buffers:
         return None
 
@@ -352,13 +395,20 @@ cdef class Ring:
                 raise Full(self._full_msg(<uint64_t>n))
             self._wait(True, deadline, <uint64_t>n)
 
-    cdef int _claim(self, fmq_msg *m, bint for_write, bint nonblock,
-                    uint64_t deadline) except -1:
+    cdef inline int _claim(self, fmq_msg *m, bint for_write, bint nonblock,
+                           uint64_t deadline) except -1:
         """Claim a slot to write (FULL -> wait for space) or a message to read
-        (EMPTY -> wait for data), until the deadline."""
-        cdef int rc
+        (EMPTY -> wait for data), until the deadline. The first try is inline:
+        it is the one that succeeds when the ring is neither full nor empty."""
+        cdef int rc = fmq_ring_reserve(self.r, m) if for_write else fmq_ring_claim(self.r, m)
+        if rc == FMQ_OK:
+            return 0
+        return self._claim_again(m, for_write, nonblock, deadline, rc)
+
+    cdef int _claim_again(self, fmq_msg *m, bint for_write, bint nonblock,
+                          uint64_t deadline, int rc) except -1:
+        """_claim after a first try that returned rc."""
         while True:
-            rc = fmq_ring_reserve(self.r, m) if for_write else fmq_ring_claim(self.r, m)
             if rc == FMQ_OK:
                 return 0
             if rc != (FMQ_FULL if for_write else FMQ_EMPTY):
@@ -368,6 +418,7 @@ cdef class Ring:
                     raise Full(self._full_msg(0))
                 raise Empty("queue is empty")
             self._wait(for_write, deadline, 0)
+            rc = fmq_ring_reserve(self.r, m) if for_write else fmq_ring_claim(self.r, m)
 
     cdef inline int _claim_slot(self, fmq_msg *m, bint nonblock, uint64_t deadline) except -1:
         return self._claim(m, True, nonblock, deadline)
@@ -434,25 +485,29 @@ cdef class Ring:
             self._leave()
         return 0
 
+    @cython.binding(False)
     def put(self, data, timeout=None):
         """Enqueue one bytes-like object (copied once into shared memory)."""
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(timeout, &nonblock)
         self._put_one(data, nonblock, deadline)
 
+    @cython.binding(False)
     def put_bytes(self, data, block=True, timeout=None):
         """``Queue.put_bytes``, compiled (see "the Queue's hot methods")."""
         cdef bint nonblock
-        cdef uint64_t deadline = _deadline(_call_timeout(block, timeout), &nonblock)
+        cdef uint64_t deadline = _call_deadline(block, timeout, &nonblock)
         self._put_one(data, nonblock, deadline)
 
+    @cython.binding(False)
     def put_object(self, obj, block=True, timeout=None):
         """``Queue.put`` with the default codec, compiled (see "the Queue's
         hot methods"): the plain pickle of a buffer-less object is made here;
         one with out-of-band buffers goes to ``_serialize.put_with_buffers``."""
         cdef bint nonblock
         cdef uint64_t deadline
-        timeout = _call_timeout(block, timeout)
+        if timeout is not None or block is not True:
+            timeout = _call_timeout(block, timeout)
         if _ser is None:
             _load_codec()
         data = _plain_pickle(obj)
@@ -462,6 +517,7 @@ cdef class Ring:
         deadline = _deadline(timeout, &nonblock)      # after pickling, as the layer
         self._put_one(data, nonblock, deadline)
 
+    @cython.binding(False)
     def put_many(self, items, timeout=None):
         """Enqueue in order; returns how many went in (see the ring contract)."""
         cdef bint nonblock
@@ -469,13 +525,15 @@ cdef class Ring:
         return self._put_many(items if type(items) is tuple else tuple(items),
                               nonblock, deadline)
 
+    @cython.binding(False)
     def put_many_bytes(self, items, block=True, timeout=None):
         """``Queue.put_many_bytes``, compiled (see "the Queue's hot methods")."""
         cdef bint nonblock
-        cdef uint64_t deadline = _deadline(_call_timeout(block, timeout), &nonblock)
+        cdef uint64_t deadline = _call_deadline(block, timeout, &nonblock)
         return self._put_many(items if type(items) is tuple else tuple(items),
                               nonblock, deadline)
 
+    @cython.binding(False)
     def put_many_objects(self, iterable, block=True, timeout=None):
         """``Queue.put_many`` with the default codec, compiled (see "the
         Queue's hot methods"): every object is encoded, then every size is
@@ -615,23 +673,26 @@ cdef class Ring:
         finally:
             self._leave()
 
+    @cython.binding(False)
     def get(self, timeout=None):
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(timeout, &nonblock)
         return self._get_one(nonblock, deadline)
 
+    @cython.binding(False)
     def get_bytes(self, block=True, timeout=None):
         """``Queue.get_bytes``, compiled (see "the Queue's hot methods")."""
         cdef bint nonblock
-        cdef uint64_t deadline = _deadline(_call_timeout(block, timeout), &nonblock)
+        cdef uint64_t deadline = _call_deadline(block, timeout, &nonblock)
         return self._get_one(nonblock, deadline)
 
+    @cython.binding(False)
     def get_object(self, block=True, timeout=None, *, zero_copy=False):
         """``Queue.get`` with the default codec, compiled (see "the Queue's
         hot methods"). A plain pickle is loaded here; other messages, and
         ``zero_copy=True`` reads, go through ``_serialize.decode``."""
         cdef bint nonblock
-        cdef uint64_t deadline = _deadline(_call_timeout(block, timeout), &nonblock)
+        cdef uint64_t deadline = _call_deadline(block, timeout, &nonblock)
         if _ser is None:
             _load_codec()
         if not zero_copy:
@@ -642,6 +703,7 @@ cdef class Ring:
         finally:
             lease.close()            # deferred while the arrays view it
 
+    @cython.binding(False)
     def get_many(self, Py_ssize_t max_messages, timeout=None, decode=None):
         """At least one message (waiting up to timeout), at most max_messages
         (see ``_get_many``)."""
@@ -651,22 +713,24 @@ cdef class Ring:
             raise ValueError("max_messages must be >= 1")
         return self._get_many(max_messages, nonblock, deadline, decode, False)
 
+    @cython.binding(False)
     def get_many_bytes(self, max_messages=1024, block=True, timeout=None):
         """``Queue.get_many_bytes``, compiled (see "the Queue's hot methods");
         the default is queue.DEFAULT_GET_MANY."""
         cdef bint nonblock
         cdef uint64_t deadline
         _call_max_messages(max_messages)
-        deadline = _deadline(_call_timeout(block, timeout), &nonblock)
+        deadline = _call_deadline(block, timeout, &nonblock)
         return self._get_many(max_messages, nonblock, deadline, None, False)
 
+    @cython.binding(False)
     def get_many_objects(self, max_messages=1024, block=True, timeout=None):
         """``Queue.get_many`` with the default codec, compiled (see "the
         Queue's hot methods"); the default is queue.DEFAULT_GET_MANY."""
         cdef bint nonblock
         cdef uint64_t deadline
         _call_max_messages(max_messages)
-        deadline = _deadline(_call_timeout(block, timeout), &nonblock)
+        deadline = _call_deadline(block, timeout, &nonblock)
         if _ser is None:
             _load_codec()
         return self._get_many(max_messages, nonblock, deadline, None, True)
@@ -772,6 +836,7 @@ cdef class Ring:
             self._leave()
         return out[:k] if decoding and len(out) != k else out
 
+    @cython.binding(False)
     def recv(self, timeout=None):
         """Receive one message without copying it out (large ones) -> Lease."""
         cdef bint nonblock
