@@ -14,6 +14,8 @@ Cases (all in one process, native backend unless FASTMQ_BACKEND says otherwise):
   dict        q.put(d) + q.get()                      a small dict
   pickle      pickle.dumps(d, 5) + pickle.loads(...)  the same dict, no queue (floor of ``dict``)
   call        f(b) for a trivial Python function       the cost of any Python-level call
+  batch64     q.put_many_bytes(256 x b) + q.get_many_bytes(256), per message
+  dictbatch   q.put_many(256 x d) + q.get_many(256), per message
 
 Run from the repository root, after an in-place build::
 
@@ -32,7 +34,8 @@ import subprocess
 import sys
 import tempfile
 
-CASES = ("bytes64", "ring64", "dict", "pickle", "call")
+CASES = ("bytes64", "ring64", "dict", "pickle", "call", "batch64", "dictbatch")
+BATCH = 256
 WARMUP = 2000
 SMALL_DICT = {"id": 12345, "name": "sensor-7", "value": 3.25, "tags": ["a", "b"]}
 
@@ -42,7 +45,7 @@ def _child(case: str, n: int) -> None:
     payload = bytes(range(64))
     d = dict(SMALL_DICT)
     q = None
-    if case in ("bytes64", "ring64", "dict"):
+    if case in ("bytes64", "ring64", "dict", "batch64", "dictbatch"):
         import fastmq
         q = fastmq.Queue(maxsize=1024)
     if case == "bytes64":
@@ -73,6 +76,16 @@ def _child(case: str, n: int) -> None:
         def loop(k):
             for _ in range(k):
                 loads(dumps(d, 5))
+    elif case in ("batch64", "dictbatch"):
+        if case == "batch64":
+            put, get, items = q.put_many_bytes, q.get_many_bytes, [payload] * BATCH
+        else:
+            put, get, items = q.put_many, q.get_many, [d] * BATCH
+
+        def loop(k):
+            for _ in range(k // BATCH):
+                put(items)
+                get(BATCH)
     elif case == "call":
         def f(x):
             return x
