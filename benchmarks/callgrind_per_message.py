@@ -105,7 +105,10 @@ def _instructions(case: str, n: int, workdir: str) -> int:
     out = os.path.join(workdir, f"callgrind.{case}.{n}.out")
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
            sys.executable, os.path.abspath(__file__), "--child", case, str(n)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    # A fixed hash seed: string hashes (and so dict probe lengths) are the
+    # same in every run, which keeps the counts repeatable to a few instructions.
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"valgrind failed ({res.returncode}):\n{res.stderr[-2000:]}")
     with open(out) as f:

@@ -6,7 +6,8 @@ from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 
 
 cdef extern from "Python.h":
-    object PyObject_Vectorcall(object callable, PyObject **args, size_t nargsf, object kwnames)
+    # kwnames: a tuple of keyword names, or NULL for none
+    object PyObject_Vectorcall(object callable, PyObject **args, size_t nargsf, PyObject *kwnames)
 
 # ======================================================================== #
 # Ring                                                                     #
@@ -126,7 +127,7 @@ cdef object _plain_pickle(object obj):
     args[1] = <PyObject *>_ser_protocol
     args[2] = <PyObject *>_ser_refuse
     try:
-        return PyObject_Vectorcall(_ser_dumps, args, 2, _ser_kwnames)
+        return PyObject_Vectorcall(_ser_dumps, args, 2, <PyObject *>_ser_kwnames)
     except _ser_has_buffers:
         return None
 
@@ -135,9 +136,11 @@ cdef object _decode_copy(bytes raw):
     """_serialize.decode(raw) of a private copy: a plain pickle is loaded
     here; anything else -- or a pickle that fails to load -- takes
     _serialize.decode, which raises BadMessage carrying the bytes."""
+    cdef PyObject *args[1]
     if PyBytes_GET_SIZE(raw) > 0 and (<unsigned char *>PyBytes_AS_STRING(raw))[0] == 0x80:
+        args[0] = <PyObject *>raw
         try:
-            return _ser_loads(raw)
+            return PyObject_Vectorcall(_ser_loads, args, 1, NULL)     # loads(raw)
         except _ser_unpickle_errors:
             pass
     return _ser.decode(raw)
