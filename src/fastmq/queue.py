@@ -416,6 +416,9 @@ class Queue(Generic[_T]):
     # or get costs a few hundred nanoseconds, so every extra Python frame
     # shows. ``timeout`` is normalised only when it is not the common default,
     # and a closed handle is detected by the ring itself (QueueClosed).
+    # A keyless handle on the native ring does not run them at all: it binds
+    # the ring's compiled forms in their place (``_bind_compiled``), which
+    # must keep behaving exactly as these do (tests/test_compiled_paths.py).
 
     def put(self, obj: _T, block: bool = True, timeout: Optional[float] = None) -> None:
         """Serialize ``obj`` and enqueue it; ``Full`` if no room in time."""
