@@ -14,8 +14,10 @@ Cases (all in one process, native backend unless FASTMQ_BACKEND says otherwise):
   dict        q.put(d) + q.get()                      a small dict
   pickle      pickle.dumps(d, 5) + pickle.loads(...)  the same dict, no queue (floor of ``dict``)
   call        f(b) for a trivial Python function       the cost of any Python-level call
-  batch64     q.put_many_bytes(256 x b) + q.get_many_bytes(256), per message
-  dictbatch   q.put_many(256 x d) + q.get_many(256), per message
+  lease64     q.put_bytes(b) + q.get_message() + m.ack()   64 B, at-least-once
+  batch64     q.put_many_bytes(32 x b) + q.get_messages(32) + q.ack_many(...), per message
+  many64      q.put_many_bytes(256 x b) + q.get_many_bytes(256), per message
+  manydict    q.put_many(256 x d) + q.get_many(256), per message
 
 Run from the repository root, after an in-place build::
 
@@ -34,7 +36,8 @@ import subprocess
 import sys
 import tempfile
 
-CASES = ("bytes64", "ring64", "dict", "pickle", "call", "batch64", "dictbatch")
+CASES = ("bytes64", "ring64", "dict", "pickle", "call", "lease64", "batch64",
+         "many64", "manydict")
 BATCH = 256
 WARMUP = 2000
 SMALL_DICT = {"id": 12345, "name": "sensor-7", "value": 3.25, "tags": ["a", "b"]}
@@ -45,7 +48,7 @@ def _child(case: str, n: int) -> None:
     payload = bytes(range(64))
     d = dict(SMALL_DICT)
     q = None
-    if case in ("bytes64", "ring64", "dict", "batch64", "dictbatch"):
+    if case in ("bytes64", "ring64", "dict", "lease64", "batch64", "many64", "manydict"):
         import fastmq
         q = fastmq.Queue(maxsize=1024)
     if case == "bytes64":
@@ -76,8 +79,23 @@ def _child(case: str, n: int) -> None:
         def loop(k):
             for _ in range(k):
                 loads(dumps(d, 5))
-    elif case in ("batch64", "dictbatch"):
-        if case == "batch64":
+    elif case == "lease64":
+        put, get_message = q.put_bytes, q.get_message
+
+        def loop(k):
+            for _ in range(k):
+                put(payload)
+                get_message().ack()
+    elif case == "batch64":
+        batch = [payload] * 32
+        put_many, get_messages, ack_many = q.put_many_bytes, q.get_messages, q.ack_many
+
+        def loop(k):
+            for _ in range(k // 32):
+                put_many(batch)
+                ack_many(get_messages(32))
+    elif case in ("many64", "manydict"):
+        if case == "many64":
             put, get, items = q.put_many_bytes, q.get_many_bytes, [payload] * BATCH
         else:
             put, get, items = q.put_many, q.get_many, [d] * BATCH

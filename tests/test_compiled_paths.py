@@ -277,3 +277,13 @@ def test_put_many_sends_the_batch_it_was_called_with_when_its_list_changes(backe
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[b'0', b'a', b'b', b'c'] [3]"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_hot_methods_of_a_handle_have_the_layers_signature(mq, name):
+    import inspect
+    q = mq.Queue()
+    bound = inspect.signature(getattr(q, name))
+    reference = inspect.signature(getattr(fastmq.Queue, name))
+    want = [(p.name, p.kind, p.default) for p in list(reference.parameters.values())[1:]]
+    assert [(p.name, p.kind, p.default) for p in bound.parameters.values()] == want
