@@ -18,6 +18,8 @@ Cases (all in one process, native backend unless FASTMQ_BACKEND says otherwise):
   call        f(b) for a trivial Python function       the cost of any Python-level call
   lease64     q.put_bytes(b) + q.get_message() + m.ack()   64 B, at-least-once
   batch64     q.put_many_bytes(32 x b) + q.get_messages(32) + q.ack_many(...), per message
+  many64      q.put_many_bytes(256 x b) + q.get_many_bytes(256), per message
+  manydict    q.put_many(256 x d) + q.get_many(256), per message
 
 Run from the repository root, after an in-place build::
 
@@ -36,7 +38,9 @@ import subprocess
 import sys
 import tempfile
 
-CASES = ("bytes64", "ring64", "dict", "obj64", "auth64", "pickle", "call", "lease64", "batch64")
+CASES = ("bytes64", "ring64", "dict", "obj64", "auth64", "pickle", "call", "lease64", "batch64",
+         "many64", "manydict")
+BATCH = 256
 WARMUP = 2000
 SMALL_DICT = {"id": 12345, "name": "sensor-7", "value": 3.25, "tags": ["a", "b"]}
 
@@ -46,7 +50,8 @@ def _child(case: str, n: int) -> None:
     payload = bytes(range(64))
     d = dict(SMALL_DICT)
     q = None
-    if case in ("bytes64", "ring64", "dict", "obj64", "auth64", "lease64", "batch64"):
+    if case in ("bytes64", "ring64", "dict", "obj64", "auth64", "lease64", "batch64", "many64",
+                "manydict"):
         import fastmq
         q = fastmq.Queue(maxsize=1024, authkey=bytes(32) if case == "auth64" else None)
     if case == "bytes64":
@@ -99,6 +104,16 @@ def _child(case: str, n: int) -> None:
             for _ in range(k // 32):
                 put_many(batch)
                 ack_many(get_messages(32))
+    elif case in ("many64", "manydict"):
+        if case == "many64":
+            put, get, items = q.put_many_bytes, q.get_many_bytes, [payload] * BATCH
+        else:
+            put, get, items = q.put_many, q.get_many, [d] * BATCH
+
+        def loop(k):
+            for _ in range(k // BATCH):
+                put(items)
+                get(BATCH)
     elif case == "call":
         def f(x):
             return x
@@ -118,7 +133,10 @@ def _instructions(case: str, n: int, workdir: str) -> int:
     out = os.path.join(workdir, f"callgrind.{case}.{n}.out")
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
            sys.executable, os.path.abspath(__file__), "--child", case, str(n)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    # A fixed hash seed: string hashes (and so dict probe lengths) are the
+    # same in every run, which keeps the counts repeatable to a few instructions.
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"valgrind failed ({res.returncode}):\n{res.stderr[-2000:]}")
     with open(out) as f:

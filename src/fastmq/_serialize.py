@@ -116,11 +116,22 @@ def put_object(ring, obj, timeout, auth=None):
     With ``auth`` (``_auth.Auth``) the message carries its tag."""
     data = _plain_pickle(obj)
     if data is None:
-        data, raws = pickle_with_buffers(obj)
-        if raws:
-            _put_frame(ring, data, raws, timeout, auth)
-            return
-    if auth is None:
+        put_with_buffers(ring, obj, timeout, auth)
+    elif auth is None:
+        ring.put(data, timeout)
+    else:
+        auth.put(ring, data, timeout)
+
+
+def put_with_buffers(ring, obj, timeout, auth=None):
+    """``put_object`` of an object whose plain pickle met an out-of-band
+    buffer (``_plain_pickle`` returned None): pickled again with its buffers
+    kept apart, and written as a frame (or as a plain pickle after all, if
+    every buffer turned out not to be contiguous)."""
+    data, raws = pickle_with_buffers(obj)
+    if raws:
+        _put_frame(ring, data, raws, timeout, auth)
+    elif auth is None:
         ring.put(data, timeout)
     else:
         auth.put(ring, data, timeout)

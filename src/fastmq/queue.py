@@ -41,6 +41,13 @@ MAX_CAPACITY_BYTES = 1 << 40
 DEFAULT_GET_MANY = 1024
 _SMALL_SEALED = 1 << 16        # below: sealed as one bytes; above: written in place
 _plain_pickle = _serialize._plain_pickle
+# (Queue method, the ring's compiled form of it, needs the default codec);
+# see Queue._bind_compiled.
+_COMPILED = (("put_bytes", "put_bytes", False), ("get_bytes", "get_bytes", False),
+             ("put_many_bytes", "put_many_bytes", False),
+             ("get_many_bytes", "get_many_bytes", False),
+             ("put", "put_object", True), ("get", "get_object", True),
+             ("put_many", "put_many_objects", True), ("get_many", "get_many_objects", True))
 
 _T = TypeVar("_T")                        # the item type of a Queue (typing only)
 Serializer = Tuple[Callable[[Any], bytes], Callable[[bytes], Any]]
@@ -213,6 +220,28 @@ class Queue(Generic[_T]):
         self._auth = _auth.Auth(authkey, ring) if authkey is not None else None
         self._reserved_arrays = {}        # id(array) -> Reservation (reserve_array)
         self._lock = threading.Lock()
+        if self._auth is None:
+            self._bind_compiled(ring, serializer)
+
+    def _bind_compiled(self, ring, serializer):
+        """Bind the ring's compiled forms of the hot methods onto this handle.
+
+        A ring may offer, under the names in ``_COMPILED``, the methods of this
+        class compiled: same arguments, same checks and messages, same
+        behaviour, for a handle that needs nothing the layer adds on the way
+        -- no authkey, and for objects the default codec (``_serialize``).
+        The native ring does (see ``_core_parts/ring.pxi``); bound as instance
+        attributes they make ``q.put_bytes(b)`` one C call with no Python
+        frame in between. The methods below stay the reference, and what a
+        keyed handle, a custom serializer, the pure ring or a subclass that
+        overrides one of them gets."""
+        cls = type(self)
+        for name, compiled, needs_codec in _COMPILED:
+            if needs_codec and serializer is not None:
+                continue
+            method = getattr(ring, compiled, None)
+            if method is not None and getattr(cls, name) is Queue.__dict__[name]:
+                self.__dict__[name] = method
 
     @classmethod
     def create(cls, name: str, *, maxsize: int = 0, max_message_size: Optional[int] = None,
@@ -466,6 +495,9 @@ class Queue(Generic[_T]):
     # or get costs a few hundred nanoseconds, so every extra Python frame
     # shows. ``timeout`` is normalised only when it is not the common default,
     # and a closed handle is detected by the ring itself (QueueClosed).
+    # A keyless handle on the native ring does not run them at all: it binds
+    # the ring's compiled forms in their place (``_bind_compiled``), which
+    # must keep behaving exactly as these do (tests/test_compiled_paths.py).
 
     def put(self, obj: _T, block: bool = True, timeout: Optional[float] = None) -> None:
         """Serialize ``obj`` and enqueue it; ``Full`` if no room in time."""

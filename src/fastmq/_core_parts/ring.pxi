@@ -1,9 +1,150 @@
 # Part of fastmq._core (Ring: one handle on a queue segment (put/get, waits, lifetime, inspection)).
 # Included by src/fastmq/_core.pyx; it shares that module's namespace.
 
+from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
+
+
+cdef extern from "Python.h":
+    # kwnames: a tuple of keyword names, or NULL for none
+    object PyObject_Vectorcall(object callable, PyObject **args, size_t nargsf, PyObject *kwnames)
+
 # ======================================================================== #
 # Ring                                                                     #
 # ======================================================================== #
+
+# ---- the Queue's hot methods, compiled ----------------------------------- #
+#
+# ``Ring.put_bytes``/``get_bytes``/``put_many_bytes``/``get_many_bytes`` and
+# ``put_object``/``get_object``/``put_many_objects``/``get_many_objects`` take
+# the arguments of the ``fastmq.Queue`` methods of the same name (``put`` and
+# so on for the objects) and behave exactly as they do for a handle without an
+# authkey and, for objects, without a custom serializer: ``queue.py`` binds
+# them onto such a handle, so that ``q.put_bytes(b)`` is one C call with no
+# Python frame in between. They check their arguments as the layer does
+# (``_call_timeout`` is ``queue._timeout``; ``_call_max_messages`` is its
+# ``_check_int`` of ``max_messages``), and objects go through the layer's
+# codec (``fastmq._serialize``): the plain pickle of an object without
+# out-of-band buffers is made and read here, and everything else (frames of
+# numpy arrays, zero-copy reads, malformed messages) is handed to
+# ``_serialize``'s own functions, so the framing lives in one place.
+# These and the ring's own put/get methods are ``binding(False)``: a plain
+# C method (a builtin bound to the ring) is called without the extra layer of
+# a bound Python-level function object, about 80 instructions a call.
+
+cdef object _call_timeout(object block, object timeout):
+    """queue._timeout: None (forever), 0 (one non-blocking try) or seconds > 0;
+    a bool or a non-number is a TypeError and NaN a ValueError, with the
+    layer's messages. (The result goes to ``_deadline``.)"""
+    if not block:
+        return 0
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError("'timeout' must be a number or None, not %s" % type(timeout).__name__)
+    if timeout > 0:
+        return None if timeout >= 1e10 else timeout       # queue.FOREVER_SECONDS
+    if timeout != timeout:
+        raise ValueError("'timeout' must be a number of seconds or None, not NaN")
+    return 0
+
+
+cdef inline uint64_t _call_deadline(object block, object timeout,
+                                    bint *nonblock) except? 1:
+    """_deadline(_call_timeout(block, timeout)), the defaults without a call."""
+    if timeout is None and block is True:
+        nonblock[0] = False
+        return 0
+    return _deadline(_call_timeout(block, timeout), nonblock)
+
+
+cdef int _call_max_messages(object value) except -1:
+    """queue._check_int("max_messages", value, 1, 1 << 30), same messages."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("max_messages must be an int, not %s" % type(value).__name__)
+    if not 1 <= value <= (1 << 30):
+        raise ValueError("max_messages must be an int in [1, %d], got %s" % (1 << 30, value))
+    return 0
+
+
+# The layer's codec, looked up on first use: fastmq._serialize imports
+# fastmq._auth, which imports this module, so it cannot be imported here at
+# import time.
+cdef object _ser = None              # the fastmq._serialize module
+cdef object _ser_dumps = None        # pickle.dumps
+cdef object _ser_loads = None        # pickle.loads
+cdef object _ser_protocol = None     # 5
+cdef object _ser_no_buffers = None   # types whose objects hold no out-of-band buffers
+cdef object _ser_refuse = None       # the buffer_callback that aborts a plain pickle ...
+cdef object _ser_has_buffers = None  # ... by raising this
+cdef object _ser_unpickle_errors = None
+cdef object _ser_kwnames = ("buffer_callback",)
+# _serialize._NO_BUFFERS as a table of type pointers: one compare each.
+cdef PyTypeObject *_ser_plain_types[16]
+cdef Py_ssize_t _ser_n_plain = -1          # -1: use the set itself (more than 16)
+
+
+cdef int _load_codec() except -1:
+    global _ser, _ser_dumps, _ser_loads, _ser_protocol, _ser_no_buffers, _ser_refuse
+    global _ser_has_buffers, _ser_unpickle_errors, _ser_n_plain
+    from fastmq import _serialize
+    _ser_dumps = _serialize._pickle_dumps
+    _ser_loads = _serialize._pickle_loads
+    _ser_protocol = _serialize.PROTOCOL
+    _ser_no_buffers = _serialize._NO_BUFFERS
+    _ser_refuse = _serialize._refuse_buffers
+    _ser_has_buffers = _serialize._HasBuffers
+    _ser_unpickle_errors = _serialize._UNPICKLE_ERRORS
+    _ser_n_plain = -1
+    if len(_ser_no_buffers) <= 16:
+        for i, t in enumerate(_ser_no_buffers):
+            _ser_plain_types[i] = <PyTypeObject *>t  # types live as long as the set
+        _ser_n_plain = len(_ser_no_buffers)
+    _ser = _serialize
+    return 0
+
+
+cdef inline bint _no_buffers(object obj) except -1:
+    """type(obj) in _serialize._NO_BUFFERS"""
+    cdef Py_ssize_t i
+    cdef PyTypeObject *t = Py_TYPE(obj)
+    if _ser_n_plain < 0:
+        return type(obj) in _ser_no_buffers
+    for i in range(_ser_n_plain):
+        if _ser_plain_types[i] == t:
+            return True
+    return False
+
+
+cdef object _plain_pickle(object obj):
+    """_serialize._plain_pickle: the pickle of obj, or None if it has
+    out-of-band buffers."""
+    cdef PyObject *args[3]
+    if _no_buffers(obj):
+        return _ser_dumps(obj, _ser_protocol)
+    # dumps(obj, protocol, buffer_callback=refuse), without a keyword dict.
+    args[0] = <PyObject *>obj
+    args[1] = <PyObject *>_ser_protocol
+    args[2] = <PyObject *>_ser_refuse
+    try:
+        return PyObject_Vectorcall(_ser_dumps, args, 2, <PyObject *>_ser_kwnames)
+    except _ser_has_buffers:
+        return None
+
+
+cdef object _decode_copy(bytes raw):
+    """_serialize.decode(raw) of a private copy: a plain pickle is loaded
+    here; anything else -- or a pickle that fails to load -- takes
+    _serialize.decode, which raises BadMessage carrying the bytes."""
+    cdef PyObject *args[1]
+    if PyBytes_GET_SIZE(raw) > 0 and (<unsigned char *>PyBytes_AS_STRING(raw))[0] == 0x80:
+        args[0] = <PyObject *>raw
+        try:
+            return PyObject_Vectorcall(_ser_loads, args, 1, NULL)     # loads(raw)
+        except _ser_unpickle_errors:
+            pass
+    return _ser.decode(raw)
+
 
 cdef class Ring:
     """One process-local handle on a queue segment (see _ring_protocol.Ring)."""
@@ -361,13 +502,20 @@ cdef class Ring:
                 _raise(FMQ_FULL, self._full_msg(<uint64_t>n))
             self._wait(True, deadline, <uint64_t>n)
 
-    cdef int _claim(self, fmq_msg *m, bint for_write, bint nonblock,
-                    uint64_t deadline) except -1:
+    cdef inline int _claim(self, fmq_msg *m, bint for_write, bint nonblock,
+                           uint64_t deadline) except -1:
         """Claim a slot to write (FULL -> wait for space) or a message to read
-        (EMPTY -> wait for data), until the deadline."""
-        cdef int rc
+        (EMPTY -> wait for data), until the deadline. The first try is inline:
+        it is the one that succeeds when the ring is neither full nor empty."""
+        cdef int rc = fmq_ring_reserve(self.r, m) if for_write else fmq_ring_claim(self.r, m)
+        if rc == FMQ_OK:
+            return 0
+        return self._claim_again(m, for_write, nonblock, deadline, rc)
+
+    cdef int _claim_again(self, fmq_msg *m, bint for_write, bint nonblock,
+                          uint64_t deadline, int rc) except -1:
+        """_claim after a first try that returned rc."""
         while True:
-            rc = fmq_ring_reserve(self.r, m) if for_write else fmq_ring_claim(self.r, m)
             if rc == FMQ_OK:
                 return 0
             if rc != (FMQ_FULL if for_write else FMQ_EMPTY):
@@ -377,6 +525,7 @@ cdef class Ring:
                     _raise(FMQ_FULL, self._full_msg(0))
                 _raise(FMQ_EMPTY)
             self._wait(for_write, deadline, 0)
+            rc = fmq_ring_reserve(self.r, m) if for_write else fmq_ring_claim(self.r, m)
 
     cdef inline int _claim_slot(self, fmq_msg *m, bint nonblock, uint64_t deadline) except -1:
         return self._claim(m, True, nonblock, deadline)
@@ -422,13 +571,17 @@ cdef class Ring:
                 "(create the queue with a larger max_message_size)" % (n, self._max_msg))
         return 0
 
-    def put(self, data, timeout=None):
-        """Enqueue one bytes-like object (copied once into shared memory)."""
+    cdef int _put_one(self, object data, bint nonblock, uint64_t deadline) except -1:
         cdef Py_buffer view
-        cdef bint nonblock
-        cdef uint64_t deadline = _deadline(timeout, &nonblock)
         self._enter()
         try:
+            if type(data) is bytes:
+                # Immutable, and referenced by the caller for the whole call:
+                # its bytes can be read without the buffer protocol.
+                self._check_size(PyBytes_GET_SIZE(data))
+                self._put_raw(<const unsigned char *>PyBytes_AS_STRING(data),
+                              PyBytes_GET_SIZE(data), nonblock, deadline, 1)
+                return 0
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
             try:
                 self._check_size(view.len)
@@ -439,45 +592,141 @@ cdef class Ring:
                 self._sync()
         finally:
             self._leave()
+        return 0
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
+    def put(self, data, timeout=None):
+        """Enqueue one bytes-like object (copied once into shared memory)."""
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        self._put_one(data, nonblock, deadline)
+
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
+    def put_bytes(self, data, block=True, timeout=None):
+        """``Queue.put_bytes``, compiled (see "the Queue's hot methods")."""
+        cdef bint nonblock
+        cdef uint64_t deadline = _call_deadline(block, timeout, &nonblock)
+        self._put_one(data, nonblock, deadline)
+
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
+    def put_object(self, obj, block=True, timeout=None):
+        """``Queue.put`` with the default codec, compiled (see "the Queue's
+        hot methods"): the plain pickle of a buffer-less object is made here;
+        one with out-of-band buffers goes to ``_serialize.put_with_buffers``."""
+        cdef bint nonblock
+        cdef uint64_t deadline
+        if timeout is not None or block is not True:
+            timeout = _call_timeout(block, timeout)
+        if _ser is None:
+            _load_codec()
+        data = _plain_pickle(obj)
+        if data is None:
+            _ser.put_with_buffers(self, obj, timeout)
+            return
+        deadline = _deadline(timeout, &nonblock)      # after pickling, as the layer
+        self._put_one(data, nonblock, deadline)
+
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def put_many(self, items, timeout=None):
         """Enqueue in order; returns how many went in (see the ring contract)."""
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        return self._put_many(items if type(items) is tuple else tuple(items),
+                              nonblock, deadline)
+
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
+    def put_many_bytes(self, items, block=True, timeout=None):
+        """``Queue.put_many_bytes``, compiled (see "the Queue's hot methods")."""
+        cdef bint nonblock
+        cdef uint64_t deadline = _call_deadline(block, timeout, &nonblock)
+        return self._put_many(items if type(items) is tuple else tuple(items),
+                              nonblock, deadline)
+
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
+    def put_many_objects(self, iterable, block=True, timeout=None):
+        """``Queue.put_many`` with the default codec, compiled (see "the
+        Queue's hot methods"): every object is encoded, then every size is
+        checked (nothing is sent if one is too big), then the batch goes in."""
+        cdef bint nonblock
+        cdef uint64_t deadline
+        cdef list payloads = []
         cdef Py_buffer view
-        cdef Py_ssize_t i, n, done = 0
-        if not isinstance(items, (list, tuple)):
-            items = list(items)
+        timeout = _call_timeout(block, timeout)
+        if _ser is None:
+            _load_codec()
+        for obj in iterable:
+            data = _plain_pickle(obj)
+            payloads.append(_ser.encode(obj) if data is None else data)
+        for data in payloads:
+            if type(data) is bytes:
+                n = PyBytes_GET_SIZE(data)
+            else:
+                PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+                n = view.len
+                PyBuffer_Release(&view)
+            if n > self._max_msg:
+                raise MessageTooLarge(
+                    "message of %d bytes exceeds this queue's max_message_size of %d bytes; "
+                    "nothing was sent" % (n, self._max_msg))
+        deadline = _deadline(timeout, &nonblock)
+        return self._put_many(tuple(payloads), nonblock, deadline)
+
+    cdef Py_ssize_t _put_many(self, tuple items, bint nonblock, uint64_t deadline) except -1:
+        """put_many of bytes-like items. A tuple: the batch is what the caller
+        passed when it called, whatever another thread does to its list while
+        this call waits for room (the GIL is released then)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t i, n, size, done = 0
+        cdef const unsigned char *src
+        cdef bint viewed
         n = len(items)
         self._enter()
         try:
             # Every size is checked before anything is written: a batch with
             # one oversize item is rejected whole, not half-sent.
             for i in range(n):
-                PyObject_GetBuffer(items[i], &view, PyBUF_SIMPLE)
+                item = items[i]
+                if type(item) is bytes:
+                    self._check_size(PyBytes_GET_SIZE(item))
+                    continue
+                PyObject_GetBuffer(item, &view, PyBUF_SIMPLE)
                 try:
                     self._check_size(view.len)
                 finally:
                     PyBuffer_Release(&view)
             for i in range(n):
-                PyObject_GetBuffer(items[i], &view, PyBUF_SIMPLE)
+                item = items[i]
+                viewed = type(item) is not bytes
+                if viewed:
+                    PyObject_GetBuffer(item, &view, PyBUF_SIMPLE)
+                    src, size = <const unsigned char *>view.buf, view.len
+                else:
+                    # Immutable, and held by the tuple: no buffer protocol needed.
+                    src = <const unsigned char *>PyBytes_AS_STRING(item)
+                    size = PyBytes_GET_SIZE(item)
                 try:
                     try:
                         # First try without blocking; before any wait, wake the
                         # consumers of what is already in, or they may sleep
                         # while we wait for them to make room.
-                        self._put_raw(<const unsigned char *>view.buf, view.len, True, 0, 0)
+                        self._put_raw(src, size, True, 0, 0)
                     except Full:
                         fmq_ring_wake_consumers(self.r, 1)
                         if nonblock:
                             break
                         try:
-                            self._put_raw(<const unsigned char *>view.buf, view.len, False,
-                                          deadline, 0)
+                            self._put_raw(src, size, False, deadline, 0)
                         except Full:
                             break
                 finally:
-                    PyBuffer_Release(&view)
+                    if viewed:
+                        PyBuffer_Release(&view)
                 done += 1
         finally:
             if self.r != NULL and done:
@@ -538,9 +787,7 @@ cdef class Ring:
             _raise(rc)
         return out
 
-    def get(self, timeout=None):
-        cdef bint nonblock
-        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+    cdef bytes _get_one(self, bint nonblock, uint64_t deadline):
         cdef fmq_msg m
         self._enter()
         try:
@@ -549,7 +796,76 @@ cdef class Ring:
         finally:
             self._leave()
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
+    def get(self, timeout=None):
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        return self._get_one(nonblock, deadline)
+
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
+    def get_bytes(self, block=True, timeout=None):
+        """``Queue.get_bytes``, compiled (see "the Queue's hot methods")."""
+        cdef bint nonblock
+        cdef uint64_t deadline = _call_deadline(block, timeout, &nonblock)
+        return self._get_one(nonblock, deadline)
+
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
+    def get_object(self, block=True, timeout=None, *, zero_copy=False):
+        """``Queue.get`` with the default codec, compiled (see "the Queue's
+        hot methods"). A plain pickle is loaded here; other messages, and
+        ``zero_copy=True`` reads, go through ``_serialize.decode``."""
+        cdef bint nonblock
+        cdef uint64_t deadline = _call_deadline(block, timeout, &nonblock)
+        if _ser is None:
+            _load_codec()
+        if not zero_copy:
+            return _decode_copy(self._get_one(nonblock, deadline))
+        lease = self._recv(nonblock, deadline)
+        try:
+            return _ser.decode(lease.view, zero_copy=True)
+        finally:
+            lease.close()            # deferred while the arrays view it
+
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def get_many(self, Py_ssize_t max_messages, timeout=None, decode=None):
+        """At least one message (waiting up to timeout), at most max_messages
+        (see ``_get_many``)."""
+        cdef bint nonblock
+        cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        if max_messages < 1:
+            raise ValueError("max_messages must be >= 1")
+        return self._get_many(max_messages, nonblock, deadline, decode, False)
+
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
+    def get_many_bytes(self, max_messages=1024, block=True, timeout=None):
+        """``Queue.get_many_bytes``, compiled (see "the Queue's hot methods");
+        the default is queue.DEFAULT_GET_MANY."""
+        cdef bint nonblock
+        cdef uint64_t deadline
+        _call_max_messages(max_messages)
+        deadline = _call_deadline(block, timeout, &nonblock)
+        return self._get_many(max_messages, nonblock, deadline, None, False)
+
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
+    def get_many_objects(self, max_messages=1024, block=True, timeout=None):
+        """``Queue.get_many`` with the default codec, compiled (see "the
+        Queue's hot methods"); the default is queue.DEFAULT_GET_MANY."""
+        cdef bint nonblock
+        cdef uint64_t deadline
+        _call_max_messages(max_messages)
+        deadline = _call_deadline(block, timeout, &nonblock)
+        if _ser is None:
+            _load_codec()
+        return self._get_many(max_messages, nonblock, deadline, None, True)
+
+    cdef list _get_many(self, Py_ssize_t max_messages, bint nonblock, uint64_t deadline,
+                        object decode, bint codec):
         """At least one message (waiting up to timeout), at most max_messages.
 
         The batch is handed over only as far as it is returned: every message
@@ -561,17 +877,17 @@ cdef class Ring:
         propagates. Any other failure (MemoryError, KeyboardInterrupt) gives
         the whole batch back. A process killed meanwhile gives it back too
         (crash recovery), so nothing is lost that the caller did not receive.
+
+        ``codec``: decode with the layer's default codec (``_decode_copy``)
+        instead of ``decode``.
         """
-        cdef bint nonblock
-        cdef uint64_t deadline = _deadline(timeout, &nonblock)
         cdef fmq_msg *msgs
         cdef fmq_msg *grown
         cdef Py_ssize_t k = 0, i, j, bad = -1, keep
         cdef list out = []
         cdef bytes raw
         cdef int rc
-        if max_messages < 1:
-            raise ValueError("max_messages must be >= 1")
+        cdef bint decoding = codec or decode is not None
         # The claim array grows with what is actually claimed: sizing it by
         # max_messages up front would allocate gigabytes for a call that
         # finds three messages (max_messages may be up to 2**30).
@@ -606,11 +922,11 @@ cdef class Ring:
             try:
                 for i in range(k):
                     raw = PyBytes_FromStringAndSize(<char *>msgs[i].data, msgs[i].len)
-                    if decode is None:
+                    if not decoding:
                         out.append(raw)
                     else:
                         bad = i
-                        out.append(decode(raw))
+                        out.append(_decode_copy(raw) if codec else decode(raw))
                         bad = -1
             except BaseException as exc:
                 if bad >= 0 and not isinstance(exc, Exception):
@@ -647,12 +963,17 @@ cdef class Ring:
             if self.r != NULL and k:
                 fmq_ring_wake_producers(self.r)
             self._leave()
-        return out[:k] if decode is not None else out
+        return out[:k] if decoding and len(out) != k else out
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def recv(self, timeout=None):
         """Receive one message without copying it out (large ones) -> ReceivedView."""
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        return self._recv(nonblock, deadline)
+
+    cdef object _recv(self, bint nonblock, uint64_t deadline):
         cdef fmq_msg m
         self._enter()
         try:
