@@ -198,10 +198,32 @@ typedef struct fmq_slot {
     uint32_t len;
     uint32_t block;
     uint32_t deliveries;
-    uint32_t flags;
-    uint64_t reserved_;
+    uint32_t flags;                 /* FMQ_SLOT_BATCH: an atomic batch record */
+    uint64_t cursor;                /* batch: the next message not handed over,
+                                       byte offset << 32 | index (see below) */
     /* inline payload follows, slot_stride - FMQ_SLOT_HEADER bytes */
 } fmq_slot;
+
+/* An atomic batch is ONE ring record (one slot, one commit CAS, so the batch
+ * is published or not as a whole), whose payload -- inline or a block --
+ * frames its N messages:
+ *
+ *     u32 count | u32 0 | count x (u32 length | length bytes)
+ *
+ * Consumers take it whole (get_many) or one message at a time through the
+ * slot's cursor: a holder (READING) copies the message at the cursor, stores
+ * the cursor past it and puts the slot back to READY (an unclaim), or, for
+ * the last one, frees the slot as for any message. The cursor store is the
+ * hand-over of that message: a holder killed before it gives the message
+ * back (recovery makes the slot READY, cursor unchanged), one killed after
+ * it has consumed it. Only the holder of a slot writes its cursor. */
+#define FMQ_SLOT_BATCH 1u
+#define FMQ_BATCH_HEADER 8u
+#define FMQ_FRAME_HEADER 4u
+#define FMQ_MAX_BATCH ((1u << 24) - 1)
+#define FMQ_CURSOR(off, idx) (((uint64_t)(off) << 32) | (uint32_t)(idx))
+#define FMQ_CURSOR_OFF(c) ((uint32_t)((c) >> 32))
+#define FMQ_CURSOR_IDX(c) ((uint32_t)(c))
 
 /* Who holds a block, in one word so every hand-off is one CAS and every
  * holder is named (a dead holder's share can be taken back):
@@ -238,7 +260,8 @@ typedef struct fmq_lease {
     uint32_t deliveries;            /* this delivery's count (1 = first) */
     _Atomic uint32_t holder;
     _Atomic uint64_t pin;           /* token << 32 | FMQ_PIN_*, see below */
-    uint64_t reserved_;
+    uint64_t src_index;             /* 1 + the message's index in the atomic
+                                       batch at src_ticket; 0: a plain one */
     /* inline payload follows */
 } fmq_lease;
 

@@ -66,14 +66,60 @@ int64_t fmq_block_ordinal(fmq_region *r, uint32_t block) {
     return base + FMQ_BLOCK_INDEX(block);
 }
 
-/* Was the message in slot i (at the lap its stamp says) moved into an entry? */
-static int fmq_was_taken(fmq_region *r, const fmq_taken *t, uint64_t i, uint64_t stamp) {
+/* Was the message in slot i (at the lap its stamp says) moved into an entry?
+ * For an atomic batch: was the message at its cursor (index idx) moved? 1 if
+ * so, 0 if not. Entries taken from earlier messages of the same batch do not
+ * match: the cursor has moved past them. */
+static int fmq_was_taken(fmq_region *r, const fmq_taken *t, uint64_t i, uint64_t stamp,
+                         uint32_t src_index) {
     uint64_t lap = stamp >> 2, mask = (1ull << (FMQ_STAMP_BITS - 2)) - 1;
     for (size_t k = 0; k < t->n; k++)
         if (t->tickets[k] % r->g.slot_count == i &&
-            ((t->tickets[k] / r->g.slot_count) & mask) == lap)
+            ((t->tickets[k] / r->g.slot_count) & mask) == lap && t->index[k] == src_index)
             return 1;
     return 0;
+}
+
+/* A dead consumer leased the message at the cursor of the batch in slot s
+ * (READING(tag), word w) but died before moving the cursor past it: finish
+ * that move for it, so the message is not delivered again from the slot
+ * (its entry, now orphaned, redelivers it). The last message (or damaged
+ * framing) ends the batch: the ring's block share is dropped and the slot
+ * freed. Every step is a CAS from the word the dead holder left. */
+static void fmq_reap_batch_taken(fmq_region *r, fmq_slot *s, uint64_t w, uint64_t stamp,
+                                 uint32_t sb, uint64_t cursor) {
+    fmq_msg m;
+    memset(&m, 0, sizeof m);
+    m.len = FMQ_ONCE(s->len);
+    m.block = sb;
+    m.flags = FMQ_MSG_BATCH;
+    m.cursor = cursor;
+    if (sb == FMQ_NO_BLOCK)
+        m.data = m.len <= r->inline_max ? (unsigned char *)s + FMQ_SLOT_HEADER : NULL;
+    else
+        m.data = fmq_pool_ptr(r, sb) && m.len <= fmq_pool_block_size(r, sb)
+                     ? fmq_pool_ptr(r, sb) : NULL;
+    const unsigned char *d;
+    uint32_t n, count;
+    uint64_t next = 0;
+    int done = !m.data || fmq_ring_batch_frame(r, &m, cursor, &d, &n, &count, &next) != FMQ_OK ||
+               FMQ_CURSOR_IDX(next) == count;
+    const uint64_t smask = (1ull << FMQ_STAMP_BITS) - 1;
+    if (done) {
+        /* The ring's share; a holder that died inside the release may have
+         * turned it into its reader share already: the block pass drops that. */
+        if (sb != FMQ_NO_BLOCK && fmq_block_ordinal(r, sb) >= 0)
+            fmq_pool_transition(r, sb, FMQ_BLK_IN_RING | FMQ_READER_MASK, FMQ_BLK_IN_RING, 0);
+        uint64_t empty = ((stamp - FMQ_PH_READING + 4) & smask) << FMQ_OWNER_BITS;
+        atomic_compare_exchange_strong_explicit(&s->word, &w, empty, memory_order_seq_cst,
+                                                memory_order_relaxed);
+    } else {
+        s->cursor = next;   /* the slot is still READING(tag): the dead holder's */
+        FMQ_CRASHPOINT("recover.batch.advanced");
+        uint64_t ready = ((stamp - FMQ_PH_READING + FMQ_PH_READY) & smask) << FMQ_OWNER_BITS;
+        atomic_compare_exchange_strong_explicit(&s->word, &w, ready, memory_order_seq_cst,
+                                                memory_order_relaxed);
+    }
 }
 
 void fmq_reap_tag(fmq_region *r, uint32_t tag) {
@@ -85,7 +131,14 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
 
     /* 0. in-flight entries first: they decide whether a READING slot of the
      *    dead tag is a message to put back or one already moved to an entry. */
-    fmq_taken taken = {calloc(r->g.slot_count, sizeof(uint64_t)), 0};
+    fmq_taken taken = {calloc(r->g.slot_count, sizeof(uint64_t)),
+                       calloc(r->g.slot_count, sizeof(uint32_t)), 0};
+    if (!taken.tickets || !taken.index) {   /* then nothing is recorded */
+        free(taken.tickets);
+        free(taken.index);
+        taken.tickets = NULL;
+        taken.index = NULL;
+    }
     fmq_lease_reap(r, tag, &taken);
 
     /* 1. slots (model: recover.slot_pass; only reserved ones exist: fmq_pool.c) */
@@ -97,6 +150,8 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
         uint32_t phase = (uint32_t)(stamp & 3);
         uint32_t owner = (uint32_t)(w & FMQ_OWNER_MASK);
         uint32_t sb = FMQ_ONCE(s->block);   /* one load: checked, then used */
+        uint32_t sflags = FMQ_ONCE(s->flags) & FMQ_SLOT_BATCH;
+        uint64_t batch_cursor = sflags ? FMQ_ONCE(s->cursor) : 0;
         if ((phase == FMQ_PH_READY || phase == FMQ_PH_READING) && sb != FMQ_NO_BLOCK) {
             int64_t o = fmq_block_ordinal(r, sb);
             if (o >= 0 && published)
@@ -112,7 +167,11 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
                                                         memory_order_seq_cst,
                                                         memory_order_relaxed))
                 abandoned++;
-        } else if (phase == FMQ_PH_READING && fmq_was_taken(r, &taken, i, stamp)) {
+        } else if (phase == FMQ_PH_READING && sflags &&
+                   fmq_was_taken(r, &taken, i, stamp, FMQ_CURSOR_IDX(batch_cursor) + 1)) {
+            fmq_reap_batch_taken(r, s, w, stamp, sb, batch_cursor);
+        } else if (phase == FMQ_PH_READING && !sflags &&
+                   fmq_was_taken(r, &taken, i, stamp, 0)) {
             /* moved into an in-flight entry that now owns the block: free it */
             uint64_t next = ((stamp - FMQ_PH_READING + 4) & ((1ull << FMQ_STAMP_BITS) - 1))
                             << FMQ_OWNER_BITS;
@@ -174,6 +233,7 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     }
     free(published);
     free(taken.tickets);
+    free(taken.index);
     /* Straight into the segment's totals: the reaper may not be registered
      * yet (fmq_live_register reaps its entry's predecessor first). */
     if (abandoned)

@@ -162,7 +162,8 @@ uint32_t fmq_layout_hash(void) {
         sizeof(fmq_lease), offsetof(fmq_lease, holder), offsetof(fmq_header, lease_offset),
         FMQ_GEN_BITS, FMQ_MIN_BLOCK, offsetof(fmq_ctl, carved), offsetof(fmq_ctl, lease_committed),
         offsetof(fmq_ctl, cold_top), offsetof(fmq_ctl, pool_peak),
-        offsetof(fmq_block_meta, pages),
+        offsetof(fmq_block_meta, pages), offsetof(fmq_slot, cursor), FMQ_SLOT_BATCH,
+        offsetof(fmq_lease, src_index), FMQ_BATCH_HEADER,
     };
     uint64_t h = fmq_fnv1a(1469598103934665603ull, v, sizeof v);
     return (uint32_t)(h ^ (h >> 32));

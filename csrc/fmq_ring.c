@@ -54,6 +54,7 @@
  */
 #include <limits.h>
 #include <sched.h>
+#include <string.h>
 
 #include "fmq_internal.h"
 #include "fmq_wait.h"
@@ -262,8 +263,11 @@ unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m) {
 }
 
 /* model: ring.commit */
-int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
-                    int keep_writer) {
+/* One body for plain messages and atomic batches (flags, count constant at
+ * each call, so the compiler keeps the plain path as it was). */
+static inline int fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block,
+                                     int wake, int keep_writer, uint32_t flags,
+                                     uint32_t count) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
     int rc;
     /* len is 32 bits in the slot: fmq_pool_alloc refuses larger blocks and
@@ -274,7 +278,9 @@ int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int
     s->len = len;
     s->block = block;
     s->deliveries = m->deliveries;
-    s->flags = 0;
+    s->flags = flags;
+    if (flags)
+        s->cursor = FMQ_CURSOR(FMQ_BATCH_HEADER, 0);
     /* The ring takes its share of the block before the message is visible;
      * a producer killed between here and the publish leaves a WRITING slot
      * and a block marked IN_RING that no published slot names: recovery tells
@@ -282,7 +288,7 @@ int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int
     if (block != FMQ_NO_BLOCK &&
         (rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING, 0, FMQ_BLK_IN_RING)) != FMQ_OK)
         return rc;
-    FMQ_CRASHPOINT("ring.commit.before_publish");
+    FMQ_CRASHPOINT(flags ? "ring.batch.before_publish" : "ring.commit.before_publish");
     uint64_t expect = m->word;
     uint64_t ready = fmq_word(fmq_lap_stamp(r, m->ticket) + FMQ_PH_READY, 0);
     if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, ready,
@@ -292,14 +298,55 @@ int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int
             fmq_pool_transition(r, block, FMQ_BLK_IN_RING, FMQ_BLK_IN_RING, 0);
         return fmq_fail(FMQ_ELOST, "the slot being written was reclaimed by crash recovery");
     }
-    FMQ_CRASHPOINT("ring.commit.published");
+    FMQ_CRASHPOINT(flags ? "ring.batch.published" : "ring.commit.published");
     if (block != FMQ_NO_BLOCK && !keep_writer)
         fmq_pool_transition(r, block, FMQ_WRITER_MASK, r->owner_tag, 0);
-    fmq_count(r, FMQ_ST_ENQUEUED, 1);
+    fmq_count(r, FMQ_ST_ENQUEUED, count);
     fmq_count(r, FMQ_ST_BYTES_IN, len);
     if (wake)
-        fmq_ring_wake_consumers(r, 0);
+        fmq_ring_wake_consumers(r, flags != 0);   /* a batch: work for many */
     return FMQ_OK;
+}
+
+int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
+                    int keep_writer) {
+    return fmq_ring_commit_as(r, m, len, block, wake, keep_writer, 0, 1);
+}
+
+/* The framing of a batch payload of len bytes at p, checked whole: the
+ * producer's own bytes, so this guards against a binding bug, not a
+ * scribbler (consumers check each frame they read: fmq_ring_batch_frame). */
+static int fmq_batch_framing_ok(const unsigned char *p, uint32_t len, uint32_t count) {
+    uint32_t c, off = FMQ_BATCH_HEADER;
+    if (len < FMQ_BATCH_HEADER)
+        return 0;
+    memcpy(&c, p, 4);
+    if (c != count || count < 1 || count > FMQ_MAX_BATCH)
+        return 0;
+    for (uint32_t i = 0; i < count; i++) {
+        uint32_t n;
+        if (len - off < FMQ_FRAME_HEADER)
+            return 0;
+        memcpy(&n, p + off, 4);
+        off += FMQ_FRAME_HEADER;
+        if (len - off < n)
+            return 0;
+        off += n;
+    }
+    return off == len;
+}
+
+/* model: ring.commit (an atomic batch is one record: the same commit CAS) */
+int fmq_ring_commit_batch(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block,
+                          uint32_t count) {
+    const unsigned char *p = block == FMQ_NO_BLOCK ? fmq_ring_inline_ptr(r, m)
+                                                   : fmq_pool_ptr(r, block);
+    if (!p || (block == FMQ_NO_BLOCK ? len > r->inline_max
+                                     : len > fmq_pool_block_size(r, block)) ||
+        !fmq_batch_framing_ok(p, len, count))
+        return fmq_fail(FMQ_EINVAL, "an atomic batch of %u messages (%u bytes) is not framed "
+                                    "as one", count, len);
+    return fmq_ring_commit_as(r, m, len, block, 1, 0, FMQ_SLOT_BATCH, count);
 }
 
 /* ======================================================================== */
@@ -361,6 +408,11 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
             m->block = block;
             m->deliveries = FMQ_ONCE(s->deliveries);
             m->detached = 0;
+            /* A batch's cursor is written only by the slot's holders, before
+             * the CAS that gave the slot back ([R-rel] of the unclaim in
+             * fmq_ring_batch_advance -> our [A-claim]); checked on use. */
+            m->flags = FMQ_ONCE(s->flags) & FMQ_SLOT_BATCH;
+            m->cursor = m->flags ? FMQ_ONCE(s->cursor) : 0;
             if (block == FMQ_NO_BLOCK) {
                 if (len > r->inline_max)
                     goto corrupt;
@@ -510,6 +562,74 @@ int fmq_ring_unclaim(fmq_region *r, fmq_msg *m) {
         return fmq_fail(FMQ_ELOST, "the slot was reclaimed by crash recovery");
     fmq_ring_wake_consumers(r, 0);
     return FMQ_OK;
+}
+
+/* ======================================================================== */
+/* atomic batches (one record, many messages: see fmq_layout.h)             */
+/* ======================================================================== */
+
+int fmq_ring_batch_frame(fmq_region *r, const fmq_msg *m, uint64_t cursor,
+                         const unsigned char **data, uint32_t *len, uint32_t *count,
+                         uint64_t *next) {
+    (void)r;
+    /* m->data and m->len were validated by the claim; the framing is the
+     * producer's and is read once per field here, checked, then used. */
+    uint32_t c, n, off = FMQ_CURSOR_OFF(cursor), idx = FMQ_CURSOR_IDX(cursor);
+    if (!(m->flags & FMQ_MSG_BATCH) || m->len < FMQ_BATCH_HEADER)
+        goto bad;
+    memcpy(&c, m->data, 4);
+    if (c < 1 || c > FMQ_MAX_BATCH || idx >= c || off < FMQ_BATCH_HEADER || off > m->len ||
+        m->len - off < FMQ_FRAME_HEADER)
+        goto bad;
+    memcpy(&n, m->data + off, 4);
+    if (m->len - off - FMQ_FRAME_HEADER < n)
+        goto bad;
+    uint32_t end = off + FMQ_FRAME_HEADER + n;
+    if ((idx + 1 == c) != (end == m->len))
+        goto bad;   /* the last frame must end the record, and only it */
+    *data = m->data + off + FMQ_FRAME_HEADER;
+    *len = n;
+    *count = c;
+    *next = FMQ_CURSOR(end, idx + 1);
+    return FMQ_OK;
+bad:
+    return fmq_fail(FMQ_ECORRUPT, "atomic batch at ticket %llu has damaged framing (cursor "
+                                  "%#llx, record of %u bytes)",
+                    (unsigned long long)m->ticket, (unsigned long long)cursor, m->len);
+}
+
+/* model: ring.unclaim (with the cursor stored first: the hand-over) */
+int fmq_ring_batch_advance(fmq_region *r, fmq_msg *m, uint64_t next, uint32_t taken) {
+    if (m->detached || !(m->flags & FMQ_MSG_BATCH))
+        return fmq_fail(FMQ_ESTATE, "not a claimed batch");
+    fmq_slot *s = fmq_slot_at(r, m->ticket);
+    /* We hold the slot (READING(me)): nobody else writes the cursor. The
+     * store is the hand-over of the `taken` messages (see fmq_layout.h); the
+     * unclaim CAS below releases it to the next claimer [R-rel]. */
+    s->cursor = next;
+    FMQ_CRASHPOINT("ring.batch.advanced");
+    uint64_t expect = m->word;
+    uint64_t ready = fmq_word(fmq_lap_stamp(r, m->ticket) + FMQ_PH_READY, 0);
+    if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, ready,
+                                                 memory_order_seq_cst,       /* [R-rel] */
+                                                 memory_order_relaxed))
+        return fmq_fail(FMQ_ELOST, "the slot was reclaimed by crash recovery");
+    m->cursor = next;
+    m->detached = 1;   /* no longer ours */
+    fmq_count(r, FMQ_ST_DEQUEUED, taken);
+    fmq_ring_wake_consumers(r, 0);
+    return FMQ_OK;
+}
+
+int fmq_ring_discard_claimed(fmq_region *r, fmq_msg *m) {
+    if (!m->detached) {
+        fmq_ring_discard(r, fmq_slot_at(r, m->ticket), m->ticket, m->word, m->block);
+        m->detached = 1;
+        m->block = FMQ_NO_BLOCK;
+    }
+    return fmq_fail(FMQ_ECORRUPT, "message at ticket %llu is damaged (an atomic batch whose "
+                                  "framing does not add up); it was skipped and counted in "
+                                  "stats()[\"abandoned\"]", (unsigned long long)m->ticket);
 }
 
 /* Is ticket t's slot still READING by owner at t's lap? One load; a slot
@@ -711,4 +831,15 @@ int fmq_ring_wait_data(fmq_region *r, uint64_t deadline_ns) {
 
 int fmq_ring_wait_space(fmq_region *r, uint64_t deadline_ns, uint64_t need_bytes) {
     return fmq_wait_for(r, &r->ctl->space, fmq_has_space, need_bytes, deadline_ns);
+}
+
+/* Room for nslots more records: the admission test of an atomic batch (it
+ * counts its messages toward maxsize when it goes in; see the binding). */
+static int fmq_has_room(fmq_region *r, uint64_t nslots, fmq_blocker *b) {
+    b->ticket = ~0ull;
+    return fmq_ring_depth(r) + nslots <= r->g.slot_count;
+}
+
+int fmq_ring_wait_room(fmq_region *r, uint64_t deadline_ns, uint64_t nslots) {
+    return fmq_wait_for(r, &r->ctl->space, fmq_has_room, nslots, deadline_ns);
 }
