@@ -263,11 +263,12 @@ unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m) {
 }
 
 /* model: ring.commit */
-/* One body for plain messages and atomic batches (flags, count constant at
- * each call, so the compiler keeps the plain path as it was). */
-static inline int fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block,
-                                     int wake, int keep_writer, uint32_t flags,
-                                     uint32_t count) {
+/* One body for plain messages and atomic batches; always inlined, so with
+ * flags and count constant at each call the plain path compiles as before
+ * (callgrind: +0 instructions per put). */
+static inline __attribute__((always_inline)) int
+fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
+                   int keep_writer, uint32_t flags, uint32_t count) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
     int rc;
     /* len is 32 bits in the slot: fmq_pool_alloc refuses larger blocks and
