@@ -177,6 +177,15 @@ int fmq_ring_batch_frame(fmq_region *r, const fmq_msg *m, uint64_t cursor,
  * (the next claim, by anyone, starts there). For the batch's last message
  * use fmq_ring_release, as for any message. */
 int fmq_ring_batch_advance(fmq_region *r, fmq_msg *m, uint64_t next, uint32_t taken);
+/* The batch's last message and the `taken` - 1 before it: the record is freed
+ * (fmq_ring_release). */
+int fmq_ring_batch_release(fmq_region *r, fmq_msg *m, uint32_t taken);
+/* Messages queued: records (fmq_ring_depth) plus the messages of atomic
+ * batches beyond their first. Approximate, as the depth: a process killed
+ * between a batch's publish (or a take from it) and the count's update
+ * leaves the count low by what that step moved, never high, so a batch's
+ * admission (fmq_ring_wait_room) can be too lenient, never stuck. */
+uint64_t fmq_ring_queued(fmq_region *r);
 /* Consume a claimed record that cannot be delivered (counted as abandoned);
  * returns FMQ_ECORRUPT with the reason. */
 int fmq_ring_discard_claimed(fmq_region *r, fmq_msg *m);

@@ -180,6 +180,9 @@ typedef struct fmq_ctl {
                                               pages (free_top: warm ones)     */
     alignas(FMQ_LINE) _Atomic uint64_t carved[FMQ_MAX_CLASSES]; /* blocks of each
                                               class whose metadata exists     */
+    fmq_u64line batch_extra;               /* messages queued in atomic batches
+                                              beyond one per record, as a signed
+                                              count (fmq_ring_queued)         */
 } fmq_ctl;
 
 typedef struct fmq_participant {

@@ -286,7 +286,6 @@ again:;
  * Killed after LEASED, before the cursor moved: the reaper orphans the entry
  * (redelivered from its copy) and moves the cursor past the message itself
  * (fmq_reap_batch_taken), so the slot does not deliver it a second time. */
-/* model: lease.take (from a batch) */
 int fmq_lease_take_batch(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_out,
                          uint32_t *token_out, uint32_t *deliveries_out) {
     const unsigned char *src;
@@ -346,7 +345,7 @@ again:;
         fmq_lower_next_due(r, now + lease_ns);
         FMQ_CRASHPOINT("lease.batch.leased");
         if (FMQ_CURSOR_IDX(next) == count)
-            rc = fmq_ring_release(r, m, 1);   /* the last one: slot and block go */
+            rc = fmq_ring_batch_release(r, m, 1);   /* the last one: slot and block go */
         else
             rc = fmq_ring_batch_advance(r, m, next, 1);
         if (rc != FMQ_OK)

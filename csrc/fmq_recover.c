@@ -114,6 +114,7 @@ static void fmq_reap_batch_taken(fmq_region *r, fmq_slot *s, uint64_t w, uint64_
         atomic_compare_exchange_strong_explicit(&s->word, &w, empty, memory_order_seq_cst,
                                                 memory_order_relaxed);
     } else {
+        atomic_fetch_sub_explicit(&r->ctl->batch_extra.v, 1, memory_order_relaxed);
         s->cursor = next;   /* the slot is still READING(tag): the dead holder's */
         FMQ_CRASHPOINT("recover.batch.advanced");
         uint64_t ready = ((stamp - FMQ_PH_READING + FMQ_PH_READY) & smask) << FMQ_OWNER_BITS;

@@ -300,6 +300,8 @@ fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int 
         return fmq_fail(FMQ_ELOST, "the slot being written was reclaimed by crash recovery");
     }
     FMQ_CRASHPOINT(flags ? "ring.batch.published" : "ring.commit.published");
+    if (flags && count > 1)   /* after the publish: a kill in between leaves it low */
+        atomic_fetch_add_explicit(&r->ctl->batch_extra.v, count - 1, memory_order_relaxed);
     if (block != FMQ_NO_BLOCK && !keep_writer)
         fmq_pool_transition(r, block, FMQ_WRITER_MASK, r->owner_tag, 0);
     fmq_count(r, FMQ_ST_ENQUEUED, count);
@@ -337,7 +339,8 @@ static int fmq_batch_framing_ok(const unsigned char *p, uint32_t len, uint32_t c
     return off == len;
 }
 
-/* model: ring.commit (an atomic batch is one record: the same commit CAS) */
+/* An atomic batch is one record: published by the same commit CAS (the
+ * model's ring.commit; the framing is payload to it). */
 int fmq_ring_commit_batch(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block,
                           uint32_t count) {
     const unsigned char *p = block == FMQ_NO_BLOCK ? fmq_ring_inline_ptr(r, m)
@@ -599,11 +602,14 @@ bad:
                     (unsigned long long)m->ticket, (unsigned long long)cursor, m->len);
 }
 
-/* model: ring.unclaim (with the cursor stored first: the hand-over) */
+/* The slot goes back READY as in fmq_ring_unclaim, with the cursor stored
+ * first: that store is the hand-over (fmq_layout.h). */
 int fmq_ring_batch_advance(fmq_region *r, fmq_msg *m, uint64_t next, uint32_t taken) {
     if (m->detached || !(m->flags & FMQ_MSG_BATCH))
         return fmq_fail(FMQ_ESTATE, "not a claimed batch");
     fmq_slot *s = fmq_slot_at(r, m->ticket);
+    /* Before the hand-over: a kill in between leaves the count low. */
+    atomic_fetch_sub_explicit(&r->ctl->batch_extra.v, taken, memory_order_relaxed);
     /* We hold the slot (READING(me)): nobody else writes the cursor. The
      * store is the hand-over of the `taken` messages (see fmq_layout.h); the
      * unclaim CAS below releases it to the next claimer [R-rel]. */
@@ -622,7 +628,26 @@ int fmq_ring_batch_advance(fmq_region *r, fmq_msg *m, uint64_t next, uint32_t ta
     return FMQ_OK;
 }
 
+int fmq_ring_batch_release(fmq_region *r, fmq_msg *m, uint32_t taken) {
+    if (taken > 1)   /* the last message was counted by the record itself */
+        atomic_fetch_sub_explicit(&r->ctl->batch_extra.v, taken - 1, memory_order_relaxed);
+    return fmq_ring_release(r, m, 1);
+}
+
+uint64_t fmq_ring_queued(fmq_region *r) {
+    int64_t extra = (int64_t)atomic_load_explicit(&r->ctl->batch_extra.v, memory_order_relaxed);
+    uint64_t d = fmq_ring_depth(r);
+    return extra > 0 && d ? d + (uint64_t)extra : d;
+}
+
 int fmq_ring_discard_claimed(fmq_region *r, fmq_msg *m) {
+    if (!m->detached && (m->flags & FMQ_MSG_BATCH) && m->len >= FMQ_BATCH_HEADER) {
+        uint32_t c, idx = FMQ_CURSOR_IDX(m->cursor);
+        memcpy(&c, m->data, 4);
+        if (c <= FMQ_MAX_BATCH && idx < c)   /* what the record still counted */
+            atomic_fetch_sub_explicit(&r->ctl->batch_extra.v, c - idx - 1,
+                                      memory_order_relaxed);
+    }
     if (!m->detached) {
         fmq_ring_discard(r, fmq_slot_at(r, m->ticket), m->ticket, m->word, m->block);
         m->detached = 1;
@@ -838,7 +863,7 @@ int fmq_ring_wait_space(fmq_region *r, uint64_t deadline_ns, uint64_t need_bytes
  * counts its messages toward maxsize when it goes in; see the binding). */
 static int fmq_has_room(fmq_region *r, uint64_t nslots, fmq_blocker *b) {
     b->ticket = ~0ull;
-    return fmq_ring_depth(r) + nslots <= r->g.slot_count;
+    return fmq_ring_queued(r) + nslots <= r->g.slot_count;
 }
 
 int fmq_ring_wait_room(fmq_region *r, uint64_t deadline_ns, uint64_t nslots) {

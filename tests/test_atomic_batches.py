@@ -393,6 +393,31 @@ def test_batch_waits_for_room_for_all_of_it(mq):
 
 
 @pytestmark_all
+def test_qsize_counts_the_messages_of_a_batch(mq):
+    q = mq.Queue(16)
+    q.put_many(["a", "b", "c"], atomic=True)
+    q.put("d")
+    assert q.qsize() == 4
+    assert q.get(timeout=5) == "a"
+    assert q.qsize() == 3
+    assert q.get_many(2, timeout=5) == ["b", "c"]
+    assert q.qsize() == 1
+    assert q.get(timeout=5) == "d"
+    assert q.qsize() == 0
+
+
+@pytestmark_all
+def test_a_queued_batch_counts_its_messages_toward_maxsize(mq):
+    import fastmq
+    q = mq.Queue(8)
+    q.put_many(range(5), atomic=True)
+    with pytest.raises(fastmq.Full):
+        q.put_many(range(4), atomic=True, block=False)      # 5 + 4 > 8
+    assert q.put_many(range(3), atomic=True, block=False) == 3
+    assert q.qsize() == 8
+
+
+@pytestmark_all
 def test_blocked_batch_goes_in_once_a_consumer_makes_room(mq):
     q = mq.Queue(3)
     q.put("a")

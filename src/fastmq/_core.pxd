@@ -102,6 +102,8 @@ cdef extern from "fmq.h" nogil:
                              uint64_t *next)
     int fmq_ring_batch_advance(fmq_region *r, fmq_msg *m, uint64_t next, uint32_t taken)
     int fmq_ring_discard_claimed(fmq_region *r, fmq_msg *m)
+    int fmq_ring_batch_release(fmq_region *r, fmq_msg *m, uint32_t taken)
+    uint64_t fmq_ring_queued(fmq_region *r)
     void fmq_ring_wake_consumers(fmq_region *r, int all)
     void fmq_ring_wake_producers(fmq_region *r)
     int fmq_ring_wait_data(fmq_region *r, uint64_t deadline_ns)

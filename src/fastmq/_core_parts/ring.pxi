@@ -428,7 +428,7 @@ cdef class Ring:
                     "max_message_size, or send a smaller batch)" % (n, total, self._max_msg))
             count = <uint64_t>n
             # Admission: room for all of its messages, as if each took a slot.
-            while fmq_ring_depth(self.r) + count > self.maxsize:
+            while fmq_ring_queued(self.r) + count > self.maxsize:
                 fmq_ring_wake_consumers(self.r, 1)
                 if nonblock:
                     raise Full("queue is full: no room for an atomic batch of %d messages "
@@ -549,7 +549,7 @@ cdef class Ring:
             fmq_ring_unclaim(self.r, m)           # the message stays queued
             raise
         if <uint32_t>nxt == count:
-            rc = fmq_ring_release(self.r, m, 1)
+            rc = fmq_ring_batch_release(self.r, m, 1)
         else:
             rc = fmq_ring_batch_advance(self.r, m, nxt, 1)
         if rc != FMQ_OK:
@@ -598,7 +598,7 @@ cdef class Ring:
                 # the undecodable one is consumed and its error propagates
                 rc = fmq_ring_batch_frame(self.r, m, m.cursor, &data, &n, &count, &nxt)
                 if rc == FMQ_OK and <uint32_t>nxt == count:
-                    fmq_ring_release(self.r, m, 1)
+                    fmq_ring_batch_release(self.r, m, 1)
                 elif rc == FMQ_OK:
                     fmq_ring_batch_advance(self.r, m, nxt, 1)
                 else:
@@ -609,7 +609,7 @@ cdef class Ring:
                     fmq_ring_unclaim(self.r, m)     # not a decode error: all back
                 raise
         if <uint32_t>pos == count:
-            rc = fmq_ring_release(self.r, m, 1)
+            rc = fmq_ring_batch_release(self.r, m, <uint32_t>taken)
         else:
             rc = fmq_ring_batch_advance(self.r, m, pos, <uint32_t>taken)
         if rc != FMQ_OK:
@@ -1000,7 +1000,7 @@ cdef class Ring:
     def qsize(self):
         self._enter()
         try:
-            return fmq_ring_depth(self.r)
+            return fmq_ring_queued(self.r)
         finally:
             self._leave()
 
