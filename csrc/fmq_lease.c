@@ -9,6 +9,12 @@
  *   entry FILLING(me) -> LEASED(me)
  *   slot READING(me) -> EMPTY(next)    the ring slot is free for producers
  * ack:  LEASED(me) -> FREE, then our reader share of the block is dropped.
+ * A message of an atomic batch (fmq_layout.h) is leased with a copy of its
+ * own in the entry (inline or a new block: fmq_lease_take_batch), because
+ * the batch's block stays the ring's until its last message is taken; from
+ * LEASED on such an entry is like any other. src_index names the message in
+ * its batch, so crash recovery can tell whether the dead taker moved the
+ * batch's cursor past it.
  * Redelivery (lease expired, holder dead, nack): whoever notices takes the
  * entry LEASED -> REQUEUING(me), turns the block share back into IN_RING,
  * copies the payload into a NEW message at the back of the ring (its own

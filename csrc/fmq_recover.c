@@ -24,6 +24,11 @@
  *     the block's share goes back to the ring and the slot back to READY in
  *     place; the head hint never passes a READING slot, so the next claim
  *     finds it again. No loss, no duplicate: the application never saw it.
+ *     An atomic batch goes back with its cursor as the dead holder left it:
+ *     the messages before the cursor were handed over, the rest were not.
+ *     READING(T) whose message at the cursor T had moved into an in-flight
+ *     entry (get_message, killed before moving the cursor): the move is
+ *     finished here (fmq_reap_batch_taken), so the entry alone redelivers it.
  *  0. In-flight entries of T (fmq_lease_reap): leases become orphaned and
  *     due, dead letters being taken are parked again.
  *  2. Blocks. Every block naming T as writer or reader loses that share. A

@@ -46,6 +46,21 @@
  *             that single total order (Dekker) either the waker sees the
  *             sleeper or the sleeper sees the new state; never neither.
  *
+ * Atomic batches. A batch of N messages is ONE record (fmq_layout.h): one
+ * slot whose payload (inline or a block) frames the N messages, published by
+ * the same commit CAS as any message, so consumers see all of it or none of
+ * it whatever process dies where. Producers never hold more than that one
+ * slot (claiming N slots and committing them together would let a producer
+ * waiting for the Nth block every consumer behind the N-1 it holds). A
+ * consumer takes the record whole (get_many), or one message at a time
+ * through the slot's cursor: copy the message at the cursor, store the
+ * cursor past it (the hand-over), give the slot back READY as an unclaim
+ * does (fmq_ring_batch_advance); the last message frees the record as usual.
+ * So the slot phases and their transitions are the ones above: a batch only
+ * adds the cursor, which only a slot's holder writes. The messages of queued
+ * batches beyond one per record are counted in ctl->batch_extra (qsize and a
+ * batch's admission, which waits for room for all N: fmq_ring_queued).
+ *
  * Failure model. A producer killed in WRITING leaves its slot WRITING: the
  * consumers stop there until recovery (fmq_live) proves it dead and skips it.
  * A consumer killed in READING likewise blocks producers one lap later until
