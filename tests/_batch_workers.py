@@ -125,6 +125,16 @@ def role_consume(a):
     print("done", flush=True)
 
 
+def role_reap(a):
+    """Run crash recovery once (``Ring.recover()``): with a recover.* crash point."""
+    import fastmq
+    q = fastmq.Queue.open(a.queue)
+    print("ready", flush=True)
+    n = q._ring.recover()
+    print(f"reaped {n}", flush=True)
+    q.close()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("role")
@@ -141,7 +151,7 @@ def main(argv=None):
     ap.add_argument("--idle", type=float, default=1.0)
     ap.add_argument("--timeout", type=float, default=10.0)
     a = ap.parse_args(argv)
-    {"produce": role_produce, "consume": role_consume}[a.role](a)
+    {"produce": role_produce, "consume": role_consume, "reap": role_reap}[a.role](a)
 
 
 if __name__ == "__main__":

@@ -719,6 +719,27 @@ def test_get_message_consumer_killed_mid_batch_loses_and_duplicates_nothing(
     assert wait_until(lambda: census_clean(q), 5), q._ring._pool_census()
 
 
+@native_crash
+def test_reaper_killed_finishing_a_dead_leasers_cursor_move(cq, kids, tmp_path):
+    """The consumer dies with a batch message leased but the cursor not yet
+    moved; the reaper that moves it for it dies too, between the cursor store
+    and giving the slot back. The next reaper finishes: the message is
+    redelivered once (from its lease), never again from the batch."""
+    name, q = cq
+    committed = put_batches(q, 0, [0], 4, SMALL)
+    log = tmp_path / "c.log"
+    child = kids("consume", "native", crash="lease.batch.leased:2", queue=name, log=log,
+                 mode="get_message", max=1, count=100)
+    died_by_sigkill(child)
+    reaper = kids("reap", "native", crash="recover.batch.advanced", queue=name)
+    died_by_sigkill(reaper)
+    mine = received_in(log)
+    rest = drain(q, lease=True)
+    assert_batches(mine + rest, committed)
+    assert len(mine) + len(rest) == 4
+    assert wait_until(lambda: census_clean(q), 5), q._ring._pool_census()
+
+
 # ============================================== SIGKILL at random moments
 
 @pytest.mark.backends("native", "pure")
