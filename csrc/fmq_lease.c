@@ -292,6 +292,7 @@ again:;
  * Killed after LEASED, before the cursor moved: the reaper orphans the entry
  * (redelivered from its copy) and moves the cursor past the message itself
  * (fmq_reap_batch_taken), so the slot does not deliver it a second time. */
+/* model: lease.take_batch */
 int fmq_lease_take_batch(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_out,
                          uint32_t *token_out, uint32_t *deliveries_out) {
     const unsigned char *src;

@@ -91,6 +91,7 @@ static int fmq_was_taken(fmq_region *r, const fmq_taken *t, uint64_t i, uint64_t
  * (its entry, now orphaned, redelivers it). The last message (or damaged
  * framing) ends the batch: the ring's block share is dropped and the slot
  * freed. Every step is a CAS from the word the dead holder left. */
+/* model: recover.batch_taken */
 static void fmq_reap_batch_taken(fmq_region *r, fmq_slot *s, uint64_t w, uint64_t stamp,
                                  uint32_t sb, uint64_t cursor) {
     fmq_msg m;

@@ -617,8 +617,9 @@ bad:
                     (unsigned long long)m->ticket, (unsigned long long)cursor, m->len);
 }
 
-/* The slot goes back READY as in fmq_ring_unclaim, with the cursor stored
- * first: that store is the hand-over (fmq_layout.h). */
+/* model: ring.batch_advance -- the slot goes back READY as in
+ * fmq_ring_unclaim, with the cursor stored first: that store is the
+ * hand-over (fmq_layout.h). */
 int fmq_ring_batch_advance(fmq_region *r, fmq_msg *m, uint64_t next, uint32_t taken) {
     if (m->detached || !(m->flags & FMQ_MSG_BATCH))
         return fmq_fail(FMQ_ESTATE, "not a claimed batch");
