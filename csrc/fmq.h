@@ -79,7 +79,11 @@ typedef struct fmq_msg {
     int detached;           /* the slot was released, only the block is ours  */
     uint32_t crc;           /* durable queues: the record's checksum, as claimed */
     unsigned char *data;    /* payload inside the mapping                     */
+    uint32_t flags;         /* FMQ_MSG_BATCH: an atomic batch (see below)     */
+    uint64_t cursor;        /* batch: its next message (read at the claim)    */
 } fmq_msg;
+
+#define FMQ_MSG_BATCH 1u    /* the cursor word says so: FMQ_CURSOR_BATCH (fmq_layout.h) */
 
 #define FMQ_NO_BLOCK 0xFFFFFFFFu
 
@@ -180,6 +184,44 @@ int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake);
 /* Undo a claim (e.g. the caller could not allocate): the message stays queued. */
 int fmq_ring_unclaim(fmq_region *r, fmq_msg *m);
 
+/* Atomic batches: one record framing `count` messages (fmq_layout.h).
+ * Writing: reserve a slot (and a block if the framed batch is bigger than a
+ * slot's payload), write the framing, then commit it as one record: all of
+ * the batch becomes visible with the one commit CAS. The framing is checked
+ * before anything is published (FMQ_EINVAL). */
+int fmq_ring_commit_batch(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block,
+                          uint32_t count);
+/* Sleep until the ring looks to have room for `nslots` more records (the
+ * admission of an atomic batch of that many messages), like
+ * fmq_ring_wait_space. */
+int fmq_ring_wait_room(fmq_region *r, uint64_t deadline_ns, uint64_t nslots);
+/* The message at `cursor` of a claimed batch: its payload, the batch's
+ * count and the cursor past it. FMQ_ECORRUPT: the framing is damaged (the
+ * caller discards the record with fmq_ring_discard_claimed). */
+int fmq_ring_batch_frame(fmq_region *r, const fmq_msg *m, uint64_t cursor,
+                         const unsigned char **data, uint32_t *len, uint32_t *count,
+                         uint64_t *next);
+/* The index of the message a batch cursor names (the cursor word also
+ * carries the batch mark: fmq_layout.h). */
+uint32_t fmq_ring_batch_index(uint64_t cursor);
+/* Hand over the `taken` messages before `next` of a claimed batch whose rest
+ * stays queued: the cursor moves to `next` and the slot goes back to READY
+ * (the next claim, by anyone, starts there). For the batch's last message
+ * use fmq_ring_release, as for any message. */
+int fmq_ring_batch_advance(fmq_region *r, fmq_msg *m, uint64_t next, uint32_t taken);
+/* The batch's last message and the `taken` - 1 before it: the record is freed
+ * (fmq_ring_release). */
+int fmq_ring_batch_release(fmq_region *r, fmq_msg *m, uint32_t taken);
+/* Messages queued: records (fmq_ring_depth) plus the messages of atomic
+ * batches beyond their first. Approximate, as the depth: a process killed
+ * between a batch's publish (or a take from it) and the count's update
+ * leaves the count low by what that step moved, never high, so a batch's
+ * admission (fmq_ring_wait_room) can be too lenient, never stuck. */
+uint64_t fmq_ring_queued(fmq_region *r);
+/* Consume a claimed record that cannot be delivered (counted as abandoned);
+ * returns FMQ_ECORRUPT with the reason. */
+int fmq_ring_discard_claimed(fmq_region *r, fmq_msg *m);
+
 /* Wake whoever waits for data / for space, if anyone does. */
 void fmq_ring_wake_consumers(fmq_region *r, int all);
 void fmq_ring_wake_producers(fmq_region *r);
@@ -205,6 +247,14 @@ int fmq_pool_release_reader(fmq_region *r, uint32_t block);
  * caller unclaims and waits with fmq_lease_wait_free). */
 int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot,
                    uint32_t *token, uint32_t *deliveries);
+/* The same for the message at m->cursor of a claimed atomic batch: the entry
+ * gets its own copy of that one message (inline, or a new block), so each
+ * leased message of a batch is acked, nacked and redelivered on its own; then
+ * the cursor moves past it (or, for the last one, the batch's slot and block
+ * are freed). FMQ_NOSPACE: no block for the copy (the caller unclaims and
+ * waits for space). */
+int fmq_lease_take_batch(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot,
+                         uint32_t *token, uint32_t *deliveries);
 /* Payload of an entry we hold (LEASED or TAKING by us). */
 int fmq_lease_payload(fmq_region *r, uint32_t slot, uint32_t token, const unsigned char **data,
                       uint32_t *len);

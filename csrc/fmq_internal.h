@@ -170,6 +170,7 @@ void fmq_ring_repair_hints(fmq_region *r);
 /* ==== fmq_lease.c: in-flight entries ====================================== */
 typedef struct fmq_taken {
     uint64_t *tickets;          /* src tickets of a dead tag's leased entries */
+    uint32_t *index;            /* their src_index (1 + index in a batch; 0) */
     size_t n;
 } fmq_taken;
 void fmq_lease_reap(fmq_region *r, uint32_t dead_tag, fmq_taken *taken);

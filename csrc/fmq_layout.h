@@ -184,6 +184,9 @@ typedef struct fmq_ctl {
                                               pages (free_top: warm ones)     */
     alignas(FMQ_LINE) _Atomic uint64_t carved[FMQ_MAX_CLASSES]; /* blocks of each
                                               class whose metadata exists     */
+    fmq_u64line batch_extra;               /* messages queued in atomic batches
+                                              beyond one per record, as a signed
+                                              count (fmq_ring_queued)         */
 } fmq_ctl;
 
 typedef struct fmq_participant {
@@ -203,11 +206,39 @@ typedef struct fmq_slot {
     uint32_t len;
     uint32_t block;
     uint32_t deliveries;
-    uint32_t flags;
-    uint32_t crc;           /* durable queues: CRC-32C of the record (fmq_durable.c) */
-    uint32_t reserved_;
+    uint32_t crc;                   /* durable queues: CRC-32C of the record
+                                       (fmq_durable.c)                          */
+    uint64_t cursor;                /* 0: a plain record; an atomic batch:
+                                       FMQ_CURSOR_BATCH | the next message not
+                                       handed over (see below)                  */
     /* inline payload follows, slot_stride - FMQ_SLOT_HEADER bytes */
 } fmq_slot;
+
+/* An atomic batch is ONE ring record (one slot, one commit CAS, so the batch
+ * is published or not as a whole), whose payload -- inline or a block --
+ * frames its N messages:
+ *
+ *     u32 count | u32 0 | count x (u32 length | length bytes)
+ *
+ * Consumers take it whole (get_many) or one message at a time through the
+ * slot's cursor: a holder (READING) copies the message at the cursor, stores
+ * the cursor past it and puts the slot back to READY (an unclaim), or, for
+ * the last one, frees the slot as for any message. The cursor store is the
+ * hand-over of that message: a holder killed before it gives the message
+ * back (recovery makes the slot READY, cursor unchanged), one killed after
+ * it has consumed it. Only the holder of a slot writes its cursor. */
+#define FMQ_BATCH_HEADER 8u
+#define FMQ_FRAME_HEADER 4u
+#define FMQ_MAX_BATCH ((1u << 24) - 1)
+/* The cursor word: byte offset << 32 | FMQ_CURSOR_BATCH | index. The mark
+ * shares the word with the position (one 64-bit store, so a kill never tears
+ * them apart) and makes room in the slot header for a durable record's CRC;
+ * an index is below FMQ_MAX_BATCH, so bits 24..31 are free for it. */
+#define FMQ_CURSOR_BATCH (1ull << 31)
+#define FMQ_CURSOR(off, idx) (((uint64_t)(off) << 32) | FMQ_CURSOR_BATCH | (uint32_t)(idx))
+#define FMQ_CURSOR_OFF(c) ((uint32_t)((c) >> 32))
+#define FMQ_CURSOR_IDX(c) ((uint32_t)(c) & FMQ_MAX_BATCH)
+#define FMQ_CURSOR_IS_BATCH(c) (((c) & FMQ_CURSOR_BATCH) != 0)
 
 /* Who holds a block, in one word so every hand-off is one CAS and every
  * holder is named (a dead holder's share can be taken back):
@@ -241,7 +272,9 @@ typedef struct fmq_lease {
     _Atomic uint32_t holder;
     _Atomic uint64_t pin;           /* token << 32 | FMQ_PIN_*, see below */
     uint32_t crc;                   /* durable queues: the record's CRC-32C, kept */
-    uint32_t reserved_;
+    uint32_t src_index;             /* 1 + the message's index in the atomic
+                                       batch at src_ticket; 0: a plain one
+                                       (an index is < FMQ_MAX_BATCH < 2^24) */
     /* inline payload follows */
 } fmq_lease;
 

@@ -9,6 +9,12 @@
  *   entry FILLING(me) -> LEASED(me)
  *   slot READING(me) -> EMPTY(next)    the ring slot is free for producers
  * ack:  LEASED(me) -> FREE, then our reader share of the block is dropped.
+ * A message of an atomic batch (fmq_layout.h) is leased with a copy of its
+ * own in the entry (inline or a new block: fmq_lease_take_batch), because
+ * the batch's block stays the ring's until its last message is taken; from
+ * LEASED on such an entry is like any other. src_index names the message in
+ * its batch, so crash recovery can tell whether the dead taker moved the
+ * batch's cursor past it.
  * Redelivery (lease expired, holder dead, nack): whoever notices takes the
  * entry LEASED -> REQUEUING(me), turns the block share back into IN_RING,
  * copies the payload into a NEW message at the back of the ring (its own
@@ -264,6 +270,7 @@ again:;
         uint64_t now = fmq_now_ns();
         /* m was validated by fmq_ring_claim and lives in our memory. */
         e->src_ticket = m->ticket;
+        e->src_index = 0;   /* a plain message (entries are reused) */
         e->leased_ns = now;
         e->len = m->len;
         e->block = m->block;
@@ -310,6 +317,109 @@ again:;
     }
     if (fmq_lease_grow(r, n) == FMQ_OK)
         goto again;   /* more entries now exist */
+    return FMQ_FULL;
+}
+
+/* The message at the cursor of a claimed atomic batch, leased on its own.
+ * The entry gets a private copy of that one message -- inline, or a block of
+ * its own -- because the batch's block stays the ring's until the batch's
+ * last message is taken; so each leased message of a batch is acked, nacked
+ * and redelivered exactly like a plain one. Steps, each crash-safe:
+ *   entry FREE -> FILLING(me), src_index = 1 + index (the batch message)
+ *   [block] alloc (writer me), copy, writer(me) -> reader(me), holder = me
+ *   entry FILLING(me) -> LEASED(me)
+ *   cursor past it + slot READING(me) -> READY   (or, last: free the slot)
+ * Killed while FILLING: the reaper frees the entry (a copy block's reader
+ * share is the block pass's: never turned into a ring share, since no slot
+ * names that block) and the slot pass puts the batch back, cursor unchanged.
+ * Killed after LEASED, before the cursor moved: the reaper orphans the entry
+ * (redelivered from its copy) and moves the cursor past the message itself
+ * (fmq_reap_batch_taken), so the slot does not deliver it a second time. */
+/* model: lease.take_batch */
+int fmq_lease_take_batch(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_out,
+                         uint32_t *token_out, uint32_t *deliveries_out) {
+    const unsigned char *src;
+    uint32_t len, count;
+    uint64_t next;
+    int rc = fmq_ring_batch_frame(r, m, m->cursor, &src, &len, &count, &next);
+    if (rc != FMQ_OK)
+        return fmq_ring_discard_claimed(r, m);
+    uint32_t copy = FMQ_NO_BLOCK;
+    if (len > r->inline_max) {
+        rc = fmq_pool_alloc(r, len, &copy);
+        if (rc != FMQ_OK)
+            return rc;   /* FMQ_NOSPACE: the caller unclaims and waits */
+    }
+again:;
+    uint32_t n = fmq_lease_count(r);
+    uint32_t start = (uint32_t)(atomic_load_explicit(&r->ctl->lease_hint.v,
+                                                     memory_order_relaxed) % n);
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t i = (start + k) % n;
+        fmq_lease *e = fmq_lease_at(r, i);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-take] */
+        if (FMQ_LSTATE(w) != FMQ_LS_FREE)
+            continue;
+        uint32_t tok = FMQ_LTOKEN(w) + 1;
+        if (!atomic_compare_exchange_strong_explicit(
+                &e->word, &w, FMQ_LWORD(tok, FMQ_LS_FILLING, r->owner_tag),
+                memory_order_acq_rel, memory_order_relaxed))                /* [A-take] */
+            continue;
+        atomic_store_explicit(&e->holder, 0, memory_order_relaxed);  /* no share yet */
+        atomic_store_explicit(&e->pin, FMQ_PIN(tok, FMQ_PIN_NONE), memory_order_relaxed);
+        atomic_store_explicit(&r->ctl->lease_hint.v, i + 1, memory_order_relaxed);
+        uint64_t now = fmq_now_ns();
+        e->src_ticket = m->ticket;
+        e->src_index = FMQ_CURSOR_IDX(m->cursor) + 1;
+        e->leased_ns = now;
+        e->len = len;
+        e->block = copy;
+        e->deliveries = m->deliveries + 1;
+        /* The entry holds a record of its own (one message of the batch): a
+         * durable queue's recovery checks it with its own checksum. */
+        e->crc = r->durable ? fmq_record_crc(len, src) : 0;
+        if (copy == FMQ_NO_BLOCK) {
+            memcpy(fmq_lease_inline(e), src, len);
+        } else {
+            memcpy(fmq_pool_ptr(r, copy), src, len);
+            rc = fmq_pool_transition(r, copy, FMQ_WRITER_MASK | FMQ_READER_MASK | FMQ_BLK_IN_RING,
+                                     r->owner_tag, (uint64_t)r->owner_tag << 24);
+            if (rc != FMQ_OK) {   /* our own fresh block: only a scribbler gets here */
+                atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
+                                      memory_order_release);                 /* [R-free] */
+                return rc;
+            }
+            atomic_store_explicit(&e->holder, r->owner_tag, memory_order_relaxed);
+        }
+        atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed);
+        FMQ_CRASHPOINT("lease.batch.filled");
+        atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_LEASED, r->owner_tag),
+                              memory_order_release);                        /* [R-lease] */
+        fmq_lower_next_due(r, now + lease_ns);
+        FMQ_CRASHPOINT("lease.batch.leased");
+        /* As for a plain take: a durable queue's entry reaches the disk before
+         * the cursor moves past its message, so a power loss cannot keep the
+         * move and lose the entry. */
+        if (r->up->durable_barrier) {   /* a failed flush: as sync="none" */
+            (void)r->up->durable_barrier(r);
+            atomic_store_explicit(&e->deadline_ns, fmq_now_ns() + lease_ns,
+                                  memory_order_relaxed);
+        }
+        if (FMQ_CURSOR_IDX(next) == count)
+            rc = fmq_ring_batch_release(r, m, 1);   /* the last one: slot and block go */
+        else
+            rc = fmq_ring_batch_advance(r, m, next, 1);
+        if (rc != FMQ_OK)
+            return rc;
+        *slot_out = i;
+        *token_out = tok;
+        *deliveries_out = m->deliveries + 1;
+        return FMQ_OK;
+    }
+    if (fmq_lease_grow(r, n) == FMQ_OK)
+        goto again;
+    if (copy != FMQ_NO_BLOCK)
+        fmq_pool_release_writer(r, copy);
     return FMQ_FULL;
 }
 
@@ -906,8 +1016,13 @@ void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
         uint32_t block = FMQ_ONCE(e->block);
         if (st == FMQ_LS_FILLING) {
             /* An unfinished take: its slot is still READING(tag) and the slot
-             * pass puts the message back, so the entry is simply dropped. */
-            fmq_lease_share_to_ring(r, e, tok, block);
+             * pass puts the message back, so the entry is simply dropped. A
+             * batch message's entry holds a copy block no slot names: its
+             * reader share is not the ring's, the block pass drops it. */
+            if (FMQ_ONCE(e->src_index) == 0)
+                fmq_lease_share_to_ring(r, e, tok, block);
+            else
+                atomic_store_explicit(&e->holder, 0, memory_order_release);   /* [R-holder] */
             atomic_compare_exchange_strong_explicit(&e->word, &w, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
                                                     memory_order_acq_rel,
                                                     memory_order_relaxed);   /* [R-free] */
@@ -934,8 +1049,10 @@ void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
              * above leaves that, and the slot the message came from may
              * still be READING(tag) (the taker died before freeing it). A
              * ticket only matches a slot still READING(tag) at its lap. */
-            if (taken->tickets)
+            if (taken->tickets) {
+                taken->index[taken->n] = FMQ_ONCE(e->src_index);
                 taken->tickets[taken->n++] = FMQ_ONCE(e->src_ticket);
+            }
             fmq_lease_share_to_ring(r, e, tok, block);
             /* relaxed: published by the [R-lease] CAS below */
             atomic_store_explicit(&e->deadline_ns, 0, memory_order_relaxed);

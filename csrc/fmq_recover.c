@@ -24,6 +24,11 @@
  *     the block's share goes back to the ring and the slot back to READY in
  *     place; the head hint never passes a READING slot, so the next claim
  *     finds it again. No loss, no duplicate: the application never saw it.
+ *     An atomic batch goes back with its cursor as the dead holder left it:
+ *     the messages before the cursor were handed over, the rest were not.
+ *     READING(T) whose message at the cursor T had moved into an in-flight
+ *     entry (get_message, killed before moving the cursor): the move is
+ *     finished here (fmq_reap_batch_taken), so the entry alone redelivers it.
  *  0. In-flight entries of T (fmq_lease_reap): leases become orphaned and
  *     due, dead letters being taken are parked again.
  *  2. Blocks. Every block naming T as writer or reader loses that share. A
@@ -67,14 +72,64 @@ static int fmq_entry_lock(fmq_region *r, uint32_t idx, short type) {
 
 /* Was the message in slot i (at the lap its stamp says) moved into an entry?
  * A taken ticket matches when it maps to that slot and its lap's stamp is the
- * slot's stamp without the phase (fmq_slot_at / fmq_lap_stamp, as the ring). */
-static int fmq_was_taken(fmq_region *r, const fmq_taken *t, uint64_t i, uint64_t stamp) {
+ * slot's stamp without the phase (fmq_slot_at / fmq_lap_stamp, as the ring).
+ * For an atomic batch it must also name the message at the cursor
+ * (src_index = 1 + cursor index; 0 for a plain message): entries taken from
+ * earlier messages of the same batch do not match, the cursor has moved past
+ * them. */
+static int fmq_was_taken(fmq_region *r, const fmq_taken *t, uint64_t i, uint64_t stamp,
+                         uint32_t src_index) {
     uint64_t lap_stamp = stamp & ~3ull;
     for (size_t k = 0; k < t->n; k++)
         if (fmq_slot_at(r, t->tickets[k]) == fmq_slot_at(r, i) &&
-            fmq_lap_stamp(r, t->tickets[k]) == lap_stamp)
+            fmq_lap_stamp(r, t->tickets[k]) == lap_stamp && t->index[k] == src_index)
             return 1;
     return 0;
+}
+
+/* A dead consumer leased the message at the cursor of the batch in slot s
+ * (READING(tag), word w) but died before moving the cursor past it: finish
+ * that move for it, so the message is not delivered again from the slot
+ * (its entry, now orphaned, redelivers it). The last message (or damaged
+ * framing) ends the batch: the ring's block share is dropped and the slot
+ * freed. Every step is a CAS from the word the dead holder left. */
+/* model: recover.batch_taken */
+static void fmq_reap_batch_taken(fmq_region *r, fmq_slot *s, uint64_t w, uint64_t stamp,
+                                 uint32_t sb, uint64_t cursor) {
+    fmq_msg m;
+    memset(&m, 0, sizeof m);
+    m.len = FMQ_ONCE(s->len);
+    m.block = sb;
+    m.flags = FMQ_MSG_BATCH;
+    m.cursor = cursor;
+    if (sb == FMQ_NO_BLOCK)
+        m.data = m.len <= r->inline_max ? (unsigned char *)s + FMQ_SLOT_HEADER : NULL;
+    else
+        m.data = fmq_pool_ptr(r, sb) && m.len <= fmq_pool_block_size(r, sb)
+                     ? fmq_pool_ptr(r, sb) : NULL;
+    const unsigned char *d;
+    uint32_t n, count;
+    uint64_t next = 0;
+    int done = !m.data || fmq_ring_batch_frame(r, &m, cursor, &d, &n, &count, &next) != FMQ_OK ||
+               FMQ_CURSOR_IDX(next) == count;
+    if (done) {
+        /* The ring's share; a holder that died inside the release may have
+         * turned it into its reader share already: the block pass drops that. */
+        if (sb != FMQ_NO_BLOCK && fmq_block_ordinal(r, sb) >= 0)
+            fmq_pool_transition(r, sb, FMQ_BLK_IN_RING | FMQ_READER_MASK, FMQ_BLK_IN_RING, 0);
+        uint64_t empty = fmq_word(stamp - FMQ_PH_READING + 4, 0);   /* EMPTY, next lap */
+        atomic_compare_exchange_strong_explicit(&s->word, &w, empty,
+                                                memory_order_seq_cst,   /* [R-reap] */
+                                                memory_order_relaxed);
+    } else {
+        atomic_fetch_sub_explicit(&r->ctl->batch_extra.v, 1, memory_order_relaxed);
+        s->cursor = next;   /* the slot is still READING(tag): the dead holder's */
+        FMQ_CRASHPOINT("recover.batch.advanced");
+        uint64_t ready = fmq_word(stamp - FMQ_PH_READING + FMQ_PH_READY, 0);
+        atomic_compare_exchange_strong_explicit(&s->word, &w, ready,
+                                                memory_order_seq_cst,   /* [R-reap] */
+                                                memory_order_relaxed);
+    }
 }
 
 void fmq_reap_tag(fmq_region *r, uint32_t tag) {
@@ -86,7 +141,14 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
 
     /* 0. in-flight entries first: they decide whether a READING slot of the
      *    dead tag is a message to put back or one already moved to an entry. */
-    fmq_taken taken = {calloc(r->g.slot_count, sizeof(uint64_t)), 0};
+    fmq_taken taken = {calloc(r->g.slot_count, sizeof(uint64_t)),
+                       calloc(r->g.slot_count, sizeof(uint32_t)), 0};
+    if (!taken.tickets || !taken.index) {   /* then nothing is recorded */
+        free(taken.tickets);
+        free(taken.index);
+        taken.tickets = NULL;
+        taken.index = NULL;
+    }
     fmq_lease_reap(r, tag, &taken);
 
     /* 1. slots (model: recover.slot_pass; only reserved ones exist: fmq_pool.c) */
@@ -98,6 +160,10 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
         uint32_t phase = fmq_slot_phase(w);
         uint32_t owner = fmq_slot_owner(w);
         uint32_t sb = FMQ_ONCE(s->block);   /* one load: checked, then used */
+        uint64_t batch_cursor = FMQ_ONCE(s->cursor);
+        uint32_t sflags = FMQ_CURSOR_IS_BATCH(batch_cursor);
+        if (!sflags)
+            batch_cursor = 0;
         if ((phase == FMQ_PH_READY || phase == FMQ_PH_READING) && sb != FMQ_NO_BLOCK) {
             int64_t o = fmq_block_ordinal(r, sb);
             if (o >= 0 && published)
@@ -112,7 +178,11 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
                                                         memory_order_seq_cst,   /* [R-reap] */
                                                         memory_order_relaxed))
                 abandoned++;
-        } else if (phase == FMQ_PH_READING && fmq_was_taken(r, &taken, i, stamp)) {
+        } else if (phase == FMQ_PH_READING && sflags &&
+                   fmq_was_taken(r, &taken, i, stamp, FMQ_CURSOR_IDX(batch_cursor) + 1)) {
+            fmq_reap_batch_taken(r, s, w, stamp, sb, batch_cursor);
+        } else if (phase == FMQ_PH_READING && !sflags &&
+                   fmq_was_taken(r, &taken, i, stamp, 0)) {
             /* moved into an in-flight entry that now owns the block: free it */
             uint64_t next = fmq_word(stamp - FMQ_PH_READING + 4, 0);   /* EMPTY, next lap */
             atomic_compare_exchange_strong_explicit(&s->word, &w, next, memory_order_seq_cst,
@@ -174,6 +244,7 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     }
     free(published);
     free(taken.tickets);
+    free(taken.index);
     /* Straight into the segment's totals: the reaper may not be registered
      * yet (fmq_live_register reaps its entry's predecessor first). Relaxed:
      * statistics, never used to order anything. */

@@ -128,7 +128,8 @@ uint32_t fmq_layout_hash(void) {
         sizeof(fmq_lease), offsetof(fmq_lease, holder), offsetof(fmq_header, lease_offset),
         FMQ_GEN_BITS, FMQ_MIN_BLOCK, offsetof(fmq_ctl, carved), offsetof(fmq_ctl, lease_committed),
         offsetof(fmq_ctl, cold_top), offsetof(fmq_ctl, pool_peak),
-        offsetof(fmq_block_meta, pages),
+        offsetof(fmq_block_meta, pages), offsetof(fmq_slot, cursor), FMQ_CURSOR_BATCH, offsetof(fmq_slot, crc),
+        offsetof(fmq_lease, src_index), FMQ_BATCH_HEADER, offsetof(fmq_ctl, batch_extra),
     };
     uint64_t h = fmq_fnv1a(1469598103934665603ull, v, sizeof v);
     return (uint32_t)(h ^ (h >> 32));
@@ -812,7 +813,7 @@ void fmq_region_stats(fmq_region *r, fmq_stats *st) {
     st->capacity = r->g.slot_count;
     st->enqueued = sum[FMQ_ST_ENQUEUED];
     st->dequeued = sum[FMQ_ST_DEQUEUED];
-    st->depth = fmq_ring_depth(r);
+    st->depth = fmq_ring_queued(r);
     st->bytes_in_use = sum[FMQ_ST_BYTES_IN] > sum[FMQ_ST_BYTES_OUT]
                            ? sum[FMQ_ST_BYTES_IN] - sum[FMQ_ST_BYTES_OUT] : 0;
     st->redelivered = sum[FMQ_ST_REDELIVERED];

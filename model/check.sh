@@ -2,7 +2,8 @@
 # Check the protocol model with spin: the CI bound, then each recorded
 # counterexample as a mutation that the checker must still catch.
 #
-#   model/check.sh            the CI bound (one message, one death; ~2 min)
+#   model/check.sh            the CI bounds (one message, one death; an atomic
+#                             batch of two, one death; ~5 min)
 #   model/check.sh --large    two messages, one death (by hand; a bitstate
 #                             search: ~10 min in 0.6 GB, most but not
 #                             provably all of the states)
@@ -47,8 +48,12 @@ if [ "${1:-}" = --large ]; then
 fi
 run ci-1msg-1kill pass -DNMSG=1 -DMAXKILL=1
 run ci-2msg-nokill pass -DNMSG=2 -DMAXKILL=0
+run ci-batch-1kill pass -DNMSG=2 -DBATCH -DMAXKILL=1
 # Each counterexample found while building the model, re-introduced: the
 # checker must still find it (a model that stopped seeing them checks nothing).
 run mutant-slots-only-publish fail -DNMSG=1 -DBUG_SLOTS_ONLY_PUBLISH
 run mutant-drop-before-acking fail -DNMSG=1 -DBUG_DROP_BEFORE_ACKING
 run mutant-requeue-midtake fail -DNMSG=1 -DBUG_REQUEUE_MIDTAKE
+# Two wrong orders of the atomic-batch design, which the checker must see.
+run mutant-batch-unclaim-first fail -DNMSG=2 -DBATCH -DBUG_BATCH_UNCLAIM_FIRST
+run mutant-batch-filling-share fail -DNMSG=2 -DBATCH -DBUG_BATCH_FILLING_SHARE

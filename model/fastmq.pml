@@ -5,7 +5,11 @@
  * a step names the step, "model: <step>", and each step here names its C
  * function):
  *   - the slot ring: reserve, commit, claim, retire (the hand-over), unclaim
- *     [fmq_ring.c];
+ *     [fmq_ring.c]; with -DBATCH, an atomic batch instead of the two
+ *     messages: one record holding both, published by one commit, taken one
+ *     message at a time through the slot's cursor (the cursor store is the
+ *     hand-over, then the unclaim), leased with a copy block of its own, and
+ *     recovery finishing a dead taker's cursor move;
  *   - blocks and their holder word (writer tag, reader tag, IN_RING bit) and
  *     the free list [fmq_pool.c];
  *   - the in-flight table: lease take, ack, nack, touch, expiry, redelivery,
@@ -110,6 +114,8 @@ byte sown[NSLOT];                   /* slot word: owner tag                 */
 byte sblk[NSLOT];                   /* slot block reference                 */
 byte smsg[NSLOT];                   /* slot len: here the message id        */
 byte sdel[NSLOT];                   /* slot deliveries                      */
+bool sbatch[NSLOT];                 /* slot flags: FMQ_SLOT_BATCH           */
+byte scur[NSLOT];                   /* slot cursor: a batch's next message  */
 
 byte bw[NBLK];                      /* block word: writer tag               */
 byte br[NBLK];                      /* block word: reader tag               */
@@ -123,6 +129,8 @@ byte etok = 0;                      /*                 token                */
 bool edue = 0;                      /* deadline passed                      */
 byte edl = 0;                       /* token of the lease the deadline is for */
 byte eblk = NOBLK, emsg = 0, edel = 0, esrc = 0;
+byte eidx = 0;                      /* src_index: 1 + index in a batch; 0    */
+byte takenidx = 0;                  /* the reaper's record of it (fmq_taken) */
 byte eholder = NONE;                /* whose reader share the block holds   */
 byte epin = PIN_NONE, epintok = 0;
 
@@ -228,7 +236,7 @@ inline ring_reserve(me, t, ok) {
 /* model: ring.commit -- the ring's share of the block, then publish [R-commit];
  * keep: the writer keeps its share (a reserve() view alive past commit). */
 inline ring_commit(me, t, b, id, del, keep) {
-    d_step { sblk[SL(t)] = b; smsg[SL(t)] = id; sdel[SL(t)] = del };
+    d_step { sblk[SL(t)] = b; smsg[SL(t)] = id; sdel[SL(t)] = del; sbatch[SL(t)] = 0 };
     if
     :: b != NOBLK -> d_step { bring[b] = 1 }          /* commit.before_publish */
     :: else -> skip
@@ -242,6 +250,51 @@ inline ring_commit(me, t, b, id, del, keep) {
     :: b != NOBLK && !keep -> release_writer(me, b)
     :: else -> skip
     fi
+}
+
+#ifdef BATCH
+/* An atomic batch of messages 1 and 2: ONE record (its block holds both, one
+ * per payload half), published by the same commit CAS as any message: both
+ * become committed in that one step. */
+inline ring_commit_batch(me, t, b) {
+    d_step { sblk[SL(t)] = b; smsg[SL(t)] = 1; sdel[SL(t)] = 0; sbatch[SL(t)] = 1;
+             scur[SL(t)] = 0 };
+    d_step { bring[b] = 1 };                          /* ring.batch.before_publish */
+    d_step {
+        assert(st[SL(t)] == LAP4(t) + PH_WRITING && sown[SL(t)] == TAG(me));
+        st[SL(t)] = LAP4(t) + PH_READY; sown[SL(t)] = NONE;
+        committed[1] = 1; committed[2] = 1; unsettled = unsettled + 2
+    };
+    release_writer(me, b)
+}
+#endif
+
+/* model: ring.batch_advance -- the holder of a batch stores the cursor past
+ * the message it took (with `handover`: the auto-ack hand-over of message id),
+ * then gives the slot back READY [R-rel], as an unclaim does. */
+inline ring_batch_advance(me, t, id, handover) {
+#ifdef BUG_BATCH_UNCLAIM_FIRST
+    d_step { st[SL(t)] = LAP4(t) + PH_READY; sown[SL(t)] = NONE };
+#endif
+    d_step {
+#ifndef BUG_BATCH_UNCLAIM_FIRST
+        assert(st[SL(t)] == LAP4(t) + PH_READING && sown[SL(t)] == TAG(me));
+#endif
+        scur[SL(t)] = scur[SL(t)] + 1;
+        if
+        :: handover ->
+            assert(wasleased[id] || handed[id] + acked[id] == 0);   /* P3 */
+            SETTLE(id);
+            handed[id]++
+        :: else -> skip
+        fi
+    };
+#ifndef BUG_BATCH_UNCLAIM_FIRST
+    d_step {                                          /* ring.batch.advanced */
+        assert(st[SL(t)] == LAP4(t) + PH_READING && sown[SL(t)] == TAG(me));
+        st[SL(t)] = LAP4(t) + PH_READY; sown[SL(t)] = NONE
+    }
+#endif
 }
 
 /* model: ring.claim -- the first READY slot of its lap; ok = 0: empty */
@@ -287,7 +340,32 @@ inline ring_retire(me, t) {
 inline auto_ack_get(me, t, ok, b, id, x1, x2) {
     ring_claim(me, t, ok);
     if
-    :: ok == 1 ->
+    :: ok == 1 && sbatch[SL(t)] ->
+        /* a batch: the message at the cursor (x2 = its index) */
+        d_step { b = sblk[SL(t)]; x2 = scur[SL(t)]; id = smsg[SL(t)] + x2 };
+        d_step { if :: x2 == 0 -> x1 = pay1[b] :: else -> x1 = pay2[b] fi;
+                 assert(x1 == id) };                  /* P2 */
+        if
+        :: x2 == 0 -> ring_batch_advance(me, t, id, 1)
+        :: else ->                                    /* the last: as a plain one */
+            d_step {
+                assert(bring[b] && br[b] == NONE);
+                bring[b] = 0; br[b] = TAG(me)
+            };
+            d_step {
+                assert(st[SL(t)] == LAP4(t) + PH_READING && sown[SL(t)] == TAG(me));
+                st[SL(t)] = LAP4(t) + 4; sown[SL(t)] = NONE;
+                do
+                :: head < t + 1 && st[SL(head)] >= LAP4(head) + 4 -> head++
+                :: else -> break
+                od;
+                assert(wasleased[id] || handed[id] + acked[id] == 0);   /* P3 */
+                SETTLE(id);
+                handed[id]++
+            };
+            release_reader(me, b)
+        fi
+    :: ok == 1 && !sbatch[SL(t)] ->
         d_step { b = sblk[SL(t)]; id = smsg[SL(t)] };
         d_step { x1 = pay1[b] };                      /* the copy: two loads */
         d_step { x2 = pay2[b]; assert(x1 == id && x2 == id) };   /* P2 */
@@ -368,11 +446,52 @@ inline drop_share(tok, h, ok) {
     fi
 }
 
-/* model: lease.take -- claim a slot, move its message into the entry, free the slot */
-inline lease_take(me, t, ok, tok, id) {
-    ring_claim(me, t, ok);
+/* model: lease.take_batch -- the message at a batch's cursor, leased with a
+ * copy of its own (a new block), then the cursor moved past it (or, for the
+ * last, the batch's slot and block freed). */
+inline lease_take_batch(me, t, ok, tok, id, nb, c) {
+    pool_alloc(me, nb);
+    d_step {
+        if
+        :: nb != NOBLK && est == LS_FREE ->
+            etok++; tok = etok; est = LS_FILLING; eown = TAG(me); ok = 1
+        :: else -> ok = 0
+        fi
+    };
     if
     :: ok == 1 ->
+        d_step { eholder = NONE; epin = PIN_NONE; epintok = tok; edropping = 0; edropped = 0 };
+        d_step { esrc = t; c = scur[SL(t)]; eidx = c + 1; emsg = smsg[SL(t)] + c;
+                 edel = sdel[SL(t)] + 1; id = emsg; eblk = nb };
+        d_step { if :: c == 0 -> pay1[nb] = pay1[sblk[SL(t)]]
+                    :: else -> pay1[nb] = pay2[sblk[SL(t)]] fi };
+        d_step { pay2[nb] = pay1[nb] };
+        d_step { assert(bw[nb] == TAG(me)); bw[nb] = NONE; br[nb] = TAG(me) };
+        d_step { eholder = TAG(me); edue = 0; edl = tok };   /* lease.batch.filled */
+        d_step { est = LS_LEASED; wasleased[id] = 1 };       /* lease.batch.leased */
+        if
+        :: c == 0 -> ring_batch_advance(me, t, id, 0)
+        :: else ->
+            d_step { c = sblk[SL(t)] };                  /* the batch's block */
+            d_step { assert(bring[c] && br[c] == NONE); bring[c] = 0; br[c] = TAG(me) };
+            ring_retire(me, t);
+            release_reader(me, c)
+        fi
+    :: else ->
+        if :: nb != NOBLK -> release_writer(me, nb) :: else -> skip fi;
+        d_step {                                      /* give the batch back */
+            assert(st[SL(t)] == LAP4(t) + PH_READING && sown[SL(t)] == TAG(me));
+            st[SL(t)] = LAP4(t) + PH_READY; sown[SL(t)] = NONE
+        }
+    fi
+}
+
+/* model: lease.take -- claim a slot, move its message into the entry, free the slot */
+inline lease_take(me, t, ok, tok, id, nb, c) {
+    ring_claim(me, t, ok);
+    if
+    :: ok == 1 && sbatch[SL(t)] -> lease_take_batch(me, t, ok, tok, id, nb, c)
+    :: ok == 1 && !sbatch[SL(t)] ->
         d_step {
             if
             :: est == LS_FREE -> etok++; tok = etok; est = LS_FILLING; eown = TAG(me); ok = 1
@@ -382,8 +501,8 @@ inline lease_take(me, t, ok, tok, id) {
         if
         :: ok == 1 ->
             d_step { eholder = NONE; epin = PIN_NONE; epintok = tok; edropping = 0; edropped = 0 };
-            d_step { esrc = t; eblk = sblk[SL(t)]; emsg = smsg[SL(t)]; edel = sdel[SL(t)] + 1;
-                     id = emsg };
+            d_step { esrc = t; eidx = 0; eblk = sblk[SL(t)]; emsg = smsg[SL(t)];
+                     edel = sdel[SL(t)] + 1; id = emsg };
             d_step {
                 assert(bring[eblk] && br[eblk] == NONE);
                 bring[eblk] = 0; br[eblk] = TAG(me)
@@ -521,9 +640,19 @@ inline reap_entry(T, taken, h, ok) {
     :: eown == T && est != LS_FREE ->
         assert(!alive[T - 1]);                        /* P6 */
         if
+#ifndef BUG_BATCH_FILLING_SHARE
+        :: est == LS_FILLING && eidx == 0 ->
+#else
         :: est == LS_FILLING ->
+#endif
             share_to_ring(etok, h, ok);
             d_step { est = LS_FREE; eown = NONE }
+#ifndef BUG_BATCH_FILLING_SHARE
+        :: est == LS_FILLING && eidx != 0 ->
+            /* a batch message's copy block: no slot names it, so its reader
+             * share is not turned into a ring share; the block pass drops it */
+            d_step { eholder = NONE; est = LS_FREE; eown = NONE }
+#endif
         :: est == LS_ACKING ->
             /* An unfinished ack: a reader share is cleared by the block pass;
              * a queue (IN_RING) share not yet dropped cannot be told from a
@@ -535,7 +664,7 @@ inline reap_entry(T, taken, h, ok) {
                 est = LS_FREE; eown = NONE
             }
         :: est == LS_LEASED || est == LS_REQUEUING ->
-            if :: est == LS_LEASED -> taken = esrc :: else -> skip fi;
+            if :: est == LS_LEASED -> taken = esrc; takenidx = eidx :: else -> skip fi;
             share_to_ring(etok, h, ok);
             d_step { edue = 1; est = LS_LEASED; eown = NONE }   /* orphaned, due */
         :: est == LS_TAKING ->
@@ -547,7 +676,8 @@ inline reap_entry(T, taken, h, ok) {
 }
 
 /* the READING slot i holds the message the dead tag moved into its entry */
-#define MOVED(taken, i) (taken != 255 && SL(taken) == i && LAP4(taken) == st[i] - PH_READING)
+#define MOVED(taken, i) (taken != 255 && SL(taken) == i && LAP4(taken) == st[i] - PH_READING && \
+                        ((!sbatch[i] && takenidx == 0) || (sbatch[i] && takenidx == scur[i] + 1)))
 
 /* model: recover.slot_pass */
 /* model: recover.block_pass */
@@ -565,8 +695,20 @@ inline reap_tag(T, i, taken, h, ok, pub) {
         :: sown[i] == T && (st[i] & 3) == PH_WRITING ->
             assert(!alive[T - 1]);                    /* P6 */
             d_step { st[i] = st[i] - PH_WRITING + 4; sown[i] = NONE }   /* abandoned */
-        :: sown[i] == T && (st[i] & 3) == PH_READING && MOVED(taken, i) ->
+        :: sown[i] == T && (st[i] & 3) == PH_READING && MOVED(taken, i) && !sbatch[i] ->
             d_step { st[i] = st[i] - PH_READING + 4; sown[i] = NONE }   /* moved */
+        /* model: recover.batch_taken -- the dead taker's cursor move, finished */
+        :: sown[i] == T && (st[i] & 3) == PH_READING && MOVED(taken, i) && sbatch[i] ->
+            if
+            :: scur[i] == 0 ->
+                d_step { scur[i] = 1 };               /* recover.batch.advanced */
+                d_step { st[i] = st[i] - PH_READING + PH_READY; sown[i] = NONE }
+            :: else ->
+                d_step { if :: bring[sblk[i]] && br[sblk[i]] == NONE ->
+                                 bring[sblk[i]] = 0; free_if_zero(sblk[i])
+                              :: else -> skip fi };
+                d_step { st[i] = st[i] - PH_READING + 4; sown[i] = NONE }
+            fi
         :: sown[i] == T && (st[i] & 3) == PH_READING && !MOVED(taken, i) ->
             assert(!alive[T - 1]);                    /* P6 */
             d_step { if :: sblk[i] != NOBLK && br[sblk[i]] == T && !bring[sblk[i]] ->
@@ -629,6 +771,26 @@ proctype Producer() {
     byte id = 1, b, t, ok;
     bool keep;
     {
+#ifdef BATCH
+        do
+        :: id == 1 ->
+            pool_alloc(PROD, b);
+            if
+            :: b == NOBLK -> (ANY_FREE_BLOCK)
+            :: else ->
+                d_step { pay1[b] = 1 };               /* the framing: message 1 */
+                d_step { pay2[b] = 2 };               /* ... and message 2 */
+                ring_reserve(PROD, t, ok);
+                do
+                :: ok == 0 -> (ANY_EMPTY); ring_reserve(PROD, t, ok)
+                :: ok == 1 -> break
+                od;
+                ring_commit_batch(PROD, t, b);
+                id = NMSG + 1
+            fi
+        :: id > NMSG -> break
+        od;
+#else
         do
         :: id <= NMSG ->
             pool_alloc(PROD, b);
@@ -649,6 +811,7 @@ proctype Producer() {
             fi
         :: id > NMSG -> break
         od;
+#endif
         skip;
         d_step { prod_done = 1; closed[PROD] = 1; alive[PROD] = 0 }
     } unless { killed[PROD] };
@@ -669,11 +832,11 @@ proctype Getter() {
 
 proctype Leaser() {
     byte t, ok, tok, id, h;
-    byte x1;
+    byte x1, nb, c;
     {
         do
         :: ANY_READY && est == LS_FREE ->
-            lease_take(LEASER, t, ok, tok, id);
+            lease_take(LEASER, t, ok, tok, id, nb, c);
             if :: ok == 1 -> break :: else -> skip fi
         :: SETTLED -> goto closing
         od;

@@ -25,6 +25,7 @@ cdef extern from "fmq.h" nogil:
         FMQ_EDEADINIT
 
     uint32_t FMQ_NO_BLOCK
+    uint32_t FMQ_MSG_BATCH
 
     ctypedef struct fmq_params:
         uint64_t maxsize
@@ -45,6 +46,8 @@ cdef extern from "fmq.h" nogil:
         uint32_t deliveries
         int detached
         unsigned char *data
+        uint32_t flags
+        uint64_t cursor
 
     ctypedef struct fmq_stats:
         uint64_t depth, capacity, enqueued, dequeued, bytes_in_use
@@ -106,6 +109,17 @@ cdef extern from "fmq.h" nogil:
     int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake)
     int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake)
     int fmq_ring_unclaim(fmq_region *r, fmq_msg *m)
+    int fmq_ring_commit_batch(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block,
+                              uint32_t count)
+    int fmq_ring_wait_room(fmq_region *r, uint64_t deadline_ns, uint64_t nslots)
+    int fmq_ring_batch_frame(fmq_region *r, const fmq_msg *m, uint64_t cursor,
+                             const unsigned char **data, uint32_t *len, uint32_t *count,
+                             uint64_t *next)
+    uint32_t fmq_ring_batch_index(uint64_t cursor)
+    int fmq_ring_batch_advance(fmq_region *r, fmq_msg *m, uint64_t next, uint32_t taken)
+    int fmq_ring_discard_claimed(fmq_region *r, fmq_msg *m)
+    int fmq_ring_batch_release(fmq_region *r, fmq_msg *m, uint32_t taken)
+    uint64_t fmq_ring_queued(fmq_region *r)
     void fmq_ring_wake_consumers(fmq_region *r, int all)
     void fmq_ring_wake_producers(fmq_region *r)
     int fmq_ring_wait_data(fmq_region *r, uint64_t deadline_ns)
@@ -120,6 +134,8 @@ cdef extern from "fmq.h" nogil:
 
     int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot,
                        uint32_t *token, uint32_t *deliveries)
+    int fmq_lease_take_batch(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot,
+                             uint32_t *token, uint32_t *deliveries)
     int fmq_lease_payload(fmq_region *r, uint32_t slot, uint32_t token,
                           const unsigned char **data, uint32_t *len)
     int fmq_lease_pin(fmq_region *r, uint32_t slot, uint32_t token,

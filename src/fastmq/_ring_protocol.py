@@ -117,15 +117,24 @@ class Ring(Protocol):
 
     def get(self, timeout: Optional[float]) -> bytes: ...
 
-    def put_many(self, items: Sequence, timeout: Optional[float]) -> int:
+    def put_many(self, items: Sequence, timeout: Optional[float],
+                 atomic: bool = False) -> int:
         """Enqueue in order; returns how many went in. With timeout None all of
         them; otherwise as many as fit before the deadline (possibly 0, never
         raising Full). MessageTooLarge is checked for every item before any
-        is written."""
+        is written.
+
+        ``atomic=True``: all of them or none, whatever process is killed
+        where; consumers see the batch whole or not at all. It counts its
+        size toward maxsize: waits until there is room for all of it (Full at
+        the deadline); refused before anything is written when it can never
+        fit (ValueError: more messages than maxsize; MessageTooLarge: more
+        bytes than the ring can hold as one batch)."""
 
     def get_many(self, max_messages: int, timeout: Optional[float], decode=None) -> list:
         """At least one (waiting up to timeout, else Empty), at most max_messages,
-        without waiting for more once one is available. With ``decode``, each
+        without waiting for more once one is available. An atomic batch is
+        taken whole when it fits in max_messages. With ``decode``, each
         payload is passed through it before the hand-over: if it raises for
         one, the ones before it are returned and it and the rest stay queued
         (if it is the first, it is consumed and its error propagates)."""

@@ -23,8 +23,8 @@ from typing import Any, Callable, Generic, Iterable, Optional, Tuple, TypeVar, U
 
 from multiprocessing.context import get_spawning_popen
 
-from . import (_auth, _backend, _contract, _lifetime, _location, _names, _serialize, acks,
-               asyncio_support)
+from . import (_auth, _backend, _contract, _lifetime, _location, _names, _serialize,
+               _transaction, acks, asyncio_support)
 from .errors import AuthenticationError, Full, MessageTooLarge, QueueClosed, QueueNotFound
 
 __all__ = ["Queue", "Received", "DEFAULT_MAX_MESSAGE_SIZE", "MIN_CAPACITY_BYTES",
@@ -570,9 +570,18 @@ class Queue(Generic[_T]):
         return self.get(False)
 
     def put_many(self, iterable: Iterable[_T], block: bool = True,
-                 timeout: Optional[float] = None) -> int:
+                 timeout: Optional[float] = None, *, atomic: bool = False) -> int:
         """Enqueue a batch in order; returns how many went in (all of them when
-        blocking without a timeout). Nothing is written if any item is too big."""
+        blocking without a timeout). Nothing is written if any item is too big.
+
+        ``atomic=True``: all of them or none, whatever process is killed
+        where, and consumers see the batch whole or not at all, in order
+        (``get_many`` takes it whole, ``get``/``get_message`` one at a time).
+        It waits for room for all of it (``Full`` if there is none in time)
+        and is refused before anything is written if it can never fit:
+        ``ValueError`` for more messages than ``maxsize``, ``MessageTooLarge``
+        when its framed size (its payloads plus 4 bytes each and 8) exceeds
+        ``max_message_size`` -- the batch is stored as one record."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
         encode = (self._encode if self._serializer is not None or self._auth is not None
@@ -581,7 +590,37 @@ class Queue(Generic[_T]):
         # The ring checks every size before writing anything, too; checking
         # here first gives the message that names the batch.
         _check_sizes(payloads, self._ring.max_message_size)
+        if atomic:
+            return self._put_atomic(payloads, timeout)
         return self._ring.put_many(payloads, timeout)
+
+    def _put_atomic(self, payloads, timeout):
+        n = self._ring.put_many(payloads, timeout, atomic=True)
+        if n != len(payloads):      # a ring that does not raise Full itself
+            raise Full(f"queue {self.name!r}: no room for the atomic batch of "
+                       f"{len(payloads)} messages in time")
+        return n
+
+    def transaction(self, block: bool = True,
+                    timeout: Optional[float] = None) -> "_transaction.Transaction":
+        """``with q.transaction() as tx: tx.put(a); tx.put_bytes(b)`` -- the
+        messages go in as one atomic batch when the block ends normally
+        (``put_many(..., atomic=True)``, with ``block``/``timeout`` for its
+        wait), and none of them if it raises."""
+        if not block or timeout is not None:
+            timeout = _timeout(block, timeout)
+        encode = (self._encode if self._serializer is not None or self._auth is not None
+                  else _serialize.encode)
+        auth = self._auth
+
+        def encode_bytes(data):
+            payload = bytes(memoryview(data))
+            return payload if auth is None else auth.seal(payload)
+
+        def commit(payloads):
+            _check_sizes(payloads, self._ring.max_message_size)
+            return self._put_atomic(payloads, timeout)
+        return _transaction.Transaction(encode, encode_bytes, commit)
 
     def get_many(self, max_messages: int = DEFAULT_GET_MANY, block: bool = True,
                  timeout: Optional[float] = None) -> "list[_T]":
@@ -626,13 +665,18 @@ class Queue(Generic[_T]):
             self._rejected(exc)
 
     def put_many_bytes(self, items: Iterable[BytesLike], block: bool = True,
-                       timeout: Optional[float] = None) -> int:
+                       timeout: Optional[float] = None, *, atomic: bool = False) -> int:
         """``put_many`` for bytes-like payloads, sent as they are: the fastest
-        way to move many small messages (one call, one wake-up)."""
+        way to move many small messages (one call, one wake-up). ``atomic``
+        as for ``put_many``."""
         if not block or timeout is not None:
             timeout = _timeout(block, timeout)
         if self._auth is not None:
             items = [self._auth.seal(item) for item in items]
+        if atomic:
+            items = list(items)
+            _check_sizes(items, self._ring.max_message_size)
+            return self._put_atomic(items, timeout)
         return self._ring.put_many(items, timeout)
 
     def get_many_bytes(self, max_messages: int = DEFAULT_GET_MANY, block: bool = True,

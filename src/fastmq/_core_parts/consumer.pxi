@@ -181,6 +181,9 @@ cdef class Consumer:
         cdef uint32_t slot, token, deliveries
         cdef list out = []
         cdef int rc
+        cdef const unsigned char *bdata
+        cdef uint32_t blen, bcount
+        cdef uint64_t bnext, need
         if max_messages < 1:
             raise ValueError("max_messages must be >= 1")
         if not lease_seconds > 0 or lease_seconds > 1e9:
@@ -199,7 +202,31 @@ cdef class Consumer:
                         break
                 else:
                     ring._claim_msg(&m, nonblock, deadline)
-                if ring._durable:
+                if m.flags:
+                    # A message of an atomic batch: leased with its own copy
+                    # (a durable queue flushes inside the take: no GIL then).
+                    if ring._durable:
+                        with nogil:
+                            rc = fmq_lease_take_batch(ring.r, &m, lease_ns, &slot, &token,
+                                                      &deliveries)
+                    else:
+                        rc = fmq_lease_take_batch(ring.r, &m, lease_ns, &slot, &token,
+                                                  &deliveries)
+                    if rc == FMQ_NOSPACE:
+                        # No block for the copy: put the batch back and wait
+                        # for memory (or return what we have).
+                        need = m.len
+                        if fmq_ring_batch_frame(ring.r, &m, m.cursor, &bdata, &blen, &bcount,
+                                                &bnext) == FMQ_OK:
+                            need = blen
+                        fmq_ring_unclaim(ring.r, &m)
+                        if out:
+                            break
+                        if nonblock:
+                            _raise(FMQ_EMPTY)
+                        ring._wait(True, deadline, need)
+                        continue
+                elif ring._durable:
                     # a durable queue flushes inside the take (fmq_durable.c)
                     with nogil:
                         rc = fmq_lease_take(ring.r, &m, lease_ns, &slot, &token, &deliveries)

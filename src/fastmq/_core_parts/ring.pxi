@@ -631,25 +631,32 @@ cdef class Ring:
 
     @cython.binding(False)
     @cython.embedsignature.format("clinic")
-    def put_many(self, items, timeout=None):
-        """Enqueue in order; returns how many went in (see the ring contract)."""
+    def put_many(self, items, timeout=None, atomic=False):
+        """Enqueue in order; returns how many went in (see the ring contract).
+        ``atomic``: all of them as one batch record, or none (``_put_batch``)."""
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(timeout, &nonblock)
+        if atomic:
+            return self._put_batch(items if type(items) is tuple else tuple(items),
+                                   nonblock, deadline)
         return self._put_many(items if type(items) is tuple else tuple(items),
                               nonblock, deadline)
 
     @cython.binding(False)
     @cython.embedsignature.format("clinic")
-    def put_many_bytes(self, items, block=True, timeout=None):
+    def put_many_bytes(self, items, block=True, timeout=None, *, atomic=False):
         """``Queue.put_many_bytes``, compiled (see "the Queue's hot methods")."""
         cdef bint nonblock
         cdef uint64_t deadline = _call_deadline(block, timeout, &nonblock)
+        if atomic:
+            return self._put_batch(items if type(items) is tuple else tuple(items),
+                                   nonblock, deadline)
         return self._put_many(items if type(items) is tuple else tuple(items),
                               nonblock, deadline)
 
     @cython.binding(False)
     @cython.embedsignature.format("clinic")
-    def put_many_objects(self, iterable, block=True, timeout=None):
+    def put_many_objects(self, iterable, block=True, timeout=None, *, atomic=False):
         """``Queue.put_many`` with the default codec, compiled (see "the
         Queue's hot methods"): every object is encoded, then every size is
         checked (nothing is sent if one is too big), then the batch goes in."""
@@ -675,6 +682,8 @@ cdef class Ring:
                     "message of %d bytes exceeds this queue's max_message_size of %d bytes; "
                     "nothing was sent" % (n, self._max_msg))
         deadline = _deadline(timeout, &nonblock)
+        if atomic:
+            return self._put_batch(tuple(payloads), nonblock, deadline)
         return self._put_many(tuple(payloads), nonblock, deadline)
 
     cdef Py_ssize_t _put_many(self, tuple items, bint nonblock, uint64_t deadline) except -1:
@@ -742,6 +751,106 @@ cdef class Ring:
                 self._leave()
         return done
 
+    cdef Py_ssize_t _put_batch(self, items, bint nonblock, uint64_t deadline) except -1:
+        """All of ``items`` as ONE ring record (fmq_layout.h: a count, then a
+        length and the bytes of each message), published by one commit CAS:
+        consumers see the whole batch or nothing of it, whatever process is
+        killed where. Refused before anything is written when it can never
+        fit: more messages than maxsize (ValueError), or a framed size over
+        max_message_size (MessageTooLarge: the record is one message's room).
+        Admitted when the ring has room for all its messages (a batch counts
+        its size toward maxsize, as it goes in), then takes one slot."""
+        cdef Py_buffer view
+        cdef Py_ssize_t i, n = len(items), total = 8
+        cdef uint32_t block = FMQ_NO_BLOCK
+        cdef unsigned char *base
+        cdef fmq_msg m
+        cdef int rc
+        cdef uint64_t count
+        if n == 0:
+            return 0
+        # Immutable copies of anything that is not bytes already: the sizes
+        # checked are the sizes framed, even if another thread resizes a
+        # bytearray while we wait for room with the GIL released.
+        items = [x if type(x) is bytes else bytes(memoryview(x)) for x in items]
+        self._enter()
+        try:
+            for i in range(n):
+                PyObject_GetBuffer(items[i], &view, PyBUF_SIMPLE)
+                try:
+                    self._check_size(view.len)
+                    total += 4 + view.len
+                finally:
+                    PyBuffer_Release(&view)
+            if <uint64_t>n > self.maxsize:
+                raise ValueError(
+                    "an atomic batch of %d messages can never fit in this queue (maxsize %d); "
+                    "split it or create the queue with a larger maxsize" % (n, self.maxsize))
+            if n > 0xFFFFFF:
+                raise ValueError("an atomic batch holds at most %d messages, got %d"
+                                 % (0xFFFFFF, n))
+            if total > self._max_msg or total > <Py_ssize_t>_MAX_FORMAT_LEN:
+                raise MessageTooLarge(
+                    "an atomic batch is stored as one record: its %d messages take %d bytes "
+                    "framed (4 bytes per message plus 8), more than this queue's "
+                    "max_message_size of %d bytes (create the queue with a larger "
+                    "max_message_size, or send a smaller batch)" % (n, total, self._max_msg))
+            count = <uint64_t>n
+            # Admission: room for all of its messages, as if each took a slot.
+            while fmq_ring_queued(self.r) + count > self.maxsize:
+                fmq_ring_wake_consumers(self.r, 1)
+                if nonblock:
+                    _raise(FMQ_FULL, "queue is full: no room for an atomic batch of %d "
+                                     "messages (maxsize %d)" % (n, self.maxsize))
+                with nogil:
+                    rc = fmq_ring_wait_room(self.r, deadline, count)
+                if rc == FMQ_TIMEDOUT:
+                    _raise(FMQ_FULL, "queue is full: no room for an atomic batch of %d "
+                                     "messages in time (maxsize %d)" % (n, self.maxsize))
+                if rc == FMQ_AGAIN or rc == FMQ_EINTR:
+                    _check_wait(self._closed)
+            if total > <Py_ssize_t>self._inline_max:
+                self._alloc_block(total, nonblock, deadline, &block)
+                base = fmq_pool_ptr(self.r, block)
+                try:
+                    self._frame_batch(items, base)
+                    self._claim_slot(&m, nonblock, deadline)
+                except BaseException:
+                    fmq_pool_release_writer(self.r, block)     # nothing was published
+                    raise
+            else:
+                self._claim_slot(&m, nonblock, deadline)
+                # Copying into the slot cannot fail (every item was a buffer
+                # of the size checked above, and we hold the slot): a process
+                # killed meanwhile leaves a WRITING slot, which recovery skips.
+                self._frame_batch(items, fmq_ring_inline_ptr(self.r, &m))
+            rc = fmq_ring_commit_batch(self.r, &m, <uint32_t>total, block, <uint32_t>n)
+            if rc != FMQ_OK:
+                if block != FMQ_NO_BLOCK:
+                    fmq_pool_release_writer(self.r, block)
+                _raise(rc)
+        finally:
+            self._leave()
+        return n
+
+    cdef int _frame_batch(self, items, unsigned char *dst) except -1:
+        cdef Py_buffer view
+        cdef Py_ssize_t i, n = len(items)
+        cdef uint32_t ln = <uint32_t>n, zero = 0
+        memcpy(dst, &ln, 4)
+        memcpy(dst + 4, &zero, 4)
+        dst += 8
+        for i in range(n):
+            PyObject_GetBuffer(items[i], &view, PyBUF_SIMPLE)
+            try:
+                ln = <uint32_t>view.len
+                memcpy(dst, &ln, 4)
+                memcpy(dst + 4, view.buf, view.len)
+                dst += 4 + view.len
+            finally:
+                PyBuffer_Release(&view)
+        return 0
+
     def reserve(self, Py_ssize_t nbytes, timeout=None):
         """Space for one message of nbytes, written in place (a block)."""
         cdef bint nonblock
@@ -768,6 +877,8 @@ cdef class Ring:
         cdef bytes out
         cdef int rc
         cdef char *dst
+        if m.flags:
+            return self._take_batch_one(m)
         try:
             out = PyBytes_FromStringAndSize(NULL, m.len)
         except BaseException:
@@ -783,6 +894,91 @@ cdef class Ring:
         else:
             memcpy(dst, m.data, m.len)
         rc = fmq_ring_release(self.r, m, wake)
+        if rc != FMQ_OK:
+            _raise(rc)
+        return out
+
+    cdef bytes _take_batch_one(self, fmq_msg *m):
+        """The message at the cursor of a claimed atomic batch: copied out,
+        then handed over by moving the cursor past it (the rest of the batch
+        stays queued, in order, for whoever claims it next) or, if it is the
+        last one, by freeing the record as for any message."""
+        cdef const unsigned char *data
+        cdef uint32_t n, count
+        cdef uint64_t nxt
+        cdef bytes out
+        cdef int rc = fmq_ring_batch_frame(self.r, m, m.cursor, &data, &n, &count, &nxt)
+        if rc != FMQ_OK:
+            _raise(fmq_ring_discard_claimed(self.r, m))
+        try:
+            out = PyBytes_FromStringAndSize(<const char *>data, n)
+        except BaseException:
+            fmq_ring_unclaim(self.r, m)           # the message stays queued
+            raise
+        if fmq_ring_batch_index(nxt) == count:
+            rc = fmq_ring_batch_release(self.r, m, 1)
+        else:
+            rc = fmq_ring_batch_advance(self.r, m, nxt, 1)
+        if rc != FMQ_OK:
+            _raise(rc)
+        return out
+
+    cdef list _get_batch(self, fmq_msg *m, Py_ssize_t max_messages, decode):
+        """get_many's take of a claimed atomic batch: its messages from the
+        cursor, up to max_messages (all of it when it fits: taken whole),
+        handed over together by one cursor move (or the release of the
+        record). A decode failure hands over only the ones before it, as for
+        plain messages: the bad one is consumed if it comes first."""
+        cdef const unsigned char *data
+        cdef uint32_t n, count = 0
+        cdef uint64_t pos = m.cursor, nxt
+        cdef Py_ssize_t taken = 0, bad = -1
+        cdef list out = [], ends = []
+        cdef int rc
+        try:
+            while taken < max_messages:
+                rc = fmq_ring_batch_frame(self.r, m, pos, &data, &n, &count, &nxt)
+                if rc != FMQ_OK:
+                    if taken:
+                        break                  # the next call meets it and discards it
+                    _raise(fmq_ring_discard_claimed(self.r, m))
+                raw = PyBytes_FromStringAndSize(<const char *>data, n)
+                if decode is None:
+                    out.append(raw)
+                else:
+                    bad = taken
+                    out.append(decode(raw))
+                    bad = -1
+                pos = nxt
+                ends.append(nxt)
+                taken += 1
+                if fmq_ring_batch_index(nxt) == count:
+                    break
+        except BaseException as exc:
+            if bad >= 0 and not isinstance(exc, Exception):
+                bad = -1                       # Ctrl-C while decoding: not a bad message
+            if bad > 0:
+                out = out[:bad]                # return what decoded; the rest stays
+                taken = bad
+                pos = ends[bad - 1]
+            elif bad == 0:
+                # the undecodable one is consumed and its error propagates
+                rc = fmq_ring_batch_frame(self.r, m, m.cursor, &data, &n, &count, &nxt)
+                if rc == FMQ_OK and fmq_ring_batch_index(nxt) == count:
+                    fmq_ring_batch_release(self.r, m, 1)
+                elif rc == FMQ_OK:
+                    fmq_ring_batch_advance(self.r, m, nxt, 1)
+                else:
+                    fmq_ring_discard_claimed(self.r, m)
+                raise
+            else:
+                if not m.detached:
+                    fmq_ring_unclaim(self.r, m)     # not a decode error: all back
+                raise
+        if fmq_ring_batch_index(pos) == count:
+            rc = fmq_ring_batch_release(self.r, m, <uint32_t>taken)
+        else:
+            rc = fmq_ring_batch_advance(self.r, m, pos, <uint32_t>taken)
         if rc != FMQ_OK:
             _raise(rc)
         return out
@@ -899,6 +1095,11 @@ cdef class Ring:
             raise MemoryError()
         try:
             self._claim_msg(&msgs[0], nonblock, deadline)
+            if msgs[0].flags:
+                # An atomic batch: taken on its own, whole if it fits.
+                out = self._get_batch(&msgs[0], max_messages, decode)
+                k = len(out)
+                return out
             k = 1
             while k < max_messages:
                 if k == cap:
@@ -909,6 +1110,11 @@ cdef class Ring:
                     msgs, cap = grown, j
                 rc = fmq_ring_claim_from(self.r, &msgs[k], msgs[k - 1].ticket + 1)
                 if rc == FMQ_EMPTY:
+                    break
+                if rc == FMQ_OK and msgs[k].flags:
+                    # An atomic batch is left for the next call, which takes
+                    # it whole (it stays in place: the head never passed it).
+                    fmq_ring_unclaim(self.r, &msgs[k])
                     break
                 if rc != FMQ_OK:
                     # E.g. a damaged message (consumed by the core and
@@ -978,7 +1184,9 @@ cdef class Ring:
         self._enter()
         try:
             self._claim_msg(&m, nonblock, deadline)
-            if m.block == FMQ_NO_BLOCK:
+            if m.block == FMQ_NO_BLOCK or m.flags:
+                # (A message of an atomic batch is copied out too: the batch's
+                # block stays the ring's until its last message is taken.)
                 # Small: a private copy is cheaper than pinning, and frees the
                 # slot at once.
                 return ReceivedView._new_copy(self, self._take_bytes(&m, 1))
@@ -1036,7 +1244,7 @@ cdef class Ring:
     def qsize(self):
         self._enter()
         try:
-            return fmq_ring_depth(self.r)
+            return fmq_ring_queued(self.r)
         finally:
             self._leave()
 

@@ -752,12 +752,14 @@ class Ring:
         if done is _AGAIN:
             errors.full(self._full_reason(len(view)))
 
-    def put_many(self, items, timeout):
+    def put_many(self, items, timeout, atomic=False):
         views = [_as_bytes_view(item) for item in items]
         for view in views:
             self._check_size(len(view))
         if not views:
             return 0
+        if atomic:
+            return self._put_batch(views, timeout)
         self._register(ROLE_PRODUCER)
         sent = 0
 
@@ -768,6 +770,49 @@ class Ring:
 
         self._wait(attempt, timeout)
         return sent
+
+    def _put_batch(self, views, timeout):
+        """An atomic batch: its records are written after the tail and
+        published by the one state write that publishes any put, so a process
+        killed anywhere leaves all of them queued or none. Refused before
+        anything is written if it can never fit; otherwise waits for room for
+        all of it (Full at the deadline)."""
+        n = len(views)
+        nbytes = sum(RECORD_HEADER.size + len(v) for v in views)
+        if n > self.maxsize:
+            raise ValueError(f"an atomic batch of {n} messages can never fit in this queue "
+                             f"(maxsize {self.maxsize}); split it or create the queue with a "
+                             "larger maxsize")
+        if nbytes > self._area:
+            raise MessageTooLarge(f"an atomic batch of {n} messages takes {nbytes} bytes, more "
+                                  f"than this queue can ever hold (capacity_bytes="
+                                  f"{self.capacity_bytes}); send a smaller batch")
+        self._register(ROLE_PRODUCER)
+
+        def attempt():
+            return self._locked(self._put_batch_locked, views, nbytes) or _AGAIN
+
+        if self._wait(attempt, timeout) is _AGAIN:
+            errors.full(f"queue {self.name!r}: no room for the atomic batch of {n} messages "
+                        "in time")
+        return n
+
+    def _put_batch_locked(self, fd, state, views, nbytes):
+        self._shm_blocked = False
+        if state[2] + len(views) > self.maxsize or self._area - (state[1] - state[0]) < nbytes:
+            return 0
+        if not self._reserve_at(fd, state[1], nbytes):
+            return 0
+        pos = state[1]
+        for view in views:
+            self._write_at(fd, pos, RECORD_HEADER.pack(len(view), 0))
+            self._write_at(fd, pos + RECORD_HEADER.size, view)
+            pos += RECORD_HEADER.size + len(view)
+        state[1] = pos
+        state[2] += len(views)
+        state[4] += len(views)
+        self._write_state(fd, state)     # publish all of them: one state write
+        return len(views)
 
     def get(self, timeout):
         return self.get_many(1, timeout)[0]

@@ -44,7 +44,7 @@ import threading
 import time
 import weakref
 
-from .. import _names, _serialize, acks
+from .. import _names, _serialize, _transaction, acks
 from .._contract import ACKED as _ACKED, HELD as _HELD, LOST as _LOST, NACKED as _NACKED
 from ..errors import Empty, Full, LeaseLost, MessageTooLarge, QueueClosed, QueueNotFound
 from ..queue import (DEFAULT_GET_MANY, DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE, Queue,
@@ -494,6 +494,30 @@ class RedisQueue(Queue):
         if atomic and n != len(payloads):
             raise Full(f"queue {self.name!r}: no room for the atomic batch in time")
         return n
+
+    def transaction(self, block=True, timeout=None):
+        """``with q.transaction() as tx: tx.put(a); tx.put_bytes(b)`` -- one
+        atomic batch (``put_many(..., atomic=True)``) when the block ends
+        normally, nothing if it raises."""
+        timeout = _timeout(block, timeout)
+
+        def encode(obj):
+            payload = self._payload(obj)
+            self._check_size(payload)
+            return payload
+
+        def encode_bytes(data):
+            payload = _as_bytes(data)
+            self._check_size(payload)
+            return payload
+
+        def commit(payloads):
+            n = self._put(payloads, timeout, True)
+            if n != len(payloads):
+                raise Full(f"queue {self.name!r}: no room for the atomic batch of "
+                           f"{len(payloads)} messages in time")
+            return n
+        return _transaction.Transaction(encode, encode_bytes, commit)
 
     # ------------------------------------------------------------------- get
 
