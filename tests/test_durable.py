@@ -234,6 +234,50 @@ def test_interval_put_flushes_when_the_last_flush_is_old(ddir):
     assert after - mid <= 1                # at most one more, if 0.5 s passed meanwhile
 
 
+_PUT_PATHS = {
+    "put": lambda q: q.put({"k": 1}),
+    "put_bytes": lambda q: q.put_bytes(b"x" * 10),
+    "put_bytes_big": lambda q: q.put_bytes(b"x" * (20 << 10)),     # a block, not inline
+    "put_bytearray": lambda q: q.put_bytes(bytearray(b"xy")),
+    "put_many": lambda q: q.put_many([1, 2, 3]),
+    "put_many_bytes": lambda q: q.put_many_bytes([b"a", b"b"]),
+    "put_many_atomic": lambda q: q.put_many([1, 2], atomic=True),
+    "put_many_bytes_atomic": lambda q: q.put_many_bytes([b"a", b"b"], atomic=True),
+    "transaction": lambda q: _in_transaction(q),
+    "reserve_commit": lambda q: _reserve_commit(q),
+}
+
+
+def _in_transaction(q):
+    with q.transaction() as tx:
+        tx.put(1)
+        tx.put_bytes(b"2")
+
+
+def _reserve_commit(q):
+    with q.reserve(8) as buf:
+        buf[:] = b"12345678"
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "authkey"])
+@pytest.mark.parametrize("path", sorted(_PUT_PATHS))
+def test_every_put_path_of_a_commit_queue_flushes_before_it_returns(ddir, path, keyed):
+    """sync="commit": whichever call puts (single, batch, atomic batch,
+    transaction, reservation; with or without an authkey, whose handles take
+    other code paths), the file has been flushed by the time it returns."""
+    if keyed and path == "reserve_commit":
+        pytest.skip("a keyed handle refuses reservations (raw bytes bypass the MAC)")
+    key = b"k" * 32 if keyed else None
+    q = fastmq.Queue.create("every", url=_url(ddir), sync="commit", authkey=key, **GEOMETRY)
+    try:
+        before = q.stats()["flushes"]
+        _PUT_PATHS[path](q)
+        assert q.stats()["flushes"] > before, f"{path} returned before any flush"
+    finally:
+        q.close()
+        fastmq.Queue.unlink("every", url=_url(ddir))
+
+
 # ------------------------------------------------------------- kill -9
 
 def _required(prod_logs, cons_log):

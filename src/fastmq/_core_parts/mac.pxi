@@ -202,6 +202,8 @@ cdef class Mac:
                     _raise(rc)
             finally:
                 PyBuffer_Release(&view)
+            if ring._durable:
+                ring._sync()           # as Ring.put: the sync mode is met first
         finally:
             ring._leave()
 
@@ -237,7 +239,11 @@ cdef class Mac:
         ring._enter()
         try:
             ring._claim_msg(&m, nonblock, deadline)
-            if m.len >= _MAC_OVERHEAD:
+            if m.flags:
+                # A message of an atomic batch: its own private copy first
+                # (the record frames many), then the same check.
+                out = ring._take_batch_one(&m)
+            elif m.len >= _MAC_OVERHEAD:
                 n = <Py_ssize_t>m.len - _MAC_OVERHEAD
                 try:
                     out = PyBytes_FromStringAndSize(NULL, n)
@@ -253,11 +259,18 @@ cdef class Mac:
                         memcpy(dst, m.data + _MAC_OVERHEAD, <size_t>n)
                 else:
                     memcpy(dst, m.data + _MAC_OVERHEAD, <size_t>n)
-            rc = fmq_ring_release(ring.r, &m, 1)
-            if rc != FMQ_OK:
-                _raise(rc)
+            if not m.flags:
+                rc = fmq_ring_release(ring.r, &m, 1)
+                if rc != FMQ_OK:
+                    _raise(rc)
         finally:
             ring._leave()
+        if m.flags:
+            if PyBytes_GET_SIZE(out) < _MAC_OVERHEAD or \
+                    memcmp(PyBytes_AS_STRING(out), mg, _MAC_MAGIC_LEN) != 0:
+                return None
+            payload = self.check(out)
+            return False if payload is None else payload
         if out is None:
             return None                             # too short to carry a tag
         for i in range(_MAC_MAGIC_LEN):

@@ -581,13 +581,16 @@ cdef class Ring:
                 self._check_size(PyBytes_GET_SIZE(data))
                 self._put_raw(<const unsigned char *>PyBytes_AS_STRING(data),
                               PyBytes_GET_SIZE(data), nonblock, deadline, 1)
-                return 0
-            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-            try:
-                self._check_size(view.len)
-                self._put_raw(<const unsigned char *>view.buf, view.len, nonblock, deadline, 1)
-            finally:
-                PyBuffer_Release(&view)
+            else:
+                PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+                try:
+                    self._check_size(view.len)
+                    self._put_raw(<const unsigned char *>view.buf, view.len, nonblock,
+                                  deadline, 1)
+                finally:
+                    PyBuffer_Release(&view)
+            # A durable queue's put returns once its sync mode is met, on
+            # every path (fmq_durable.c).
             if self._durable:
                 self._sync()
         finally:
@@ -829,6 +832,8 @@ cdef class Ring:
                 if block != FMQ_NO_BLOCK:
                     fmq_pool_release_writer(self.r, block)
                 _raise(rc)
+            if self._durable:
+                self._sync()        # the whole batch on disk in one flush
         finally:
             self._leave()
         return n
@@ -923,7 +928,7 @@ cdef class Ring:
             _raise(rc)
         return out
 
-    cdef list _get_batch(self, fmq_msg *m, Py_ssize_t max_messages, decode):
+    cdef list _get_batch(self, fmq_msg *m, Py_ssize_t max_messages, decode, bint codec):
         """get_many's take of a claimed atomic batch: its messages from the
         cursor, up to max_messages (all of it when it fits: taken whole),
         handed over together by one cursor move (or the release of the
@@ -943,11 +948,11 @@ cdef class Ring:
                         break                  # the next call meets it and discards it
                     _raise(fmq_ring_discard_claimed(self.r, m))
                 raw = PyBytes_FromStringAndSize(<const char *>data, n)
-                if decode is None:
+                if decode is None and not codec:
                     out.append(raw)
                 else:
                     bad = taken
-                    out.append(decode(raw))
+                    out.append(_decode_copy(raw) if codec else decode(raw))
                     bad = -1
                 pos = nxt
                 ends.append(nxt)
@@ -1097,7 +1102,7 @@ cdef class Ring:
             self._claim_msg(&msgs[0], nonblock, deadline)
             if msgs[0].flags:
                 # An atomic batch: taken on its own, whole if it fits.
-                out = self._get_batch(&msgs[0], max_messages, decode)
+                out = self._get_batch(&msgs[0], max_messages, decode, codec)
                 k = len(out)
                 return out
             k = 1
