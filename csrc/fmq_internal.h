@@ -31,7 +31,8 @@ struct fmq_region {
     unsigned fork_gen;          /* fmq_fork_generation when we registered        */
     uint32_t roles;             /* roles already published in self->roles        */
     uint64_t ring_ready;        /* ring slots known reserved (fmq_pool.c); grows */
-    uint64_t keep_bytes;        /* warm free-block memory kept (fmq_pool.c)      */
+    uint64_t room_checked_ns;   /* last fstatvfs of /dev/shm (fmq_pool.c), and   */
+    int roomy;                  /* whether it had room to keep free blocks warm  */
     uint64_t budget;            /* block pages allowed: capacity_bytes, paged    */
     int nospace_why;            /* FMQ_WHY_*: why the last block request failed  */
 };
@@ -71,6 +72,11 @@ int fmq_pool_transition(fmq_region *r, uint32_t block, uint64_t mask, uint64_t e
 void fmq_pool_free_block(fmq_region *r, uint32_t c, uint32_t idx);   /* state already 0 */
 uint64_t fmq_pool_carved(fmq_region *r, uint32_t c);   /* blocks of c that exist */
 uint64_t fmq_pool_audit(fmq_region *r);                /* alone: see fmq_pool.c  */
+void fmq_pool_idle(fmq_region *r);   /* a consumer found nothing: give back memory
+                                        beyond the recent demand (fmq_pool.c)  */
+/* Call fn on every handle this process has registered, unless the list is
+ * busy (then nobody is called: the caller tries again later). */
+void fmq_live_each(void (*fn)(fmq_region *, void *), void *arg);
 /* ring memory (fmq_pool.c): slots below the mark are reserved; a producer
  * about to touch ticket t of the first lap makes sure t + margin is */
 #define FMQ_RING_MARGIN 16

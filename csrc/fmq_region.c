@@ -383,17 +383,9 @@ static void fmq_pool_init(fmq_region *r) {
     }
 }
 
-/* Warm free-block memory a drained queue keeps (fmq_pool.c): 1/16 of its
- * cap, at least 4 MiB, at most 16 MiB. Smaller costs a fallocate, a punch and
- * a page fault per page for every big message of a backlog that swings
- * between empty and a few messages; larger holds more memory while idle. */
+/* The block budget: capacity_bytes in whole pages. (How much free-block
+ * memory stays warm follows recent demand: fmq_pool.c.) */
 static void fmq_region_set_keep(fmq_region *r) {
-    uint64_t k = r->g.capacity_bytes / 16;
-    if (k < (4ull << 20))
-        k = 4ull << 20;
-    if (k > (16ull << 20))
-        k = 16ull << 20;
-    r->keep_bytes = k;
     r->budget = fmq_round_up(r->g.capacity_bytes, FMQ_PAGE);
 }
 
