@@ -85,6 +85,12 @@ uint64_t fmq_lease_committed(const fmq_region *r);
 int fmq_lease_grow(fmq_region *r, uint64_t n);
 int fmq_ring_grow(fmq_region *r, uint64_t t);
 int fmq_ring_room(fmq_region *r, uint64_t t);
+/* A process alone with the segment (init lock held, AUDITING): give back the
+ * pages of an empty ring and lease table (1 if it did), and finish one that a
+ * killed process began (fmq_pool.c). */
+int fmq_ring_compact(fmq_region *r);
+void fmq_ring_compact_finish(fmq_region *r);
+void fmq_pool_cool_all(fmq_region *r);
 static inline int fmq_ring_ensure(fmq_region *r, uint64_t t) {
     return __builtin_expect(t + FMQ_RING_MARGIN < r->ring_ready, 1) ? FMQ_OK
                                                                    : fmq_ring_grow(r, t);
@@ -95,6 +101,7 @@ static inline int fmq_ring_ensure(fmq_region *r, uint64_t t) {
 void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t since_ns);
 void fmq_reap_tag(fmq_region *r, uint32_t dead_tag);
 void fmq_audit_if_alone(fmq_region *r);
+void fmq_release_if_alone(fmq_region *r);   /* a named queue's closing handle */
 /* leases (fmq_lease.c) */
 typedef struct fmq_taken {
     uint64_t *tickets;          /* src tickets of a dead tag's leased entries */

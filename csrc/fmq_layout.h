@@ -173,6 +173,8 @@ typedef struct fmq_ctl {
     fmq_u64line ring_committed;            /* ring slots whose pages are
                                               reserved (grows only)           */
     fmq_u64line lease_committed;           /* lease entries likewise          */
+    fmq_u64line ring_compacting;           /* 1 while a lone process gives the
+                                              ring's pages back (fmq_pool.c)  */
     fmq_u64line shm_full_ns;               /* last failed reservation (ns)     */
     struct {                               /* recent demand for block memory
                                               (a policy hint, fmq_pool.c)     */

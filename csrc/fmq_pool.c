@@ -14,12 +14,15 @@
  *
  * Ring. Slots are reserved in chunks of FMQ_RING_CHUNK as tickets of the
  * first lap approach the reserved end (fmq_ring_grow); lease entries in
- * chunks as takers find none free (fmq_lease_grow, ctl->lease_committed); ctl->ring_committed only grows, by a CAS-max after
+ * chunks as takers find none free (fmq_lease_grow, ctl->lease_committed); while the queue is in use
+ * ctl->ring_committed only grows, by a CAS-max after
  * the fallocate, so a grower killed in between leaves reserved but unused
- * pages that the next grower reserves again (fallocate is idempotent). Ring
- * pages are never given back: a slot word carries its lap, which a punched
- * (zeroed) page would lose. A ring that has lapped once holds
- * slot_count * slot_stride bytes (lease entries likewise stay once made).
+ * pages that the next grower reserves again (fallocate is idempotent). While
+ * the queue is in use its ring pages stay: a slot word carries its lap,
+ * which a punched (zeroed) page would lose. A ring that has lapped once holds
+ * slot_count * slot_stride bytes (lease entries likewise) until a process
+ * alone with the queue finds it empty and gives both back
+ * (fmq_ring_compact).
  *
  * Blocks: one budget, many sizes. Size classes grow by 4x from FMQ_MIN_BLOCK
  * to max_message_size; each class has enough block *indices* that messages
@@ -261,6 +264,66 @@ int fmq_ring_room(fmq_region *r, uint64_t t) {
     return !fmq_shm_recently_full(r);
 }
 
+/* Giving the ring back. A slot word carries its lap, so the pages of a ring
+ * in use can never be punched (they would read as lap 0). But an empty ring
+ * with no leased entry is, word for word, a fresh ring at another ticket: a
+ * process alone with the segment (fmq_recover.c's audit, at a lone open or
+ * at the close of the last handle of a named queue: nobody else can touch
+ * the ring, and openers wait until the segment is READY again) punches the
+ * ring and the lease table whole and starts the tickets again at 0, as a
+ * new queue's. Nothing refers to a ticket of an empty ring: no slot is
+ * READY or held, no entry is leased (so no lease token, source ticket or
+ * stall names one). ctl->ring_compacting is set first and cleared last; a
+ * process killed in between leaves it set, and the opener that ends the dead
+ * audit finishes the job (fmq_ring_compact_finish) before the segment is
+ * READY: every step is idempotent. */
+int fmq_ring_compact(fmq_region *r) {
+    uint64_t w = fmq_ring_committed(r), lw = fmq_lease_committed(r);
+    uint64_t tail = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+    uint64_t head = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+    if (head != tail || (w <= FMQ_RING_CHUNK && lw <= FMQ_RING_CHUNK && tail < FMQ_RING_CHUNK))
+        return 0;   /* not empty, or nothing worth giving back */
+    for (uint64_t i = 0; i < w; i++) {
+        const fmq_slot *sl = (const fmq_slot *)(r->ring + i * r->g.slot_stride);
+        uint64_t word = atomic_load_explicit(&sl->word, memory_order_acquire);
+        if (((word >> FMQ_OWNER_BITS) & 3) != FMQ_PH_EMPTY)
+            return 0;
+    }
+    for (uint64_t i = 0; i < lw; i++) {
+        const fmq_lease *e = (const fmq_lease *)(r->leases + i * r->g.lease_stride);
+        uint64_t word = atomic_load_explicit(&e->word, memory_order_acquire);
+        if (((word >> 24) & 0xFF) != FMQ_LS_FREE)
+            return 0;
+    }
+    atomic_store_explicit(&r->ctl->ring_compacting.v, 1, memory_order_seq_cst);
+    FMQ_CRASHPOINT("ring.compact.begun");
+    fmq_ring_compact_finish(r);
+    return 1;
+}
+
+void fmq_ring_compact_finish(fmq_region *r) {
+    if (atomic_load_explicit(&r->ctl->ring_compacting.v, memory_order_acquire) != 1)
+        return;
+    fmq_ctl *ctl = r->ctl;
+    atomic_store_explicit(&ctl->ring_committed.v, 0, memory_order_relaxed);
+    atomic_store_explicit(&ctl->lease_committed.v, 0, memory_order_relaxed);
+    r->ring_ready = 0;
+    /* Every page of both, whatever the marks said: a punched hole reads as
+     * an all-zero slot word (EMPTY for lap 0) and a FREE entry. */
+    fmq_mem_release(r, r->g.ring_offset, r->g.slot_count * r->g.slot_stride);
+    FMQ_CRASHPOINT("ring.compact.punched");
+    fmq_mem_release(r, r->g.lease_offset, r->g.slot_count * r->g.lease_stride);
+    atomic_store_explicit(&ctl->head.v, 0, memory_order_relaxed);
+    atomic_store_explicit(&ctl->tail.v, 0, memory_order_relaxed);
+    atomic_store_explicit(&ctl->lease_hint.v, 0, memory_order_relaxed);
+    atomic_store_explicit(&ctl->stall.ticket, 0, memory_order_relaxed);
+    /* The first chunks, as a new queue has them (best effort: a full
+     * /dev/shm leaves them to the first put, which waits for room). */
+    (void)fmq_ring_grow(r, 0);
+    (void)fmq_lease_grow(r, 0);
+    atomic_store_explicit(&ctl->ring_compacting.v, 0, memory_order_seq_cst);
+}
+
 /* ======================================================================== */
 /* blocks                                                                   */
 /* ======================================================================== */
@@ -411,6 +474,8 @@ static uint64_t fmq_pool_cool(fmq_region *r, uint32_t c0, int skip_c0, uint64_t 
 static void fmq_pool_shed_other(fmq_region *o, void *freed) {
     *(uint64_t *)freed += fmq_pool_cool(o, 0, 0, UINT64_MAX);
 }
+
+void fmq_pool_cool_all(fmq_region *r) { (void)fmq_pool_cool(r, 0, 0, UINT64_MAX); }
 
 /* /dev/shm is full: every warm block of this process's queues goes. */
 static uint64_t fmq_pool_shed(fmq_region *r) {

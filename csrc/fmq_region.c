@@ -575,6 +575,14 @@ os_error:
 static int fmq_region_end_dead_audit(fmq_region *r, int fd) {
     if (fmq_live_init_lock(fd, F_WRLCK) != 0)
         return 0;   /* an auditor is alive and working */
+    /* It may have died giving the ring back (fmq_pool.c): finish that
+     * before anyone uses the ring. A segment that fails validation is left
+     * to the checks after READY, which report it. */
+    r->hdr = (fmq_header *)r->base;
+    if (fmq_validate(r, r->size) == FMQ_OK) {
+        fmq_region_bind(r);
+        fmq_ring_compact_finish(r);
+    }
     uint32_t expect = FMQ_INIT_AUDITING;
     atomic_compare_exchange_strong(&((fmq_header *)r->base)->init_state, &expect,
                                    FMQ_INIT_READY);
@@ -753,6 +761,8 @@ int fmq_region_unlink(const char *name) {
 void fmq_region_close(fmq_region *r) {
     if (!r)
         return;
+    if (!r->anonymous)
+        fmq_release_if_alone(r);   /* an anonymous one goes with its last handle */
     fmq_live_unregister(r);
     munmap(r->base, r->size);
     r->base = NULL;
@@ -784,7 +794,21 @@ int fmq_region_check_fork(fmq_region *r) {
         return fmq_fail(FMQ_EOS, "cannot use queue %s in this forked child: reopening its "
                                  "file after fork() failed; open the queue again", r->name);
     r->roles = 0;
-    return fmq_live_register(r);
+    r->ring_ready = 0;   /* the ring may have been given back since (fmq_pool.c) */
+    int rc = fmq_live_register(r);
+    if (rc != FMQ_OK)
+        return rc;
+    /* As an opener does: a lone process may be auditing (or giving the ring
+     * back) and could not see us; wait until it is done. */
+    for (uint64_t until = fmq_now_ns() + FMQ_INIT_PATIENCE_NS;
+         atomic_load_explicit(&r->hdr->init_state, memory_order_acquire) != FMQ_INIT_READY;) {
+        if (fmq_region_end_dead_audit(r, r->fd))
+            continue;
+        if (fmq_now_ns() > until)
+            return fmq_fail(FMQ_ECORRUPT, "segment %s stayed busy (audit) too long", r->name);
+        fmq_nap_1ms();
+    }
+    return FMQ_OK;
 }
 
 /* ======================================================================== */
