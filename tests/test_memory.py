@@ -655,3 +655,145 @@ def test_stats_show_the_memory_reserved(mq):
     assert busy >= idle + (8 << 20)
     assert abs(busy - _allocated(path)) <= 256 << 10     # what the file really holds
     assert q.stats()["memory"]["virtual_size"] == os.stat(path).st_size
+
+
+# ---------------------------------------------------------------- ring pages
+
+RING_TRAFFIC = """
+import fastmq, sys
+q = fastmq.Queue.open(sys.argv[1])
+for k in range(70):                      # more than one lap of a 65,536-slot ring
+    q.put_many_bytes([b"r" * 100] * 1000)
+    for _ in range(1000):
+        q.get_bytes(timeout=5)
+for i in range(int(sys.argv[2])):        # and leave this many queued
+    q.put_bytes(b"left %d" % i)
+print("ready", flush=True)
+if sys.argv[3] == "die":
+    import os, signal
+    os.kill(os.getpid(), signal.SIGKILL)
+q.close()
+"""
+
+
+def _ring_queue(backend):
+    name = unique_name("ring")
+    q = fastmq.Queue.create(name, capacity_bytes=64 << 20, _backend=backend)
+    path = _segment_path(q)
+    q.close()
+    return name, path
+
+
+def _traffic(name, left=0, how="close"):
+    proc = subprocess.run([sys.executable, "-c", RING_TRAFFIC, name, str(left), how],
+                          capture_output=True, timeout=120)
+    assert b"ready" in proc.stdout, proc.stderr.decode()[-2000:]
+    return proc.returncode
+
+
+def _ring_alive(q, n=3000):
+    """The queue still works across laps: n messages in order."""
+    for i in range(n):
+        q.put_bytes(b"%d" % i, timeout=5)
+    assert [q.get_bytes(timeout=5) for _ in range(n)] == [b"%d" % i for i in range(n)]
+
+
+@pytest.mark.parametrize("how", ["close", "die"])
+def test_ring_pages_come_back_once_a_drained_queue_is_left_alone(backend, how):
+    """A queue that has passed more messages than its ring has slots holds
+    the whole ring (16 MiB for a 64 MiB cap); once it is drained and nobody
+    uses it (its last handle closed, or the last user killed and the queue
+    opened again), the ring's pages come back, and the queue works as
+    before."""
+    native_only(backend, "the pure backend's byte ring restarts at 0 and punches past its "
+                         "warm part at every drain (the 500 MiB test)")
+    name, path = _ring_queue(backend)
+    idle = _allocated(path)
+    try:
+        rc = _traffic(name, 0, how)
+        assert rc == (0 if how == "close" else -signal.SIGKILL)
+        if how == "close":
+            assert _allocated(path) <= idle + (64 << 10), _allocated(path)
+        else:
+            assert _allocated(path) >= 16 << 20    # the dead user left it all
+        q = fastmq.Queue.open(name, _backend=backend)
+        try:
+            assert _allocated(path) <= idle + (64 << 10), _allocated(path)
+            assert q.stats()["memory"]["slots_reserved"] <= 512
+            _ring_alive(q)
+            m = q.get_message if hasattr(q, "get_message") else None
+            q.put_bytes(b"leased", timeout=5)
+            msg = m(timeout=5)
+            assert bytes(msg.data) == b"leased"
+            msg.ack()
+        finally:
+            q.close()
+    finally:
+        fastmq.Queue.unlink(name, _backend=backend)
+
+
+def test_ring_pages_stay_while_the_queue_holds_messages_or_has_users(backend):
+    """Ring pages are given back only when that cannot touch a message:
+    not while another process has the queue open, not with a backlog."""
+    native_only(backend, "the pure backend's byte ring restarts at 0 and punches past its "
+                         "warm part at every drain (the 500 MiB test)")
+    name, path = _ring_queue(backend)
+    try:
+        # a backlog, and nobody else: the last close keeps every message
+        assert _traffic(name, 5, "close") == 0
+        assert _allocated(path) >= 16 << 20
+        q = fastmq.Queue.open(name, _backend=backend)      # alone, not empty: kept
+        assert _allocated(path) >= 16 << 20
+        assert [q.get_bytes(timeout=5) for _ in range(5)] == [b"left %d" % i for i in range(5)]
+        # drained, but another process has it open: closing one handle keeps it
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import fastmq, sys; q = fastmq.Queue.open(sys.argv[1]);"
+             " print('open', flush=True); sys.stdin.readline();"
+             " q.put_bytes(b'from holder'); q.close()", name],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert holder.stdout.readline().strip() == b"open"
+            q.close()
+            assert _allocated(path) >= 16 << 20
+            holder.stdin.write(b"go\n")
+            holder.stdin.flush()
+            assert holder.wait(timeout=30) == 0
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+        # the holder's message went in and was kept through its (last) close
+        q = fastmq.Queue.open(name, _backend=backend)
+        try:
+            assert q.get_bytes(timeout=5) == b"from holder"
+            _ring_alive(q)
+        finally:
+            q.close()
+        assert _allocated(path) <= 512 << 10
+    finally:
+        fastmq.Queue.unlink(name, _backend=backend)
+
+
+@pytest.mark.parametrize("point", ["ring.compact.begun", "ring.compact.punched"])
+def test_killed_while_giving_the_ring_back_leaves_a_working_queue(backend, point):
+    """A process killed at any step of giving the ring back: the next opener
+    finishes the job before anyone uses the ring; nothing is wedged."""
+    native_only(backend, "crash points are compiled into the C core")
+    name, path = _ring_queue(backend)
+    try:
+        assert _traffic(name, 0, "die") == -signal.SIGKILL
+        rc, out, err = _child(f"""
+            import fastmq
+            q = fastmq.Queue.open({name!r})
+            print("survived")
+        """, point)
+        assert rc == -signal.SIGKILL, (rc, out, err[-2000:])
+        q = fastmq.Queue.open(name, _backend=backend)
+        try:
+            assert _allocated(path) <= 512 << 10, _allocated(path)
+            _ring_alive(q)
+            assert q.qsize() == 0
+        finally:
+            q.close()
+    finally:
+        fastmq.Queue.unlink(name, _backend=backend)
