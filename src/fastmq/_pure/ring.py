@@ -284,6 +284,7 @@ class Ring(leases.LeaseMixin):
         self._table_offset, self._halves_offset, _ = leases.layout(
             DATA_OFFSET + self._area, self.maxsize, self.capacity_bytes)
         self._reach_seen = 0               # the window reach we last wrote or read
+        self._mem_seen = [0, 0, 0, 0]      # the memory line as we last saw it
         self._reach_due = 0.0              # ... and when to look at it again
         self._room = (0.0, True)           # (checked at, /dev/shm has room)
         self._next_idle = 0.0
@@ -559,7 +560,7 @@ class Ring(leases.LeaseMixin):
         self._rotate(mem, time.monotonic_ns(), reach)
         if mem != before:
             os.pwrite(fd, MEM.pack(*mem), MEM_OFFSET)
-        self._reach_seen = mem[0]
+        self._reach_seen, self._mem_seen = mem[0], mem
         self._reach_due = now + _DEMAND_WINDOW / 4
 
     def _roomy(self):
@@ -578,6 +579,11 @@ class Ring(leases.LeaseMixin):
     def _give_back(self, fd, reached, shed=False):
         """The ring is empty (locked): punch what lies past the recent demand.
         ``reached``: how far the cycle that just drained went."""
+        now = time.monotonic()
+        seen = self._mem_seen
+        if not shed and now < self._reach_due and reached <= seen[0] and \
+                seen[3] <= max(seen[0], seen[1]) and self._roomy():
+            return 0        # nothing past the demand a moment ago: skip the read
         mem = self._read_mem(fd)
         before = list(mem)
         # the cycle that just drained was demand a moment ago: it counts in
@@ -589,7 +595,8 @@ class Ring(leases.LeaseMixin):
             mem[3] = limit
         if mem != before:
             os.pwrite(fd, MEM.pack(*mem), MEM_OFFSET)
-        self._reach_seen, self._reach_due = mem[0], time.monotonic() + _DEMAND_WINDOW / 4
+        self._reach_seen, self._reach_due = mem[0], now + _DEMAND_WINDOW / 4
+        self._mem_seen = list(mem)
         if high > limit or shed:
             # After the record that forgets them: a kill in between only
             # leaks pages that the next trim punches again (a shed punches
