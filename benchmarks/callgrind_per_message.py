@@ -14,6 +14,8 @@ Cases (all in one process, native backend unless FASTMQ_BACKEND says otherwise):
   dict        q.put(d) + q.get()                      a small dict
   pickle      pickle.dumps(d, 5) + pickle.loads(...)  the same dict, no queue (floor of ``dict``)
   call        f(b) for a trivial Python function       the cost of any Python-level call
+  lease64     q.put_bytes(b) + q.get_message() + m.ack()   64 B, at-least-once
+  batch64     q.put_many_bytes(32 x b) + q.get_messages(32) + q.ack_many(...), per message
 
 Run from the repository root, after an in-place build::
 
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 
-CASES = ("bytes64", "ring64", "dict", "pickle", "call")
+CASES = ("bytes64", "ring64", "dict", "pickle", "call", "lease64", "batch64")
 WARMUP = 2000
 SMALL_DICT = {"id": 12345, "name": "sensor-7", "value": 3.25, "tags": ["a", "b"]}
 
@@ -42,7 +44,7 @@ def _child(case: str, n: int) -> None:
     payload = bytes(range(64))
     d = dict(SMALL_DICT)
     q = None
-    if case in ("bytes64", "ring64", "dict"):
+    if case in ("bytes64", "ring64", "dict", "lease64", "batch64"):
         import fastmq
         q = fastmq.Queue(maxsize=1024)
     if case == "bytes64":
@@ -73,6 +75,21 @@ def _child(case: str, n: int) -> None:
         def loop(k):
             for _ in range(k):
                 loads(dumps(d, 5))
+    elif case == "lease64":
+        put, get_message = q.put_bytes, q.get_message
+
+        def loop(k):
+            for _ in range(k):
+                put(payload)
+                get_message().ack()
+    elif case == "batch64":
+        batch = [payload] * 32
+        put_many, get_messages, ack_many = q.put_many_bytes, q.get_messages, q.ack_many
+
+        def loop(k):
+            for _ in range(k // 32):
+                put_many(batch)
+                ack_many(get_messages(32))
     elif case == "call":
         def f(x):
             return x

@@ -5,12 +5,19 @@
  * mapped by every process that uses it. This header is the whole surface of
  * the core; nothing here touches Python. Naming grid (DPDK style):
  *
- *   fmq_region_*   create / open / validate / close / unlink a segment
+ *   fmq_region_*   create / open / validate / close / unlink a segment, its
+ *                  parameters and stats (fmq_region.c)
  *   fmq_ring_*     the slot state machine: reserve (claim to write), commit,
- *                  peek + claim (to read), release, unclaim
+ *                  claim (to read), release, unclaim, and waiting (fmq_ring.c)
  *   fmq_pool_*     size-classed blocks for messages too big to live in a slot
- *   fmq_wait_*     the futex shim (fmq_wait.h), the only OS-specific waiting
- *   fmq_live_*     participants: registration, liveness
+ *                  (fmq_pool.c)
+ *   fmq_lease_*    at-least-once delivery: the in-flight table (fmq_lease.c)
+ *   fmq_recover    crash recovery on demand (fmq_recover.c)
+ *   fmq_now_ns, fmq_last_error   clock and error text (fmq_base.c)
+ *
+ * How the files are layered, and what each keeps to itself, is in
+ * fmq_internal.h; the futex shim and waiter handshake are fmq_wait.h's, the
+ * participant table fmq_live.c's, and none of those is called from here.
  *
  * Return codes: FMQ_OK (0) or a negative FMQ_E* code; the binding maps each
  * code to exactly one Python exception (its "error funnel"). Functions that can

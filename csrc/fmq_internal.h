@@ -1,14 +1,40 @@
 /*
  * fmq_internal.h -- what the core's C files share and nothing else sees:
- * the process-local handle, error reporting, crash points, small helpers.
+ * the process-local handle, error reporting, crash points, small helpers,
+ * and each layer's internal interface.
+ *
+ * Layers. Each file calls only files below it (tests/test_c_layers.py holds
+ * the same order and fails on a call upward or sideways):
+ *
+ *   fmq_selftest.c                      the C self-test, over the whole core
+ *   fmq_region.c                        open/create/close, fork handler, stats
+ *   fmq_recover.c                       crash recovery: reaps dead holders
+ *   fmq_lease.c                         in-flight entries (at-least-once)
+ *   fmq_ring.c                          the slot ring
+ *   fmq_pool.c                          blocks and memory of the segment
+ *   fmq_live.c                          participants: who is alive
+ *   fmq_wait.c, fmq_mac.c               futex shim + waiter handshake; MAC
+ *   fmq_base.c                          errors, clock, crash points
+ *
+ * The few places where a lower layer needs a higher one (a stuck waiter in
+ * the ring asks recovery to look for the dead, registration into a dead
+ * entry asks recovery to reap it, a waiting consumer asks the in-flight
+ * table to redeliver what is due) go through r->up (fmq_upcalls, below),
+ * which fmq_region.c fills when it makes the handle. All are slow paths.
  */
 #ifndef FMQ_INTERNAL_H
 #define FMQ_INTERNAL_H
 
+#include <limits.h>
 #include <sys/types.h>
 
 #include "fmq.h"
+#include "fmq_base.h"
 #include "fmq_layout.h"
+#include "fmq_wait.h"
+#include "fmq_words.h"
+
+typedef struct fmq_upcalls fmq_upcalls;
 
 struct fmq_region {
     unsigned char *base;        /* the mapping                                   */
@@ -35,37 +61,42 @@ struct fmq_region {
     int roomy;                  /* whether it had room to keep free blocks warm  */
     uint64_t budget;            /* block pages allowed: capacity_bytes, paged    */
     int nospace_why;            /* FMQ_WHY_*: why the last block request failed  */
+    const fmq_upcalls *up;      /* calls up the layers (fmq_region.c fills it)   */
 };
 
 #define FMQ_WHY_CAP 1           /* the queue's capacity_bytes                    */
 #define FMQ_WHY_SHM 2           /* no free space in /dev/shm                     */
 
-/* ---- errors ---------------------------------------------------------------- */
-int fmq_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* ---- calls up the layers ------------------------------------------------- */
+/* What a lower layer may ask of a higher one, filled by fmq_region.c with the
+ * functions named. Every caller is on a slow path (a wait that got nowhere for
+ * a slice, a registration, a damaged message), so the indirect call is free. */
+struct fmq_upcalls {
+    int (*recover)(fmq_region *r);                              /* fmq_recover  */
+    void (*recover_stalled)(fmq_region *r, uint64_t ticket, uint64_t word,
+                            uint64_t since_ns);                 /* fmq_recover_stalled */
+    void (*reap_tag)(fmq_region *r, uint32_t dead_tag);         /* fmq_reap_tag */
+    int (*redeliver_due)(fmq_region *r, int force);             /* fmq_lease_redeliver_due */
+    int (*lease_names_block)(fmq_region *r, uint32_t block);    /* fmq_lease_names_block */
+};
 
-/* ---- crash injection (tests only) -------------------------------------------- */
-/* Compiled into every build (one predictable branch each) and armed only
- * when FASTMQ_CRASH_AT was set at import, so the crash tests exercise the very
- * binary users run, not a special build. */
-extern const char *fmq_crash_spec;
-void fmq_crashpoint(const char *where);
-#define FMQ_CRASHPOINT(where) \
-    do { if (__builtin_expect(fmq_crash_spec != NULL, 0)) fmq_crashpoint(where); } while (0)
-
-/* ---- fork detection ------------------------------------------------------------ */
-extern volatile unsigned fmq_fork_generation;
-/* fork handlers of fmq_live.c (prepare, parent, child), run by fmq_region.c's */
+/* ==== fmq_live.c: participants ============================================ */
+/* fork handlers (prepare, parent, child), installed by fmq_region.c */
 void fmq_live_before_fork(void);
 void fmq_live_after_fork_parent(void);
 void fmq_live_after_fork(void);
-
-/* ---- participants (fmq_live.c) --------------------------------------------------- */
 int fmq_live_register(fmq_region *r);
+void fmq_live_unregister(fmq_region *r);
 int fmq_live_is_alive(fmq_region *r, uint32_t idx);
 struct flock;
 int fmq_live_lock_byte(int fd, int cmd, short type, long long at, struct flock *out);
 int fmq_live_init_lock(int fd, short type);
 int fmq_live_init_in_progress(int fd);
+/* Call fn on every handle this process has registered, unless the list is
+ * busy (then nobody is called: the caller tries again later). */
+void fmq_live_each(void (*fn)(fmq_region *, void *), void *arg);
+
+/* ==== fmq_pool.c: blocks and segment memory =============================== */
 int fmq_pool_available(fmq_region *r, uint64_t nbytes);
 int fmq_pool_transition(fmq_region *r, uint32_t block, uint64_t mask, uint64_t expect,
                         uint64_t set);
@@ -73,12 +104,17 @@ void fmq_pool_free_block(fmq_region *r, uint32_t c, uint32_t idx);   /* state al
 uint64_t fmq_pool_carved(fmq_region *r, uint32_t c);   /* blocks of c that exist */
 uint64_t fmq_pool_audit(fmq_region *r);                /* alone: see fmq_pool.c  */
 void fmq_pool_idle(fmq_region *r);   /* a consumer found nothing: give back memory
-                                        beyond the recent demand (fmq_pool.c)  */
-/* Call fn on every handle this process has registered, unless the list is
- * busy (then nobody is called: the caller tries again later). */
-void fmq_live_each(void (*fn)(fmq_region *, void *), void *arg);
-/* ring memory (fmq_pool.c): slots below the mark are reserved; a producer
- * about to touch ticket t of the first lap makes sure t + margin is */
+                                        beyond the recent demand               */
+void fmq_pool_cool_all(fmq_region *r);   /* every warm block goes cold          */
+/* The metadata array of size class c (one fmq_block_meta per block). */
+static inline fmq_block_meta *fmq_pool_meta(const fmq_region *r, uint32_t c) {
+    return (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
+}
+/* Index of a block across all classes (for per-block bitmaps), or -1 if the
+ * reference names no block of this geometry. */
+int64_t fmq_block_ordinal(fmq_region *r, uint32_t block);
+/* ring memory: slots below the mark are reserved; a producer about to touch
+ * ticket t of the first lap makes sure t + margin is */
 #define FMQ_RING_MARGIN 16
 uint64_t fmq_ring_committed(const fmq_region *r);
 uint64_t fmq_lease_committed(const fmq_region *r);
@@ -86,23 +122,51 @@ int fmq_lease_grow(fmq_region *r, uint64_t n);
 int fmq_ring_grow(fmq_region *r, uint64_t t);
 int fmq_ring_room(fmq_region *r, uint64_t t);
 /* A process alone with the segment (init lock held, AUDITING): give back the
- * pages of an empty ring and lease table (1 if it did), and finish one that a
- * killed process began (fmq_pool.c). */
+ * pages of an empty ring and lease table (1 if it did), and finish a pass
+ * that a killed process began. */
 int fmq_ring_compact(fmq_region *r);
 void fmq_ring_compact_finish(fmq_region *r);
-void fmq_pool_cool_all(fmq_region *r);
-static inline int fmq_ring_ensure(fmq_region *r, uint64_t t) {
-    return __builtin_expect(t + FMQ_RING_MARGIN < r->ring_ready, 1) ? FMQ_OK
-                                                                   : fmq_ring_grow(r, t);
-}
 #define FMQ_WRITER_MASK ((uint64_t)FMQ_OWNER_MASK)
 #define FMQ_READER_MASK ((uint64_t)FMQ_OWNER_MASK << 24)
-/* crash recovery (fmq_recover.c) */
-void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t since_ns);
-void fmq_reap_tag(fmq_region *r, uint32_t dead_tag);
-void fmq_audit_if_alone(fmq_region *r);
-void fmq_release_if_alone(fmq_region *r);   /* a named queue's closing handle */
-/* leases (fmq_lease.c) */
+
+/* ==== fmq_ring.c: the slot ring =========================================== */
+/* Where ticket t lives, and the stamp of t's lap (phase EMPTY): every file
+ * that reads slot words uses these, so a ticket maps to one slot one way. */
+static inline fmq_slot *fmq_slot_at(const fmq_region *r, uint64_t t) {
+    return (fmq_slot *)(r->ring + (t % r->g.slot_count) * r->g.slot_stride);
+}
+static inline uint64_t fmq_lap_stamp(const fmq_region *r, uint64_t t) {
+    return ((t / r->g.slot_count) * 4) & FMQ_STAMP_MASK;
+}
+/* Wake consumers (one, or all) / every producer after publishing a change
+ * they may wait for: the waker half of fmq_wait.h's handshake on ctl->data and
+ * ctl->space. Inline: with nobody asleep each is one load. */
+static inline void fmq_wake_data(fmq_region *r, int all) {
+    fmq_waitline_wake(&r->ctl->data, all ? INT_MAX : 1);
+}
+static inline void fmq_wake_space(fmq_region *r) { fmq_waitline_wake(&r->ctl->space, INT_MAX); }
+/* Messages between the hints, capped at the ring size (no slot is read):
+ * what fmq_ring_depth returns, for the layers that may not call the ring. */
+static inline uint64_t fmq_depth_hint(const fmq_region *r) {
+    /* Relaxed: hints are only where to start; nothing is read through them. */
+    uint64_t h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+    uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+    if (t <= h)
+        return 0;
+    return t - h > r->g.slot_count ? r->g.slot_count : t - h;
+}
+int fmq_ring_free_moved(fmq_region *r, fmq_msg *m);
+int fmq_ring_is_reading(fmq_region *r, uint64_t t, uint32_t owner);
+/* A claimed slot whose block is not the queue's: consume it as damaged
+ * (counted as abandoned); returns FMQ_ECORRUPT. */
+int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m);
+/* Does a queued message (a READY/READING slot) other than ring ticket
+ * skip_ticket (~0: none) name this block? */
+int fmq_ring_names_block(fmq_region *r, uint32_t block, uint64_t skip_ticket);
+/* Recompute the head/tail hints from the slot words. */
+void fmq_ring_repair_hints(fmq_region *r);
+
+/* ==== fmq_lease.c: in-flight entries ====================================== */
 typedef struct fmq_taken {
     uint64_t *tickets;          /* src tickets of a dead tag's leased entries */
     size_t n;
@@ -110,29 +174,29 @@ typedef struct fmq_taken {
 void fmq_lease_reap(fmq_region *r, uint32_t dead_tag, fmq_taken *taken);
 int fmq_tag_is_dead(fmq_region *r, uint32_t tag);
 int fmq_tag_crashed(fmq_region *r, uint32_t tag);
-int fmq_ring_free_moved(fmq_region *r, fmq_msg *m);
-int fmq_ring_is_reading(fmq_region *r, uint64_t t, uint32_t owner);
-/* A claimed slot whose block is not the queue's: consume it as damaged
- * (counted as abandoned); returns FMQ_ECORRUPT. */
-int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m);
-void fmq_live_unregister(fmq_region *r);
+/* Mark, in published[], every block an in-flight entry holds. */
+void fmq_lease_mark_blocks(fmq_region *r, unsigned char *published);
+/* Does an in-flight entry (any state but FREE) name this block? */
+int fmq_lease_names_block(fmq_region *r, uint32_t block);
+/* Does any queued message or in-flight entry other than ring ticket
+ * skip_ticket name this block? Used before dropping a share that a scribbled
+ * or half-finished record claims, so a share that another message still
+ * relies on is never dropped. */
+int fmq_block_referenced(fmq_region *r, uint32_t block, uint64_t skip_ticket);
 
+/* ==== fmq_recover.c: crash recovery ======================================= */
+void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t since_ns);
+void fmq_reap_tag(fmq_region *r, uint32_t dead_tag);
+void fmq_audit_if_alone(fmq_region *r);
+void fmq_release_if_alone(fmq_region *r);   /* a named queue's closing handle */
+
+/* ==== helpers for every layer ============================================= */
 /* Read a field that another process may change under us exactly once: the
  * value that is checked is then the value that is used (a plain load of a
  * shared field may legally be repeated by the compiler). Relaxed: ordering
  * comes from the acquire of the word that made the field ours to read. */
 #define FMQ_ONCE(field) __atomic_load_n(&(field), __ATOMIC_RELAXED)
 
-/* Does any queued message (a READY/READING slot) or in-flight entry (any
- * state but FREE) other than ring ticket skip_ticket name this block? Used
- * before dropping a share that a scribbled or half-finished record claims,
- * so a share that another message still relies on is never dropped. */
-int fmq_block_referenced(fmq_region *r, uint32_t block, uint64_t skip_ticket);
-/* Recompute the head/tail hints from the slot words (fmq_ring.c). */
-void fmq_ring_repair_hints(fmq_region *r);
-/* Mark, in published[], every block an in-flight entry holds (fmq_lease.c). */
-void fmq_lease_mark_blocks(fmq_region *r, unsigned char *published);
-int64_t fmq_block_ordinal(fmq_region *r, uint32_t block);
 
 static inline void fmq_count(fmq_region *r, int which, uint64_t n) {
     /* Relaxed: counters are statistics, never used to order anything. Each

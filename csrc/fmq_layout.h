@@ -61,7 +61,11 @@
 #define FMQ_MIN_BLOCK 4096
 #define FMQ_MAX_SLOTS (1ull << 24)
 #define FMQ_MAX_BLOCKS_PER_CLASS ((1u << 24) - 1)
-#define FMQ_MAX_MESSAGE (1ull << 40)
+/* The largest message the format can hold: a slot's and an in-flight entry's
+ * len field is 32 bits. The one limit for max_message_size; the layers above
+ * use this value rather than a limit of their own. */
+#define FMQ_MAX_MESSAGE 0xFFFFFFFFull
+#define FMQ_MAX_CAPACITY (4ull << 40)   /* capacity_bytes: 4 TiB of blocks */
 #define FMQ_DEAD_LETTER_MAX 256
 /* Kernel lock bytes, far past any segment's end: participant i locks
  * FMQ_LOCK_BASE + i; the creator locks FMQ_LOCK_BASE - 1 while initialising. */
@@ -189,7 +193,8 @@ typedef struct fmq_ctl {
 } fmq_ctl;
 
 typedef struct fmq_participant {
-    alignas(FMQ_LINE) _Atomic uint64_t ident;   /* pid << 32 | gen << 16 | state */
+    alignas(FMQ_LINE) _Atomic uint64_t ident;   /* pid << 32 | gen << 16 | state:
+                                                   accessors FMQ_PART_* (fmq_words.h) */
     uint64_t start_time;                        /* /proc/<pid>/stat field 22    */
     _Atomic uint32_t roles;
     uint32_t reserved_;
@@ -215,11 +220,7 @@ typedef struct fmq_slot {
  *   bits 24..47  reader tag: the consumer copying it out, or a recv() lease
  *   bit  48      IN_RING: a queued message (slot) refers to it
  * The block is free exactly when the word is 0. */
-#define FMQ_BLK_WRITER(w) ((uint32_t)((w) & FMQ_OWNER_MASK))
-#define FMQ_BLK_READER(w) ((uint32_t)(((w) >> 24) & FMQ_OWNER_MASK))
-#define FMQ_BLK_IN_RING (1ull << 48)
-#define FMQ_BLK_MAKE(writer, reader, in_ring) \
-    ((uint64_t)(writer) | ((uint64_t)(reader) << 24) | ((in_ring) ? FMQ_BLK_IN_RING : 0))
+#define FMQ_BLK_IN_RING (1ull << 48)   /* accessors: fmq_words.h */
 
 /* An in-flight (leased) message: it has left the ring but not the queue.
  * The word packs token(32) << 32 | state(8) << 24 | owner tag(24); the token
@@ -258,7 +259,7 @@ typedef struct fmq_lease {
 #define FMQ_PIN_NONE 0u
 #define FMQ_PIN_PINNED 1u
 #define FMQ_PIN_HANDED 2u
-#define FMQ_PIN(tok, st) (((uint64_t)(tok) << 32) | (uint64_t)(st))
+/* pin word accessors (FMQ_PIN, FMQ_PIN_TOKEN): fmq_words.h */
 
 typedef struct fmq_block_meta {
     _Atomic uint64_t state;     /* holders, see above                         */
@@ -291,6 +292,9 @@ _Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
 _Static_assert(FMQ_MAX_PARTICIPANTS <= (1u << (FMQ_OWNER_BITS - FMQ_GEN_BITS)),
                "the participant index must fit in the owner tag of a slot word");
 _Static_assert(FMQ_STAMP_BITS + FMQ_OWNER_BITS == 64, "the slot word is exactly 64 bits");
+_Static_assert(FMQ_MAX_MESSAGE == (uint32_t)-1 && sizeof(((fmq_slot *)0)->len) == 4 &&
+                   sizeof(((fmq_lease *)0)->len) == 4,
+               "FMQ_MAX_MESSAGE is what a 32-bit len field records, no more, no less");
 _Static_assert(FMQ_MAX_CLASSES < 15 + 1 && FMQ_MAX_BLOCKS_PER_CLASS < (1u << 24),
                "a block reference must never equal FMQ_NO_BLOCK");
 

@@ -39,17 +39,46 @@
  * finds another deadline (or word) and fails instead of extending a new
  * holder's lease.
  *
- * Memory order (acquire/release pairs):
- *   [R-lease]  FILLING -> LEASED store (release)  -> [A-mine] the holder's and
- *              every ender's acquire load of the word: len, block, payload
- *              and deadline written while FILLING are visible to them.
- *   [R-free]   X -> FREE store (release)           -> [A-take] the taker's
- *              acquire load/CAS: the previous use's reads are done.
- *   [S-end]    every CAS that ends a lease (ack, nack, redelivery, adopt) and
- *              the pin CAS / re-read of the word in fmq_lease_pin are seq_cst:
- *              a store-then-load pattern on two words (word, pin), which only a
- *              single total order makes safe: either the pinner sees the lease
- *              ended, or the ender sees the pin and hands the share over.
+ * Memory order. Every change of an entry word is at least a release and
+ * every load of it at least an acquire, so whoever reads a state sees what
+ * the process that set it wrote before (its fields, its block-share moves).
+ * The pairs the algorithm relies on, as tagged at each use:
+ *   [R-lease]  a store/CAS to LEASED (take, give-back, park, adopt, reap)
+ *              -> [A-mine] the acquire load of the word by the holder, an
+ *              ender, the scans and the reaper: len, block, payload, pin and
+ *              deadline written while the entry was FILLING/REQUEUING(me)
+ *              (plain or relaxed stores: nobody else acts on it then) are
+ *              visible to them.
+ *   [R-park]   a store/CAS to DEAD, TAKING or ACKING (parking a dead letter,
+ *              taking one, settling) -> [A-mine] likewise.
+ *   [R-free]   a store/CAS to FREE -> [A-take] the taker's acquire load and
+ *              acq_rel CAS from FREE: the previous use's reads and share moves
+ *              are done before the entry is filled again.
+ *   [R-holder] the release store of e->holder -> [A-holder] its acquire
+ *              loads: a holder of 0 is only seen after the block-share moves
+ *              that made it 0, so a successor (a requeuer after a dead one)
+ *              does not move the share again.
+ *   [A-dl]     acquire loads of the deadline pair with its writers: the
+ *              [R-lease] that published the take's deadline and [S-touch].
+ *   [A-ident]  acquire loads of a participant's ident pair with its release
+ *              stores in fmq_live.c (register, unregister) and fmq_recover.c
+ *              (a reaped entry freed).
+ *   [S-end]    every CAS that ends a lease (ack, nack, redelivery, adopt, ack
+ *              of a dead letter, reap) and the pin CASes / re-read of the word
+ *              in fmq_lease_pin/unpin are seq_cst: a store-then-load pattern
+ *              on two words (word, pin), which only a single total order makes
+ *              safe: either the pinner sees the lease ended, or the ender sees
+ *              the pin and hands the share over.
+ *   [S-touch]  touch's deadline CAS then its re-load of the word, against a
+ *              redeliverer's word CAS then its re-load of the deadline: all
+ *              seq_cst (store-then-load on two words again): either touch sees
+ *              the word changed and fails, or the redeliverer sees the new
+ *              deadline and gives the entry back.
+ *   relaxed    hints (next_due, last_scan, lease_hint), counters, values only
+ *              reported (pending), and the fields of an entry we own, which a
+ *              later release of its word publishes. A CAS's failure order is
+ *              relaxed where the failed value is only compared, never used to
+ *              read a field.
  *
  * Every field of an entry is read once into a local (FMQ_ONCE), checked,
  * and only the local is used: another process may scribble the entry
@@ -87,11 +116,6 @@
 #include "fmq_internal.h"
 #include "fmq_wait.h"
 
-#define FMQ_LTOKEN(w) ((uint32_t)((w) >> 32))
-#define FMQ_LSTATE(w) ((uint32_t)(((w) >> 24) & 0xFF))
-#define FMQ_LOWNER(w) ((uint32_t)((w) & FMQ_OWNER_MASK))
-#define FMQ_LWORD(tok, st, own) \
-    (((uint64_t)(tok) << 32) | ((uint64_t)(st) << 24) | (uint64_t)(own))
 #define FMQ_SWEEP_NS 1000000000ull
 
 static inline fmq_lease *fmq_lease_at(const fmq_region *r, uint32_t i) {
@@ -127,6 +151,9 @@ static const unsigned char *fmq_lease_src(fmq_region *r, fmq_lease *e, uint32_t 
  * when a take finds none free. */
 uint32_t fmq_lease_count(const fmq_region *r) { return (uint32_t)fmq_lease_committed(r); }
 
+/* next_due is a hint, a lower bound of the earliest deadline: relaxed, since
+ * a stale value only makes a scan early or lets the once-a-second sweep find
+ * the entry; the scan reads each entry's own word (acquire) and deadline. */
 static void fmq_lower_next_due(fmq_region *r, uint64_t due) {
     uint64_t cur = atomic_load_explicit(&r->ctl->next_due.v, memory_order_relaxed);
     while ((cur == 0 || due < cur) &&
@@ -155,16 +182,16 @@ static int fmq_lease_hand_pin(fmq_lease *e, uint32_t tok) {
  * block: the entry's block, read once by the caller. */
 /* model: lease.share_to_ring */
 static void fmq_lease_share_to_ring(fmq_region *r, fmq_lease *e, uint32_t tok, uint32_t block) {
-    uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);
+    uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);   /* [A-holder] */
     if (holder && block != FMQ_NO_BLOCK) {
-        uint64_t h = (uint64_t)holder << 24;
+        uint64_t h = FMQ_BLK_AS_READER(holder);
         const uint64_t mask = FMQ_BLK_IN_RING | FMQ_READER_MASK;
         fmq_pool_transition(r, block, mask, h, h | FMQ_BLK_IN_RING);
         FMQ_CRASHPOINT("lease.share.co_owned");
         if (!fmq_lease_hand_pin(e, tok))
             fmq_pool_transition(r, block, mask, h | FMQ_BLK_IN_RING, FMQ_BLK_IN_RING);
     }
-    atomic_store_explicit(&e->holder, 0, memory_order_release);
+    atomic_store_explicit(&e->holder, 0, memory_order_release);   /* [R-holder] */
 }
 
 /* Drop the entry's block share (the message is gone or has a new copy). A
@@ -173,11 +200,11 @@ static void fmq_lease_share_to_ring(fmq_region *r, fmq_lease *e, uint32_t tok, u
 static void fmq_lease_drop_share(fmq_region *r, fmq_lease *e, uint32_t tok, uint32_t block) {
     if (block == FMQ_NO_BLOCK)
         return;
-    uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);
+    uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);   /* [A-holder] */
     if (holder) {
         if (!fmq_lease_hand_pin(e, tok))
-            fmq_pool_transition(r, block, FMQ_READER_MASK, (uint64_t)holder << 24, 0);
-        atomic_store_explicit(&e->holder, 0, memory_order_release);
+            fmq_pool_transition(r, block, FMQ_READER_MASK, FMQ_BLK_AS_READER(holder), 0);
+        atomic_store_explicit(&e->holder, 0, memory_order_release);   /* [R-holder] */
     } else {
         fmq_pool_transition(r, block, FMQ_BLK_IN_RING, FMQ_BLK_IN_RING, 0);
     }
@@ -199,6 +226,7 @@ static void fmq_lease_discard_corrupt(fmq_region *r, fmq_lease *e, uint32_t tok)
             fmq_lease_drop_share(r, e, tok, block);
         }
     }
+    /* relaxed: the entry is ours (REQUEUING/TAKING); [R-free] below publishes it */
     atomic_store_explicit(&e->holder, 0, memory_order_relaxed);
     atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
                           memory_order_release);                         /* [R-free] */
@@ -215,7 +243,7 @@ int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_
 again:;
     uint32_t n = fmq_lease_count(r);
     uint32_t start = (uint32_t)(atomic_load_explicit(&r->ctl->lease_hint.v,
-                                                     memory_order_relaxed) % n);
+                                                     memory_order_relaxed) % n);   /* hint */
     for (uint32_t k = 0; k < n; k++) {
         uint32_t i = (start + k) % n;
         fmq_lease *e = fmq_lease_at(r, i);
@@ -227,8 +255,11 @@ again:;
                 &e->word, &w, FMQ_LWORD(tok, FMQ_LS_FILLING, r->owner_tag),
                 memory_order_acq_rel, memory_order_relaxed))                /* [A-take] */
             continue;
+        /* Relaxed, as every field store until LEASED: the entry is FILLING(me),
+         * nobody else acts on it, and [R-lease] publishes them all. */
         atomic_store_explicit(&e->holder, 0, memory_order_relaxed);  /* no share yet */
         atomic_store_explicit(&e->pin, FMQ_PIN(tok, FMQ_PIN_NONE), memory_order_relaxed);
+        /* relaxed: a hint of where to look first */
         atomic_store_explicit(&r->ctl->lease_hint.v, i + 1, memory_order_relaxed);
         uint64_t now = fmq_now_ns();
         /* m was validated by fmq_ring_claim and lives in our memory. */
@@ -239,19 +270,19 @@ again:;
         e->deliveries = m->deliveries + 1;
         if (m->block == FMQ_NO_BLOCK) {
             memcpy(fmq_lease_inline(e), m->data, m->len);
-            atomic_store_explicit(&e->holder, 0, memory_order_relaxed);
+            atomic_store_explicit(&e->holder, 0, memory_order_relaxed);   /* FILLING */
         } else {
             int rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
-                                         FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24);
+                                         FMQ_BLK_IN_RING, FMQ_BLK_AS_READER(r->owner_tag));
             if (rc != FMQ_OK) {
                 atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
                                       memory_order_release);                 /* [R-free] */
                 /* The block is not the queue's: a damaged slot, consumed. */
                 return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
             }
-            atomic_store_explicit(&e->holder, r->owner_tag, memory_order_relaxed);
+            atomic_store_explicit(&e->holder, r->owner_tag, memory_order_relaxed);   /* FILLING */
         }
-        atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed);
+        atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed); /* FILLING */
         FMQ_CRASHPOINT("lease.take.filled");
         atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_LEASED, r->owner_tag),
                               memory_order_release);                        /* [R-lease] */
@@ -320,7 +351,7 @@ int fmq_lease_pin(fmq_region *r, uint32_t slot, uint32_t token, const unsigned c
         return fmq_fail(FMQ_ECORRUPT, "in-flight entry %u has an invalid length or block",
                         slot);
     if (b == FMQ_NO_BLOCK || atomic_load_explicit(&e->holder, memory_order_acquire) !=
-                                 r->owner_tag)
+                                 r->owner_tag)                           /* [A-holder] */
         return FMQ_AGAIN;
     uint64_t pin = FMQ_PIN(token, FMQ_PIN_NONE);
     if (!atomic_compare_exchange_strong_explicit(&e->pin, &pin, FMQ_PIN(token, FMQ_PIN_PINNED),
@@ -329,8 +360,8 @@ int fmq_lease_pin(fmq_region *r, uint32_t slot, uint32_t token, const unsigned c
         /* The pin belongs to another use of the entry: our lease expired and
          * the entry was re-leased (new token) in between. That is a lost
          * lease, not a double pin. */
-        if ((uint32_t)(pin >> 32) != token ||
-            atomic_load_explicit(&e->word, memory_order_seq_cst) != w)
+        if (FMQ_PIN_TOKEN(pin) != token ||
+            atomic_load_explicit(&e->word, memory_order_seq_cst) != w)   /* [S-end] */
             return fmq_fail(FMQ_ELOST, "lease lost");
         return fmq_fail(FMQ_ESTATE, "in-flight entry %u is already pinned", slot);
     }
@@ -351,6 +382,7 @@ int fmq_lease_unpin(fmq_region *r, uint32_t slot, uint32_t token, uint32_t block
         return fmq_fail(FMQ_EINVAL, "no in-flight entry %u", slot);
     fmq_lease *e = fmq_lease_at(r, slot);
     uint64_t pin = FMQ_PIN(token, FMQ_PIN_PINNED);
+    /* [S-end]: the holder's side of the pin hand-over (see fmq_lease_pin). */
     if (atomic_compare_exchange_strong_explicit(&e->pin, &pin, FMQ_PIN(token, FMQ_PIN_NONE),
                                                 memory_order_seq_cst, memory_order_seq_cst))
         return FMQ_OK;                /* still the entry's share */
@@ -370,7 +402,7 @@ int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token) {
     if (!e)
         return fmq_fail(FMQ_ELOST, "the lease was lost (expired and redelivered, or "
                                    "reclaimed)");
-    if (fmq_now_ns() > atomic_load_explicit(&e->deadline_ns, memory_order_acquire))
+    if (fmq_now_ns() > atomic_load_explicit(&e->deadline_ns, memory_order_acquire))   /* [A-dl] */
         return fmq_fail(FMQ_ELOST, "the lease expired; the message will be redelivered");
     if (!atomic_compare_exchange_strong_explicit(&e->word, &w,
                                                  FMQ_LWORD(token, FMQ_LS_ACKING, r->owner_tag),
@@ -383,7 +415,7 @@ int fmq_lease_ack(fmq_region *r, uint32_t slot, uint32_t token) {
     fmq_lease_drop_share(r, e, token, FMQ_ONCE(e->block));
     atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0),
                           memory_order_release);                           /* [R-free] */
-    fmq_ring_wake_producers(r);   /* lease takers wait on the space line too */
+    fmq_wake_space(r);   /* lease takers wait on the space line too */
     return FMQ_OK;
 }
 
@@ -394,7 +426,7 @@ int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease
     if (!e)
         return fmq_fail(FMQ_ELOST, "the lease expired or was lost");
     uint64_t now = fmq_now_ns();
-    uint64_t dl = atomic_load_explicit(&e->deadline_ns, memory_order_acquire);
+    uint64_t dl = atomic_load_explicit(&e->deadline_ns, memory_order_acquire);   /* [A-dl] */
     if (now > dl)
         return fmq_fail(FMQ_ELOST, "the lease expired or was lost");
     /* From the deadline we checked, not a blind store: if the entry was
@@ -402,9 +434,10 @@ int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease
      * another one and the CAS fails, so we never extend a new holder's lease.
      * The re-check of the word below catches an end that kept the deadline. */
     if (!atomic_compare_exchange_strong_explicit(&e->deadline_ns, &dl, now + lease_ns,
-                                                 memory_order_seq_cst, memory_order_relaxed))
+                                                 memory_order_seq_cst,        /* [S-touch] */
+                                                 memory_order_relaxed))
         return fmq_fail(FMQ_ELOST, "the lease was lost to a concurrent redelivery");
-    if (atomic_load_explicit(&e->word, memory_order_seq_cst) != w)
+    if (atomic_load_explicit(&e->word, memory_order_seq_cst) != w)   /* [S-touch] */
         return fmq_fail(FMQ_ELOST, "the lease was lost to a concurrent redelivery");
     return FMQ_OK;
 }
@@ -424,7 +457,7 @@ int fmq_lease_touch(fmq_region *r, uint32_t slot, uint32_t token, uint64_t lease
  * block's). In the model this is the settle step of lease.requeue. */
 static void fmq_lease_settle(fmq_region *r, fmq_lease *e, uint32_t token, uint32_t block) {
     atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_ACKING, r->owner_tag),
-                          memory_order_release);
+                          memory_order_release);   /* [R-park] */
     FMQ_CRASHPOINT("lease.requeue.settling");
     fmq_lease_drop_share(r, e, token, block);
     FMQ_CRASHPOINT("lease.requeue.dropped");
@@ -452,7 +485,7 @@ static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int fo
     if (dead) {
         if (r->dead_letter[0]) {
             atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_DEAD, 0),
-                                  memory_order_release);
+                                  memory_order_release);   /* [R-park] */
             return FMQ_OK;
         }
         fmq_lease_settle(r, e, token, block);
@@ -474,7 +507,7 @@ static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int fo
     }
     if (rc != FMQ_OK) {
         /* No room now: park it as an orphaned lease that is due at once. */
-        atomic_store_explicit(&e->deadline_ns, 0, memory_order_relaxed);
+        atomic_store_explicit(&e->deadline_ns, 0, memory_order_relaxed);   /* REQUEUING */
         atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_LEASED, 0),
                               memory_order_release);                       /* [R-lease] */
         fmq_lower_next_due(r, 1);
@@ -497,7 +530,8 @@ static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int fo
 int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue) {
     uint64_t w;
     fmq_lease *e = fmq_lease_mine(r, slot, token, FMQ_LS_LEASED, &w);
-    if (!e || fmq_now_ns() > atomic_load_explicit(&e->deadline_ns, memory_order_acquire))
+    if (!e || fmq_now_ns() > atomic_load_explicit(&e->deadline_ns,
+                                                  memory_order_acquire))   /* [A-dl] */
         return fmq_fail(FMQ_ELOST, "the lease expired or was lost");
     if (!atomic_compare_exchange_strong_explicit(
             &e->word, &w, FMQ_LWORD(token, FMQ_LS_REQUEUING, r->owner_tag),
@@ -508,15 +542,15 @@ int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue) {
 }
 
 int fmq_tag_is_dead(fmq_region *r, uint32_t tag) {
-    uint32_t idx = tag >> FMQ_GEN_BITS, gen = tag & ((1u << FMQ_GEN_BITS) - 1);
+    uint32_t idx = FMQ_TAG_INDEX(tag), gen = FMQ_TAG_GEN(tag);
     if (tag == 0 || idx >= r->g.nparticipants)
         return 0;
     if (tag == r->owner_tag)
         return 0;
-    uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
-    if (((uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1)) != gen)
+    uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire); /* [A-ident] */
+    if (FMQ_PART_GEN(id) != gen)
         return 1;                                   /* entry reused: gone */
-    if ((id & 0xFFFF) != FMQ_PART_ACTIVE)
+    if (FMQ_PART_STATE(id) != FMQ_PART_ACTIVE)
         return 1;                                   /* closed its handle */
     return !fmq_live_is_alive(r, idx);
 }
@@ -538,15 +572,20 @@ static int fmq_lease_take_unfinished(fmq_region *r, fmq_lease *e, uint32_t owner
 /* model: lease.redeliver_due */
 int fmq_lease_redeliver_due(fmq_region *r, int force) {
     uint64_t now = fmq_now_ns();
+    /* relaxed: next_due and last_scan are hints (see fmq_lower_next_due) */
     uint64_t due = atomic_load_explicit(&r->ctl->next_due.v, memory_order_relaxed);
     uint64_t last = atomic_load_explicit(&r->ctl->last_scan.v, memory_order_relaxed);
     int sweep = now - last >= FMQ_SWEEP_NS && due != 0;   /* due 0: nothing ever leased */
     if (!force && !sweep && (due == 0 || now < due))
         return 0;
-    if (!force && !atomic_compare_exchange_strong(&r->ctl->last_scan.v, &last, now))
+    /* last_scan only elects one scanner per interval (relaxed): the scan's
+     * own loads of each entry word are acquire and carry the ordering. */
+    if (!force && !atomic_compare_exchange_strong_explicit(&r->ctl->last_scan.v, &last, now,
+                                                          memory_order_relaxed,
+                                                          memory_order_relaxed))
         return 0;   /* someone else is scanning right now */
     if (force)
-        atomic_store(&r->ctl->last_scan.v, now);
+        atomic_store_explicit(&r->ctl->last_scan.v, now, memory_order_relaxed);
     int n = 0, any = 0, need_recover = 0;
     uint64_t next = ~0ull;
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
@@ -561,13 +600,13 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
             if (owner && fmq_tag_is_dead(r, owner) && !fmq_tag_crashed(r, owner))
                 atomic_compare_exchange_strong_explicit(
                     &e->word, &w, FMQ_LWORD(FMQ_LTOKEN(w), FMQ_LS_DEAD, 0),
-                    memory_order_acq_rel, memory_order_relaxed);
+                    memory_order_acq_rel, memory_order_relaxed);   /* [R-park] */
             continue;
         }
         if (st != FMQ_LS_LEASED)
             continue;
         any = 1;
-        uint64_t dl = atomic_load_explicit(&e->deadline_ns, memory_order_acquire);
+        uint64_t dl = atomic_load_explicit(&e->deadline_ns, memory_order_acquire);   /* [A-dl] */
         int dead = owner && fmq_tag_is_dead(r, owner);
         if (dead && fmq_tag_crashed(r, owner)) {
             /* Killed, not closed: it may have died between LEASED and freeing
@@ -588,6 +627,7 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
                 &e->word, &w, FMQ_LWORD(tok, FMQ_LS_REQUEUING, r->owner_tag),
                 memory_order_seq_cst, memory_order_relaxed))               /* [S-end] */
             continue;
+        /* [S-touch]: a touch that moved the deadline before our claim is seen */
         if (owner && atomic_load_explicit(&e->deadline_ns, memory_order_seq_cst) > now &&
             !fmq_tag_is_dead(r, owner)) {
             /* touched meanwhile: give it back */
@@ -606,8 +646,8 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
     }
     atomic_store_explicit(&r->ctl->next_due.v, any ? (next == ~0ull ? now + FMQ_SWEEP_NS : next)
                                                    : 0,
-                          memory_order_relaxed);
-    if (need_recover && fmq_recover(r) > 0)
+                          memory_order_relaxed);   /* a hint (fmq_lower_next_due) */
+    if (need_recover && r->up->recover(r) > 0)
         n += fmq_lease_redeliver_due(r, 1);   /* the entries it orphaned are due now */
     return n;
 }
@@ -615,12 +655,12 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
 /* Killed (its participant entry still ACTIVE under the same generation, but
  * its kernel lock gone), as opposed to having closed its handle cleanly. */
 int fmq_tag_crashed(fmq_region *r, uint32_t tag) {
-    uint32_t idx = tag >> FMQ_GEN_BITS, gen = tag & ((1u << FMQ_GEN_BITS) - 1);
+    uint32_t idx = FMQ_TAG_INDEX(tag), gen = FMQ_TAG_GEN(tag);
     if (idx >= r->g.nparticipants)
         return 0;
-    uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
-    return ((uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1)) == gen &&
-           (id & 0xFFFF) == FMQ_PART_ACTIVE && !fmq_live_is_alive(r, idx);
+    uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire); /* [A-ident] */
+    return FMQ_PART_GEN(id) == gen && FMQ_PART_STATE(id) == FMQ_PART_ACTIVE &&
+           !fmq_live_is_alive(r, idx);
 }
 
 /* The in-flight table and the ring are both full and a lease is due: its
@@ -637,7 +677,7 @@ int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32
         if (FMQ_LSTATE(w) != FMQ_LS_LEASED)
             continue;
         uint32_t owner = FMQ_LOWNER(w);
-        if (atomic_load_explicit(&e->deadline_ns, memory_order_acquire) > now &&
+        if (atomic_load_explicit(&e->deadline_ns, memory_order_acquire) > now &&   /* [A-dl] */
             !(owner && fmq_tag_is_dead(r, owner)))
             continue;
         if (owner && fmq_tag_crashed(r, owner))
@@ -666,8 +706,9 @@ int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32
          * one (then the entry keeps its IN_RING share and we cannot pin). */
         if (block != FMQ_NO_BLOCK &&
             fmq_pool_transition(r, block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
-                                FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24) == FMQ_OK)
-            atomic_store_explicit(&e->holder, r->owner_tag, memory_order_release);
+                                FMQ_BLK_IN_RING, FMQ_BLK_AS_READER(r->owner_tag)) == FMQ_OK)
+            atomic_store_explicit(&e->holder, r->owner_tag, memory_order_release); /* [R-holder] */
+        /* relaxed, as the deadline below: the entry is REQUEUING(me); [R-lease] publishes */
         atomic_store_explicit(&e->pin, FMQ_PIN(tok + 1, FMQ_PIN_NONE), memory_order_relaxed);
         e->deliveries = deliveries + 1;
         e->leased_ns = now;
@@ -686,6 +727,7 @@ int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32
 
 static int fmq_has_free_lease(fmq_region *r) {
     for (uint32_t i = 0; i < fmq_lease_count(r); i++)
+        /* [S-wait]: the sleeper's re-check of fmq_wait.h's handshake */
         if (FMQ_LSTATE(atomic_load_explicit(&fmq_lease_at(r, i)->word, memory_order_seq_cst)) ==
             FMQ_LS_FREE)
             return 1;
@@ -696,30 +738,19 @@ static int fmq_has_free_lease(fmq_region *r) {
  * past deadline_ns (0 = none): FMQ_OK (retry), FMQ_AGAIN (slice over: check
  * signals and close(), retry), FMQ_EINTR, or FMQ_TIMEDOUT. Touches no Python
  * state: the binding calls it with the GIL released. */
+static int fmq_lease_free_ready(void *r) { return fmq_has_free_lease(r); }
+
 int fmq_lease_wait_free(fmq_region *r, uint64_t deadline_ns) {
     /* Rare (the table holds maxsize entries): a plain sliced sleep on the
-     * space line, which ack and redelivery wake. Their FREE store is a
-     * release, not part of the seq_cst order of our count increment and
-     * re-check, so a wake can be missed; the slice bounds that to 100 ms
-     * (a seq_cst store on every ack would cost more than it saves here). */
-    fmq_waitline *wl = &r->ctl->space;
+     * space line (fmq_wait.h's handshake), which ack and redelivery wake.
+     * Their FREE store is a release, not part of the seq_cst order of the
+     * sleeper's count increment and re-check, so a wake can be missed; the
+     * slice bounds that to FMQ_SLICE_NS (a seq_cst store on every ack would
+     * cost more than it saves here). */
     fmq_lease_redeliver_due(r, 0);
-    atomic_fetch_add_explicit(&wl->waiters, 1, memory_order_seq_cst);
-    uint32_t epoch = atomic_load_explicit(&wl->epoch, memory_order_seq_cst);
-    int rc = FMQ_OK;
-    if (!fmq_has_free_lease(r)) {
-        uint64_t now = fmq_now_ns(), slice = 100000000ull;
-        if (deadline_ns && deadline_ns <= now)
-            rc = FMQ_TIMEDOUT;
-        else {
-            if (deadline_ns && deadline_ns - now < slice)
-                slice = deadline_ns - now;
-            rc = fmq_wait_on(&wl->epoch, epoch, slice);
-            if (rc == FMQ_TIMEDOUT)
-                rc = deadline_ns && fmq_now_ns() >= deadline_ns ? FMQ_TIMEDOUT : FMQ_AGAIN;
-        }
-    }
-    atomic_fetch_sub_explicit(&wl->waiters, 1, memory_order_relaxed);
+    int rc = fmq_waitline_sleep(&r->ctl->space, fmq_lease_free_ready, r, deadline_ns);
+    if (rc == FMQ_AGAIN && deadline_ns && fmq_now_ns() >= deadline_ns)
+        rc = FMQ_TIMEDOUT;
     return rc;
 }
 
@@ -731,15 +762,15 @@ int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max) {
     int n = 0;
     for (uint32_t i = 0; i < fmq_lease_count(r) && n < max; i++) {
         fmq_lease *e = fmq_lease_at(r, i);
-        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-mine] */
         uint32_t st = FMQ_LSTATE(w);
         if (st != FMQ_LS_LEASED && st != FMQ_LS_REQUEUING)
             continue;
-        uint32_t owner = FMQ_LOWNER(w), idx = owner >> FMQ_GEN_BITS;
+        uint32_t owner = FMQ_LOWNER(w), idx = FMQ_TAG_INDEX(owner);
         uint32_t pid = 0;
         if (owner && idx < r->g.nparticipants)
-            pid = (uint32_t)(atomic_load_explicit(&r->parts[idx].ident, memory_order_relaxed) >>
-                             32);
+            /* relaxed: pid and deadline only reported, never acted on */
+            pid = FMQ_PART_PID(atomic_load_explicit(&r->parts[idx].ident, memory_order_relaxed));
         out[n].slot = i;
         out[n].token = FMQ_LTOKEN(w);
         out[n].pid = pid;
@@ -756,12 +787,12 @@ int fmq_lease_pending(fmq_region *r, fmq_pending *out, int max) {
 int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token) {
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
         fmq_lease *e = fmq_lease_at(r, i);
-        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-mine] */
         if (FMQ_LSTATE(w) != FMQ_LS_DEAD)
             continue;
         if (atomic_compare_exchange_strong_explicit(
                 &e->word, &w, FMQ_LWORD(FMQ_LTOKEN(w), FMQ_LS_TAKING, r->owner_tag),
-                memory_order_acq_rel, memory_order_relaxed)) {
+                memory_order_acq_rel, memory_order_relaxed)) {   /* [R-park] */
             uint32_t len, block;
             if (!fmq_lease_src(r, e, &len, &block)) {
                 fmq_lease_discard_corrupt(r, e, FMQ_LTOKEN(w));   /* never forwarded */
@@ -783,7 +814,8 @@ int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token) {
         return fmq_fail(FMQ_ELOST, "dead letter no longer held");
     if (!atomic_compare_exchange_strong_explicit(&e->word, &w,
                                                  FMQ_LWORD(token, FMQ_LS_ACKING, r->owner_tag),
-                                                 memory_order_seq_cst, memory_order_relaxed))
+                                                 memory_order_seq_cst,      /* [S-end] */
+                                                 memory_order_relaxed))
         return fmq_fail(FMQ_ELOST, "dead letter no longer held");
     /* ACKING(me): a crash from here on leaves the entry to the reaper, which
      * frees it; the block's IN_RING share then stays (one leaked block)
@@ -793,7 +825,7 @@ int fmq_lease_ack_dead(fmq_region *r, uint32_t slot, uint32_t token) {
     atomic_store_explicit(&e->word, FMQ_LWORD(token, FMQ_LS_FREE, 0),
                           memory_order_release);                           /* [R-free] */
     fmq_count(r, FMQ_ST_DEAD_LETTERED, 1);
-    fmq_ring_wake_producers(r);
+    fmq_wake_space(r);
     return FMQ_OK;
 }
 
@@ -824,7 +856,7 @@ int fmq_lease_release_owned(fmq_region *r) {
         } else if (st == FMQ_LS_TAKING) {
             if (atomic_compare_exchange_strong_explicit(
                     &e->word, &w, FMQ_LWORD(tok, FMQ_LS_DEAD, 0), memory_order_acq_rel,
-                    memory_order_relaxed))
+                    memory_order_relaxed))                                 /* [R-park] */
                 n++;
         }
     }
@@ -883,6 +915,7 @@ void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
             if (taken->tickets)
                 taken->tickets[taken->n++] = FMQ_ONCE(e->src_ticket);
             fmq_lease_share_to_ring(r, e, tok, block);
+            /* relaxed: published by the [R-lease] CAS below */
             atomic_store_explicit(&e->deadline_ns, 0, memory_order_relaxed);
             atomic_compare_exchange_strong_explicit(&e->word, &w,
                                                     FMQ_LWORD(tok, FMQ_LS_LEASED, 0),
@@ -892,7 +925,7 @@ void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
         } else if (st == FMQ_LS_TAKING) {
             atomic_compare_exchange_strong_explicit(&e->word, &w, FMQ_LWORD(tok, FMQ_LS_DEAD, 0),
                                                     memory_order_acq_rel,
-                                                    memory_order_relaxed);
+                                                    memory_order_relaxed);   /* [R-park] */
         }
     }
 }
@@ -905,7 +938,7 @@ void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
 void fmq_lease_mark_blocks(fmq_region *r, unsigned char *published) {
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
         fmq_lease *e = fmq_lease_at(r, i);
-        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-mine] */
         if (FMQ_LSTATE(w) == FMQ_LS_FREE)
             continue;
         uint32_t block = FMQ_ONCE(e->block);
@@ -915,22 +948,16 @@ void fmq_lease_mark_blocks(fmq_region *r, unsigned char *published) {
     }
 }
 
-int fmq_block_referenced(fmq_region *r, uint32_t block, uint64_t skip_ticket) {
+int fmq_lease_names_block(fmq_region *r, uint32_t block) {
     for (uint32_t i = 0; i < fmq_lease_count(r); i++) {
         fmq_lease *e = fmq_lease_at(r, i);
-        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);
+        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-mine] */
         if (FMQ_LSTATE(w) != FMQ_LS_FREE && FMQ_ONCE(e->block) == block)
             return 1;
     }
-    uint64_t nslots = fmq_ring_committed(r);   /* only reserved slots exist */
-    for (uint64_t i = 0; i < nslots; i++) {
-        if (skip_ticket != ~0ull && i == skip_ticket % r->g.slot_count)
-            continue;
-        fmq_slot *s = (fmq_slot *)(r->ring + i * r->g.slot_stride);
-        uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);
-        uint32_t phase = (uint32_t)((w >> FMQ_OWNER_BITS) & 3);
-        if ((phase == FMQ_PH_READY || phase == FMQ_PH_READING) && FMQ_ONCE(s->block) == block)
-            return 1;
-    }
     return 0;
+}
+
+int fmq_block_referenced(fmq_region *r, uint32_t block, uint64_t skip_ticket) {
+    return fmq_lease_names_block(r, block) || fmq_ring_names_block(r, block, skip_ticket);
 }

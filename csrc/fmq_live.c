@@ -13,6 +13,12 @@
  * Each (re)use bumps the entry's generation; slot words carry index+generation
  * as their owner tag, so a tag from a previous occupant never matches.
  *
+ * Memory order. [R-ident] the release store of an entry's ident (publishing
+ * it ACTIVE, or FREE on close) pairs with [A-ident], the acquire loads of it
+ * (here, fmq_lease.c, fmq_recover.c): a reader that sees a generation sees
+ * the entry's counters and roles reset before it. The kernel lock, not the
+ * ident, decides ownership, so nothing else depends on these orders.
+ *
  * Failure model. Death between taking the lock and publishing the entry
  * leaves an entry that the next claimant simply overwrites. A frozen (SIGSTOP)
  * process keeps its lock and therefore counts as alive: it is never reaped.
@@ -228,12 +234,12 @@ int fmq_live_register(fmq_region *r) {
             return fmq_fail(FMQ_EOS, "cannot lock participant entry: %s", strerror(errno));
         }
         fmq_participant *p = &r->parts[idx];
-        uint64_t old = atomic_load_explicit(&p->ident, memory_order_acquire);
-        uint32_t old_gen = (uint32_t)(old >> 16) & ((1u << FMQ_GEN_BITS) - 1);
-        if ((old & 0xFFFF) == FMQ_PART_ACTIVE) {
+        uint64_t old = atomic_load_explicit(&p->ident, memory_order_acquire);   /* [A-ident] */
+        uint32_t old_gen = FMQ_PART_GEN(old);
+        if (FMQ_PART_STATE(old) == FMQ_PART_ACTIVE) {
             /* The previous occupant died without closing: take back what it
              * held before its identity is gone for good. */
-            fmq_reap_tag(r, (idx << FMQ_GEN_BITS) | old_gen);
+            r->up->reap_tag(r, FMQ_TAG(idx, old_gen));
             atomic_fetch_add_explicit(&r->ctl->recoveries.v, 1, memory_order_relaxed);
         }
         /* Fold the predecessor's counters into the segment's retired totals so
@@ -243,17 +249,15 @@ int fmq_live_register(fmq_region *r) {
             if (v)
                 atomic_fetch_add_explicit(&r->ctl->retired[s], v, memory_order_relaxed);
         }
-        uint32_t gen = (old_gen + 1) & ((1u << FMQ_GEN_BITS) - 1);
+        uint32_t gen = (old_gen + 1) & FMQ_GEN_MASK;
         if (gen == 0)
             gen = 1;   /* tag 0 means "nobody" in slot and block words */
         atomic_store_explicit(&p->roles, 0, memory_order_relaxed);
         p->start_time = 0;
-        atomic_store_explicit(&p->ident,
-                              ((uint64_t)(uint32_t)getpid() << 32) | ((uint64_t)gen << 16) |
-                                  FMQ_PART_ACTIVE,
-                              memory_order_release);
+        atomic_store_explicit(&p->ident, FMQ_PART_IDENT(getpid(), gen, FMQ_PART_ACTIVE),
+                              memory_order_release);                      /* [R-ident] */
         r->me = idx;
-        r->owner_tag = (idx << FMQ_GEN_BITS) | gen;
+        r->owner_tag = FMQ_TAG(idx, gen);
         r->self = p;
         r->roles = 0;
         r->fork_gen = fmq_fork_generation;
@@ -268,9 +272,10 @@ void fmq_live_unregister(fmq_region *r) {
     fmq_live_list_remove(r);   /* before the caller closes r->fd */
     if (!r->self || r->fork_gen != fmq_fork_generation)
         return;   /* a forked child never registered: the entry is the parent's */
+    /* relaxed: our own entry, which only we (holding its lock) write */
     uint64_t id = atomic_load_explicit(&r->self->ident, memory_order_relaxed);
-    atomic_store_explicit(&r->self->ident, (id & ~0xFFFFull) | FMQ_PART_FREE,
-                          memory_order_release);
+    atomic_store_explicit(&r->self->ident, FMQ_PART_WITH_STATE(id, FMQ_PART_FREE),
+                          memory_order_release);                          /* [R-ident] */
     /* The lock goes with the descriptor when the caller closes it. */
 }
 

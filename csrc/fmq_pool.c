@@ -283,16 +283,15 @@ int fmq_ring_compact(fmq_region *r) {
     uint64_t head = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
     if (head != tail || (w <= FMQ_RING_CHUNK && lw <= FMQ_RING_CHUNK && tail < FMQ_RING_CHUNK))
         return 0;   /* not empty, or nothing worth giving back */
+    /* Acquire, as any reader of these words: alone, nothing moves them. */
     for (uint64_t i = 0; i < w; i++) {
-        const fmq_slot *sl = (const fmq_slot *)(r->ring + i * r->g.slot_stride);
-        uint64_t word = atomic_load_explicit(&sl->word, memory_order_acquire);
-        if (((word >> FMQ_OWNER_BITS) & 3) != FMQ_PH_EMPTY)
+        uint64_t word = atomic_load_explicit(&fmq_slot_at(r, i)->word, memory_order_acquire);
+        if (fmq_slot_phase(word) != FMQ_PH_EMPTY)
             return 0;
     }
     for (uint64_t i = 0; i < lw; i++) {
         const fmq_lease *e = (const fmq_lease *)(r->leases + i * r->g.lease_stride);
-        uint64_t word = atomic_load_explicit(&e->word, memory_order_acquire);
-        if (((word >> 24) & 0xFF) != FMQ_LS_FREE)
+        if (FMQ_LSTATE(atomic_load_explicit(&e->word, memory_order_acquire)) != FMQ_LS_FREE)
             return 0;
     }
     atomic_store_explicit(&r->ctl->ring_compacting.v, 1, memory_order_seq_cst);
@@ -327,10 +326,6 @@ void fmq_ring_compact_finish(fmq_region *r) {
 /* ======================================================================== */
 /* blocks                                                                   */
 /* ======================================================================== */
-
-static inline fmq_block_meta *fmq_pool_meta(fmq_region *r, uint32_t c) {
-    return (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
-}
 
 uint64_t fmq_pool_carved(fmq_region *r, uint32_t c) {
     uint64_t k = atomic_load_explicit(&r->ctl->carved[c], memory_order_acquire); /* [A-carve] */
@@ -367,7 +362,7 @@ static int fmq_pool_pop_stack(fmq_region *r, uint32_t c, int cold, uint32_t *idx
     fmq_block_meta *meta = fmq_pool_meta(r, c);
     uint64_t cur = atomic_load_explicit(top, memory_order_acquire);   /* [A-pop] */
     for (;;) {
-        uint32_t idx = (uint32_t)cur;
+        uint32_t idx = FMQ_TOP_INDEX(cur);
         if (idx == FMQ_NIL)
             return FMQ_NOSPACE;
         if (idx >= fmq_pool_carved(r, c))
@@ -375,7 +370,7 @@ static int fmq_pool_pop_stack(fmq_region *r, uint32_t c, int cold, uint32_t *idx
         /* May be stale if idx was popped meanwhile; then the tag moved and the
          * CAS below fails, so a stale link is never installed. */
         uint32_t next = atomic_load_explicit(&meta[idx].next, memory_order_relaxed);
-        uint64_t want = (((cur >> 32) + 1) << 32) | next;
+        uint64_t want = FMQ_TOP_NEXT(cur, next);
         if (atomic_compare_exchange_weak_explicit(top, &cur, want, memory_order_acq_rel,
                                                   memory_order_acquire)) {   /* [A-pop] */
             *idx_out = idx;
@@ -397,8 +392,8 @@ static void fmq_pool_push_chain(fmq_region *r, uint32_t c, int cold, uint32_t fi
     fmq_block_meta *meta = fmq_pool_meta(r, c);
     uint64_t cur = atomic_load_explicit(top, memory_order_relaxed);
     for (;;) {
-        atomic_store_explicit(&meta[last].next, (uint32_t)cur, memory_order_relaxed);
-        uint64_t want = (((cur >> 32) + 1) << 32) | first;
+        atomic_store_explicit(&meta[last].next, FMQ_TOP_INDEX(cur), memory_order_relaxed);
+        uint64_t want = FMQ_TOP_NEXT(cur, first);
         /* seq_cst (not just release): the wake that follows reads the waiter
          * count, see fmq_ring.c "waiting". */
         if (atomic_compare_exchange_weak_explicit(top, &cur, want, memory_order_seq_cst,
@@ -440,7 +435,7 @@ static int fmq_pool_carve(fmq_region *r, uint32_t c, uint32_t *idx_out) {
         for (uint64_t i = k + 1; i + 1 < k + n; i++)
             atomic_store_explicit(&meta[i].next, (uint32_t)(i + 1), memory_order_relaxed);
         fmq_pool_push_chain(r, c, 1, (uint32_t)(k + 1), (uint32_t)(k + n - 1));
-        fmq_ring_wake_producers(r);
+        fmq_wake_space(r);
     }
     *idx_out = (uint32_t)k;
     return FMQ_OK;
@@ -616,7 +611,7 @@ static void fmq_pool_put_back(fmq_region *r, uint32_t c, uint32_t idx, int was_h
     }
     FMQ_CRASHPOINT("pool.free.before_push");
     fmq_pool_push(r, c, idx);
-    fmq_ring_wake_producers(r);
+    fmq_wake_space(r);
     /* Over the demand (the backlog shrank, or its window passed): cool two
      * warm blocks per free, so the warm total falls faster than the use. */
     if (!warm && kept && use + kept > limit)
@@ -679,9 +674,9 @@ static inline uint64_t fmq_pages_for(uint64_t nbytes) {
 
 /* model: pool.alloc */
 int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
-    /* A slot records a message's length in 32 bits: never hand out room for
-     * more than it can say. */
-    if (nbytes > r->g.max_message_size || nbytes > UINT32_MAX)
+    /* A slot records a message's length in 32 bits (FMQ_MAX_MESSAGE): never
+     * hand out room for more than it can say. */
+    if (nbytes > r->g.max_message_size || nbytes > FMQ_MAX_MESSAGE)
         return FMQ_TOOBIG;
     int c0 = fmq_pool_class_for(r, nbytes);
     if (c0 < 0)
@@ -742,10 +737,10 @@ int fmq_pool_available(fmq_region *r, uint64_t nbytes) {
         return 0;
     int shm_full = fmq_shm_recently_full(r);
     for (uint32_t c = (uint32_t)c0; c < r->g.nclasses; c++) {
-        uint32_t warm = (uint32_t)atomic_load_explicit(&r->ctl->free_top[c].v,
-                                                       memory_order_seq_cst);
-        uint32_t cold = (uint32_t)atomic_load_explicit(&r->ctl->cold_top[c].v,
-                                                       memory_order_seq_cst);
+        uint32_t warm = FMQ_TOP_INDEX(
+            atomic_load_explicit(&r->ctl->free_top[c].v, memory_order_seq_cst));
+        uint32_t cold = FMQ_TOP_INDEX(
+            atomic_load_explicit(&r->ctl->cold_top[c].v, memory_order_seq_cst));
         if (warm != FMQ_NIL && warm < fmq_pool_carved(r, c) &&
             (!shm_full ||
              atomic_load_explicit(&fmq_pool_meta(r, c)[warm].pages, memory_order_relaxed) >=
@@ -809,7 +804,7 @@ int fmq_pool_release_writer(fmq_region *r, uint32_t block) {
 
 /* model: pool.release_reader */
 int fmq_pool_release_reader(fmq_region *r, uint32_t block) {
-    return fmq_pool_transition(r, block, FMQ_READER_MASK, (uint64_t)r->owner_tag << 24, 0);
+    return fmq_pool_transition(r, block, FMQ_READER_MASK, FMQ_BLK_AS_READER(r->owner_tag), 0);
 }
 
 /* Recovery freed a block a dead holder had (its state is 0 now). */
@@ -833,7 +828,9 @@ uint64_t fmq_pool_audit(fmq_region *r) {
         int sane = 1;
         uint64_t steps = 0;
         for (int cold = 0; cold < 2 && sane; cold++) {
-            uint32_t i = (uint32_t)atomic_load(fmq_pool_top(r, c, cold));
+            /* [A-pop]: the links read under the top are the pushed ones */
+            uint32_t i = FMQ_TOP_INDEX(
+                atomic_load_explicit(fmq_pool_top(r, c, cold), memory_order_acquire));
             for (; i != FMQ_NIL; steps++) {
                 if (i >= nb || steps > nb || on_stack[i]) {
                     sane = 0;   /* a scribbled stack: leave it to CorruptQueue checks */
@@ -846,7 +843,8 @@ uint64_t fmq_pool_audit(fmq_region *r) {
         uint64_t bs = r->g.classes[c].block_size;
         for (uint64_t b = 0; sane && b < nb; b++) {
             uint64_t pages = atomic_load_explicit(&meta[b].pages, memory_order_relaxed);
-            if (atomic_load(&meta[b].state) != 0) {
+            /* acquire, as fmq_pool_transition's load of a block word */
+            if (atomic_load_explicit(&meta[b].state, memory_order_acquire) != 0) {
                 in_use += pages * FMQ_PAGE;
                 continue;
             }
@@ -905,7 +903,7 @@ const char *fmq_region_full_reason(fmq_region *r, uint64_t need) {
             return buf;
         }
     }
-    if (fmq_ring_depth(r) >= r->g.slot_count) {
+    if (fmq_depth_hint(r) >= r->g.slot_count) {
         snprintf(buf, sizeof buf, "queue is full: it holds its maximum of %llu messages",
                  (unsigned long long)r->g.slot_count);
         return buf;
@@ -921,7 +919,7 @@ const char *fmq_region_full_reason(fmq_region *r, uint64_t need) {
 
 /* Would a put of a small (inline) message block right now? */
 int fmq_region_full(fmq_region *r) {
-    if (fmq_ring_depth(r) >= r->g.slot_count)
+    if (fmq_depth_hint(r) >= r->g.slot_count)
         return 1;
     uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
     return !fmq_ring_room(r, t);
@@ -937,7 +935,9 @@ void fmq_pool_census(fmq_region *r, uint64_t *carved, uint64_t *free_out, uint64
         fmq_block_meta *meta = fmq_pool_meta(r, c);
         *carved += nb;
         for (int cold = 0; cold < 2; cold++) {
-            uint32_t i = (uint32_t)atomic_load(fmq_pool_top(r, c, cold));
+            /* [A-pop]: the links read under the top are the pushed ones */
+            uint32_t i = FMQ_TOP_INDEX(
+                atomic_load_explicit(fmq_pool_top(r, c, cold), memory_order_acquire));
             for (uint64_t steps = 0; i != FMQ_NIL && i < nb && steps <= nb; steps++) {
                 ++*free_out;
                 i = atomic_load_explicit(&meta[i].next, memory_order_relaxed);
@@ -946,4 +946,14 @@ void fmq_pool_census(fmq_region *r, uint64_t *carved, uint64_t *free_out, uint64
         for (uint64_t b = 0; b < nb; b++)
             *held += atomic_load_explicit(&meta[b].state, memory_order_relaxed) != 0;
     }
+}
+
+int64_t fmq_block_ordinal(fmq_region *r, uint32_t block) {
+    uint32_t c = FMQ_BLOCK_CLASS(block);
+    if (c >= r->g.nclasses || FMQ_BLOCK_INDEX(block) >= r->g.classes[c].nblocks)
+        return -1;
+    int64_t base = 0;
+    for (uint32_t k = 0; k < c; k++)
+        base += (int64_t)r->g.classes[k].nblocks;
+    return base + FMQ_BLOCK_INDEX(block);
 }

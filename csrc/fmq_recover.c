@@ -33,11 +33,25 @@
  *     too. Blocks whose word reaches zero go back to their free stacks
  *     (counted as reclaimed).
  *
- * Memory order. Every repair is an acq_rel CAS (the slot repairs seq_cst, as
- * the ring's publishing CASes they stand in for: see fmq_ring.c "waiting")
- * from the word read with acquire: [A-reap] the load of a slot/block/entry
- * word pairs with the dead holder's last release of it ([R-commit],
- * [R-rel], [R-lease], [R-free]), so the fields it wrote before are seen.
+ * Memory order (tags as at each use):
+ *   [A-reap]  the acquire load of a slot/block/entry word pairs with the dead
+ *             holder's last release of it ([R-commit], [R-rel] in fmq_ring.c;
+ *             [R-lease], [R-free] in fmq_lease.c; the block word's acq_rel
+ *             CASes in fmq_pool.c), so the fields it wrote before are seen.
+ *   [R-reap]  every repair is a CAS from the word read: acq_rel on block
+ *             words (as fmq_pool_transition), seq_cst on slot words, as the
+ *             ring's publishing CASes they stand in for: the wakes that follow
+ *             read the waiter count (fmq_wait.h's handshake).
+ *   [A-ident] / [R-ident]  a participant's ident: acquire loads pair with the
+ *             release stores of fmq_live.c (register, unregister) and ours
+ *             (a reaped entry freed), so a registrant that sees FREE sees the
+ *             reap done.
+ *   [R-stall] the release store of ctl->stall.ticket publishes the stall
+ *             record's relaxed fields to stats() ([A-stall], fmq_region.c).
+ *   [S-audit] the audit's switch to AUDITING (seq_cst; see fmq_audit_if_alone).
+ *   relaxed   counters, and clearing our own stall record.
+ *
+ * The entry pass (fmq_lease_reap) is fmq_lease.c's and uses its tags.
  */
 #include <fcntl.h>
 #include <stdlib.h>
@@ -51,27 +65,14 @@ static int fmq_entry_lock(fmq_region *r, uint32_t idx, short type) {
     return fmq_live_lock_byte(r->fd, F_OFD_SETLK, type, FMQ_LOCK_BASE + idx, NULL);
 }
 
-static inline fmq_slot *fmq_rslot(fmq_region *r, uint64_t i) {
-    return (fmq_slot *)(r->ring + i * r->g.slot_stride);
-}
-
-/* Index of a block across all classes, for the "published" bitmap. */
-int64_t fmq_block_ordinal(fmq_region *r, uint32_t block) {
-    uint32_t c = FMQ_BLOCK_CLASS(block);
-    if (c >= r->g.nclasses || FMQ_BLOCK_INDEX(block) >= r->g.classes[c].nblocks)
-        return -1;
-    int64_t base = 0;
-    for (uint32_t k = 0; k < c; k++)
-        base += (int64_t)r->g.classes[k].nblocks;
-    return base + FMQ_BLOCK_INDEX(block);
-}
-
-/* Was the message in slot i (at the lap its stamp says) moved into an entry? */
+/* Was the message in slot i (at the lap its stamp says) moved into an entry?
+ * A taken ticket matches when it maps to that slot and its lap's stamp is the
+ * slot's stamp without the phase (fmq_slot_at / fmq_lap_stamp, as the ring). */
 static int fmq_was_taken(fmq_region *r, const fmq_taken *t, uint64_t i, uint64_t stamp) {
-    uint64_t lap = stamp >> 2, mask = (1ull << (FMQ_STAMP_BITS - 2)) - 1;
+    uint64_t lap_stamp = stamp & ~3ull;
     for (size_t k = 0; k < t->n; k++)
-        if (t->tickets[k] % r->g.slot_count == i &&
-            ((t->tickets[k] / r->g.slot_count) & mask) == lap)
+        if (fmq_slot_at(r, t->tickets[k]) == fmq_slot_at(r, i) &&
+            fmq_lap_stamp(r, t->tickets[k]) == lap_stamp)
             return 1;
     return 0;
 }
@@ -91,11 +92,11 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     /* 1. slots (model: recover.slot_pass; only reserved ones exist: fmq_pool.c) */
     uint64_t nslots = fmq_ring_committed(r);
     for (uint64_t i = 0; i < nslots; i++) {
-        fmq_slot *s = fmq_rslot(r, i);
+        fmq_slot *s = fmq_slot_at(r, i);
         uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);   /* [A-reap] */
-        uint64_t stamp = w >> FMQ_OWNER_BITS;
-        uint32_t phase = (uint32_t)(stamp & 3);
-        uint32_t owner = (uint32_t)(w & FMQ_OWNER_MASK);
+        uint64_t stamp = fmq_stamp(w);
+        uint32_t phase = fmq_slot_phase(w);
+        uint32_t owner = fmq_slot_owner(w);
         uint32_t sb = FMQ_ONCE(s->block);   /* one load: checked, then used */
         if ((phase == FMQ_PH_READY || phase == FMQ_PH_READING) && sb != FMQ_NO_BLOCK) {
             int64_t o = fmq_block_ordinal(r, sb);
@@ -105,31 +106,28 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
         if (owner != tag || owner == 0)
             continue;
         if (phase == FMQ_PH_WRITING) {
-            uint64_t next = ((stamp - FMQ_PH_WRITING + 4) & ((1ull << FMQ_STAMP_BITS) - 1))
-                            << FMQ_OWNER_BITS;
+            uint64_t next = fmq_word(stamp - FMQ_PH_WRITING + 4, 0);   /* EMPTY, next lap */
             FMQ_CRASHPOINT("recover.before_skip");
             if (atomic_compare_exchange_strong_explicit(&s->word, &w, next,
-                                                        memory_order_seq_cst,
+                                                        memory_order_seq_cst,   /* [R-reap] */
                                                         memory_order_relaxed))
                 abandoned++;
         } else if (phase == FMQ_PH_READING && fmq_was_taken(r, &taken, i, stamp)) {
             /* moved into an in-flight entry that now owns the block: free it */
-            uint64_t next = ((stamp - FMQ_PH_READING + 4) & ((1ull << FMQ_STAMP_BITS) - 1))
-                            << FMQ_OWNER_BITS;
+            uint64_t next = fmq_word(stamp - FMQ_PH_READING + 4, 0);   /* EMPTY, next lap */
             atomic_compare_exchange_strong_explicit(&s->word, &w, next, memory_order_seq_cst,
-                                                    memory_order_relaxed);
+                                                    memory_order_relaxed);   /* [R-reap] */
         } else if (phase == FMQ_PH_READING) {
             uint32_t b = sb;
             if (b != FMQ_NO_BLOCK && fmq_block_ordinal(r, b) >= 0) {
                 /* reader share (if it got that far) back to the ring */
                 fmq_pool_transition(r, b, FMQ_BLK_IN_RING | FMQ_READER_MASK,
-                                    (uint64_t)tag << 24, FMQ_BLK_IN_RING);
+                                    FMQ_BLK_AS_READER(tag), FMQ_BLK_IN_RING);
             }
-            uint64_t ready = ((stamp - FMQ_PH_READING + FMQ_PH_READY) &
-                              ((1ull << FMQ_STAMP_BITS) - 1)) << FMQ_OWNER_BITS;
+            uint64_t ready = fmq_word(stamp - FMQ_PH_READING + FMQ_PH_READY, 0);
             FMQ_CRASHPOINT("recover.before_unclaim");
             atomic_compare_exchange_strong_explicit(&s->word, &w, ready, memory_order_seq_cst,
-                                                    memory_order_relaxed);
+                                                    memory_order_relaxed);   /* [R-reap] */
         }
     }
 
@@ -144,12 +142,12 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     if (published)
         fmq_lease_mark_blocks(r, published);
     for (uint32_t c = 0; c < r->g.nclasses; c++) {
-        fmq_block_meta *meta = (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
+        fmq_block_meta *meta = fmq_pool_meta(r, c);
         int64_t base = fmq_block_ordinal(r, FMQ_BLOCK_REF(c, 0));
         uint64_t carved = fmq_pool_carved(r, c);
         for (uint64_t i = 0; i < carved; i++) {
             _Atomic uint64_t *st = &meta[i].state;
-            uint64_t cur = atomic_load_explicit(st, memory_order_acquire);
+            uint64_t cur = atomic_load_explicit(st, memory_order_acquire);   /* [A-reap] */
             for (;;) {
                 uint64_t want = cur;
                 if (FMQ_BLK_WRITER(cur) == tag) {
@@ -161,6 +159,8 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
                     want &= ~FMQ_READER_MASK;
                 if (want == cur)
                     break;
+                /* acq_rel, as fmq_pool_transition: [R-reap] on success, [A-reap]
+                 * (acquire) for the value a failed CAS hands back to re-test */
                 if (atomic_compare_exchange_weak_explicit(st, &cur, want, memory_order_acq_rel,
                                                           memory_order_acquire)) {
                     if (want == 0) {
@@ -175,15 +175,16 @@ void fmq_reap_tag(fmq_region *r, uint32_t tag) {
     free(published);
     free(taken.tickets);
     /* Straight into the segment's totals: the reaper may not be registered
-     * yet (fmq_live_register reaps its entry's predecessor first). */
+     * yet (fmq_live_register reaps its entry's predecessor first). Relaxed:
+     * statistics, never used to order anything. */
     if (abandoned)
         atomic_fetch_add_explicit(&r->ctl->retired[FMQ_ST_ABANDONED], abandoned,
                                   memory_order_relaxed);
     if (reclaimed)
         atomic_fetch_add_explicit(&r->ctl->retired[FMQ_ST_RECLAIMED], reclaimed,
                                   memory_order_relaxed);
-    fmq_ring_wake_consumers(r, 1);
-    fmq_ring_wake_producers(r);
+    fmq_wake_data(r, 1);
+    fmq_wake_space(r);
 }
 
 /* model: recover.reap */
@@ -191,20 +192,19 @@ int fmq_recover(fmq_region *r) {
     int reaped = 0;
     for (uint32_t idx = 0; idx < r->g.nparticipants; idx++) {
         fmq_participant *p = &r->parts[idx];
-        uint64_t id = atomic_load_explicit(&p->ident, memory_order_acquire);
-        if ((id & 0xFFFF) != FMQ_PART_ACTIVE || idx == r->me)
+        uint64_t id = atomic_load_explicit(&p->ident, memory_order_acquire);   /* [A-ident] */
+        if (FMQ_PART_STATE(id) != FMQ_PART_ACTIVE || idx == r->me)
             continue;
         if (fmq_live_is_alive(r, idx))
             continue;
         /* Take its lock: nobody registers here or reaps it meanwhile. */
         if (fmq_entry_lock(r, idx, F_WRLCK) != 0)
             continue;
-        if (atomic_load_explicit(&p->ident, memory_order_acquire) == id) {
-            uint32_t gen = (uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1);
-            fmq_reap_tag(r, (idx << FMQ_GEN_BITS) | gen);
-            atomic_store_explicit(&p->ident, (id & ~0xFFFFull) | FMQ_PART_FREE,
-                                  memory_order_release);
-            atomic_fetch_add_explicit(&r->ctl->recoveries.v, 1, memory_order_relaxed);
+        if (atomic_load_explicit(&p->ident, memory_order_acquire) == id) {   /* [A-ident] */
+            fmq_reap_tag(r, FMQ_TAG(idx, FMQ_PART_GEN(id)));
+            atomic_store_explicit(&p->ident, FMQ_PART_WITH_STATE(id, FMQ_PART_FREE),
+                                  memory_order_release);                  /* [R-ident] */
+            atomic_fetch_add_explicit(&r->ctl->recoveries.v, 1, memory_order_relaxed); /* count */
             reaped++;
         }
         fmq_entry_lock(r, idx, F_UNLCK);
@@ -213,25 +213,28 @@ int fmq_recover(fmq_region *r) {
 }
 
 void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t since_ns) {
-    uint32_t owner = (uint32_t)(word & FMQ_OWNER_MASK);
-    uint32_t idx = owner >> FMQ_GEN_BITS;
-    uint32_t gen = owner & ((1u << FMQ_GEN_BITS) - 1);
+    uint32_t owner = fmq_slot_owner(word);
+    uint32_t idx = FMQ_TAG_INDEX(owner);
+    uint32_t gen = FMQ_TAG_GEN(owner);
     if (owner == 0 || idx >= r->g.nparticipants)
         return;
     fmq_participant *p = &r->parts[idx];
-    uint64_t id = atomic_load_explicit(&p->ident, memory_order_acquire);
-    int same_gen = ((uint32_t)(id >> 16) & ((1u << FMQ_GEN_BITS) - 1)) == gen;
-    if (same_gen && (id & 0xFFFF) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx)) {
-        /* Alive but not moving (frozen): report, never reap. */
-        atomic_store_explicit(&r->ctl->stall.pid, (uint32_t)(id >> 32), memory_order_relaxed);
-        atomic_store_explicit(&r->ctl->stall.phase, (uint32_t)((word >> FMQ_OWNER_BITS) & 3),
+    uint64_t id = atomic_load_explicit(&p->ident, memory_order_acquire);   /* [A-ident] */
+    int same_gen = FMQ_PART_GEN(id) == gen;
+    if (same_gen && FMQ_PART_STATE(id) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx)) {
+        /* Alive but not moving (frozen): report, never reap. The fields are
+         * relaxed, published by [R-stall], the release store of the ticket
+         * that stats() loads with acquire ([A-stall], fmq_region.c). */
+        atomic_store_explicit(&r->ctl->stall.pid, FMQ_PART_PID(id), memory_order_relaxed);
+        atomic_store_explicit(&r->ctl->stall.phase, fmq_slot_phase(word),
                               memory_order_relaxed);
         atomic_store_explicit(&r->ctl->stall.since_ns, since_ns, memory_order_relaxed);
         atomic_store_explicit(&r->ctl->stall.word, word, memory_order_relaxed);
-        atomic_store_explicit(&r->ctl->stall.ticket, ticket + 1, memory_order_release);
+        atomic_store_explicit(&r->ctl->stall.ticket, ticket + 1,
+                              memory_order_release);                      /* [R-stall] */
         return;
     }
-    if (same_gen && (id & 0xFFFF) == FMQ_PART_ACTIVE) {
+    if (same_gen && FMQ_PART_STATE(id) == FMQ_PART_ACTIVE) {
         fmq_recover(r);
     } else if (fmq_entry_lock(r, idx, F_WRLCK) == 0) {
         /* The entry was freed or reused since and nobody holds it now: reap
@@ -243,6 +246,8 @@ void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t
     /* Else a live new occupant holds the entry: it reaped the old tag under
      * that lock when it registered (fmq_live_register), and reaping again
      * without the lock could race another reaper. */
+    /* Relaxed: only clears our own record of this ticket (a compare, no
+     * fields read); a racing reporter's newer record survives the mismatch. */
     uint64_t cur = atomic_load_explicit(&r->ctl->stall.ticket, memory_order_relaxed);
     if (cur == ticket + 1)
         atomic_store_explicit(&r->ctl->stall.ticket, 0, memory_order_relaxed);
@@ -251,14 +256,23 @@ void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t
 /* The full audit, run by an opener that finds itself alone: every block must
  * be free (on its stack) or named by a holder. A block that is neither was
  * lost in one of the unnamed instants (fmq_pool.c) and goes back on its
- * stack; fmq_pool_audit also recomputes the pool's memory counters. Only safe with nobody else moving blocks, so it runs with the init
- * lock held and init_state switched away from READY: a process that opens
- * meanwhile waits (fmq_region_open re-checks READY after registering). */
+ * stack; fmq_pool_audit also recomputes the pool's memory counters. Only
+ * safe with nobody else moving blocks, so it runs with the init lock held
+ * and init_state switched away from READY: a process that opens meanwhile
+ * waits (fmq_region_open re-checks READY after registering). Alone, it also
+ * gives back an empty ring's pages (fmq_ring_compact), and a closing last
+ * handle every warm block. */
 static void fmq_alone_pass(fmq_region *r, int closing) {
     if (fmq_live_init_lock(r->fd, F_WRLCK) != 0)
         return;   /* someone else is initialising or auditing */
     uint32_t expect = FMQ_INIT_READY;
-    if (!atomic_compare_exchange_strong(&r->hdr->init_state, &expect, FMQ_INIT_AUDITING)) {
+    /* [S-audit] seq_cst: our AUDITING store and then our check of who is
+     * alive, against an opener's registration and then its re-check of READY
+     * (fmq_region_open): store-then-load on two places, so either the opener
+     * sees AUDITING and waits, or we see the opener and do not audit. */
+    if (!atomic_compare_exchange_strong_explicit(&r->hdr->init_state, &expect,
+                                                 FMQ_INIT_AUDITING, memory_order_seq_cst,
+                                                 memory_order_seq_cst)) {
         fmq_live_init_lock(r->fd, F_UNLCK);
         return;
     }
@@ -266,12 +280,13 @@ static void fmq_alone_pass(fmq_region *r, int closing) {
     fmq_recover(r);
     int alone = 1;
     for (uint32_t idx = 0; idx < r->g.nparticipants && alone; idx++) {
-        uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
-        if (idx != r->me && (id & 0xFFFF) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx))
+        uint64_t id = atomic_load_explicit(&r->parts[idx].ident,
+                                           memory_order_acquire);   /* [A-ident] */
+        if (idx != r->me && FMQ_PART_STATE(id) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx))
             alone = 0;
     }
     uint64_t reclaimed = alone ? fmq_pool_audit(r) : 0;
-    if (reclaimed)
+    if (reclaimed)   /* relaxed: a counter */
         atomic_fetch_add_explicit(&r->ctl->retired[FMQ_ST_RECLAIMED], reclaimed,
                                   memory_order_relaxed);
     if (alone) {
@@ -281,6 +296,8 @@ static void fmq_alone_pass(fmq_region *r, int closing) {
         if (closing)
             fmq_pool_cool_all(r);
     }
+    /* [R-init], as fmq_region_create's: the audit's repairs are visible to
+     * an opener whose [A-init] load sees READY again. */
     atomic_store_explicit(&r->hdr->init_state, FMQ_INIT_READY, memory_order_release);
     fmq_live_init_lock(r->fd, F_UNLCK);
 }

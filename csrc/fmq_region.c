@@ -34,6 +34,11 @@
  * to the inode it locked, so it never attaches to a segment the last closer
  * has just unlinked.
  *
+ * Process-wide. This file is the top of the core's layers (fmq_internal.h):
+ * it installs the one fork handler (fmq_global_init) and fills each handle's
+ * r->up, the table through which the lower layers reach recovery and the
+ * in-flight table.
+ *
  * Truncation. The segment is mapped; a process that can write the file and
  * truncates it makes every mapped access past the new end a SIGBUS. That is
  * what a writer with access can do (see README, "Security"); it is not
@@ -42,7 +47,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,23 +62,11 @@
 /* errors                                                                   */
 /* ======================================================================== */
 
-static __thread char fmq_errbuf[512];
-
-const char *fmq_last_error(void) { return fmq_errbuf; }
-
-int fmq_fail(int code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(fmq_errbuf, sizeof fmq_errbuf, fmt, ap);
-    va_end(ap);
-    return code;
-}
+/* fmq_fail and fmq_last_error live in fmq_base.c (every layer reports). */
 
 /* ======================================================================== */
 /* process-wide state                                                       */
 /* ======================================================================== */
-
-volatile unsigned fmq_fork_generation = 0;
 
 unsigned fmq_fork_gen(void) { return fmq_fork_generation; }
 
@@ -103,36 +95,10 @@ int fmq_global_init(void) {
     return FMQ_OK;
 }
 
-uint64_t fmq_now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static uint64_t fmq_realtime_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-/* FASTMQ_CRASH_AT=<name>[:<nth>] (read once, at import) makes the process
- * SIGKILL itself the nth time it passes that crash point, exactly like an OOM
- * kill at that instruction. Tests only; unset, each point costs one branch. */
-#include <signal.h>
-const char *fmq_crash_spec = NULL;
-void fmq_crashpoint(const char *where) {
-    static _Atomic long hits = 0;
-    const char *spec = fmq_crash_spec;
-    size_t n = strlen(where);
-    if (strncmp(spec, where, n) != 0 || (spec[n] != '\0' && spec[n] != ':'))
-        return;
-    long nth = spec[n] == ':' ? atol(spec + n + 1) : 1;
-    if (atomic_fetch_add(&hits, 1) + 1 < nth)
-        return;
-    /* FASTMQ_CRASH_SIGNAL=STOP freezes the process there instead, so a test
-     * can act while it is frozen at that very step and then SIGKILL it. */
-    const char *sig = getenv("FASTMQ_CRASH_SIGNAL");
-    kill(getpid(), sig && strcmp(sig, "STOP") == 0 ? SIGSTOP : SIGKILL);
 }
 
 /* ======================================================================== */
@@ -187,11 +153,11 @@ int fmq_geometry_compute(uint64_t slot_count, uint32_t slot_stride,
     if (max_message_size < 1 || max_message_size > FMQ_MAX_MESSAGE)
         return fmq_fail(FMQ_EINVAL, "max_message_size must be between 1 and %llu bytes, got %llu",
                         (unsigned long long)FMQ_MAX_MESSAGE, (unsigned long long)max_message_size);
-    if (capacity_bytes < max_message_size || capacity_bytes > 4 * FMQ_MAX_MESSAGE)
+    if (capacity_bytes < max_message_size || capacity_bytes > FMQ_MAX_CAPACITY)
         return fmq_fail(FMQ_EINVAL,
                         "capacity_bytes must be at least max_message_size (%llu) and at most "
                         "%llu, got %llu", (unsigned long long)max_message_size,
-                        (unsigned long long)(4 * FMQ_MAX_MESSAGE),
+                        (unsigned long long)FMQ_MAX_CAPACITY,
                         (unsigned long long)capacity_bytes);
 
     g->slot_count = slot_count;
@@ -306,11 +272,22 @@ static int fmq_open_path(const char *path, int flags, unsigned mode) {
 /* mapping and validation                                                   */
 /* ======================================================================== */
 
+/* The calls the lower layers make upward (fmq_internal.h, "Layers"): this
+ * file is above all of them, so it is the one that wires them. */
+static const fmq_upcalls fmq_upcalls_core = {
+    .recover = fmq_recover,
+    .recover_stalled = fmq_recover_stalled,
+    .reap_tag = fmq_reap_tag,
+    .redeliver_due = fmq_lease_redeliver_due,
+    .lease_names_block = fmq_lease_names_block,
+};
+
 static fmq_region *fmq_region_new(const char *name, int fd) {
     fmq_region *r = calloc(1, sizeof *r);
     if (!r)
         return NULL;
     r->fd = fd;
+    r->up = &fmq_upcalls_core;
     snprintf(r->name, sizeof r->name, "%s", name);
     return r;
 }
@@ -584,10 +561,13 @@ static int fmq_region_end_dead_audit(fmq_region *r, int fd) {
         fmq_ring_compact_finish(r);
     }
     uint32_t expect = FMQ_INIT_AUDITING;
-    atomic_compare_exchange_strong(&((fmq_header *)r->base)->init_state, &expect,
-                                   FMQ_INIT_READY);
+    /* [R-init] / [A-init], as in fmq_region_create / fmq_region_open. */
+    atomic_compare_exchange_strong_explicit(&((fmq_header *)r->base)->init_state, &expect,
+                                            FMQ_INIT_READY, memory_order_release,
+                                            memory_order_acquire);
     fmq_live_init_lock(fd, F_UNLCK);
-    return atomic_load(&((fmq_header *)r->base)->init_state) == FMQ_INIT_READY;
+    return atomic_load_explicit(&((fmq_header *)r->base)->init_state, memory_order_acquire) ==
+           FMQ_INIT_READY;
 }
 
 /* Take LOCK_SH on an anonymous segment without blocking: a closer or cleanup
@@ -834,7 +814,7 @@ void fmq_region_stats(fmq_region *r, fmq_stats *st) {
         uint64_t id = atomic_load_explicit(&pp->ident, memory_order_acquire);
         for (int i = 0; i < FMQ_NSTATS; i++)
             sum[i] += atomic_load_explicit(&pp->stats[i], memory_order_relaxed);
-        if ((id & 0xFFFF) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, p)) {
+        if (FMQ_PART_STATE(id) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, p)) {
             uint32_t roles = atomic_load_explicit(&pp->roles, memory_order_relaxed);
             st->participants++;
             st->producers += (roles & FMQ_ROLE_PRODUCER) != 0;
@@ -854,17 +834,21 @@ void fmq_region_stats(fmq_region *r, fmq_stats *st) {
         st->blocks_total += r->g.classes[c].nblocks;
     st->reclaimed = sum[FMQ_ST_RECLAIMED];
     st->recoveries = atomic_load_explicit(&r->ctl->recoveries.v, memory_order_relaxed);
+    /* [A-stall]: pairs with [R-stall] (fmq_recover_stalled), so the record's
+     * relaxed fields read below are the ones written with this ticket. */
     st->stall_ticket = atomic_load_explicit(&r->ctl->stall.ticket, memory_order_acquire);
     if (st->stall_ticket) {
         /* Report it only while that slot is still stuck as it was: a frozen
          * process that resumed has moved on, and the record is stale. */
         uint64_t t = st->stall_ticket - 1;
-        const fmq_slot *s = (const fmq_slot *)(r->ring + (t % r->g.slot_count) *
-                                                             r->g.slot_stride);
+        const fmq_slot *s = fmq_slot_at(r, t);
         if (atomic_load_explicit(&s->word, memory_order_acquire) !=
             atomic_load_explicit(&r->ctl->stall.word, memory_order_relaxed)) {
             uint64_t expect = st->stall_ticket;
-            atomic_compare_exchange_strong(&r->ctl->stall.ticket, &expect, 0);
+            /* relaxed: clears a stale record (a compare; nothing read under it) */
+            atomic_compare_exchange_strong_explicit(&r->ctl->stall.ticket, &expect, 0,
+                                                    memory_order_relaxed,
+                                                    memory_order_relaxed);
             st->stall_ticket = 0;
         }
     }

@@ -44,10 +44,13 @@
  *             waker's load of the waiter count are seq_cst; so are the
  *             sleeper's increment of the count and its re-check loads. In
  *             that single total order (Dekker) either the waker sees the
- *             sleeper or the sleeper sees the new state; never neither.
+ *             sleeper or the sleeper sees the new state; never neither. The
+ *             handshake itself is fmq_wait.h's (fmq_waitline_wake/sleep).
  *
  * Failure model. A producer killed in WRITING leaves its slot WRITING: the
- * consumers stop there until recovery (fmq_live) proves it dead and skips it.
+ * consumers stop there until crash recovery (fmq_recover.c, which asks
+ * fmq_live.c whether the owner lives) skips it. A waiter that gets nowhere
+ * calls recovery through r->up: recovery is a layer above the ring.
  * A consumer killed in READING likewise blocks producers one lap later until
  * recovered. A killed sleeper leaves a waiter count one too high, which costs
  * only a spurious futex wake.
@@ -58,10 +61,8 @@
 #include "fmq_internal.h"
 #include "fmq_wait.h"
 
-#define FMQ_STAMP_MASK ((1ull << FMQ_STAMP_BITS) - 1)
 #define FMQ_SPIN_NS 30000ull        /* spin this long before sleeping            */
 #define FMQ_SPIN_PAUSE_NS 5000ull   /* ... the first part with pause, then yield */
-#define FMQ_SLICE_NS 100000000ull   /* longest single sleep: Ctrl-C, close()     */
 #define FMQ_STALL_NS 100000000ull   /* a slot unchanged this long: check its owner */
 #define FMQ_RECOVER_EVERY_NS 1000000000ull  /* a stuck waiter's full recovery pass */
 
@@ -69,24 +70,16 @@
 /* slot words                                                               */
 /* ======================================================================== */
 
-static inline fmq_slot *fmq_slot_at(fmq_region *r, uint64_t t) {
-    return (fmq_slot *)(r->ring + (t % r->g.slot_count) * r->g.slot_stride);
+/* A producer about to touch ticket t of the first lap makes sure the ring's
+ * memory reaches t + FMQ_RING_MARGIN (fmq_pool.c grows it). */
+static inline int fmq_ring_ensure(fmq_region *r, uint64_t t) {
+    return __builtin_expect(t + FMQ_RING_MARGIN < r->ring_ready, 1) ? FMQ_OK
+                                                                   : fmq_ring_grow(r, t);
 }
 
-static inline uint64_t fmq_lap_stamp(fmq_region *r, uint64_t t) {
-    return ((t / r->g.slot_count) * 4) & FMQ_STAMP_MASK;
-}
-
-static inline uint64_t fmq_word(uint64_t stamp, uint32_t owner) {
-    return ((stamp & FMQ_STAMP_MASK) << FMQ_OWNER_BITS) | owner;
-}
-
-static inline uint64_t fmq_stamp(uint64_t w) { return w >> FMQ_OWNER_BITS; }
-
-/* a - b for 40-bit modular stamps, as a small signed number */
-static inline int64_t fmq_stamp_diff(uint64_t a, uint64_t b) {
-    return (int64_t)((a - b) << FMQ_OWNER_BITS) >> FMQ_OWNER_BITS;
-}
+/* The slot word accessors (fmq_word, fmq_stamp, fmq_stamp_diff) are in
+ * fmq_words.h, the slot addresses (fmq_slot_at, fmq_lap_stamp) in
+ * fmq_internal.h: recovery uses the same ones. */
 
 static inline void fmq_advance_max(_Atomic uint64_t *hint, uint64_t v) {
     uint64_t cur = atomic_load_explicit(hint, memory_order_relaxed);
@@ -112,7 +105,7 @@ static void fmq_advance_head(fmq_region *r) {
 /* Full ticket of a 38-bit lap number, taken nearest to the reference lap
  * (tickets only matter modulo 2^38 laps: that is all a stamp carries). */
 static uint64_t fmq_lap_near(uint64_t stamp_lap, uint64_t ref_lap) {
-    const uint64_t m = (1ull << (FMQ_STAMP_BITS - 2)) - 1;
+    const uint64_t m = FMQ_LAP_MASK;
     int64_t d = (int64_t)(((stamp_lap - ref_lap) & m) << (64 - (FMQ_STAMP_BITS - 2))) >>
                 (64 - (FMQ_STAMP_BITS - 2));
     return d < 0 && (uint64_t)-d > ref_lap ? stamp_lap : ref_lap + (uint64_t)d;
@@ -133,8 +126,8 @@ void fmq_ring_repair_hints(fmq_region *r) {
      * slot word under it. */
     atomic_store_explicit(&r->ctl->head.v, head, memory_order_relaxed);
     atomic_store_explicit(&r->ctl->tail.v, tail, memory_order_relaxed);
-    fmq_ring_wake_consumers(r, 1);
-    fmq_ring_wake_producers(r);
+    fmq_wake_data(r, 1);
+    fmq_wake_space(r);
 }
 
 /* A hint that passed a slot it can never pass (a head past an unconsumed
@@ -182,9 +175,9 @@ static void fmq_ring_scan_hints(fmq_region *r, uint64_t ref_ticket, uint64_t *he
                          ? atomic_load_explicit(&fmq_slot_at(r, i)->word, memory_order_acquire)
                          : 0;
         uint64_t st = fmq_stamp(w);
-        uint64_t lap = fmq_lap_near(st >> 2, ref);
+        uint64_t lap = fmq_lap_near(fmq_stamp_lap(st), ref);
         uint64_t t = lap * n + i;
-        uint64_t unclaimed = (st & 3) == FMQ_PH_EMPTY ? t : t + n;
+        uint64_t unclaimed = fmq_stamp_phase(st) == FMQ_PH_EMPTY ? t : t + n;
         if (t < head)
             head = t;
         if (unclaimed < tail)
@@ -197,6 +190,19 @@ static void fmq_ring_scan_hints(fmq_region *r, uint64_t ref_ticket, uint64_t *he
 /* ======================================================================== */
 /* writing                                                                  */
 /* ======================================================================== */
+
+/* A scan found its hint impossible (a slot a lap or more behind it) or ran a
+ * whole lap without an answer: recompute both hints from the slot words, once
+ * per scan, and restart at the repaired hint (or at from, if that is further).
+ * Used by reserve (tail) and claim (head) alike. */
+static uint64_t fmq_ring_rescan(fmq_region *r, _Atomic uint64_t *hint, uint64_t from,
+                                int *repaired, uint64_t *scanned) {
+    fmq_ring_repair_hints(r);
+    *repaired = 1;
+    *scanned = 0;
+    uint64_t t = atomic_load_explicit(hint, memory_order_relaxed);
+    return from > t ? from : t;
+}
 
 /* model: ring.reserve */
 int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
@@ -231,10 +237,7 @@ int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
             /* The slot is a whole lap (or more) behind the ticket: a tail
              * hint cannot get there (it only ever passes claimed slots), so
              * the hint was scribbled. Recompute it and look again. */
-            fmq_ring_repair_hints(r);
-            repaired = 1;
-            scanned = 0;
-            t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+            t = fmq_ring_rescan(r, &r->ctl->tail.v, 0, &repaired, &scanned);
             continue;
         }
         if (d < 0)
@@ -242,10 +245,7 @@ int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
         t++;                   /* already claimed for this lap: the next one */
         if (scanned > r->g.slot_count + 2 * FMQ_MAX_PARTICIPANTS) {
             if (!repaired) {   /* a hint laps behind the truth: recompute it */
-                fmq_ring_repair_hints(r);
-                repaired = 1;
-                scanned = 0;
-                t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+                t = fmq_ring_rescan(r, &r->ctl->tail.v, 0, &repaired, &scanned);
                 continue;
             }
             return fmq_fail(FMQ_ECORRUPT, "ring slot words are corrupted (no free slot "
@@ -298,7 +298,7 @@ int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int
     fmq_count(r, FMQ_ST_ENQUEUED, 1);
     fmq_count(r, FMQ_ST_BYTES_IN, len);
     if (wake)
-        fmq_ring_wake_consumers(r, 0);
+        fmq_wake_data(r, 0);
     return FMQ_OK;
 }
 
@@ -317,6 +317,20 @@ int fmq_ring_claim(fmq_region *r, fmq_msg *m) {
  * (get_many) holds its earlier claims while it takes more, and the head hint
  * does not pass READING slots: without this, each further claim would rescan
  * the batch so far (quadratic in the batch size). */
+/* Our READING(mine) slot -> EMPTY for the next lap, counted as abandoned: a
+ * message that can never be delivered sanely leaves the ring. */
+static void fmq_ring_skip_damaged(fmq_region *r, fmq_slot *s, uint64_t ticket,
+                                  uint64_t mine) {
+    uint64_t next = fmq_word(fmq_lap_stamp(r, ticket) + 4 /* EMPTY, next lap */, 0);
+    if (atomic_compare_exchange_strong_explicit(&s->word, &mine, next,
+                                                memory_order_seq_cst,        /* [R-rel] */
+                                                memory_order_relaxed)) {
+        fmq_count(r, FMQ_ST_ABANDONED, 1);
+        fmq_advance_head(r);
+        fmq_wake_space(r);
+    }
+}
+
 /* A claimed message failed validation: consume it (the slot moves on to the
  * next lap, so the ring keeps moving) and count it as abandoned. Its block's
  * ring share is dropped only if the reference is valid and no other message
@@ -325,17 +339,9 @@ int fmq_ring_claim(fmq_region *r, fmq_msg *m) {
 static void fmq_ring_discard(fmq_region *r, fmq_slot *s, uint64_t ticket, uint64_t mine,
                              uint32_t block) {
     if (block != FMQ_NO_BLOCK && fmq_pool_ptr(r, block) &&
-        !fmq_block_referenced(r, block, ticket))
+        !r->up->lease_names_block(r, block) && !fmq_ring_names_block(r, block, ticket))
         fmq_pool_transition(r, block, FMQ_BLK_IN_RING | FMQ_READER_MASK, FMQ_BLK_IN_RING, 0);
-    uint64_t expect = mine;
-    uint64_t next = fmq_word(fmq_lap_stamp(r, ticket) + 4 /* EMPTY, next lap */, 0);
-    if (atomic_compare_exchange_strong_explicit(&s->word, &expect, next,
-                                                memory_order_seq_cst,        /* [R-rel] */
-                                                memory_order_relaxed)) {
-        fmq_count(r, FMQ_ST_ABANDONED, 1);
-        fmq_advance_head(r);
-        fmq_ring_wake_producers(r);
-    }
+    fmq_ring_skip_damaged(r, s, ticket, mine);
 }
 
 /* model: ring.claim */
@@ -387,12 +393,7 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
         if (d < -2 && !repaired && scanned == 0 && at_hint) {
             /* The slot is a lap (or more) behind the head hint: the hint never
              * passes an unconsumed slot, so it was scribbled. Recompute it. */
-            fmq_ring_repair_hints(r);
-            repaired = 1;
-            scanned = 0;
-            h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
-            if (from > h)
-                h = from;
+            h = fmq_ring_rescan(r, &r->ctl->head.v, from, &repaired, &scanned);
             continue;
         }
         if (d < 0)
@@ -406,12 +407,7 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
         h++;   /* d == 1: being read by someone else; look past it */
         if (scanned > r->g.slot_count + 2 * FMQ_MAX_PARTICIPANTS) {
             if (!repaired) {   /* a hint laps behind the truth: recompute it */
-                fmq_ring_repair_hints(r);
-                repaired = 1;
-                scanned = 0;
-                h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
-                if (from > h)
-                    h = from;
+                h = fmq_ring_rescan(r, &r->ctl->head.v, from, &repaired, &scanned);
                 continue;
             }
             return fmq_fail(FMQ_ECORRUPT, "ring slot words are corrupted");
@@ -440,21 +436,12 @@ static int fmq_ring_retire_slot(fmq_region *r, fmq_msg *m, int wake) {
     fmq_count(r, FMQ_ST_BYTES_OUT, m->len);
     fmq_advance_head(r);
     if (wake)
-        fmq_ring_wake_producers(r);
+        fmq_wake_space(r);
     return FMQ_OK;
 }
 
 int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m) {
-    fmq_slot *s = fmq_slot_at(r, m->ticket);
-    uint64_t expect = m->word;
-    uint64_t next = fmq_word(fmq_lap_stamp(r, m->ticket) + 4 /* EMPTY, next lap */, 0);
-    if (atomic_compare_exchange_strong_explicit(&s->word, &expect, next,
-                                                memory_order_seq_cst,        /* [R-rel] */
-                                                memory_order_relaxed)) {
-        fmq_count(r, FMQ_ST_ABANDONED, 1);
-        fmq_advance_head(r);
-        fmq_ring_wake_producers(r);
-    }
+    fmq_ring_skip_damaged(r, fmq_slot_at(r, m->ticket), m->ticket, m->word);
     uint32_t b = m->block;
     m->detached = 1;
     m->block = FMQ_NO_BLOCK;   /* we hold no share of it */
@@ -471,7 +458,7 @@ static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
      * block names it as reader, and recovery turns both back (fmq_recover.c). */
     if (m->block != FMQ_NO_BLOCK &&
         (rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
-                                  FMQ_BLK_IN_RING, (uint64_t)r->owner_tag << 24)) != FMQ_OK)
+                                  FMQ_BLK_IN_RING, FMQ_BLK_AS_READER(r->owner_tag))) != FMQ_OK)
         /* The block is not the queue's (a damaged slot, e.g. a phase flipped
          * back to READY over a consumed message): never deliver it, and do
          * not leave the slot READING, which would wedge the ring a lap on. */
@@ -513,7 +500,7 @@ int fmq_ring_unclaim(fmq_region *r, fmq_msg *m) {
     if (!atomic_compare_exchange_strong_explicit(&s->word, &expect, ready,
                                                  memory_order_seq_cst, memory_order_relaxed))
         return fmq_fail(FMQ_ELOST, "the slot was reclaimed by crash recovery");
-    fmq_ring_wake_consumers(r, 0);
+    fmq_wake_data(r, 0);
     return FMQ_OK;
 }
 
@@ -524,30 +511,32 @@ int fmq_ring_is_reading(fmq_region *r, uint64_t t, uint32_t owner) {
     return w == fmq_word(fmq_lap_stamp(r, t) + FMQ_PH_READING, owner);
 }
 
-uint64_t fmq_ring_depth(fmq_region *r) {
-    uint64_t h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
-    uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
-    if (t <= h)
-        return 0;
-    return t - h > r->g.slot_count ? r->g.slot_count : t - h;
+uint64_t fmq_ring_depth(fmq_region *r) { return fmq_depth_hint(r); }
+
+int fmq_ring_names_block(fmq_region *r, uint32_t block, uint64_t skip_ticket) {
+    uint64_t nslots = fmq_ring_committed(r);   /* only reserved slots exist */
+    for (uint64_t i = 0; i < nslots; i++) {
+        if (skip_ticket != ~0ull && i == skip_ticket % r->g.slot_count)
+            continue;
+        fmq_slot *s = fmq_slot_at(r, i);
+        /* [A-claim]-like: pairs with [R-commit], so the block field read
+         * below is the one the slot was published with. */
+        uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);
+        uint32_t phase = fmq_slot_phase(w);
+        if ((phase == FMQ_PH_READY || phase == FMQ_PH_READING) && FMQ_ONCE(s->block) == block)
+            return 1;
+    }
+    return 0;
 }
 
 /* ======================================================================== */
 /* waiting                                                                  */
 /* ======================================================================== */
 
-/* Callers have just published with a seq_cst RMW (commit, free, push), so this
- * seq_cst load is ordered after it in the single total order; the sleeper's
- * seq_cst increment + re-check is the other half (see header). */
-static void fmq_wake(fmq_waitline *wl, int n) {
-    if (atomic_load_explicit(&wl->waiters, memory_order_seq_cst) == 0)
-        return;
-    atomic_fetch_add_explicit(&wl->epoch, 1, memory_order_seq_cst);
-    fmq_wait_wake(&wl->epoch, n);
-}
-
-void fmq_ring_wake_consumers(fmq_region *r, int all) { fmq_wake(&r->ctl->data, all ? INT_MAX : 1); }
-void fmq_ring_wake_producers(fmq_region *r) { fmq_wake(&r->ctl->space, INT_MAX); }
+/* Callers have just published with a seq_cst RMW (commit, free, push): the
+ * waker half of the handshake in fmq_wait.h (see the header's "waiting"). */
+void fmq_ring_wake_consumers(fmq_region *r, int all) { fmq_wake_data(r, all); }
+void fmq_ring_wake_producers(fmq_region *r) { fmq_wake_space(r); }
 
 /* What a waiter is stuck behind: the slot that blocks progress and the word
  * it had (to notice that it has not changed), or ticket ~0 for "nothing in
@@ -600,7 +589,7 @@ static int fmq_has_space(fmq_region *r, uint64_t need, fmq_blocker *b) {
         if (d == 0 || (d < -3 && n == 0))
             return 1;               /* free (or a scribbled hint: reserve repairs it) */
         if (d < 0) {
-            uint32_t ph = (uint32_t)(fmq_stamp(w) & 3);
+            uint32_t ph = fmq_slot_phase(w);
             if (ph == FMQ_PH_READING || ph == FMQ_PH_WRITING) {
                 b->ticket = t - r->g.slot_count;   /* the held message's ticket */
                 b->word = w;
@@ -623,7 +612,7 @@ static void fmq_note_blocker(fmq_region *r, const fmq_blocker *b, int pool_wait)
      * once a second: a dead holder may be behind a live one in the scan. */
     if (now - fmq_tl_last_recover >= FMQ_RECOVER_EVERY_NS) {
         fmq_tl_last_recover = now;
-        fmq_recover(r);
+        r->up->recover(r);
         /* Or a scribbled hint hides what we wait for. The check reads every
          * slot word, so big rings run it less often: about one slot word per
          * 15 us of waiting (once a second up to 64 Ki slots). */
@@ -636,7 +625,7 @@ static void fmq_note_blocker(fmq_region *r, const fmq_blocker *b, int pool_wait)
     if (b->ticket == ~0ull) {
         fmq_tl_stall_ticket = ~0ull;
         if (pool_wait)
-            fmq_recover(r);   /* exhausted pool: a dead holder may be the reason */
+            r->up->recover(r);   /* exhausted pool: a dead holder may be the reason */
         return;
     }
     if (b->ticket != fmq_tl_stall_ticket || b->word != fmq_tl_stall_word) {
@@ -646,7 +635,20 @@ static void fmq_note_blocker(fmq_region *r, const fmq_blocker *b, int pool_wait)
         return;
     }
     if (now - fmq_tl_stall_since >= FMQ_STALL_NS)
-        fmq_recover_stalled(r, b->ticket, b->word, fmq_tl_stall_since);
+        r->up->recover_stalled(r, b->ticket, b->word, fmq_tl_stall_since);
+}
+
+/* fmq_waitline_sleep's re-check, in the ring's terms. */
+typedef struct {
+    fmq_region *r;
+    int (*ready)(fmq_region *, uint64_t, fmq_blocker *);
+    uint64_t arg;
+    fmq_blocker *blk;
+} fmq_ready_ctx;
+
+static int fmq_ready_thunk(void *ctx) {
+    fmq_ready_ctx *cx = ctx;
+    return cx->ready(cx->r, cx->arg, cx->blk);
 }
 
 static int fmq_wait_for(fmq_region *r, fmq_waitline *wl,
@@ -679,38 +681,23 @@ static int fmq_wait_for(fmq_region *r, fmq_waitline *wl,
     if (deadline_ns && now >= deadline_ns)
         return FMQ_TIMEDOUT;
 
-    /* 2. Sleep on the epoch word, at most one slice. */
-    atomic_fetch_add_explicit(&wl->waiters, 1, memory_order_seq_cst);
-    uint32_t epoch = atomic_load_explicit(&wl->epoch, memory_order_seq_cst);
-    if (ready(r, arg, &blk)) {
-        atomic_fetch_sub_explicit(&wl->waiters, 1, memory_order_relaxed);
-        return FMQ_OK;
-    }
-    uint64_t slice = FMQ_SLICE_NS;
-    if (deadline_ns) {
-        now = fmq_now_ns();
-        if (now >= deadline_ns) {
-            atomic_fetch_sub_explicit(&wl->waiters, 1, memory_order_relaxed);
-            return FMQ_TIMEDOUT;
-        }
-        if (deadline_ns - now < slice)
-            slice = deadline_ns - now;
-    }
-    int rc = fmq_wait_on(&wl->epoch, epoch, slice);
-    atomic_fetch_sub_explicit(&wl->waiters, 1, memory_order_relaxed);
-    if (rc == FMQ_TIMEDOUT) {
+    /* 2. Sleep on the epoch word, at most one slice (fmq_wait.h's handshake:
+     *    the re-check there is ready() again, whose slot loads are seq_cst). */
+    fmq_ready_ctx cx = {r, ready, arg, &blk};
+    int rc = fmq_waitline_sleep(wl, fmq_ready_thunk, &cx, deadline_ns);
+    if (rc == FMQ_AGAIN) {
         /* A whole slice without a wake: is a dead process the reason? */
         fmq_note_blocker(r, &blk, wl == &r->ctl->space && arg != 0);
         if (deadline_ns && fmq_now_ns() >= deadline_ns)
             return FMQ_TIMEDOUT;
         return FMQ_AGAIN;
     }
-    return rc == FMQ_EINTR ? FMQ_EINTR : FMQ_OK;
+    return rc;
 }
 
 int fmq_ring_wait_data(fmq_region *r, uint64_t deadline_ns) {
     fmq_pool_idle(r);   /* once per wait slice: an idle queue gives memory back */
-    if (fmq_lease_redeliver_due(r, 0) > 0)
+    if (r->up->redeliver_due(r, 0) > 0)
         return FMQ_OK;   /* something just came back: retry at once */
     return fmq_wait_for(r, &r->ctl->data, fmq_has_data, 0, deadline_ns);
 }

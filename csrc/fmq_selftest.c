@@ -1,7 +1,7 @@
 /*
  * fmq_selftest.c -- a multi-threaded stress of the ring and pool, in C.
  *
- * Driven from pytest (tests/test_c_stress.py) through the binding, so it runs
+ * Driven from pytest (tests/test_c_core.py) through the binding, so it runs
  * under the same sanitizer build as everything else. Threads share one handle
  * (threads of a process are one participant). Each producer sends
  * n_per_producer messages {producer, seq, length, checksum, filler} whose

@@ -16,7 +16,7 @@ describes a finished call):
 * delivered  -- returned by ``get``/``get_many`` to a consumer (consumer logs),
   or by the final drain;
 * lost_after_handover -- committed, never delivered, attributable to a
-  consumer killed after the hand-over (at-most-once, Promise 1): at most
+  consumer killed after the hand-over (at-most-once, README "Crash safety"): at most
   ``consumer_kills * MAX_BATCH`` messages (a consumer holds at most one
   call's worth when it dies). ``lost`` is what exceeds that bound;
 * torn -- checksum/length mismatch or undecodable; duplicated -- delivered

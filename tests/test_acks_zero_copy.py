@@ -1,4 +1,4 @@
-"""Zero-copy leased messages (issue 5, item 6): ``Message.data`` of a payload
+"""Zero-copy leased messages: ``Message.data`` of a payload
 that lives in a pool block views shared memory in place, pinned like
 ``recv()``: the bytes stay valid while a view lives -- past ``ack()``, past an
 expiry and a redelivery taken by another process -- and the block is given

@@ -1,5 +1,5 @@
 """Queue API semantics: close, context manager, stats, sizes, batches,
-serializer, threads (issue 2)."""
+serializer, threads."""
 from __future__ import annotations
 
 import collections
@@ -420,7 +420,7 @@ def test_undecodable_message_in_batch_loses_nothing(mq):
 
 
 def test_undecodable_message_then_close_loses_nothing_for_others(mq, qname):
-    """DESIGN Promise 1: a message get_many() has not returned was not handed
+    """Nothing committed is lost: a message get_many() has not returned was not handed
     over; if its consumer goes away, it is still there for the others."""
     a = mq.create(qname)
     b = mq.open(qname)

@@ -1,5 +1,5 @@
 """asyncio: get_async / put_async / get_many_async / get_message_async
-(API.md, section asyncio; DESIGN Promise 3: no busy-waiting).
+(no busy-waiting: an awaiting coroutine costs no CPU).
 
 Both backends. Producers on the other side are real processes (fork), joined
 with deadlines and always reaped (``children``). Every await is bounded by

@@ -1,4 +1,4 @@
-"""Blocking, timeouts, Ctrl-C and idle CPU (issue 2; DESIGN Promise 3)."""
+"""Blocking, timeouts, Ctrl-C and idle CPU: waits sleep, and wake for signals."""
 from __future__ import annotations
 
 import os

@@ -1,6 +1,6 @@
 """The ``fastmq`` command line against real named queues, in subprocesses.
 
-Exit codes (API.md): 0 ok, 1 error with a one-line message and no traceback,
+Exit codes: 0 ok, 1 error with a one-line message and no traceback,
 2 usage.
 """
 from __future__ import annotations

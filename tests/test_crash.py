@@ -1,5 +1,6 @@
-"""Crash safety (issue 4): any process may be SIGKILLed at any step and the
-queue keeps its data and keeps moving (DESIGN.md Promises 1 and 2).
+"""Crash safety: any process may be SIGKILLed at any step and the queue keeps
+its data and keeps moving (README "Crash safety": nothing committed is lost
+or torn; nothing wedges).
 
 NATIVE BACKEND ONLY. The crash points (``FASTMQ_CRASH_AT=<name>[:<nth>]``)
 are compiled into the C core only; the pure-Python backend has none. These
@@ -593,7 +594,7 @@ def test_reaper_killed_before_unclaim_next_waiter_finishes(cq, kids, tmp_path, s
 
 def test_dead_consumers_message_comes_back_without_lapping(cq, kids, tmp_path):
     """Minimal: a consumer killed between claim and release (before the
-    hand-over) while the queue is NOT full. Promise 1 / the auto-ack contract:
+    hand-over) while the queue is NOT full. Nothing lost / the auto-ack contract:
     the message goes back and another consumer gets it. Another consumer that
     keeps calling get() must receive it within a few seconds -- without
     anyone calling Ring.recover() and without producers lapping the ring."""
@@ -626,7 +627,7 @@ def test_opener_killed_during_open_time_recovery_leaves_queue_openable(cq, kids,
     """Minimal: a dead producer leaves something to reap; the next process to
     open the queue reaps it during open (the lone-opener audit switches
     init_state to AUDITING and runs recovery) and is SIGKILLed there
-    (recover.before_skip). Promise 2: no process death wedges a queue -- a
+    (recover.before_skip). Nothing wedges: no process death wedges a queue -- a
     later Queue.open() must succeed, and the queue must still work."""
     import fastmq
     name, q = cq

@@ -1,4 +1,4 @@
-"""Routing: fastmq.Exchange (API.md, section Routing).
+"""Routing: fastmq.Exchange.
 
 Every kind, shared bindings across real processes, topic patterns, one copy
 per queue, hash stability, a round-robin turn shared by processes, missing

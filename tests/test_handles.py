@@ -1,4 +1,4 @@
-"""Handles across processes, named queues, unlink, and /dev/shm hygiene (issue 2)."""
+"""Handles across processes, named queues, unlink, and /dev/shm hygiene."""
 from __future__ import annotations
 
 import concurrent.futures

@@ -54,25 +54,14 @@ def _park_a_dead_letter(mq, backend):
     name = unique_name("insp")
     q = mq.create(name, maxsize=8, max_deliveries=1, dead_letter=dlq)
     q.put({"poison": 1})
-    m = q._ring  # leasing through the ring: no forwarding opportunity at all
-    ctx = _Ctx(q)
-    got = m.lease(1, 5.0, 0.05, ctx)
+    # Leasing through a Consumer of the ring, not the queue: no forwarding
+    # opportunity at all.
+    consumer = q._ring.consumer(q._acks, fastmq.Message)
+    got = consumer.lease(1, 5.0, 0.05)
     assert len(got) == 1
     time.sleep(0.15)                      # the lease expires
     q._ring.redeliver_due()               # past max_deliveries: parked
     return name, dlq, q
-
-
-class _Ctx:
-    """The minimal consumer context the ring's lease() needs."""
-
-    def __init__(self, q):
-        self.queue, self.ring, self.count = q, q._ring, 0
-        self.acks = q._acks
-        self.message_class = fastmq.Message
-
-    def reject(self, m):            # pragma: no cover - not used here
-        raise ValueError(m)
 
 
 def test_stats_does_not_forward_dead_letters_or_create_the_queue(mq, backend):

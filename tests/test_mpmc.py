@@ -1,4 +1,4 @@
-"""N producers x M consumers in real processes (issue 2).
+"""N producers x M consumers in real processes.
 
 Every message is delivered exactly once, per-producer order is kept as seen by
 each consumer, and every payload's checksum is verified in the consumer.

@@ -1,4 +1,4 @@
-"""Races and churn around the core behaviour (issue 2): concurrent create/open,
+"""Races and churn around the core behaviour: concurrent create/open,
 handle churn (descriptors, participant entries), lost wake-ups, close() while
 another thread is blocked, threads inside several processes."""
 from __future__ import annotations

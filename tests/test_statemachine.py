@@ -1,4 +1,4 @@
-"""Single-process semantics against ``queue.Queue`` as the model (issue 2).
+"""Single-process semantics against ``queue.Queue`` as the model.
 
 A small ``maxsize`` makes Full reachable; every rule compares the result (or the
 exception type) of fastmq with the stdlib queue fed the same operations.

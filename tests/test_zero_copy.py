@@ -1,4 +1,4 @@
-"""The zero-copy path (issue 3; API "Zero-copy"; DESIGN Promise 5).
+"""The zero-copy path: recv, reserve/commit and zero-copy arrays.
 
 The pure backend emulates zero-copy with private copies (it cannot pin shared
 memory), so every assertion about *values* and about the API's errors holds on

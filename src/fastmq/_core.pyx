@@ -4,13 +4,17 @@
 Implements the ring contract written down in ``fastmq/_ring_protocol.py``.
 What lives here and nowhere else:
 
-* the error funnel (``_raise``): one place that turns a C return code into the
-  Python exception API.md promises, and runs pending signal handlers;
+* the error funnel (``_raise``, ``_check_wait``): one place that turns a C
+  return code, a full or empty queue and the end of a wait slice into the
+  exceptions of ``fastmq.errors``, and runs pending signal handlers;
 * the wait loops: the GIL is released while waiting (and while copying large
   payloads); every wait is sliced (<= 100 ms in C) so Ctrl-C and ``close()``
   from another thread are noticed promptly;
-* buffer exporters (``Reservation``, ``Lease``) that count their exports and
-  keep their block -- and the mapping -- alive until the last view is gone.
+* buffer exporters (``Reservation``, ``ReceivedView``, ``_PinnedPayload``)
+  that count their exports and keep their block -- and the mapping -- alive
+  until the last view is gone;
+* the at-least-once ``Consumer``: the only code that changes a leased
+  message's state or a handle's in-flight count on this backend.
 
 Threads: a ``Ring`` may be shared by threads. Its ``busy``/``pins`` counters
 are only touched with the GIL held, so they need no atomics; ``close()`` while
@@ -23,8 +27,9 @@ exporter records the generation it was made in: a copy inherited through
 
 The module is one extension split by concern into the parts under
 ``_core_parts/``, included at the end of this file in dependency order:
-``errors`` (the funnel), ``ring`` (the handle), ``leased`` (a leased message),
-``exporters`` (buffer exporters and segment listing), ``mac`` (authkey MACs).
+``errors`` (the funnel), ``ring`` (the handle), ``exporters`` (buffer
+exporters and segment listing), ``consumer`` (at-least-once delivery: Consumer,
+LeasedMessage, _PinnedPayload), ``mac`` (authkey MACs).
 This file keeps the imports and module constants they all share.
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
@@ -57,14 +62,16 @@ backend_name = "native"
 # Copies at least this large are done with the GIL released: below it the
 # release/re-acquire costs more than it frees up for other threads.
 cdef Py_ssize_t _NOGIL_COPY = 64 * 1024
-# The slot and in-flight formats record a message's length in 32 bits.
+# The slot and in-flight formats record a message's length in 32 bits
+# (fastmq/_contract.py's MAX_MESSAGE_SIZE; the conformance test compares).
 cdef uint64_t _MAX_FORMAT_LEN = 0xFFFFFFFFu
+MAX_MESSAGE_SIZE = _MAX_FORMAT_LEN
 
 fmq_global_init()
 
 
 include "_core_parts/errors.pxi"
 include "_core_parts/ring.pxi"
-include "_core_parts/leased.pxi"
 include "_core_parts/exporters.pxi"
+include "_core_parts/consumer.pxi"
 include "_core_parts/mac.pxi"

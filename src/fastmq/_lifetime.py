@@ -1,35 +1,49 @@
 """When an anonymous segment's file under /dev/shm is removed.
 
-One protocol, shared by both backends (the C core implements the same steps),
-so a segment's lifetime never depends on which backend a process uses:
+One protocol for both backends, so a segment's lifetime never depends on which
+backend a process uses: this module implements it for the pure backend and
+for ``cleanup()``; ``csrc/fmq_region.c`` (create, open, close) and
+``csrc/fmq_live.c`` (the fork handler) implement the same steps in C.
 
-* Every open handle of an anonymous segment holds ``flock(fd, LOCK_SH)`` on
-  the segment file. flock locks belong to the *open file description*, so the
-  kernel drops them when the last descriptor of it goes away -- including when
-  a process is ``kill -9``'d. A forked child shares its parent's description
-  (and therefore its lock), which is exactly right: the segment is in use as
-  long as either process still has it open.
-* Closing a handle: close its own descriptor *without* ``LOCK_UN`` (LOCK_UN
-  would also release the lock for a forked child sharing the description),
-  then open the file anew and try ``LOCK_EX | LOCK_NB``. Success means nobody
-  else holds it, so the closer unlinks it. Two closers racing both try; at most
-  one wins and the other sees the file gone.
-* Attaching (opening an anonymous segment) takes ``LOCK_SH | LOCK_NB`` and then
-  checks that the name still refers to the same inode: a closer that won the
-  exclusive lock is about to unlink (or has unlinked) it, so the opener treats
-  the segment as gone instead of keeping a zombie alive.
+* Every open handle of an anonymous segment holds ``flock(LOCK_SH)`` on the
+  segment file. flock locks belong to the *open file description*, so the
+  kernel drops them when the last reference to that description goes away --
+  including when a process is ``kill -9``'d. Which description holds it: the
+  pure backend's handle descriptor; in the native backend the description the
+  segment was mapped from, which the mapping keeps referenced (the handle's
+  own descriptor is then given a fresh description for its liveness lock,
+  ``fmq_live.c``), so the lock lasts exactly as long as the mapping.
+* A forked child: with the pure backend it shares its parent's descriptor and
+  so its description and lock, which is exactly right: the segment is in use
+  as long as either process still has it open. With the native backend the
+  child's inherited mapping keeps the parent's description (and lock)
+  referenced too, and the fork handler gives each inherited descriptor a new
+  description, on which the child takes ``LOCK_SH`` of its own.
+* Closing a handle: drop its descriptor (the native one unmaps first)
+  *without* ``LOCK_UN`` (LOCK_UN would also release the lock for a forked
+  child sharing the description), then open the file anew and try
+  ``LOCK_EX | LOCK_NB``. Success means nobody else holds it, so the closer
+  unlinks it -- before it lets go of the exclusive lock. Two closers racing
+  both try; at most one wins and the other sees the file gone.
+* Attaching (opening an anonymous segment) takes ``LOCK_SH | LOCK_NB``,
+  retrying for up to a second (a closer or ``cleanup()`` holds ``LOCK_EX``
+  only for a moment), and then checks that the name still refers to the inode
+  it locked: a closer that won the exclusive lock has unlinked it, so the
+  opener treats the segment as gone instead of keeping a zombie alive.
 * ``cleanup()`` catches what nobody closed (every user ``kill -9``'d): any
   ``fastmq-anon-*`` fastmq segment (checked by its magic) that can be locked
   exclusively has no live holder and is unlinked -- at once, no grace period:
   a creator holds its shared lock before the name exists (below).
 * Creating: both backends initialize a segment under a temporary name
   (``fastmq-tmp-<pid>-<random>``; exchanges use ``fastmq-xtmp-``) while
-  holding ``flock`` on it, and ``link`` it into place when it is complete (an
-  anonymous one with its creator's ``LOCK_SH`` already held). So a segment
-  being set up is visible as such without any clock, and nothing ever sees a
-  half-made one under its real name. ``cleanup()`` removes a temporary file
-  only when its creator is provably dead: the pid in its name is gone (or a
-  zombie) *and* nobody holds a lock on it.
+  holding ``flock(LOCK_EX)`` on it (the native creator also holds an OFD
+  "initializing" lock, which tells an opener of a segment that is not ready
+  yet that its creator is alive), convert that flock to ``LOCK_SH``
+  (anonymous) or drop it (named), and ``link`` the file into place when it is
+  complete. So a segment being set up is visible as such without any clock,
+  and nothing ever sees a half-made one under its real name. ``cleanup()``
+  removes a temporary file only when its creator is provably dead: the pid in
+  its name is gone (or a zombie) *and* nobody holds a lock on it.
 
 POSIX record locks (``lockf``, used by the pure backend as its mutex) have a
 nasty property: closing *any* descriptor of a file releases *all* of the

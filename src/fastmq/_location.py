@@ -13,9 +13,16 @@ memory on this host. The forms:
 
 ``mask()`` is what every message, ``repr`` and CLI line shows of a URL: the
 password (and the user name) replaced by ``***``.
+
+A location other than shared memory is served by a module named in
+``_LOCATIONS`` and imported by that name when first needed (the same registry
+pattern as ``_backend._MODULES``): those modules import this one (for
+``resolve`` and ``mask``) and build on ``fastmq.queue``, so a plain import of
+them from here would make every layer an import cycle.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import urllib.parse
@@ -45,25 +52,31 @@ def resolve(url):
     return scheme, url
 
 
-def _redis_module():
+# scheme -> the module that serves it (shm: is the caller's own)
+_LOCATIONS = {"redis": "fastmq._redis", "rediss": "fastmq._redis", "unix": "fastmq._redis"}
+
+
+def location_module(scheme, part=""):
+    """The module serving ``scheme`` (``part``: one of its submodules, e.g.
+    ``".cli"``); ImportError saying what to install when its client library
+    is missing."""
     try:
-        from . import _redis
+        return importlib.import_module(_LOCATIONS[scheme] + part)
     except ImportError as exc:         # the optional client library is missing
-        raise ImportError(f"a redis:// location needs the redis client library: "
+        raise ImportError(f"a {scheme}:// location needs the redis client library: "
                           f"pip install fastmq[redis] ({exc})") from None
-    return _redis
 
 
 def queue_class(url):
     """The queue class for ``url``, or None for shared memory (the caller's own)."""
     scheme, _ = resolve(url)
-    return None if scheme == "shm" else _redis_module().RedisQueue
+    return None if scheme == "shm" else location_module(scheme).RedisQueue
 
 
 def exchange_class(url):
     """The exchange class for ``url``, or None for shared memory."""
     scheme, _ = resolve(url)
-    return None if scheme == "shm" else _redis_module().RedisExchange
+    return None if scheme == "shm" else location_module(scheme).RedisExchange
 
 
 _CREDENTIALS = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^@/]*@")

@@ -9,10 +9,13 @@ out. Past the queue's ``max_deliveries`` a message is dead-lettered: forwarded
 (its original payload bytes) to the queue named ``dead_letter``, or dropped and
 counted in ``stats()["dead_lettered"]`` when there is none.
 
-All shared-memory work is the ring's (``_ring_protocol.LeaseRing``); this
-module only adds what is per handle:
+Every change of a message's state and of a handle's in-flight count is made
+by the backend's ``Consumer`` (``_ring_protocol.Consumer``: ``_core_parts/
+consumer.pxi`` natively, ``_pure/consumer.py`` in pure Python), which does the
+shared-memory work. This module is the policy on top of it, per handle:
 
-* ``Message`` -- the user's object (value, data, ack/nack/touch);
+* ``Message`` -- the user's object: decoding (value, data) and the calls
+  ack/nack/touch, each handed to the message's Consumer;
 * the in-flight bound (``Queue.max_in_flight``): leasing more than that many
   un-acked messages on one handle raises ``TooManyInFlight`` rather than
   blocking, because the only way to free room is for the *same* consumer to
@@ -42,8 +45,8 @@ import threading
 import time
 
 from . import _backend, _lifetime
-# Settlement states, shared with both backends' LeasedMessage / ack_many.
-from ._pure.message import ACKED as _ACKED, HELD as _HELD, LOST as _LOST, NACKED as _NACKED
+from ._auth import count_rejected
+from ._contract import ACKED as _ACKED, MAX_LEASE, STATE_NAMES as _STATE_NAMES
 from .errors import AuthenticationError, Empty, Error, LeaseLost, QueueNotFound
 
 __all__ = ["Message", "TooManyInFlight", "DEFAULT_LEASE", "DEFAULT_MAX_IN_FLIGHT"]
@@ -51,7 +54,6 @@ __all__ = ["Message", "TooManyInFlight", "DEFAULT_LEASE", "DEFAULT_MAX_IN_FLIGHT
 DEFAULT_LEASE = 30.0                # seconds
 DEFAULT_MAX_IN_FLIGHT = 10_000      # un-acked messages per handle (per process)
 DEFAULT_GET_MESSAGES = 64
-MAX_LEASE = 1e9
 _DEAD_LETTER_CHECK_INTERVAL = 0.25  # seconds between forwarding attempts per handle
 _DEAD_LETTER_BATCH = 256
 
@@ -100,10 +102,11 @@ class Message(_LeasedMessage):
       the lease to now + seconds. ``ack``/``nack``/``touch`` raise
       ``LeaseLost`` once the lease expired, even if nobody took it yet.
 
-    The fields (``_ctx``, the consumer it belongs to; ``_slot``/``_token``,
-    its in-flight entry; ``_payload``; ``_state``) are set by the ring's
-    ``lease()`` -- a C type in the native build, because building and
-    settling Messages is the hot path of ``get_messages``/``ack_many``.
+    The fields (``_contract.MESSAGE_FIELDS``: ``_consumer``, the backend's
+    Consumer that leased it; ``_slot``/``_token``, its in-flight entry;
+    ``_payload``; ``_state``) are set by that Consumer -- a C type in the
+    native build, because building and settling Messages is the hot path of
+    ``get_messages``/``ack_many``.
     """
 
     __slots__ = ("_value", "_checked")
@@ -116,7 +119,7 @@ class Message(_LeasedMessage):
             return self._value
         except AttributeError:
             pass
-        payload, queue = self._payload, self._ctx.queue
+        payload, queue = self._payload, self._consumer.owner.queue
         if queue._auth is not None:               # checked at lease time (a private copy)
             payload = self._checked
             if queue._serializer is not None and payload.__class__ is not bytes:
@@ -131,7 +134,7 @@ class Message(_LeasedMessage):
     @property
     def data(self):
         """Read-only memoryview of the payload (see the class docstring)."""
-        if self._ctx.queue._auth is not None:
+        if self._consumer.owner.queue._auth is not None:
             return memoryview(self._checked).toreadonly()
         return super().data
 
@@ -139,123 +142,30 @@ class Message(_LeasedMessage):
     def acked(self) -> bool:
         return self._state == _ACKED
 
-    # ---- settlement
+    # ---- settlement (the Consumer changes the state; see its contract)
 
     def ack(self) -> None:
         """Done with it: the message leaves the queue for good. A second
         ``ack()`` is a no-op; ``ack()`` after ``nack()`` raises ``LeaseLost``."""
-        state = self._state
-        if state != _HELD:
-            if state == _ACKED:
-                return
-            self._check_held("ack")
-        ctx = self._ctx
-        try:
-            ctx.ring.ack(self._slot, self._token)
-        except LeaseLost:
-            self._settle(_LOST)
-            raise
-        self._state = _ACKED
-        ctx.count -= 1                    # see _Lessee: no lock needed
+        self._consumer.ack(self)
 
     def nack(self, requeue: bool = True) -> None:
         """Give the message back now: to the back of the queue with
         ``delivery_count + 1`` (dead-lettered past ``max_deliveries``), or,
         with ``requeue=False``, dead-letter it at once."""
-        self._check_held("nack")
-        try:
-            self._ctx.ring.nack(self._slot, self._token, bool(requeue))
-        except LeaseLost:
-            self._settle(_LOST)
-            raise
-        self._settle(_NACKED)
+        consumer = self._consumer
+        consumer.nack(self, bool(requeue))
         # Past max_deliveries (or requeue=False) it is parked now: forward it
         # at this handle's next get_message (inspection never forwards).
-        self._ctx.acks.dead_letter_hint()
+        consumer.owner.dead_letter_hint()
 
     def touch(self, seconds: float = DEFAULT_LEASE) -> None:
         """Extend the lease to now + ``seconds``."""
-        seconds = check_lease(seconds, "seconds")
-        self._check_held("touch")
-        try:
-            self._ctx.ring.touch(self._slot, self._token, seconds)
-        except LeaseLost:
-            self._settle(_LOST)
-            raise
-
-    def _check_held(self, what):
-        if self._state == _HELD:
-            return
-        reason = {_ACKED: "was acked", _NACKED: "was nacked",
-                  _LOST: "lease was already reported lost"}[self._state]
-        raise LeaseLost(f"cannot {what} message {self._slot}: it {reason}")
-
-    def _settle(self, state):
-        if self._state == _HELD:
-            self._ctx.release(1)
-        self._state = state
+        self._consumer.touch(self, check_lease(seconds, "seconds"))
 
     def __repr__(self):
-        state = ("held", "acked", "nacked", "lost")[self._state]
         return (f"<fastmq.Message id={self._slot} delivery_count={self.delivery_count} "
-                f"{len(self._payload)} bytes {state}>")
-
-
-class _Lessee:
-    """One handle's consumer in one process (a fork gets a new one): what its
-    Messages point back to, and its count of un-acked messages."""
-
-    __slots__ = ("acks", "queue", "ring", "count")
-    message_class = Message          # what ring.lease() builds
-
-    def __init__(self, acks, ring):
-        self.acks, self.queue, self.ring = acks, acks.queue, ring
-        self.count = 0
-
-    def reject(self, m):
-        """ring.ack_many() found ``m`` in its batch: say what is wrong."""
-        if not isinstance(m, Message):
-            raise TypeError(f"ack_many takes fastmq.Message objects, not {type(m).__name__}")
-        raise ValueError(f"{m!r} was not leased through this queue handle in this process")
-
-    # Plain int updates, no lock (a lock costs more than the rest of an ack):
-    # under the GIL ``self.count += n`` runs no Python code in between, so
-    # the count never drifts; reserve()'s check-then-add may overshoot the
-    # bound by one batch when threads race on one handle -- acceptable for a
-    # prefetch-style bound.
-    def reserve(self, wanted, bound):
-        # The in-flight table has as many entries as the ring has slots.
-        table = self.ring.maxsize
-        if table < bound:
-            bound = table
-        room = bound - self.count
-        if room <= 0:
-            room = bound - self.recount()
-        if room <= 0:
-            limit = (f"max_in_flight={bound}" if bound < table else
-                     f"the queue's in-flight table holds maxsize={table} entries")
-            raise TooManyInFlight(
-                f"this handle already holds {self.count} un-acked message(s) "
-                f"({limit}); ack or nack some first"
-                + (", or raise q.max_in_flight" if bound < table else ""))
-        n = wanted if wanted < room else room
-        self.count += n
-        return n
-
-    def release(self, n):
-        self.count -= n
-
-    def recount(self):
-        """Correct the count for messages dropped without ack/nack (no
-        ``__del__`` hook: it would cost every message). They hold their
-        lease until it expires, so they count until then: the ring's
-        in-flight entries held by this process bound the true number."""
-        pid = os.getpid()
-        held = sum(1 for entry in self.ring.pending()
-                   if entry.get("pid") == pid and entry.get("expires_in", 1) > 0)
-        if held < self.count:
-            self.count = held
-        return self.count
+                f"{len(self._payload)} bytes {_STATE_NAMES[self._state]}>")
 
 
 # ------------------------------------------------------------ argument checks
@@ -284,48 +194,71 @@ class Acks:
         self.queue = queue
         self.max_in_flight = check_max_in_flight(max_in_flight)
         self._generation = _lifetime.fork_generation
-        self._lessee = None
+        self._consumer = None             # this process's Consumer on the ring
         self._dead_letter = None          # the ring's dead-letter name, read once
         self._dlq = None                  # the dead-letter Queue, opened lazily
         self._unforwarded = []            # taken dead letters the DLQ had no room for
         self._next_dead_check = 0.0
         self._lock = threading.Lock()
 
-    def lessee(self, ring):
-        lessee = self._lessee
-        if lessee is None or self._generation != _lifetime.fork_generation:
+    def consumer(self, ring):
+        """This process's Consumer on ``ring`` (a fork gets a new one: the
+        parent's leases are not the child's)."""
+        consumer = self._consumer
+        if consumer is None or self._generation != _lifetime.fork_generation:
             if self._generation != _lifetime.fork_generation:   # inherited: not ours
                 self._generation = _lifetime.fork_generation
                 self._dlq, self._unforwarded = None, []
-            lessee = self._lessee = _Lessee(self, ring)
+            consumer = self._consumer = ring.consumer(self, Message)
             self._dead_letter = getattr(ring, "dead_letter", "") or ""
-        return lessee
+        return consumer
 
     @property
     def in_flight(self) -> int:
-        lessee = self._lessee
-        return lessee.count if lessee and self._generation == _lifetime.fork_generation else 0
+        consumer = self._consumer
+        if consumer is None or self._generation != _lifetime.fork_generation:
+            return 0
+        return consumer.in_flight
 
     # ---- leasing
 
+    def _room(self, consumer, ring, wanted):
+        """How many of ``wanted`` messages the in-flight bound lets this
+        handle lease now (TooManyInFlight if none). No lock: a check that
+        races another thread of the same handle may overshoot the bound by
+        one batch -- acceptable for a prefetch-style bound, and a lock costs
+        more than the rest of an ack."""
+        bound = self.max_in_flight
+        table = ring.maxsize             # the in-flight table has one entry per slot
+        if table < bound:
+            bound = table
+        room = bound - consumer.in_flight
+        if room <= 0:
+            room = bound - consumer.recount()
+        if room <= 0:
+            limit = (f"max_in_flight={bound}" if bound < table else
+                     f"the queue's in-flight table holds maxsize={table} entries")
+            raise TooManyInFlight(
+                f"this handle already holds {consumer.in_flight} un-acked message(s) "
+                f"({limit}); ack or nack some first"
+                + (", or raise q.max_in_flight" if bound < table else ""))
+        return wanted if wanted < room else room
+
     def get_messages(self, ring, max_messages, timeout, lease):
-        lessee = self._lessee
-        if lessee is None or self._generation != _lifetime.fork_generation:
-            lessee = self.lessee(ring)
+        consumer = self._consumer
+        if consumer is None or self._generation != _lifetime.fork_generation:
+            consumer = self.consumer(ring)
         if self._dead_letter:
             self.forward_dead_letters(ring)
-        n = lessee.reserve(max_messages, self.max_in_flight)
+        n = self._room(consumer, ring, max_messages)
         try:
-            leased = ring.lease(n, timeout, lease, lessee)
-        except BaseException as exc:
-            lessee.release(n)
-            if self._dead_letter and isinstance(exc, Empty):
+            leased = consumer.lease(n, timeout, lease)
+        except Empty:
+            if self._dead_letter:
                 # The wait may have parked expired leases past max_deliveries:
                 # pass them on now rather than at some later call.
                 self.forward_dead_letters(ring, force=True)
             raise
-        if len(leased) < n:
-            lessee.release(n - len(leased))
         if self.queue._auth is not None:
             return self._check(ring, leased)
         return leased
@@ -338,7 +271,6 @@ class Acks:
         readers. The good ones are returned; if none is good, the call raises
         ``AuthenticationError``. A payload left in a pool block is copied out
         for the check, so nobody can change it between check and unpickling."""
-        from ._auth import count_rejected
         auth, good, error = self.queue._auth, [], None
         for m in leased:
             payload = m._payload
@@ -371,12 +303,10 @@ class Acks:
         return good
 
     def ack_many(self, ring, messages):
-        lessee = self._lessee
-        if lessee is None or self._generation != _lifetime.fork_generation:
-            lessee = self.lessee(ring)
-        acked, settled = ring.ack_many(messages, lessee)
-        lessee.release(settled)           # once for the batch
-        return acked
+        consumer = self._consumer
+        if consumer is None or self._generation != _lifetime.fork_generation:
+            consumer = self.consumer(ring)
+        return consumer.ack_many(messages)
 
     # ---- dead letters
 
@@ -387,7 +317,7 @@ class Acks:
     def forward_dead_letters(self, ring, force=False):
         """Move parked dead letters to the dead-letter queue (cheap when the
         queue has none configured or it was checked a moment ago)."""
-        self.lessee(ring)
+        self.consumer(ring)
         name = self._dead_letter
         if not name:
             return 0
@@ -405,7 +335,7 @@ class Acks:
     def _forward_locked(self, ring, name):
         forwarded = 0
         while True:
-            batch = self._unforwarded or ring.take_dead_letters(_DEAD_LETTER_BATCH)
+            batch = self._unforwarded or self._consumer.take_dead_letters(_DEAD_LETTER_BATCH)
             self._unforwarded = []
             if not batch:
                 return forwarded
@@ -420,19 +350,20 @@ class Acks:
                     self._unforwarded = batch[i:]
                     return forwarded
                 try:
-                    ring.ack_dead(slot, token)
+                    self._consumer.ack_dead(slot, token)
                 except LeaseLost:
                     pass                 # reclaimed meanwhile: a duplicate, not a loss
                 forwarded += 1
 
     def _dead_letter_queue(self, name):
         if self._dlq is None or self._dlq.closed:
-            from .queue import Queue
-            backend = self.queue.backend
+            # The queue's own class (fastmq.Queue): no import of queue.py,
+            # which imports this module.
+            queue_class, backend = type(self.queue), self.queue.backend
             try:
-                self._dlq = Queue.open(name, _backend=backend)
+                self._dlq = queue_class.open(name, _backend=backend)
             except QueueNotFound:
-                self._dlq = Queue.create(name, exist_ok=True, _backend=backend)
+                self._dlq = queue_class.create(name, exist_ok=True, _backend=backend)
         return self._dlq
 
     def close(self):

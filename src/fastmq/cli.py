@@ -372,13 +372,13 @@ def _located(args):
     if args.command not in ("ls", "stat", "pending", "rm"):
         return None
     from . import _location
-    if _location.resolve(args.url)[0] == "shm":
+    scheme = _location.resolve(args.url)[0]
+    if scheme == "shm":
         return None
     try:
-        from ._redis import cli as located
+        located = _location.location_module(scheme, ".cli")
     except ImportError as exc:
-        raise UserError(f"{args.url or os.environ.get(_location.ENV)!r} needs the redis client "
-                        f"library: pip install fastmq[redis] ({exc})") from None
+        raise UserError(f"{args.url or os.environ.get(_location.ENV)!r}: {exc}") from None
     return located.COMMANDS[args.command]
 
 

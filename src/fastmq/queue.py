@@ -23,7 +23,8 @@ from typing import Any, Callable, Generic, Iterable, Optional, Tuple, TypeVar, U
 
 from multiprocessing.context import get_spawning_popen
 
-from . import _auth, _backend, _lifetime, _location, _names, _serialize, acks, asyncio_support
+from . import (_auth, _backend, _contract, _lifetime, _location, _names, _serialize, acks,
+               asyncio_support)
 from .errors import AuthenticationError, Full, MessageTooLarge, QueueClosed, QueueNotFound
 
 __all__ = ["Queue", "Received", "DEFAULT_MAX_MESSAGE_SIZE", "MIN_CAPACITY_BYTES",
@@ -35,7 +36,7 @@ MAX_DEFAULT_CAPACITY_BYTES = 1 << 30      # ... and ceiling (from the share of /
 MIN_UNBOUNDED_SLOTS = 1 << 16             # message slots when maxsize <= 0 ...
 MAX_UNBOUNDED_SLOTS = 1 << 18             # ... one per KiB of capacity_bytes, clamped
 MAX_MAXSIZE = 1 << 24
-MAX_MESSAGE_SIZE = 1 << 31
+MAX_MESSAGE_SIZE = _contract.MAX_MESSAGE_SIZE  # what every backend can carry
 MAX_CAPACITY_BYTES = 1 << 40
 DEFAULT_GET_MANY = 1024
 _SMALL_SEALED = 1 << 16        # below: sealed as one bytes; above: written in place
@@ -810,25 +811,25 @@ class Received:
     while such views are alive.
     """
 
-    __slots__ = ("_lease", "_data")
+    __slots__ = ("_view", "_data")
 
-    def __init__(self, lease, data=None):
-        self._lease = lease
+    def __init__(self, view, data=None):
+        self._view = view             # the ring's ReceivedView (not a lease: nothing to ack)
         self._data = data             # the checked payload, past the tag (authkey=)
 
     @property
     def data(self) -> memoryview:
-        return self._lease.view if self._data is None else self._data
+        return self._view.view if self._data is None else self._data
 
     @property
     def nbytes(self) -> int:
-        return self._lease.nbytes if self._data is None else self._data.nbytes
+        return self._view.nbytes if self._data is None else self._data.nbytes
 
     def release(self) -> None:
         data = self._data
         if data is not None:
             data.release()            # our own slice; views derived from it keep it
-        self._lease.release()
+        self._view.release()
 
     def __enter__(self) -> "Received":
         return self
@@ -840,7 +841,7 @@ class Received:
                 data.release()
             except BufferError:
                 pass                  # views of it live on; closing defers to them
-        self._lease.close()
+        self._view.close()
 
 
 # ------------------------------------------------------------------- helpers

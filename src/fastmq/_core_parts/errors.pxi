@@ -1,20 +1,36 @@
-# Part of fastmq._core (the error funnel: C return codes to exceptions, signal checks).
+# Part of fastmq._core (the error funnel: C return codes, Full/Empty and wait-slice
+# signal checks, to exceptions).
 # Included by src/fastmq/_core.pyx; it shares that module's namespace.
 
 # ======================================================================== #
 # error funnel                                                             #
 # ======================================================================== #
 
-cdef int _raise(int rc, str what="") except -1:
-    """Map a C return code to its exception (always raises for rc != 0)."""
+# What a call was doing when the C core returned an error. The same return
+# code means different things to different callers -- FMQ_ELOST from a lease
+# operation is the user's LeaseLost, from a ring slot or pool block it is a
+# damaged segment -- so the caller says which, and the funnel never has to
+# guess from the C core's message text.
+cdef enum:
+    KIND_RING = 0       # put/get/commit/recv/wait: a slot or block it held
+    KIND_GET = 1        # a read: a timed-out wait is Empty, not Full
+    KIND_LEASE = 2      # ack/nack/touch/ack_dead/payload of an in-flight entry
+
+
+cdef int _raise(int rc, str detail=None, int kind=KIND_RING) except -1:
+    """Map a C return code to its exception (always raises for rc != 0).
+
+    The one place where the native backend turns a condition into a Python
+    exception: Empty and Full (``detail`` is then the message), every C
+    return code, and what a wait slice ends with (``_check_wait``)."""
     cdef int err = errno
-    msg = fmq_last_error().decode("utf-8", "replace")
-    if rc == FMQ_EMPTY or rc == FMQ_TIMEDOUT and what == "get":
-        raise Empty("queue is empty")
+    if rc == FMQ_EMPTY or rc == FMQ_TIMEDOUT and kind == KIND_GET:
+        raise Empty(detail or "queue is empty")
     if rc == FMQ_FULL or rc == FMQ_NOSPACE or rc == FMQ_TIMEDOUT:
-        raise Full("queue is full")
+        raise Full(detail or "queue is full")
     if rc == FMQ_TOOBIG:
-        raise MessageTooLarge(what or "message exceeds the queue's max_message_size")
+        raise MessageTooLarge(detail or "message exceeds the queue's max_message_size")
+    msg = fmq_last_error().decode("utf-8", "replace")
     if rc == FMQ_ECORRUPT or rc == FMQ_EVERSION or rc == FMQ_EDEADINIT:
         raise CorruptQueue(msg)
     if rc == FMQ_ENOTFOUND:
@@ -24,14 +40,14 @@ cdef int _raise(int rc, str what="") except -1:
     if rc == FMQ_EINVAL or rc == FMQ_ESTATE:
         raise ValueError(msg)
     if rc == FMQ_ELOST:
-        # The C core says ELOST for two different things: a lease (in-flight
-        # entry or dead letter) that is no longer this consumer's -- the
-        # user's LeaseLost -- and a ring slot or pool block that a plain
-        # put/get/commit/recv held and found changed under it. No lease is
-        # involved in the second; only crash recovery judging this process
-        # dead, or a write into the segment from outside fastmq, can do that.
-        if "lease" in msg or "dead letter" in msg:
+        if kind == KIND_LEASE:
+            # The in-flight entry (or dead letter) is no longer this
+            # consumer's: expired and redelivered, nacked, or reclaimed.
             raise LeaseLost(msg)
+        # A ring slot or pool block that a plain put/get/commit/recv held
+        # changed under it. No lease is involved; only crash recovery judging
+        # this process dead, or a write into the segment from outside fastmq,
+        # can do that.
         raise CorruptQueue(msg + ": the shared state this call held was changed by another "
                            "process (crash recovery judged its holder dead, or the segment "
                            "was written by something other than fastmq)")
@@ -40,6 +56,20 @@ cdef int _raise(int rc, str what="") except -1:
     if rc == FMQ_EOS:
         raise OSError(err, msg)
     raise Error("fastmq internal error %d: %s" % (rc, msg))
+
+
+cdef int _check_wait(bint closed) except -1:
+    """After a wait slice ended without the awaited event (FMQ_AGAIN /
+    FMQ_EINTR): run pending signal handlers (Ctrl-C raises KeyboardInterrupt
+    here) and notice a close() from another thread."""
+    PyErr_CheckSignals()
+    if closed:
+        raise QueueClosed("queue handle was closed while waiting")
+    return 0
+
+
+cdef int _raise_closed() except -1:
+    raise QueueClosed("queue handle is closed")
 
 
 cdef bytes _segment_bytes(str name):

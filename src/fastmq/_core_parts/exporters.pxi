@@ -1,4 +1,4 @@
-# Part of fastmq._core (buffer exporters: Reservation, Lease, _PinnedPayload; list_segments).
+# Part of fastmq._core (buffer exporters: Reservation, ReceivedView; list_segments).
 # Included by src/fastmq/_core.pyx; it shares that module's namespace.
 
 # ======================================================================== #
@@ -205,26 +205,28 @@ cdef class Reservation(_Exporter):
 
 
 @cython.no_gc_clear
-cdef class Lease(_Exporter):
-    """A received message whose bytes stay in place (see the contract)."""
+cdef class ReceivedView(_Exporter):
+    """What ``Ring.recv`` returns: a received message (already consumed)
+    whose bytes stay in place (see the ring contract). Not a lease: nothing
+    is acked; the object only keeps the bytes alive."""
     cdef uint32_t block
     cdef bytes _copy
     cdef readonly uint32_t deliveries
 
     @staticmethod
-    cdef Lease _new_copy(Ring ring, bytes data):
-        cdef Lease self = Lease.__new__(Lease)
+    cdef ReceivedView _new_copy(Ring ring, bytes data):
+        cdef ReceivedView self = ReceivedView.__new__(ReceivedView)
         self.block = FMQ_NO_BLOCK
         self._copy = data
         self._attach(ring, <unsigned char *>PyBytes_AS_STRING(data), len(data), True)
         return self
 
     @staticmethod
-    cdef Lease _new_block(Ring ring, fmq_msg *m):
+    cdef ReceivedView _new_block(Ring ring, fmq_msg *m):
         cdef int rc = fmq_ring_detach(ring.r, m, 1)   # slot free now; block is ours
         if rc != FMQ_OK:
             _raise(rc)
-        cdef Lease self = Lease.__new__(Lease)
+        cdef ReceivedView self = ReceivedView.__new__(ReceivedView)
         self.block = m.block
         self.deliveries = m.deliveries
         self._attach(ring, m.data, m.len, True)
@@ -237,29 +239,6 @@ cdef class Lease(_Exporter):
             fmq_pool_release_reader(self.ring.r, self.block)
 
 
-
-
-@cython.no_gc_clear
-cdef class _PinnedPayload(_Exporter):
-    """A leased message's payload left in its block (Message.data), pinned
-    (fmq_lease_pin) until this object -- held by the Message and by every
-    view of it -- is gone: an ack or a redelivery meanwhile never frees memory
-    that Python can still see, and data stays readable after ack()."""
-    cdef uint32_t slot, token, block
-
-    @staticmethod
-    cdef _PinnedPayload _new(Ring ring, uint32_t slot, uint32_t token, uint32_t block,
-                             const unsigned char *data, uint32_t n):
-        cdef _PinnedPayload self = _PinnedPayload.__new__(_PinnedPayload)
-        self.slot, self.token, self.block = slot, token, block
-        self._attach(ring, <unsigned char *>data, n, True)
-        return self
-
-    cdef void _give_back(self):
-        fmq_lease_unpin(self.ring.r, self.slot, self.token, self.block)
-
-    def __len__(self):
-        return self.size
 
 
 def list_segments():

@@ -1,4 +1,4 @@
-# Part of fastmq._core (Ring: one handle on a queue segment (put/get, waits, leases, inspection)).
+# Part of fastmq._core (Ring: one handle on a queue segment (put/get, waits, lifetime, inspection)).
 # Included by src/fastmq/_core.pyx; it shares that module's namespace.
 
 # ======================================================================== #
@@ -9,7 +9,8 @@ cdef class Ring:
     """One process-local handle on a queue segment (see _ring_protocol.Ring)."""
     cdef fmq_region *r
     cdef int busy          # calls in progress (GIL held while counting)
-    cdef int pins          # live Reservations/Leases (views may point into the map)
+    cdef int pins          # live exporters (Reservation, ReceivedView, _PinnedPayload):
+                           # their views may point into the map
     cdef bint _closed
     cdef bint _leases_returned   # close() handed this handle's leases back
     cdef readonly str name
@@ -105,7 +106,7 @@ cdef class Ring:
 
     cdef inline int _enter(self) except -1:
         if self._closed:
-            raise QueueClosed("queue handle is closed")
+            _raise_closed()
         cdef int rc = fmq_region_check_fork(self.r)
         if rc != FMQ_OK:
             _raise(rc)
@@ -208,12 +209,10 @@ cdef class Ring:
                 rc = fmq_ring_wait_data(self.r, deadline)
         if rc == FMQ_TIMEDOUT:
             if for_space:
-                raise Full(self._full_msg(need))
-            raise Empty("queue is empty")
+                _raise(FMQ_FULL, self._full_msg(need))
+            _raise(FMQ_EMPTY)
         if rc == FMQ_AGAIN or rc == FMQ_EINTR:
-            PyErr_CheckSignals()          # KeyboardInterrupt etc. raise here
-            if self._closed:
-                raise QueueClosed("queue handle was closed while waiting")
+            _check_wait(self._closed)     # KeyboardInterrupt etc. raise here
         return 0
 
     def wait(self, bint for_space, double timeout, Py_ssize_t need=0):
@@ -254,7 +253,7 @@ cdef class Ring:
             if rc != FMQ_NOSPACE:
                 _raise(rc)
             if nonblock:
-                raise Full(self._full_msg(<uint64_t>n))
+                _raise(FMQ_FULL, self._full_msg(<uint64_t>n))
             self._wait(True, deadline, <uint64_t>n)
 
     cdef int _claim(self, fmq_msg *m, bint for_write, bint nonblock,
@@ -270,8 +269,8 @@ cdef class Ring:
                 _raise(rc)
             if nonblock:
                 if for_write:
-                    raise Full(self._full_msg(0))
-                raise Empty("queue is empty")
+                    _raise(FMQ_FULL, self._full_msg(0))
+                _raise(FMQ_EMPTY)
             self._wait(for_write, deadline, 0)
 
     cdef inline int _claim_slot(self, fmq_msg *m, bint nonblock, uint64_t deadline) except -1:
@@ -536,7 +535,7 @@ cdef class Ring:
         return out[:k] if decode is not None else out
 
     def recv(self, timeout=None):
-        """Receive one message without copying it out (large ones) -> Lease."""
+        """Receive one message without copying it out (large ones) -> ReceivedView."""
         cdef bint nonblock
         cdef uint64_t deadline = _deadline(timeout, &nonblock)
         cdef fmq_msg m
@@ -546,182 +545,21 @@ cdef class Ring:
             if m.block == FMQ_NO_BLOCK:
                 # Small: a private copy is cheaper than pinning, and frees the
                 # slot at once.
-                return Lease._new_copy(self, self._take_bytes(&m, 1))
-            return Lease._new_block(self, &m)
+                return ReceivedView._new_copy(self, self._take_bytes(&m, 1))
+            return ReceivedView._new_block(self, &m)
         finally:
             self._leave()
 
-    # ---- leases (at-least-once) ---------------------------------------- #
+    # ---- at-least-once ------------------------------------------------- #
+    #
+    # Leasing and settling belong to this handle's Consumer (consumer.pxi);
+    # what stays here is queue-wide: housekeeping of the in-flight table and
+    # its inspection.
 
-    cdef object _lease_payload(self, uint32_t slot, uint32_t token):
-        """A private copy of a held lease's payload."""
-        cdef const unsigned char *data
-        cdef uint32_t n
-        cdef int rc = fmq_lease_payload(self.r, slot, token, &data, &n)
-        if rc != FMQ_OK:
-            _raise(rc)
-        return PyBytes_FromStringAndSize(<const char *>data, n)
-
-    cdef object _leased(self, type cls, object ctx, uint32_t slot, uint32_t token,
-                        uint32_t deliveries):
-        """A new message of class cls for a lease we just took; None if the
-        lease was lost already (it is redelivered: skip it)."""
-        cdef const unsigned char *data
-        cdef uint32_t n, block
-        cdef int rc = fmq_lease_pin(self.r, slot, token, &data, &n, &block)
-        if rc == FMQ_OK:          # a block: views of it, pinned (see fmq_lease_pin)
-            payload = _PinnedPayload._new(self, slot, token, block, data, n)
-        elif rc == FMQ_AGAIN:     # inline: a private copy is cheaper than a pin
-            rc = fmq_lease_payload(self.r, slot, token, &data, &n)
-            if rc == FMQ_ELOST:
-                return None
-            if rc != FMQ_OK:
-                _raise(rc)
-            payload = PyBytes_FromStringAndSize(<const char *>data, n)
-        elif rc == FMQ_ELOST:
-            return None
-        else:
-            _raise(rc)
-        # __new__ without __init__: a few C stores, no argument parsing.
-        cdef LeasedMessage msg = LeasedMessage.__new__(cls)
-        msg._ctx = ctx
-        msg._slot = slot
-        msg._token = token
-        msg.delivery_count = deliveries
-        msg._payload = payload
-        return msg
-
-    def lease(self, Py_ssize_t max_messages, timeout, double lease_seconds, ctx):
-        """Lease up to max_messages (at least one, waiting up to timeout): a
-        list of ``ctx.message_class`` objects (a LeasedMessage subclass) that
-        point back to ``ctx``."""
-        cdef bint nonblock
-        cdef uint64_t deadline = _deadline(timeout, &nonblock)
-        cdef uint64_t lease_ns
-        cdef fmq_msg m
-        cdef uint32_t slot, token, deliveries
-        cdef list out = []
-        cdef int rc
-        cdef type cls = ctx.message_class
-        if not issubclass(cls, LeasedMessage):
-            raise TypeError("ctx.message_class must subclass LeasedMessage")
-        if max_messages < 1:
-            raise ValueError("max_messages must be >= 1")
-        if not lease_seconds > 0 or lease_seconds > 1e9:
-            raise ValueError("lease must be a positive number of seconds")
-        lease_ns = <uint64_t>(lease_seconds * 1e9)
-        self._enter()
-        try:
-            fmq_lease_redeliver_due(self.r, 0)
-            while len(out) < max_messages:
-                if out:
-                    rc = fmq_ring_claim(self.r, &m)
-                    if rc != FMQ_OK:
-                        # Empty, or a damaged message (the core consumed and
-                        # counted it): return what is leased already -- the
-                        # next call reports a persisting error.
-                        break
-                else:
-                    self._claim_msg(&m, nonblock, deadline)
-                rc = fmq_lease_take(self.r, &m, lease_ns, &slot, &token, &deliveries)
-                if rc == FMQ_FULL:
-                    # The in-flight table is full: put the message back and wait
-                    # for acks (or return what we have).
-                    fmq_ring_unclaim(self.r, &m)
-                    if out:
-                        break
-                    # If the ring is full too and a lease is due, neither can
-                    # make room for the other: take that message directly.
-                    if fmq_lease_adopt(self.r, lease_ns, &slot, &token, &deliveries) == FMQ_OK:
-                        msg = self._leased(cls, ctx, slot, token, deliveries)
-                        if msg is not None:
-                            out.append(msg)
-                        continue
-                    if nonblock:
-                        raise Empty("queue is empty")
-                    # Without the GIL (the thread that would ack may be ours),
-                    # one slice at a time: signals and close() are noticed.
-                    with nogil:
-                        rc = fmq_lease_wait_free(self.r, deadline)
-                    if rc == FMQ_TIMEDOUT:
-                        raise Empty("queue is empty")
-                    PyErr_CheckSignals()
-                    if self._closed:
-                        raise QueueClosed("queue handle was closed while waiting")
-                    continue
-                if rc != FMQ_OK:
-                    if out:
-                        break      # what is leased already is returned
-                    _raise(rc)
-                msg = self._leased(cls, ctx, slot, token, deliveries)
-                if msg is not None:
-                    out.append(msg)
-        finally:
-            self._leave()
-        return out
-
-    cdef int _lease_op(self, int op, uint32_t slot, uint32_t token, uint64_t arg) except -1:
-        """One call on a held lease (op: 0 ack, 1 nack, 2 touch, 3 ack_dead)."""
-        cdef int rc
-        self._enter()
-        try:
-            if op == 0:
-                rc = fmq_lease_ack(self.r, slot, token)
-            elif op == 1:
-                rc = fmq_lease_nack(self.r, slot, token, <int>arg)
-            elif op == 2:
-                rc = fmq_lease_touch(self.r, slot, token, arg)
-            else:
-                rc = fmq_lease_ack_dead(self.r, slot, token)
-        finally:
-            self._leave()
-        if rc != FMQ_OK:
-            _raise(rc)
-        return 0
-
-    def ack(self, uint32_t slot, uint32_t token):
-        self._lease_op(0, slot, token, 0)
-
-    def ack_many(self, messages, ctx):
-        """Ack every held message of ``messages`` (all leased through ``ctx``;
-        anything else goes to ``ctx.reject(m)``, which raises, before any is
-        acked). Sets each one's state; returns (acked, settled): settled
-        counts the held ones, acked those whose lease was still ours."""
-        cdef LeasedMessage msg
-        cdef Py_ssize_t acked = 0, settled = 0
-        if not isinstance(messages, (list, tuple)):
-            messages = list(messages)
-        cdef object cls = ctx.message_class
-        if not issubclass(cls, LeasedMessage):
-            raise TypeError("ctx.message_class must subclass LeasedMessage")
-        for m in messages:       # validate all first: a bad item acks none
-            if not isinstance(m, cls) or (
-                    (<LeasedMessage>m)._state == HELD and (<LeasedMessage>m)._ctx is not ctx):
-                ctx.reject(m)
-                raise TypeError("ack_many: %r cannot be acked here" % (m,))
-        self._enter()
-        try:
-            for m in messages:
-                msg = <LeasedMessage>m
-                if msg._state != HELD:
-                    continue
-                settled += 1
-                if fmq_lease_ack(self.r, msg._slot, msg._token) == FMQ_OK:
-                    msg._state = ACKED
-                    acked += 1
-                else:
-                    msg._state = LOST
-        finally:
-            self._leave()
-        return acked, settled
-
-    def nack(self, uint32_t slot, uint32_t token, bint requeue=True):
-        self._lease_op(1, slot, token, 1 if requeue else 0)
-
-    def touch(self, uint32_t slot, uint32_t token, double seconds):
-        if not seconds > 0 or seconds > 1e9:
-            raise ValueError("seconds must be a positive number")
-        self._lease_op(2, slot, token, <uint64_t>(seconds * 1e9))
+    def consumer(self, owner, type message_class):
+        """A new Consumer on this handle: it leases ``message_class`` objects
+        (a LeasedMessage subclass) that lead back to ``owner``."""
+        return Consumer._new(self, owner, message_class)
 
     def redeliver_due(self):
         self._enter()
@@ -754,22 +592,6 @@ cdef class Ring:
                 PyMem_Free(buf)
         finally:
             self._leave()
-
-    def take_dead_letters(self, Py_ssize_t max_messages):
-        cdef uint32_t slot, token
-        cdef list out = []
-        self._enter()
-        try:
-            while len(out) < max_messages:
-                if fmq_lease_take_dead(self.r, &slot, &token) != FMQ_OK:
-                    break
-                out.append((slot, token, self._lease_payload(slot, token)))
-        finally:
-            self._leave()
-        return out
-
-    def ack_dead(self, uint32_t slot, uint32_t token):
-        self._lease_op(3, slot, token, 0)
 
     # ---- state ---------------------------------------------------------- #
 

@@ -1,15 +1,24 @@
 """Leases (at-least-once delivery) for the pure-Python ring.
 
-Same contract as the native in-flight table (``_ring_protocol.LeaseRing``),
-built from the pure ring's tools: every operation runs under the ring's two
-locks (``Ring._locked``), and crash safety comes from the order of ``pwrite``s
-plus single-``pwrite`` commit points (a write inside one page is never torn by
-the death of its writer: the syscall completes or never happened).
+``InFlightTable`` is the pure backend's in-flight table: the shared state of
+at-least-once delivery, the same contract as the native one in
+``csrc/fmq_lease.c``. One is owned by each pure ``Ring`` handle (composed, not
+mixed in) and reaches the ring only through the ring's table port -- the
+methods ``locked``, ``wait_for``, ``register_consumer``, ``append_locked``,
+``peek_locked``, ``write_state``, ``commit_with`` and ``write_bytes`` listed
+in ``ring.py`` -- so the ring's other internals stay its own. The per-handle
+consumer (``consumer.py``) settles messages through it.
+
+Every operation runs under the ring's two locks (``Ring.locked``), and crash
+safety comes from the order of ``pwrite``s plus single-``pwrite`` commit
+points (a write inside one page is never torn by the death of its writer: the
+syscall completes or never happened).
 
 Layout (after the ring's data area, see ``ring.py``)::
 
     lease state line     offset 576, right after the ring state line at 512, so
-                         one 128-byte pwrite commits both (``_commit``)
+                         one 128-byte pwrite commits both (``_commit``, through
+                         the ring's ``commit_with``)
     in-flight table      ``maxsize`` entries of 128 bytes (page-aligned, so an
                          entry never crosses a page); only ``[0, hwm)`` is used
     payload halves       two areas of ``capacity_bytes``: in-flight payloads
@@ -43,9 +52,11 @@ from __future__ import annotations
 import os
 import struct
 import time
+import weakref
 
+from . import errors
 from ..errors import CorruptQueue, LeaseLost
-from .message import ack_messages
+from .procs import alive, start_time
 
 # lease state: attempt, committed, tail, active_half, next_due_ns,
 # last_sweep_ns, hwm, spare
@@ -98,16 +109,29 @@ class _Entry:
                           self.off[1], self.leased_ns, self.deadline_ns)
 
 
-class LeaseMixin:
-    """The LeaseRing methods of ``_pure.ring.Ring`` (see module docstring)."""
+class InFlightTable:
+    """The in-flight table of one pure ring handle (see module docstring)."""
+
+    def __init__(self, ring, data_end, handle_id):
+        # A weak reference: the ring owns this table, and a strong one back
+        # would make every handle a reference cycle (freed only by the cycle
+        # collector, which would delay closing an anonymous queue).
+        self._ring = weakref.proxy(ring)
+        self.name, self.maxsize = ring.name, ring.maxsize
+        self.capacity_bytes, self.max_message_size = ring.capacity_bytes, ring.max_message_size
+        self.max_deliveries, self.dead_letter = ring.max_deliveries, ring.dead_letter
+        self._table_offset, self._halves_offset, _ = layout(data_end, self.maxsize,
+                                                            self.capacity_bytes)
+        self._handle_id = handle_id
+        self._owner = None                 # (pid, start time, handle id)
+        self._ever_leased = False
 
     # ---------------------------------------------------------- plumbing
 
     def _me(self):
         pid = os.getpid()
         if self._owner is None or self._owner[0] != pid:
-            from .ring import _start_time
-            self._owner = (pid, _start_time(pid), self._handle_id)
+            self._owner = (pid, start_time(pid), self._handle_id)
         return self._owner
 
     def _read_lstate(self, fd):
@@ -126,9 +150,7 @@ class LeaseMixin:
 
     def _commit(self, fd, state, ls):
         """Ring state and lease state in one page-internal pwrite."""
-        from .ring import STATE, STATE_OFFSET
-        state[3] += 1                                   # epoch: wakes pollers
-        os.pwrite(fd, STATE.pack(*state) + LEASE_STATE.pack(*ls), STATE_OFFSET)
+        self._ring.commit_with(fd, state, LEASE_STATE.pack(*ls))
 
     def _entries(self, fd, ls):
         n = ls[_HWM]
@@ -163,7 +185,7 @@ class LeaseMixin:
             ls = self._read_lstate(fd)
             self._recover(fd, ls)
             return fn(fd, state, ls, *args)
-        return self._locked(run)
+        return self._ring.locked(run)
 
     def _recover(self, fd, ls):
         """Void the entries of a take whose taker died before its commit."""
@@ -177,40 +199,41 @@ class LeaseMixin:
         self._write_lstate(fd, ls)
 
     def _holder_gone(self, e):
-        from .ring import _alive
         if e.pid == 0:
             return True                                  # orphaned: due now
-        return not _alive(e.pid, e.start)
+        return not alive(e.pid, e.start)
 
     def _mine(self, fd, ls, slot, token, state=LEASED, check_deadline=True):
         e = self._entry(fd, ls, slot)
         pid, start, handle = self._me()
         if (e is None or e.state != state or e.token != token or e.pid != pid
                 or e.handle != handle):
-            raise LeaseLost(f"the lease of message {slot} was lost (expired and "
-                            "redelivered, reclaimed, or not held by this handle)")
+            errors.lease_lost(f"the lease of message {slot} was lost (expired and "
+                              "redelivered, reclaimed, or not held by this handle)")
         if check_deadline and now_ns() > e.deadline_ns:
-            raise LeaseLost(f"the lease of message {slot} expired; the message will "
-                            "be redelivered")
+            errors.lease_lost(f"the lease of message {slot} expired; the message will "
+                              "be redelivered")
         return e
 
     # ------------------------------------------------------------ taking
 
-    def lease(self, max_messages, timeout, lease_seconds, ctx):
-        from .ring import _AGAIN, ROLE_CONSUMER
-        from ..errors import Empty
+    def take(self, max_messages, timeout, lease_seconds):
+        """Lease up to ``max_messages`` (at least one, waiting up to
+        ``timeout``; Empty otherwise) -> [(slot, token, payload, deliveries)]."""
+        ring = self._ring
+        again = ring.AGAIN
         if isinstance(max_messages, bool) or not isinstance(max_messages, int):
             raise TypeError("max_messages must be an int")
         if max_messages < 1:
             raise ValueError("max_messages must be >= 1")
         if not 0 < lease_seconds <= 1e9:
             raise ValueError("lease must be a positive number of seconds")
-        self._register(ROLE_CONSUMER)
+        ring.register_consumer()
         self._ever_leased = True
         lease_ns = int(lease_seconds * 1e9)
 
         def attempt():
-            return self._lease_op(self._take_locked, max_messages, lease_ns) or _AGAIN
+            return self._lease_op(self._take_locked, max_messages, lease_ns) or again
 
         # Re-attempt at least every 50 ms even if nothing changes the epoch:
         # leases expire (and holders die) silently.
@@ -218,15 +241,13 @@ class LeaseMixin:
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0 and timeout != 0:
-                raise Empty("queue is empty")
-            got = self._wait(attempt, 0 if timeout == 0 else
-                             (0.05 if left is None else min(0.05, left)))
-            if got is not _AGAIN:
-                cls = ctx.message_class
-                return [cls(ctx, slot, token, payload, deliveries)
-                        for slot, token, payload, deliveries in got]
+                errors.empty()
+            got = ring.wait_for(attempt, 0 if timeout == 0 else
+                                (0.05 if left is None else min(0.05, left)))
+            if got is not again:
+                return got
             if timeout == 0:
-                raise Empty("queue is empty")
+                errors.empty()
 
     def _take_locked(self, fd, state, ls, max_messages, lease_ns):
         self._redeliver_locked(fd, state, ls, force=False)
@@ -235,7 +256,7 @@ class LeaseMixin:
         entries = self._entries(fd, ls)
         free = [e.index for e in entries if e.state == FREE]
         room_entries = len(free) + (self.maxsize - ls[_HWM])
-        records = self._read_records(fd, state, min(max_messages, room_entries))
+        records = self._ring.peek_locked(fd, state, min(max_messages, room_entries))
         if not records:
             return self._release_parked(fd, state, ls, entries, lease_ns)
         need = sum(len(r[0]) for r in records)
@@ -266,7 +287,7 @@ class LeaseMixin:
             e.length, e.take_gen = len(payload), ls[_ATTEMPT]
             e.off[ls[_HALF]] = ls[_TAIL]
             e.leased_ns, e.deadline_ns = now, now + lease_ns
-            self._pwrite_all(fd, memoryview(payload), base + ls[_TAIL])
+            self._ring.write_bytes(fd, memoryview(payload), base + ls[_TAIL])
             ls[_TAIL] += len(payload)
             self._write_entry(fd, e)
             out.append((index, e.token, payload, e.deliveries))
@@ -306,7 +327,7 @@ class LeaseMixin:
             e.leased_ns, e.deadline_ns = now, now + lease_ns
             self._write_entry(fd, e)
             state[6] += 1                                  # redelivered
-            self._write_state(fd, state)
+            self._ring.write_state(fd, state)
             if ls[_NEXT_DUE] == 0 or e.deadline_ns < ls[_NEXT_DUE]:
                 ls[_NEXT_DUE] = e.deadline_ns
                 self._write_lstate(fd, ls)
@@ -331,7 +352,7 @@ class LeaseMixin:
             if e.state == FREE:
                 continue
             data = self._payload(fd, ls, e)
-            self._pwrite_all(fd, memoryview(data), base_new + tail)
+            self._ring.write_bytes(fd, memoryview(data), base_new + tail)
             e.off[new] = tail
             self._write_entry(fd, e)
             tail += len(data)
@@ -342,12 +363,10 @@ class LeaseMixin:
     # ----------------------------------------------------- ack and co.
 
     def ack(self, slot, token):
+        """LeaseLost unless (slot, token) is a live lease of this handle."""
         self._lease_op(self._ack_locked, [(slot, token)], True)
 
-    def ack_many(self, messages, ctx):
-        return ack_messages(self, messages, ctx)
-
-    def _ack_pairs(self, pairs):
+    def ack_pairs(self, pairs):
         """[(slot, token)] -> [acked?] (a lost lease is False, not an error)."""
         return self._lease_op(self._ack_locked, pairs, False)
 
@@ -365,7 +384,7 @@ class LeaseMixin:
             self._write_entry(fd, e)
             results.append(True)
         if any(results):
-            self._write_state(fd, state)    # epoch: wakes takers waiting for room
+            self._ring.write_state(fd, state)    # epoch: wakes takers waiting for room
         return results
 
     def touch(self, slot, token, seconds):
@@ -398,11 +417,11 @@ class LeaseMixin:
                 e.state, e.pid, e.handle = FREE, 0, 0
                 self._write_entry(fd, e)
                 state[7] += 1                          # dead_lettered
-                self._write_state(fd, state)
+                self._ring.write_state(fd, state)
             return True
         payload = self._payload(fd, ls, e)
         state[6] += 1                                  # redelivered, with the commit
-        if not self._put_locked(fd, state, (memoryview(payload),), e.deliveries):
+        if not self._ring.append_locked(fd, state, (memoryview(payload),), e.deliveries):
             state[6] -= 1
             e.pid, e.start, e.handle, e.deadline_ns = 0, 0, 0, 0
             self._write_entry(fd, e)
@@ -412,6 +431,10 @@ class LeaseMixin:
         e.state, e.pid, e.handle = FREE, 0, 0
         self._write_entry(fd, e)
         return True
+
+    def sweep(self):
+        """Redeliver what is due now (cheap when nothing is) -> how many."""
+        return self._lease_op(lambda fd, state, ls: self._redeliver_locked(fd, state, ls, False))
 
     def redeliver_due(self):
         return self._lease_op(lambda fd, state, ls: self._redeliver_locked(fd, state, ls, True))
@@ -445,7 +468,7 @@ class LeaseMixin:
     def release_handle_leases(self):
         """On close: this handle's leases go back now (a departed holder),
         dead letters it took are parked again."""
-        if not getattr(self, "_ever_leased", False) or self.closed:
+        if not self._ever_leased or self._ring.closed:
             return
 
         def run(fd, state, ls):
@@ -502,5 +525,5 @@ class LeaseMixin:
             e.state, e.pid, e.handle = FREE, 0, 0
             self._write_entry(fd, e)
             state[7] += 1
-            self._write_state(fd, state)
+            self._ring.write_state(fd, state)
         self._lease_op(run)

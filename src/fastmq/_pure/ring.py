@@ -55,7 +55,15 @@ finds /dev/shm full first makes the process's other drained queues give
 theirs back. ``pread`` of a hole allocates nothing.
 
 Zero-copy is emulated: ``Reservation.view`` is a bytearray copied in at
-commit, ``Lease.view`` a read-only view of bytes copied out at receive time.
+commit, ``ReceivedView.view`` a read-only view of bytes copied out at receive
+time.
+
+At-least-once delivery is composed, not mixed in: each handle owns an
+``InFlightTable`` (``leases.py``) that reaches the ring only through the
+table port below (``locked``, ``wait_for``, ``register_consumer``,
+``append_locked``, ``peek_locked``, ``write_state``, ``commit_with``,
+``write_bytes``), and ``Ring.consumer()`` makes the per-handle ``Consumer``
+(``consumer.py``) that settles messages through that table.
 """
 from __future__ import annotations
 
@@ -67,13 +75,17 @@ import struct
 import time
 import weakref
 
-from .. import _lifetime, _names
-from . import leases, portable
-from ..errors import (CorruptQueue, Empty, Full, MessageTooLarge, QueueClosed,
-                      QueueExists, QueueNotFound)
+from .. import _contract, _lifetime, _names
+from . import consumer, errors, leases, portable
+from .message import LeasedMessage
+from .procs import alive as _alive, start_time as _start_time
+from ..errors import CorruptQueue, MessageTooLarge, QueueExists, QueueNotFound
 
-__all__ = ["Ring", "Reservation", "Lease", "cleanup_orphans", "list_segments",
-           "MAGIC", "VERSION"]
+__all__ = ["Ring", "Reservation", "ReceivedView", "Consumer", "LeasedMessage",
+           "list_segments", "backend_name", "MAX_MESSAGE_SIZE", "MAGIC", "VERSION"]
+
+backend_name = "pure"
+Consumer = consumer.Consumer
 
 # -------------------------------------------------------------------- layout
 
@@ -83,7 +95,7 @@ HEADER_SIZE = 4096
 DATA_OFFSET = HEADER_SIZE
 RECORD_HEADER = struct.Struct("<II")  # payload length, earlier deliveries
 MAX_MAXSIZE = 1 << 24
-MAX_MESSAGE_SIZE = (1 << 32) - 1      # a record length is a u32
+MAX_MESSAGE_SIZE = _contract.MAX_MESSAGE_SIZE   # a record length is a u32
 MAX_CAPACITY = 1 << 40
 FLAG_ANONYMOUS = 1
 
@@ -269,7 +281,7 @@ def _as_bytes_view(data) -> memoryview:
     return view.cast("B") if (view.format != "B" or view.ndim != 1) else view
 
 
-class Ring(leases.LeaseMixin):
+class Ring:
     """A queue segment opened by this process (see module docstring)."""
 
     # ---------------------------------------------------------- lifecycle
@@ -281,8 +293,6 @@ class Ring(leases.LeaseMixin):
         self.anonymous = bool(flags & FLAG_ANONYMOUS)
         self.dead_letter = dead_letter.rstrip(b"\0").decode("utf-8", "replace")
         self._area = self.capacity_bytes + RECORD_HEADER.size
-        self._table_offset, self._halves_offset, _ = leases.layout(
-            DATA_OFFSET + self._area, self.maxsize, self.capacity_bytes)
         self._reach_seen = 0               # the window reach we last wrote or read
         self._mem_seen = [0, 0, 0, 0]      # the memory line as we last saw it
         self._reach_due = 0.0              # ... and when to look at it again
@@ -290,9 +300,8 @@ class Ring(leases.LeaseMixin):
         self._next_idle = 0.0
         self._no_room = 0.0                # monotonic time of the last ENOSPC
         self._shm_blocked = False          # the last put attempt found no room
-        self._handle_id = int.from_bytes(os.urandom(4), "little") or 1
-        self._owner = None                 # (pid, start time, handle id), see leases
-        self._ever_leased = False
+        self.in_flight_table = leases.InFlightTable(
+            self, DATA_OFFSET + self._area, int.from_bytes(os.urandom(4), "little") or 1)
         self._h = handle
         self._registered = {}          # pid -> roles already registered
         self._finalizer = weakref.finalize(self, handle.close)
@@ -406,7 +415,7 @@ class Ring(leases.LeaseMixin):
 
     def close(self):
         try:
-            self.release_handle_leases()     # a departed holder's leases come back
+            self.in_flight_table.release_handle_leases()   # a departed holder's come back
         except Exception:
             pass                             # they come back on expiry instead
         self._finalizer()
@@ -419,7 +428,7 @@ class Ring(leases.LeaseMixin):
 
     def _fd(self):
         if self._h.closed:
-            raise QueueClosed("queue handle is closed")
+            errors.closed()
         return self._h.fd
 
     def _locked(self, fn, *args):
@@ -718,6 +727,55 @@ class Ring(leases.LeaseMixin):
                 return state[2] > 0 or _AGAIN
         return self._wait(lambda: self._locked(ready), timeout) is not _AGAIN
 
+    # ------------------------------------------------ the in-flight table port
+    #
+    # What the in-flight table (leases.py) may use of the ring, and nothing
+    # else: run under the locks, wait, register, append and peek records,
+    # publish the state line (alone, or with the lease state line after it in
+    # the same pwrite), write bytes.
+
+    AGAIN = _AGAIN
+
+    def locked(self, fn, *args):
+        return self._locked(fn, *args)
+
+    def wait_for(self, attempt, timeout):
+        return self._wait(attempt, timeout)
+
+    def register_consumer(self):
+        self._register(ROLE_CONSUMER)
+
+    def append_locked(self, fd, state, views, deliveries):
+        return self._put_locked(fd, state, views, deliveries)
+
+    def peek_locked(self, fd, state, max_messages):
+        return self._read_records(fd, state, max_messages)
+
+    def write_state(self, fd, state):
+        self._write_state(fd, state)
+
+    @staticmethod
+    def commit_with(fd, state, tail):
+        """The state line and ``tail`` (the lease state line right after it)
+        in one page-internal pwrite."""
+        state[3] += 1                    # epoch: wakes pollers
+        os.pwrite(fd, STATE.pack(*state) + tail, STATE_OFFSET)
+
+    def write_bytes(self, fd, view, offset):
+        self._pwrite_all(fd, view, offset)
+
+    # ----------------------------------------------------- at-least-once
+
+    def consumer(self, owner, message_class):
+        """A new Consumer on this handle (see consumer.py)."""
+        return consumer.Consumer(self, owner, message_class)
+
+    def pending(self):
+        return self.in_flight_table.pending()
+
+    def redeliver_due(self):
+        return self.in_flight_table.redeliver_due()
+
     # ------------------------------------------------------ participants
 
     def _register(self, role):
@@ -766,7 +824,7 @@ class Ring(leases.LeaseMixin):
         done = self._wait(lambda: self._locked(self._put_locked, (view,)) or _AGAIN,
                           timeout)
         if done is _AGAIN:
-            raise Full(self._full_reason(len(view)))
+            errors.full(self._full_reason(len(view)))
 
     def put_many(self, items, timeout):
         views = [_as_bytes_view(item) for item in items]
@@ -821,7 +879,7 @@ class Ring(leases.LeaseMixin):
             if got is not _AGAIN:
                 return got
             if timeout == 0 or (left is not None and left <= _LEASE_SWEEP):
-                raise Empty("queue is empty")
+                errors.empty()
 
     _next_lease_sweep = 0.0
 
@@ -835,7 +893,7 @@ class Ring(leases.LeaseMixin):
         if now < self._next_lease_sweep:
             return 0
         self._next_lease_sweep = now + _LEASE_SWEEP
-        return self._lease_op(lambda fd, state, ls: self._redeliver_locked(fd, state, ls, False))
+        return self.in_flight_table.sweep()
 
     def reserve(self, nbytes, timeout):
         if isinstance(nbytes, bool) or not isinstance(nbytes, int):
@@ -847,7 +905,7 @@ class Ring(leases.LeaseMixin):
         room = self._wait(lambda: self._locked(lambda fd, st: self._fits(st, nbytes))
                           or _AGAIN, timeout)
         if room is _AGAIN:
-            raise Full(self._full_reason(nbytes))
+            errors.full(self._full_reason(nbytes))
         return Reservation(self, nbytes)
 
     def _full_reason(self, nbytes):
@@ -867,7 +925,7 @@ class Ring(leases.LeaseMixin):
         return not self._locked(lambda fd, st: self._fits(st, 64))
 
     def recv(self, timeout):
-        return Lease(self.get(timeout))
+        return ReceivedView(self.get(timeout))
 
     def qsize(self):
         return self._read_u64(COUNT_OFFSET)
@@ -887,7 +945,7 @@ class Ring(leases.LeaseMixin):
 
     def stats(self):
         def read(fd, state):
-            return state, self._participants(fd), self.in_flight_count(fd)
+            return state, self._participants(fd), self.in_flight_table.in_flight_count(fd)
         state, (producers, consumers), in_flight = self._locked(read)
         return {
             "depth": state[2], "capacity": self.maxsize,
@@ -952,8 +1010,9 @@ class Reservation:
         self._finish()
 
 
-class Lease:
-    """A received message (already removed from the queue), as a read-only view.
+class ReceivedView:
+    """What ``Ring.recv`` returns: a received message (already removed from
+    the queue, so not a lease), as a read-only view.
 
     The bytes are a private copy, so nothing needs pinning; ``release()``
     still raises ``BufferError`` while views derived from ``view`` are alive,
@@ -1066,30 +1125,6 @@ def _read_geometry(fd, name):
                            f"{header_size}, data at {data_off}, recorded size "
                            f"{file_size}, actual size {size})")
     return geometry
-
-
-def _start_time(pid):
-    """Process start time in clock ticks (guards against pid reuse), or 0."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[19]) & 0xFFFFFFFF
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _alive(pid, start):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return start == 0 or _start_time(pid) in (0, start)
-
-
-def cleanup_orphans():
-    return _lifetime.cleanup()
 
 
 def list_segments():

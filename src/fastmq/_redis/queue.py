@@ -45,6 +45,7 @@ import time
 import weakref
 
 from .. import _names, _serialize, acks
+from .._contract import ACKED as _ACKED, HELD as _HELD, LOST as _LOST, NACKED as _NACKED
 from ..errors import Empty, Full, LeaseLost, MessageTooLarge, QueueClosed, QueueNotFound
 from ..queue import (DEFAULT_GET_MANY, DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE, Queue,
                      _check_int, _check_serializer, _timeout)
@@ -59,7 +60,6 @@ TAKE_MAX = 1000                 # messages per get/lease script call
 ACK_CHUNK = 1000
 MAX_MAXSIZE = 1 << 40
 _HB_MS = int(HEARTBEAT_TIMEOUT * 1000)
-_HELD, _ACKED, _NACKED, _LOST = range(4)
 _HOST = socket.gethostname().replace(" ", "_") or "host"
 
 
