@@ -105,6 +105,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/statvfs.h>
 
@@ -450,7 +451,10 @@ static uint64_t fmq_pool_cool(fmq_region *r, uint32_t c0, int skip_c0, uint64_t 
     uint64_t freed = 0, done = 0;
     for (uint32_t k = skip_c0 ? 1 : 0; k < r->g.nclasses && done < max_blocks; k++) {
         uint32_t c = (c0 + k) % r->g.nclasses, idx;
-        while (done < max_blocks && fmq_pool_pop_stack(r, c, 0, &idx) == FMQ_OK) {
+        /* A sane stack holds at most the class's blocks: a scribbled one
+         * with a cycle must not keep us here forever. */
+        for (uint64_t n = fmq_pool_carved(r, c);
+             n-- && done < max_blocks && fmq_pool_pop_stack(r, c, 0, &idx) == FMQ_OK;) {
             FMQ_CRASHPOINT("pool.cool.popped");
             fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
             uint64_t bytes =
@@ -550,13 +554,21 @@ static void fmq_pool_trim(fmq_region *r, uint64_t now, uint64_t max) {
     }
 }
 
-static void fmq_pool_trim_other(fmq_region *o, void *now) {
-    fmq_pool_trim(o, *(uint64_t *)now, FMQ_IDLE_COOL_MAX);
+typedef struct {
+    const fmq_region *me;
+    uint64_t now;
+} fmq_sweep_arg;
+
+static void fmq_pool_trim_other(fmq_region *o, void *arg) {
+    const fmq_sweep_arg *a = arg;
+    /* the caller's own queue (any handle of it) follows its own frees */
+    if (strcmp(o->name, a->me->name) != 0)
+        fmq_pool_trim(o, a->now, FMQ_IDLE_COOL_MAX);
 }
 
-/* Once a window per process: trim every queue this process has open, so an
- * idle queue gives its warm memory back when any of them is used. */
-static void fmq_pool_sweep(uint64_t now) {
+/* Once a window per process: trim every other queue this process has open,
+ * so an idle queue gives its warm memory back when any of them is used. */
+static void fmq_pool_sweep(const fmq_region *me, uint64_t now) {
     static _Atomic uint64_t next_sweep;
     uint64_t due = atomic_load_explicit(&next_sweep, memory_order_relaxed);
     if (now < due && due - now <= FMQ_DEMAND_WINDOW_NS)
@@ -564,7 +576,8 @@ static void fmq_pool_sweep(uint64_t now) {
     if (!atomic_compare_exchange_strong_explicit(&next_sweep, &due, now + FMQ_DEMAND_WINDOW_NS,
                                                  memory_order_relaxed, memory_order_relaxed))
         return;   /* another thread sweeps */
-    fmq_live_each(fmq_pool_trim_other, &now);
+    fmq_sweep_arg a = {me, now};
+    fmq_live_each(fmq_pool_trim_other, &a);
 }
 
 /* A consumer found this queue empty, or is waiting on it. */
@@ -572,7 +585,7 @@ void fmq_pool_idle(fmq_region *r) {
     uint64_t now = fmq_now_ns();
     if (atomic_load_explicit(&r->ctl->pool_kept.v, memory_order_relaxed) != 0)
         fmq_pool_trim(r, now, FMQ_IDLE_COOL_MAX);
-    fmq_pool_sweep(now);
+    fmq_pool_sweep(r, now);
 }
 
 /* Give block (c, idx), which nobody holds any more (state 0) and which is on
@@ -616,7 +629,7 @@ static void fmq_pool_put_back(fmq_region *r, uint32_t c, uint32_t idx, int was_h
      * warm blocks per free, so the warm total falls faster than the use. */
     if (!warm && kept && use + kept > limit)
         fmq_pool_cool(r, c, 0, 2);
-    fmq_pool_sweep(now);
+    fmq_pool_sweep(r, now);
 }
 
 /* Reserve `need` pages from the start of the block we hold alone and count
@@ -721,6 +734,7 @@ int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
             return rc;
         }
         *block_out = FMQ_BLOCK_REF(c, idx);
+        fmq_pool_sweep(r, fmq_now_ns());   /* once a window: the process's idle queues */
         return FMQ_OK;
     }
     return FMQ_NOSPACE;
