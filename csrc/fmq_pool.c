@@ -457,11 +457,23 @@ static uint64_t fmq_pool_cool(fmq_region *r, uint32_t c0, int skip_c0, uint64_t 
              n-- && done < max_blocks && fmq_pool_pop_stack(r, c, 0, &idx) == FMQ_OK;) {
             FMQ_CRASHPOINT("pool.cool.popped");
             fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
+            /* Taken as fmq_pool_alloc takes a block (CAS from 0 to our writer
+             * tag): a scribbled stack that names a block somebody holds
+             * never gets its pages punched; that block stays off the stack
+             * (its holder's free pushes it). A kill while we hold it leaves
+             * a dead writer's share, which recovery frees. */
+            uint64_t zero = 0;
+            if (!atomic_compare_exchange_strong_explicit(&m->state, &zero,
+                                                         FMQ_BLK_MAKE(r->owner_tag, 0, 0),
+                                                         memory_order_acquire,
+                                                         memory_order_relaxed))
+                continue;
             uint64_t bytes =
                 (uint64_t)atomic_load_explicit(&m->pages, memory_order_relaxed) * FMQ_PAGE;
             atomic_store_explicit(&m->pages, 0, memory_order_relaxed);   /* record low first */
             fmq_sub_sat(&r->ctl->pool_kept.v, bytes);
             fmq_mem_release(r, fmq_block_off(r, c, idx), bytes);
+            atomic_store_explicit(&m->state, 0, memory_order_release);   /* free again */
             fmq_pool_push(r, c, idx);   /* cold now */
             freed += bytes;
             done++;
