@@ -69,7 +69,7 @@ def _msg(pid, seq, size):
 
 def _producer(a):
     import fastmq
-    q = fastmq.Queue.open(a.queue)
+    q = fastmq.Queue.open(a.queue, url=a.url)
     rng = random.Random(a.seed)
     log = open(a.log, "a", buffering=1)
     seq = 0
@@ -96,7 +96,7 @@ def _producer(a):
 
 def _consumer(a):
     import fastmq
-    q = fastmq.Queue.open(a.queue)
+    q = fastmq.Queue.open(a.queue, url=a.url)
     rng = random.Random(a.seed)
     log = open(a.log, "a", buffering=1)
     while time.time() < a.until:
@@ -149,7 +149,7 @@ def _pct(values, q):
 
 
 def run(seconds=60.0, producers=3, consumers=3, workdir=None, seed=None, verbose=True,
-        maxsize=64, pause_prob=0.3, keep_logs=False):
+        maxsize=64, pause_prob=0.3, keep_logs=False, url=None):
     """Run the soak; return the figures (see the module docstring). The logs
     go to ``workdir`` (kept), or to a temporary directory that is removed
     afterwards unless ``keep_logs``."""
@@ -160,8 +160,11 @@ def run(seconds=60.0, producers=3, consumers=3, workdir=None, seed=None, verbose
     workdir = workdir or tempfile.mkdtemp(prefix="fastmq-soak-")
     os.makedirs(workdir, exist_ok=True)
     name = f"fmqsoak-{os.getpid()}-{rng.randrange(1 << 32):08x}"
+    # url: a location for the queue (e.g. file:///dir for a durable one, in
+    # sync="interval": the soak kills processes, it does not cut the power).
+    extra = {"url": url, "sync": "interval"} if url else {"_backend": "native"}
     q = fastmq.Queue.create(name, maxsize=maxsize, max_message_size=1 << 20,
-                            capacity_bytes=32 << 20, _backend="native")
+                            capacity_bytes=32 << 20, **extra)
     start = time.time()
     until = start + seconds
     env = dict(os.environ)
@@ -183,7 +186,7 @@ def run(seconds=60.0, producers=3, consumers=3, workdir=None, seed=None, verbose
         path = os.path.join(workdir, f"{kind[0]}-{ident}.log")
         cmd = [sys.executable, os.path.abspath(__file__), "--role", kind, "--queue", name,
                "--id", str(ident), "--until", repr(until), "--log", path,
-               "--seed", str(rng.randrange(1 << 30))]
+               "--seed", str(rng.randrange(1 << 30))] + (["--url", url] if url else [])
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         r = _Role(kind, ident, proc, path)
@@ -301,7 +304,10 @@ def run(seconds=60.0, producers=3, consumers=3, workdir=None, seed=None, verbose
                 r.proc.wait()
         q.close()
         try:
-            fastmq.Queue.unlink(name, _backend="native")
+            if url:
+                fastmq.Queue.unlink(name, url=url)
+            else:
+                fastmq.Queue.unlink(name, _backend="native")
         except Exception:
             pass
 
@@ -434,6 +440,8 @@ def main(argv=None):
     ap.add_argument("--keep-logs", action="store_true", help="keep the temporary logs")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--url", default=None,
+                    help="where the queue lives, e.g. file:///var/tmp/soak (default: shared memory)")
     # worker mode (internal)
     ap.add_argument("--role", choices=["producer", "consumer"])
     ap.add_argument("--queue")
@@ -445,7 +453,7 @@ def main(argv=None):
         (_producer if a.role == "producer" else _consumer)(a)
         return 0
     r = run(a.seconds, a.producers, a.consumers, a.workdir, a.seed, not a.quiet, a.maxsize,
-            keep_logs=a.keep_logs)
+            keep_logs=a.keep_logs, url=a.url)
     print(format_summary(r))
     if a.json:
         with open(a.json, "w") as f:

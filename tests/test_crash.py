@@ -867,6 +867,31 @@ def test_frozen_blocked_consumer_is_not_reaped(cq, kids, tmp_path):
 
 # ========================================================= soak (short)
 
+def test_soak_short_on_a_durable_queue(tmp_path):
+    """The same soak (random SIGKILL/SIGSTOP of producers and consumers) on a
+    file:// queue: kills, not power loss, so the shared-memory promises hold."""
+    import soak
+    pytest.importorskip("fastmq._core")
+    from conftest import durable_dir
+    d = os.path.join(durable_dir(), f"soak-{os.getpid()}-{time.monotonic_ns()}")
+    os.makedirs(d)
+    try:
+        res = soak.run(seconds=float(os.environ.get("FASTMQ_SOAK_SECONDS", "12")),
+                       producers=2, consumers=2, workdir=str(tmp_path), seed=None,
+                       verbose=False, url="file://" + d)
+    finally:
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)
+    print(soak.format_summary(res))
+    assert res["kills"] >= 2, res
+    assert res["torn"] == 0 and res["duplicated"] == 0 and res["wedged"] == 0, res
+    assert res["lost"] == 0, res                         # beyond the at-most-once bound
+    assert res["lost_after_handover"] <= res["lost_after_handover_bound"], res
+    assert res["bad_inflight"] == 0, res
+    assert res["hung"] == 0 and not res["errors"], res["errors"]
+    assert res["delivered"] > 0 and res["committed"] > 0
+
+
 def test_soak_short(tmp_path):
     import soak
     res = soak.run(seconds=float(os.environ.get("FASTMQ_SOAK_SECONDS", "18")),
