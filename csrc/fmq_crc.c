@@ -57,7 +57,14 @@ static uint32_t fmq_crc_sw(uint32_t crc, const unsigned char *p, size_t n) {
 }
 
 #if defined(__x86_64__)
-__attribute__((target("sse4.2"))) static uint32_t fmq_crc_x86(uint32_t crc,
+/* clang (the wheel builds compile with `zig cc`) names the CRC32 instruction
+ * a feature of its own; gcc has it in SSE4.2. */
+#if defined(__clang__)
+#define FMQ_CRC_TARGET __attribute__((target("sse4.2,crc32")))
+#else
+#define FMQ_CRC_TARGET __attribute__((target("sse4.2")))
+#endif
+FMQ_CRC_TARGET static uint32_t fmq_crc_x86(uint32_t crc,
                                                              const unsigned char *p,
                                                              size_t n) {
     uint64_t c = crc;
