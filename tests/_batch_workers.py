@@ -155,5 +155,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    try:
+        import fastmq  # noqa: F401  -- the installed one, or the tree on PYTHONPATH
+    except ImportError:     # a source checkout that was not installed (as conftest does)
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     main()

@@ -249,8 +249,11 @@ def test_a_keyed_handle_tags_what_its_hot_methods_write(mq):
 
 _SNAPSHOT_CHILD = textwrap.dedent("""
     import sys, threading, time
-    sys.path.insert(0, {src!r})
-    import fastmq
+    try:
+        import fastmq          # the installed one, or the tree on PYTHONPATH
+    except ImportError:
+        sys.path.insert(0, {src!r})
+        import fastmq
     q = fastmq.Queue(maxsize=1, _backend={backend!r})
     q.put_bytes(b"0")                          # full: put_many_bytes waits
     batch = [b"a", b"b", b"c"]
