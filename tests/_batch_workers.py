@@ -22,6 +22,8 @@ import sys
 import time
 import zlib
 
+from _worker_child import Log
+
 
 def payload_for(producer, batch, index, size):
     seed = (producer * 1_000_003 + batch * 7919 + index * 104_729) & 0xFFFFFFFF
@@ -45,25 +47,6 @@ def check(m):
         return (None, None, None, None, False)
     ok = isinstance(data, bytes) and zlib.crc32(data) == crc
     return (producer, batch, index, n, ok)
-
-
-class Log:
-    def __init__(self, path):
-        self.f = open(path, "a", buffering=1) if path else None
-
-    def write(self, line):
-        if self.f:
-            self.f.write(line + "\n")
-            self.f.flush()
-
-
-def read_log(path):
-    try:
-        with open(path) as f:
-            return [ln.split() for ln in f.read().splitlines() if ln.strip()]
-    except FileNotFoundError:
-        return []
-
 
 def role_produce(a):
     import fastmq

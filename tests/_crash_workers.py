@@ -27,6 +27,8 @@ import sys
 import time
 import zlib
 
+from _worker_child import Log
+
 SIZES = {"inline": 16, "block": 100 * 1024}
 
 
@@ -52,26 +54,6 @@ def check_msg(m):
         return (None, None, False)
     ok = isinstance(data, bytes) and zlib.crc32(data) == crc
     return (producer, seq, ok)
-
-
-class Log:
-    def __init__(self, path):
-        self.f = open(path, "a", buffering=1) if path else None
-
-    def write(self, line):
-        if self.f:
-            self.f.write(line + "\n")
-            self.f.flush()
-
-
-def read_log(path):
-    """Lines of a worker log as lists of fields ([] if the file is absent)."""
-    try:
-        with open(path) as f:
-            return [ln.split() for ln in f.read().splitlines() if ln.strip()]
-    except FileNotFoundError:
-        return []
-
 
 # ------------------------------------------------------------------ roles
 

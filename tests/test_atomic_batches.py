@@ -24,11 +24,8 @@ from __future__ import annotations
 import collections
 import os
 import pickle
-import queue as stdqueue
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -36,6 +33,7 @@ import pytest
 
 from conftest import selected_backends, unique_name, wait_until
 import _batch_workers as W
+from _worker_child import WorkerChild, read_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "_batch_workers.py")
@@ -46,79 +44,12 @@ pytestmark = pytest.mark.timeout(240)
 
 # ====================================================================== helpers
 
-class Child:
-    """A worker role in a fresh interpreter (see _batch_workers.py)."""
-
-    def __init__(self, role, backend, crash=None, **opts):
-        env = dict(os.environ)
-        env.pop("FASTMQ_CRASH_AT", None)
-        if crash:
-            env["FASTMQ_CRASH_AT"] = crash          # the child's environment only
-        env["FASTMQ_BACKEND"] = backend
-        args = [sys.executable, WORKERS, role]
-        for k, v in opts.items():
-            args += [f"--{k}", str(v)]
-        self.proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        self.pid = self.proc.pid
-        self.lines = stdqueue.Queue()
-        self.err = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
-                         daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err.append),
-                         daemon=True).start()
-
-    @staticmethod
-    def _pump(stream, sink):
-        for line in stream:
-            sink(line.rstrip("\n"))
-
-    def expect(self, prefix, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except stdqueue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    break
-                continue
-            if line.startswith(prefix):
-                return line
-        raise AssertionError(f"child {self.pid} did not print {prefix!r}; "
-                             f"rc={self.proc.poll()} stderr={self.stderr()}")
-
-    def wait(self, timeout=60.0):
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"child {self.pid} still running after {timeout}s "
-                                 f"stderr={self.stderr()}")
-
-    def stderr(self):
-        time.sleep(0.05)
-        return "\n".join(self.err)[-3000:]
-
-    def kill(self):
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGCONT)
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            pass
-
-
 @pytest.fixture
 def kids():
     made = []
 
     def start(role, backend, **kw):
-        c = Child(role, backend, **kw)
+        c = WorkerChild(WORKERS, role, backend, **kw)
         made.append(c)
         return c
     try:
@@ -140,12 +71,12 @@ def exited_ok(child, timeout=120.0):
 
 
 def committed_in(log):
-    return {(int(f[1]), int(f[2])): int(f[3]) for f in W.read_log(log) if f[0] == "C"}
+    return {(int(f[1]), int(f[2])): int(f[3]) for f in read_log(log) if f[0] == "C"}
 
 
 def received_in(log):
     out = []
-    for f in W.read_log(log):
+    for f in read_log(log):
         if f[0] == "R" and f[1] != "None":
             out.append((int(f[1]), int(f[2]), int(f[3]), int(f[4]), f[5] == "1"))
         elif f[0] in ("R", "T"):

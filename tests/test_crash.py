@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import os
-import queue as stdqueue
 import signal
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import pytest
 
 from conftest import selected_backends, unique_name
 import _crash_workers as W
+from _worker_child import WorkerChild, read_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "_crash_workers.py")
@@ -74,97 +74,12 @@ def _native(monkeypatch):
 
 # ------------------------------------------------------------------ children
 
-class Child:
-    """A worker role in a fresh interpreter; stdout lines readable with a deadline."""
-
-    def __init__(self, role, crash=None, log=None, new_session=False, **opts):
-        env = dict(os.environ)
-        env.pop("FASTMQ_CRASH_AT", None)
-        if crash:
-            env["FASTMQ_CRASH_AT"] = crash          # the child's environment only
-        env["FASTMQ_BACKEND"] = "native"
-        args = [sys.executable, WORKERS, role]
-        for k, v in opts.items():
-            if v is True:
-                args.append(f"--{k}")
-            else:
-                args += [f"--{k}", str(v)]
-        if log:
-            args += ["--log", str(log)]
-        self.log = log
-        self.new_session = new_session
-        self.proc = subprocess.Popen(args, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
-                                     start_new_session=new_session)
-        self.pid = self.proc.pid
-        self.lines = stdqueue.Queue()
-        self.err = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
-                         daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err.append),
-                         daemon=True).start()
-
-    @staticmethod
-    def _pump(stream, sink):
-        for line in stream:
-            sink(line.rstrip("\n"))
-
-    def expect(self, prefix, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"child {self.pid} did not print {prefix!r} within "
-                                     f"{timeout}s; rc={self.proc.poll()} "
-                                     f"stderr={self.stderr()}")
-            try:
-                line = self.lines.get(timeout=min(left, 0.2))
-            except stdqueue.Empty:
-                continue
-            if line.startswith(prefix):
-                return line
-
-    def send(self, line):
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def wait(self, timeout=60.0):
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"child {self.pid} still running after {timeout}s "
-                                 f"(hang?) stderr={self.stderr()}")
-
-    def stderr(self):
-        time.sleep(0.05)
-        return "\n".join(self.err)[-3000:]
-
-    def kill(self):
-        if self.new_session:                        # the whole group (forked users)
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGCONT)   # a stopped child dies cleanly too
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            pass
-
-
 @pytest.fixture
 def kids():
     made = []
 
     def start(role, **kw):
-        c = Child(role, **kw)
+        c = WorkerChild(WORKERS, role, **kw)
         made.append(c)
         return c
     try:
@@ -265,12 +180,12 @@ def put_range(q, producer, seqs, size, timeout=MOVE_BOUND):
 
 
 def committed_in(log):
-    return {(int(f[1]), int(f[2])) for f in W.read_log(log) if f[0] == "C"}
+    return {(int(f[1]), int(f[2])) for f in read_log(log) if f[0] == "C"}
 
 
 def received_in(log):
     return [(int(f[1]), int(f[2]), f[3] == "1") if f[0] == "R" else (None, None, False)
-            for f in W.read_log(log)]
+            for f in read_log(log)]
 
 
 def assert_delivery(received, committed, *, inflight_delivered=(), inflight_absent=()):
