@@ -115,6 +115,18 @@ def _check_serializer(serializer):
     return tuple(serializer)
 
 
+def _check_create_options(serializer, authkey, mode, mode_max, max_deliveries, dead_letter):
+    """The checks every create shares; returns (serializer, authkey) normalised.
+    ``mode_max``: the permission bits the location accepts."""
+    serializer = _check_serializer(serializer)
+    authkey = _auth.check_authkey(authkey)
+    _check_int("mode", mode, 0, mode_max)
+    _check_int("max_deliveries", max_deliveries, 1, 1 << 30)
+    if dead_letter is not None:
+        _names.validate_name(dead_letter)
+    return serializer, authkey
+
+
 # A timeout this long (about 317 years) is "forever": the rings' deadlines are
 # nanosecond counters, and a deadline past 2**64 ns cannot be represented.
 FOREVER_SECONDS = 1e10
@@ -278,12 +290,8 @@ class Queue(Generic[_T]):
                                dead_letter=dead_letter)
         segment = _names.segment_for(name)
         geometry = _geometry(maxsize, max_message_size, capacity_bytes)
-        serializer = _check_serializer(serializer)
-        authkey = _auth.check_authkey(authkey)
-        _check_int("mode", mode, 0, 0o7777)
-        _check_int("max_deliveries", max_deliveries, 1, 1 << 30)
-        if dead_letter is not None:
-            _names.validate_name(dead_letter)
+        serializer, authkey = _check_create_options(serializer, authkey, mode, 0o7777,
+                                                    max_deliveries, dead_letter)
         backend, module = _backend_resolve(_backend)
         ring = module.Ring.create(segment, mode=mode, exist_ok=exist_ok,
                                   max_deliveries=max_deliveries,
@@ -302,12 +310,8 @@ class Queue(Generic[_T]):
             _check_int("max_message_size", max_message_size, 1, MAX_MESSAGE_SIZE)
             capacity_bytes = max(MIN_CAPACITY_BYTES, 2 * max_message_size)
         geometry = _geometry(maxsize, max_message_size, capacity_bytes)
-        serializer = _check_serializer(serializer)
-        authkey = _auth.check_authkey(authkey)
-        _check_int("mode", mode, 0, 0o777)
-        _check_int("max_deliveries", max_deliveries, 1, 1 << 30)
-        if dead_letter is not None:
-            _names.validate_name(dead_letter)
+        serializer, authkey = _check_create_options(serializer, authkey, mode, 0o777,
+                                                    max_deliveries, dead_letter)
         backend, module = _durable_backend(backend_name, url)
         directory = _location.file_dir(url)
         os.makedirs(directory, mode=0o700, exist_ok=True)
