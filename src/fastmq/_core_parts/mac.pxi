@@ -238,8 +238,8 @@ cdef class Mac:
     def get_checked(self, timeout=None):
         """Dequeue one message and return its payload (bytes) if its magic
         and tag are right; else the message is consumed all the same and
-        this returns None (it does not start with the magic: no tag) or
-        False (a tag that does not match, or too short to hold one).
+        this returns None (no tag: too short to hold one, or it does not
+        start with the magic) or False (a tag that does not match).
 
         The tag and the payload are copied out of shared memory first and
         the check runs on those private copies, so the bytes checked are
@@ -257,7 +257,7 @@ cdef class Mac:
         cdef object payload = self.check(message)
         if payload is not None:
             return payload
-        if PyBytes_GET_SIZE(message) < _MAC_MAGIC_LEN or \
+        if PyBytes_GET_SIZE(message) < _MAC_OVERHEAD or \
                 memcmp(PyBytes_AS_STRING(message), PyBytes_AS_STRING(self.magic),
                        _MAC_MAGIC_LEN) != 0:
             return None
@@ -272,7 +272,7 @@ cdef class Mac:
         cdef const unsigned char *mg = <const unsigned char *>PyBytes_AS_STRING(self.magic)
         cdef bytes out = None
         cdef unsigned char *dst
-        cdef Py_ssize_t n = 0, have = 0
+        cdef Py_ssize_t n = 0
         cdef unsigned char diff = 0
         cdef int rc, i
         ring._enter()
@@ -299,10 +299,6 @@ cdef class Mac:
                             memcpy(dst, m.data + _MAC_OVERHEAD, <size_t>n)
                     else:
                         memcpy(dst, m.data + _MAC_OVERHEAD, <size_t>n)
-                else:
-                    # Too short to carry a tag: only its start is looked at.
-                    have = <Py_ssize_t>m.len
-                    memcpy(head, m.data, <size_t>have)
                 rc = fmq_ring_release(ring.r, &m, 1)
                 if rc != FMQ_OK:
                     _raise(rc)
@@ -310,10 +306,8 @@ cdef class Mac:
             ring._leave()
         if m.flags:
             return self._check_failed(out)
-        if out is None:                             # too short to carry a tag
-            if have < _MAC_MAGIC_LEN or memcmp(head, mg, _MAC_MAGIC_LEN) != 0:
-                return None
-            return False
+        if out is None:
+            return None                             # too short to carry a tag
         for i in range(_MAC_MAGIC_LEN):
             diff |= head[i] ^ mg[i]
         if diff:
