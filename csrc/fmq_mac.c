@@ -29,7 +29,7 @@
 #include "fmq_mac.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FMQ_MAC_AVX2 1
+#define FMQ_MAC_SIMD 1
 #include <immintrin.h>
 #endif
 
@@ -118,7 +118,7 @@ static void fmq_mac_compress(fmq_mac_state *s, const unsigned char *block, int l
         s->h[i] ^= v[i] ^ v[i + 8];
 }
 
-#ifdef FMQ_MAC_AVX2
+#ifdef FMQ_MAC_SIMD
 /* Rows as vectors: a = v[0..3], b = v[4..7], c = v[8..11], d = v[12..15];
  * lane i of a G on vectors is the spec's G number i of that half-round. */
 #define FMQ_V_ROT32(x) _mm256_shuffle_epi32((x), _MM_SHUFFLE(2, 3, 0, 1))
@@ -203,36 +203,142 @@ static void fmq_mac_compress_avx2(fmq_mac_state *s, const unsigned char *block, 
     _mm256_storeu_si256((__m256i *)(void *)&s->h[4], _mm256_xor_si256(h1, _mm256_xor_si256(b, d)));
 }
 
-/* -1: not decided yet; 0: portable; 1: AVX2. A benign race: every thread
- * that decides writes the same value. */
+/* AVX-512VL: the same vectors and the same schedule as the AVX2 one, with
+ * two things AVX-512 has and AVX2 lacks. The four rotations are native
+ * 64-bit rotates (vprorq: one instruction each, where AVX2 needs a byte
+ * shuffle and, for 63, a shift, an add and an or). And the message words
+ * of a half-round are gathered from the block by one two-table permute
+ * (vpermt2q over the block's 16 words in two 512-bit registers) giving
+ * both of its word vectors, instead of eight scalar loads and inserts.
+ * The rows stay 256-bit vectors (VL): only the permute uses a 512-bit
+ * register, and the message is loaded into two of them once per block. */
+#define FMQ_W_ROT(x, n) _mm256_ror_epi64((x), (n))
+
+#define FMQ_WG(x, y)                                                    \
+    do {                                                                \
+        a = _mm256_add_epi64(_mm256_add_epi64(a, (x)), b);              \
+        d = FMQ_W_ROT(_mm256_xor_si256(d, a), 32);                      \
+        c = _mm256_add_epi64(c, d);                                     \
+        b = FMQ_W_ROT(_mm256_xor_si256(b, c), 24);                      \
+        a = _mm256_add_epi64(_mm256_add_epi64(a, (y)), b);              \
+        d = FMQ_W_ROT(_mm256_xor_si256(d, a), 16);                      \
+        c = _mm256_add_epi64(c, d);                                     \
+        b = FMQ_W_ROT(_mm256_xor_si256(b, c), 63);                      \
+    } while (0)
+
+/* The permute index of a half-round: lanes 0-3 are its first word vector
+ * (the x of each lane's G), lanes 4-7 its second (the y), each naming one
+ * of the block's 16 words. Lanes as in FMQ_VM (columns) and FMQ_VMD
+ * (diagonals, lane i = diagonal G number i - 1). _mm512_set_epi64 takes
+ * lanes high to low; SIGMA is constant, so these fold to constants. */
+#define FMQ_WIDX(r, l0, l1, l2, l3)                                     \
+    _mm512_set_epi64(fmq_mac_sigma[r][(l3) + 1], fmq_mac_sigma[r][(l2) + 1], \
+                     fmq_mac_sigma[r][(l1) + 1], fmq_mac_sigma[r][(l0) + 1], \
+                     fmq_mac_sigma[r][l3], fmq_mac_sigma[r][l2],        \
+                     fmq_mac_sigma[r][l1], fmq_mac_sigma[r][l0])
+
+#define FMQ_WROUND(r)                                                   \
+    do {                                                                \
+        __m512i xy = _mm512_permutex2var_epi64(m0, FMQ_WIDX(r, 0, 2, 4, 6), m1); \
+        FMQ_WG(_mm512_castsi512_si256(xy), _mm512_extracti64x4_epi64(xy, 1));  \
+        a = _mm256_permute4x64_epi64(a, _MM_SHUFFLE(2, 1, 0, 3));       \
+        c = _mm256_permute4x64_epi64(c, _MM_SHUFFLE(0, 3, 2, 1));       \
+        d = _mm256_permute4x64_epi64(d, _MM_SHUFFLE(1, 0, 3, 2));       \
+        xy = _mm512_permutex2var_epi64(m0, FMQ_WIDX(r, 14, 8, 10, 12), m1); \
+        FMQ_WG(_mm512_castsi512_si256(xy), _mm512_extracti64x4_epi64(xy, 1));  \
+        a = _mm256_permute4x64_epi64(a, _MM_SHUFFLE(0, 3, 2, 1));       \
+        c = _mm256_permute4x64_epi64(c, _MM_SHUFFLE(2, 1, 0, 3));       \
+        d = _mm256_permute4x64_epi64(d, _MM_SHUFFLE(1, 0, 3, 2));       \
+    } while (0)
+
+/* "avx2,avx512f,avx512vl": names gcc and clang both accept in the target
+ * attribute. Nothing outside this function is compiled for AVX-512, so the
+ * module still loads and runs on any x86-64 (the CPU check picks it). */
+__attribute__((target("avx2,avx512f,avx512vl")))
+static void fmq_mac_compress_avx512(fmq_mac_state *s, const unsigned char *block, int last) {
+    const __m512i m0 = _mm512_loadu_si512((const void *)block);       /* words 0-7  */
+    const __m512i m1 = _mm512_loadu_si512((const void *)(block + 64)); /* words 8-15 */
+    const __m256i h0 = _mm256_loadu_si256((const __m256i *)(const void *)&s->h[0]);
+    const __m256i h1 = _mm256_loadu_si256((const __m256i *)(const void *)&s->h[4]);
+    __m256i a = h0, b = h1;
+    __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)&fmq_mac_iv[0]);
+    __m256i d = _mm256_xor_si256(
+        _mm256_loadu_si256((const __m256i *)(const void *)&fmq_mac_iv[4]),
+        _mm256_set_epi64x(0, last ? -1 : 0, (long long)s->t[1], (long long)s->t[0]));
+    FMQ_WROUND(0);
+    FMQ_WROUND(1);
+    FMQ_WROUND(2);
+    FMQ_WROUND(3);
+    FMQ_WROUND(4);
+    FMQ_WROUND(5);
+    FMQ_WROUND(6);
+    FMQ_WROUND(7);
+    FMQ_WROUND(8);
+    FMQ_WROUND(9);
+    FMQ_WROUND(10);
+    FMQ_WROUND(11);
+    _mm256_storeu_si256((__m256i *)(void *)&s->h[0], _mm256_xor_si256(h0, _mm256_xor_si256(a, c)));
+    _mm256_storeu_si256((__m256i *)(void *)&s->h[4], _mm256_xor_si256(h1, _mm256_xor_si256(b, d)));
+}
+
+/* The fastest compression this CPU runs. The AVX-512 one needs AVX2 too
+ * (the rows' lane permutes are AVX2 instructions). __builtin_cpu_supports
+ * reports a feature only when the OS also saves its registers. */
+static int fmq_mac_best(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512vl"))
+        return FMQ_MAC_AVX512;
+    return __builtin_cpu_supports("avx2") ? FMQ_MAC_AVX2 : FMQ_MAC_PORTABLE;
+}
+
+/* -1: not decided yet; else the FMQ_MAC_* compression in use. A benign
+ * race: every thread that decides writes the same value. */
 static int fmq_mac_simd = -1;
 
-static int fmq_mac_use_avx2(void) {
+static int fmq_mac_path_now(void) {
     int use = __atomic_load_n(&fmq_mac_simd, __ATOMIC_RELAXED);
     if (use < 0) {
-        __builtin_cpu_init();
-        use = __builtin_cpu_supports("avx2") ? 1 : 0;
+        use = fmq_mac_best();
         __atomic_store_n(&fmq_mac_simd, use, __ATOMIC_RELAXED);
     }
     return use;
 }
 #endif
 
-int fmq_mac_force_portable(int portable) {
-#ifdef FMQ_MAC_AVX2
-    int was = fmq_mac_use_avx2() ? 0 : 1;
-    __atomic_store_n(&fmq_mac_simd, portable ? 0 : (__builtin_cpu_supports("avx2") ? 1 : 0),
-                     __ATOMIC_RELAXED);
+int fmq_mac_path(void) {
+#ifdef FMQ_MAC_SIMD
+    return fmq_mac_path_now();
+#else
+    return FMQ_MAC_PORTABLE;
+#endif
+}
+
+int fmq_mac_select(int path) {
+#ifdef FMQ_MAC_SIMD
+    int was = fmq_mac_path_now();
+    int best = fmq_mac_best();
+    if (path < 0)
+        path = best;
+    if (path > best)
+        return -1;          /* each path's CPU runs every lower one */
+    __atomic_store_n(&fmq_mac_simd, path, __ATOMIC_RELAXED);
     return was;
 #else
-    (void)portable;
-    return 1;
+    if (path > FMQ_MAC_PORTABLE)
+        return -1;
+    return FMQ_MAC_PORTABLE;
 #endif
 }
 
 static inline void fmq_mac_block(fmq_mac_state *s, const unsigned char *block, int last) {
-#ifdef FMQ_MAC_AVX2
-    if (fmq_mac_use_avx2()) {
+#ifdef FMQ_MAC_SIMD
+    int use = fmq_mac_path_now();
+    if (use == FMQ_MAC_AVX512) {
+        fmq_mac_compress_avx512(s, block, last);
+        return;
+    }
+    if (use == FMQ_MAC_AVX2) {
         fmq_mac_compress_avx2(s, block, last);
         return;
     }

@@ -13,7 +13,8 @@ cdef extern from "fmq_mac.h" nogil:
     void fmq_mac_absorb_key(fmq_mac_state *s)
     void fmq_mac_update(fmq_mac_state *s, const unsigned char *data, size_t len)
     void fmq_mac_final(fmq_mac_state *s, unsigned char *out)
-    int fmq_mac_force_portable(int portable)
+    int fmq_mac_path()
+    int fmq_mac_select(int path)
     void fmq_mac_oneshot(const fmq_mac_state *keyed, const unsigned char *data, size_t len,
                          unsigned char *out)
 
@@ -29,11 +30,27 @@ cdef enum:
     _MAC_NOGIL = 65536
 
 
-def _mac_force_portable(bint portable):
-    """Tests: compress with the portable code even where the AVX2 one would
-    be chosen (True), or choose by the CPU again (False). Returns whether
-    the portable one was in use before."""
-    return fmq_mac_force_portable(portable) != 0
+_MAC_PATHS = ("portable", "avx2", "avx512")
+
+
+def _mac_select(path=None):
+    """Tests and benchmarks: compress with ``path`` ("portable", "avx2" or
+    "avx512") from now on, or with the CPU's best again (None). Returns
+    the name of the one in use before; ValueError if this CPU (or build)
+    cannot run ``path``."""
+    if path is not None and path not in _MAC_PATHS:
+        raise ValueError("no %r compression: choose one of %s, or None"
+                         % (path, ", ".join(_MAC_PATHS)))
+    cdef int want = -1 if path is None else _MAC_PATHS.index(path)
+    cdef int was = fmq_mac_select(want)
+    if was < 0:
+        raise ValueError("this CPU (or build) cannot run the %s compression" % path)
+    return _MAC_PATHS[was]
+
+
+def _mac_path():
+    """The name of the compression in use ("portable", "avx2" or "avx512")."""
+    return _MAC_PATHS[fmq_mac_path()]
 
 
 cdef class Mac:
