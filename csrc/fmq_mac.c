@@ -10,17 +10,22 @@
  * compression mixes a 16-word working vector through 12 rounds of the G
  * function, whose message-word order each round takes from SIGMA.
  *
- * Two compressions of the same function: the portable one below (scalar,
- * every round unrolled so the SIGMA lookups are constants), and on x86-64
- * one that keeps each row of the working vector in one 256-bit AVX2
+ * Three compressions of the same function: the portable one below
+ * (scalar, every round unrolled so the SIGMA lookups are constants), and on
+ * x86-64 two that keep each row of the working vector in one 256-bit
  * register, so a round's four column G's (then its four diagonal ones) run
  * as one G on vectors; between the halves three rows are rotated by whole
- * lanes, which lines the diagonals up as columns. The AVX2 one
- * is chosen at run time when the CPU has AVX2 (checked once, by cpuid),
- * so the extension built for any x86-64 still runs on one without it. The
- * small message paths cost one compression per message per side, so this
- * is most of what a sealed small message costs; both are checked against
- * hashlib in the tests (fmq_mac_force_portable selects the portable one).
+ * lanes, which lines the diagonals up as columns. The AVX2 one builds
+ * rotations from shuffles and shifts; the AVX-512VL one uses native 64-bit
+ * rotates and gathers the message words with one permute per half-round.
+ * Each is compiled with a function target attribute and chosen at run time
+ * (once, by cpuid: the best one the CPU and OS support), so the extension
+ * built for any x86-64 still runs on one without them. The small message
+ * paths cost one compression per message per side, so this is most of
+ * what a sealed small message costs; its dependency chain (each G needs
+ * the previous one's result), not the instruction count, bounds how fast
+ * one compression runs. All three are checked against hashlib in the
+ * tests (fmq_mac_select forces each).
  *
  * Failure model: none at run time; sizes are checked in fmq_mac_init.
  */
@@ -30,6 +35,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FMQ_MAC_SIMD 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -281,15 +287,32 @@ static void fmq_mac_compress_avx512(fmq_mac_state *s, const unsigned char *block
     _mm256_storeu_si256((__m256i *)(void *)&s->h[4], _mm256_xor_si256(h1, _mm256_xor_si256(b, d)));
 }
 
-/* The fastest compression this CPU runs. The AVX-512 one needs AVX2 too
- * (the rows' lane permutes are AVX2 instructions). __builtin_cpu_supports
- * reports a feature only when the OS also saves its registers. */
+/* The fastest compression this CPU runs, read from cpuid and XCR0 here
+ * rather than with __builtin_cpu_supports: the wheel build (clang with
+ * zig's runtime library) gets 0 from that for every feature, which would
+ * leave every wheel on the portable code. A feature counts only when the
+ * OS saves its registers (XCR0: the YMM state for AVX2; the opmask and
+ * both ZMM halves too for AVX-512). The AVX-512 one needs AVX2 as well
+ * (the rows' lane permutes are AVX2 instructions). */
 static int fmq_mac_best(void) {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512vl"))
+    unsigned a, b, c, d;
+    uint32_t xcr0_lo, xcr0_hi;
+    if (!__get_cpuid(1, &a, &b, &c, &d))
+        return FMQ_MAC_PORTABLE;
+    if (!(c & (1u << 27)) || !(c & (1u << 28)))     /* OSXSAVE, AVX */
+        return FMQ_MAC_PORTABLE;
+    /* xgetbv by its encoding-independent mnemonic: _xgetbv would need the
+     * xsave target feature on this function. */
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    (void)xcr0_hi;
+    if ((xcr0_lo & 0x6u) != 0x6u)                    /* XMM and YMM state */
+        return FMQ_MAC_PORTABLE;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b & (1u << 5)))  /* AVX2 */
+        return FMQ_MAC_PORTABLE;
+    if ((b & (1u << 16)) && (b & (1u << 31)) &&     /* AVX512F, AVX512VL */
+        (xcr0_lo & 0xe6u) == 0xe6u)                  /* + opmask, ZMM_Hi256, Hi16_ZMM */
         return FMQ_MAC_AVX512;
-    return __builtin_cpu_supports("avx2") ? FMQ_MAC_AVX2 : FMQ_MAC_PORTABLE;
+    return FMQ_MAC_AVX2;
 }
 
 /* -1: not decided yet; else the FMQ_MAC_* compression in use. A benign
