@@ -257,20 +257,23 @@ static void fmq_mac_compress_avx2(fmq_mac_state *s, const unsigned char *block, 
         d = _mm256_permute4x64_epi64(d, _MM_SHUFFLE(1, 0, 3, 2));       \
     } while (0)
 
-/* "avx2,avx512f,avx512vl": names gcc and clang both accept in the target
- * attribute. Nothing outside this function is compiled for AVX-512, so the
- * module still loads and runs on any x86-64 (the CPU check picks it). */
-__attribute__((target("avx2,avx512f,avx512vl")))
-static void fmq_mac_compress_avx512(fmq_mac_state *s, const unsigned char *block, int last) {
-    const __m512i m0 = _mm512_loadu_si512((const void *)block);       /* words 0-7  */
-    const __m512i m1 = _mm512_loadu_si512((const void *)(block + 64)); /* words 8-15 */
-    const __m256i h0 = _mm256_loadu_si256((const __m256i *)(const void *)&s->h[0]);
-    const __m256i h1 = _mm256_loadu_si256((const __m256i *)(const void *)&s->h[4]);
+/* "avx2,avx512f,avx512vl,avx512bw": names gcc and clang both accept in the
+ * target attribute. Nothing outside these functions is compiled for
+ * AVX-512, so the module still loads and runs on any x86-64 (the CPU check
+ * picks them). One compression of the block in m0/m1 on state h_in, into
+ * h_out (which may be h_in). */
+#define FMQ_AVX512_TARGET __attribute__((target("avx2,avx512f,avx512vl,avx512bw")))
+
+static inline FMQ_AVX512_TARGET __attribute__((always_inline))
+void fmq_mac_rounds_avx512(__m512i m0, __m512i m1, const uint64_t *h_in, uint64_t t0,
+                           uint64_t t1, int last, uint64_t *h_out) {
+    const __m256i h0 = _mm256_loadu_si256((const __m256i *)(const void *)&h_in[0]);
+    const __m256i h1 = _mm256_loadu_si256((const __m256i *)(const void *)&h_in[4]);
     __m256i a = h0, b = h1;
     __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)&fmq_mac_iv[0]);
     __m256i d = _mm256_xor_si256(
         _mm256_loadu_si256((const __m256i *)(const void *)&fmq_mac_iv[4]),
-        _mm256_set_epi64x(0, last ? -1 : 0, (long long)s->t[1], (long long)s->t[0]));
+        _mm256_set_epi64x(0, last ? -1 : 0, (long long)t1, (long long)t0));
     FMQ_WROUND(0);
     FMQ_WROUND(1);
     FMQ_WROUND(2);
@@ -283,8 +286,33 @@ static void fmq_mac_compress_avx512(fmq_mac_state *s, const unsigned char *block
     FMQ_WROUND(9);
     FMQ_WROUND(10);
     FMQ_WROUND(11);
-    _mm256_storeu_si256((__m256i *)(void *)&s->h[0], _mm256_xor_si256(h0, _mm256_xor_si256(a, c)));
-    _mm256_storeu_si256((__m256i *)(void *)&s->h[4], _mm256_xor_si256(h1, _mm256_xor_si256(b, d)));
+    _mm256_storeu_si256((__m256i *)(void *)&h_out[0], _mm256_xor_si256(h0, _mm256_xor_si256(a, c)));
+    _mm256_storeu_si256((__m256i *)(void *)&h_out[4], _mm256_xor_si256(h1, _mm256_xor_si256(b, d)));
+}
+
+FMQ_AVX512_TARGET
+static void fmq_mac_compress_avx512(fmq_mac_state *s, const unsigned char *block, int last) {
+    fmq_mac_rounds_avx512(_mm512_loadu_si512((const void *)block),          /* words 0-7  */
+                          _mm512_loadu_si512((const void *)(block + 64)),   /* words 8-15 */
+                          s->h, s->t[0], s->t[1], last, s->h);
+}
+
+/* A whole message of 1..128 bytes after the key block (fmq_mac_oneshot's
+ * common case): the block is read with byte-masked loads, which read
+ * nothing past data[len) and give the zero padding, so the message is not
+ * copied into a padded buffer first; the state is read from the keyed one
+ * and only the tag is written. */
+FMQ_AVX512_TARGET
+static void fmq_mac_short_avx512(const fmq_mac_state *keyed, const unsigned char *data,
+                                 size_t len, unsigned char *out) {
+    uint64_t h[8];
+    __mmask64 lo = len >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << len) - 1);
+    __mmask64 hi = len <= 64 ? 0 : len >= 128 ? ~(__mmask64)0
+                                              : (((__mmask64)1 << (len - 64)) - 1);
+    uint64_t t0 = keyed->t[0] + len, t1 = keyed->t[1] + (t0 < len);
+    fmq_mac_rounds_avx512(_mm512_maskz_loadu_epi8(lo, data),
+                          _mm512_maskz_loadu_epi8(hi, data + 64), keyed->h, t0, t1, 1, h);
+    memcpy(out, h, keyed->outlen);          /* little-endian words, as the spec's output */
 }
 
 /* The fastest compression this CPU runs, read from cpuid and XCR0 here
@@ -293,7 +321,8 @@ static void fmq_mac_compress_avx512(fmq_mac_state *s, const unsigned char *block
  * leave every wheel on the portable code. A feature counts only when the
  * OS saves its registers (XCR0: the YMM state for AVX2; the opmask and
  * both ZMM halves too for AVX-512). The AVX-512 one needs AVX2 as well
- * (the rows' lane permutes are AVX2 instructions). */
+ * (the rows' lane permutes are AVX2 instructions) and BW (the byte-masked
+ * loads of a short message). */
 static int fmq_mac_best(void) {
     unsigned a, b, c, d;
     uint32_t xcr0_lo, xcr0_hi;
@@ -309,7 +338,7 @@ static int fmq_mac_best(void) {
         return FMQ_MAC_PORTABLE;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b & (1u << 5)))  /* AVX2 */
         return FMQ_MAC_PORTABLE;
-    if ((b & (1u << 16)) && (b & (1u << 31)) &&     /* AVX512F, AVX512VL */
+    if ((b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)) &&  /* F, BW, VL */
         (xcr0_lo & 0xe6u) == 0xe6u)                  /* + opmask, ZMM_Hi256, Hi16_ZMM */
         return FMQ_MAC_AVX512;
     return FMQ_MAC_AVX2;
@@ -437,6 +466,12 @@ void fmq_mac_oneshot(const fmq_mac_state *keyed, const unsigned char *data, size
     /* Only h and t are copied: the key block is already absorbed, so no
      * input is pending and the 128-byte buffer of the state is not used. */
     fmq_mac_state s;
+#ifdef FMQ_MAC_SIMD
+    if (len <= FMQ_MAC_BLOCK && len > 0 && fmq_mac_path_now() == FMQ_MAC_AVX512) {
+        fmq_mac_short_avx512(keyed, data, len, out);
+        return;
+    }
+#endif
     memcpy(s.h, keyed->h, sizeof s.h);
     memcpy(s.t, keyed->t, sizeof s.t);
     while (len > FMQ_MAC_BLOCK) {               /* keep the final block back */

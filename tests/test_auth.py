@@ -282,8 +282,9 @@ def test_the_c_mac_is_keyed_blake2b(backend, compression):
     """The native build's MAC (csrc/fmq_mac.c) is exactly hashlib's keyed
     BLAKE2b, so handles with and without the extension agree on every tag --
     with each compression function forced in turn (the portable one, AVX2,
-    AVX-512VL) and with the one the CPU check picks, at every block
-    boundary, and past the size where the tag is computed without the GIL."""
+    AVX-512VL) and with the one the CPU check picks, at every length of one
+    block, at the block boundaries, and past the size where the tag is
+    computed without the GIL."""
     import hashlib
     import random
     from conftest import native_only
@@ -297,8 +298,9 @@ def test_the_c_mac_is_keyed_blake2b(backend, compression):
     try:
         if compression is not None:
             assert _mac_path() == compression
-        sizes = [0, 1, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1 << 16, (1 << 16) + 1,
-                 300_001]
+        # Every length of one block (the AVX-512 one reads those with masked
+        # loads), then the block boundaries and past the no-GIL size.
+        sizes = list(range(131)) + [255, 256, 257, 1 << 16, (1 << 16) + 1, 300_001]
         for i in range(500):
             key = rng.randbytes(rng.randint(1, 64))
             size = sizes[i] if i < len(sizes) else rng.randint(0, 3000)
