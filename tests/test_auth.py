@@ -391,3 +391,23 @@ def test_dead_letters_keep_their_tag(mq):
         q.get_message(timeout=0.1)
     with pytest.raises(fastmq.AuthenticationError, match="authkey"):
         mq.open(dlq).get(timeout=5)          # a reader without the key cannot use it
+
+
+def test_mac_time_runs_the_compression_in_use_and_checks_its_arguments(backend):
+    """benchmarks/mac_speed.py's timer: a duration for every path this CPU
+    runs (never asserted as a speed), and a clear error for no message."""
+    from conftest import native_only
+    native_only(backend, "the C MAC lives in the native extension")
+    from fastmq._core import _mac_select, _mac_time
+    for path in ("portable", "avx2", "avx512"):
+        try:
+            _mac_select(path)
+        except ValueError:
+            continue
+        try:
+            assert _mac_time(64, 100) > 0 and _mac_time(300, 3) > 0
+        finally:
+            _mac_select(None)
+    for size, n in ((0, 1), (64, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            _mac_time(size, n)
