@@ -90,6 +90,11 @@ cdef class Mac:
     cost as much as the MAC itself for small messages. Any other ring (the
     pure backend's) is used through its ``put``/``get``.
 
+    On a native ring it also offers a keyed handle's ``Queue`` hot methods
+    compiled (``put_bytes``, ``get_object`` and so on, below), which
+    ``queue.py`` binds onto the handle as it binds the ring's onto a
+    keyless one.
+
     ``fastmq._auth`` subclasses this (adding the Python-level helpers), so
     the per-message calls are plain method calls on one object."""
     cdef fmq_mac_state base       # key block pending: for an empty payload
