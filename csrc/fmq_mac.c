@@ -10,17 +10,22 @@
  * compression mixes a 16-word working vector through 12 rounds of the G
  * function, whose message-word order each round takes from SIGMA.
  *
- * Two compressions of the same function: the portable one below (scalar,
- * every round unrolled so the SIGMA lookups are constants), and on x86-64
- * one that keeps each row of the working vector in one 256-bit AVX2
+ * Three compressions of the same function: the portable one below
+ * (scalar, every round unrolled so the SIGMA lookups are constants), and on
+ * x86-64 two that keep each row of the working vector in one 256-bit
  * register, so a round's four column G's (then its four diagonal ones) run
  * as one G on vectors; between the halves three rows are rotated by whole
- * lanes, which lines the diagonals up as columns. The AVX2 one
- * is chosen at run time when the CPU has AVX2 (checked once, by cpuid),
- * so the extension built for any x86-64 still runs on one without it. The
- * small message paths cost one compression per message per side, so this
- * is most of what a sealed small message costs; both are checked against
- * hashlib in the tests (fmq_mac_force_portable selects the portable one).
+ * lanes, which lines the diagonals up as columns. The AVX2 one builds
+ * rotations from shuffles and shifts; the AVX-512VL one uses native 64-bit
+ * rotates and gathers the message words with one permute per half-round.
+ * Each is compiled with a function target attribute and chosen at run time
+ * (once, by cpuid: the best one the CPU and OS support), so the extension
+ * built for any x86-64 still runs on one without them. The small message
+ * paths cost one compression per message per side, so this is most of
+ * what a sealed small message costs; its dependency chain (each G needs
+ * the previous one's result), not the instruction count, bounds how fast
+ * one compression runs. All three are checked against hashlib in the
+ * tests (fmq_mac_select forces each).
  *
  * Failure model: none at run time; sizes are checked in fmq_mac_init.
  */
@@ -29,7 +34,8 @@
 #include "fmq_mac.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FMQ_MAC_AVX2 1
+#define FMQ_MAC_SIMD 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -118,7 +124,7 @@ static void fmq_mac_compress(fmq_mac_state *s, const unsigned char *block, int l
         s->h[i] ^= v[i] ^ v[i + 8];
 }
 
-#ifdef FMQ_MAC_AVX2
+#ifdef FMQ_MAC_SIMD
 /* Rows as vectors: a = v[0..3], b = v[4..7], c = v[8..11], d = v[12..15];
  * lane i of a G on vectors is the spec's G number i of that half-round. */
 #define FMQ_V_ROT32(x) _mm256_shuffle_epi32((x), _MM_SHUFFLE(2, 3, 0, 1))
@@ -203,36 +209,188 @@ static void fmq_mac_compress_avx2(fmq_mac_state *s, const unsigned char *block, 
     _mm256_storeu_si256((__m256i *)(void *)&s->h[4], _mm256_xor_si256(h1, _mm256_xor_si256(b, d)));
 }
 
-/* -1: not decided yet; 0: portable; 1: AVX2. A benign race: every thread
- * that decides writes the same value. */
+/* AVX-512VL: the same vectors and the same schedule as the AVX2 one, with
+ * two things AVX-512 has and AVX2 lacks. The four rotations are native
+ * 64-bit rotates (vprorq: one instruction each, where AVX2 needs a byte
+ * shuffle and, for 63, a shift, an add and an or). And the message words
+ * of a half-round are gathered from the block by one two-table permute
+ * (vpermt2q over the block's 16 words in two 512-bit registers) giving
+ * both of its word vectors, instead of eight scalar loads and inserts.
+ * The rows stay 256-bit vectors (VL): only the permute uses a 512-bit
+ * register, and the message is loaded into two of them once per block. */
+#define FMQ_W_ROT(x, n) _mm256_ror_epi64((x), (n))
+
+#define FMQ_WG(x, y)                                                    \
+    do {                                                                \
+        a = _mm256_add_epi64(_mm256_add_epi64(a, (x)), b);              \
+        d = FMQ_W_ROT(_mm256_xor_si256(d, a), 32);                      \
+        c = _mm256_add_epi64(c, d);                                     \
+        b = FMQ_W_ROT(_mm256_xor_si256(b, c), 24);                      \
+        a = _mm256_add_epi64(_mm256_add_epi64(a, (y)), b);              \
+        d = FMQ_W_ROT(_mm256_xor_si256(d, a), 16);                      \
+        c = _mm256_add_epi64(c, d);                                     \
+        b = FMQ_W_ROT(_mm256_xor_si256(b, c), 63);                      \
+    } while (0)
+
+/* The permute index of a half-round: lanes 0-3 are its first word vector
+ * (the x of each lane's G), lanes 4-7 its second (the y), each naming one
+ * of the block's 16 words. Lanes as in FMQ_VM (columns) and FMQ_VMD
+ * (diagonals, lane i = diagonal G number i - 1). _mm512_set_epi64 takes
+ * lanes high to low; SIGMA is constant, so these fold to constants. */
+#define FMQ_WIDX(r, l0, l1, l2, l3)                                     \
+    _mm512_set_epi64(fmq_mac_sigma[r][(l3) + 1], fmq_mac_sigma[r][(l2) + 1], \
+                     fmq_mac_sigma[r][(l1) + 1], fmq_mac_sigma[r][(l0) + 1], \
+                     fmq_mac_sigma[r][l3], fmq_mac_sigma[r][l2],        \
+                     fmq_mac_sigma[r][l1], fmq_mac_sigma[r][l0])
+
+#define FMQ_WROUND(r)                                                   \
+    do {                                                                \
+        __m512i xy = _mm512_permutex2var_epi64(m0, FMQ_WIDX(r, 0, 2, 4, 6), m1); \
+        FMQ_WG(_mm512_castsi512_si256(xy), _mm512_extracti64x4_epi64(xy, 1));  \
+        a = _mm256_permute4x64_epi64(a, _MM_SHUFFLE(2, 1, 0, 3));       \
+        c = _mm256_permute4x64_epi64(c, _MM_SHUFFLE(0, 3, 2, 1));       \
+        d = _mm256_permute4x64_epi64(d, _MM_SHUFFLE(1, 0, 3, 2));       \
+        xy = _mm512_permutex2var_epi64(m0, FMQ_WIDX(r, 14, 8, 10, 12), m1); \
+        FMQ_WG(_mm512_castsi512_si256(xy), _mm512_extracti64x4_epi64(xy, 1));  \
+        a = _mm256_permute4x64_epi64(a, _MM_SHUFFLE(0, 3, 2, 1));       \
+        c = _mm256_permute4x64_epi64(c, _MM_SHUFFLE(2, 1, 0, 3));       \
+        d = _mm256_permute4x64_epi64(d, _MM_SHUFFLE(1, 0, 3, 2));       \
+    } while (0)
+
+/* "avx2,avx512f,avx512vl,avx512bw": names gcc and clang both accept in the
+ * target attribute. Nothing outside these functions is compiled for
+ * AVX-512, so the module still loads and runs on any x86-64 (the CPU check
+ * picks them). One compression of the block in m0/m1 on state h_in, into
+ * h_out (which may be h_in). */
+#define FMQ_AVX512_TARGET __attribute__((target("avx2,avx512f,avx512vl,avx512bw")))
+
+static inline FMQ_AVX512_TARGET __attribute__((always_inline))
+void fmq_mac_rounds_avx512(__m512i m0, __m512i m1, const uint64_t *h_in, uint64_t t0,
+                           uint64_t t1, int last, uint64_t *h_out) {
+    const __m256i h0 = _mm256_loadu_si256((const __m256i *)(const void *)&h_in[0]);
+    const __m256i h1 = _mm256_loadu_si256((const __m256i *)(const void *)&h_in[4]);
+    __m256i a = h0, b = h1;
+    __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)&fmq_mac_iv[0]);
+    __m256i d = _mm256_xor_si256(
+        _mm256_loadu_si256((const __m256i *)(const void *)&fmq_mac_iv[4]),
+        _mm256_set_epi64x(0, last ? -1 : 0, (long long)t1, (long long)t0));
+    FMQ_WROUND(0);
+    FMQ_WROUND(1);
+    FMQ_WROUND(2);
+    FMQ_WROUND(3);
+    FMQ_WROUND(4);
+    FMQ_WROUND(5);
+    FMQ_WROUND(6);
+    FMQ_WROUND(7);
+    FMQ_WROUND(8);
+    FMQ_WROUND(9);
+    FMQ_WROUND(10);
+    FMQ_WROUND(11);
+    _mm256_storeu_si256((__m256i *)(void *)&h_out[0], _mm256_xor_si256(h0, _mm256_xor_si256(a, c)));
+    _mm256_storeu_si256((__m256i *)(void *)&h_out[4], _mm256_xor_si256(h1, _mm256_xor_si256(b, d)));
+}
+
+FMQ_AVX512_TARGET
+static void fmq_mac_compress_avx512(fmq_mac_state *s, const unsigned char *block, int last) {
+    fmq_mac_rounds_avx512(_mm512_loadu_si512((const void *)block),          /* words 0-7  */
+                          _mm512_loadu_si512((const void *)(block + 64)),   /* words 8-15 */
+                          s->h, s->t[0], s->t[1], last, s->h);
+}
+
+/* A whole message of 1..128 bytes after the key block (fmq_mac_oneshot's
+ * common case): the block is read with byte-masked loads, which read
+ * nothing past data[len) and give the zero padding, so the message is not
+ * copied into a padded buffer first; the state is read from the keyed one
+ * and only the tag is written. */
+FMQ_AVX512_TARGET
+static void fmq_mac_short_avx512(const fmq_mac_state *keyed, const unsigned char *data,
+                                 size_t len, unsigned char *out) {
+    uint64_t h[8];
+    __mmask64 lo = len >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << len) - 1);
+    __mmask64 hi = len <= 64 ? 0 : len >= 128 ? ~(__mmask64)0
+                                              : (((__mmask64)1 << (len - 64)) - 1);
+    uint64_t t0 = keyed->t[0] + len, t1 = keyed->t[1] + (t0 < len);
+    fmq_mac_rounds_avx512(_mm512_maskz_loadu_epi8(lo, data),
+                          _mm512_maskz_loadu_epi8(hi, data + 64), keyed->h, t0, t1, 1, h);
+    memcpy(out, h, keyed->outlen);          /* little-endian words, as the spec's output */
+}
+
+/* The fastest compression this CPU runs, read from cpuid and XCR0 here
+ * rather than with __builtin_cpu_supports: the wheel build (clang with
+ * zig's runtime library) gets 0 from that for every feature, which would
+ * leave every wheel on the portable code. A feature counts only when the
+ * OS saves its registers (XCR0: the YMM state for AVX2; the opmask and
+ * both ZMM halves too for AVX-512). The AVX-512 one needs AVX2 as well
+ * (the rows' lane permutes are AVX2 instructions) and BW (the byte-masked
+ * loads of a short message). */
+static int fmq_mac_best(void) {
+    unsigned a, b, c, d;
+    uint32_t xcr0_lo, xcr0_hi;
+    if (!__get_cpuid(1, &a, &b, &c, &d))
+        return FMQ_MAC_PORTABLE;
+    if (!(c & (1u << 27)) || !(c & (1u << 28)))     /* OSXSAVE, AVX */
+        return FMQ_MAC_PORTABLE;
+    /* xgetbv by its encoding-independent mnemonic: _xgetbv would need the
+     * xsave target feature on this function. */
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    (void)xcr0_hi;
+    if ((xcr0_lo & 0x6u) != 0x6u)                    /* XMM and YMM state */
+        return FMQ_MAC_PORTABLE;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b & (1u << 5)))  /* AVX2 */
+        return FMQ_MAC_PORTABLE;
+    if ((b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)) &&  /* F, BW, VL */
+        (xcr0_lo & 0xe6u) == 0xe6u)                  /* + opmask, ZMM_Hi256, Hi16_ZMM */
+        return FMQ_MAC_AVX512;
+    return FMQ_MAC_AVX2;
+}
+
+/* -1: not decided yet; else the FMQ_MAC_* compression in use. A benign
+ * race: every thread that decides writes the same value. */
 static int fmq_mac_simd = -1;
 
-static int fmq_mac_use_avx2(void) {
+static int fmq_mac_path_now(void) {
     int use = __atomic_load_n(&fmq_mac_simd, __ATOMIC_RELAXED);
     if (use < 0) {
-        __builtin_cpu_init();
-        use = __builtin_cpu_supports("avx2") ? 1 : 0;
+        use = fmq_mac_best();
         __atomic_store_n(&fmq_mac_simd, use, __ATOMIC_RELAXED);
     }
     return use;
 }
 #endif
 
-int fmq_mac_force_portable(int portable) {
-#ifdef FMQ_MAC_AVX2
-    int was = fmq_mac_use_avx2() ? 0 : 1;
-    __atomic_store_n(&fmq_mac_simd, portable ? 0 : (__builtin_cpu_supports("avx2") ? 1 : 0),
-                     __ATOMIC_RELAXED);
+int fmq_mac_path(void) {
+#ifdef FMQ_MAC_SIMD
+    return fmq_mac_path_now();
+#else
+    return FMQ_MAC_PORTABLE;
+#endif
+}
+
+int fmq_mac_select(int path) {
+#ifdef FMQ_MAC_SIMD
+    int was = fmq_mac_path_now();
+    int best = fmq_mac_best();
+    if (path < 0)
+        path = best;
+    if (path > best)
+        return -1;          /* each path's CPU runs every lower one */
+    __atomic_store_n(&fmq_mac_simd, path, __ATOMIC_RELAXED);
     return was;
 #else
-    (void)portable;
-    return 1;
+    if (path > FMQ_MAC_PORTABLE)
+        return -1;
+    return FMQ_MAC_PORTABLE;
 #endif
 }
 
 static inline void fmq_mac_block(fmq_mac_state *s, const unsigned char *block, int last) {
-#ifdef FMQ_MAC_AVX2
-    if (fmq_mac_use_avx2()) {
+#ifdef FMQ_MAC_SIMD
+    int use = fmq_mac_path_now();
+    if (use == FMQ_MAC_AVX512) {
+        fmq_mac_compress_avx512(s, block, last);
+        return;
+    }
+    if (use == FMQ_MAC_AVX2) {
         fmq_mac_compress_avx2(s, block, last);
         return;
     }
@@ -308,6 +466,12 @@ void fmq_mac_oneshot(const fmq_mac_state *keyed, const unsigned char *data, size
     /* Only h and t are copied: the key block is already absorbed, so no
      * input is pending and the 128-byte buffer of the state is not used. */
     fmq_mac_state s;
+#ifdef FMQ_MAC_SIMD
+    if (len <= FMQ_MAC_BLOCK && len > 0 && fmq_mac_path_now() == FMQ_MAC_AVX512) {
+        fmq_mac_short_avx512(keyed, data, len, out);
+        return;
+    }
+#endif
     memcpy(s.h, keyed->h, sizeof s.h);
     memcpy(s.t, keyed->t, sizeof s.t);
     while (len > FMQ_MAC_BLOCK) {               /* keep the final block back */

@@ -41,8 +41,16 @@ void fmq_mac_final(fmq_mac_state *s, unsigned char *out);
  * compresses the key block as the last one, which fmq_mac_final does). */
 void fmq_mac_oneshot(const fmq_mac_state *keyed, const unsigned char *data, size_t len,
                      unsigned char *out);
-/* Tests: 1 = use the portable compression even where AVX2 is available,
- * 0 = choose by the CPU again. Returns whether the portable one was in use. */
-int fmq_mac_force_portable(int portable);
+/* The compression functions (fmq_mac.c), each needing the CPU features of
+ * the ones below it: the one in use is chosen by the CPU on first use. */
+#define FMQ_MAC_PORTABLE 0
+#define FMQ_MAC_AVX2 1
+#define FMQ_MAC_AVX512 2
+/* The FMQ_MAC_* compression in use. */
+int fmq_mac_path(void);
+/* Tests and benchmarks: use compression FMQ_MAC_* path from now on (-1:
+ * the CPU's best again). Returns the one in use before, or -1 (nothing
+ * changed) if this CPU or build cannot run that one. */
+int fmq_mac_select(int path);
 
 #endif

@@ -276,22 +276,31 @@ def test_handle_pickled_into_a_queue_does_not_carry_the_key(mq):
         q.get(timeout=5)
 
 
-@pytest.mark.parametrize("compression", ["portable", "by_cpu"])
+@pytest.mark.parametrize("compression", ["portable", "avx2", "avx512", None],
+                         ids=["portable", "avx2", "avx512", "by_cpu"])
 def test_the_c_mac_is_keyed_blake2b(backend, compression):
     """The native build's MAC (csrc/fmq_mac.c) is exactly hashlib's keyed
     BLAKE2b, so handles with and without the extension agree on every tag --
-    with either compression function (the portable one, and the AVX2 one the
-    CPU check picks where it can), at every block boundary, and past the size
-    where the tag is computed without the GIL."""
+    with each compression function forced in turn (the portable one, AVX2,
+    AVX-512VL) and with the one the CPU check picks, at every length of one
+    block, at the block boundaries, and past the size where the tag is
+    computed without the GIL."""
     import hashlib
     import random
     from conftest import native_only
     native_only(backend, "the C MAC lives in the native extension")
-    from fastmq._core import Mac, _mac_force_portable
+    from fastmq._core import Mac, _mac_path, _mac_select
     rng = random.Random(7)
-    was = _mac_force_portable(compression == "portable")
     try:
-        sizes = [0, 1, 127, 128, 129, 255, 256, 257, 1 << 16, (1 << 16) + 1, 300_001]
+        was = _mac_select(compression)
+    except ValueError:
+        pytest.skip(f"this CPU cannot run the {compression} compression")
+    try:
+        if compression is not None:
+            assert _mac_path() == compression
+        # Every length of one block (the AVX-512 one reads those with masked
+        # loads), then the block boundaries and past the no-GIL size.
+        sizes = list(range(131)) + [255, 256, 257, 1 << 16, (1 << 16) + 1, 300_001]
         for i in range(500):
             key = rng.randbytes(rng.randint(1, 64))
             size = sizes[i] if i < len(sizes) else rng.randint(0, 3000)
@@ -307,7 +316,23 @@ def test_the_c_mac_is_keyed_blake2b(backend, compression):
             bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
             assert mac.check(bytes(bad)) is None
     finally:
-        _mac_force_portable(was)
+        _mac_select(was)
+
+
+def test_the_mac_compression_can_only_be_forced_to_one_the_cpu_runs(backend):
+    from conftest import native_only
+    native_only(backend, "the C MAC lives in the native extension")
+    from fastmq._core import _mac_path, _mac_select
+    best = _mac_path()
+    assert best in ("portable", "avx2", "avx512")
+    assert _mac_select("portable") == best          # the portable one runs anywhere
+    try:
+        assert _mac_path() == "portable"
+        with pytest.raises(ValueError, match="'sse9'.*portable"):
+            _mac_select("sse9")
+    finally:
+        assert _mac_select(None) == "portable"
+    assert _mac_path() == best
 
 
 @pytest.mark.parametrize("stored", [b"", b"\x00FQ", b"\x00FQA" + b"t" * 15, b"x" * 19])
@@ -366,3 +391,23 @@ def test_dead_letters_keep_their_tag(mq):
         q.get_message(timeout=0.1)
     with pytest.raises(fastmq.AuthenticationError, match="authkey"):
         mq.open(dlq).get(timeout=5)          # a reader without the key cannot use it
+
+
+def test_mac_time_runs_the_compression_in_use_and_checks_its_arguments(backend):
+    """benchmarks/mac_speed.py's timer: a duration for every path this CPU
+    runs (never asserted as a speed), and a clear error for no message."""
+    from conftest import native_only
+    native_only(backend, "the C MAC lives in the native extension")
+    from fastmq._core import _mac_select, _mac_time
+    for path in ("portable", "avx2", "avx512"):
+        try:
+            _mac_select(path)
+        except ValueError:
+            continue
+        try:
+            assert _mac_time(64, 100) > 0 and _mac_time(300, 3) > 0
+        finally:
+            _mac_select(None)
+    for size, n in ((0, 1), (64, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            _mac_time(size, n)

@@ -1,12 +1,14 @@
-"""The hot methods a handle binds from its ring behave as the Queue's own.
+"""The hot methods a handle binds behave as the Queue's own.
 
-A handle without an authkey binds the native ring's compiled forms of
+A handle on the native ring binds compiled forms of
 ``put``/``get``/``put_many``/``get_many`` (default codec only) and of the
-``*_bytes`` methods (see ``Queue._bind_compiled``). Each test here states the
-behaviour of the public method, and checks it both through the handle (the
-compiled form, on the native backend) and through the class
-(``fastmq.Queue.put_bytes(q, ...)``, the layer's own code), on both backends:
-the two must agree argument for argument, message for message.
+``*_bytes`` methods (see ``Queue._bind_compiled``): the ring's own without an
+authkey, the C ``Mac``'s with one (the MAC computed and checked in the same C
+call). Each test here states the behaviour of the public method, and checks
+it both through the handle (the compiled form, on the native backend) and
+through the class (``fastmq.Queue.put_bytes(q, ...)``, the layer's own code),
+on both backends, with and without an authkey where the behaviour is the
+same: the two must agree argument for argument, message for message.
 """
 from __future__ import annotations
 
@@ -22,6 +24,14 @@ import fastmq
 from fastmq.queue import DEFAULT_GET_MANY
 
 PAYLOAD = b"x" * 64
+KEY = b"k" * 32
+
+
+@pytest.fixture(params=[None, KEY], ids=["plain", "authkey"])
+def authkey(request):
+    """Each shared behaviour with and without an authkey: a keyed handle
+    binds other compiled forms (the C Mac's), which must behave the same."""
+    return request.param
 
 # name -> (positional arguments, does it write)
 METHODS = {
@@ -99,10 +109,10 @@ _TIMEOUT_CASES = [
 
 
 @pytest.mark.parametrize("name, block, timeout, expected", _TIMEOUT_CASES)
-def test_hot_methods_take_block_and_timeout_as_the_layer_does(mq, name, block, timeout,
+def test_hot_methods_take_block_and_timeout_as_the_layer_does(mq, authkey, name, block, timeout,
                                                                expected):
     args, _ = METHODS[name]
-    q = mq.Queue(maxsize=8)
+    q = mq.Queue(maxsize=8, authkey=authkey)
     bound, reference = _both(q, name, *args, block=block, timeout=timeout)
     _check(bound, expected)
     assert bound == reference
@@ -118,8 +128,9 @@ def test_hot_methods_take_block_and_timeout_as_the_layer_does(mq, name, block, t
     (True, TypeError, "max_messages must be an int, not bool"),
     (3.0, TypeError, "max_messages must be an int, not float"),
 ])
-def test_batch_reads_check_max_messages_as_the_layer_does(mq, name, value, error, fragment):
-    q = mq.Queue()
+def test_batch_reads_check_max_messages_as_the_layer_does(mq, authkey, name, value, error,
+                                                          fragment):
+    q = mq.Queue(authkey=authkey)
     q.put(1)
     bound = _outcome(lambda: getattr(q, name)(value, timeout=1))
     reference = _outcome(lambda: getattr(fastmq.Queue, name)(q, value, timeout=1))
@@ -129,9 +140,9 @@ def test_batch_reads_check_max_messages_as_the_layer_does(mq, name, value, error
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_hot_methods_of_a_closed_handle_raise_queue_closed(mq, name):
+def test_hot_methods_of_a_closed_handle_raise_queue_closed(mq, authkey, name):
     args, _ = METHODS[name]
-    q = mq.Queue()
+    q = mq.Queue(authkey=authkey)
     q.close()
     bound = _outcome(lambda: getattr(q, name)(*args, timeout=1))
     reference = _outcome(lambda: getattr(fastmq.Queue, name)(q, *args, timeout=1))
@@ -139,8 +150,8 @@ def test_hot_methods_of_a_closed_handle_raise_queue_closed(mq, name):
     assert bound == reference
 
 
-def test_default_batch_size_is_the_layers(mq):
-    q = mq.Queue(maxsize=DEFAULT_GET_MANY + 10)
+def test_default_batch_size_is_the_layers(mq, authkey):
+    q = mq.Queue(maxsize=DEFAULT_GET_MANY + 10, authkey=authkey)
     q.put_many(range(DEFAULT_GET_MANY + 10))
     assert len(q.get_many(timeout=5)) == DEFAULT_GET_MANY
     q.put_many_bytes([PAYLOAD] * DEFAULT_GET_MANY)
@@ -148,9 +159,9 @@ def test_default_batch_size_is_the_layers(mq):
     assert len(q.get_many_bytes(timeout=5)) == DEFAULT_GET_MANY
 
 
-def test_objects_round_trip_the_same_through_handle_and_class(mq):
+def test_objects_round_trip_the_same_through_handle_and_class(mq, authkey):
     """The compiled codec writes exactly the layer's bytes and reads them."""
-    q = mq.Queue()
+    q = mq.Queue(authkey=authkey)
     values = [None, True, 7, 2 ** 100, 3.25, 1j, "é", b"raw", bytearray(b"ba"),
               {"id": 1, "tags": ["a"]}, (1, (2, 3)), frozenset({1}), list(range(50)),
               pickle.PickleBuffer(b"in a buffer")]
@@ -170,8 +181,8 @@ def test_objects_round_trip_the_same_through_handle_and_class(mq):
     assert fastmq.Queue.get_many(q, 100, timeout=5) == values[:-1]
 
 
-def test_an_undecodable_message_is_bad_message_with_its_bytes_either_way(mq):
-    q = mq.Queue()
+def test_an_undecodable_message_is_bad_message_with_its_bytes_either_way(mq, authkey):
+    q = mq.Queue(authkey=authkey)
     for raw in (b"", b"\x80\x05garbage", b"plain text", b"\x00FQ5short"):
         for get in (q.get, lambda **kw: fastmq.Queue.get(q, **kw)):
             q.put_bytes(raw)
@@ -186,8 +197,8 @@ def test_an_undecodable_message_is_bad_message_with_its_bytes_either_way(mq):
     assert q.qsize() == 0
 
 
-def test_an_oversize_object_in_a_batch_sends_nothing(mq):
-    q = mq.Queue(max_message_size=1000)
+def test_an_oversize_object_in_a_batch_sends_nothing(mq, authkey):
+    q = mq.Queue(max_message_size=1000, authkey=authkey)
     for put_many in (q.put_many, lambda items: fastmq.Queue.put_many(q, items)):
         with pytest.raises(fastmq.MessageTooLarge, match="nothing was sent"):
             put_many([1, b"y" * 2000, 3])
@@ -212,7 +223,7 @@ def test_a_subclass_that_overrides_a_hot_method_keeps_its_override(backend):
         q.close()
 
 
-def test_a_custom_serializer_is_used_by_put_and_get(mq):
+def test_a_custom_serializer_is_used_by_put_and_get(mq, authkey):
     calls = []
 
     def dumps(obj):
@@ -223,7 +234,7 @@ def test_a_custom_serializer_is_used_by_put_and_get(mq):
         calls.append("loads")
         return ("loaded", bytes(data))
 
-    q = mq.Queue(serializer=(dumps, loads))
+    q = mq.Queue(serializer=(dumps, loads), authkey=authkey)
     q.put(12)
     assert q.get(timeout=5) == ("loaded", b"12")
     q.put_many([1, 2])
@@ -283,10 +294,241 @@ def test_put_many_sends_the_batch_it_was_called_with_when_its_list_changes(backe
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_hot_methods_of_a_handle_have_the_layers_signature(mq, name):
+def test_hot_methods_of_a_handle_have_the_layers_signature(mq, authkey, name):
     import inspect
-    q = mq.Queue()
+    q = mq.Queue(authkey=authkey)
     bound = inspect.signature(getattr(q, name))
     reference = inspect.signature(getattr(fastmq.Queue, name))
     want = [(p.name, p.kind, p.default) for p in list(reference.parameters.values())[1:]]
     assert [(p.name, p.kind, p.default) for p in bound.parameters.values()] == want
+
+
+# ------------------------------------------------------------ keyed handles
+#
+# What only a keyed handle does: the tag written, checked and refused. Each
+# scenario runs once through the handle (on the native backend, the C Mac's
+# compiled forms) and once through the class (the layer's code), and the two
+# must agree on every outcome, on the bytes that went into the ring and on
+# the shared rejected count.
+
+_OBJECT_METHODS = ("put", "get", "put_many", "get_many")
+
+
+def test_a_keyed_handle_binds_the_compiled_forms_on_the_native_ring_only(backend):
+    """The comparisons below are only worth something if the handle really
+    runs other code than the class: on the native ring every hot method of a
+    keyed handle is a C method of its Mac (objects: default codec only)."""
+    plain = fastmq.Queue(authkey=KEY, _backend=backend)
+    custom = fastmq.Queue(authkey=KEY, serializer=(pickle.dumps, pickle.loads),
+                          _backend=backend)
+    try:
+        for name in METHODS:
+            bound = plain.__dict__.get(name)
+            if backend == "native":
+                assert bound is not None and type(bound).__name__ == "builtin_function_or_method"
+                assert bound.__self__ is plain._auth, name
+            else:
+                assert bound is None, name          # the pure ring: the layer's methods
+            if name in _OBJECT_METHODS or backend != "native":
+                assert name not in custom.__dict__, name   # a custom codec: the layer's
+            else:
+                assert custom.__dict__[name].__self__ is custom._auth, name
+    finally:
+        plain.close()
+        custom.close()
+
+
+def _keyed_trio(mq, **kw):
+    """(a handle with KEY, one without a key, one with another key), one queue."""
+    from conftest import unique_name
+    name = unique_name("cauth")
+    q = mq.create(name, authkey=KEY, **kw)
+    return q, mq.open(name), mq.open(name, authkey=b"o" * 32)
+
+
+# how a bad message is written: (writer, what it writes)
+_BAD = {
+    "no_tag": lambda plain, other: plain.put_bytes(pickle.dumps("x", 5)),
+    "empty": lambda plain, other: plain.put_bytes(b""),
+    "magic_only": lambda plain, other: plain.put_bytes(b"\x00FQA" + b"t" * 15),
+    "wrong_key": lambda plain, other: other.put("x"),
+    "wrong_key_big": lambda plain, other: other.put_bytes(b"b" * (200 << 10)),
+    "wrong_key_atomic": lambda plain, other: other.put_many(["x"], atomic=True),
+    "altered": None,                  # a genuine message with one byte flipped
+}
+
+# read method -> (call on the handle, call through the class, good messages
+# as written by put_good)
+_READS = {
+    "get": (lambda q: q.get(timeout=5), lambda q: fastmq.Queue.get(q, timeout=5)),
+    "get_zero_copy": (lambda q: q.get(timeout=5, zero_copy=True),
+                      lambda q: fastmq.Queue.get(q, timeout=5, zero_copy=True)),
+    "get_bytes": (lambda q: q.get_bytes(timeout=5),
+                  lambda q: fastmq.Queue.get_bytes(q, timeout=5)),
+    "get_many": (lambda q: q.get_many(10, timeout=5),
+                 lambda q: fastmq.Queue.get_many(q, 10, timeout=5)),
+    "get_many_bytes": (lambda q: q.get_many_bytes(10, timeout=5),
+                       lambda q: fastmq.Queue.get_many_bytes(q, 10, timeout=5)),
+}
+
+
+def _put_good(q, read, value):
+    if "bytes" in read:
+        q.put_bytes(value.encode())
+    else:
+        q.put(value)
+
+
+def _write_altered(q, plain):
+    """A message of q's (a genuine tag) with one payload byte changed."""
+    raw = bytearray(q._auth.seal(pickle.dumps("genuine", 5)))
+    raw[-2] ^= 1
+    plain.put_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("read", sorted(_READS))
+@pytest.mark.parametrize("bad", sorted(_BAD))
+def test_a_rejected_message_is_consumed_counted_and_raises_the_same_either_way(mq, read, bad):
+    """good, bad, good: the first is delivered (a batch read stops before
+    the bad one), the bad one is consumed, counted once in
+    stats()["rejected"] and raises AuthenticationError with the same
+    message, and the one behind it is delivered intact."""
+    q, plain, other = _keyed_trio(mq)
+    outcomes = []
+    for call in _READS[read]:
+        before = q.stats()["rejected"]
+        _put_good(q, read, "before")
+        if bad == "altered":
+            _write_altered(q, plain)
+        else:
+            _BAD[bad](plain, other)
+        _put_good(q, read, "behind")
+        seen = [_outcome(lambda: call(q)) for _ in range(3)]
+        outcomes.append((seen, q.stats()["rejected"] - before, q.qsize()))
+    bound, reference = outcomes
+    assert bound == reference
+    seen, counted, left = bound
+    assert seen[1][0] is fastmq.AuthenticationError, seen
+    assert counted == 1 and left == 0
+    first, last = seen[0][1], seen[2][1]
+    if read.startswith("get_many"):
+        first, last = first[0], last[0]
+    if "bytes" in read:
+        assert (first, last) == (b"before", b"behind")
+    else:
+        assert (first, last) == ("before", "behind")
+
+
+_SIZES = [0, 1, 19, 20, 107, 108, 109, 4000, (64 << 10) - 21, (64 << 10) - 20, 64 << 10,
+          (64 << 10) + 1, 1 << 20]
+
+
+@pytest.mark.parametrize("size", _SIZES)
+def test_keyed_payloads_of_every_size_carry_the_same_bytes_either_way(mq, size):
+    """Around the inline-slot limit, the 64 KiB boundaries (the MAC and the
+    copy run without the GIL past them) and in a 1 MiB block: what the
+    handle writes is byte for byte what the class writes (tag included),
+    and each reads what the other wrote."""
+    import os
+    q = mq.Queue(maxsize=8, authkey=KEY)
+    data = os.urandom(size)
+    for put in (lambda: q.put_bytes(data), lambda: fastmq.Queue.put_bytes(q, data),
+                lambda: q.put(data), lambda: fastmq.Queue.put(q, data)):
+        put()
+    raw = [q._ring.get(5) for _ in range(4)]
+    assert raw[0] == raw[1] and raw[2] == raw[3]
+    assert len(raw[0]) == size + 20
+    q.put_bytes(data)
+    assert fastmq.Queue.get_bytes(q, timeout=5) == data
+    fastmq.Queue.put_bytes(q, bytearray(data))
+    assert q.get_bytes(timeout=5) == data
+    q.put(data)
+    assert fastmq.Queue.get(q, timeout=5) == data
+    fastmq.Queue.put(q, data)
+    assert q.get(timeout=5) == data
+    q.put_many_bytes([data, memoryview(data)])
+    assert fastmq.Queue.get_many_bytes(q, timeout=5) == [data, data]
+    fastmq.Queue.put_many(q, [data])
+    assert q.get_many(timeout=5) == [data]
+    assert q.qsize() == 0
+
+
+@pytest.mark.parametrize("nbytes", [64, 200 << 10])
+def test_keyed_objects_with_out_of_band_buffers_the_same_either_way(mq, nbytes):
+    """numpy arrays (out-of-band buffers): written as a sealed frame by
+    either, read back equal by either; zero_copy=True gives a read-only
+    array and the same values."""
+    np = pytest.importorskip("numpy")
+    q = mq.Queue(maxsize=8, authkey=KEY)
+    arr = np.arange(nbytes // 8, dtype=np.int64)
+    q.put(arr)
+    fastmq.Queue.put(q, arr)
+    first, second = q._ring.get(5), q._ring.get(5)
+    assert first == second
+    writes = (lambda: q.put(arr), lambda: fastmq.Queue.put(q, arr))
+    reads = (lambda: q.get(timeout=5), lambda: fastmq.Queue.get(q, timeout=5),
+             lambda: q.get(timeout=5, zero_copy=True),
+             lambda: fastmq.Queue.get(q, timeout=5, zero_copy=True))
+    for write in writes:
+        for i, read in enumerate(reads):
+            write()
+            got = read()
+            assert isinstance(got, np.ndarray) and np.array_equal(got, arr)
+            if i >= 2:
+                assert not got.flags.writeable
+            del got
+    q.put_many([arr, {"a": arr}])
+    a, b = fastmq.Queue.get_many(q, timeout=5)
+    assert np.array_equal(a, arr) and np.array_equal(b["a"], arr)
+    assert q.qsize() == 0
+
+
+@pytest.mark.parametrize("how", ["put_many", "put_many_bytes"])
+def test_keyed_atomic_batches_the_same_either_way(mq, how):
+    """An atomic batch of sealed messages: the same record either way, read
+    back one at a time by get/get_bytes or whole by get_many, by either;
+    one that can never fit is refused with the same error, nothing sent."""
+    q = mq.Queue(maxsize=16, max_message_size=4096, authkey=KEY)
+    items = [1, "two", b"3"] if how == "put_many" else [b"1", b"two", bytearray(b"3")]
+    want = items if how == "put_many" else [bytes(i) for i in items]
+    one = "get" if how == "put_many" else "get_bytes"
+    many = "get_many" if how == "put_many" else "get_many_bytes"
+    outcomes = []
+    for target in (q, None):
+        write = getattr(q, how) if target is q else (
+            lambda it, **kw: getattr(fastmq.Queue, how)(q, it, **kw))
+        assert write(items, atomic=True) == 3
+        got = [getattr(q, one)(timeout=5)]
+        got.append(getattr(fastmq.Queue, one)(q, timeout=5))
+        got += getattr(q, many)(timeout=5)
+        assert write(items, atomic=True) == 3
+        got += getattr(fastmq.Queue, many)(q, timeout=5)
+        big = _outcome(lambda: write([b"x" * 10, b"y" * 4080], atomic=True))   # + its tag
+        outcomes.append((got, big, q.qsize()))
+    assert outcomes[0] == outcomes[1]
+    got, big, left = outcomes[0]
+    assert got == want + want and left == 0
+    assert big[0] is fastmq.MessageTooLarge, big
+
+
+@pytest.mark.parametrize("name", ["put", "put_bytes", "put_many", "put_many_bytes"])
+def test_a_keyed_write_that_cannot_fit_its_tag_is_refused_the_same_either_way(mq, name):
+    """The tag counts against max_message_size: the same MessageTooLarge
+    (naming the tag for one message, "nothing was sent" for a batch) and
+    nothing written."""
+    q = mq.Queue(max_message_size=1000, authkey=KEY)
+    fits, over = b"f" * 980, b"o" * 981
+    arg = {"put": over, "put_bytes": over, "put_many": [fits, over],
+           "put_many_bytes": [fits, over]}[name]
+    if name == "put":
+        arg = b"o" * 975             # pickled: 975 + a few bytes, + the tag > 1000
+    bound = _outcome(lambda: getattr(q, name)(arg, timeout=1))
+    reference = _outcome(lambda: getattr(fastmq.Queue, name)(q, arg, timeout=1))
+    assert bound == reference
+    assert bound[0] is fastmq.MessageTooLarge, bound
+    if name in ("put", "put_bytes"):
+        assert "authentication tag" in bound[1]
+    assert q.qsize() == 0 or name == "put_many_bytes"
+    _drain(q)
+    q.put_bytes(fits)
+    assert fastmq.Queue.get_bytes(q, timeout=5) == fits

@@ -211,7 +211,7 @@ class _HashlibAuth(_Helpers):
         message = self.ring.get(timeout)       # a private copy: check, then use
         payload = self.check(message)
         if payload is None:
-            return None if bytes(message[:4]) != MAGIC else False
+            return None if len(message) < OVERHEAD or bytes(message[:4]) != MAGIC else False
         return payload if payload.__class__ is bytes else bytes(payload)
 
 
@@ -242,11 +242,13 @@ def too_large(n, ring):
 
 def rejected_error(failed):
     """The error for what ``get_checked`` returned instead of a payload."""
-    return rejection(b"" if failed is None else MAGIC)
+    return rejection(b"" if failed is None else MAGIC + bytes(TAG_SIZE))
 
 
 def rejection(message):
-    what = "has no authentication tag" if bytes(message[:4]) != MAGIC else \
+    # Too short to hold a tag is "no tag", whatever its first bytes are.
+    what = "has no authentication tag" if (
+        memoryview(message).nbytes < OVERHEAD or bytes(message[:4]) != MAGIC) else \
         "has a tag that does not match this handle's authkey"
     return AuthenticationError(
         f"rejected a message that {what} (written by a process without the queue's "

@@ -234,19 +234,24 @@ class Queue(Generic[_T]):
         self._lock = threading.Lock()
         if self._auth is None:
             self._bind_compiled(ring, serializer)
+        elif getattr(self._auth, "direct", False):
+            self._bind_compiled(self._auth, serializer)
 
     def _bind_compiled(self, ring, serializer):
-        """Bind the ring's compiled forms of the hot methods onto this handle.
+        """Bind the compiled forms of the hot methods onto this handle.
 
-        A ring may offer, under the names in ``_COMPILED``, the methods of this
-        class compiled: same arguments, same checks and messages, same
-        behaviour, for a handle that needs nothing the layer adds on the way
-        -- no authkey, and for objects the default codec (``_serialize``).
-        The native ring does (see ``_core_parts/ring.pxi``); bound as instance
-        attributes they make ``q.put_bytes(b)`` one C call with no Python
-        frame in between. The methods below stay the reference, and what a
-        keyed handle, a custom serializer, the pure ring or a subclass that
-        overrides one of them gets."""
+        ``ring`` -- for a keyed handle, its ``Auth`` -- may offer, under the
+        names in ``_COMPILED``, the methods of this class compiled: same
+        arguments, same checks and messages, same behaviour, for objects
+        with the default codec (``_serialize``). The native ring does for a
+        handle without an authkey (see ``_core_parts/ring.pxi``), and the C
+        ``Mac`` of a keyed handle on a native ring (``direct``) does with
+        the key (``_core_parts/mac.pxi``): the MAC is computed and checked
+        in the same C call. Bound as instance attributes they make
+        ``q.put_bytes(b)`` one C call with no Python frame in between. The
+        methods below stay the reference, and what a custom serializer (for
+        objects), the pure ring, a keyed handle without the extension or a
+        subclass that overrides one of them gets."""
         cls = type(self)
         for name, compiled, needs_codec in _COMPILED:
             if needs_codec and serializer is not None:
@@ -499,8 +504,8 @@ class Queue(Generic[_T]):
     # or get costs a few hundred nanoseconds, so every extra Python frame
     # shows. ``timeout`` is normalised only when it is not the common default,
     # and a closed handle is detected by the ring itself (QueueClosed).
-    # A keyless handle on the native ring does not run them at all: it binds
-    # the ring's compiled forms in their place (``_bind_compiled``), which
+    # A handle on the native ring, keyed or not, does not run them at all: it
+    # binds their compiled forms in their place (``_bind_compiled``), which
     # must keep behaving exactly as these do (tests/test_compiled_paths.py).
 
     def put(self, obj: _T, block: bool = True, timeout: Optional[float] = None) -> None:
