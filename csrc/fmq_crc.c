@@ -15,6 +15,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
 #include "fmq_internal.h"
 
 static uint32_t fmq_crc_table[8][256];
@@ -32,8 +36,11 @@ static void fmq_crc_init(void) {
             fmq_crc_table[t][i] = (fmq_crc_table[t - 1][i] >> 8) ^
                                   fmq_crc_table[0][fmq_crc_table[t - 1][i] & 0xFF];
 #if defined(__x86_64__)
-    __builtin_cpu_init();
-    fmq_crc_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+    /* cpuid itself, not __builtin_cpu_supports: under the wheel build's
+     * compiler (clang with zig's runtime library) that answers 0 for every
+     * feature, which would leave every wheel on the tables. */
+    unsigned a, b, c, d;
+    fmq_crc_hw = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 20)) ? 1 : 0;   /* SSE4.2 */
 #else
     fmq_crc_hw = 0;
 #endif
@@ -81,6 +88,17 @@ FMQ_CRC_TARGET static uint32_t fmq_crc_x86(uint32_t crc,
     return c32;
 }
 #endif
+
+int fmq_crc_force_portable(int portable) {
+    if (fmq_crc_hw < 0)
+        fmq_crc_init();
+    int was_portable = !fmq_crc_hw;
+    if (portable)
+        fmq_crc_hw = 0;
+    else
+        fmq_crc_init();       /* back to what the CPU has */
+    return was_portable;
+}
 
 uint32_t fmq_crc32c(uint32_t seed, const void *data, size_t n) {
     if (__builtin_expect(fmq_crc_hw < 0, 0))

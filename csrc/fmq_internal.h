@@ -223,6 +223,9 @@ static inline void fmq_cpu_relax(void) {
 /* ==== fmq_crc.c: the checksum of a durable queue's records ================ */
 uint32_t fmq_crc32c(uint32_t seed, const void *data, size_t n);
 uint32_t fmq_record_crc(uint32_t len, const unsigned char *payload);
+/* tests: compute with the tables even where the CPU has the instruction
+ * (nonzero), or by the CPU again (0); returns whether the tables were in use */
+int fmq_crc_force_portable(int portable);
 
 /* ==== fmq_region.c helpers that fmq_durable.c (the layer above) shares ====== */
 int fmq_name_ok(const char *name);

@@ -49,6 +49,30 @@ def test_backend_is_the_one_this_platform_should_have():
         assert os.path.dirname(os.path.abspath(_core.__file__)) == PKG_DIR
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.skipif(EXPECTED != "native", reason="the pure backend computes no CRC or MAC in C")
+def test_the_core_uses_the_instructions_this_cpu_has():
+    # The wheels are compiled by another compiler and runtime library than a
+    # local build (clang with zig's); a feature check that answers "no" there
+    # would silently leave every wheel on the portable code.
+    from fastmq import _core
+    flags = _cpu_flags()
+    if "sse4_2" in flags:
+        assert _core._crc_path() == "sse4.2"
+    if "avx2" in flags:
+        assert _core._mac_path() != "portable"
+
+
 @pytest.mark.skipif(not INSTALLED, reason="FASTMQ_SMOKE_INSTALLED=1 not set")
 def test_imported_from_an_installed_distribution():
     from importlib import metadata

@@ -9,6 +9,30 @@ cdef extern from "Python.h":
     # kwnames: a tuple of keyword names, or NULL for none
     object PyObject_Vectorcall(object callable, PyObject **args, size_t nargsf, PyObject *kwnames)
 
+cdef extern from "fmq_internal.h" nogil:
+    uint32_t fmq_crc32c(uint32_t seed, const void *data, size_t n)
+    int fmq_crc_force_portable(int portable)
+
+
+def _crc32c(data, bint portable=False):
+    """Tests: the CRC-32C of ``data`` (bytes) that durable records carry, by
+    the CPU's instruction where it has one, or by the tables (``portable``).
+    A file written on one machine is read on another: both must agree."""
+    cdef const unsigned char[::1] view = data
+    cdef bint was = fmq_crc_force_portable(portable) != 0
+    try:
+        return fmq_crc32c(0, &view[0] if view.shape[0] else NULL, <size_t>view.shape[0])
+    finally:
+        fmq_crc_force_portable(was)
+
+
+def _crc_path():
+    """``"sse4.2"`` if record checksums use the CPU's crc32 instruction,
+    else ``"tables"``."""
+    cdef bint was = fmq_crc_force_portable(False) != 0
+    fmq_crc_force_portable(was)
+    return "tables" if was else "sse4.2"
+
 # ======================================================================== #
 # Ring                                                                     #
 # ======================================================================== #
