@@ -520,31 +520,7 @@ int fmq_durable_create(const char *path, const char *name, const fmq_params *p, 
     r->sync_interval_ns = sync_interval_ns;
 
     fmq_header *h = r->hdr;
-    memcpy(h->magic, FMQ_MAGIC, 8);
-    h->abi_version = FMQ_ABI_VERSION;
-    h->layout_hash = fmq_layout_hash();
-    h->creator_pid = (uint32_t)getpid();
-    h->total_size = g.total_size;
-    h->slot_count = g.slot_count;
-    h->slot_stride = g.slot_stride;
-    h->nclasses = g.nclasses;
-    h->max_message_size = g.max_message_size;
-    h->capacity_bytes = g.capacity_bytes;
-    h->nparticipants = g.nparticipants;
-    h->max_deliveries = p->max_deliveries;
-    h->ctl_offset = g.ctl_offset;
-    h->participants_offset = g.participants_offset;
-    h->ring_offset = g.ring_offset;
-    h->lease_offset = g.lease_offset;
-    h->created_realtime_ns = fmq_realtime_ns();
-    memcpy(h->classes, g.classes, sizeof h->classes);
-    if (p->dead_letter)
-        snprintf(h->dead_letter, sizeof h->dead_letter, "%s", p->dead_letter);
-    h->geometry_check = fmq_geometry_check(h);
-    memcpy(r->dead_letter, h->dead_letter, sizeof r->dead_letter);
-    r->max_deliveries = p->max_deliveries;
-    fmq_pool_init(r);
-    if (fmq_ring_grow(r, 0) != FMQ_OK || fmq_lease_grow(r, 0) != FMQ_OK) {
+    if (fmq_region_format(r, p) != FMQ_OK) {
         errno = ENOSPC;
         goto os_error;
     }
