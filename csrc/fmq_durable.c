@@ -437,21 +437,21 @@ static int fmq_bind_durable(fmq_region *r, const char *path) {
     return r->dur_path ? FMQ_OK : fmq_fail(FMQ_EOS, "out of memory");
 }
 
-/* Page-sized faults on the file's mapping, without read-around. Read-around
- * (the rebuild's scan on open faults the ring and tables in order) brings
- * the file into the page cache in large folios, and a store into one page
- * of a folio dirties all of it: every commit's fdatasync then writes whole
- * folios for a record of one page (measured: about ten times the time of a
- * commit on a file mapped this way). Only the pages stored into are
- * flushed this way. */
+/* Page-sized faults on the file's mapping, without read-around. Pages
+ * faulted in with read-around (as by the rebuild's scan when a closed file
+ * is opened) can enter the page cache as large folios, and a store into one
+ * page of a folio dirties all of it: every commit's fdatasync then writes
+ * whole folios for a record of one page (measured on ext4: a sync="commit"
+ * put on a reopened file took about ten times as long). With this advice a
+ * flush writes the pages that were stored into. */
 static void fmq_durable_advise(fmq_region *r) {
     (void)madvise(r->base, r->size, MADV_RANDOM);
 }
 
-/* Without read-around, a rebuild after a reboot would fault the file in a
- * page at a time: ask for the file's data (its allocated ranges only: the
- * file is sparse) to be read ahead instead, which brings it in page by
- * page but in large reads. */
+/* Without read-around, a rebuild after a reboot faults the file in a page
+ * at a time: ask the kernel to read the file's data ahead instead (its
+ * allocated ranges only: the file is sparse), so that the rebuild's faults
+ * mostly find it in memory. */
 static void fmq_durable_prefetch(fmq_region *r) {
     off_t size = (off_t)r->size;
     for (off_t at = 0; at < size;) {
