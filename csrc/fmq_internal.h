@@ -236,6 +236,7 @@ void fmq_region_free(fmq_region *r);
 int fmq_validate(fmq_region *r, size_t file_size);
 void fmq_pool_init(fmq_region *r);
 void fmq_region_set_keep(fmq_region *r);
+int fmq_region_format(fmq_region *r, const fmq_params *p);
 int fmq_os_fail(const char *what, const char *name);
 uint64_t fmq_geometry_check(const fmq_header *h);
 uint64_t fmq_realtime_ns(void);

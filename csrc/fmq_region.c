@@ -376,6 +376,45 @@ void fmq_region_set_keep(fmq_region *r) {
     r->budget = fmq_round_up(r->g.capacity_bytes, FMQ_PAGE);
 }
 
+/* Writes a new segment's header from r->g and p, empties the pool's stacks
+ * and reserves the first chunks of slots and leases: the part of creating a
+ * queue that shared memory and a durable file share. r is mapped and bound
+ * (fmq_region_bind) and its upcalls are set, since the first chunks are
+ * reserved through them. Nonzero when those chunks cannot be reserved; the
+ * caller words that error for its medium (and publishes READY itself). */
+int fmq_region_format(fmq_region *r, const fmq_params *p) {
+    const fmq_geometry *g = &r->g;
+    fmq_header *h = r->hdr;
+    memcpy(h->magic, FMQ_MAGIC, 8);
+    h->abi_version = FMQ_ABI_VERSION;
+    h->layout_hash = fmq_layout_hash();
+    h->creator_pid = (uint32_t)getpid();
+    h->total_size = g->total_size;
+    h->slot_count = g->slot_count;
+    h->slot_stride = g->slot_stride;
+    h->nclasses = g->nclasses;
+    h->max_message_size = g->max_message_size;
+    h->capacity_bytes = g->capacity_bytes;
+    h->nparticipants = g->nparticipants;
+    h->max_deliveries = p->max_deliveries;
+    h->ctl_offset = g->ctl_offset;
+    h->participants_offset = g->participants_offset;
+    h->ring_offset = g->ring_offset;
+    h->lease_offset = g->lease_offset;
+    h->created_realtime_ns = fmq_realtime_ns();
+    memcpy(h->classes, g->classes, sizeof h->classes);
+    if (p->dead_letter)
+        snprintf(h->dead_letter, sizeof h->dead_letter, "%s", p->dead_letter);
+    h->geometry_check = fmq_geometry_check(h);
+    memcpy(r->dead_letter, h->dead_letter, sizeof r->dead_letter);
+    r->max_deliveries = p->max_deliveries;
+    fmq_pool_init(r);
+    if (fmq_ring_grow(r, 0) != FMQ_OK ||   /* the first chunks of slots and leases */
+        fmq_lease_grow(r, 0) != FMQ_OK)
+        return FMQ_EOS;
+    return FMQ_OK;
+}
+
 int fmq_os_fail(const char *what, const char *name) {
     int e = errno;
     int rc = fmq_fail(FMQ_EOS, "%s %s: %s", what, name, strerror(e));
@@ -472,33 +511,7 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     fmq_region_bind(r);
     fmq_region_set_keep(r);
 
-    fmq_header *h = r->hdr;
-    memcpy(h->magic, FMQ_MAGIC, 8);
-    h->abi_version = FMQ_ABI_VERSION;
-    h->layout_hash = fmq_layout_hash();
-    h->creator_pid = (uint32_t)getpid();
-    h->total_size = g.total_size;
-    h->slot_count = g.slot_count;
-    h->slot_stride = g.slot_stride;
-    h->nclasses = g.nclasses;
-    h->max_message_size = g.max_message_size;
-    h->capacity_bytes = g.capacity_bytes;
-    h->nparticipants = g.nparticipants;
-    h->max_deliveries = p->max_deliveries;
-    h->ctl_offset = g.ctl_offset;
-    h->participants_offset = g.participants_offset;
-    h->ring_offset = g.ring_offset;
-    h->lease_offset = g.lease_offset;
-    h->created_realtime_ns = fmq_realtime_ns();
-    memcpy(h->classes, g.classes, sizeof h->classes);
-    if (p->dead_letter)
-        snprintf(h->dead_letter, sizeof h->dead_letter, "%s", p->dead_letter);
-    h->geometry_check = fmq_geometry_check(h);
-    memcpy(r->dead_letter, h->dead_letter, sizeof r->dead_letter);
-    r->max_deliveries = p->max_deliveries;
-    fmq_pool_init(r);
-    if (fmq_ring_grow(r, 0) != FMQ_OK ||   /* the first chunks of slots and leases */
-        fmq_lease_grow(r, 0) != FMQ_OK) {
+    if (fmq_region_format(r, p) != FMQ_OK) {
         unlink(tmp);
         fmq_region_free(r);
         errno = ENOSPC;
@@ -507,7 +520,7 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     }
     FMQ_CRASHPOINT("init.before_ready");
     /* [R-init] everything above is visible to whoever acquires READY. */
-    atomic_store_explicit(&h->init_state, FMQ_INIT_READY, memory_order_release);
+    atomic_store_explicit(&r->hdr->init_state, FMQ_INIT_READY, memory_order_release);
     fmq_live_init_lock(fd, F_UNLCK);
 
     /* An anonymous segment keeps LOCK_SH from before its name is visible (a

@@ -989,6 +989,56 @@ def test_a_forked_child_gets_connections_of_its_own(rq):
                                  [("child", i) for i in range(100)])
 
 
+def _child_consumes_with_inherited_handle(q, takes, out):
+    try:
+        held = q.in_flight                           # the parent's lease is not ours
+        value = ident = None
+        if takes:
+            m = q.get_message(timeout=10)
+            value = m.value
+            ident = [p["consumer"] for p in q.pending() if p["id"] == m.id][0]
+        q.close()                                    # gives back what *this* process holds
+        out.put((held, value, ident, os.getpid()))
+    except BaseException as exc:  # noqa: BLE001
+        out.put(repr(exc))
+
+
+@pytest.mark.parametrize("takes", [False, True], ids=["idle-child", "consuming-child"])
+def test_a_forked_child_is_a_consumer_of_its_own(rq, takes):
+    """A child forked while the parent holds a lease gets a consumer
+    identity of its own: it does not count the parent's lease as its own,
+    and closing its inherited handle gives back only what the child took
+    (nothing, if it took nothing), never the parent's lease."""
+    q = rq.create()
+    for v in ("parent", "child"):
+        q.put(v)
+    m = q.get_message(timeout=10)
+    assert m.value == "parent" and q.in_flight == 1
+    parent_id = q.pending()[0]["consumer"]
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    p = ctx.Process(target=_child_consumes_with_inherited_handle, args=(q, takes, out))
+    try:
+        p.start()
+        got = out.get(timeout=30)
+    finally:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not isinstance(got, str), got
+    held, value, child_id, child_pid = got
+    assert held == 0
+    if takes:
+        assert value == "child"
+        assert child_id != parent_id and f":{child_pid}:" in child_id
+    # "child" is back (or was never taken); the parent's lease is untouched.
+    assert q.get(timeout=10) == "child"
+    assert [x["consumer"] for x in q.pending()] == [parent_id]
+    m.ack()                                          # still the parent's lease
+    assert q.in_flight == 0 and q.qsize() == 0
+
+
 def test_threads_each_use_the_handle_at_once(rq):
     """Several threads on one handle: each call gets its own reply."""
     q = rq.create()

@@ -47,7 +47,6 @@ them).
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 import urllib.parse
@@ -61,6 +60,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.retry import Retry
 
+from .. import _lifetime
 from .._location import mask
 from ..errors import QueueClosed, QueueExists, QueueNotFound, Unavailable
 from . import scripts
@@ -189,13 +189,13 @@ class Link:
     def _conn(self):
         """This thread's own connection (made again in a forked child)."""
         local = self._local
-        pid = os.getpid()
-        if getattr(local, "pid", None) != pid:
+        generation = _lifetime.fork_generation
+        if getattr(local, "generation", None) != generation:
             pool = self.client.connection_pool
             conn = pool.connection_class(**pool.connection_kwargs)
             with self._conns_lock:
                 self._conns.add(conn)
-            local.conn, local.pid = conn, pid
+            local.conn, local.generation = conn, generation
             if self.closed:                # close() ran meanwhile: it missed this one
                 conn.disconnect()
                 self._check_open()

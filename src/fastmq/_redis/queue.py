@@ -44,7 +44,7 @@ import threading
 import time
 import weakref
 
-from .. import _names, _serialize, _transaction, acks
+from .. import _lifetime, _names, _serialize, _transaction, acks
 from .._contract import ACKED as _ACKED, HELD as _HELD, LOST as _LOST, NACKED as _NACKED
 from ..errors import Empty, Full, LeaseLost, MessageTooLarge, QueueClosed, QueueNotFound
 from ..queue import (DEFAULT_GET_MANY, DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE, Queue,
@@ -180,14 +180,14 @@ class RedisMessage:
 class _Heartbeats:
     def __init__(self):
         self.lock = threading.Lock()
-        self.pid = None
+        self.generation = None
         self.handles = weakref.WeakSet()
         self.wake = threading.Event()
 
     def register(self, q):
         with self.lock:
-            if self.pid != os.getpid():        # first use, or a forked child
-                self.pid = os.getpid()
+            if self.generation != _lifetime.fork_generation:   # first use, or a forked child
+                self.generation = _lifetime.fork_generation
                 self.handles = weakref.WeakSet()
                 self.wake = threading.Event()
                 threading.Thread(target=self._run, args=(self.handles,), daemon=True,
@@ -236,7 +236,7 @@ class RedisQueue(Queue):
         self._serializer = serializer
         self._lock = threading.Lock()
         self._stash = collections.deque()
-        self._id_pid = None
+        self._id_generation = None        # the fork generation _id was made in
         self._id = None
         self._local = threading.local()
         self._active_at = [-1e9, -1e9]   # last put, last take recorded
@@ -322,14 +322,14 @@ class RedisQueue(Queue):
         link = self.__dict__.get("_link")
         if link is None or link.closed:
             return
-        if self._leased and self._id_pid == os.getpid():
+        if self._leased and self._id_generation == _lifetime.fork_generation:
             try:
                 link.call("heartbeat", self._mkey, (self._prefix, self._id, _HB_MS, "1"),
                           timeout=1.0)
             except Exception:  # noqa: BLE001 - the heartbeat lapse gives them back anyway
                 pass
         with self._lock:
-            stash = list(self._stash) if self._id_pid == os.getpid() else []
+            stash = list(self._stash) if self._id_generation == _lifetime.fork_generation else []
             self._stash.clear()
         if stash:
             # Taken from the server but never returned (a batch cut at an
@@ -390,13 +390,13 @@ class RedisQueue(Queue):
 
     def _ident(self):
         """This handle's consumer identity in this process."""
-        pid = os.getpid()
-        if self._id_pid != pid:            # first use, or a forked child
+        generation = _lifetime.fork_generation
+        if self._id_generation != generation:      # first use, or a forked child
             with self._lock:
-                if self._id_pid != pid:
-                    self._id = f"{_HOST}:{pid}:{secrets.token_hex(6)}"
+                if self._id_generation != generation:
+                    self._id = f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
                     self._leased = False
-                    self._id_pid = pid     # last: another thread may read _id now
+                    self._id_generation = generation   # last: another thread may read _id now
         return self._id
 
     def _activity(self, role):
@@ -414,10 +414,10 @@ class RedisQueue(Queue):
         """(producer identity, request number) for a put: one producer per
         thread, so a retried request is always that producer's last one."""
         local = self._local
-        if getattr(local, "pid", None) != os.getpid():
+        if getattr(local, "generation", None) != _lifetime.fork_generation:
             local.producer = f"{self._ident()}/{threading.get_ident()}"
             local.seq = itertools.count(1)
-            local.pid = os.getpid()
+            local.generation = _lifetime.fork_generation
         return local.producer, next(local.seq)
 
     # ------------------------------------------------------------------- put
@@ -654,7 +654,7 @@ class RedisQueue(Queue):
     def in_flight(self) -> int:
         """Un-acked messages this handle (in this process) holds: its
         consumer's entries in ``pending()`` (one server call)."""
-        if self._id_pid != os.getpid():
+        if self._id_generation != _lifetime.fork_generation:
             return 0
         ident = self._id
         return sum(1 for p in self.pending() if p["consumer"] == ident)
