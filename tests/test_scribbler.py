@@ -241,3 +241,159 @@ def test_a_live_scribbler_never_crashes_hangs_or_tears_a_delivery(mq, backend, q
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+# ------------------------------------------- one damaged word at a time
+#
+# Each test below writes one word the scribbler above can write, at a known
+# state of a live segment, then drives the path that trusted it. In-flight
+# entry fields (csrc/fmq_layout.h, fmq_lease): word 0, deadline_ns 8, len 32,
+# block 36, holder 44, pin 48; entry word = token << 32 | state << 24 | owner.
+
+import gc     # noqa: E402
+import mmap   # noqa: E402
+import struct  # noqa: E402
+
+BLOCK = 10_000          # a block message (more than a slot holds)
+SMALL = 3_000           # one of the smallest block class: block 0 is the first
+LS_FREE, LS_LEASED = 0, 2
+PIN_NONE, PIN_PINNED, PIN_HANDED = 0, 1, 2
+
+
+class _Entries:
+    """The in-flight entries of a live native segment."""
+
+    def __init__(self, q):
+        self.fd = os.open("/dev/shm/" + q._ring.name, os.O_RDWR)
+        self.map = mmap.mmap(self.fd, os.fstat(self.fd).st_size)
+        (_slots, stride, *_rest, self.lease) = struct.unpack_from("<QIIQQIIQQQQ", self.map, 32)
+        self.stride = stride + 64
+
+    def close(self):
+        self.map.close()
+        os.close(self.fd)
+
+    def u64(self, index, field, value=None):
+        off = self.lease + index * self.stride + field
+        if value is None:
+            return struct.unpack_from("<Q", self.map, off)[0]
+        struct.pack_into("<Q", self.map, off, value)
+
+
+@pytest.fixture
+def entries_of():
+    made = []
+
+    def make(q):
+        made.append(_Entries(q))
+        return made[-1]
+    yield make
+    for e in made:
+        e.close()
+
+
+def _drain(q, tries=6):
+    """Every message still to be had -> (payloads, CorruptQueue count)."""
+    got, corrupt = [], 0
+    for _ in range(tries):
+        try:
+            got.append(q.get_bytes(timeout=0.2))
+        except fastmq.Empty:
+            break
+        except fastmq.CorruptQueue:
+            corrupt += 1
+    return got, corrupt
+
+
+@pytest.mark.parametrize("used", [True, False], ids=["acked", "never-used"])
+def test_a_free_entry_flipped_to_leased_never_redelivers_another_messages_block(
+        mq, backend, entries_of, used):
+    """One bit turns a FREE entry into an orphaned lease (owner 0). Its len
+    and block are what its last use left (an acked message, whose block is
+    now another message's), or zeros (a never-used entry: block 0, len 0).
+    Redelivering it copied the other message -- or an empty one -- and then
+    dropped the other message's block share, which was reused for the next
+    put: a queued message came out with foreign bytes."""
+    native_only(backend, "writes into the native in-flight table")
+    q = mq.Queue(maxsize=8)
+    ents = entries_of(q)
+    if used:
+        q.put_bytes(b"a" * SMALL)
+        m = q.get_message(timeout=5, lease=0.3)
+        index = m.id
+        m.ack()
+        del m
+        time.sleep(0.4)                          # its old deadline has passed
+    else:
+        q.put_bytes(b"a" * 8)
+        q.get_message(timeout=5, lease=30).ack()   # the table exists
+        index = 5
+        assert ents.u64(index, 0) == 0           # never used: all zero
+    q.put_bytes(b"b" * SMALL)                    # in the acked message's block
+    word = ents.u64(index, 0)
+    assert (word >> 24) & 0xFF == LS_FREE and word & 0xFFFFFF == 0
+    ents.u64(index, 0, word | (LS_LEASED << 24))   # FREE -> LEASED, one bit
+    q.redeliver_expired()
+    q.put_bytes(b"c" * SMALL)                    # would reuse a block dropped wrongly
+    got, corrupt = _drain(q)
+    assert got == [b"b" * SMALL, b"c" * SMALL] and corrupt == 0, \
+        ([g[:1] + b"x%d" % len(g) for g in got], corrupt)
+    assert q.stats()["abandoned"] == 1          # the damaged entry, counted
+
+
+@pytest.mark.parametrize("damage", ["none", "garbage"])
+def test_a_damaged_pin_never_frees_a_block_under_a_leased_messages_views(
+        mq, backend, entries_of, damage):
+    """A pinned lease's pin word (token << 32 | state) is damaged: back to
+    NONE (one bit), or into no state at all. Whoever ends the lease reads the
+    pin to know whether the holder's views still need the block. Garbage was
+    taken for "not pinned": the ack freed the block under the message's
+    views. A pin turned NONE cannot be told from a real one by the ender;
+    but then the holder's last view, seeing its pin was never handed over,
+    dropped a share that was no longer its own -- the share of its next
+    lease of the same block -- and that message's bytes changed under it."""
+    native_only(backend, "writes into the native in-flight table")
+    q = mq.Queue(maxsize=8)
+    ents = entries_of(q)
+    q.put_bytes(b"a" * BLOCK)
+    a = q.get_message(timeout=5, lease=30)
+    pin = ents.u64(a.id, 48)
+    assert pin & 0xFFFFFFFF == PIN_PINNED and pin >> 32 == ents.u64(a.id, 0) >> 32
+    ents.u64(a.id, 48, pin - 1 if damage == "none" else pin | 0x40)
+    a.ack()
+    if damage == "garbage":                      # handed over: a's views still hold
+        q.put_bytes(b"c" * BLOCK)
+        assert bytes(a.data) == b"a" * BLOCK
+        assert q.get_bytes(timeout=5) == b"c" * BLOCK
+    q.put_bytes(b"b" * BLOCK)                    # in a's block if the ack freed it
+    b = q.get_message(timeout=5, lease=30)
+    del a
+    gc.collect()                                 # a's last view goes
+    q.put_bytes(b"d" * BLOCK)                    # would reuse b's block if a took it
+    assert bytes(b.data) == b"b" * BLOCK
+    b.ack()
+    assert q.get_bytes(timeout=5) == b"d" * BLOCK
+
+
+def test_a_pin_damaged_to_none_and_then_reused_never_frees_the_holders_next_lease(
+        mq, backend, entries_of):
+    """As above, but the damaged entry is reused (by the same holder, for the
+    same block) before the first message's last view goes: the pin then
+    carries another token, which is also what a real hand-over followed by
+    a reuse looks like."""
+    native_only(backend, "writes into the native in-flight table")
+    q = mq.Queue(maxsize=1)                      # one in-flight entry: reused
+    ents = entries_of(q)
+    q.put_bytes(b"a" * BLOCK)
+    a = q.get_message(timeout=5, lease=30)
+    ents.u64(a.id, 48, ents.u64(a.id, 48) - 1)   # PINNED -> NONE
+    a.ack()
+    q.put_bytes(b"b" * BLOCK)
+    b = q.get_message(timeout=5, lease=30)
+    assert b.id == a.id and b.token != a.token
+    del a
+    gc.collect()
+    q.put_bytes(b"d" * BLOCK)
+    assert bytes(b.data) == b"b" * BLOCK
+    b.ack()
+    assert q.get_bytes(timeout=5) == b"d" * BLOCK
