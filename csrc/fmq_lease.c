@@ -102,7 +102,15 @@
  * block reference is invalid, is never copied or delivered: whoever finds it
  * while owning the entry frees it and counts it as abandoned
  * (fmq_lease_discard_corrupt), dropping its block share only when nothing
- * else names that block.
+ * else names that block. A state word alone proves little (one bit makes a
+ * FREE entry LEASED, with the len and block of its last use), so before an
+ * entry's message is redelivered or forwarded, the facts written
+ * with its word are cross-checked (fmq_lease_plausible: token, pin token,
+ * an orphan's deadline, the block's share); an entry that fails is freed
+ * without moving any share. A damaged pin is read as "pinned" unless it says
+ * NONE under the entry's token, and a holder drops a share only when the
+ * pin says it was handed over (fmq_lease_hand_pin, fmq_lease_unpin): a block
+ * is leaked rather than freed under live views.
  *
  * Failure model: see fmq_lease_reap (called by crash recovery for a dead
  * tag). A dead holder's handed-over shares are cleared by the block pass of
@@ -1109,18 +1117,6 @@ void fmq_lease_reap(fmq_region *r, uint32_t tag, fmq_taken *taken) {
             atomic_compare_exchange_strong_explicit(&e->word, &w, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
                                                     memory_order_acq_rel,
                                                     memory_order_relaxed);   /* [R-free] */
-        } else if ((st == FMQ_LS_LEASED || st == FMQ_LS_REQUEUING) &&
-                   !fmq_lease_plausible(r, e, w, block)) {
-            /* Words that contradict each other (a damaged entry that names
-             * the dead tag): no lease of its to hand on, and no evidence of
-             * any share, so none is moved (as fmq_lease_discard_corrupt with
-             * trust_block 0). Its src ticket is not taken: a slot still
-             * READING(tag) goes back to the ring and delivers its message. */
-            if (atomic_compare_exchange_strong_explicit(&e->word, &w,
-                                                        FMQ_LWORD(tok, FMQ_LS_FREE, 0),
-                                                        memory_order_acq_rel,
-                                                        memory_order_relaxed))   /* [R-free] */
-                fmq_count(r, FMQ_ST_ABANDONED, 1);
         } else if (st == FMQ_LS_LEASED || st == FMQ_LS_REQUEUING) {
             /* Claim it first (REQUEUING(tag): no redeliverer takes a LEASED
              * word we are still changing); a reaper that dies here leaves

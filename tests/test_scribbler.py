@@ -305,39 +305,56 @@ def _drain(q, tries=6):
     return got, corrupt
 
 
-@pytest.mark.parametrize("used", [True, False], ids=["acked", "never-used"])
-def test_a_free_entry_flipped_to_leased_never_redelivers_another_messages_block(
-        mq, backend, entries_of, used):
-    """One bit turns a FREE entry into an orphaned lease (owner 0). Its len
-    and block are what its last use left (an acked message, whose block is
-    now another message's), or zeros (a never-used entry: block 0, len 0).
-    Redelivering it copied the other message -- or an empty one -- and then
-    dropped the other message's block share, which was reused for the next
-    put: a queued message came out with foreign bytes."""
+DEAD_TAG = (1000 << 14) | 7   # owner tag of a participant that never registered
+
+
+@pytest.mark.parametrize("how", ["one-bit", "never-used", "other-token", "no-share"])
+def test_a_free_entry_turned_leased_never_redelivers_another_messages_block(
+        mq, backend, entries_of, how):
+    """A FREE entry's word is damaged into a lease. Its len and block are
+    what its last use left -- an acked message, whose block now holds another
+    message -- or zeros (never used: block 0, len 0). Redelivering it copied
+    the other message (or an empty one) and then dropped that message's
+    block share, which the next put reused: a queued message came out with
+    foreign bytes. Each case passes every check but one: one bit (an orphan,
+    owner 0, that is not due), a never-used entry (token 0), a random word
+    (another token than its pin's), a lease whose block holds no share for
+    it (the other message is leased, not queued)."""
     native_only(backend, "writes into the native in-flight table")
     q = mq.Queue(maxsize=8)
     ents = entries_of(q)
-    if used:
+    if how == "never-used":
+        q.put_bytes(b"a" * 8)
+        q.get_message(timeout=5, lease=30).ack()   # the table exists
+        index = 5
+        assert ents.u64(index, 0) == 0           # never used: all zero
+    else:
         q.put_bytes(b"a" * SMALL)
         m = q.get_message(timeout=5, lease=0.3)
         index = m.id
         m.ack()
         del m
         time.sleep(0.4)                          # its old deadline has passed
-    else:
-        q.put_bytes(b"a" * 8)
-        q.get_message(timeout=5, lease=30).ack()   # the table exists
-        index = 5
-        assert ents.u64(index, 0) == 0           # never used: all zero
-    q.put_bytes(b"b" * SMALL)                    # in the acked message's block
+    q.put_bytes(b"b" * SMALL)                    # in the acked message's block (block 0)
+    held = q.get_message(timeout=5, lease=30) if how == "no-share" else None
     word = ents.u64(index, 0)
     assert (word >> 24) & 0xFF == LS_FREE and word & 0xFFFFFF == 0
-    ents.u64(index, 0, word | (LS_LEASED << 24))   # FREE -> LEASED, one bit
+    token = word >> 32
+    if how in ("one-bit", "never-used"):
+        damaged = word | (LS_LEASED << 24)
+    elif how == "other-token":
+        damaged = ((token ^ 0x5A5A5A) << 32) | (LS_LEASED << 24) | DEAD_TAG
+    else:
+        damaged = (token << 32) | (LS_LEASED << 24) | DEAD_TAG
+    ents.u64(index, 0, damaged)
     q.redeliver_expired()
     q.put_bytes(b"c" * SMALL)                    # would reuse a block dropped wrongly
     got, corrupt = _drain(q)
-    assert got == [b"b" * SMALL, b"c" * SMALL] and corrupt == 0, \
-        ([g[:1] + b"x%d" % len(g) for g in got], corrupt)
+    expect = [b"c" * SMALL] if held else [b"b" * SMALL, b"c" * SMALL]
+    assert got == expect and corrupt == 0, ([g[:1] + b"x%d" % len(g) for g in got], corrupt)
+    if held:
+        assert bytes(held.data) == b"b" * SMALL
+        held.ack()
     assert q.stats()["abandoned"] == 1          # the damaged entry, counted
 
 
