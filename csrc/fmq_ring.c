@@ -277,6 +277,19 @@ unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m) {
     return (unsigned char *)fmq_slot_at(r, m->ticket) + FMQ_SLOT_HEADER;
 }
 
+static void fmq_ring_skip_damaged(fmq_region *r, fmq_slot *s, uint64_t ticket,
+                                  uint64_t mine);
+
+/* A commit that fails before its publish: the slot we hold WRITING is moved
+ * on to the next lap as skipped (counted as abandoned), as crash recovery
+ * does for a dead producer's. Left WRITING by a live owner, it would stop
+ * every consumer there for good. A cold path: callers only get here when
+ * a block word or a length was damaged, or the binding is wrong. */
+static void __attribute__((noinline, cold)) fmq_ring_skip_unpublished(fmq_region *r,
+                                                                       fmq_msg *m) {
+    fmq_ring_skip_damaged(r, fmq_slot_at(r, m->ticket), m->ticket, m->word);
+}
+
 /* model: ring.commit */
 /* One body for plain messages and atomic batches; always inlined, so with
  * flags and count constant at each call the plain path compiles as before
@@ -288,9 +301,11 @@ fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int 
     int rc;
     /* len is 32 bits in the slot: fmq_pool_alloc refuses larger blocks and
      * the binding refuses larger messages (FMQ_TOOBIG), so nothing is cut. */
-    if (block == FMQ_NO_BLOCK ? len > r->inline_max : len > fmq_pool_block_size(r, block))
+    if (block == FMQ_NO_BLOCK ? len > r->inline_max : len > fmq_pool_block_size(r, block)) {
+        fmq_ring_skip_unpublished(r, m);
         return fmq_fail(FMQ_EINVAL, "commit of %u bytes into a %s that holds fewer", len,
                         block == FMQ_NO_BLOCK ? "slot" : "block");
+    }
     s->len = len;
     s->block = block;
     s->deliveries = m->deliveries;
@@ -302,8 +317,10 @@ fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int 
      * and a block marked IN_RING that no published slot names: recovery tells
      * exactly that apart (fmq_recover.c) and frees both. */
     if (block != FMQ_NO_BLOCK &&
-        (rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING, 0, FMQ_BLK_IN_RING)) != FMQ_OK)
+        (rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING, 0, FMQ_BLK_IN_RING)) != FMQ_OK) {
+        fmq_ring_skip_unpublished(r, m);   /* a block word that is not ours alone */
         return rc;
+    }
     /* A durable queue's record carries its checksum, written before the
      * publish like every other field (fmq_durable.c); a batch's covers its
      * whole framing, so a batch is checked as the one record it is. */
@@ -368,9 +385,11 @@ int fmq_ring_commit_batch(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t bloc
                                                    : fmq_pool_ptr(r, block);
     if (!p || (block == FMQ_NO_BLOCK ? len > r->inline_max
                                      : len > fmq_pool_block_size(r, block)) ||
-        !fmq_batch_framing_ok(p, len, count))
+        !fmq_batch_framing_ok(p, len, count)) {
+        fmq_ring_skip_unpublished(r, m);
         return fmq_fail(FMQ_EINVAL, "an atomic batch of %u messages (%u bytes) is not framed "
                                     "as one", count, len);
+    }
     return fmq_ring_commit_as(r, m, len, block, 1, 0, FMQ_MSG_BATCH, count);
 }
 
@@ -384,8 +403,9 @@ int fmq_ring_claim(fmq_region *r, fmq_msg *m) { return fmq_ring_claim_from(r, m,
  * (get_many) holds its earlier claims while it takes more, and the head hint
  * does not pass READING slots: without this, each further claim would rescan
  * the batch so far (quadratic in the batch size). */
-/* Our READING(mine) slot -> EMPTY for the next lap, counted as abandoned: a
- * message that can never be delivered sanely leaves the ring. */
+/* Our claimed slot (READING or WRITING, word mine) -> EMPTY for the next
+ * lap, counted as abandoned: a message that can never be delivered sanely
+ * (or never be published) leaves the ring. */
 static void fmq_ring_skip_damaged(fmq_region *r, fmq_slot *s, uint64_t ticket,
                                   uint64_t mine) {
     uint64_t next = fmq_word(fmq_lap_stamp(r, ticket) + 4 /* EMPTY, next lap */, 0);

@@ -414,3 +414,46 @@ def test_a_pin_damaged_to_none_and_then_reused_never_frees_the_holders_next_leas
     assert bytes(b.data) == b"b" * BLOCK
     b.ack()
     assert q.get_bytes(timeout=5) == b"d" * BLOCK
+
+
+def _block_words(q):
+    """Offsets of the state words of every block carved so far, with their values."""
+    fd = os.open("/dev/shm/" + q._ring.name, os.O_RDWR)
+    m = mmap.mmap(fd, os.fstat(fd).st_size)
+    try:
+        ncls = struct.unpack_from("<I", m, 44)[0]
+        out = []
+        for c in range(ncls):
+            _size, nblocks, meta, _data = struct.unpack_from("<QQQQ", m, 112 + 32 * c)
+            for b in range(min(nblocks, 256)):          # one carve
+                off = meta + 16 * b
+                out.append((off, struct.unpack_from("<Q", m, off)[0]))
+        return out
+    finally:
+        m.close()
+        os.close(fd)
+
+
+def test_a_commit_that_fails_on_a_damaged_block_word_does_not_wedge_the_ring(mq, backend):
+    """The commit of a block message takes the ring's share of the block by a
+    CAS from "no ring share". A block word damaged to say IN_RING already
+    makes that fail, after the slot was claimed WRITING: the slot was left
+    WRITING by a live producer, which nothing skips, and every consumer
+    stopped there for good (Empty with messages queued behind it)."""
+    native_only(backend, "writes into the native block metadata")
+    q = mq.Queue(maxsize=4)
+    res = q._ring.reserve(BLOCK)
+    memoryview(res)[:1] = b"r"
+    mine = [(off, w) for off, w in _block_words(q) if w & 0xFFFFFF]   # its writer share
+    assert len(mine) == 1
+    off, w = mine[0]
+    with open("/dev/shm/" + q._ring.name, "r+b") as f:
+        f.seek(off)
+        f.write(struct.pack("<Q", w | (1 << 48)))                   # IN_RING, as if queued
+    with pytest.raises(fastmq.Error):
+        res.commit()
+    res.abort()
+    for i in range(6):                                              # laps over that slot
+        q.put_bytes(b"after-%d" % i, timeout=1)
+        assert q.get_bytes(timeout=1) == b"after-%d" % i
+    assert q.stats()["abandoned"] == 1
