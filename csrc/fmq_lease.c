@@ -198,9 +198,11 @@ static int fmq_lease_plausible(fmq_region *r, fmq_lease *e, uint64_t was, uint32
         return 1;
     if (!fmq_pool_ptr(r, block))
         return 0;
+    /* relaxed: only compared; what is then read of the block is ordered by
+     * the entry's word, and every share is moved by fmq_pool_transition */
     uint64_t st = atomic_load_explicit(
         &fmq_pool_meta(r, FMQ_BLOCK_CLASS(block))[FMQ_BLOCK_INDEX(block)].state,
-        memory_order_acquire);   /* as fmq_pool_transition's load */
+        memory_order_relaxed);
     uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);   /* [A-holder] */
     return (st & FMQ_BLK_IN_RING) || (holder && FMQ_BLK_READER(st) == holder);
 }
@@ -359,10 +361,13 @@ again:;
         } else {
             int rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
                                          FMQ_BLK_IN_RING, FMQ_BLK_AS_READER(r->owner_tag));
-            if (rc != FMQ_OK) {
+            if (rc != FMQ_OK || !fmq_block_holds_ticket(r, m->block, m->ticket)) {
                 atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
                                       memory_order_release);                 /* [R-free] */
-                /* The block is not the queue's: a damaged slot, consumed. */
+                /* The block is not the queue's, or holds another slot's
+                 * message (fmq_block_holds_ticket): a damaged slot, consumed. */
+                if (rc == FMQ_OK)
+                    return fmq_ring_drop_foreign(r, m);
                 return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
             }
             atomic_store_explicit(&e->holder, r->owner_tag, memory_order_relaxed);   /* FILLING */

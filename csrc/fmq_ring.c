@@ -33,7 +33,12 @@
  * length or block fails validation is consumed -- its slot moves on to the
  * next lap, counted as abandoned -- and reported (FMQ_ECORRUPT), so one
  * damaged message never wedges the ring. Every field of a slot is read once
- * (FMQ_ONCE), checked, and only that local copy is used.
+ * (FMQ_ONCE), checked, and only that local copy is used. A slot's block is
+ * its message's only while the block records the slot's ticket (written by
+ * the commit, checked when a consumer takes the ring's share:
+ * fmq_block_holds_ticket): a slot damaged back into READY over a consumed
+ * message names a block that may be queued again for another slot, and a
+ * block freed and requeued while a consumer copied it carries a new ticket.
  *
  * Memory order (acquire/release pairs):
  *   [A-rsv]   producer reads EMPTY      <- [R-rel]    consumer's release CAS:
@@ -316,6 +321,12 @@ fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int 
      * a producer killed between here and the publish leaves a WRITING slot
      * and a block marked IN_RING that no published slot names: recovery tells
      * exactly that apart (fmq_recover.c) and frees both. */
+    /* The block records its slot's ticket (FMQ_BLK_NEXT_IS_TICKET): we hold
+     * it alone (writer), and the acq_rel CAS below publishes the store. */
+    if (block != FMQ_NO_BLOCK)
+        atomic_store_explicit(&fmq_pool_meta(r, FMQ_BLOCK_CLASS(block))[FMQ_BLOCK_INDEX(block)]
+                                   .next,
+                              (uint32_t)m->ticket, memory_order_relaxed);
     if (block != FMQ_NO_BLOCK &&
         (rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING, 0, FMQ_BLK_IN_RING)) != FMQ_OK) {
         fmq_ring_skip_unpublished(r, m);   /* a block word that is not ours alone */
@@ -544,6 +555,12 @@ int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m) {
                                   "stats()[\"abandoned\"]", (unsigned long long)m->ticket, b);
 }
 
+int fmq_ring_drop_foreign(fmq_region *r, fmq_msg *m) {
+    fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
+                        FMQ_BLK_AS_READER(r->owner_tag), FMQ_BLK_IN_RING);
+    return fmq_ring_drop_damaged(r, m);
+}
+
 /* model: ring.free_slot */
 static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
     int rc;
@@ -557,6 +574,11 @@ static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
          * back to READY over a consumed message): never deliver it, and do
          * not leave the slot READING, which would wedge the ring a lap on. */
         return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
+    if (m->block != FMQ_NO_BLOCK && !fmq_block_holds_ticket(r, m->block, m->ticket))
+        /* Queued, but for another slot (the same damage with the block
+         * reused, or reused while we copied it): that message's share goes
+         * back untouched, and ours is skipped. */
+        return fmq_ring_drop_foreign(r, m);
     FMQ_CRASHPOINT("ring.release.before_free");
     return fmq_ring_retire_slot(r, m, wake);
 }

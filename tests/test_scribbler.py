@@ -457,3 +457,56 @@ def test_a_commit_that_fails_on_a_damaged_block_word_does_not_wedge_the_ring(mq,
         q.put_bytes(b"after-%d" % i, timeout=1)
         assert q.get_bytes(timeout=1) == b"after-%d" % i
     assert q.stats()["abandoned"] == 1
+
+
+@pytest.mark.parametrize("how", ["get", "recv", "get_many", "get_message"])
+def test_a_slot_flipped_to_ready_over_a_block_now_queued_for_another_slot_is_skipped(
+        mq, backend, how):
+    """One bit makes a consumed slot READY again, at the lap the producers
+    reach next; its len and block are those of the message it held. When that
+    block has since been queued again for another slot, the block's state
+    says "queued" and the old record was delivered: the other message's
+    bytes, after which that message's own slot found its block freed under
+    it (or, had a producer reused it meanwhile, a third message's bytes). The
+    block records its slot's ticket; the claim of the damaged slot sees that
+    it is not its own and skips it."""
+    native_only(backend, "writes into the native ring")
+    q = mq.Queue(maxsize=2)
+    seg = _Entries(q)
+    try:
+        ring = struct.unpack_from("<Q", seg.map, 88)[0]
+        q.put_bytes(b"a" * SMALL)                # ticket 0, slot 0, block X
+        q.put_bytes(b"p")
+        assert q.get_bytes(timeout=1) == b"a" * SMALL
+        assert q.get_bytes(timeout=1) == b"p"
+        word = struct.unpack_from("<Q", seg.map, ring)[0]
+        struct.pack_into("<Q", seg.map, ring, word + (2 << 24))   # EMPTY -> READY: ticket 2
+    finally:
+        seg.close()
+    q.put_bytes(b"b" * SMALL, timeout=1)         # passes ticket 2; block X again
+    outcomes = []
+    for _ in range(3):
+        try:
+            if how == "get":
+                data = q.get_bytes(timeout=0.2)
+            elif how == "recv":
+                data = bytes(q._ring.recv(0.2))
+            elif how == "get_many":             # the damaged one is left out, counted
+                outcomes += q._ring.get_many(4, 0.2, None)
+                continue
+            else:
+                m = q.get_message(timeout=0.2, lease=30)
+                data = bytes(m.data)
+                m.ack()
+            outcomes.append(data)
+        except fastmq.CorruptQueue:
+            outcomes.append("corrupt")
+        except fastmq.Empty:
+            break
+    expect = [b"b" * SMALL] if how == "get_many" else ["corrupt", b"b" * SMALL]
+    assert outcomes == expect, [o if o == "corrupt" else o[:1] + b"x%d" % len(o)
+                                for o in outcomes]
+    assert q.stats()["abandoned"] == 1
+    for i in range(4):                           # the ring keeps moving
+        q.put_bytes(b"n%d" % i * 1000, timeout=1)
+        assert q.get_bytes(timeout=1) == b"n%d" % i * 1000
