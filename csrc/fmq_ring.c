@@ -321,16 +321,17 @@ fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int 
      * a producer killed between here and the publish leaves a WRITING slot
      * and a block marked IN_RING that no published slot names: recovery tells
      * exactly that apart (fmq_recover.c) and frees both. */
-    /* The block records its slot's ticket (FMQ_BLK_NEXT_IS_TICKET): we hold
-     * it alone (writer), and the acq_rel CAS below publishes the store. */
-    if (block != FMQ_NO_BLOCK)
+    if (block != FMQ_NO_BLOCK) {
+        /* The block records its slot's ticket (FMQ_BLK_NEXT_IS_TICKET): we
+         * hold it alone (writer), and the acq_rel CAS below publishes it. */
         atomic_store_explicit(&fmq_pool_meta(r, FMQ_BLOCK_CLASS(block))[FMQ_BLOCK_INDEX(block)]
                                    .next,
                               (uint32_t)m->ticket, memory_order_relaxed);
-    if (block != FMQ_NO_BLOCK &&
-        (rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING, 0, FMQ_BLK_IN_RING)) != FMQ_OK) {
-        fmq_ring_skip_unpublished(r, m);   /* a block word that is not ours alone */
-        return rc;
+        if ((rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING, 0, FMQ_BLK_IN_RING)) !=
+            FMQ_OK) {
+            fmq_ring_skip_unpublished(r, m);   /* a block word that is not ours alone */
+            return rc;
+        }
     }
     /* A durable queue's record carries its checksum, written before the
      * publish like every other field (fmq_durable.c); a batch's covers its
@@ -555,30 +556,39 @@ int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m) {
                                   "stats()[\"abandoned\"]", (unsigned long long)m->ticket, b);
 }
 
-int fmq_ring_drop_foreign(fmq_region *r, fmq_msg *m) {
+/* cold and out of line: the free path it leaves stays as short as before */
+__attribute__((noinline, cold)) int fmq_ring_drop_foreign(fmq_region *r, fmq_msg *m) {
     fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
                         FMQ_BLK_AS_READER(r->owner_tag), FMQ_BLK_IN_RING);
     return fmq_ring_drop_damaged(r, m);
 }
 
 /* model: ring.free_slot */
-static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
+/* Inlined into its two callers (release, detach), as before the ticket check
+ * made it big enough for the compiler to keep it out of line: a call on
+ * every get. */
+static inline __attribute__((always_inline)) int fmq_ring_free_slot(fmq_region *r, fmq_msg *m,
+                                                                    int wake) {
     int rc;
+    uint32_t block = m->block;
     /* The block's ring share becomes our reader share while we still hold the
      * slot: a consumer killed between the two steps leaves a READING slot whose
      * block names it as reader, and recovery turns both back (fmq_recover.c). */
-    if (m->block != FMQ_NO_BLOCK &&
-        (rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
-                                  FMQ_BLK_IN_RING, FMQ_BLK_AS_READER(r->owner_tag))) != FMQ_OK)
-        /* The block is not the queue's (a damaged slot, e.g. a phase flipped
-         * back to READY over a consumed message): never deliver it, and do
-         * not leave the slot READING, which would wedge the ring a lap on. */
-        return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
-    if (m->block != FMQ_NO_BLOCK && !fmq_block_holds_ticket(r, m->block, m->ticket))
-        /* Queued, but for another slot (the same damage with the block
-         * reused, or reused while we copied it): that message's share goes
-         * back untouched, and ours is skipped. */
-        return fmq_ring_drop_foreign(r, m);
+    if (block != FMQ_NO_BLOCK) {
+        rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING | FMQ_READER_MASK, FMQ_BLK_IN_RING,
+                                 FMQ_BLK_AS_READER(r->owner_tag));
+        if (rc != FMQ_OK)
+            /* The block is not the queue's (a damaged slot, e.g. a phase
+             * flipped back to READY over a consumed message): never deliver
+             * it, and do not leave the slot READING, which would wedge the
+             * ring a lap on. */
+            return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
+        if (!fmq_block_holds_ticket(r, block, m->ticket))
+            /* Queued, but for another slot (the same damage with the block
+             * reused, or reused while we copied it): that message's share
+             * goes back untouched, and ours is skipped. */
+            return fmq_ring_drop_foreign(r, m);
+    }
     FMQ_CRASHPOINT("ring.release.before_free");
     return fmq_ring_retire_slot(r, m, wake);
 }
