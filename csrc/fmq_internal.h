@@ -116,6 +116,15 @@ uint64_t fmq_pool_audit(fmq_region *r);                /* alone: see fmq_pool.c 
 static inline fmq_block_meta *fmq_pool_meta(const fmq_region *r, uint32_t c) {
     return (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
 }
+/* Is a claimed slot's block still that slot's message (FMQ_BLK_NEXT_IS_TICKET)?
+ * Asked right after the CAS that took the ring's share (acq_rel: it read the
+ * committer's release of the block word, which followed its store of next). */
+static inline int fmq_block_holds_ticket(const fmq_region *r, uint32_t block, uint64_t ticket) {
+    uint32_t t = atomic_load_explicit(
+        &fmq_pool_meta(r, FMQ_BLOCK_CLASS(block))[FMQ_BLOCK_INDEX(block)].next,
+        memory_order_relaxed);
+    return t == (uint32_t)ticket || t == FMQ_NIL;
+}
 /* Index of a block across all classes (for per-block bitmaps), or -1 if the
  * reference names no block of this geometry. */
 int64_t fmq_block_ordinal(fmq_region *r, uint32_t block);
@@ -161,6 +170,10 @@ int fmq_ring_is_reading(fmq_region *r, uint64_t t, uint32_t owner);
 /* A claimed slot whose block is not the queue's: consume it as damaged
  * (counted as abandoned); returns FMQ_ECORRUPT. */
 int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m);
+/* The same, for a claimed slot whose block we just took as reader but that
+ * holds another slot's message (fmq_block_holds_ticket): the ring's share
+ * goes back to that message first. */
+int fmq_ring_drop_foreign(fmq_region *r, fmq_msg *m);
 /* Does a queued message (a READY/READING slot) other than ring ticket
  * skip_ticket (~0: none) name this block? */
 int fmq_ring_names_block(fmq_region *r, uint32_t block, uint64_t skip_ticket);

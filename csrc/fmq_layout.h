@@ -247,6 +247,15 @@ typedef struct fmq_slot {
  *   bit  48      IN_RING: a queued message (slot) refers to it
  * The block is free exactly when the word is 0. */
 #define FMQ_BLK_IN_RING (1ull << 48)   /* accessors: fmq_words.h */
+/* A queued message's block records its slot's ticket (fmq_block_meta.next,
+ * written by the commit before the ring's share is taken): a consumer that
+ * takes the ring's share checks it, so a slot whose word was damaged into
+ * READY over a consumed message (its block since another message's), or a
+ * block freed and queued again while a consumer copied it, is told from
+ * the slot's own message. FMQ_NIL: not recorded (a durable queue's rebuilt
+ * block). Part of the layout hash: a build that does not record it must
+ * not share a segment with one that checks it. */
+#define FMQ_BLK_NEXT_IS_TICKET 1u
 
 /* An in-flight (leased) message: it has left the ring but not the queue.
  * The word packs token(32) << 32 | state(8) << 24 | owner tag(24); the token
@@ -292,7 +301,9 @@ typedef struct fmq_lease {
 
 typedef struct fmq_block_meta {
     _Atomic uint64_t state;     /* holders, see above                         */
-    _Atomic uint32_t next;      /* free-stack link (valid only while free)    */
+    _Atomic uint32_t next;      /* free-stack link while free; while a slot
+                                   names the block, the low 32 bits of that
+                                   slot's ticket (FMQ_BLK_NEXT_IS_TICKET)    */
     _Atomic uint32_t pages;     /* data pages reserved from the block's start;
                                    written only by whoever has the block to
                                    itself (popped, or about to be pushed).

@@ -102,7 +102,15 @@
  * block reference is invalid, is never copied or delivered: whoever finds it
  * while owning the entry frees it and counts it as abandoned
  * (fmq_lease_discard_corrupt), dropping its block share only when nothing
- * else names that block.
+ * else names that block. A state word alone proves little (one bit makes a
+ * FREE entry LEASED, with the len and block of its last use), so before an
+ * entry's message is redelivered or forwarded, the facts written
+ * with its word are cross-checked (fmq_lease_plausible: token, pin token,
+ * an orphan's deadline, the block's share); an entry that fails is freed
+ * without moving any share. A damaged pin is read as "pinned" unless it says
+ * NONE under the entry's token, and a holder drops a share only when the
+ * pin says it was handed over (fmq_lease_hand_pin, fmq_lease_unpin): a block
+ * is leaked rather than freed under live views.
  *
  * Failure model: see fmq_lease_reap (called by crash recovery for a dead
  * tag). A dead holder's handed-over shares are cleared by the block pass of
@@ -153,6 +161,52 @@ static const unsigned char *fmq_lease_src(fmq_region *r, fmq_lease *e, uint32_t 
     return p;
 }
 
+/* The token of an entry's next use. Never 0: an entry that was never used is
+ * all zero (token 0, len 0, block 0), so a damaged word that makes it look
+ * leased is told apart by its token alone (fmq_lease_plausible). */
+static inline uint32_t fmq_next_token(uint32_t tok) { return tok + 1 ? tok + 1 : 1; }
+
+/* Do an entry's words tell one story? Asked of an entry we just claimed
+ * (REQUEUING/TAKING by us; was: its word before our claim) before its
+ * message is redelivered or forwarded, i.e. before its len, block and holder
+ * are trusted to name the message's bytes. A damaged word (one flipped bit
+ * makes a FREE entry LEASED) would otherwise redeliver whatever its last use
+ * left: a block since given to another message, whose share the requeue
+ * then drops. Cheap cross-checks of facts that are written together:
+ *   - the token is not 0 (fmq_next_token);
+ *   - the pin carries the entry's token (every take, redelivery, reap, park
+ *     and rebuild sets both, and a pin CAS keeps it);
+ *   - an orphaned lease (LEASED, owner 0) is due: whoever orphans or parks
+ *     an entry sets its deadline to 0 first, while a FREE entry keeps the
+ *     deadline of its last use;
+ *   - the block holds the share the entry claims: its holder's reader
+ *     share, or the queue's IN_RING one (holder 0, or a requeuer that died
+ *     half-way through fmq_lease_share_to_ring).
+ * block: the entry's block, read once by the caller. */
+static int fmq_lease_plausible(fmq_region *r, fmq_lease *e, uint64_t was, uint32_t block) {
+    uint32_t tok = FMQ_LTOKEN(was);
+    if (tok == 0)
+        return 0;
+    /* relaxed: the entry is ours; its [R-lease]/[R-park] store, which our
+     * acquire of the word saw, published pin, deadline and holder */
+    if (FMQ_PIN_TOKEN(atomic_load_explicit(&e->pin, memory_order_relaxed)) != tok)
+        return 0;
+    if (FMQ_LSTATE(was) == FMQ_LS_LEASED && FMQ_LOWNER(was) == 0 &&
+        atomic_load_explicit(&e->deadline_ns, memory_order_relaxed) != 0)
+        return 0;
+    if (block == FMQ_NO_BLOCK)
+        return 1;
+    if (!fmq_pool_ptr(r, block))
+        return 0;
+    /* relaxed: only compared; what is then read of the block is ordered by
+     * the entry's word, and every share is moved by fmq_pool_transition */
+    uint64_t st = atomic_load_explicit(
+        &fmq_pool_meta(r, FMQ_BLOCK_CLASS(block))[FMQ_BLOCK_INDEX(block)].state,
+        memory_order_relaxed);
+    uint32_t holder = atomic_load_explicit(&e->holder, memory_order_acquire);   /* [A-holder] */
+    return (st & FMQ_BLK_IN_RING) || (holder && FMQ_BLK_READER(st) == holder);
+}
+
 /* Only entries whose pages are reserved exist (fmq_pool.c): the table grows
  * when a take finds none free. */
 uint32_t fmq_lease_count(const fmq_region *r) { return (uint32_t)fmq_lease_committed(r); }
@@ -174,11 +228,20 @@ static void fmq_lower_next_due(fmq_region *r, uint64_t due) {
 /* model: lease.hand_pin */
 static int fmq_lease_hand_pin(fmq_lease *e, uint32_t tok) {
     uint64_t p = FMQ_PIN(tok, FMQ_PIN_PINNED);
-    if (atomic_compare_exchange_strong_explicit(&e->pin, &p, FMQ_PIN(tok, FMQ_PIN_HANDED),
-                                                memory_order_seq_cst,      /* [S-end] */
-                                                memory_order_seq_cst))
-        return 1;
-    return p == FMQ_PIN(tok, FMQ_PIN_HANDED);
+    /* Only NONE under the entry's token says "no views": the share is then
+     * the entry's to drop. HANDED: done already (by a predecessor that died
+     * half-way). Anything else -- PINNED, or a damaged pin that names no
+     * state or another token -- may hide live views, so the share is handed
+     * over rather than freed under them (a leaked block if there are none). */
+    while (!atomic_compare_exchange_strong_explicit(&e->pin, &p, FMQ_PIN(tok, FMQ_PIN_HANDED),
+                                                    memory_order_seq_cst,      /* [S-end] */
+                                                    memory_order_seq_cst)) {
+        if (p == FMQ_PIN(tok, FMQ_PIN_NONE))
+            return 0;
+        if (p == FMQ_PIN(tok, FMQ_PIN_HANDED))
+            return 1;
+    }
+    return 1;
 }
 
 /* The entry's block share becomes IN_RING (holder 0); tolerant of having been
@@ -221,12 +284,15 @@ static void fmq_lease_drop_share(fmq_region *r, fmq_lease *e, uint32_t tok, uint
  * freed and the message counted as abandoned; its block share is dropped only
  * when the reference is valid and nothing else names that block (a scribbled
  * reference must never free another message's block: a leak is the safe
- * side). */
-static void fmq_lease_discard_corrupt(fmq_region *r, fmq_lease *e, uint32_t tok) {
+ * side). trust_block 0: the entry's words contradict each other
+ * (fmq_lease_plausible), so its block and holder are not evidence of any
+ * share at all, and no share is moved. */
+static void fmq_lease_discard_corrupt(fmq_region *r, fmq_lease *e, uint32_t tok,
+                                      int trust_block) {
     uint32_t block = FMQ_ONCE(e->block);
-    if (block != FMQ_NO_BLOCK && fmq_pool_ptr(r, block)) {
+    if (block != FMQ_NO_BLOCK && (!trust_block || fmq_pool_ptr(r, block))) {
         e->block = FMQ_NO_BLOCK;   /* not "another" reference in the scan */
-        int shared = fmq_block_referenced(r, block, ~0ull);
+        int shared = !trust_block || fmq_block_referenced(r, block, ~0ull);
         if (!shared) {
             fmq_lease_share_to_ring(r, e, tok, block);
             fmq_lease_drop_share(r, e, tok, block);
@@ -237,6 +303,19 @@ static void fmq_lease_discard_corrupt(fmq_region *r, fmq_lease *e, uint32_t tok)
     atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
                           memory_order_release);                         /* [R-free] */
     fmq_count(r, FMQ_ST_ABANDONED, 1);
+}
+
+/* The payload of an entry we just claimed (see fmq_lease_src), or NULL when
+ * it cannot be delivered sanely: then the entry has been discarded (freed,
+ * counted as abandoned). was: the entry's word before our claim. */
+static const unsigned char *fmq_lease_src_claimed(fmq_region *r, fmq_lease *e, uint64_t was,
+                                                  uint32_t *len_out, uint32_t *block_out) {
+    const unsigned char *p = fmq_lease_src(r, e, len_out, block_out);
+    if (!p)
+        fmq_lease_discard_corrupt(r, e, FMQ_LTOKEN(was), 1);
+    else if (!fmq_lease_plausible(r, e, was, *block_out))
+        fmq_lease_discard_corrupt(r, e, FMQ_LTOKEN(was), 0), p = NULL;
+    return p;
 }
 
 /* ======================================================================== */
@@ -256,7 +335,7 @@ again:;
         uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-take] */
         if (FMQ_LSTATE(w) != FMQ_LS_FREE)
             continue;
-        uint32_t tok = FMQ_LTOKEN(w) + 1;
+        uint32_t tok = fmq_next_token(FMQ_LTOKEN(w));
         if (!atomic_compare_exchange_strong_explicit(
                 &e->word, &w, FMQ_LWORD(tok, FMQ_LS_FILLING, r->owner_tag),
                 memory_order_acq_rel, memory_order_relaxed))                /* [A-take] */
@@ -282,10 +361,13 @@ again:;
         } else {
             int rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
                                          FMQ_BLK_IN_RING, FMQ_BLK_AS_READER(r->owner_tag));
-            if (rc != FMQ_OK) {
+            if (rc != FMQ_OK || !fmq_block_holds_ticket(r, m->block, m->ticket)) {
                 atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_FREE, 0),
                                       memory_order_release);                 /* [R-free] */
-                /* The block is not the queue's: a damaged slot, consumed. */
+                /* The block is not the queue's, or holds another slot's
+                 * message (fmq_block_holds_ticket): a damaged slot, consumed. */
+                if (rc == FMQ_OK)
+                    return fmq_ring_drop_foreign(r, m);
                 return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
             }
             atomic_store_explicit(&e->holder, r->owner_tag, memory_order_relaxed);   /* FILLING */
@@ -360,7 +442,7 @@ again:;
         uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-take] */
         if (FMQ_LSTATE(w) != FMQ_LS_FREE)
             continue;
-        uint32_t tok = FMQ_LTOKEN(w) + 1;
+        uint32_t tok = fmq_next_token(FMQ_LTOKEN(w));
         if (!atomic_compare_exchange_strong_explicit(
                 &e->word, &w, FMQ_LWORD(tok, FMQ_LS_FILLING, r->owner_tag),
                 memory_order_acq_rel, memory_order_relaxed))                /* [A-take] */
@@ -508,8 +590,19 @@ int fmq_lease_unpin(fmq_region *r, uint32_t slot, uint32_t token, uint32_t block
     if (atomic_compare_exchange_strong_explicit(&e->pin, &pin, FMQ_PIN(token, FMQ_PIN_NONE),
                                                 memory_order_seq_cst, memory_order_seq_cst))
         return FMQ_OK;                /* still the entry's share */
-    /* Only the lease's ender moves a pin off PINNED (to HANDED; a reused
-     * entry went through that first), so the share is ours to drop. */
+    /* Only the lease's ender moves a pin off PINNED: to HANDED, and a reused
+     * entry went through that first, so then the share is ours to drop. A
+     * pin still under our token in any other state was damaged, and the
+     * ender dropped our share itself (it saw no views): the block may be
+     * another message's by now -- even ours again, through another lease --
+     * so nothing is dropped (a leak if the damage came after the hand-over).
+     * Another token cannot tell a reuse after a hand-over from a reuse after
+     * such a drop; then an entry that names the block (any but FREE: in a
+     * real hand-over none can, the block being ours alone) says the share
+     * is that entry's. */
+    if (FMQ_PIN_TOKEN(pin) == token ? pin != FMQ_PIN(token, FMQ_PIN_HANDED)
+                                    : fmq_lease_names_block(r, block))
+        return FMQ_OK;
     return fmq_pool_release_reader(r, block);
 }
 
@@ -592,15 +685,15 @@ static void fmq_lease_settle(fmq_region *r, fmq_lease *e, uint32_t token, uint32
  * no room (the entry is then parked as an orphaned, due lease for a later
  * attempt). */
 /* model: lease.requeue */
-static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint32_t token, int force_dead) {
+static int fmq_lease_requeue(fmq_region *r, fmq_lease *e, uint64_t was, int force_dead) {
+    uint32_t token = FMQ_LTOKEN(was);
     uint32_t len, block;
-    const unsigned char *src = fmq_lease_src(r, e, &len, &block);   /* read once */
-    if (!src) {
-        /* A length that does not fit its block (or slot), or an invalid
-         * block: never copy neighbouring memory into a new message. */
-        fmq_lease_discard_corrupt(r, e, token);
-        return FMQ_OK;
-    }
+    /* Read once. A length that does not fit its block (or slot), an invalid
+     * block, or words that contradict each other: never copy neighbouring
+     * memory, or another message's block, into a new message. */
+    const unsigned char *src = fmq_lease_src_claimed(r, e, was, &len, &block);
+    if (!src)
+        return FMQ_OK;   /* discarded */
     fmq_lease_share_to_ring(r, e, token, block);
     uint32_t deliveries = FMQ_ONCE(e->deliveries);
     int dead = force_dead || (r->max_deliveries && deliveries >= r->max_deliveries);
@@ -664,7 +757,7 @@ int fmq_lease_nack(fmq_region *r, uint32_t slot, uint32_t token, int requeue) {
             &e->word, &w, FMQ_LWORD(token, FMQ_LS_REQUEUING, r->owner_tag),
             memory_order_seq_cst, memory_order_relaxed))                   /* [S-end] */
         return fmq_fail(FMQ_ELOST, "the lease was lost to a concurrent redelivery");
-    int rc = fmq_lease_requeue(r, e, token, !requeue);
+    int rc = fmq_lease_requeue(r, e, w, !requeue);
     return rc == FMQ_FULL ? FMQ_OK : rc;   /* parked: redelivered when room frees */
 }
 
@@ -766,7 +859,7 @@ int fmq_lease_redeliver_due(fmq_region *r, int force) {
             next = 1;   /* due still: look again at the next chance */
             continue;
         }
-        if (fmq_lease_requeue(r, e, tok, 0) == FMQ_OK)
+        if (fmq_lease_requeue(r, e, w, 0) == FMQ_OK)
             n++;
         else
             next = 1;   /* parked for lack of room: retry at the next chance */
@@ -819,13 +912,11 @@ int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32
             continue;
         }
         uint32_t len, block;
-        if (!fmq_lease_src(r, e, &len, &block)) {
-            fmq_lease_discard_corrupt(r, e, tok);
-            continue;
-        }
+        if (!fmq_lease_src_claimed(r, e, w, &len, &block))
+            continue;   /* discarded */
         uint32_t deliveries = FMQ_ONCE(e->deliveries);
         if (r->max_deliveries && deliveries >= r->max_deliveries) {
-            fmq_lease_requeue(r, e, tok, 1);   /* dead-letter it instead */
+            fmq_lease_requeue(r, e, w, 1);   /* dead-letter it instead */
             continue;
         }
         fmq_lease_share_to_ring(r, e, tok, block);
@@ -836,16 +927,17 @@ int fmq_lease_adopt(fmq_region *r, uint64_t lease_ns, uint32_t *slot_out, uint32
                                 FMQ_BLK_IN_RING, FMQ_BLK_AS_READER(r->owner_tag)) == FMQ_OK)
             atomic_store_explicit(&e->holder, r->owner_tag, memory_order_release); /* [R-holder] */
         /* relaxed, as the deadline below: the entry is REQUEUING(me); [R-lease] publishes */
-        atomic_store_explicit(&e->pin, FMQ_PIN(tok + 1, FMQ_PIN_NONE), memory_order_relaxed);
+        uint32_t next = fmq_next_token(tok);
+        atomic_store_explicit(&e->pin, FMQ_PIN(next, FMQ_PIN_NONE), memory_order_relaxed);
         e->deliveries = deliveries + 1;
         e->leased_ns = now;
         atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed);
-        atomic_store_explicit(&e->word, FMQ_LWORD(tok + 1, FMQ_LS_LEASED, r->owner_tag),
+        atomic_store_explicit(&e->word, FMQ_LWORD(next, FMQ_LS_LEASED, r->owner_tag),
                               memory_order_release);                        /* [R-lease] */
         fmq_lower_next_due(r, now + lease_ns);
         fmq_count(r, FMQ_ST_REDELIVERED, 1);
         *slot_out = i;
-        *token_out = tok + 1;
+        *token_out = next;
         *deliveries_out = deliveries + 1;
         return FMQ_OK;
     }
@@ -926,10 +1018,8 @@ int fmq_lease_take_dead(fmq_region *r, uint32_t *slot, uint32_t *token) {
                 &e->word, &w, FMQ_LWORD(FMQ_LTOKEN(w), FMQ_LS_TAKING, r->owner_tag),
                 memory_order_acq_rel, memory_order_relaxed)) {   /* [R-park] */
             uint32_t len, block;
-            if (!fmq_lease_src(r, e, &len, &block)) {
-                fmq_lease_discard_corrupt(r, e, FMQ_LTOKEN(w));   /* never forwarded */
-                continue;
-            }
+            if (!fmq_lease_src_claimed(r, e, w, &len, &block))
+                continue;   /* discarded: never forwarded */
             *slot = i;
             *token = FMQ_LTOKEN(w);
             return FMQ_OK;
@@ -983,7 +1073,7 @@ int fmq_lease_release_owned(fmq_region *r) {
             /* Back of the queue now, delivery count kept (a departed holder,
              * as if its lease had expired); no room: parked, due at once. */
             FMQ_CRASHPOINT("lease.release.requeuing");
-            fmq_lease_requeue(r, e, tok, 0);
+            fmq_lease_requeue(r, e, w, 0);
             n++;
         } else if (st == FMQ_LS_TAKING) {
             if (atomic_compare_exchange_strong_explicit(

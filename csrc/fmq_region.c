@@ -130,6 +130,7 @@ uint32_t fmq_layout_hash(void) {
         offsetof(fmq_ctl, cold_top), offsetof(fmq_ctl, pool_peak),
         offsetof(fmq_block_meta, pages), offsetof(fmq_slot, cursor), FMQ_CURSOR_BATCH, offsetof(fmq_slot, crc),
         offsetof(fmq_lease, src_index), FMQ_BATCH_HEADER, offsetof(fmq_ctl, batch_extra),
+        FMQ_BLK_NEXT_IS_TICKET,
     };
     uint64_t h = fmq_fnv1a(1469598103934665603ull, v, sizeof v);
     return (uint32_t)(h ^ (h >> 32));

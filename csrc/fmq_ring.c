@@ -33,7 +33,12 @@
  * length or block fails validation is consumed -- its slot moves on to the
  * next lap, counted as abandoned -- and reported (FMQ_ECORRUPT), so one
  * damaged message never wedges the ring. Every field of a slot is read once
- * (FMQ_ONCE), checked, and only that local copy is used.
+ * (FMQ_ONCE), checked, and only that local copy is used. A slot's block is
+ * its message's only while the block records the slot's ticket (written by
+ * the commit, checked when a consumer takes the ring's share:
+ * fmq_block_holds_ticket): a slot damaged back into READY over a consumed
+ * message names a block that may be queued again for another slot, and a
+ * block freed and requeued while a consumer copied it carries a new ticket.
  *
  * Memory order (acquire/release pairs):
  *   [A-rsv]   producer reads EMPTY      <- [R-rel]    consumer's release CAS:
@@ -277,6 +282,19 @@ unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m) {
     return (unsigned char *)fmq_slot_at(r, m->ticket) + FMQ_SLOT_HEADER;
 }
 
+static void fmq_ring_skip_damaged(fmq_region *r, fmq_slot *s, uint64_t ticket,
+                                  uint64_t mine);
+
+/* A commit that fails before its publish: the slot we hold WRITING is moved
+ * on to the next lap as skipped (counted as abandoned), as crash recovery
+ * does for a dead producer's. Left WRITING by a live owner, it would stop
+ * every consumer there for good. A cold path: callers only get here when
+ * a block word or a length was damaged, or the binding is wrong. */
+static void __attribute__((noinline, cold)) fmq_ring_skip_unpublished(fmq_region *r,
+                                                                       fmq_msg *m) {
+    fmq_ring_skip_damaged(r, fmq_slot_at(r, m->ticket), m->ticket, m->word);
+}
+
 /* model: ring.commit */
 /* One body for plain messages and atomic batches; always inlined, so with
  * flags and count constant at each call the plain path compiles as before
@@ -288,9 +306,11 @@ fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int 
     int rc;
     /* len is 32 bits in the slot: fmq_pool_alloc refuses larger blocks and
      * the binding refuses larger messages (FMQ_TOOBIG), so nothing is cut. */
-    if (block == FMQ_NO_BLOCK ? len > r->inline_max : len > fmq_pool_block_size(r, block))
+    if (block == FMQ_NO_BLOCK ? len > r->inline_max : len > fmq_pool_block_size(r, block)) {
+        fmq_ring_skip_unpublished(r, m);
         return fmq_fail(FMQ_EINVAL, "commit of %u bytes into a %s that holds fewer", len,
                         block == FMQ_NO_BLOCK ? "slot" : "block");
+    }
     s->len = len;
     s->block = block;
     s->deliveries = m->deliveries;
@@ -301,9 +321,18 @@ fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int 
      * a producer killed between here and the publish leaves a WRITING slot
      * and a block marked IN_RING that no published slot names: recovery tells
      * exactly that apart (fmq_recover.c) and frees both. */
-    if (block != FMQ_NO_BLOCK &&
-        (rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING, 0, FMQ_BLK_IN_RING)) != FMQ_OK)
-        return rc;
+    if (block != FMQ_NO_BLOCK) {
+        /* The block records its slot's ticket (FMQ_BLK_NEXT_IS_TICKET): we
+         * hold it alone (writer), and the acq_rel CAS below publishes it. */
+        atomic_store_explicit(&fmq_pool_meta(r, FMQ_BLOCK_CLASS(block))[FMQ_BLOCK_INDEX(block)]
+                                   .next,
+                              (uint32_t)m->ticket, memory_order_relaxed);
+        if ((rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING, 0, FMQ_BLK_IN_RING)) !=
+            FMQ_OK) {
+            fmq_ring_skip_unpublished(r, m);   /* a block word that is not ours alone */
+            return rc;
+        }
+    }
     /* A durable queue's record carries its checksum, written before the
      * publish like every other field (fmq_durable.c); a batch's covers its
      * whole framing, so a batch is checked as the one record it is. */
@@ -368,9 +397,11 @@ int fmq_ring_commit_batch(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t bloc
                                                    : fmq_pool_ptr(r, block);
     if (!p || (block == FMQ_NO_BLOCK ? len > r->inline_max
                                      : len > fmq_pool_block_size(r, block)) ||
-        !fmq_batch_framing_ok(p, len, count))
+        !fmq_batch_framing_ok(p, len, count)) {
+        fmq_ring_skip_unpublished(r, m);
         return fmq_fail(FMQ_EINVAL, "an atomic batch of %u messages (%u bytes) is not framed "
                                     "as one", count, len);
+    }
     return fmq_ring_commit_as(r, m, len, block, 1, 0, FMQ_MSG_BATCH, count);
 }
 
@@ -384,8 +415,9 @@ int fmq_ring_claim(fmq_region *r, fmq_msg *m) { return fmq_ring_claim_from(r, m,
  * (get_many) holds its earlier claims while it takes more, and the head hint
  * does not pass READING slots: without this, each further claim would rescan
  * the batch so far (quadratic in the batch size). */
-/* Our READING(mine) slot -> EMPTY for the next lap, counted as abandoned: a
- * message that can never be delivered sanely leaves the ring. */
+/* Our claimed slot (READING or WRITING, word mine) -> EMPTY for the next
+ * lap, counted as abandoned: a message that can never be delivered sanely
+ * (or never be published) leaves the ring. */
 static void fmq_ring_skip_damaged(fmq_region *r, fmq_slot *s, uint64_t ticket,
                                   uint64_t mine) {
     uint64_t next = fmq_word(fmq_lap_stamp(r, ticket) + 4 /* EMPTY, next lap */, 0);
@@ -524,19 +556,39 @@ int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m) {
                                   "stats()[\"abandoned\"]", (unsigned long long)m->ticket, b);
 }
 
+/* cold and out of line: the free path it leaves stays as short as before */
+__attribute__((noinline, cold)) int fmq_ring_drop_foreign(fmq_region *r, fmq_msg *m) {
+    fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
+                        FMQ_BLK_AS_READER(r->owner_tag), FMQ_BLK_IN_RING);
+    return fmq_ring_drop_damaged(r, m);
+}
+
 /* model: ring.free_slot */
-static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake) {
+/* Inlined into its two callers (release, detach), as before the ticket check
+ * made it big enough for the compiler to keep it out of line: a call on
+ * every get. */
+static inline __attribute__((always_inline)) int fmq_ring_free_slot(fmq_region *r, fmq_msg *m,
+                                                                    int wake) {
     int rc;
+    uint32_t block = m->block;
     /* The block's ring share becomes our reader share while we still hold the
      * slot: a consumer killed between the two steps leaves a READING slot whose
      * block names it as reader, and recovery turns both back (fmq_recover.c). */
-    if (m->block != FMQ_NO_BLOCK &&
-        (rc = fmq_pool_transition(r, m->block, FMQ_BLK_IN_RING | FMQ_READER_MASK,
-                                  FMQ_BLK_IN_RING, FMQ_BLK_AS_READER(r->owner_tag))) != FMQ_OK)
-        /* The block is not the queue's (a damaged slot, e.g. a phase flipped
-         * back to READY over a consumed message): never deliver it, and do
-         * not leave the slot READING, which would wedge the ring a lap on. */
-        return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
+    if (block != FMQ_NO_BLOCK) {
+        rc = fmq_pool_transition(r, block, FMQ_BLK_IN_RING | FMQ_READER_MASK, FMQ_BLK_IN_RING,
+                                 FMQ_BLK_AS_READER(r->owner_tag));
+        if (rc != FMQ_OK)
+            /* The block is not the queue's (a damaged slot, e.g. a phase
+             * flipped back to READY over a consumed message): never deliver
+             * it, and do not leave the slot READING, which would wedge the
+             * ring a lap on. */
+            return rc == FMQ_ELOST ? fmq_ring_drop_damaged(r, m) : rc;
+        if (!fmq_block_holds_ticket(r, block, m->ticket))
+            /* Queued, but for another slot (the same damage with the block
+             * reused, or reused while we copied it): that message's share
+             * goes back untouched, and ours is skipped. */
+            return fmq_ring_drop_foreign(r, m);
+    }
     FMQ_CRASHPOINT("ring.release.before_free");
     return fmq_ring_retire_slot(r, m, wake);
 }

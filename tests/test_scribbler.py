@@ -241,3 +241,272 @@ def test_a_live_scribbler_never_crashes_hangs_or_tears_a_delivery(mq, backend, q
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+# ------------------------------------------- one damaged word at a time
+#
+# Each test below writes one word the scribbler above can write, at a known
+# state of a live segment, then drives the path that trusted it. In-flight
+# entry fields (csrc/fmq_layout.h, fmq_lease): word 0, deadline_ns 8, len 32,
+# block 36, holder 44, pin 48; entry word = token << 32 | state << 24 | owner.
+
+import gc     # noqa: E402
+import mmap   # noqa: E402
+import struct  # noqa: E402
+
+BLOCK = 10_000          # a block message (more than a slot holds)
+SMALL = 3_000           # one of the smallest block class: block 0 is the first
+LS_FREE, LS_LEASED = 0, 2
+PIN_NONE, PIN_PINNED, PIN_HANDED = 0, 1, 2
+
+
+class _Entries:
+    """The in-flight entries of a live native segment."""
+
+    def __init__(self, q):
+        self.fd = os.open("/dev/shm/" + q._ring.name, os.O_RDWR)
+        self.map = mmap.mmap(self.fd, os.fstat(self.fd).st_size)
+        (_slots, stride, *_rest, self.lease) = struct.unpack_from("<QIIQQIIQQQQ", self.map, 32)
+        self.stride = stride + 64
+
+    def close(self):
+        self.map.close()
+        os.close(self.fd)
+
+    def u64(self, index, field, value=None):
+        off = self.lease + index * self.stride + field
+        if value is None:
+            return struct.unpack_from("<Q", self.map, off)[0]
+        struct.pack_into("<Q", self.map, off, value)
+
+
+@pytest.fixture
+def entries_of():
+    made = []
+
+    def make(q):
+        made.append(_Entries(q))
+        return made[-1]
+    yield make
+    for e in made:
+        e.close()
+
+
+def _drain(q, tries=6):
+    """Every message still to be had -> (payloads, CorruptQueue count)."""
+    got, corrupt = [], 0
+    for _ in range(tries):
+        try:
+            got.append(q.get_bytes(timeout=0.2))
+        except fastmq.Empty:
+            break
+        except fastmq.CorruptQueue:
+            corrupt += 1
+    return got, corrupt
+
+
+DEAD_TAG = (1000 << 14) | 7   # owner tag of a participant that never registered
+
+
+@pytest.mark.parametrize("how", ["one-bit", "never-used", "other-token", "no-share"])
+def test_a_free_entry_turned_leased_never_redelivers_another_messages_block(
+        mq, backend, entries_of, how):
+    """A FREE entry's word is damaged into a lease. Its len and block are
+    what its last use left -- an acked message, whose block now holds another
+    message -- or zeros (never used: block 0, len 0). Redelivering it copied
+    the other message (or an empty one) and then dropped that message's
+    block share, which the next put reused: a queued message came out with
+    foreign bytes. Each case passes every check but one: one bit (an orphan,
+    owner 0, that is not due), a never-used entry (token 0), a random word
+    (another token than its pin's), a lease whose block holds no share for
+    it (the other message is leased, not queued)."""
+    native_only(backend, "writes into the native in-flight table")
+    q = mq.Queue(maxsize=8)
+    ents = entries_of(q)
+    if how == "never-used":
+        q.put_bytes(b"a" * 8)
+        q.get_message(timeout=5, lease=30).ack()   # the table exists
+        index = 5
+        assert ents.u64(index, 0) == 0           # never used: all zero
+    else:
+        q.put_bytes(b"a" * SMALL)
+        m = q.get_message(timeout=5, lease=0.3)
+        index = m.id
+        m.ack()
+        del m
+        time.sleep(0.4)                          # its old deadline has passed
+    q.put_bytes(b"b" * SMALL)                    # in the acked message's block (block 0)
+    held = q.get_message(timeout=5, lease=30) if how == "no-share" else None
+    word = ents.u64(index, 0)
+    assert (word >> 24) & 0xFF == LS_FREE and word & 0xFFFFFF == 0
+    token = word >> 32
+    if how in ("one-bit", "never-used"):
+        damaged = word | (LS_LEASED << 24)
+    elif how == "other-token":
+        damaged = ((token ^ 0x5A5A5A) << 32) | (LS_LEASED << 24) | DEAD_TAG
+    else:
+        damaged = (token << 32) | (LS_LEASED << 24) | DEAD_TAG
+    ents.u64(index, 0, damaged)
+    q.redeliver_expired()
+    q.put_bytes(b"c" * SMALL)                    # would reuse a block dropped wrongly
+    got, corrupt = _drain(q)
+    expect = [b"c" * SMALL] if held else [b"b" * SMALL, b"c" * SMALL]
+    assert got == expect and corrupt == 0, ([g[:1] + b"x%d" % len(g) for g in got], corrupt)
+    if held:
+        assert bytes(held.data) == b"b" * SMALL
+        held.ack()
+    assert q.stats()["abandoned"] == 1          # the damaged entry, counted
+
+
+@pytest.mark.parametrize("damage", ["none", "garbage"])
+def test_a_damaged_pin_never_frees_a_block_under_a_leased_messages_views(
+        mq, backend, entries_of, damage):
+    """A pinned lease's pin word (token << 32 | state) is damaged: back to
+    NONE (one bit), or into no state at all. Whoever ends the lease reads the
+    pin to know whether the holder's views still need the block. Garbage was
+    taken for "not pinned": the ack freed the block under the message's
+    views. A pin turned NONE cannot be told from a real one by the ender;
+    but then the holder's last view, seeing its pin was never handed over,
+    dropped a share that was no longer its own -- the share of its next
+    lease of the same block -- and that message's bytes changed under it."""
+    native_only(backend, "writes into the native in-flight table")
+    q = mq.Queue(maxsize=8)
+    ents = entries_of(q)
+    q.put_bytes(b"a" * BLOCK)
+    a = q.get_message(timeout=5, lease=30)
+    pin = ents.u64(a.id, 48)
+    assert pin & 0xFFFFFFFF == PIN_PINNED and pin >> 32 == ents.u64(a.id, 0) >> 32
+    ents.u64(a.id, 48, pin - 1 if damage == "none" else pin | 0x40)
+    a.ack()
+    if damage == "garbage":                      # handed over: a's views still hold
+        q.put_bytes(b"c" * BLOCK)
+        assert bytes(a.data) == b"a" * BLOCK
+        assert q.get_bytes(timeout=5) == b"c" * BLOCK
+    q.put_bytes(b"b" * BLOCK)                    # in a's block if the ack freed it
+    b = q.get_message(timeout=5, lease=30)
+    del a
+    gc.collect()                                 # a's last view goes
+    q.put_bytes(b"d" * BLOCK)                    # would reuse b's block if a took it
+    assert bytes(b.data) == b"b" * BLOCK
+    b.ack()
+    assert q.get_bytes(timeout=5) == b"d" * BLOCK
+
+
+def test_a_pin_damaged_to_none_and_then_reused_never_frees_the_holders_next_lease(
+        mq, backend, entries_of):
+    """As above, but the damaged entry is reused (by the same holder, for the
+    same block) before the first message's last view goes: the pin then
+    carries another token, which is also what a real hand-over followed by
+    a reuse looks like."""
+    native_only(backend, "writes into the native in-flight table")
+    q = mq.Queue(maxsize=1)                      # one in-flight entry: reused
+    ents = entries_of(q)
+    q.put_bytes(b"a" * BLOCK)
+    a = q.get_message(timeout=5, lease=30)
+    ents.u64(a.id, 48, ents.u64(a.id, 48) - 1)   # PINNED -> NONE
+    a.ack()
+    q.put_bytes(b"b" * BLOCK)
+    b = q.get_message(timeout=5, lease=30)
+    assert b.id == a.id and b.token != a.token
+    del a
+    gc.collect()
+    q.put_bytes(b"d" * BLOCK)
+    assert bytes(b.data) == b"b" * BLOCK
+    b.ack()
+    assert q.get_bytes(timeout=5) == b"d" * BLOCK
+
+
+def _block_words(q):
+    """Offsets of the state words of every block carved so far, with their values."""
+    fd = os.open("/dev/shm/" + q._ring.name, os.O_RDWR)
+    m = mmap.mmap(fd, os.fstat(fd).st_size)
+    try:
+        ncls = struct.unpack_from("<I", m, 44)[0]
+        out = []
+        for c in range(ncls):
+            _size, nblocks, meta, _data = struct.unpack_from("<QQQQ", m, 112 + 32 * c)
+            for b in range(min(nblocks, 256)):          # one carve
+                off = meta + 16 * b
+                out.append((off, struct.unpack_from("<Q", m, off)[0]))
+        return out
+    finally:
+        m.close()
+        os.close(fd)
+
+
+def test_a_commit_that_fails_on_a_damaged_block_word_does_not_wedge_the_ring(mq, backend):
+    """The commit of a block message takes the ring's share of the block by a
+    CAS from "no ring share". A block word damaged to say IN_RING already
+    makes that fail, after the slot was claimed WRITING: the slot was left
+    WRITING by a live producer, which nothing skips, and every consumer
+    stopped there for good (Empty with messages queued behind it)."""
+    native_only(backend, "writes into the native block metadata")
+    q = mq.Queue(maxsize=4)
+    res = q._ring.reserve(BLOCK)
+    memoryview(res)[:1] = b"r"
+    mine = [(off, w) for off, w in _block_words(q) if w & 0xFFFFFF]   # its writer share
+    assert len(mine) == 1
+    off, w = mine[0]
+    with open("/dev/shm/" + q._ring.name, "r+b") as f:
+        f.seek(off)
+        f.write(struct.pack("<Q", w | (1 << 48)))                   # IN_RING, as if queued
+    with pytest.raises(fastmq.Error):
+        res.commit()
+    res.abort()
+    for i in range(6):                                              # laps over that slot
+        q.put_bytes(b"after-%d" % i, timeout=1)
+        assert q.get_bytes(timeout=1) == b"after-%d" % i
+    assert q.stats()["abandoned"] == 1
+
+
+@pytest.mark.parametrize("how", ["get", "recv", "get_many", "get_message"])
+def test_a_slot_flipped_to_ready_over_a_block_now_queued_for_another_slot_is_skipped(
+        mq, backend, how):
+    """One bit makes a consumed slot READY again, at the lap the producers
+    reach next; its len and block are those of the message it held. When that
+    block has since been queued again for another slot, the block's state
+    says "queued" and the old record was delivered: the other message's
+    bytes, after which that message's own slot found its block freed under
+    it (or, had a producer reused it meanwhile, a third message's bytes). The
+    block records its slot's ticket; the claim of the damaged slot sees that
+    it is not its own and skips it."""
+    native_only(backend, "writes into the native ring")
+    q = mq.Queue(maxsize=2)
+    seg = _Entries(q)
+    try:
+        ring = struct.unpack_from("<Q", seg.map, 88)[0]
+        q.put_bytes(b"a" * SMALL)                # ticket 0, slot 0, block X
+        q.put_bytes(b"p")
+        assert q.get_bytes(timeout=1) == b"a" * SMALL
+        assert q.get_bytes(timeout=1) == b"p"
+        word = struct.unpack_from("<Q", seg.map, ring)[0]
+        struct.pack_into("<Q", seg.map, ring, word + (2 << 24))   # EMPTY -> READY: ticket 2
+    finally:
+        seg.close()
+    q.put_bytes(b"b" * SMALL, timeout=1)         # passes ticket 2; block X again
+    outcomes = []
+    for _ in range(3):
+        try:
+            if how == "get":
+                data = q.get_bytes(timeout=0.2)
+            elif how == "recv":
+                data = bytes(q._ring.recv(0.2))
+            elif how == "get_many":             # the damaged one is left out, counted
+                outcomes += q._ring.get_many(4, 0.2, None)
+                continue
+            else:
+                m = q.get_message(timeout=0.2, lease=30)
+                data = bytes(m.data)
+                m.ack()
+            outcomes.append(data)
+        except fastmq.CorruptQueue:
+            outcomes.append("corrupt")
+        except fastmq.Empty:
+            break
+    expect = [b"b" * SMALL] if how == "get_many" else ["corrupt", b"b" * SMALL]
+    assert outcomes == expect, [o if o == "corrupt" else o[:1] + b"x%d" % len(o)
+                                for o in outcomes]
+    assert q.stats()["abandoned"] == 1
+    for i in range(4):                           # the ring keeps moving
+        q.put_bytes(b"n%d" % i * 1000, timeout=1)
+        assert q.get_bytes(timeout=1) == b"n%d" % i * 1000
