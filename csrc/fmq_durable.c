@@ -1175,15 +1175,26 @@ int fmq_durable_open(const char *path, const char *name, fmq_region **out) {
     r->sync_mode = sb.sync_mode;
     r->sync_interval_ns = sb.sync_interval_ns;
     r->dur_generation = sb.generation;
-    /* Alone? Then rebuild from the records; else reap the dead as usual. */
-    fmq_recover(r);
+    /* Alone? Then rebuild from the records alone; else reap the dead as
+     * usual. Decided before any repair, and the alone case runs no kill -9
+     * recovery at all: after a power loss the control lines, block words
+     * and participant table may each come from another flush than the
+     * records (any page written since the last flush may be older or
+     * newer), and fmq_recover acts on them -- a dead reader's share on a
+     * block word from after a lease, next to a slot page from before it,
+     * frees that block (punching its pages) and the rebuild then finds the
+     * slot's message torn; a stale tail hint could requeue a lease over a
+     * live slot. The rebuild needs none of it: it recomputes every one of
+     * those words from the records. */
     int alone = 1;
     for (uint32_t idx = 0; idx < r->g.nparticipants && alone; idx++) {
         uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
         if (FMQ_PART_STATE(id) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx))
             alone = 0;
     }
-    if (alone && (rc = fmq_durable_rebuild(r, &sb, 1 - best)) != FMQ_OK)
+    if (!alone)
+        fmq_recover(r);
+    else if ((rc = fmq_durable_rebuild(r, &sb, 1 - best)) != FMQ_OK)
         goto fail;
     /* Register, then let the next opener in: the init lock sits on the
      * description the mapping refers to, which registration moves r->fd
