@@ -52,7 +52,9 @@
  * Recovery. The first opener of a file that nobody has open (every
  * registered participant is dead: after a reboot, a power loss, or kill -9
  * of every user) rebuilds the queue from its records alone, holding the
- * init lock, before anyone can use it:
+ * init lock, before anyone can use it. No kill -9 recovery (fmq_recover)
+ * runs first: it trusts block words and control lines that a power loss
+ * may have kept from another flush than the records (see the open).
  *   1. In-flight entries: a LEASED/REQUEUING one whose record checks is kept
  *      as an orphaned lease that is due at once (the redelivery path puts it
  *      back at the end of the queue with its delivery count kept); a DEAD or
