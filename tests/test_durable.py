@@ -389,6 +389,28 @@ def test_rebuild_killed_midway_is_simply_redone(ddir, point):
 
 # ------------------------------------------------------------- power loss
 
+def _pages_written_since(flushed, current):
+    """The pages of image `current` that differ from image `flushed`."""
+    cur_pages, _ = W.data_pages(current)
+    old_pages, _ = W.data_pages(flushed)
+    return sorted(p for p in set(cur_pages) | set(old_pages)
+                  if cur_pages.get(p) != old_pages.get(p))
+
+
+def _recover_images(ddir, current, flushed, name, subsets):
+    """Recover and drain, in a child, the image `current` with each subset of
+    pages reverted to `flushed`: one result (ids, bad, figures) per subset."""
+    spec = os.path.join(ddir, "spec.json")
+    work = os.path.join(ddir, "work")
+    os.makedirs(work)
+    with open(spec, "w") as f:
+        json.dump({"current": current, "flushed": flushed, "name": name, "workdir": work,
+                   "subsets": subsets}, f)
+    p = _spawn("check_images", spec)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, f"recovery crashed (rc {p.returncode}): {err[-2000:]}"
+    return json.loads(out.strip().splitlines()[-1])
+
 def _power_loss_round(ddir, sync, rng, crash_env=None):
     """One crash: producers and a consumer run with flush images on, are
     killed (or die at a crash point), then every power-loss image built from
@@ -424,23 +446,12 @@ def _power_loss_round(ddir, sync, rng, crash_env=None):
     last = os.path.join(imgs, flushed[-1]) if flushed else base_image
     if sync == "none":
         last = base_image                  # no flush promised anything since creation
-    cur_pages, _ = W.data_pages(current)
-    old_pages, _ = W.data_pages(last)
-    diff = sorted(p for p in set(cur_pages) | set(old_pages)
-                  if cur_pages.get(p) != old_pages.get(p))
+    diff = _pages_written_since(last, current)
     subsets = [[], list(diff)]
     subsets += [[p] for p in rng.sample(diff, min(8, len(diff)))]
     subsets += [[p for p in diff if rng.random() < 0.5] for _ in range(24)]
-    spec = os.path.join(ddir, "spec.json")
     work = os.path.join(ddir, "work")
-    os.makedirs(work)
-    with open(spec, "w") as f:
-        json.dump({"current": current, "flushed": last, "name": name, "workdir": work,
-                   "subsets": subsets}, f)
-    p = _spawn("check_images", spec)
-    out, err = p.communicate(timeout=240)
-    assert p.returncode == 0, f"recovery crashed (rc {p.returncode}): {err[-2000:]}"
-    results = json.loads(out.strip().splitlines()[-1])
+    results = _recover_images(ddir, current, last, name, subsets)
 
     returned = set().union(*(_ids(lg)[0] for lg in plogs))
     consumed, bad_consumed = _ids(cons)
@@ -540,25 +551,13 @@ def test_power_loss_after_a_lease_keeps_the_message_in_every_page_mix(ddir):
         W.write_image(current, size, pages)
     finally:
         q.close()
-    cur_pages, _ = W.data_pages(current)
-    old_pages, _ = W.data_pages(flushed)
-    diff = sorted(p for p in set(cur_pages) | set(old_pages)
-                  if cur_pages.get(p) != old_pages.get(p))
+    diff = _pages_written_since(flushed, current)
     assert 2 <= len(diff) <= 10, diff      # the slot, the entry, the block word, hints
     subsets = [[p for k, p in enumerate(diff) if bits >> k & 1] for bits in range(1 << len(diff))]
     # Recovered over a second after the lease: a freed block then has no
     # recent demand keeping it warm, so a block freed by mistake is punched.
     time.sleep(2.2)
-    spec = os.path.join(ddir, "spec.json")
-    work = os.path.join(ddir, "work")
-    os.makedirs(work)
-    with open(spec, "w") as f:
-        json.dump({"current": current, "flushed": flushed, "name": name, "workdir": work,
-                   "subsets": subsets}, f)
-    p = _spawn("check_images", spec)
-    out, err = p.communicate(timeout=240)
-    assert p.returncode == 0, f"recovery crashed (rc {p.returncode}): {err[-2000:]}"
-    results = json.loads(out.strip().splitlines()[-1])
+    results = _recover_images(ddir, current, flushed, name, subsets)
     lost = [(subsets[n], res) for n, res in enumerate(results)
             if "error" in res or res["bad"] or 10 not in res["ids"]]
     assert lost == [], (f"{len(lost)} of {len(subsets)} images lost the leased message: "
