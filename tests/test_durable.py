@@ -520,13 +520,15 @@ def test_simulated_power_loss_keeps_what_the_sync_mode_promises(ddir, sync):
     assert violations == [], violations[:10]
 
 
-def test_power_loss_after_a_lease_keeps_the_message_in_every_page_mix(ddir):
+@pytest.mark.parametrize("point", ["lease.take.filled", "lease.take.leased"])
+def test_power_loss_after_a_lease_keeps_the_message_in_every_page_mix(ddir, point):
     """The pages a lease changes (its slot, its entry, its block's word) can
-    each be lost to a power loss on their own. A consumer is killed having
-    filled the entry, before the flush that lets it free the slot; every mix
-    of the pages written since the last flush must recover the message. A
-    recovery that trusted the block word over the records would free the
-    block the dead consumer held and drop the message its slot still names."""
+    each be lost to a power loss on their own. A consumer is killed filling
+    the entry or having filled it, before the flush that lets it free the
+    slot; every mix of the pages written since the last flush must recover
+    the message. A recovery that trusted the block word over the records
+    would free the block the dead consumer held and drop the message its
+    slot still names."""
     name = "lm"
     path = os.path.join(ddir, name + ".fmq")
     flushed = os.path.join(ddir, "flushed.img")
@@ -541,7 +543,7 @@ def test_power_loss_after_a_lease_keeps_the_message_in_every_page_mix(ddir):
         # Killed with the entry LEASED, before the flush the move waits for
         # (our handle stays open: the consumer's open is no rebuild).
         victim = _spawn("consumer", _url(ddir), name, os.path.join(ddir, "c.log"), 0,
-                        env={"FASTMQ_CRASH_AT": "lease.take.leased:1"})
+                        env={"FASTMQ_CRASH_AT": point + ":1"})
         try:
             victim.communicate(timeout=60)
             assert victim.returncode == -signal.SIGKILL, "the crash point was never reached"
