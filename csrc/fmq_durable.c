@@ -1185,9 +1185,8 @@ int fmq_durable_open(const char *path, const char *name, fmq_region **out) {
      * newer), and fmq_recover acts on them -- a dead reader's share on a
      * block word from after a lease, next to a slot page from before it,
      * frees that block (punching its pages) and the rebuild then finds the
-     * slot's message torn; a stale tail hint could requeue a lease over a
-     * live slot. The rebuild needs none of it: it recomputes every one of
-     * those words from the records. */
+     * slot's message torn. The rebuild needs none of that repair: it
+     * recomputes every one of those words from the records. */
     int alone = 1;
     for (uint32_t idx = 0; idx < r->g.nparticipants && alone; idx++) {
         uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
