@@ -521,25 +521,40 @@ def test_simulated_power_loss_keeps_what_the_sync_mode_promises(ddir, sync):
 
 
 @pytest.mark.parametrize("point", ["lease.take.filled", "lease.take.leased"])
-def test_power_loss_after_a_lease_keeps_the_message_in_every_page_mix(ddir, point):
+@pytest.mark.parametrize("shape", ["block", "inline-entry-across-pages"])
+def test_power_loss_after_a_lease_keeps_the_message_in_every_page_mix(ddir, point, shape):
     """The pages a lease changes (its slot, its entry, its block's word) can
     each be lost to a power loss on their own. A consumer is killed filling
     the entry or having filled it, before the flush that lets it free the
     slot; every mix of the pages written since the last flush must recover
-    the message. A recovery that trusted the block word over the records
-    would free the block the dead consumer held and drop the message its
-    slot still names."""
+    the message. A recovery that trusted the words of the dead consumer
+    over the records loses it: for a message in a block, by freeing the
+    block the slot still names; for an inline one whose entry spans two
+    pages (one of them lost, so the entry fails its check), by taking the
+    entry's word for a finished move and freeing the slot."""
     name = "lm"
     path = os.path.join(ddir, name + ".fmq")
     flushed = os.path.join(ddir, "flushed.img")
     current = os.path.join(ddir, "current.img")
     q = _create(ddir, name, "commit", maxsize=32, capacity_bytes=1 << 20)
     try:
-        q.put_bytes(W.payload(2))          # 5000 bytes each: blocks of one size
-        q.put_bytes(W.payload(10))         # returned: on disk, the last flush
-        pages, size = W.data_pages(path)
-        W.write_image(flushed, size, pages)
-        assert W.parse(q.get_bytes(timeout=5)) == 2   # its block: free, still warm
+        if shape == "block":
+            mid = 10
+            q.put_bytes(W.payload(2))      # 5000 bytes each: blocks of one size
+            q.put_bytes(W.payload(mid))    # returned: on disk, the last flush
+            pages, size = W.data_pages(path)
+            W.write_image(flushed, size, pages)
+            assert W.parse(q.get_bytes(timeout=5)) == 2   # its block: free, still warm
+        else:
+            mid = 6                        # 224 bytes: inline
+            for i in range(100, 112):
+                q.put_bytes(W.payload(i))
+            q.put_bytes(W.payload(mid))
+            for _ in range(12):            # entries 0-11 used: the next lease takes
+                q.get_message(timeout=5).ack()   # entry 12, 3840..4160 of the table
+            q.flush()
+            pages, size = W.data_pages(path)
+            W.write_image(flushed, size, pages)
         # Killed with the entry LEASED, before the flush the move waits for
         # (our handle stays open: the consumer's open is no rebuild).
         victim = _spawn("consumer", _url(ddir), name, os.path.join(ddir, "c.log"), 0,
@@ -561,7 +576,7 @@ def test_power_loss_after_a_lease_keeps_the_message_in_every_page_mix(ddir, poin
     time.sleep(2.2)
     results = _recover_images(ddir, current, flushed, name, subsets)
     lost = [(subsets[n], res) for n, res in enumerate(results)
-            if "error" in res or res["bad"] or 10 not in res["ids"]]
+            if "error" in res or res["bad"] or mid not in res["ids"]]
     assert lost == [], (f"{len(lost)} of {len(subsets)} images lost the leased message: "
                         f"{lost[:3]} (pages written since the flush: {diff})")
 
