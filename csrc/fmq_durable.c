@@ -1182,11 +1182,14 @@ int fmq_durable_open(const char *path, const char *name, fmq_region **out) {
      * recovery at all: after a power loss the control lines, block words
      * and participant table may each come from another flush than the
      * records (any page written since the last flush may be older or
-     * newer), and fmq_recover acts on them -- a dead reader's share on a
-     * block word from after a lease, next to a slot page from before it,
-     * frees that block (punching its pages) and the rebuild then finds the
-     * slot's message torn. The rebuild needs none of that repair: it
-     * recomputes every one of those words from the records. */
+     * newer), and fmq_recover acts on them without checking any record:
+     * a dead reader's share on a block word from after a lease, next to a
+     * slot page from before it, frees that block (punching its pages), and
+     * the rebuild then finds the slot's message torn; a dead consumer's
+     * entry whose second page was lost (so it fails its CRC) still reads
+     * as a finished move, so its READING slot is freed and the message is
+     * in neither. The rebuild needs none of that repair: it recomputes
+     * every one of those words from the records, checked. */
     int alone = 1;
     for (uint32_t idx = 0; idx < r->g.nparticipants && alone; idx++) {
         uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
