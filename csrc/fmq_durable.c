@@ -52,7 +52,9 @@
  * Recovery. The first opener of a file that nobody has open (every
  * registered participant is dead: after a reboot, a power loss, or kill -9
  * of every user) rebuilds the queue from its records alone, holding the
- * init lock, before anyone can use it:
+ * init lock, before anyone can use it. No kill -9 recovery (fmq_recover)
+ * runs first: it trusts block words and control lines that a power loss
+ * may have kept from another flush than the records (see the open).
  *   1. In-flight entries: a LEASED/REQUEUING one whose record checks is kept
  *      as an orphaned lease that is due at once (the redelivery path puts it
  *      back at the end of the queue with its delivery count kept); a DEAD or
@@ -1182,18 +1184,32 @@ int fmq_durable_open(const char *path, const char *name, fmq_region **out) {
     r->sync_mode = sb.sync_mode;
     r->sync_interval_ns = sb.sync_interval_ns;
     r->dur_generation = sb.generation;
-    /* Alone? Then rebuild from the records; else reap the dead as usual. */
-    fmq_recover(r);
+    /* Alone? Then rebuild from the records alone; else reap the dead as
+     * usual. Decided before any repair, and the alone case runs no kill -9
+     * recovery at all: after a power loss the control lines, block words
+     * and participant table may each come from another flush than the
+     * records (any page written since the last flush may be older or
+     * newer), and fmq_recover acts on them without checking any record:
+     * a dead reader's share on a block word from after a lease, next to a
+     * slot page from before it, frees that block (punching its pages), and
+     * the rebuild then finds the slot's message torn; a dead consumer's
+     * entry whose second page was lost (so it fails its CRC) still reads
+     * as a finished move, so its READING slot is freed and the message is
+     * in neither. The rebuild needs none of that repair: it recomputes
+     * every one of those words from the records, checked. */
     int alone = 1;
     for (uint32_t idx = 0; idx < r->g.nparticipants && alone; idx++) {
         uint64_t id = atomic_load_explicit(&r->parts[idx].ident, memory_order_acquire);
         if (FMQ_PART_STATE(id) == FMQ_PART_ACTIVE && fmq_live_is_alive(r, idx))
             alone = 0;
     }
-    if (alone)
+    if (!alone)
+        fmq_recover(r);
+    else {
         fmq_durable_prefetch(r);
-    if (alone && (rc = fmq_durable_rebuild(r, &sb, 1 - best)) != FMQ_OK)
-        goto fail;
+        if ((rc = fmq_durable_rebuild(r, &sb, 1 - best)) != FMQ_OK)
+            goto fail;
+    }
     /* Register, then let the next opener in: the init lock sits on the
      * description the mapping refers to, which registration moves r->fd
      * away from (fmq_live.c), so keep a descriptor of it to unlock with. */

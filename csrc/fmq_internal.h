@@ -58,7 +58,8 @@ struct fmq_region {
     unsigned fork_gen;          /* fmq_fork_generation when we registered        */
     uint32_t roles;             /* roles already published in self->roles        */
     uint64_t ring_ready;        /* ring slots known reserved (fmq_pool.c); grows */
-    uint64_t keep_bytes;        /* warm free-block memory kept (fmq_pool.c)      */
+    uint64_t room_checked_ns;   /* last fstatvfs of /dev/shm (fmq_pool.c), and   */
+    int roomy;                  /* whether it had room to keep free blocks warm  */
     uint64_t budget;            /* block pages allowed: capacity_bytes, paged    */
     int nospace_why;            /* FMQ_WHY_*: why the last block request failed  */
     const fmq_upcalls *up;      /* calls up the layers (fmq_region.c fills it)   */
@@ -104,6 +105,9 @@ struct flock;
 int fmq_live_lock_byte(int fd, int cmd, short type, long long at, struct flock *out);
 int fmq_live_init_lock(int fd, short type);
 int fmq_live_init_in_progress(int fd);
+/* Call fn on every handle this process has registered, unless the list is
+ * busy (then nobody is called: the caller tries again later). */
+void fmq_live_each(void (*fn)(fmq_region *, void *), void *arg);
 
 /* ==== fmq_pool.c: blocks and segment memory =============================== */
 int fmq_pool_available(fmq_region *r, uint64_t nbytes);
@@ -112,6 +116,9 @@ int fmq_pool_transition(fmq_region *r, uint32_t block, uint64_t mask, uint64_t e
 void fmq_pool_free_block(fmq_region *r, uint32_t c, uint32_t idx);   /* state already 0 */
 uint64_t fmq_pool_carved(fmq_region *r, uint32_t c);   /* blocks of c that exist */
 uint64_t fmq_pool_audit(fmq_region *r);                /* alone: see fmq_pool.c  */
+void fmq_pool_idle(fmq_region *r);   /* a consumer found nothing: give back memory
+                                        beyond the recent demand               */
+void fmq_pool_cool_all(fmq_region *r);   /* every warm block goes cold          */
 /* The metadata array of size class c (one fmq_block_meta per block). */
 static inline fmq_block_meta *fmq_pool_meta(const fmq_region *r, uint32_t c) {
     return (fmq_block_meta *)(r->base + r->g.classes[c].meta_offset);
@@ -136,6 +143,11 @@ uint64_t fmq_lease_committed(const fmq_region *r);
 int fmq_lease_grow(fmq_region *r, uint64_t n);
 int fmq_ring_grow(fmq_region *r, uint64_t t);
 int fmq_ring_room(fmq_region *r, uint64_t t);
+/* A process alone with the segment (init lock held, AUDITING): give back the
+ * pages of an empty ring and lease table (1 if it did), and finish a pass
+ * that a killed process began. */
+int fmq_ring_compact(fmq_region *r);
+void fmq_ring_compact_finish(fmq_region *r);
 #define FMQ_WRITER_MASK ((uint64_t)FMQ_OWNER_MASK)
 #define FMQ_READER_MASK ((uint64_t)FMQ_OWNER_MASK << 24)
 
@@ -203,6 +215,7 @@ int fmq_block_referenced(fmq_region *r, uint32_t block, uint64_t skip_ticket);
 void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t since_ns);
 void fmq_reap_tag(fmq_region *r, uint32_t dead_tag);
 void fmq_audit_if_alone(fmq_region *r);
+void fmq_release_if_alone(fmq_region *r);   /* a named queue's closing handle */
 
 /* ==== helpers for every layer ============================================= */
 /* Read a field that another process may change under us exactly once: the

@@ -177,9 +177,15 @@ typedef struct fmq_ctl {
     fmq_u64line ring_committed;            /* ring slots whose pages are
                                               reserved (grows only)           */
     fmq_u64line lease_committed;           /* lease entries likewise          */
+    fmq_u64line ring_compacting;           /* 1 while a lone process gives the
+                                              ring's pages back (fmq_pool.c)  */
     fmq_u64line shm_full_ns;               /* last failed reservation (ns)     */
-    fmq_u64line pool_peak;                 /* recent peak of pool_in_use, decayed
-                                              on every free (a policy hint)   */
+    struct {                               /* recent demand for block memory
+                                              (a policy hint, fmq_pool.c)     */
+        alignas(FMQ_LINE) _Atomic uint64_t v; /* peak of pool_in_use this window */
+        _Atomic uint64_t prev;             /* ... in the window before         */
+        _Atomic uint64_t since_ns;         /* CLOCK_MONOTONIC: window start    */
+    } pool_peak;
     fmq_u64line cold_top[FMQ_MAX_CLASSES]; /* free stacks of blocks without
                                               pages (free_top: warm ones)     */
     alignas(FMQ_LINE) _Atomic uint64_t carved[FMQ_MAX_CLASSES]; /* blocks of each
@@ -323,6 +329,8 @@ _Static_assert(sizeof(fmq_waitline) == FMQ_LINE && sizeof(fmq_u64line) == FMQ_LI
                "each hot word must own its line");
 _Static_assert(sizeof(fmq_lease) == FMQ_LEASE_HEADER,
                "an entry's inline payload starts at FMQ_LEASE_HEADER and must hold a slot's");
+_Static_assert(sizeof(((fmq_ctl *)0)->pool_peak) == FMQ_LINE,
+               "the demand words share one line, written by every free of a block");
 _Static_assert(sizeof(fmq_block_meta) == 16, "block metadata is an array indexed by block");
 _Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
                "shared atomics must have the size of their plain type (lock-free, "

@@ -119,6 +119,22 @@ static void fmq_live_list_remove(fmq_region *r) {
     pthread_mutex_unlock(&fmq_live_mu);
 }
 
+/* For memory policies that look across queues (fmq_pool.c). trylock, so a
+ * caller that already holds the mutex (or races a registration) skips a
+ * round instead of deadlocking; a handle is removed from the list before it
+ * is unmapped, so every r seen here stays mapped until we unlock. A forked
+ * child's inherited handles are skipped until they register again. */
+void fmq_live_each(void (*fn)(fmq_region *, void *), void *arg) {
+    if (pthread_mutex_trylock(&fmq_live_mu) != 0)
+        return;
+    for (size_t i = 0; i < fmq_live_n; i++) {
+        fmq_region *r = fmq_live_list[i];
+        if (r->fd >= 0 && r->fork_gen == fmq_fork_generation)
+            fn(r, arg);
+    }
+    pthread_mutex_unlock(&fmq_live_mu);
+}
+
 void fmq_live_before_fork(void) { pthread_mutex_lock(&fmq_live_mu); }
 
 void fmq_live_after_fork_parent(void) { pthread_mutex_unlock(&fmq_live_mu); }

@@ -14,12 +14,15 @@
  *
  * Ring. Slots are reserved in chunks of FMQ_RING_CHUNK as tickets of the
  * first lap approach the reserved end (fmq_ring_grow); lease entries in
- * chunks as takers find none free (fmq_lease_grow, ctl->lease_committed); ctl->ring_committed only grows, by a CAS-max after
+ * chunks as takers find none free (fmq_lease_grow, ctl->lease_committed); while the queue is in use
+ * ctl->ring_committed only grows, by a CAS-max after
  * the fallocate, so a grower killed in between leaves reserved but unused
- * pages that the next grower reserves again (fallocate is idempotent). Ring
- * pages are never given back: a slot word carries its lap, which a punched
- * (zeroed) page would lose. A ring that has lapped once holds
- * slot_count * slot_stride bytes (lease entries likewise stay once made).
+ * pages that the next grower reserves again (fallocate is idempotent). While
+ * the queue is in use its ring pages stay: a slot word carries its lap,
+ * which a punched (zeroed) page would lose. A ring that has lapped once holds
+ * slot_count * slot_stride bytes (lease entries likewise) until a process
+ * alone with the queue finds it empty and gives both back
+ * (fmq_ring_compact).
  *
  * Blocks: one budget, many sizes. Size classes grow by 4x from FMQ_MIN_BLOCK
  * to max_message_size; each class has enough block *indices* that messages
@@ -40,19 +43,31 @@
  * pushed as one chain. A request takes the smallest class that fits and
  * borrows from larger ones when that one is exhausted.
  *
- * Giving memory back, with hysteresis. Each class has two free stacks: warm
- * blocks (pages still reserved, counted in ctl->pool_kept; free_top) and
- * cold ones (no pages; cold_top); allocation prefers warm. A freed block
- * stays warm while the warm total is under the largest of r->keep_bytes
- * (capacity_bytes / 16, between 4 MiB and 16 MiB), the bytes in use and
- * their recent peak (ctl->pool_peak, which decays by 1/128 per free, counted
- * up to 2 * keep_bytes), so a busy queue, or a backlog swinging between
- * empty and a peak, reuses its pages without a syscall per message; otherwise it is
- * punched (FALLOC_FL_PUNCH_HOLE) and goes cold, and if the warm total is
- * over that watermark two more warm blocks are punched (fmq_pool_cool): as
- * a backlog drains the warm total falls faster than the use, so once it
- * has drained at most 2 * keep_bytes of block memory stays reserved, and
- * keep_bytes once the peak has decayed (a few hundred frees later).
+ * Giving memory back: warm memory follows recent demand. Each class has
+ * two free stacks: warm blocks (pages still reserved, counted in
+ * ctl->pool_kept; free_top) and cold ones (no pages; cold_top); allocation
+ * prefers warm. The demand is the peak of the bytes in use
+ * (ctl->pool_peak.v, raised by every allocation) over the current window of
+ * FMQ_DEMAND_WINDOW_NS and the one before (pool_peak.prev); whoever first
+ * sees a window end starts the next one (one CAS on pool_peak.since_ns).
+ * A freed block stays warm while in use + warm stays within that demand, so
+ * a queue that cycles a working set (a 1 MiB stream eight deep, a backlog
+ * swinging between empty and a peak) reuses its pages without a syscall per
+ * message; otherwise it is punched (FALLOC_FL_PUNCH_HOLE) and goes cold, and
+ * while the total is over the demand each free cools two more warm blocks
+ * (fmq_pool_cool). Once a queue has seen no demand for one to two windows,
+ * the demand is what is in use now and every warm block goes back: at its
+ * next free or allocation, while a consumer waits on it, when a consumer
+ * finds it empty (fmq_pool_idle), or when another queue of the same process
+ * does any of these (one sweep of the process's queues per window). There
+ * is no floor: an idle queue keeps no block memory.
+ *
+ * Across queues. Warm memory is kept only while /dev/shm has room (an
+ * eighth of it free, and no failed reservation in the last 20 ms; checked
+ * with fstatvfs at most every FMQ_ROOM_CHECK_NS per handle), so queues
+ * never park memory that others need; and a reservation that fails with
+ * ENOSPC first sheds the warm blocks of every queue this process has open,
+ * then tries once more.
  *
  * Ownership. A block's state word names its holders (see fmq_layout.h): the
  * writer, the reader, and whether a queued message refers to it. Every
@@ -90,7 +105,9 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
+#include <sys/statvfs.h>
 
 #include "fmq_internal.h"
 
@@ -99,6 +116,12 @@
 #define FMQ_SHM_RETRY_NS 20000000ull       /* after ENOSPC, report "no room" this
                                               long before trying again        */
 #define FMQ_RING_CHUNK 256                 /* slots reserved per ring growth   */
+#define FMQ_DEMAND_WINDOW_NS 1000000000ull /* warm memory follows the peak use
+                                              of the last one to two of these */
+#define FMQ_ROOM_CHECK_NS 10000000ull      /* fstatvfs of /dev/shm at most this
+                                              often per handle                */
+#define FMQ_IDLE_COOL_MAX 4096             /* blocks one idle call punches (it
+                                              runs in a caller's get)         */
 #ifdef MADV_POPULATE_WRITE
 #define FMQ_MADV_POPULATE_WRITE MADV_POPULATE_WRITE
 #else
@@ -127,7 +150,8 @@ static int fmq_mem_reserve(fmq_region *r, uint64_t off, uint64_t len) {
             return FMQ_OK;
         if (errno == EINTR)
             continue;
-        /* /dev/shm is full: our own warm free blocks go first, once. */
+        /* /dev/shm is full: the warm free blocks of this process's queues
+         * go first (ours whatever happens), then one more try. */
         if (errno == ENOSPC && !shed++ && fmq_pool_shed(r) > 0)
             continue;
         if (errno == ENOSPC || errno == ENOMEM || errno == EFBIG) {
@@ -239,6 +263,65 @@ int fmq_ring_room(fmq_region *r, uint64_t t) {
     if (w >= r->g.slot_count || t + FMQ_RING_MARGIN < w)
         return 1;
     return !fmq_shm_recently_full(r);
+}
+
+/* Giving the ring back. A slot word carries its lap, so the pages of a ring
+ * in use can never be punched (they would read as lap 0). But an empty ring
+ * with no leased entry is, word for word, a fresh ring at another ticket: a
+ * process alone with the segment (fmq_recover.c's audit, at a lone open or
+ * at the close of the last handle of a named queue: nobody else can touch
+ * the ring, and openers wait until the segment is READY again) punches the
+ * ring and the lease table whole and starts the tickets again at 0, as a
+ * new queue's. Nothing refers to a ticket of an empty ring: no slot is
+ * READY or held, no entry is leased (so no lease token, source ticket or
+ * stall names one). ctl->ring_compacting is set first and cleared last; a
+ * process killed in between leaves it set, and the opener that ends the dead
+ * audit finishes the job (fmq_ring_compact_finish) before the segment is
+ * READY: every step is idempotent. */
+int fmq_ring_compact(fmq_region *r) {
+    uint64_t w = fmq_ring_committed(r), lw = fmq_lease_committed(r);
+    uint64_t tail = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
+    uint64_t head = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
+    if (head != tail || (w <= FMQ_RING_CHUNK && lw <= FMQ_RING_CHUNK && tail < FMQ_RING_CHUNK))
+        return 0;   /* not empty, or nothing worth giving back */
+    /* Acquire, as any reader of these words: alone, nothing moves them. */
+    for (uint64_t i = 0; i < w; i++) {
+        uint64_t word = atomic_load_explicit(&fmq_slot_at(r, i)->word, memory_order_acquire);
+        if (fmq_slot_phase(word) != FMQ_PH_EMPTY)
+            return 0;
+    }
+    for (uint64_t i = 0; i < lw; i++) {
+        const fmq_lease *e = (const fmq_lease *)(r->leases + i * r->g.lease_stride);
+        if (FMQ_LSTATE(atomic_load_explicit(&e->word, memory_order_acquire)) != FMQ_LS_FREE)
+            return 0;
+    }
+    atomic_store_explicit(&r->ctl->ring_compacting.v, 1, memory_order_seq_cst);
+    FMQ_CRASHPOINT("ring.compact.begun");
+    fmq_ring_compact_finish(r);
+    return 1;
+}
+
+void fmq_ring_compact_finish(fmq_region *r) {
+    if (atomic_load_explicit(&r->ctl->ring_compacting.v, memory_order_acquire) != 1)
+        return;
+    fmq_ctl *ctl = r->ctl;
+    atomic_store_explicit(&ctl->ring_committed.v, 0, memory_order_relaxed);
+    atomic_store_explicit(&ctl->lease_committed.v, 0, memory_order_relaxed);
+    r->ring_ready = 0;
+    /* Every page of both, whatever the marks said: a punched hole reads as
+     * an all-zero slot word (EMPTY for lap 0) and a FREE entry. */
+    fmq_mem_release(r, r->g.ring_offset, r->g.slot_count * r->g.slot_stride);
+    FMQ_CRASHPOINT("ring.compact.punched");
+    fmq_mem_release(r, r->g.lease_offset, r->g.slot_count * r->g.lease_stride);
+    atomic_store_explicit(&ctl->head.v, 0, memory_order_relaxed);
+    atomic_store_explicit(&ctl->tail.v, 0, memory_order_relaxed);
+    atomic_store_explicit(&ctl->lease_hint.v, 0, memory_order_relaxed);
+    atomic_store_explicit(&ctl->stall.ticket, 0, memory_order_relaxed);
+    /* The first chunks, as a new queue has them (best effort: a full
+     * /dev/shm leaves them to the first put, which waits for room). */
+    (void)fmq_ring_grow(r, 0);
+    (void)fmq_lease_grow(r, 0);
+    atomic_store_explicit(&ctl->ring_compacting.v, 0, memory_order_seq_cst);
 }
 
 /* ======================================================================== */
@@ -364,18 +447,33 @@ static int fmq_pool_carve(fmq_region *r, uint32_t c, uint32_t *idx_out) {
  * goes to what needs it: a ring chunk, a bigger block) and for the warm
  * watermark. A kill between the pop and the push leaves a block on no stack
  * (the audit's). Returns bytes freed. */
-static uint64_t fmq_pool_cool(fmq_region *r, uint32_t c0, uint64_t max_blocks) {
+static uint64_t fmq_pool_cool(fmq_region *r, uint32_t c0, int skip_c0, uint64_t max_blocks) {
     uint64_t freed = 0, done = 0;
-    for (uint32_t k = 0; k < r->g.nclasses && done < max_blocks; k++) {
+    for (uint32_t k = skip_c0 ? 1 : 0; k < r->g.nclasses && done < max_blocks; k++) {
         uint32_t c = (c0 + k) % r->g.nclasses, idx;
-        while (done < max_blocks && fmq_pool_pop_stack(r, c, 0, &idx) == FMQ_OK) {
+        /* A sane stack holds at most the class's blocks: a scribbled one
+         * with a cycle must not keep us here forever. */
+        for (uint64_t n = fmq_pool_carved(r, c);
+             n-- && done < max_blocks && fmq_pool_pop_stack(r, c, 0, &idx) == FMQ_OK;) {
             FMQ_CRASHPOINT("pool.cool.popped");
             fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
+            /* Taken as fmq_pool_alloc takes a block (CAS from 0 to our writer
+             * tag): a scribbled stack that names a block somebody holds
+             * never gets its pages punched; that block stays off the stack
+             * (its holder's free pushes it). A kill while we hold it leaves
+             * a dead writer's share, which recovery frees. */
+            uint64_t zero = 0;
+            if (!atomic_compare_exchange_strong_explicit(&m->state, &zero,
+                                                         FMQ_BLK_MAKE(r->owner_tag, 0, 0),
+                                                         memory_order_acquire,
+                                                         memory_order_relaxed))
+                continue;
             uint64_t bytes =
                 (uint64_t)atomic_load_explicit(&m->pages, memory_order_relaxed) * FMQ_PAGE;
             atomic_store_explicit(&m->pages, 0, memory_order_relaxed);   /* record low first */
             fmq_sub_sat(&r->ctl->pool_kept.v, bytes);
             fmq_mem_release(r, fmq_block_off(r, c, idx), bytes);
+            atomic_store_explicit(&m->state, 0, memory_order_release);   /* free again */
             fmq_pool_push(r, c, idx);   /* cold now */
             freed += bytes;
             done++;
@@ -384,36 +482,150 @@ static uint64_t fmq_pool_cool(fmq_region *r, uint32_t c0, uint64_t max_blocks) {
     return freed;
 }
 
-static uint64_t fmq_pool_shed(fmq_region *r) { return fmq_pool_cool(r, 0, UINT64_MAX); }
+static void fmq_pool_shed_other(fmq_region *o, void *freed) {
+    *(uint64_t *)freed += fmq_pool_cool(o, 0, 0, UINT64_MAX);
+}
+
+void fmq_pool_cool_all(fmq_region *r) { (void)fmq_pool_cool(r, 0, 0, UINT64_MAX); }
+
+/* /dev/shm is full: every warm block of this process's queues goes. */
+static uint64_t fmq_pool_shed(fmq_region *r) {
+    uint64_t freed = fmq_pool_cool(r, 0, 0, UINT64_MAX);
+    fmq_live_each(fmq_pool_shed_other, &freed);
+    return freed;
+}
+
+/* ======================================================================== */
+/* how much stays warm                                                      */
+/* ======================================================================== */
+
+/* A new level of use, right after an allocation counted it. */
+static void fmq_demand_note(fmq_region *r, uint64_t used) {
+    _Atomic uint64_t *peak = &r->ctl->pool_peak.v;
+    uint64_t cur = atomic_load_explicit(peak, memory_order_relaxed);
+    while (used > cur && !atomic_compare_exchange_weak_explicit(peak, &cur, used,
+                                                                memory_order_relaxed,
+                                                                memory_order_relaxed))
+        ;
+}
+
+/* The recent demand: the peak use of this window and the one before, after
+ * starting a new window if this one is over. A window that ended two or more
+ * windows ago says nothing about now: the queue was idle since, so only what
+ * is in use counts. The words are hints shared without ordering (a lost
+ * update only moves a block between warm and cold); a scribbled start in
+ * the future is simply over, and the result never exceeds the budget. */
+static uint64_t fmq_demand(fmq_region *r, uint64_t now) {
+    fmq_ctl *ctl = r->ctl;
+    uint64_t since = atomic_load_explicit(&ctl->pool_peak.since_ns, memory_order_relaxed);
+    if (now - since >= FMQ_DEMAND_WINDOW_NS &&
+        atomic_compare_exchange_strong_explicit(&ctl->pool_peak.since_ns, &since, now,
+                                                memory_order_relaxed, memory_order_relaxed)) {
+        uint64_t use = atomic_load_explicit(&ctl->pool_in_use.v, memory_order_relaxed);
+        uint64_t last = atomic_exchange_explicit(&ctl->pool_peak.v, use, memory_order_relaxed);
+        atomic_store_explicit(&ctl->pool_peak.prev,
+                              now - since >= 2 * FMQ_DEMAND_WINDOW_NS ? 0 : last,
+                              memory_order_relaxed);
+    }
+    uint64_t a = atomic_load_explicit(&ctl->pool_peak.v, memory_order_relaxed);
+    uint64_t b = atomic_load_explicit(&ctl->pool_peak.prev, memory_order_relaxed);
+    uint64_t d = a > b ? a : b;
+    return d < r->budget ? d : r->budget;
+}
+
+/* May free blocks stay warm? Not while /dev/shm is short of room (under an
+ * eighth free, or a reservation failed lately): memory parked here would
+ * make another queue's put wait. One fstatvfs per FMQ_ROOM_CHECK_NS per
+ * handle; the two cached words are per process and only a hint, so threads
+ * racing on them need no more than relaxed atomics. */
+static int fmq_shm_roomy(fmq_region *r, uint64_t now) {
+    if (fmq_shm_recently_full(r))
+        return 0;
+    uint64_t at = __atomic_load_n(&r->room_checked_ns, __ATOMIC_RELAXED);
+    if (now - at < FMQ_ROOM_CHECK_NS)
+        return __atomic_load_n(&r->roomy, __ATOMIC_RELAXED);
+    struct statvfs st;
+    int roomy = fstatvfs(r->fd, &st) != 0 || st.f_blocks == 0 ||   /* unknown: keep */
+                st.f_bavail >= st.f_blocks / 8;
+    __atomic_store_n(&r->roomy, roomy, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->room_checked_ns, now, __ATOMIC_RELAXED);
+    return roomy;
+}
+
+/* Punch warm blocks until in use + warm is within the demand (at most max
+ * of them). */
+static void fmq_pool_trim(fmq_region *r, uint64_t now, uint64_t max) {
+    uint64_t limit = fmq_demand(r, now);
+    if (!fmq_shm_roomy(r, now))
+        limit = 0;
+    for (uint64_t n = 0; n < max; n++) {
+        uint64_t use = atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed);
+        uint64_t kept = atomic_load_explicit(&r->ctl->pool_kept.v, memory_order_relaxed);
+        if (kept == 0 || use + kept <= limit || fmq_pool_cool(r, 0, 0, 1) == 0)
+            return;
+    }
+}
+
+typedef struct {
+    const fmq_region *me;
+    uint64_t now;
+} fmq_sweep_arg;
+
+static void fmq_pool_trim_other(fmq_region *o, void *arg) {
+    const fmq_sweep_arg *a = arg;
+    /* the caller's own queue (any handle of it) follows its own frees */
+    if (strcmp(o->name, a->me->name) != 0)
+        fmq_pool_trim(o, a->now, FMQ_IDLE_COOL_MAX);
+}
+
+/* Once a window per process: trim every other queue this process has open,
+ * so an idle queue gives its warm memory back when any of them is used. */
+static void fmq_pool_sweep(const fmq_region *me, uint64_t now) {
+    static _Atomic uint64_t next_sweep;
+    uint64_t due = atomic_load_explicit(&next_sweep, memory_order_relaxed);
+    if (now < due && due - now <= FMQ_DEMAND_WINDOW_NS)
+        return;
+    if (!atomic_compare_exchange_strong_explicit(&next_sweep, &due, now + FMQ_DEMAND_WINDOW_NS,
+                                                 memory_order_relaxed, memory_order_relaxed))
+        return;   /* another thread sweeps */
+    fmq_sweep_arg a = {me, now};
+    fmq_live_each(fmq_pool_trim_other, &a);
+}
+
+/* A consumer found this queue empty, or is waiting on it. */
+void fmq_pool_idle(fmq_region *r) {
+    uint64_t now = fmq_now_ns();
+    if (atomic_load_explicit(&r->ctl->pool_kept.v, memory_order_relaxed) != 0)
+        fmq_pool_trim(r, now, FMQ_IDLE_COOL_MAX);
+    fmq_pool_sweep(r, now);
+}
 
 /* Give block (c, idx), which nobody holds any more (state 0) and which is on
- * no stack, back: its pages stay reserved (warm) while the warm total is
- * under the watermark, otherwise they are punched; then it is pushed. */
+ * no stack, back: its pages stay reserved (warm) while in use + warm stays
+ * within the recent demand and /dev/shm has room, otherwise they are
+ * punched; then it is pushed. */
 static void fmq_pool_put_back(fmq_region *r, uint32_t c, uint32_t idx, int was_held) {
     fmq_block_meta *m = &fmq_pool_meta(r, c)[idx];
     uint64_t bytes = (uint64_t)atomic_load_explicit(&m->pages, memory_order_relaxed) * FMQ_PAGE;
+    uint64_t now = fmq_now_ns();
+    uint64_t limit = fmq_demand(r, now);   /* first: a new window counts this block */
     if (was_held)
         fmq_sub_sat(&r->ctl->pool_in_use.v, bytes);
-    /* Warm while the warm total stays under the largest of keep_bytes, the
-     * bytes in use, and their recent peak (which loses 1/128 on every free;
-     * counted up to 2 * keep_bytes):
-     * a backlog that swings between empty and a peak reuses its pages, one
-     * that drained (many frees since the peak) gives them back. The peak is
-     * a hint shared without ordering; clamped, a bad value only changes how
-     * much stays warm. */
-    uint64_t limit = atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed);
-    uint64_t peak = atomic_load_explicit(&r->ctl->pool_peak.v, memory_order_relaxed);
-    if (peak > r->budget)
-        peak = r->budget;
-    atomic_store_explicit(&r->ctl->pool_peak.v, peak - (peak >> 7), memory_order_relaxed);
-    if (peak > 2 * r->keep_bytes)
-        peak = 2 * r->keep_bytes;   /* what a drained queue may still hold warm */
-    if (limit < peak)
-        limit = peak;
-    if (limit < r->keep_bytes)
-        limit = r->keep_bytes;
+    uint64_t use = atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed);
     uint64_t kept = atomic_load_explicit(&r->ctl->pool_kept.v, memory_order_relaxed);
-    int warm = bytes && kept + bytes <= limit;
+    int warm = 0;
+    if (bytes && fmq_shm_roomy(r, now)) {
+        /* Over the demand, warm blocks of other classes go before this one:
+         * they are older, and of a size not in use right now (a queue that
+         * moved from one message size to another keeps the new size warm). */
+        for (int n = 0; n < 4 && use + kept + bytes > limit && kept; n++) {
+            if (fmq_pool_cool(r, c, 1, 1) == 0)
+                break;
+            use = atomic_load_explicit(&r->ctl->pool_in_use.v, memory_order_relaxed);
+            kept = atomic_load_explicit(&r->ctl->pool_kept.v, memory_order_relaxed);
+        }
+        warm = use + kept + bytes <= limit;
+    }
     if (warm) {
         atomic_fetch_add_explicit(&r->ctl->pool_kept.v, bytes, memory_order_relaxed);
     } else if (bytes) {
@@ -425,10 +637,11 @@ static void fmq_pool_put_back(fmq_region *r, uint32_t c, uint32_t idx, int was_h
     FMQ_CRASHPOINT("pool.free.before_push");
     fmq_pool_push(r, c, idx);
     fmq_wake_space(r);
-    /* Over the watermark (the backlog shrank): cool two warm blocks per free,
-     * so the warm total falls faster than the use and ends at keep_bytes. */
-    if (!warm && kept > limit)
-        fmq_pool_cool(r, c, 2);
+    /* Over the demand (the backlog shrank, or its window passed): cool two
+     * warm blocks per free, so the warm total falls faster than the use. */
+    if (!warm && kept && use + kept > limit)
+        fmq_pool_cool(r, c, 0, 2);
+    fmq_pool_sweep(r, now);
 }
 
 /* Reserve `need` pages from the start of the block we hold alone and count
@@ -444,8 +657,7 @@ static int fmq_pool_commit(fmq_region *r, uint32_t c, uint32_t idx, uint64_t nee
         r->nospace_why = FMQ_WHY_CAP;
         return FMQ_NOSPACE;
     }
-    if (used > atomic_load_explicit(&r->ctl->pool_peak.v, memory_order_relaxed))
-        atomic_store_explicit(&r->ctl->pool_peak.v, used, memory_order_relaxed);
+    fmq_demand_note(r, used);
     if (have) /* no longer warm */
         fmq_sub_sat(&r->ctl->pool_kept.v, have * FMQ_PAGE);
     if (have < need) {
@@ -534,6 +746,7 @@ int fmq_pool_alloc(fmq_region *r, uint64_t nbytes, uint32_t *block_out) {
             return rc;
         }
         *block_out = FMQ_BLOCK_REF(c, idx);
+        fmq_pool_sweep(r, fmq_now_ns());   /* once a window: the process's idle queues */
         return FMQ_OK;
     }
     return FMQ_NOSPACE;

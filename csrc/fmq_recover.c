@@ -330,8 +330,10 @@ void fmq_recover_stalled(fmq_region *r, uint64_t ticket, uint64_t word, uint64_t
  * stack; fmq_pool_audit also recomputes the pool's memory counters. Only
  * safe with nobody else moving blocks, so it runs with the init lock held
  * and init_state switched away from READY: a process that opens meanwhile
- * waits (fmq_region_open re-checks READY after registering). */
-void fmq_audit_if_alone(fmq_region *r) {
+ * waits (fmq_region_open re-checks READY after registering). Alone, it also
+ * gives back an empty ring's pages (fmq_ring_compact), and a closing last
+ * handle every warm block. */
+static void fmq_alone_pass(fmq_region *r, int closing) {
     if (fmq_live_init_lock(r->fd, F_WRLCK) != 0)
         return;   /* someone else is initialising or auditing */
     uint32_t expect = FMQ_INIT_READY;
@@ -345,6 +347,7 @@ void fmq_audit_if_alone(fmq_region *r) {
         fmq_live_init_lock(r->fd, F_UNLCK);
         return;
     }
+    fmq_ring_compact_finish(r);   /* one a killed process began */
     fmq_recover(r);
     int alone = 1;
     for (uint32_t idx = 0; idx < r->g.nparticipants && alone; idx++) {
@@ -357,8 +360,25 @@ void fmq_audit_if_alone(fmq_region *r) {
     if (reclaimed)   /* relaxed: a counter */
         atomic_fetch_add_explicit(&r->ctl->retired[FMQ_ST_RECLAIMED], reclaimed,
                                   memory_order_relaxed);
+    if (alone) {
+        /* Nobody else can touch the ring: an empty one gives its pages back;
+         * the last handle to close also gives back every warm block. */
+        if (!r->durable)   /* a durable file's ring is rebuilt by its first opener */
+            fmq_ring_compact(r);
+        if (closing)
+            fmq_pool_cool_all(r);
+    }
     /* [R-init], as fmq_region_create's: the audit's repairs are visible to
      * an opener whose [A-init] load sees READY again. */
     atomic_store_explicit(&r->hdr->init_state, FMQ_INIT_READY, memory_order_release);
     fmq_live_init_lock(r->fd, F_UNLCK);
+}
+
+void fmq_audit_if_alone(fmq_region *r) { fmq_alone_pass(r, 0); }
+
+/* The handle is closing: if it is the last one, leave the segment as small
+ * as a new queue's (a named queue outlives its handles). */
+void fmq_release_if_alone(fmq_region *r) {
+    if (r->self && r->fork_gen == fmq_fork_generation && r->fd >= 0)
+        fmq_alone_pass(r, 1);
 }

@@ -363,17 +363,10 @@ void fmq_pool_init(fmq_region *r) {
     }
 }
 
-/* Warm free-block memory a drained queue keeps (fmq_pool.c): 1/16 of its
- * cap, at least 4 MiB, at most 16 MiB. Smaller costs a fallocate, a punch and
- * a page fault per page for every big message of a backlog that swings
- * between empty and a few messages; larger holds more memory while idle. */
+/* The block budget: capacity_bytes in whole pages. (How much free-block
+ * memory stays warm follows recent demand: fmq_pool.c.) Also used by
+ * fmq_durable.c when it maps a queue's file. */
 void fmq_region_set_keep(fmq_region *r) {
-    uint64_t k = r->g.capacity_bytes / 16;
-    if (k < (4ull << 20))
-        k = 4ull << 20;
-    if (k > (16ull << 20))
-        k = 16ull << 20;
-    r->keep_bytes = k;
     r->budget = fmq_round_up(r->g.capacity_bytes, FMQ_PAGE);
 }
 
@@ -576,6 +569,14 @@ os_error:
 static int fmq_region_end_dead_audit(fmq_region *r, int fd) {
     if (fmq_live_init_lock(fd, F_WRLCK) != 0)
         return 0;   /* an auditor is alive and working */
+    /* It may have died giving the ring back (fmq_pool.c): finish that
+     * before anyone uses the ring. A segment that fails validation is left
+     * to the checks after READY, which report it. */
+    r->hdr = (fmq_header *)r->base;
+    if (fmq_validate(r, r->size) == FMQ_OK) {
+        fmq_region_bind(r);
+        fmq_ring_compact_finish(r);
+    }
     uint32_t expect = FMQ_INIT_AUDITING;
     /* [R-init] / [A-init], as in fmq_region_create / fmq_region_open. */
     atomic_compare_exchange_strong_explicit(&((fmq_header *)r->base)->init_state, &expect,
@@ -759,6 +760,10 @@ void fmq_region_close(fmq_region *r) {
         return;
     if (r->up && r->up->durable_close)
         r->up->durable_close(r);   /* the last flush of "interval" / "commit" */
+    /* An anonymous queue goes with its last handle; a durable one keeps its
+     * file's ring as it is (its first opener rebuilds it: fmq_durable.c). */
+    if (!r->anonymous && !r->durable)
+        fmq_release_if_alone(r);
     fmq_live_unregister(r);
     munmap(r->base, r->size);
     r->base = NULL;
@@ -791,7 +796,21 @@ int fmq_region_check_fork(fmq_region *r) {
         return fmq_fail(FMQ_EOS, "cannot use queue %s in this forked child: reopening its "
                                  "file after fork() failed; open the queue again", r->name);
     r->roles = 0;
-    return fmq_live_register(r);
+    r->ring_ready = 0;   /* the ring may have been given back since (fmq_pool.c) */
+    int rc = fmq_live_register(r);
+    if (rc != FMQ_OK)
+        return rc;
+    /* As an opener does: a lone process may be auditing (or giving the ring
+     * back) and could not see us; wait until it is done. */
+    for (uint64_t until = fmq_now_ns() + FMQ_INIT_PATIENCE_NS;
+         atomic_load_explicit(&r->hdr->init_state, memory_order_acquire) != FMQ_INIT_READY;) {
+        if (fmq_region_end_dead_audit(r, r->fd))
+            continue;
+        if (fmq_now_ns() > until)
+            return fmq_fail(FMQ_ECORRUPT, "segment %s stayed busy (audit) too long", r->name);
+        fmq_nap_1ms();
+    }
+    return FMQ_OK;
 }
 
 /* ======================================================================== */

@@ -409,7 +409,12 @@ int fmq_ring_commit_batch(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t bloc
 /* reading                                                                  */
 /* ======================================================================== */
 
-int fmq_ring_claim(fmq_region *r, fmq_msg *m) { return fmq_ring_claim_from(r, m, 0); }
+int fmq_ring_claim(fmq_region *r, fmq_msg *m) {
+    int rc = fmq_ring_claim_from(r, m, 0);
+    if (rc == FMQ_EMPTY)
+        fmq_pool_idle(r);   /* drained: memory beyond recent demand goes back */
+    return rc;
+}
 
 /* Claim, scanning from ticket `from` if that is past the head hint. A batch
  * (get_many) holds its earlier claims while it takes more, and the head hint
@@ -915,6 +920,7 @@ static int fmq_wait_for(fmq_region *r, fmq_waitline *wl,
 }
 
 int fmq_ring_wait_data(fmq_region *r, uint64_t deadline_ns) {
+    fmq_pool_idle(r);   /* once per wait slice: an idle queue gives memory back */
     if (r->up->redeliver_due(r, 0) > 0)
         return FMQ_OK;   /* something just came back: retry at once */
     return fmq_wait_for(r, &r->ctl->data, fmq_has_data, 0, deadline_ns);

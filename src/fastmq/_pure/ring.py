@@ -42,10 +42,17 @@ concurrent ``close()`` is noticed within milliseconds.
 Memory follows use: the file is sparse (``ftruncate`` to the whole layout);
 the byte range a record needs is reserved with ``posix_fallocate`` before it
 is written (``ENOSPC`` means "no room": the put waits like on a full ring, or
-raises ``Full`` naming /dev/shm), and when the ring drains to empty (its
-positions restart at 0) the part of the data area past ``_keep`` bytes is
-punched (``FALLOC_FL_PUNCH_HOLE``), so a drained queue holds at most that much
-of its backlog's memory. ``pread`` of a hole allocates nothing.
+raises ``Full`` naming /dev/shm). When the ring drains to empty its
+positions restart at 0, so the data area in use is always a prefix; the
+part of it past the recent demand -- the furthest the ring reached in the
+current and the previous window of ``_DEMAND_WINDOW`` seconds (the memory
+line at ``MEM_OFFSET``) -- is punched (``FALLOC_FL_PUNCH_HOLE``). A ring that
+cycles a working set keeps it; a drained ring idle for two windows keeps
+nothing, given back at a drain, when a consumer finds it empty, or when
+another queue of the same process does (one sweep per window). No warm
+memory is kept while /dev/shm has less than an eighth free, and a put that
+finds /dev/shm full first makes the process's other drained queues give
+theirs back. ``pread`` of a hole allocates nothing.
 
 Zero-copy is emulated: ``Reservation.view`` is a bytearray copied in at
 commit, ``ReceivedView.view`` a read-only view of bytes copied out at receive
@@ -102,6 +109,11 @@ STATE = struct.Struct("<8Q")
 STATE_OFFSET = 512
 EPOCH_OFFSET = STATE_OFFSET + 3 * 8
 COUNT_OFFSET = STATE_OFFSET + 2 * 8
+# memory policy, under the lock (see "Memory follows use"): the furthest data
+# offset reached in this window and the one before, the window's start
+# (CLOCK_MONOTONIC ns), and how far from 0 the data area may hold pages
+MEM = struct.Struct("<4Q")
+MEM_OFFSET = 640
 # participants: pid, process start time (clock ticks), roles bitmask
 PARTICIPANT = struct.Struct("<IIQ")
 PARTICIPANTS_OFFSET = 1024
@@ -113,7 +125,8 @@ ABANDONED_OFFSET = REJECTED_OFFSET - 8  # u64: damaged records skipped (under th
 
 assert GEOMETRY_OFFSET + GEOMETRY.size <= STATE_OFFSET
 assert STATE_OFFSET + STATE.size == leases.LEASE_STATE_OFFSET
-assert leases.LEASE_STATE_OFFSET + leases.LEASE_STATE.size <= PARTICIPANTS_OFFSET
+assert leases.LEASE_STATE_OFFSET + leases.LEASE_STATE.size <= MEM_OFFSET
+assert MEM_OFFSET + MEM.size <= PARTICIPANTS_OFFSET
 assert PARTICIPANTS_OFFSET + MAX_PARTICIPANTS * PARTICIPANT.size <= ABANDONED_OFFSET
 assert REJECTED_OFFSET + 8 <= LOCK_BYTE
 assert STATE_OFFSET % 64 == 0 and STATE.size == 64   # never crosses a page
@@ -162,9 +175,30 @@ def _reserve(fd, offset, length):
     return True
 
 
-def _keep_bytes(capacity_bytes):
-    """Warm bytes of data area a drained ring keeps: 1/16 of its cap, 4-16 MiB."""
-    return min(max(capacity_bytes // 16, 4 << 20), 16 << 20)
+_DEMAND_WINDOW = 1.0      # s: warm memory follows the reach of the last 1-2 of these
+_ROOM_CHECK = 0.01        # s: statvfs of /dev/shm at most this often per handle
+_IDLE_CHECK = 0.1         # s: a consumer finding the ring empty trims at most this often
+_open_rings = weakref.WeakSet()     # this process's rings (the per-window sweep)
+_next_sweep = 0.0
+
+
+def _sweep(me, shed=False):
+    """Trim this process's other rings: once a window, or at once (and to
+    nothing: ``shed``) when /dev/shm is full."""
+    global _next_sweep
+    now = time.monotonic()
+    if not shed:
+        if now < _next_sweep:
+            return 0
+        _next_sweep = now + _DEMAND_WINDOW
+    freed = 0
+    for ring in list(_open_rings):
+        if ring is not me and not ring.closed:
+            try:
+                freed += ring._trim(shed)
+            except Exception:       # closed meanwhile, or broken: its own calls say so
+                pass
+    return freed
 
 
 # ------------------------------------------------------------------- waiting
@@ -260,7 +294,11 @@ class Ring:
         self.anonymous = bool(flags & FLAG_ANONYMOUS)
         self.dead_letter = dead_letter.rstrip(b"\0").decode("utf-8", "replace")
         self._area = self.capacity_bytes + RECORD_HEADER.size
-        self._keep = _keep_bytes(self.capacity_bytes)
+        self._reach_seen = 0               # the window reach we last wrote or read
+        self._mem_seen = [0, 0, 0, 0]      # the memory line as we last saw it
+        self._reach_due = 0.0              # ... and when to look at it again
+        self._room = (0.0, True)           # (checked at, /dev/shm has room)
+        self._next_idle = 0.0
         self._no_room = 0.0                # monotonic time of the last ENOSPC
         self._shm_blocked = False          # the last put attempt found no room
         self.in_flight_table = leases.InFlightTable(
@@ -268,6 +306,7 @@ class Ring:
         self._h = handle
         self._registered = {}          # pid -> roles already registered
         self._finalizer = weakref.finalize(self, handle.close)
+        _open_rings.add(self)
 
     @property
     def closed(self) -> bool:
@@ -496,7 +535,101 @@ class Ring:
             done += 1
         if done:
             self._write_state(fd, state)     # publish: after all bytes are in
+            reach = min(state[1], self._area)
+            now = time.monotonic()
+            if reach > self._reach_seen or now >= self._reach_due:
+                self._note_reach(fd, reach, now)
         return done
+
+    # ----------------------------------------------------- memory policy
+
+    def _read_mem(self, fd):
+        raw = os.pread(fd, MEM.size, MEM_OFFSET)
+        if len(raw) != MEM.size:
+            raise CorruptQueue(f"segment {self.name!r} was truncated")
+        reach, before, since, held = MEM.unpack(raw)
+        # a hint: clamped, a scribbled value only changes what stays warm
+        return [min(reach, self._area), min(before, self._area), since,
+                min(held, self._area)]
+
+    @staticmethod
+    def _rotate(mem, now_ns, reach):
+        """Start a new window if this one is over; ``reach``: what is in use
+        now. A window that ended two or more windows ago says nothing about
+        now (the ring was idle since). A start in the future is over."""
+        since = mem[2]
+        if now_ns - since >= _DEMAND_WINDOW * 1e9 or since > now_ns:
+            mem[1] = mem[0] if 0 <= now_ns - since < 2 * _DEMAND_WINDOW * 1e9 else 0
+            mem[0], mem[2] = reach, now_ns
+        mem[0], mem[3] = max(mem[0], reach), max(mem[3], reach)
+
+    def _note_reach(self, fd, reach, now):
+        """The ring reached ``reach`` bytes into its data area (locked)."""
+        mem = self._read_mem(fd)
+        before = list(mem)
+        self._rotate(mem, time.monotonic_ns(), reach)
+        if mem != before:
+            os.pwrite(fd, MEM.pack(*mem), MEM_OFFSET)
+        self._reach_seen, self._mem_seen = mem[0], mem
+        self._reach_due = now + _DEMAND_WINDOW / 4
+
+    def _roomy(self):
+        """Whether /dev/shm has room to keep drained memory warm (an eighth free)."""
+        now = time.monotonic()
+        at, roomy = self._room
+        if now - at >= _ROOM_CHECK:
+            try:
+                st = os.statvfs(_lifetime.SHM_DIR)
+                roomy = st.f_blocks == 0 or st.f_bavail >= st.f_blocks // 8
+            except OSError:
+                roomy = True
+            self._room = (now, roomy)
+        return roomy and now - self._no_room >= _NO_ROOM_RETRY
+
+    def _give_back(self, fd, reached, shed=False):
+        """The ring is empty (locked): punch what lies past the recent demand.
+        ``reached``: how far the cycle that just drained went."""
+        now = time.monotonic()
+        seen = self._mem_seen
+        if not shed and now < self._reach_due and reached <= seen[0] and \
+                seen[3] <= max(seen[0], seen[1]) and self._roomy():
+            return 0        # nothing past the demand a moment ago: skip the read
+        mem = self._read_mem(fd)
+        before = list(mem)
+        # the cycle that just drained was demand a moment ago: it counts in
+        # the current window (nothing is in use now)
+        self._rotate(mem, time.monotonic_ns(), reached)
+        limit = 0 if shed or not self._roomy() else max(mem[0], mem[1])
+        high = mem[3]
+        if high > limit:
+            mem[3] = limit
+        if mem != before:
+            os.pwrite(fd, MEM.pack(*mem), MEM_OFFSET)
+        self._reach_seen, self._reach_due = mem[0], now + _DEMAND_WINDOW / 4
+        self._mem_seen = list(mem)
+        if high > limit or shed:
+            # After the record that forgets them: a kill in between only
+            # leaks pages that the next trim punches again (a shed punches
+            # the whole area past the limit, whatever the record says).
+            end = self._area if shed else high
+            _punch(fd, DATA_OFFSET + limit, end - limit)
+            return max(high - limit, 0)
+        return 0
+
+    def _trim(self, shed=False):
+        """Give back what an empty ring holds past its recent demand."""
+        def trim(fd, state):
+            return self._give_back(fd, 0, shed) if state[2] == 0 else 0
+        return self._locked(trim)
+
+    def _idle(self):
+        """A consumer found the ring empty: trim it (at most every 0.1 s per
+        handle), and once a window the process's other rings."""
+        now = time.monotonic()
+        if now >= self._next_idle:
+            self._next_idle = now + _IDLE_CHECK
+            self._trim()
+            _sweep(self)
 
     def _read_records(self, fd, state, max_messages):
         """Up to ``max_messages`` records from the head, without consuming
@@ -587,11 +720,11 @@ class Ring:
             high = min(state[1], self._area)
             state[0] = state[1] = 0
         self._write_state(fd, state)         # hand-over happens here
-        if high is not None and high > self._keep:
-            # Drained: give back what the backlog used past the warm part.
-            # After the state write, so a kill in between only leaks pages
-            # that the next drain punches again.
-            _punch(fd, DATA_OFFSET + self._keep, high - self._keep)
+        if high is not None:
+            # Drained: give back what lies past the recent demand. After the
+            # state write, so a kill in between only leaks pages that the
+            # next drain punches again.
+            self._give_back(fd, high)
 
     def _get_locked(self, fd, state, max_messages, decode=None):
         records = self._read_records(fd, state, max_messages)
@@ -626,6 +759,10 @@ class Ring:
         while True:
             epoch = self._read_u64(EPOCH_OFFSET)
             result = attempt()
+            if result is _AGAIN and self._shm_blocked and _sweep(self, shed=True):
+                # /dev/shm was full: this process's drained queues gave their
+                # warm memory back (no lock of ours is held here); once more
+                result = attempt()
             if result is not _AGAIN or timeout == 0:
                 return result
             tried = time.monotonic()
@@ -833,6 +970,10 @@ class Ring:
             got = self._locked(self._get_locked, max_messages, decode)
             if not got and self._sweep_leases():
                 got = self._locked(self._get_locked, max_messages, decode)
+            if not got:
+                self._idle()
+            else:
+                _sweep(self)        # once a window: the process's idle rings
             return got or _AGAIN
 
         # Waited in slices: an idle wait re-attempts only when the epoch
