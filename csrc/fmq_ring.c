@@ -556,7 +556,8 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
 /* quiet: one release of a run (get_many), which counts itself and moves the
  * head hint once at its end (fmq_ring_finish_get): no statistics, no head
  * move and no wake here. */
-static int fmq_ring_retire_slot(fmq_region *r, fmq_msg *m, int wake, int quiet) {
+static inline __attribute__((always_inline)) int
+fmq_ring_retire_slot(fmq_region *r, fmq_msg *m, int wake, int quiet) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
     uint64_t expect = m->word;
     uint64_t next = fmq_word(fmq_lap_stamp(r, m->ticket) + 4 /* EMPTY, next lap */, 0);
@@ -587,7 +588,8 @@ int fmq_ring_drop_damaged(fmq_region *r, fmq_msg *m) {
 }
 
 /* model: ring.free_slot */
-static int fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake, int quiet) {
+static inline __attribute__((always_inline)) int
+fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake, int quiet) {
     int rc;
     /* The block's ring share becomes our reader share while we still hold the
      * slot: a consumer killed between the two steps leaves a READING slot whose

@@ -544,7 +544,7 @@ cdef class Ring:
         return self._claim_again(m, True, nonblock, deadline, rc)
 
     cdef int _put_raw(self, const unsigned char *src, Py_ssize_t n, bint nonblock,
-                      uint64_t deadline, int wake, uint64_t *run=NULL) except -1:
+                      uint64_t deadline, int wake, uint64_t *run) except -1:
         """One message in. ``run`` (put_many): reserve past ``run[0]`` and
         commit without waking or counting; ``run[0]`` becomes the ticket past
         this one. The run then counts itself and moves the tail hint once."""
@@ -601,13 +601,13 @@ cdef class Ring:
                 # its bytes can be read without the buffer protocol.
                 self._check_size(PyBytes_GET_SIZE(data))
                 self._put_raw(<const unsigned char *>PyBytes_AS_STRING(data),
-                              PyBytes_GET_SIZE(data), nonblock, deadline, 1)
+                              PyBytes_GET_SIZE(data), nonblock, deadline, 1, NULL)
             else:
                 PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
                 try:
                     self._check_size(view.len)
                     self._put_raw(<const unsigned char *>view.buf, view.len, nonblock,
-                                  deadline, 1)
+                                  deadline, 1, NULL)
                 finally:
                     PyBuffer_Release(&view)
             # A durable queue's put returns once its sync mode is met, on
