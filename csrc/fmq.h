@@ -168,8 +168,8 @@ uint64_t fmq_ring_depth(fmq_region *r);
 /* Writing: claim a slot, fill it (inline or point it at a block), commit. */
 int fmq_ring_reserve(fmq_region *r, fmq_msg *m);
 /* A run of reserves (put_many): reserve past from_ticket (the previous one's
- * ticket + 1) without moving the tail hint; the run moves it once at its end
- * or before it waits (fmq_ring_advance_tail), commits with
+ * ticket + 1), moving the tail hint only every 64 tickets; the run moves it
+ * at its end and before it waits (fmq_ring_advance_tail), commits with
  * fmq_ring_commit_quiet and counts itself with fmq_ring_count_put. */
 int fmq_ring_reserve_from(fmq_region *r, fmq_msg *m, uint64_t from_ticket);
 void fmq_ring_advance_tail(fmq_region *r, uint64_t ticket);

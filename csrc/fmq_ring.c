@@ -15,7 +15,10 @@
  * a reaper took the slot from a holder it believed dead, the late holder gets
  * FMQ_ELOST instead of overwriting the reaper's work.
  *
- * The tail/head counters are hints anyone may advance. Producers claim
+ * The tail/head counters are hints anyone may advance; a hint may lag (every
+ * scan walks forward over claimed or consumed slots), so the runs of
+ * put_many/get_many move them, and count their statistics, once per call
+ * instead of once per message (fmq_ring_reserve_from, *_quiet). Producers claim
  * tickets strictly in order (a producer only passes a slot already claimed
  * for its lap), so "slot at the hint is EMPTY for its lap" means the ring is
  * empty there, and "slot still holds the previous lap" means it is full. The
@@ -290,6 +293,11 @@ fmq_ring_reserve_as(fmq_region *r, fmq_msg *m, uint64_t from, int advance) {
 int fmq_ring_reserve(fmq_region *r, fmq_msg *m) { return fmq_ring_reserve_as(r, m, 0, 1); }
 
 int fmq_ring_reserve_from(fmq_region *r, fmq_msg *m, uint64_t from_ticket) {
+    /* A run that consumers keep up with never waits, and may go on for laps:
+     * the hint catches up every 64 tickets (every one in a small ring), so
+     * it lags by less than a lap and other producers' scans stay short. */
+    if ((from_ticket & 63) == 0 || r->g.slot_count <= 64)
+        fmq_advance_max(&r->ctl->tail.v, from_ticket);
     return fmq_ring_reserve_as(r, m, from_ticket, 0);
 }
 
