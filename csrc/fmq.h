@@ -167,6 +167,14 @@ uint64_t fmq_ring_depth(fmq_region *r);
 /* ---- ring (slots) ------------------------------------------------------------ */
 /* Writing: claim a slot, fill it (inline or point it at a block), commit. */
 int fmq_ring_reserve(fmq_region *r, fmq_msg *m);
+/* A run of reserves (put_many): reserve past from_ticket (the previous one's
+ * ticket + 1), moving the tail hint only every 64 tickets; the run moves it
+ * at its end and before it waits (fmq_ring_advance_tail), commits with
+ * fmq_ring_commit_quiet and counts itself with fmq_ring_count_put. */
+int fmq_ring_reserve_from(fmq_region *r, fmq_msg *m, uint64_t from_ticket);
+void fmq_ring_advance_tail(fmq_region *r, uint64_t ticket);
+int fmq_ring_commit_quiet(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block);
+void fmq_ring_count_put(fmq_region *r, uint64_t n, uint64_t bytes);
 unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m);
 /* Publish. With a block: the ring takes its share; keep_writer keeps ours too
  * (a reservation whose views are still alive), otherwise ours is dropped. */
@@ -181,6 +189,11 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from_ticket);
 int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake);
 /* Done with the message: free the slot (unless detached) and its block ref. */
 int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake);
+/* A run of releases (get_many): fmq_ring_release without wake, statistics or
+ * head move, which fmq_ring_finish_get does once for the n messages (bytes
+ * in all) of the run; the caller wakes producers after it. */
+int fmq_ring_release_quiet(fmq_region *r, fmq_msg *m);
+void fmq_ring_finish_get(fmq_region *r, uint64_t n, uint64_t bytes);
 /* Undo a claim (e.g. the caller could not allocate): the message stays queued. */
 int fmq_ring_unclaim(fmq_region *r, fmq_msg *m);
 

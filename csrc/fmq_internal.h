@@ -154,11 +154,19 @@ void fmq_ring_compact_finish(fmq_region *r);
 /* ==== fmq_ring.c: the slot ring =========================================== */
 /* Where ticket t lives, and the stamp of t's lap (phase EMPTY): every file
  * that reads slot words uses these, so a ticket maps to one slot one way. */
+/* A 64-bit division costs tens of cycles and every slot access on the hot
+ * paths needs one; a power-of-two slot count (the common maxsize) takes a
+ * mask and a shift instead (a well-predicted branch on the validated local
+ * geometry, never re-read from shared memory). */
 static inline fmq_slot *fmq_slot_at(const fmq_region *r, uint64_t t) {
-    return (fmq_slot *)(r->ring + (t % r->g.slot_count) * r->g.slot_stride);
+    uint64_t n = r->g.slot_count;
+    uint64_t i = (n & (n - 1)) == 0 ? t & (n - 1) : t % n;
+    return (fmq_slot *)(r->ring + i * r->g.slot_stride);
 }
 static inline uint64_t fmq_lap_stamp(const fmq_region *r, uint64_t t) {
-    return ((t / r->g.slot_count) * 4) & FMQ_STAMP_MASK;
+    uint64_t n = r->g.slot_count;
+    uint64_t lap = (n & (n - 1)) == 0 ? t >> __builtin_ctzll(n) : t / n;
+    return (lap * 4) & FMQ_STAMP_MASK;
 }
 /* Wake consumers (one, or all) / every producer after publishing a change
  * they may wait for: the waker half of fmq_wait.h's handshake on ctl->data and

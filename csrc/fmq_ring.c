@@ -15,7 +15,10 @@
  * a reaper took the slot from a holder it believed dead, the late holder gets
  * FMQ_ELOST instead of overwriting the reaper's work.
  *
- * The tail/head counters are hints anyone may advance. Producers claim
+ * The tail/head counters are hints anyone may advance; a hint may lag (every
+ * scan walks forward over claimed or consumed slots), so the runs of
+ * put_many/get_many move them, and count their statistics, once per call
+ * instead of once per message (fmq_ring_reserve_from, *_quiet). Producers claim
  * tickets strictly in order (a producer only passes a slot already claimed
  * for its lap), so "slot at the hint is EMPTY for its lap" means the ring is
  * empty there, and "slot still holds the previous lap" means it is full. The
@@ -84,6 +87,7 @@
 
 #define FMQ_SPIN_NS 30000ull        /* spin this long before sleeping            */
 #define FMQ_SPIN_PAUSE_NS 5000ull   /* ... the first part with pause, then yield */
+#define FMQ_SPIN_PAUSES 4           /* pauses between two looks in that first part */
 #define FMQ_STALL_NS 100000000ull   /* a slot unchanged this long: check its owner */
 #define FMQ_RECOVER_EVERY_NS 1000000000ull  /* a stuck waiter's full recovery pass */
 
@@ -109,18 +113,20 @@ static inline void fmq_advance_max(_Atomic uint64_t *hint, uint64_t v) {
         ;
 }
 
-/* Move the head hint over every fully consumed slot at its position. */
+/* Move the head hint over every fully consumed slot at its position: scan
+ * the run of them, then one CAS over all of it (a slot once fully consumed
+ * stays so for its ticket: its stamp only moves on). A CAS that fails means
+ * someone else moved the hint; they carry on. */
 static void fmq_advance_head(fmq_region *r) {
-    uint64_t h = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed);
-    for (uint64_t n = 0; n < r->g.slot_count; n++) {
+    uint64_t h0 = atomic_load_explicit(&r->ctl->head.v, memory_order_relaxed), h = h0;
+    for (uint64_t n = 0; n < r->g.slot_count; n++, h++) {
         uint64_t w = atomic_load_explicit(&fmq_slot_at(r, h)->word, memory_order_relaxed);
         if (fmq_stamp_diff(fmq_stamp(w), fmq_lap_stamp(r, h) + FMQ_PH_READY) < 2)
-            return;
-        if (!atomic_compare_exchange_strong_explicit(&r->ctl->head.v, &h, h + 1,
-                                                     memory_order_relaxed, memory_order_relaxed))
-            return;   /* someone else advanced it; they carry on */
-        h++;
+            break;
     }
+    if (h != h0)
+        atomic_compare_exchange_strong_explicit(&r->ctl->head.v, &h0, h, memory_order_relaxed,
+                                                memory_order_relaxed);
 }
 
 /* Full ticket of a 38-bit lap number, taken nearest to the reference lap
@@ -226,10 +232,20 @@ static uint64_t fmq_ring_rescan(fmq_region *r, _Atomic uint64_t *hint, uint64_t 
 }
 
 /* model: ring.reserve */
-int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
+/* One body for fmq_ring_reserve and fmq_ring_reserve_from; always inlined,
+ * so each compiles with its constants. A run of reserves (put_many) starts
+ * each one past the previous ticket and leaves the tail hint where it was:
+ * it moves once, at the end of the run (fmq_ring_advance_tail). A hint that
+ * lags is always allowed (scans walk forward over claimed slots); a lock
+ * CAS per message on it is not free. */
+static inline __attribute__((always_inline)) int
+fmq_ring_reserve_as(fmq_region *r, fmq_msg *m, uint64_t from, int advance) {
     fmq_set_role(r, FMQ_ROLE_PRODUCER);
     uint64_t t = atomic_load_explicit(&r->ctl->tail.v, memory_order_relaxed);
     int repaired = 0;
+    int at_hint = from <= t;   /* t is the tail hint itself (the scribble test) */
+    if (from > t)
+        t = from;
     for (uint64_t scanned = 0;; scanned++) {
         int grc = fmq_ring_ensure(r, t);   /* reserve the slot's page first */
         if (grc != FMQ_OK)
@@ -244,7 +260,8 @@ int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
                                                         memory_order_acquire,
                                                         memory_order_relaxed)) {
                 FMQ_CRASHPOINT("ring.reserve.claimed");
-                fmq_advance_max(&r->ctl->tail.v, t + 1);
+                if (advance)
+                    fmq_advance_max(&r->ctl->tail.v, t + 1);
                 m->ticket = t;
                 m->word = mine;
                 m->detached = 0;
@@ -254,11 +271,11 @@ int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
             }
             continue;   /* lost the race for this ticket: look again */
         }
-        if (d < -3 && !repaired && scanned == 0) {
+        if (d < -3 && !repaired && scanned == 0 && at_hint) {
             /* The slot is a whole lap (or more) behind the ticket: a tail
              * hint cannot get there (it only ever passes claimed slots), so
              * the hint was scribbled. Recompute it and look again. */
-            t = fmq_ring_rescan(r, &r->ctl->tail.v, 0, &repaired, &scanned);
+            t = fmq_ring_rescan(r, &r->ctl->tail.v, from, &repaired, &scanned);
             continue;
         }
         if (d < 0)
@@ -266,7 +283,7 @@ int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
         t++;                   /* already claimed for this lap: the next one */
         if (scanned > r->g.slot_count + 2 * FMQ_MAX_PARTICIPANTS) {
             if (!repaired) {   /* a hint laps behind the truth: recompute it */
-                t = fmq_ring_rescan(r, &r->ctl->tail.v, 0, &repaired, &scanned);
+                t = fmq_ring_rescan(r, &r->ctl->tail.v, from, &repaired, &scanned);
                 continue;
             }
             return fmq_fail(FMQ_ECORRUPT, "ring slot words are corrupted (no free slot "
@@ -276,6 +293,21 @@ int fmq_ring_reserve(fmq_region *r, fmq_msg *m) {
         if (hint > t)
             t = hint;
     }
+}
+
+int fmq_ring_reserve(fmq_region *r, fmq_msg *m) { return fmq_ring_reserve_as(r, m, 0, 1); }
+
+int fmq_ring_reserve_from(fmq_region *r, fmq_msg *m, uint64_t from_ticket) {
+    /* A run that consumers keep up with never waits, and may go on for laps:
+     * the hint catches up every 64 tickets (every one in a small ring), so
+     * it lags by less than a lap and other producers' scans stay short. */
+    if ((from_ticket & 63) == 0 || r->g.slot_count <= 64)
+        fmq_advance_max(&r->ctl->tail.v, from_ticket);
+    return fmq_ring_reserve_as(r, m, from_ticket, 0);
+}
+
+void fmq_ring_advance_tail(fmq_region *r, uint64_t ticket) {
+    fmq_advance_max(&r->ctl->tail.v, ticket);
 }
 
 unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m) {
@@ -301,7 +333,7 @@ static void __attribute__((noinline, cold)) fmq_ring_skip_unpublished(fmq_region
  * (callgrind: +0 instructions per put). */
 static inline __attribute__((always_inline)) int
 fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
-                   int keep_writer, uint32_t flags, uint32_t count) {
+                   int keep_writer, uint32_t flags, uint32_t count, int counted) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
     int rc;
     /* len is 32 bits in the slot: fmq_pool_alloc refuses larger blocks and
@@ -354,8 +386,10 @@ fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int 
         atomic_fetch_add_explicit(&r->ctl->batch_extra.v, count - 1, memory_order_relaxed);
     if (block != FMQ_NO_BLOCK && !keep_writer)
         fmq_pool_transition(r, block, FMQ_WRITER_MASK, r->owner_tag, 0);
-    fmq_count(r, FMQ_ST_ENQUEUED, count);
-    fmq_count(r, FMQ_ST_BYTES_IN, len);
+    if (counted) {
+        fmq_count(r, FMQ_ST_ENQUEUED, count);
+        fmq_count(r, FMQ_ST_BYTES_IN, len);
+    }
     if (wake)
         fmq_wake_data(r, flags != 0);   /* a batch: work for many */
     return FMQ_OK;
@@ -363,7 +397,21 @@ fmq_ring_commit_as(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int 
 
 int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
                     int keep_writer) {
-    return fmq_ring_commit_as(r, m, len, block, wake, keep_writer, 0, 1);
+    return fmq_ring_commit_as(r, m, len, block, wake, keep_writer, 0, 1, 1);
+}
+
+/* One commit of a run (put_many): no wake and no statistics here; the run
+ * counts itself once at its end (fmq_ring_count_put). The counters are
+ * statistics: a producer killed inside a run leaves them low by what it
+ * committed of the run, as a kill right after a commit CAS always has by
+ * one message. */
+int fmq_ring_commit_quiet(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block) {
+    return fmq_ring_commit_as(r, m, len, block, 0, 0, 0, 1, 0);
+}
+
+void fmq_ring_count_put(fmq_region *r, uint64_t n, uint64_t bytes) {
+    fmq_count(r, FMQ_ST_ENQUEUED, n);
+    fmq_count(r, FMQ_ST_BYTES_IN, bytes);
 }
 
 /* The framing of a batch payload of len bytes at p, checked whole: the
@@ -402,7 +450,7 @@ int fmq_ring_commit_batch(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t bloc
         return fmq_fail(FMQ_EINVAL, "an atomic batch of %u messages (%u bytes) is not framed "
                                     "as one", count, len);
     }
-    return fmq_ring_commit_as(r, m, len, block, 1, 0, FMQ_MSG_BATCH, count);
+    return fmq_ring_commit_as(r, m, len, block, 1, 0, FMQ_MSG_BATCH, count, 1);
 }
 
 /* ======================================================================== */
@@ -446,6 +494,22 @@ static void fmq_ring_discard(fmq_region *r, fmq_slot *s, uint64_t ticket, uint64
         !r->up->lease_names_block(r, block) && !fmq_ring_names_block(r, block, ticket))
         fmq_pool_transition(r, block, FMQ_BLK_IN_RING | FMQ_READER_MASK, FMQ_BLK_IN_RING, 0);
     fmq_ring_skip_damaged(r, s, ticket, mine);
+}
+
+/* The next claim most likely takes the next slot, which a producer on
+ * another core wrote: start fetching its line(s) now, while our caller
+ * copies this message out, instead of a cache miss at the next claim's CAS
+ * (a consumer that is behind otherwise pays one miss per slot, in series).
+ * A prefetch is only a hint: it never faults, so a slot page not reserved
+ * yet stays unallocated. Its header line with write intent: the claim is a
+ * CAS on the word there. */
+static inline void fmq_ring_prefetch_after(const fmq_region *r, const fmq_slot *s) {
+    const unsigned char *nx = (const unsigned char *)s + r->g.slot_stride;
+    if (nx >= r->ring + r->g.slot_count * r->g.slot_stride)
+        nx = r->ring;
+    __builtin_prefetch(nx, 1, 3);
+    if (r->g.slot_stride > 64)   /* a 64-byte cache line: a small payload spills into the next */
+        __builtin_prefetch(nx + 64, 0, 3);
 }
 
 /* model: ring.claim */
@@ -492,6 +556,7 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
                 if (!m->data || len > fmq_pool_block_size(r, block))
                     goto corrupt;
             }
+            fmq_ring_prefetch_after(r, s);
             return FMQ_OK;
         corrupt:
             /* It can never be delivered sanely: consume it and say so. */
@@ -533,7 +598,11 @@ int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from) {
  * message that has left the ring. The block, if any, is the caller's business
  * (a reader share for get/recv, the in-flight entry's share for a lease). */
 /* model: ring.retire */
-static int fmq_ring_retire_slot(fmq_region *r, fmq_msg *m, int wake) {
+/* quiet: one release of a run (get_many), which counts itself and moves the
+ * head hint once at its end (fmq_ring_finish_get): no statistics, no head
+ * move and no wake here. */
+static inline __attribute__((always_inline)) int
+fmq_ring_retire_slot(fmq_region *r, fmq_msg *m, int wake, int quiet) {
     fmq_slot *s = fmq_slot_at(r, m->ticket);
     uint64_t expect = m->word;
     uint64_t next = fmq_word(fmq_lap_stamp(r, m->ticket) + 4 /* EMPTY, next lap */, 0);
@@ -543,6 +612,8 @@ static int fmq_ring_retire_slot(fmq_region *r, fmq_msg *m, int wake) {
         return fmq_fail(FMQ_ELOST, "the slot being read was reclaimed by crash recovery");
     FMQ_CRASHPOINT("ring.release.freed");
     m->detached = 1;
+    if (quiet)
+        return FMQ_OK;
     fmq_count(r, FMQ_ST_DEQUEUED, 1);
     fmq_count(r, FMQ_ST_BYTES_OUT, m->len);
     fmq_advance_head(r);
@@ -569,11 +640,11 @@ __attribute__((noinline, cold)) int fmq_ring_drop_foreign(fmq_region *r, fmq_msg
 }
 
 /* model: ring.free_slot */
-/* Inlined into its two callers (release, detach), as before the ticket check
+/* Inlined into its callers (release, detach), as before the ticket check
  * made it big enough for the compiler to keep it out of line: a call on
  * every get. */
-static inline __attribute__((always_inline)) int fmq_ring_free_slot(fmq_region *r, fmq_msg *m,
-                                                                    int wake) {
+static inline __attribute__((always_inline)) int
+fmq_ring_free_slot(fmq_region *r, fmq_msg *m, int wake, int quiet) {
     int rc;
     uint32_t block = m->block;
     /* The block's ring share becomes our reader share while we still hold the
@@ -595,31 +666,50 @@ static inline __attribute__((always_inline)) int fmq_ring_free_slot(fmq_region *
             return fmq_ring_drop_foreign(r, m);
     }
     FMQ_CRASHPOINT("ring.release.before_free");
-    return fmq_ring_retire_slot(r, m, wake);
+    return fmq_ring_retire_slot(r, m, wake, quiet);
 }
 
 /* The message moved into the in-flight table (fmq_lease.c), which took over
  * the block share: free the slot without touching the block. */
 int fmq_ring_free_moved(fmq_region *r, fmq_msg *m) {
-    return fmq_ring_retire_slot(r, m, 1);
+    return fmq_ring_retire_slot(r, m, 1, 0);
 }
 
 int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake) {
     if (m->detached)
         return FMQ_OK;
-    return fmq_ring_free_slot(r, m, wake);
+    return fmq_ring_free_slot(r, m, wake, 0);
 }
 
-int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake) {
+static inline __attribute__((always_inline)) int
+fmq_ring_release_as(fmq_region *r, fmq_msg *m, int wake, int quiet) {
     int rc = FMQ_OK;
     if (!m->detached)
-        rc = fmq_ring_free_slot(r, m, wake);
+        rc = fmq_ring_free_slot(r, m, wake, quiet);
     if (m->block != FMQ_NO_BLOCK && rc == FMQ_OK) {
         uint32_t b = m->block;
         m->block = FMQ_NO_BLOCK;
         rc = fmq_pool_release_reader(r, b);
     }
     return rc;
+}
+
+int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake) {
+    return fmq_ring_release_as(r, m, wake, 0);
+}
+
+/* One release of a run (get_many): see fmq_ring_retire_slot's quiet. The
+ * counters are statistics: a consumer killed inside a run leaves them low
+ * by what it released of the run. The head hint lags meanwhile, which is
+ * always allowed: claims walk forward over consumed slots. */
+int fmq_ring_release_quiet(fmq_region *r, fmq_msg *m) {
+    return fmq_ring_release_as(r, m, 0, 1);
+}
+
+void fmq_ring_finish_get(fmq_region *r, uint64_t n, uint64_t bytes) {
+    fmq_count(r, FMQ_ST_DEQUEUED, n);
+    fmq_count(r, FMQ_ST_BYTES_OUT, bytes);
+    fmq_advance_head(r);
 }
 
 int fmq_ring_unclaim(fmq_region *r, fmq_msg *m) {
@@ -896,7 +986,11 @@ static int fmq_wait_for(fmq_region *r, fmq_waitline *wl,
                 break;
         }
         if (now - start < FMQ_SPIN_PAUSE_NS) {
-            for (int k = 0; k < 16; k++)
+            /* A pause takes up to ~140 cycles on recent x86 cores: a few of
+             * them between two looks, so that a message that arrives is
+             * seen within a fraction of a microsecond (it is half of every
+             * hop of a round trip), not after ~16 of them. */
+            for (int k = 0; k < FMQ_SPIN_PAUSES; k++)
                 fmq_cpu_relax();
         } else {
             sched_yield();

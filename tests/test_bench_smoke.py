@@ -116,21 +116,50 @@ def _no_children_left():
     return not multiprocessing.active_children()
 
 
-@pytest.mark.parametrize("mode,size", [("bytes", 64), ("pickle", 0), ("bytes", 1 << 20)])
-def test_lost_messages_fail_loudly(mode, size):
+# One consumer of small raw messages compares each one inline with the one
+# expected next (runner.consume_compare: one producer, several, or batches);
+# other cells keep what they receive and check it after the window.
+@pytest.mark.parametrize("mode,size,producers", [
+    ("bytes", 64, 1), ("bytes", 64, 2), ("batch", 64, 1), ("pickle", 0, 1),
+    ("bytes", 1 << 20, 1)])
+def test_lost_messages_fail_loudly(mode, size, producers):
     with pytest.raises(CellFailed) as info:
         # >= 97 messages (one is dropped in 97); few large ones, so a busy
         # machine does not turn the loss into a timeout
-        run_throughput(LossyPeer, 1, 1, mode, size, 300 if size < 1 << 20 else 120, 16,
-                       timeout=15)
+        run_throughput(LossyPeer, producers, 1, mode, size,
+                       300 if size < 1 << 20 else 120, 16, timeout=15)
     assert info.value.kind == "verification"
     assert "LOST" in str(info.value)
     assert _no_children_left()
 
 
-def test_duplicates_fail_loudly():
+@pytest.mark.parametrize("mode,producers", [("bytes", 1), ("bytes", 2), ("batch", 1)])
+def test_duplicates_fail_loudly(mode, producers):
     with pytest.raises(CellFailed) as info:
-        run_throughput(DuplicatingPeer, 1, 1, "bytes", 64, 300, 64, timeout=5)
+        run_throughput(DuplicatingPeer, producers, 1, mode, 64, 300, 64, timeout=5)
+    assert "duplicate" in str(info.value)
+
+
+@pytest.mark.parametrize("producers", [1, 2])
+def test_messages_after_the_last_fail_loudly(producers):
+    """One consumer compares inline and knows how many messages to expect:
+    one more than was sent (a duplicate of the very last) is caught too."""
+    class DupLast(peers.MpQueuePeer):
+        name, label = "dup-last", "duplicates the last message"
+
+        def sender(self, index):
+            ep = super().sender(index)
+            send, n = ep.send, [0]
+
+            def dup(m):
+                send(m)
+                n[0] += 1
+                if n[0] == 300:
+                    send(m)
+            ep.send = dup
+            return ep
+    with pytest.raises(CellFailed) as info:
+        run_throughput(DupLast, producers, 1, "bytes", 64, 300, 64, timeout=5)
     assert "duplicate" in str(info.value)
 
 
@@ -145,7 +174,7 @@ def test_duplicates_across_consumers_fail_loudly():
 # for mid-sized ones and by sampled windows for large ones -- so one flipped
 # byte in the middle of one larger message is the case left out on purpose.
 @pytest.mark.parametrize("size,where,which", [
-    (64, "middle", "one"), (64, "tail", "one"),
+    (64, "middle", "one"), (64, "tail", "one"), (64, "body-start", "from-10th"),
     (4096, "tail", "one"), (4096, "middle", "from-10th"),
     (1 << 20, "tail", "one"), (1 << 20, "body-start", "one")])
 def test_corruption_fails_loudly(size, where, which):

@@ -101,6 +101,10 @@ cdef extern from "fmq.h" nogil:
     uint64_t fmq_ring_depth(fmq_region *r)
 
     int fmq_ring_reserve(fmq_region *r, fmq_msg *m)
+    int fmq_ring_reserve_from(fmq_region *r, fmq_msg *m, uint64_t from_ticket)
+    void fmq_ring_advance_tail(fmq_region *r, uint64_t ticket)
+    int fmq_ring_commit_quiet(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block)
+    void fmq_ring_count_put(fmq_region *r, uint64_t n, uint64_t bytes)
     unsigned char *fmq_ring_inline_ptr(fmq_region *r, const fmq_msg *m)
     int fmq_ring_commit(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block, int wake,
                         int keep_writer)
@@ -108,6 +112,8 @@ cdef extern from "fmq.h" nogil:
     int fmq_ring_claim_from(fmq_region *r, fmq_msg *m, uint64_t from_ticket)
     int fmq_ring_detach(fmq_region *r, fmq_msg *m, int wake)
     int fmq_ring_release(fmq_region *r, fmq_msg *m, int wake)
+    int fmq_ring_release_quiet(fmq_region *r, fmq_msg *m)
+    void fmq_ring_finish_get(fmq_region *r, uint64_t n, uint64_t bytes)
     int fmq_ring_unclaim(fmq_region *r, fmq_msg *m)
     int fmq_ring_commit_batch(fmq_region *r, fmq_msg *m, uint32_t len, uint32_t block,
                               uint32_t count)

@@ -15,10 +15,11 @@ mq above the kernel's size limit) is shown as n/a with the reason.
 
 Method (what makes the numbers honest, see ``fastmq._bench.runner``): processes
 start first and meet at a barrier, so start-up is not timed; one clock
-(CLOCK_MONOTONIC) across processes; every message is verified by its consumer
-(per-producer order, no loss, no duplicate, payload; cheaply in the timed loop
-and the rest after it, see ``fastmq._bench.payloads``) and any problem fails the
-run with exit status 1; each cell is sized by time from a short calibration run;
+(CLOCK_MONOTONIC) across processes, read by consumers every 64 messages and
+at the last one; every message is verified by its consumer (per-producer order,
+no loss, no duplicate, payload; cheaply in the timed loop and the rest after
+it, see ``fastmq._bench.payloads`` and ``runner.consume_compare``) and any
+problem fails the run with exit status 1; each cell is sized by time from a short calibration run;
 the median of ``--repeat`` runs is shown with the spread (min..max); each
 scenario's harness ceiling (the same loops with a no-op channel) is measured and
 shown, and a cell within 2x of it is marked; reference limits (single-core
@@ -329,8 +330,10 @@ def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,
     doc["reference"] = measure_reference()
     doc["ceilings"] = {}
     doc["notes"].append(
-        f"verification: messages <= {KEEP_MAX} B and pickled objects are kept and compared "
-        "byte for byte after the timed window; up to 64 KiB, the sequence numbers at head "
+        f"verification: a lone consumer compares every message <= {KEEP_MAX} B byte for "
+        "byte, as it arrives, with the one expected next from its producer (built before "
+        "the timed window); with several consumers, such messages and pickled objects are "
+        "kept and compared byte for byte after the window; up to 64 KiB, the sequence numbers at head "
         f"and tail of every message are kept and checked after it, and one message in "
         f"{SAMPLE_EVERY} is compared whole; larger ones are checked at header, trailer and "
         "8 sampled 64-byte windows as they arrive")

@@ -14,7 +14,10 @@ message:
 
 * ``KEEP`` (<= ``KEEP_MAX`` bytes, and pickled objects): every message is kept
   as it arrives (one list append) and compared byte for byte with its expected
-  content right after the timed window;
+  content right after the timed window -- or, for raw bytes and one consumer,
+  compared as it arrives with the message expected next from its producer and
+  dropped (``runner.consume_compare``: keeping millions of fresh messages costs
+  page faults that are not the queue's);
 * ``FINGERPRINT`` (up to ``FULL_CHECK_MAX``): the head (producer, size, seq)
   and the trailing seq of every message are kept as two small slices and
   checked after the window (order, loss, duplicates, torn ends); one message in

@@ -249,8 +249,12 @@ class FastmqPeer(Peer):
             get_many = q.get_many_bytes if self.raw_batch else q.get_many
 
             def recv_many(get_many=get_many):
-                # wake-up sentinels (empty) are dropped; the parent wakes again
-                return [m for m in get_many(GET_MANY) if len(m)]
+                # Wake-up sentinels (empty) are dropped; the parent wakes again.
+                # They are put after every producer finished, so they come last
+                # in a batch: only a batch that ends with one is filtered (a
+                # sentinel elsewhere would fail verification as a wrong length).
+                msgs = get_many(GET_MANY)
+                return [m for m in msgs if len(m)] if not msgs[-1] else msgs
             return _Endpoint(recv=q.get_bytes if self.raw_batch else _unsentinel(q.get),
                              recv_many=recv_many)
         if self.mode in ("numpy", "reserve"):

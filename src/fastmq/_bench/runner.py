@@ -6,8 +6,13 @@ Throughput cell (``run_throughput``):
    C consumers; each builds its endpoint, then all of them and the parent meet at
    a barrier, so process start-up and connection set-up are not timed;
 2. producers send ``count`` messages each (``Builder``), consumers verify every
-   message (``Tally``) and stamp ``time.monotonic_ns()`` (CLOCK_MONOTONIC, one
-   clock for all processes on Linux) after each one;
+   message (``Tally``, or inline against the expected messages: ``consume_compare``)
+   and read ``time.monotonic_ns()`` (CLOCK_MONOTONIC, one clock for all
+   processes on Linux) after every ``STAMP_EVERY``-th message and after the last
+   one (a read of this clock costs about as much as receiving a small message
+   from the fastest queues); a consumer that does not know which message is its
+   last reads the clock when it next finds nothing to receive, which is never
+   earlier than the truth;
 3. when the producers are done the parent wakes blocked consumers with sentinels
    until their published counts add up (or a deadline passes), then stops them;
 4. elapsed = last message verified by any consumer - first producer start.
@@ -26,11 +31,15 @@ import traceback
 from array import array
 from multiprocessing.connection import wait as _wait_conns
 
+import itertools
+import operator
+
 from .payloads import (FULL_CHECK_MAX, FINGERPRINT, INLINE, KEEP, SAMPLE_EVERY, SMALL_POOL, Builder, Tally,
                        plan_for, pool_size, prebuilt, verify)
 from .peers import BATCH
 
 PREBUILD_MAX_BYTES = 256 << 20   # per producer
+STAMP_EVERY = 64                 # consumers read the clock after every 64th message
 ARRAY_MODES = ("numpy", "reserve")
 
 CTX = multiprocessing.get_context("fork")
@@ -91,12 +100,17 @@ def produce(send, send_many, build, count, batch, messages=None):
     return t0, time.monotonic_ns()
 
 
-def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=False):
+def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=False, expect=0):
     """The timed loop of a consumer, until a wake-up (``None``, or an empty
     message unless ``arrays``: numpy arrays have no truth value) arrives after
     the parent set the stop flag (``shared[-1]``); it publishes its count in
     ``shared[index]`` at every wake-up. Testing ``not m`` in the loop lets the
     peers hand their own receive call over unwrapped.
+
+    The clock is read after every ``STAMP_EVERY``-th message, after message
+    number ``expect`` (the last one, when the caller knows it: 0 if not) and,
+    if the last message received was not stamped, at the next wake-up: the
+    time returned is never earlier than that of the last message.
 
     Returns ``(got, last_ns, kept)``: ``kept`` is what ``settle`` verifies after
     the window -- every message (KEEP), or (heads, tails, samples) (FINGERPRINT);
@@ -105,6 +119,7 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=Fals
     now = time.monotonic_ns
     last = got = 0
     stop = len(shared) - 1
+    every = STAMP_EVERY - 1
     if plan == FINGERPRINT:
         heads, tails, samples = [], [], []
         head, tail, sample = heads.append, tails.append, samples.append
@@ -128,6 +143,8 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=Fals
             while True:
                 m = recv()
                 if not m:              # None or the empty wake-up message
+                    if got & every and got != expect:
+                        last = now()   # the last message was not stamped
                     shared[index] = got
                     if shared[stop]:
                         break
@@ -138,7 +155,8 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=Fals
                     sample(m)
                 del m
                 got += 1
-                last = now()
+                if not got & every or got == expect:
+                    last = now()
         return got, last, (heads, tails, samples)
     kept = [] if plan == KEEP else None
     handle = kept.append if kept is not None else check
@@ -162,6 +180,8 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=Fals
         while True:
             m = recv()
             if m is None:
+                if got & every and got != expect:
+                    last = now()       # the last message was not stamped
                 shared[index] = got
                 if shared[stop]:
                     break
@@ -169,11 +189,14 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=Fals
             handle(m)
             del m                      # a zero-copy view must not pin its slot
             got += 1
-            last = now()
+            if not got & every or got == expect:
+                last = now()
     else:
         while True:
             m = recv()
             if not m:                  # None or the empty wake-up message
+                if got & every and got != expect:
+                    last = now()       # the last message was not stamped
                 shared[index] = got
                 if shared[stop]:
                     break
@@ -181,8 +204,183 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=Fals
             handle(m)
             del m
             got += 1
-            last = now()
+            if not got & every or got == expect:
+                last = now()
     return got, last, kept
+
+
+def compares_inline(producers, consumers, mode, size, count):
+    """Whether the consumer checks each message as it arrives against the
+    expected ones, built before the window (``consume_compare``): one consumer
+    (it then sees every producer's messages in order), small raw messages, and
+    the expected messages fit the same memory budget as a producer's prebuilt
+    ones; batches only from one producer (a batch is compared as one list)."""
+    return (consumers == 1 and plan_for(mode, size) == KEEP and mode in ("bytes", "batch")
+            and (mode == "bytes" or producers == 1)
+            and producers * count * max(size, 64) <= PREBUILD_MAX_BYTES)
+
+
+def expected_messages(producers, count, size, mode):
+    """What ``consume_compare`` compares with: each producer's messages, in
+    order, then None (built before the window: a message after the last one
+    then finds None, which it never equals)."""
+    builders = [Builder(p, size, mode) for p in range(producers)]
+    return [[b.build(s) for s in range(count)] + [None] for b in builders]
+
+
+def consume_compare(recv, recv_many, batch, shared, index, expected, expect):
+    """``consume`` for the one consumer of small raw messages: every message is
+    compared byte for byte with the one expected next from its producer (the
+    first byte of a message names it) and dropped, so nothing is kept (keeping
+    every message would cost a page fault every few dozen messages, which is
+    not the queue's cost); a batch from one producer is compared as one list.
+
+    At the first message that is not the expected one it falls back to keeping
+    everything from that message on, so that ``settle_compare`` can say what
+    went wrong (lost, duplicated, reordered or corrupted). Returns ``(got,
+    last_ns, kept)`` like ``consume``; ``kept`` is (messages matched per
+    producer, messages kept)."""
+    now = time.monotonic_ns
+    last = got = 0
+    stop = len(shared) - 1
+    every = STAMP_EVERY - 1
+    nprod = len(expected)
+    rest = []
+    if batch:
+        exp, pos = expected[0], 0
+        while True:
+            msgs = recv_many()
+            if not msgs:
+                shared[index] = got
+                if shared[stop]:
+                    break
+                continue
+            n = len(msgs)
+            got += n
+            last = now()
+            if msgs != exp[pos:pos + n]:
+                rest = list(msgs)
+                break
+            pos += n
+        matched = [pos]
+    elif nprod == 1:
+        got, last, m = _compare_one(recv, shared, index, expected[0])
+        matched = [got]
+        if m is not None:
+            got += 1
+            rest.append(m)
+    else:
+        # the next message expected from each producer: exps[p][pos[p]]; a
+        # first byte that names no producer finds only None (no match)
+        exps = expected + [[None]] * (256 - nprod)
+        pos = [0] * 256
+        while True:
+            m = recv()
+            if not m:                  # None or the empty wake-up message
+                if got & every and got != expect:
+                    last = now()       # the last message was not stamped
+                shared[index] = got
+                if shared[stop]:
+                    break
+                continue
+            got += 1
+            p = m[0]
+            k = pos[p]
+            if m != exps[p][k]:
+                if not got & every or got == expect:
+                    last = now()
+                rest.append(m)
+                break
+            pos[p] = k + 1
+            del m
+            if not got & every or got == expect:
+                last = now()
+        matched = pos[:nprod]
+    if rest:
+        # Something is wrong: keep the rest for settle_compare to explain
+        # (``consume`` publishes counts from 0: add ours to them).
+        more, then, kept = consume(recv, recv_many, KEEP, batch, _Offset(shared, index, got),
+                                   index, expect=expect - got if expect > got else 0)
+        got += more
+        rest += kept
+        last = max(last, then)
+    return got, last, (matched, rest)
+
+
+class _Offset:
+    """``shared`` as ``consume`` sees it after ``got`` messages were counted
+    elsewhere: its own entry is published plus ``got``."""
+
+    def __init__(self, shared, index, got):
+        self.shared, self.index, self.got = shared, index, got
+
+    def __len__(self):
+        return len(self.shared)
+
+    def __getitem__(self, i):
+        return self.shared[i]
+
+    def __setitem__(self, i, v):
+        self.shared[i] = v + self.got if i == self.index else v
+
+
+def _compare_one(recv, shared, index, exp):
+    """``consume_compare``'s loop for one producer: returns (messages matched,
+    the time of the last one, the first message that did not match or None).
+
+    It walks the expected messages in blocks of ``STAMP_EVERY``, laid out so
+    that the last block ends at the last message, and reads the clock at the
+    end of each block: the per-message work is one receive and one compare."""
+    now = time.monotonic_ns
+    stop = len(shared) - 1
+    count = len(exp) - 1               # exp ends with None (expected_messages)
+    it = iter(exp)
+    hint = operator.length_hint
+    first = count % STAMP_EVERY or STAMP_EVERY
+    block = first
+    last = 0
+    e = b""
+    while e is not None:
+        e = None                       # stays None if the block is empty
+        for e in itertools.islice(it, block):
+            m = recv()
+            if m != e:
+                while not m:           # None or the empty wake-up message
+                    got = count - hint(it)           # matched so far, e not among them
+                    # (it holds count + 1 items and e was taken from it)
+                    if (count - got) % STAMP_EVERY and got:
+                        last = now()   # the last message was not stamped
+                    shared[index] = got
+                    if shared[stop]:
+                        return got, last, None
+                    m = recv()
+                if m != e:
+                    got = count - hint(it)
+                    return got, max(last, now()), m
+        if e is not None:
+            last = now()
+            block = STAMP_EVERY
+    # A None "matched" the None after the last message: a receive that timed
+    # out (None) after all of them. Wait for the stop; anything more is extra.
+    while True:
+        shared[index] = count
+        if shared[stop]:
+            return count, last, None
+        m = recv()
+        if m:
+            return count, last, m
+
+
+def settle_compare(tally, kept):
+    """Verify after the window what ``consume_compare`` could not match inline:
+    the matched messages of each producer are its first ones, in order; the
+    rest go through the tally one by one, which names the problem."""
+    matched, rest = kept
+    for p, k in enumerate(matched):
+        tally.seen[p][:k] = b"\x01" * k
+        tally.last[p] = k - 1
+    for m in rest:
+        tally.check(m)
 
 
 def settle(tally, plan, kept):
@@ -228,11 +426,26 @@ def _consumer(peer, index, producers, count, mode, size, batch, shared, barrier,
         ep = peer.receiver(index)
         tally = Tally(producers, count, size, mode)
         plan = plan_for(mode, size)
+        consumers = len(shared) - 1
+        # the one consumer knows which message is the last: it stamps it
+        expect = producers * count if consumers == 1 else 0
+        # (``batch``: this consumer receives lists, which only one producer's
+        # messages are compared as)
+        inline = compares_inline(producers, consumers, mode, size, count) and \
+            (not batch or producers == 1)
+        expected = expected_messages(producers, count, size, mode) if inline else None
         barrier.wait(SETUP_TIMEOUT)
-        got, last, kept = consume(ep.recv, ep.recv_many, plan, batch, shared, index,
-                                  tally.check, arrays=mode in ARRAY_MODES)
+        if inline:
+            got, last, kept = consume_compare(ep.recv, ep.recv_many, batch, shared, index,
+                                              expected, expect)
+        else:
+            got, last, kept = consume(ep.recv, ep.recv_many, plan, batch, shared, index,
+                                      tally.check, arrays=mode in ARRAY_MODES, expect=expect)
         ep.close()
-        settle(tally, plan, kept)
+        if inline:
+            settle_compare(tally, kept)
+        else:
+            settle(tally, plan, kept)
         return {"last": last, **tally.result()}
     _child(conn, barrier, body)
 
@@ -280,9 +493,18 @@ def harness_ceiling(producers, consumers, mode, size, seconds=0.05, cores=None) 
             recv = itertools.chain(itertools.islice(itertools.cycle(ring), count),
                                    itertools.repeat(None)).__next__
         shared = [0, 1]
-        t0 = time.monotonic_ns()
-        consume(recv, recv_many, plan, batch, shared, 0, tally.check,
-                arrays=mode in ARRAY_MODES)
+        if compares_inline(producers, consumers, mode, size, count):
+            # what a consumer compares with: equal messages, other objects
+            copies = [bytes(bytearray(m)) for m in ring]
+            expected = [[copies[i % len(copies)] for i in range(count)] + [None]]
+            t0 = time.monotonic_ns()
+            got, _, (matched, rest) = consume_compare(recv, recv_many, batch, shared, 0,
+                                                         expected, count)
+            assert got == matched[0] == count and not rest, "the ceiling's own check failed"
+        else:
+            t0 = time.monotonic_ns()
+            consume(recv, recv_many, plan, batch, shared, 0, tally.check,
+                    arrays=mode in ARRAY_MODES, expect=count if consumers == 1 else 0)
         return (time.monotonic_ns() - t0) / count
 
     def timed(fn):

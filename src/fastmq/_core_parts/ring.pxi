@@ -554,8 +554,24 @@ cdef class Ring:
     cdef inline int _claim_slot(self, fmq_msg *m, bint nonblock, uint64_t deadline) except -1:
         return self._claim(m, True, nonblock, deadline)
 
+    cdef inline int _claim_run(self, fmq_msg *m, uint64_t *run, bint nonblock,
+                               uint64_t deadline) except -1:
+        """_claim_slot for one put of a run (``run``: NULL, or where the run's
+        next reserve starts, 0 for its first: see fmq_ring_reserve_from)."""
+        cdef int rc
+        if run == NULL or run[0] == 0:
+            return self._claim(m, True, nonblock, deadline)
+        rc = fmq_ring_reserve_from(self.r, m, run[0])
+        if rc == FMQ_OK:
+            return 0
+        fmq_ring_advance_tail(self.r, run[0])     # before any wait: the hint catches up
+        return self._claim_again(m, True, nonblock, deadline, rc)
+
     cdef int _put_raw(self, const unsigned char *src, Py_ssize_t n, bint nonblock,
-                      uint64_t deadline, int wake) except -1:
+                      uint64_t deadline, int wake, uint64_t *run) except -1:
+        """One message in. ``run`` (put_many): reserve past ``run[0]`` and
+        commit without waking or counting; ``run[0]`` becomes the ticket past
+        this one. The run then counts itself and moves the tail hint once."""
         cdef uint32_t block = FMQ_NO_BLOCK
         cdef unsigned char *dst
         cdef fmq_msg m
@@ -569,18 +585,23 @@ cdef class Ring:
             else:
                 memcpy(dst, src, n)
             try:
-                self._claim_slot(&m, nonblock, deadline)
+                self._claim_run(&m, run, nonblock, deadline)
             except BaseException:
                 fmq_pool_release_writer(self.r, block)     # nothing was published
                 raise
         else:
-            self._claim_slot(&m, nonblock, deadline)
+            self._claim_run(&m, run, nonblock, deadline)
             memcpy(fmq_ring_inline_ptr(self.r, &m), src, n)
-        rc = fmq_ring_commit(self.r, &m, <uint32_t>n, block, wake, 0)
+        if run == NULL:
+            rc = fmq_ring_commit(self.r, &m, <uint32_t>n, block, wake, 0)
+        else:
+            rc = fmq_ring_commit_quiet(self.r, &m, <uint32_t>n, block)
         if rc != FMQ_OK:
             if block != FMQ_NO_BLOCK:
                 fmq_pool_release_writer(self.r, block)
             _raise(rc)
+        if run != NULL:
+            run[0] = m.ticket + 1
         return 0
 
     cdef inline int _check_size(self, Py_ssize_t n) except -1:
@@ -604,13 +625,13 @@ cdef class Ring:
                 # its bytes can be read without the buffer protocol.
                 self._check_size(PyBytes_GET_SIZE(data))
                 self._put_raw(<const unsigned char *>PyBytes_AS_STRING(data),
-                              PyBytes_GET_SIZE(data), nonblock, deadline, 1)
+                              PyBytes_GET_SIZE(data), nonblock, deadline, 1, NULL)
             else:
                 PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
                 try:
                     self._check_size(view.len)
                     self._put_raw(<const unsigned char *>view.buf, view.len, nonblock,
-                                  deadline, 1)
+                                  deadline, 1, NULL)
                 finally:
                     PyBuffer_Release(&view)
             # A durable queue's put returns once its sync mode is met, on
@@ -721,6 +742,7 @@ cdef class Ring:
         cdef Py_ssize_t i, n, size, done = 0
         cdef const unsigned char *src
         cdef bint viewed
+        cdef uint64_t run = 0, nbytes = 0
         n = len(items)
         self._enter()
         try:
@@ -751,21 +773,25 @@ cdef class Ring:
                         # First try without blocking; before any wait, wake the
                         # consumers of what is already in, or they may sleep
                         # while we wait for them to make room.
-                        self._put_raw(src, size, True, 0, 0)
+                        self._put_raw(src, size, True, 0, 0, &run)
                     except Full:
                         fmq_ring_wake_consumers(self.r, 1)
                         if nonblock:
                             break
                         try:
-                            self._put_raw(src, size, False, deadline, 0)
+                            self._put_raw(src, size, False, deadline, 0, &run)
                         except Full:
                             break
                 finally:
                     if viewed:
                         PyBuffer_Release(&view)
                 done += 1
+                nbytes += <uint64_t>size
         finally:
             if self.r != NULL and done:
+                # the run's statistics and tail hint, once (fmq_ring_reserve_from)
+                fmq_ring_count_put(self.r, <uint64_t>done, nbytes)
+                fmq_ring_advance_tail(self.r, run)
                 fmq_ring_wake_consumers(self.r, 1)
                 if self._durable:
                     try:
@@ -1109,6 +1135,7 @@ cdef class Ring:
         cdef fmq_msg *msgs
         cdef fmq_msg *grown
         cdef Py_ssize_t k = 0, i, j, bad = -1, keep
+        cdef uint64_t released = 0, released_bytes = 0
         cdef list out = []
         cdef bytes raw
         cdef int rc
@@ -1181,8 +1208,11 @@ cdef class Ring:
                 k = keep
             damaged = None
             for i in range(1 if bad == 0 else 0, k):
-                rc = fmq_ring_release(self.r, &msgs[i], 0)
-                if rc != FMQ_OK:
+                rc = fmq_ring_release_quiet(self.r, &msgs[i])
+                if rc == FMQ_OK:
+                    released += 1
+                    released_bytes += msgs[i].len
+                else:
                     # Damaged (consumed and counted by the core): every other
                     # message is released -- handed over -- and returned.
                     if damaged is None:
@@ -1195,6 +1225,9 @@ cdef class Ring:
                     _raise(FMQ_ECORRUPT)
         finally:
             PyMem_Free(msgs)
+            if self.r != NULL and released:
+                # the run's statistics and head hint, once (fmq_ring_release_quiet)
+                fmq_ring_finish_get(self.r, released, released_bytes)
             if self.r != NULL and k:
                 fmq_ring_wake_producers(self.r)
             self._leave()
