@@ -353,9 +353,11 @@ def test_a_short_shm_keeps_no_warm_memory(backend):
                           "size": st.f_blocks * st.f_frsize,
                           "kept": os.stat(path).st_blocks * 512 - idle}))
     """)
-    # one 1 MiB block of slack: the free that crossed the line kept its block
+    # one 1 MiB block of slack: the free that crossed the line kept its block;
+    # "kept" also counts the ring and in-flight pages the traffic touched (a
+    # few KiB, not warm memory), which the bound allows for separately
     assert res["free"] >= res["size"] // 8 - (1 << 20), res
-    assert res["kept"] <= (30 << 20) - res["size"] // 8 + (2 << 20), res
+    assert res["kept"] <= (30 << 20) - res["size"] // 8 + (2 << 20) + (64 << 10), res
 
 
 # ---------------------------------------------------------------- one pool for all sizes
