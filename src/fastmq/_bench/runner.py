@@ -118,6 +118,7 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=Fals
     """
     now = time.monotonic_ns
     last = got = 0
+    stamped = -1                       # got when the clock was last read at a wake-up
     stop = len(shared) - 1
     every = STAMP_EVERY - 1
     if plan == FINGERPRINT:
@@ -143,8 +144,9 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=Fals
             while True:
                 m = recv()
                 if not m:              # None or the empty wake-up message
-                    if got & every and got != expect:
+                    if got & every and got != expect and got != stamped:
                         last = now()   # the last message was not stamped
+                        stamped = got   # once: later wake-ups come later still
                     shared[index] = got
                     if shared[stop]:
                         break
@@ -180,8 +182,9 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=Fals
         while True:
             m = recv()
             if m is None:
-                if got & every and got != expect:
+                if got & every and got != expect and got != stamped:
                     last = now()       # the last message was not stamped
+                    stamped = got   # once: later wake-ups come later still
                 shared[index] = got
                 if shared[stop]:
                     break
@@ -195,8 +198,9 @@ def consume(recv, recv_many, plan, batch, shared, index, check=None, arrays=Fals
         while True:
             m = recv()
             if not m:                  # None or the empty wake-up message
-                if got & every and got != expect:
+                if got & every and got != expect and got != stamped:
                     last = now()       # the last message was not stamped
+                    stamped = got   # once: later wake-ups come later still
                 shared[index] = got
                 if shared[stop]:
                     break
@@ -242,6 +246,7 @@ def consume_compare(recv, recv_many, batch, shared, index, expected, expect):
     producer, messages kept)."""
     now = time.monotonic_ns
     last = got = 0
+    stamped = -1                       # got when the clock was last read at a wake-up
     stop = len(shared) - 1
     every = STAMP_EVERY - 1
     nprod = len(expected)
@@ -277,8 +282,9 @@ def consume_compare(recv, recv_many, batch, shared, index, expected, expect):
         while True:
             m = recv()
             if not m:                  # None or the empty wake-up message
-                if got & every and got != expect:
+                if got & every and got != expect and got != stamped:
                     last = now()       # the last message was not stamped
+                    stamped = got   # once: later wake-ups come later still
                 shared[index] = got
                 if shared[stop]:
                     break
@@ -339,6 +345,7 @@ def _compare_one(recv, shared, index, exp):
     first = count % STAMP_EVERY or STAMP_EVERY
     block = first
     last = 0
+    stamped = -1
     e = b""
     while e is not None:
         e = None                       # stays None if the block is empty
@@ -348,8 +355,9 @@ def _compare_one(recv, shared, index, exp):
                 while not m:           # None or the empty wake-up message
                     got = count - hint(it)           # matched so far, e not among them
                     # (it holds count + 1 items and e was taken from it)
-                    if (count - got) % STAMP_EVERY and got:
+                    if (count - got) % STAMP_EVERY and got and got != stamped:
                         last = now()   # the last message was not stamped
+                        stamped = got  # once: later wake-ups come later still
                     shared[index] = got
                     if shared[stop]:
                         return got, last, None
