@@ -394,3 +394,33 @@ def test_reserve_mode_is_fastmq_only():
     assert not any(cls.supports(1, 1, "reserve") for name, cls in peers.PEERS.items()
                    if name != "fastmq")
     assert not peers.PipePeer.supports(2, 2, "bytes")
+
+
+# ------------------------------------------------ the end of a timed window
+#
+# A consumer that cannot know which message is the last (several consumers
+# share the queue) reads the clock at the first wake-up after its last
+# message; the parent keeps waking consumers until all have reported, so any
+# later wake-up must not move that time on (it once did, and every
+# multi-consumer cell then ended at the parent's last wake-up).
+
+@pytest.mark.parametrize("plan", [payloads.KEEP, payloads.FINGERPRINT])
+def test_a_consumers_window_ends_at_its_first_wake_up_after_the_last_message(plan):
+    from fastmq._bench import runner
+    n = runner.STAMP_EVERY + 5               # the last message is not a stamped one
+    shared = [0, 0]                          # [count, stop flag]
+    script = [b"m" * 64] * n + [None] * 4
+    marks = []
+
+    def recv():
+        m = script.pop(0)
+        if m is None:
+            marks.append(time.monotonic_ns())   # a wake-up, 20 ms after the one before
+            time.sleep(0.02)
+            if not script:
+                shared[-1] = 1
+        return m
+
+    got, last, _ = runner.consume(recv, None, plan, False, shared, 0)
+    assert got == n and shared[0] == n
+    assert marks[0] <= last < marks[1], (last - marks[0]) / 1e6
