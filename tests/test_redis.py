@@ -765,6 +765,88 @@ def test_asyncio_cancelled_get_loses_nothing(rq):
     assert asyncio.run(main()) == "kept"
 
 
+def _lose_one_cancel(client, command, took_one=False):
+    """Make ``client`` lose the next cancel that reaches it right after a
+    ``command`` returns (with a message, if ``took_one``), as redis-py does on
+    Python < 3.12: it bounds each socket write with ``asyncio.wait_for``,
+    which returns normally when its inner future finishes at the moment its
+    task is cancelled. Returns an event set when the cancel can land (for
+    the next second)."""
+    real = client.execute_command
+    reached = asyncio.Event()
+
+    async def execute_command(*args, **options):
+        res = await real(*args, **options)
+        if (args[0] == command and not reached.is_set()
+                and (not took_one or (isinstance(res, list) and res and res[0]))):
+            reached.set()
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                pass                    # lost: the command's result is returned
+        return res
+    client.execute_command = execute_command
+    return reached
+
+
+@pytest.mark.parametrize("call,command", [
+    ("get_async", "XREAD"), ("get_async", "EVALSHA"), ("get_many_async", "XREAD"),
+    ("get_message_async", "XREAD"), ("put_async", "XREAD"), ("put_async", "EVALSHA")])
+def test_a_cancel_lost_inside_a_redis_command_still_ends_the_await(rq, call, command):
+    """A cancel that redis-py loses must still end the awaiting call at once,
+    and the call must leave the queue as it found it."""
+    q = rq.create(maxsize=1)
+    if call == "put_async":
+        q.put("full")                           # so the put waits for room
+
+    async def main():
+        client, _ = q._link._async()
+        reached = _lose_one_cancel(client, command)
+        args = ("waits",) if call == "put_async" else ()
+        task = asyncio.ensure_future(getattr(q, call)(*args))   # no timeout: waits forever
+        await asyncio.wait_for(reached.wait(), 10)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=3)
+        assert done, f"{call} went on waiting after a cancel lost inside {command}"
+        assert task.cancelled()
+        await asyncio.sleep(0.1)                # the cancelled attempt settles
+    asyncio.run(main())
+    if call == "put_async":
+        assert q.get(timeout=5) == "full" and q.qsize() == 0
+    else:
+        q.put("kept")
+        assert q.get(timeout=5) == "kept"
+    assert q.qsize() == 0
+
+
+def test_a_message_a_cancelled_take_kept_reaches_a_take_already_waiting(rq):
+    """A get_async cancelled while its take is in flight keeps what the take
+    took on the handle; another get_async of that handle, already waiting,
+    must get it (not wait on for a message already here)."""
+    q = rq.create()
+    other = rq.open(q.name)
+
+    async def main():
+        client, _ = q._link._async()
+        reached = _lose_one_cancel(client, "EVALSHA", took_one=True)
+        first = asyncio.ensure_future(q.get_async())
+        await asyncio.sleep(0.3)                  # waiting on an empty queue
+        other.put("m")
+        await asyncio.wait_for(reached.wait(), 10)  # its take holds "m"
+        waiting = asyncio.ensure_future(q.get_async(timeout=10))
+        await asyncio.sleep(0.3)                  # it found nothing and waits
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        t0 = time.monotonic()
+        got = await waiting
+        return got, time.monotonic() - t0
+    got, waited = asyncio.run(main())
+    assert got == "m"
+    assert waited < 5                             # one wait slice, not the timeout
+    assert q.qsize() == 0
+
+
 # ----------------------------------------------------------- command line
 
 def test_cli(rq, rurl):

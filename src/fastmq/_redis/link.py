@@ -131,6 +131,37 @@ def _own_options(url):
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept))), own
 
 
+
+def _settle(attempt):
+    """Done callback of an attempt nobody awaits any more: read its outcome,
+    so an error it ends with is not reported as never retrieved."""
+    if not attempt.cancelled():
+        attempt.exception()
+
+
+async def _apart(coro, on_cancel=None):
+    """Await one redis-py command from outside the task that runs it.
+
+    redis-py bounds each socket write with ``asyncio.wait_for``, and before
+    Python 3.12 ``wait_for`` returns normally when its inner future finishes
+    at the moment its task is cancelled: the cancel is lost, and a wait loop
+    around the command would go on to its deadline (or forever). Here the
+    command runs in a task of its own, and this coroutine awaits a shield of
+    it, which a cancel always reaches. On a cancel the attempt is cancelled
+    in turn, or handed to ``on_cancel(attempt)`` to finish and keep what it
+    took; an attempt that loses that cancel too only finishes its command.
+    """
+    attempt = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        attempt.add_done_callback(_settle)
+        if on_cancel is None:
+            attempt.cancel()
+        else:
+            attempt.add_done_callback(on_cancel)
+        raise
+
 class Link:
     def __init__(self, url, retry_window=10.0):
         self.url = url
@@ -316,7 +347,9 @@ class Link:
                 self._aclients[loop] = entry
         return entry
 
-    async def acall(self, name, key, args, timeout=None, what="queue"):
+    async def acall(self, name, key, args, timeout=None, what="queue", on_cancel=None):
+        """Run script ``name``; ``on_cancel(attempt)`` (see ``_apart``) gets
+        the attempt in flight when the caller is cancelled."""
         self._check_open()
         client, table = self._async()
         script = table[name]
@@ -324,7 +357,7 @@ class Link:
         delay = 0.05
         while True:
             try:
-                return await script(keys=(key,), args=args, client=client)
+                return await _apart(script(keys=(key,), args=args, client=client), on_cancel)
             except Unavailable:
                 raise
             except AuthenticationError as exc:
@@ -350,7 +383,7 @@ class Link:
         client, _ = self._async()
         ms = max(1, int(min(seconds, WAIT_SLICE) * 1000))
         try:
-            await client.xread({key: last_id}, count=1, block=ms)
+            await _apart(client.xread({key: last_id}, count=1, block=ms))
         except _TRANSIENT:
             self._check_open()
             await asyncio.sleep(min(0.05, seconds))

@@ -34,7 +34,6 @@ What differs from shared memory (documented, typed, never silent):
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import itertools
 import os
@@ -544,15 +543,18 @@ class RedisQueue(Queue):
                 raise Empty
             link.wait_signal(prefix + "sig", res[1], WAIT if left is None else left)
 
-    def _get_payloads(self, n, timeout):
+    def _pop_stash(self, n):
+        """Up to ``n`` stashed payloads (kept back by a failed decode or a
+        cancelled asyncio take), oldest first."""
+        out = []
         if self._stash:
-            out = []
             with self._lock:
                 while self._stash and len(out) < n:
                     out.append(self._stash.popleft())
-            if out:
-                return out
-        return [e[e.index(b":") + 1:] for e in self._take(n, timeout)[1:]]
+        return out
+
+    def _get_payloads(self, n, timeout):
+        return self._pop_stash(n) or _strip(self._take(n, timeout)[1:])
 
     def _decode_batch(self, payloads):
         out = []
@@ -820,27 +822,33 @@ class RedisQueue(Queue):
     # -------------------------------------------------------------- asyncio
 
     async def _atake(self, n, timeout, lease_ms=None):
+        """Take up to ``n`` messages for asyncio. A plain take returns their
+        payloads, the stash's first -- looked at again after every wait,
+        because another task's cancelled take may have stashed what it took
+        meanwhile (a wait lasts at most ``WAIT_SLICE``). A lease returns the
+        script's reply."""
         self._check_open()
         deadline = None if not timeout else time.monotonic() + timeout
         wait_ms = 0 if timeout == 0 else FLAG_TTL_MS
         link, prefix, n = self._link, self._prefix, min(n, TAKE_MAX)
         while True:
             if lease_ms is None:
-                coro = link.acall("get", self._mkey,
-                                  (prefix, n, self._ident(), wait_ms, self._activity(1)), timeout)
+                stashed = self._pop_stash(n)
+                if stashed:
+                    return stashed
+                # Taken but not handed over (the caller was cancelled): stashed.
+                res = await link.acall("get", self._mkey,
+                                       (prefix, n, self._ident(), wait_ms, self._activity(1)),
+                                       timeout, on_cancel=self._rescue)
+                if res[0]:
+                    return _strip(res[1:])
             else:
-                coro = link.acall("lease", self._mkey,
-                                  (prefix, n, self._ident(), lease_ms, _HB_MS, wait_ms,
-                                   self._activity(1)), timeout)
-            task = asyncio.ensure_future(coro)
-            try:
-                res = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if lease_ms is None:       # taken but not handed over: keep it
-                    task.add_done_callback(self._rescue)
-                raise                      # (a lease just expires and comes back)
-            if res[0]:
-                return res
+                # A lease taken for a cancelled caller just expires and comes back.
+                res = await link.acall("lease", self._mkey,
+                                       (prefix, n, self._ident(), lease_ms, _HB_MS, wait_ms,
+                                        self._activity(1)), timeout)
+                if res[0]:
+                    return res
             if timeout == 0:
                 raise Empty
             left = None if deadline is None else deadline - time.monotonic()
@@ -848,27 +856,23 @@ class RedisQueue(Queue):
                 raise Empty
             await link.await_signal(prefix + "sig", res[1], WAIT if left is None else left)
 
-    def _rescue(self, task):
-        if task.cancelled() or task.exception() is not None:
+    def _rescue(self, attempt):
+        if attempt.cancelled() or attempt.exception() is not None:
             return
-        res = task.result()
+        res = attempt.result()
         if res[0]:
             with self._lock:
-                self._stash.extend(e[e.index(b":") + 1:] for e in res[1:])
+                self._stash.extend(_strip(res[1:]))
 
     async def get_async(self, timeout=None):
         """``get()`` for asyncio (``redis.asyncio``; an idle await costs no CPU)."""
         timeout = _timeout(True, timeout)
-        if self._stash:
-            return self.get(block=False)
-        return self._decode_batch(_strip((await self._atake(1, timeout))[1:]))[0]
+        return self._decode_batch(await self._atake(1, timeout))[0]
 
     async def get_many_async(self, max_messages=DEFAULT_GET_MANY, timeout=None) -> list:
         _check_int("max_messages", max_messages, 1, 1 << 30)
         timeout = _timeout(True, timeout)
-        if self._stash:
-            return self.get_many(max_messages, block=False)
-        return self._decode_batch(_strip((await self._atake(max_messages, timeout))[1:]))
+        return self._decode_batch(await self._atake(max_messages, timeout))
 
     async def get_message_async(self, timeout=None, lease=acks.DEFAULT_LEASE):
         timeout = _timeout(True, timeout)
