@@ -647,3 +647,58 @@ def test_idle_forked_child_does_not_keep_a_dead_producer_alive(tmp_path):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+# ---- a lock a parent thread holds at fork time -----------------------------
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_fork_safe_lock_held_by_a_parent_thread_is_free_in_the_child(reentrant):
+    from _fork_support import fork_while_held
+
+    from fastmq import _lifetime
+    lock = _lifetime.ForkSafeLock(reentrant=reentrant)
+    assert fork_while_held(lock, lambda: lock.acquire(timeout=3)) == "True"
+
+
+@pytest.mark.parametrize("lock", ["queue", "rejected-count"])
+def test_a_handle_lock_a_parent_thread_held_at_fork_does_not_wedge_the_child(backend, lock):
+    """A forked child uses a handle whose lock a thread of the parent held at
+    fork time: the call completes (before, it waited for ever)."""
+    from _fork_support import fork_while_held
+
+    import fastmq
+    from conftest import unique_name
+    from fastmq import _auth
+    name = unique_name("fl")
+    key = b"k" * 32
+    if lock == "queue":
+        np = pytest.importorskip("numpy")
+        q = fastmq.Queue.create(name, _backend=backend, maxsize=4)
+        held = q._lock                      # reserve_array/commit's bookkeeping
+
+        def action():
+            arr = q.reserve_array((4,), np.uint8)
+            arr[:] = 7
+            q.commit(arr)
+            return q.get(timeout=5).tolist()
+        expect = repr([7, 7, 7, 7])
+    else:
+        if backend != "native":
+            pytest.skip("the pure ring counts rejected messages itself, without a lock")
+        q = fastmq.Queue.create(name, _backend=backend, maxsize=4, authkey=key)
+        held = _auth._counter_lock          # the shared count of rejected messages
+        plain = fastmq.Queue.open(name, _backend=backend)
+        plain.put_bytes(b"no tag")
+        plain.close()
+
+        def action():
+            try:
+                q.get(timeout=5)
+            except fastmq.AuthenticationError:
+                return q.stats()["rejected"]
+        expect = "1"
+    try:
+        assert fork_while_held(held, action) == expect
+    finally:
+        q.close()
+        fastmq.Queue.unlink(name, _backend=backend)

@@ -1121,6 +1121,27 @@ def test_a_forked_child_is_a_consumer_of_its_own(rq, takes):
     assert q.in_flight == 0 and q.qsize() == 0
 
 
+@pytest.mark.parametrize("lock", ["handle", "heartbeats", "connections"])
+def test_a_lock_a_parent_thread_held_at_fork_does_not_wedge_the_child(rq, lock):
+    """A thread of the parent holds one of the client's locks when another
+    thread forks: the child's first calls (a new consumer identity, its own
+    heartbeat thread, its own connection) complete."""
+    from _fork_support import fork_while_held
+
+    from fastmq._redis import queue as redis_queue
+    q = rq.create()
+    q.put("one")
+    held = {"handle": q._lock, "heartbeats": redis_queue._heartbeats.lock,
+            "connections": q._link._conns_lock}[lock]
+
+    def action():
+        m = q.get_message(timeout=5)        # identity, heartbeat, connection
+        m.ack()
+        return m.value
+    assert fork_while_held(held, action) == repr("one")
+    assert q.qsize() == 0 and q.in_flight == 0
+
+
 def test_threads_each_use_the_handle_at_once(rq):
     """Several threads on one handle: each call gets its own reply."""
     q = rq.create()

@@ -34,8 +34,8 @@ import hashlib
 import hmac
 import os
 import struct
-import threading
 
+from . import _lifetime
 from .errors import AuthenticationError, MessageTooLarge
 
 __all__ = ["Auth", "MAGIC", "OVERHEAD", "check_authkey", "count_rejected", "rejected"]
@@ -260,7 +260,7 @@ def rejection(message):
 
 _F_OFD_SETLKW = 38                         # Linux's F_OFD_SETLKW (fcntl may lack the name)
 _FLOCK = struct.Struct("hhqqi4x")          # struct flock (Linux, 64-bit off_t)
-_counter_lock = threading.Lock()           # OFD locks do not exclude threads sharing an fd
+_counter_lock = _lifetime.ForkSafeLock()   # OFD locks do not exclude threads sharing an fd
 
 
 def _segment_path(ring):

@@ -84,18 +84,27 @@ def segment_path(segment: str) -> str:
 
 # --------------------------------------------------------------- inode locks
 
-class InodeLock:
-    """A process-wide re-entrant lock for one segment file (by device+inode).
+class ForkSafeLock:
+    """A thread lock that a forked child gets back unlocked.
 
-    Reset in a forked child: the child gets fresh, unlocked locks because a
-    thread of the parent may have held one at fork time and that thread does
-    not exist in the child (record locks are not inherited either).
+    A thread of the parent may hold it at fork time; that thread does not
+    exist in the child, so the child's first use would wait for ever. The
+    fork handler below gives every live one a fresh lock in the child,
+    before any of the child's own code runs.
     """
 
-    __slots__ = ("_lock", "__weakref__")
+    __slots__ = ("_lock", "_reentrant", "__weakref__")
 
-    def __init__(self):
-        self._lock = threading.RLock()
+    def __init__(self, reentrant=False):
+        self._reentrant = reentrant
+        self._lock = threading.RLock() if reentrant else threading.Lock()
+        _fork_safe_locks.add(self)
+
+    def acquire(self, blocking=True, timeout=-1):
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self):
+        self._lock.release()
 
     def __enter__(self):
         self._lock.acquire()
@@ -105,7 +114,20 @@ class InodeLock:
         self._lock.release()
 
     def _reset_after_fork(self):
-        self._lock = threading.RLock()
+        self._lock = threading.RLock() if self._reentrant else threading.Lock()
+
+
+_fork_safe_locks: "weakref.WeakSet[ForkSafeLock]" = weakref.WeakSet()
+
+
+class InodeLock(ForkSafeLock):
+    """A process-wide re-entrant lock for one segment file (by device+inode);
+    record locks are not inherited through fork either."""
+
+    __slots__ = ()
+
+    def __init__(self):
+        super().__init__(reentrant=True)
 
 
 _registry_lock = threading.Lock()
@@ -141,7 +163,7 @@ def _after_fork_in_child():
     global _registry_lock, fork_generation
     fork_generation += 1
     _registry_lock = threading.Lock()
-    for lock in list(_inode_locks.values()):
+    for lock in list(_fork_safe_locks):
         lock._reset_after_fork()
 
 
@@ -325,4 +347,4 @@ def _is_regular(mode: int) -> bool:
 
 __all__ = ["cleanup", "attach", "detach", "inode_lock", "guarded_close",
            "segment_path", "temp_path", "create_temp", "SHM_DIR", "NATIVE_SHM_DIR",
-           "InodeLock"]
+           "InodeLock", "ForkSafeLock"]

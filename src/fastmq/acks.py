@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 
 from . import _backend, _lifetime
@@ -199,7 +198,7 @@ class Acks:
         self._dlq = None                  # the dead-letter Queue, opened lazily
         self._unforwarded = []            # taken dead letters the DLQ had no room for
         self._next_dead_check = 0.0
-        self._lock = threading.Lock()
+        self._lock = _lifetime.ForkSafeLock()
 
     def consumer(self, ring):
         """This process's Consumer on ``ring`` (a fork gets a new one: the

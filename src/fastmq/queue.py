@@ -17,7 +17,6 @@ rest of a batch and the handle holds no dequeued-but-undelivered payloads.
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 from typing import Any, Callable, Generic, Iterable, Optional, Tuple, TypeVar, Union
 
@@ -231,7 +230,7 @@ class Queue(Generic[_T]):
         self._serializer = serializer
         self._auth = _auth.Auth(authkey, ring) if authkey is not None else None
         self._reserved_arrays = {}        # id(array) -> Reservation (reserve_array)
-        self._lock = threading.Lock()
+        self._lock = _lifetime.ForkSafeLock()
         if self._auth is None:
             self._bind_compiled(ring, serializer)
         elif getattr(self._auth, "direct", False):

@@ -188,9 +188,9 @@ class Link:
         self._fast = not self.cluster and not self.wait_replicas
         self._local = threading.local()
         self._conns = weakref.WeakSet()
-        self._conns_lock = threading.Lock()
+        self._conns_lock = _lifetime.ForkSafeLock()
         self._aclients = {}               # event loop -> (client, scripts)
-        self._alock = threading.Lock()
+        self._alock = _lifetime.ForkSafeLock()
 
     # ------------------------------------------------------------ errors
 

@@ -178,7 +178,7 @@ class RedisMessage:
 
 class _Heartbeats:
     def __init__(self):
-        self.lock = threading.Lock()
+        self.lock = _lifetime.ForkSafeLock()
         self.generation = None
         self.handles = weakref.WeakSet()
         self.wake = threading.Event()
@@ -233,7 +233,7 @@ class RedisQueue(Queue):
         self._max_deliveries = int(maxdel)
         self._dead_letter = (dlq or b"").decode() or None
         self._serializer = serializer
-        self._lock = threading.Lock()
+        self._lock = _lifetime.ForkSafeLock()
         self._stash = collections.deque()
         self._id_generation = None        # the fork generation _id was made in
         self._id = None
