@@ -4,6 +4,7 @@ outages and credentials. Real processes, real signals, private servers
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -311,13 +312,18 @@ def test_wait_replicas(fresh_server):
     try:
         q.put("replicated")                          # confirmed by the replica
         assert r.llen("fmq:{w}:q") == 1
+        asyncio.run(q.put_async("replicated too"))   # the asyncio path waits as well
+        assert r.llen("fmq:{w}:q") == 2
         r.close()
         replica.stop()
         q._link.wait_timeout_ms = 300
         with pytest.raises(fastmq.Unavailable, match="applied on the primary"):
             q.put("primary only")
-        assert q.qsize() == 2                         # applied, as the error says
-        assert q.get_many(10) == ["replicated", "primary only"]
+        with pytest.raises(fastmq.Unavailable, match="applied on the primary"):
+            asyncio.run(q.put_async("primary only too"))
+        assert q.qsize() == 4                         # applied, as the errors say
+        assert q.get_many(10) == ["replicated", "replicated too", "primary only",
+                                  "primary only too"]
     finally:
         q.close()
 

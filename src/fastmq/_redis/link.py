@@ -291,7 +291,17 @@ class Link:
         pipe = self.client.pipeline(transaction=False)
         script(keys=(key,), args=args, client=pipe)
         pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-        res, confirmed = pipe.execute()[-2:]
+        return self._confirmed(name, *pipe.execute()[-2:])
+
+    async def _acall_and_wait(self, name, script, key, args, client):
+        """``_call_and_wait`` for asyncio."""
+        pipe = client.pipeline(transaction=False)
+        await script(keys=(key,), args=args, client=pipe)       # queues it
+        pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        return self._confirmed(name, *(await pipe.execute())[-2:])
+
+    def _confirmed(self, name, res, confirmed):
+        """The script's reply, once ``WAIT`` said how many replicas have it."""
         if confirmed < self.wait_replicas and name in _PUTS:
             raise Unavailable(f"redis at {self.masked}: the write was applied on the primary "
                               f"but confirmed by {confirmed} of {self.wait_replicas} replicas "
@@ -357,6 +367,9 @@ class Link:
         delay = 0.05
         while True:
             try:
+                if self.wait_replicas and name in _WRITES:
+                    return await _apart(self._acall_and_wait(name, script, key, args, client),
+                                        on_cancel)
                 return await _apart(script(keys=(key,), args=args, client=client), on_cancel)
             except Unavailable:
                 raise
