@@ -131,6 +131,31 @@ def _own_options(url):
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept))), own
 
 
+class _Outage:
+    """One call's retries through an outage: 50 ms doubling to 1 s between
+    attempts, for the call's budget (``Link._budget``) from its first failure."""
+
+    __slots__ = ("_link", "_budget", "_start", "_delay")
+
+    def __init__(self, link, timeout):
+        self._link, self._budget = link, link._budget(timeout)
+        self._start, self._delay = None, 0.05
+
+    def pause(self, exc):
+        """Seconds to wait before the next attempt after ``exc``; raises
+        ``Unavailable`` once the budget is spent (``QueueClosed`` once the
+        handle is closed)."""
+        self._link._check_open()
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        left = self._budget - (now - self._start)
+        if left <= 0:
+            raise self._link.unavailable(exc) from None
+        pause = min(self._delay, left)
+        self._delay = min(self._delay * 2, 1.0)
+        return pause
+
 
 def _settle(attempt):
     """Done callback of an attempt nobody awaits any more: read its outcome,
@@ -198,6 +223,13 @@ class Link:
         return Unavailable(f"redis at {self.masked} is unreachable: "
                            f"{mask(str(exc)) or type(exc).__name__}")
 
+    def _refusal(self, exc, what):
+        """What a call raises for a server's refusal: a lost authentication
+        is an outage to the caller, a fastmq script error its typed error."""
+        if isinstance(exc, AuthenticationError):
+            return self.unavailable(exc)
+        return self.translate(exc, what)
+
     def translate(self, exc, what):
         text = str(exc)
         if text.startswith("FMQNOTFOUND"):
@@ -254,8 +286,7 @@ class Link:
         """Run script ``name`` with KEYS=[key]; retries an outage (see above)."""
         if self.closed:
             raise QueueClosed("operation on a closed fastmq handle")
-        start = None
-        delay = 0.05
+        outage = _Outage(self, timeout)
         while True:
             try:
                 if self._fast:
@@ -266,23 +297,10 @@ class Link:
                 return script(keys=(key,), args=args, client=self.client)
             except Unavailable:
                 raise
-            except AuthenticationError as exc:
-                raise self.unavailable(exc) from None
-            except ResponseError as exc:
-                err = self.translate(exc, what)
-                if err is exc:
-                    raise
-                raise err from None
+            except (AuthenticationError, ResponseError) as exc:
+                raise self._refusal(exc, what) from None
             except _TRANSIENT as exc:
-                self._check_open()
-                now = time.monotonic()
-                if start is None:
-                    start = now
-                left = self._budget(timeout) - (now - start)
-                if left <= 0:
-                    raise self.unavailable(exc) from None
-                time.sleep(min(delay, left))
-                delay = min(delay * 2, 1.0)
+                time.sleep(outage.pause(exc))
 
     def _call_and_wait(self, name, script, key, args):
         """The script, then ``WAIT`` on the same connection (a pipeline):
@@ -358,13 +376,12 @@ class Link:
         return entry
 
     async def acall(self, name, key, args, timeout=None, what="queue", on_cancel=None):
-        """Run script ``name``; ``on_cancel(attempt)`` (see ``_apart``) gets
+        """``call`` for asyncio; ``on_cancel(attempt)`` (see ``_apart``) gets
         the attempt in flight when the caller is cancelled."""
         self._check_open()
         client, table = self._async()
         script = table[name]
-        start = None
-        delay = 0.05
+        outage = _Outage(self, timeout)
         while True:
             try:
                 if self.wait_replicas and name in _WRITES:
@@ -373,23 +390,10 @@ class Link:
                 return await _apart(script(keys=(key,), args=args, client=client), on_cancel)
             except Unavailable:
                 raise
-            except AuthenticationError as exc:
-                raise self.unavailable(exc) from None
-            except ResponseError as exc:
-                err = self.translate(exc, what)
-                if err is exc:
-                    raise
-                raise err from None
+            except (AuthenticationError, ResponseError) as exc:
+                raise self._refusal(exc, what) from None
             except _TRANSIENT as exc:
-                self._check_open()
-                now = time.monotonic()
-                if start is None:
-                    start = now
-                left = self._budget(timeout) - (now - start)
-                if left <= 0:
-                    raise self.unavailable(exc) from None
-                await asyncio.sleep(min(delay, left))
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(outage.pause(exc))
 
     async def await_signal(self, key, last_id, seconds):
         self._check_open()
