@@ -445,9 +445,10 @@ class Exchange:
 
     # -------------------------------------------------------------- routing
 
-    def _targets(self, key):
-        """The queue names ``key`` routes to (before choosing one, for the
-        kinds that deliver to one)."""
+    def _bound_to(self, key):
+        """The queue names whose bindings match ``key`` under the cached
+        version: each once, in first-match order (fanout: sorted by name);
+        kept per key."""
         routes = self._routes.get(key)
         if routes is None:
             kind = self._kind
@@ -457,10 +458,16 @@ class Exchange:
                 hit = [q for q, k in self._bindings if topic_matches(k, key)]
             else:
                 hit = sorted(q for q, _ in self._bindings)
-            routes = list(dict.fromkeys(hit))       # one copy per queue, first match order
+            routes = list(dict.fromkeys(hit))
             if len(self._routes) > 4096:
                 self._routes.clear()
             self._routes[key] = routes
+        return routes
+
+    def _targets(self, key):
+        """The queue names a message with ``key`` goes to (one of the bound
+        ones, for the kinds that deliver to one)."""
+        routes = self._bound_to(key)
         kind = self._kind
         if not routes or kind in ("direct", "topic", "fanout"):
             return routes

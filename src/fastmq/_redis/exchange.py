@@ -25,7 +25,7 @@ import zlib
 
 from .. import _names, _serialize
 from ..errors import Full, MessageTooLarge, QueueClosed, QueueNotFound
-from ..exchange import KINDS, Exchange, _check_key, _check_pattern, topic_matches
+from ..exchange import KINDS, Exchange, _check_key, _check_pattern
 from .link import Link
 
 __all__ = ["RedisExchange"]
@@ -181,20 +181,9 @@ class RedisExchange(Exchange):
     # --------------------------------------------------------------- publish
 
     def _route(self, key):
-        """('all' | 'turn', [queue names]) for ``key`` under the cached version."""
-        routes = self._routes.get(key)
-        if routes is None:
-            kind = self._kind
-            if kind == "direct":
-                hit = [q for q, k in self._bindings if k == key]
-            elif kind == "topic":
-                hit = [q for q, k in self._bindings if topic_matches(k, key)]
-            else:
-                hit = sorted(q for q, _ in self._bindings)
-            routes = list(dict.fromkeys(hit))
-            if len(self._routes) > 4096:
-                self._routes.clear()
-            self._routes[key] = routes
+        """('all' | 'turn', [queue names]) for ``key`` under the cached version
+        ('turn': the server picks the next of them)."""
+        routes = self._bound_to(key)
         kind = self._kind
         if not routes or kind in ("direct", "topic", "fanout"):
             return "all", routes

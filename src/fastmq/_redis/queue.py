@@ -452,12 +452,10 @@ class RedisQueue(Queue):
             done += n
             if n == len(chunk):
                 continue
-            if timeout == 0:
+            left = _wait_left(timeout, deadline)
+            if left is None:
                 break
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            link.wait_signal(prefix + "fr", last, WAIT if left is None else left)
+            link.wait_signal(prefix + "fr", last, left)
         return done
 
     def put(self, obj, block=True, timeout=None):
@@ -527,21 +525,21 @@ class RedisQueue(Queue):
         wait_ms = 0 if timeout == 0 else FLAG_TTL_MS
         link, prefix, n = self._link, self._prefix, min(n, TAKE_MAX)
         while True:
-            if lease_ms is None:
-                res = link.call("get", self._mkey,
-                                (prefix, n, self._ident(), wait_ms, self._activity(1)), timeout)
-            else:
-                res = link.call("lease", self._mkey,
-                                (prefix, n, self._ident(), lease_ms, _HB_MS, wait_ms,
-                                 self._activity(1)), timeout)
+            res = link.call(*self._take_request(n, wait_ms, lease_ms), timeout)
             if res[0]:
                 return res
-            if timeout == 0:
+            left = _wait_left(timeout, deadline)
+            if left is None:
                 raise Empty
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise Empty
-            link.wait_signal(prefix + "sig", res[1], WAIT if left is None else left)
+            link.wait_signal(prefix + "sig", res[1], left)
+
+    def _take_request(self, n, wait_ms, lease_ms):
+        """(script, key, arguments) of one take: plain, or leases of ``lease_ms``."""
+        if lease_ms is None:
+            return "get", self._mkey, (self._prefix, n, self._ident(), wait_ms,
+                                       self._activity(1))
+        return "lease", self._mkey, (self._prefix, n, self._ident(), lease_ms, _HB_MS, wait_ms,
+                                     self._activity(1))
 
     def _pop_stash(self, n):
         """Up to ``n`` stashed payloads (kept back by a failed decode or a
@@ -837,24 +835,19 @@ class RedisQueue(Queue):
                 if stashed:
                     return stashed
                 # Taken but not handed over (the caller was cancelled): stashed.
-                res = await link.acall("get", self._mkey,
-                                       (prefix, n, self._ident(), wait_ms, self._activity(1)),
-                                       timeout, on_cancel=self._rescue)
+                res = await link.acall(*self._take_request(n, wait_ms, None), timeout,
+                                       on_cancel=self._rescue)
                 if res[0]:
                     return _strip(res[1:])
             else:
                 # A lease taken for a cancelled caller just expires and comes back.
-                res = await link.acall("lease", self._mkey,
-                                       (prefix, n, self._ident(), lease_ms, _HB_MS, wait_ms,
-                                        self._activity(1)), timeout)
+                res = await link.acall(*self._take_request(n, wait_ms, lease_ms), timeout)
                 if res[0]:
                     return res
-            if timeout == 0:
+            left = _wait_left(timeout, deadline)
+            if left is None:
                 raise Empty
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise Empty
-            await link.await_signal(prefix + "sig", res[1], WAIT if left is None else left)
+            await link.await_signal(prefix + "sig", res[1], left)
 
     def _rescue(self, attempt):
         if attempt.cancelled() or attempt.exception() is not None:
@@ -900,13 +893,24 @@ class RedisQueue(Queue):
                                         b"0:" + payload), timeout)
             if n == 1:
                 return
-            left = None if deadline is None else deadline - time.monotonic()
-            if timeout == 0 or (left is not None and left <= 0):
+            left = _wait_left(timeout, deadline)
+            if left is None:
                 raise Full(f"queue {self.name!r} stayed full ({self._maxsize} messages)")
-            await link.await_signal(prefix + "fr", last, WAIT if left is None else left)
+            await link.await_signal(prefix + "fr", last, left)
 
 
 WAIT = 3600.0          # "forever", one slice at a time
+
+
+def _wait_left(timeout, deadline):
+    """Seconds the next wait may take (``WAIT``: no deadline), or None when
+    the call's time is up (``timeout`` 0: it never waits)."""
+    if timeout == 0:
+        return None
+    if deadline is None:
+        return WAIT
+    left = deadline - time.monotonic()
+    return left if left > 0 else None
 
 
 def _strip(elements):
