@@ -121,10 +121,10 @@ def test_ack_after_expiry_is_lease_lost_even_if_not_taken(mq, backend):
 def test_touch_extends_the_lease(mq):
     q = mq.Queue(maxsize=8)
     q.put("x")
-    m = q.get_message(lease=0.3)
-    for _ in range(4):
-        time.sleep(0.15)
-        m.touch(0.3)
+    m = q.get_message(lease=1.0)
+    for _ in range(4):                     # 1.6 s in all: past the first lease's end
+        time.sleep(0.4)                    # (0.6 s of slack per touch on a loaded machine)
+        m.touch(1.0)
     q.redeliver_expired()
     assert q.qsize() == 0
     assert q.pending()[0]["expires_in"] > 0
