@@ -981,10 +981,12 @@ static int fmq_ready_thunk(void *ctx) {
  * cannot run until we yield. So:
  *   - a pause phase that ran out halves the next one (down to _MIN): a pair
  *     on one CPU soon yields almost at once, handing the CPU over;
- *   - a wait that ended after t ns in the pause phase, or in the yield phase
- *     while its yields kept the CPU (nobody else was runnable here, so the
- *     sender runs elsewhere), makes the next pause phase at least 2t (up to
- *     _MAX): a pair on two CPUs keeps spinning;
+ *   - a wait that ended in the pause phase doubles the next one (up to _MAX),
+ *     and one that ended after t ns in the yield phase while its yields kept
+ *     the CPU (nobody else was runnable here, so the sender runs elsewhere)
+ *     makes it at least 2t: a pair on two CPUs keeps spinning, and a rare
+ *     late message (the sender was preempted) costs it one halving, undone
+ *     by the next wait;
  *   - FMQ_LONG_WAITS waits in a row that went to sleep and were not woken
  *     soon (an idle queue, sparse traffic) skip spinning until a sleep ends
  *     quickly again: an idle consumer costs one look per slice, not a spin.
@@ -996,14 +998,14 @@ typedef struct {
 static __thread fmq_spin_state fmq_tl_spin[2] = {{FMQ_SPIN_PAUSE_NS, 0},
                                                  {FMQ_SPIN_PAUSE_NS, 0}};
 
-/* A wait ended in the spin phases after waited ns, having spent yield_ns in
- * yields sched_yield calls (0 and 0: it ended in the pause phase). */
+/* A wait ended in the spin phases: in the pause phase (yields == 0), or
+ * after about waited ns, yield_ns of them in yields sched_yield calls. */
 static void fmq_spin_done(fmq_spin_state *st, uint64_t waited, uint64_t yield_ns,
                           unsigned yields) {
     st->long_waits = 0;
     if (yields && yield_ns > (uint64_t)yields * FMQ_YIELD_KEPT_NS)
         return;   /* a yield ran someone else here: a longer pause would not have helped */
-    uint64_t want = 2 * waited;
+    uint64_t want = 2 * (yields ? waited : st->pause_ns);
     if (want > FMQ_SPIN_PAUSE_MAX_NS)
         want = FMQ_SPIN_PAUSE_MAX_NS;
     if (want > st->pause_ns)
@@ -1030,7 +1032,7 @@ static int fmq_wait_for(fmq_region *r, fmq_waitline *wl,
     int pausing = 1;
     for (;;) {
         if (ready(r, arg, &blk)) {
-            fmq_spin_done(st, fmq_now_ns() - start, yield_ns, yields);
+            fmq_spin_done(st, now - start, yield_ns, yields);   /* now: the last look's */
             return FMQ_OK;
         }
         /* One clock read per look (a vDSO read, a few tens of ns): the
