@@ -86,10 +86,11 @@
 #include "fmq_wait.h"
 
 #define FMQ_SPIN_NS 30000ull        /* spin this long before sleeping            */
-#define FMQ_SPIN_PAUSE_NS 5000ull   /* ... at most the first part with pause, then
-                                       yield; a thread's pause phase starts here
-                                       and adapts (fmq_spin_state) down to:     */
+#define FMQ_SPIN_PAUSE_NS 5000ull   /* ... the first part with pause, then yield:
+                                       where a thread's pause phase starts; it
+                                       adapts (fmq_spin_state) between:         */
 #define FMQ_SPIN_PAUSE_MIN_NS 250ull
+#define FMQ_SPIN_PAUSE_MAX_NS 20000ull
 #define FMQ_SPIN_PAUSES 4           /* pauses between two looks in that first part */
 #define FMQ_YIELD_KEPT_NS 1000ull   /* a sched_yield this short gave the CPU to nobody */
 #define FMQ_QUICK_WAKE_NS 60000ull  /* a sleep that ended this soon: traffic is dense */
@@ -980,12 +981,12 @@ static int fmq_ready_thunk(void *ctx) {
  * cannot run until we yield. So:
  *   - a pause phase that ran out halves the next one (down to _MIN): a pair
  *     on one CPU soon yields almost at once, handing the CPU over;
- *   - a wait that ended in the pause phase doubles the next one, and one
- *     that ended after t ns in the yield phase while its yields kept the CPU
- *     (nobody else was runnable here, so the sender runs elsewhere) makes it
- *     at least 2t, both up to FMQ_SPIN_PAUSE_NS (where it starts): a pair on
- *     two CPUs keeps spinning as before, and a rare late message (the sender
- *     was preempted) costs it one halving, undone by the next wait;
+ *   - a wait that ended in the pause phase doubles the next one (up to _MAX),
+ *     and one that ended after t ns in the yield phase while its yields kept
+ *     the CPU (nobody else was runnable here, so the sender runs elsewhere)
+ *     makes it at least 2t: a pair on two CPUs keeps spinning, and a rare
+ *     late message (the sender was preempted) costs it one halving, undone
+ *     by the next wait;
  *   - FMQ_LONG_WAITS waits in a row that went to sleep and were not woken
  *     soon (an idle queue, sparse traffic) skip spinning until a sleep ends
  *     quickly again: an idle consumer costs one look per slice, not a spin.
@@ -1005,8 +1006,8 @@ static void fmq_spin_done(fmq_spin_state *st, uint64_t waited, uint64_t yield_ns
     if (yields && yield_ns > (uint64_t)yields * FMQ_YIELD_KEPT_NS)
         return;   /* a yield ran someone else here: a longer pause would not have helped */
     uint64_t want = 2 * (yields ? waited : st->pause_ns);
-    if (want > FMQ_SPIN_PAUSE_NS)
-        want = FMQ_SPIN_PAUSE_NS;
+    if (want > FMQ_SPIN_PAUSE_MAX_NS)
+        want = FMQ_SPIN_PAUSE_MAX_NS;
     if (want > st->pause_ns)
         st->pause_ns = want;
 }
