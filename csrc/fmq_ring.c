@@ -86,8 +86,15 @@
 #include "fmq_wait.h"
 
 #define FMQ_SPIN_NS 30000ull        /* spin this long before sleeping            */
-#define FMQ_SPIN_PAUSE_NS 5000ull   /* ... the first part with pause, then yield */
+#define FMQ_SPIN_PAUSE_NS 5000ull   /* ... the first part with pause, then yield:
+                                       where a thread's pause phase starts; it
+                                       adapts (fmq_spin_state) between:         */
+#define FMQ_SPIN_PAUSE_MIN_NS 250ull
+#define FMQ_SPIN_PAUSE_MAX_NS 20000ull
 #define FMQ_SPIN_PAUSES 4           /* pauses between two looks in that first part */
+#define FMQ_YIELD_KEPT_NS 1000ull   /* a sched_yield this short gave the CPU to nobody */
+#define FMQ_QUICK_WAKE_NS 60000ull  /* a sleep that ended this soon: traffic is dense */
+#define FMQ_LONG_WAITS 2            /* this many long sleeps in a row: sleep at once */
 #define FMQ_STALL_NS 100000000ull   /* a slot unchanged this long: check its owner */
 #define FMQ_RECOVER_EVERY_NS 1000000000ull  /* a stuck waiter's full recovery pass */
 
@@ -965,28 +972,81 @@ static int fmq_ready_thunk(void *ctx) {
     return cx->ready(cx->r, cx->arg, cx->blk);
 }
 
+/* Per thread and direction (0: waits for data, 1: for space), how this
+ * thread's recent waits went, so that its next wait spins as long as is worth
+ * it. The pause phase (busy, on this CPU) only pays while the process we wait
+ * for runs on another CPU: then it sees a message a fraction of a microsecond
+ * after it lands. When both share a CPU (a loaded 2-core machine puts a
+ * ping-pong pair on one), every pause only delays the other side, which
+ * cannot run until we yield. So:
+ *   - a pause phase that ran out halves the next one (down to _MIN): a pair
+ *     on one CPU soon yields almost at once, handing the CPU over;
+ *   - a wait that ended in the pause phase doubles the next one (up to _MAX),
+ *     and one that ended after t ns in the yield phase while its yields kept
+ *     the CPU (nobody else was runnable here, so the sender runs elsewhere)
+ *     makes it at least 2t: a pair on two CPUs keeps spinning, and a rare
+ *     late message (the sender was preempted) costs it one halving, undone
+ *     by the next wait;
+ *   - FMQ_LONG_WAITS waits in a row that went to sleep and were not woken
+ *     soon (an idle queue, sparse traffic) skip spinning until a sleep ends
+ *     quickly again: an idle consumer costs one look per slice, not a spin.
+ * Thread-local: no shared state, and a thread's waits are one sequence. */
+typedef struct {
+    uint64_t pause_ns;
+    unsigned long_waits;
+} fmq_spin_state;
+static __thread fmq_spin_state fmq_tl_spin[2] = {{FMQ_SPIN_PAUSE_NS, 0},
+                                                 {FMQ_SPIN_PAUSE_NS, 0}};
+
+/* A wait ended in the spin phases: in the pause phase (yields == 0), or
+ * after about waited ns, yield_ns of them in yields sched_yield calls. */
+static void fmq_spin_done(fmq_spin_state *st, uint64_t waited, uint64_t yield_ns,
+                          unsigned yields) {
+    st->long_waits = 0;
+    if (yields && yield_ns > (uint64_t)yields * FMQ_YIELD_KEPT_NS)
+        return;   /* a yield ran someone else here: a longer pause would not have helped */
+    uint64_t want = 2 * (yields ? waited : st->pause_ns);
+    if (want > FMQ_SPIN_PAUSE_MAX_NS)
+        want = FMQ_SPIN_PAUSE_MAX_NS;
+    if (want > st->pause_ns)
+        st->pause_ns = want;
+}
+
 static int fmq_wait_for(fmq_region *r, fmq_waitline *wl,
                         int (*ready)(fmq_region *, uint64_t, fmq_blocker *), uint64_t arg,
                         uint64_t deadline_ns) {
     fmq_blocker blk;
+    fmq_spin_state *st = &fmq_tl_spin[wl == &r->ctl->space];
     /* 1. Spin briefly: a message usually arrives within microseconds under
-     *    load, and a futex round trip costs more than that. After a short
-     *    busy phase, yield so that on an oversubscribed machine the process we
-     *    are waiting for gets the core. */
+     *    load, and a futex round trip costs more than that. First with pause
+     *    (as long as fmq_spin_state says it pays), then with sched_yield, so
+     *    that on an oversubscribed machine the process we are waiting for
+     *    gets the core. After long waits, only one look. */
     uint64_t start = fmq_now_ns(), now = start;
-    uint64_t spin_until = start + FMQ_SPIN_NS;
+    uint64_t spin_until = start + (st->long_waits >= FMQ_LONG_WAITS ? 0 : FMQ_SPIN_NS);
+    uint64_t pause_until = start + st->pause_ns;
     if (deadline_ns && spin_until > deadline_ns)
         spin_until = deadline_ns;
-    for (unsigned i = 0;; i++) {
-        if (ready(r, arg, &blk))
+    uint64_t yield_ns = 0;
+    unsigned yields = 0;
+    int pausing = 1;
+    for (;;) {
+        if (ready(r, arg, &blk)) {
+            fmq_spin_done(st, now - start, yield_ns, yields);   /* now: the last look's */
             return FMQ_OK;
-        if ((i & 7) == 7) {
-            now = fmq_now_ns();
-            if (now >= spin_until)
-                break;
         }
-        if (now - start < FMQ_SPIN_PAUSE_NS) {
-            /* A pause takes up to ~140 cycles on recent x86 cores: a few of
+        /* One clock read per look (a vDSO read, a few tens of ns): the
+         * pause phase may be a fraction of a microsecond long. */
+        now = fmq_now_ns();
+        if (now >= spin_until)
+            break;
+        if (pausing && now >= pause_until) {
+            pausing = 0;   /* the pause phase ran out: the next one is shorter */
+            st->pause_ns = st->pause_ns / 2 > FMQ_SPIN_PAUSE_MIN_NS ? st->pause_ns / 2
+                                                                  : FMQ_SPIN_PAUSE_MIN_NS;
+        }
+        if (pausing) {
+            /* A pause takes ~20-140 cycles depending on the core: a few of
              * them between two looks, so that a message that arrives is
              * seen within a fraction of a microsecond (it is half of every
              * hop of a round trip), not after ~16 of them. */
@@ -994,6 +1054,8 @@ static int fmq_wait_for(fmq_region *r, fmq_waitline *wl,
                 fmq_cpu_relax();
         } else {
             sched_yield();
+            yield_ns += fmq_now_ns() - now;
+            yields++;
         }
     }
     if (deadline_ns && now >= deadline_ns)
@@ -1003,6 +1065,10 @@ static int fmq_wait_for(fmq_region *r, fmq_waitline *wl,
      *    the re-check there is ready() again, whose slot loads are seq_cst). */
     fmq_ready_ctx cx = {r, ready, arg, &blk};
     int rc = fmq_waitline_sleep(wl, fmq_ready_thunk, &cx, deadline_ns);
+    if (rc == FMQ_OK && fmq_now_ns() - start < FMQ_QUICK_WAKE_NS)
+        st->long_waits = 0;          /* dense traffic again: spin next time */
+    else if (st->long_waits < FMQ_LONG_WAITS)
+        st->long_waits++;
     if (rc == FMQ_AGAIN) {
         /* A whole slice without a wake: is a dead process the reason? */
         fmq_note_blocker(r, &blk, wl == &r->ctl->space && arg != 0);
