@@ -15,9 +15,10 @@
  * segment's header page, past the header. Every flush dirties them, and
  * every put dirties the control lines and its participant line, which are
  * the pages right after the header page: a flush then writes pages 0-2 as
- * one run (one write request) instead of those two plus a page at the far
- * end of the file (measured: 4 dirty pages in 3 runs per 64 B commit put
- * before, 4 pages in 2 runs after). The header bytes never change while
+ * one run of contiguous pages (one write request where their blocks are
+ * contiguous, as the create's single fallocate of them makes them) instead
+ * of those two plus a page at the far end of the file (a 64 B commit put
+ * dirties 4 pages: 3 runs before, 2 now). The header bytes never change while
  * the queue is open, so rewriting the page with them is harmless; a page
  * torn by a power loss anyway is rewritten from the superblock's copy. An
  * older binary (flush words in the trailer) that shares a file with this
