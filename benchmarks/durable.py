@@ -21,7 +21,9 @@ second; get throughput the messages the consumer took and acked (fastmq:
 waits for the consumer, as it would in use. Payloads
 are bytes of 64 B or 4 KiB (strings of that length for litequeue, which
 stores TEXT). The directory must be on a real filesystem (it is checked).
-One run per cell; the machine's load is printed with the table.
+One run per cell per round (``--repeat N``: N interleaved rounds, then the
+median put rate per cell and each bar's ratio and verdict); the machine's
+load is printed with each round.
 """
 from __future__ import annotations
 
@@ -232,11 +234,38 @@ def _fs_type(path):
     return kind
 
 
+# The issue's bars: (label, numerator kind, denominator kind, cells, ratio,
+# "ge": numerator/denominator >= ratio; "le": denominator/numerator <= ratio).
+BARS = [
+    ("interval >= 10x persist-queue NORMAL", "fastmq file interval", "persist-queue NORMAL",
+     None, 10.0, "ge"),
+    ("commit 1P >= 1x persist-queue FULL", "fastmq file commit", "persist-queue FULL",
+     {(1, 64), (1, 4096)}, 1.0, "ge"),
+    ("commit 4P >= 2x persist-queue FULL", "fastmq file commit", "persist-queue FULL",
+     {(4, 64), (4, 4096)}, 2.0, "ge"),
+    ("none within 1.5x of shm", "fastmq file none", "fastmq shm", None, 1.5, "le"),
+]
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=2.0, help="put phase per cell")
     ap.add_argument("--dir", default=None, help="a directory on a real filesystem")
     ap.add_argument("--quick", action="store_true", help="1 producer, 64 B only")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds; each round runs every cell once (interleaved), the "
+                         "summary gives the median put rate per cell and the bars' verdicts")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated substrings: run only the queues whose label "
+                         "contains one of them (e.g. 'commit,FULL')")
+    ap.add_argument("--cells", default=None,
+                    help="comma-separated PxSIZE cells, e.g. '1x64,1x4096'")
     args = ap.parse_args(argv)
     root = args.dir or tempfile.mkdtemp(prefix="fastmq-durable-bench-", dir="/var/tmp")
     os.makedirs(root, exist_ok=True)
@@ -252,23 +281,65 @@ def main(argv=None):
         ("fastmq file none", lambda d: FastmqFile(d, "none")),
         ("fastmq shm", lambda d: FastmqShm(d)),
     ]
+    if args.only:
+        want = [w.strip() for w in args.only.split(",") if w.strip()]
+        kinds = [k for k in kinds if any(w in k[0] for w in want)]
     cells = [(1, 64)] if args.quick else [(1, 64), (4, 64), (1, 4096), (4, 4096)]
-    print(f"# durable queues, {args.seconds:g} s put phase per cell, dir {root} "
-          f"({_fs_type(root)}), load {os.getloadavg()[0]:.2f}, {os.cpu_count()} cpus")
-    print(f"{'queue':<22} {'P':>2} {'size':>5} {'put msg/s':>11} {'get msg/s':>11} {'put':>9}")
-    for producers, size in cells:
-        for label, make in kinds:
-            d = tempfile.mkdtemp(dir=root)
-            try:
-                put_rate, get_rate, total = run_cell(make(d), producers, size, args.seconds)
-                print(f"{label:<22} {producers:>2} {size:>5} {put_rate:>11,.0f} "
-                      f"{get_rate:>11,.0f} {total:>9,}", flush=True)
-            except Exception as exc:     # a peer that is not installed, etc.
-                print(f"{label:<22} {producers:>2} {size:>5}   n/a ({type(exc).__name__}: "
-                      f"{exc})", flush=True)
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
+    if args.cells:
+        cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
+    rates = {}                          # (label, P, size) -> [put msg/s per round]
+    loads = []
+    for rnd in range(max(1, args.repeat)):
+        loads.append(os.getloadavg()[0])
+        print(f"# durable queues, round {rnd + 1}/{max(1, args.repeat)}, {args.seconds:g} s "
+              f"put phase per cell, dir {root} ({_fs_type(root)}), load {loads[-1]:.2f}, "
+              f"{os.cpu_count()} cpus")
+        print(f"{'queue':<22} {'P':>2} {'size':>5} {'put msg/s':>11} {'get msg/s':>11} "
+              f"{'put':>9}")
+        for producers, size in cells:
+            for label, make in kinds:
+                d = tempfile.mkdtemp(dir=root)
+                try:
+                    put_rate, get_rate, total = run_cell(make(d), producers, size,
+                                                         args.seconds)
+                    rates.setdefault((label, producers, size), []).append(put_rate)
+                    print(f"{label:<22} {producers:>2} {size:>5} {put_rate:>11,.0f} "
+                          f"{get_rate:>11,.0f} {total:>9,}", flush=True)
+                except Exception as exc:     # a peer that is not installed, etc.
+                    print(f"{label:<22} {producers:>2} {size:>5}   n/a ({type(exc).__name__}: "
+                          f"{exc})", flush=True)
+                finally:
+                    shutil.rmtree(d, ignore_errors=True)
+            print()
+    if args.repeat > 1:
+        print(f"# median put msg/s of {args.repeat} rounds (load at round starts: "
+              f"{', '.join(f'{x:.2f}' for x in loads)}; now {os.getloadavg()[0]:.2f})")
+        labels = [k[0] for k in kinds]
+        print(f"{'cell':<9}" + "".join(f" {lb[-20:]:>20}" for lb in labels))
+        for producers, size in cells:
+            row = [rates.get((lb, producers, size)) for lb in labels]
+            print(f"{producers}P {size:>5} " + "".join(
+                f" {_median(v):>20,.0f}" if v else f" {'n/a':>20}" for v in row))
         print()
+    print("# bars (medians of the rounds)" if args.repeat > 1 else "# bars")
+    for name, num, den, only_cells, ratio, how in BARS:
+        for producers, size in cells:
+            if only_cells is not None and (producers, size) not in only_cells:
+                continue
+            a, b = rates.get((num, producers, size)), rates.get((den, producers, size))
+            if not a or not b:
+                continue
+            a, b = _median(a), _median(b)
+            if how == "ge":
+                got = a / b
+                ok = got >= ratio
+                txt = f"{got:.2f}x (bar >= {ratio:g}x)"
+            else:
+                got = b / a
+                ok = got <= ratio
+                txt = f"shm/none {got:.2f}x (bar <= {ratio:g}x)"
+            print(f"{name:<38} {producers}P {size:>5}: {txt:<28} "
+                  f"{'met' if ok else 'MISSED'}")
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -114,6 +114,11 @@ int fmq_durable_open(const char *path, const char *name, fmq_region **out);
  * "commit" waits for a flush covering it (shared with concurrent producers),
  * "interval" flushes if the last flush is older than the interval. */
 int fmq_durable_sync(fmq_region *r);
+/* 1 when fmq_durable_sync would flush or wait for a flush now ("commit",
+ * or "interval" with the last flush older than the interval); 0 when it
+ * would return at once ("none", an interval not over, not durable). No
+ * system call but the clock's: the binding calls it holding its lock. */
+int fmq_durable_sync_due(fmq_region *r);
 int fmq_durable_flush(fmq_region *r);   /* flush now, whatever the mode */
 typedef struct fmq_durable_info {
     uint32_t sync_mode;

@@ -9,7 +9,21 @@
  *
  *   total_size            superblock A  } the same record, two copies, each
  *   total_size + 4096     superblock B  } with a generation and a CRC-32C
- *   total_size + 8192     fmq_dctl: the flush words (hints, rebuilt on open)
+ *   total_size + 8192     unused (held the flush words in the first files)
+ *
+ * The flush words (fmq_dctl: hints, rebuilt on open) sit in the tail of the
+ * segment's header page, past the header. Every flush dirties them, and
+ * every put dirties the control lines and its participant line, which are
+ * the pages right after the header page: a flush then writes pages 0-2 as
+ * one run of contiguous pages (one write request where their blocks are
+ * contiguous, as the create's single fallocate of them makes them) instead
+ * of those two plus a page at the far end of the file (a 64 B commit put
+ * dirties 4 pages: 3 runs before, 2 now). The header bytes never change while
+ * the queue is open, so rewriting the page with them is harmless; a page
+ * torn by a power loss anyway is rewritten from the superblock's copy. An
+ * older binary (flush words in the trailer) that shares a file with this
+ * one loses the sharing of flushes between them, never correctness: a
+ * flush by anyone covers every commit before it.
  *
  * A superblock names this format and version, the sync mode, and carries a
  * copy of the segment header. An opener takes the valid copy with the
@@ -146,7 +160,11 @@ struct fmq_dctl {
 };
 
 _Static_assert(sizeof(fmq_superblock) <= FMQ_PAGE, "a superblock copy fills at most one page");
-_Static_assert(sizeof(struct fmq_dctl) <= FMQ_PAGE, "the flush words fit one page");
+/* The flush words: the last lines of the header page (see the top). */
+#define FMQ_DCTL_OFFSET (FMQ_PAGE - sizeof(struct fmq_dctl))
+_Static_assert(FMQ_DCTL_OFFSET % FMQ_LINE == 0, "the flush words start on a line");
+_Static_assert(sizeof(fmq_header) <= FMQ_DCTL_OFFSET,
+               "the flush words fit in the header page, past the header");
 
 /* ======================================================================== */
 /* test hook: images of the file at every completed flush                   */
@@ -314,19 +332,25 @@ static int fmq_durable_barrier_for_move(fmq_region *r) {
     return fmq_barrier(r);
 }
 
-int fmq_durable_sync(fmq_region *r) {
+/* The one decision of every put path (the binding asks this first, with
+ * its lock held, and releases it only for fmq_durable_sync when this says
+ * a flush is due). */
+int fmq_durable_sync_due(fmq_region *r) {
     if (!r->durable)
-        return FMQ_OK;
+        return 0;
     if (r->sync_mode == FMQ_SYNC_COMMIT)
-        return fmq_barrier(r);
+        return 1;
     if (r->sync_mode == FMQ_SYNC_INTERVAL) {
         uint64_t last = atomic_load_explicit(&r->dctl->last_flush_ns.v, memory_order_relaxed);
         uint64_t now = fmq_now_ns();
         /* A value from the future is from another boot's clock: too old. */
-        if (last > now || now - last >= r->sync_interval_ns)
-            return fmq_barrier(r);
+        return last > now || now - last >= r->sync_interval_ns;
     }
-    return FMQ_OK;
+    return 0;
+}
+
+int fmq_durable_sync(fmq_region *r) {
+    return fmq_durable_sync_due(r) ? fmq_barrier(r) : FMQ_OK;
 }
 
 int fmq_durable_flush(fmq_region *r) {
@@ -434,7 +458,7 @@ static int fmq_dir_fsync(const char *path) {
 static int fmq_bind_durable(fmq_region *r, const char *path) {
     r->durable = 1;
     r->up = &fmq_upcalls_durable;
-    r->dctl = (struct fmq_dctl *)(r->base + r->g.total_size + 2 * FMQ_PAGE);
+    r->dctl = (struct fmq_dctl *)(r->base + FMQ_DCTL_OFFSET);
     r->dur_path = strdup(path);
     return r->dur_path ? FMQ_OK : fmq_fail(FMQ_EOS, "out of memory");
 }

@@ -67,7 +67,7 @@ struct fmq_region {
     int durable;
     uint32_t sync_mode;         /* FMQ_SYNC_*                                    */
     uint64_t sync_interval_ns;
-    struct fmq_dctl *dctl;      /* the flush words, past the segment's end       */
+    struct fmq_dctl *dctl;      /* the flush words, in the header page's tail    */
     uint64_t dur_kept, dur_dropped, dur_generation;   /* this open's recovery   */
     char *dur_path;             /* the file (malloc'd; freed by fmq_region_free) */
 };

@@ -41,3 +41,19 @@ def test_the_instruction_and_the_tables_agree_on_large_inputs():
     for n in (4096, 65537, 1 << 20):
         data = rng.randbytes(n)
         assert core._crc32c(data, False) == core._crc32c(data, True)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["by_cpu", "tables"])
+def test_long_inputs_give_the_standard_value_at_every_stride_boundary(portable):
+    # The instruction path cuts long inputs into strides of three lanes
+    # (3 x 1024 B, then 3 x 128 B) and joins their CRCs: every length on
+    # either side of a stride, and every alignment, must still give the
+    # specified value.
+    rng = random.Random(13)
+    blob = rng.randbytes(7000)
+    lengths = [383, 384, 385, 767, 768, 769, 3071, 3072, 3073, 3072 + 384, 3072 + 391,
+               4096, 4100, 6144, 6144 + 384 + 7]
+    for n in lengths:
+        for start in (0, 5):
+            data = blob[start:start + n]
+            assert core._crc32c(data, portable) == _reference(data), (n, start)

@@ -278,6 +278,58 @@ def test_every_put_path_of_a_commit_queue_flushes_before_it_returns(ddir, path, 
         fastmq.Queue.unlink("every", url=_url(ddir))
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "authkey"])
+@pytest.mark.parametrize("path", sorted(_PUT_PATHS))
+def test_every_put_path_meets_none_and_interval_the_same_way(ddir, path, keyed):
+    """The put paths share one sync step: under sync="none" no path flushes;
+    under sync="interval" none flushes while the last flush is recent, and
+    each flushes once the interval is over."""
+    if keyed and path == "reserve_commit":
+        pytest.skip("a keyed handle refuses reservations (raw bytes bypass the MAC)")
+    key = b"k" * 32 if keyed else None
+    url = _url(ddir)
+    for sync, interval in (("none", 1.0), ("interval", 60.0), ("interval", 0.2)):
+        q = fastmq.Queue.create("paths", url=url, sync=sync, sync_interval=interval,
+                                authkey=key, **GEOMETRY)
+        try:
+            if interval < 1:
+                time.sleep(interval + 0.1)     # the create's flush is now too old
+            before = q.stats()["flushes"]
+            _PUT_PATHS[path](q)
+            flushed = q.stats()["flushes"] - before
+            if interval < 1:
+                assert flushed == 1, (sync, interval, path, flushed)
+            else:
+                assert flushed == 0, (sync, interval, path, flushed)
+            assert q.qsize() > 0
+        finally:
+            q.close()
+            fastmq.Queue.unlink("paths", url=url)
+
+
+def test_flush_words_left_in_a_closed_file_are_not_trusted(ddir):
+    """The flush words (which commits are on disk) live in the file with the
+    segment, but they are hints: an opener recomputes them. Words saying
+    "everything is flushed" (all ones), written into a closed file, must not
+    let a sync="commit" put return without its own flush."""
+    q = _create(ddir, "fw", "commit")
+    q.put_bytes(W.payload(1))
+    q.close()
+    (name,) = [f for f in os.listdir(ddir) if not f.startswith(".")]
+    with open(os.path.join(ddir, name), "r+b") as f:
+        f.seek(4096 - 768)                     # the flush words: the header page's tail
+        f.write(b"\xff" * 768)
+    q = fastmq.Queue.open("fw", url=_url(ddir))
+    try:
+        before = q.stats()["flushes"]
+        q.put_bytes(W.payload(2))
+        assert q.stats()["flushes"] == before + 1
+        assert q.get_bytes(timeout=5) == W.payload(1)
+        assert q.get_bytes(timeout=5) == W.payload(2)
+    finally:
+        q.close()
+
+
 # ------------------------------------------------------------- kill -9
 
 def _required(prod_logs, cons_log):

@@ -74,6 +74,7 @@ cdef extern from "fmq.h" nogil:
                            uint64_t sync_interval_ns, fmq_region **out)
     int fmq_durable_open(const char *path, const char *name, fmq_region **out)
     int fmq_durable_sync(fmq_region *r)
+    int fmq_durable_sync_due(fmq_region *r)
     int fmq_durable_flush(fmq_region *r)
     ctypedef struct fmq_durable_info:
         uint32_t sync_mode

@@ -187,8 +187,7 @@ cdef class Reservation(_Exporter):
             if rc != FMQ_OK:
                 _raise(rc)
             self.state = 1
-            if self.ring._durable:
-                self.ring._sync()
+            self.ring._sync()
         finally:
             self.ring._leave()
         self.close()

@@ -275,8 +275,7 @@ cdef class Mac:
             finally:
                 if viewed:
                     PyBuffer_Release(&view)
-            if ring._durable:
-                ring._sync()           # as Ring.put: the sync mode is met first
+            ring._sync()               # as Ring.put: the sync mode is met first
         finally:
             ring._leave()
         return 0

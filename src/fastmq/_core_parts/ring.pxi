@@ -329,8 +329,16 @@ cdef class Ring:
 
     # ---- durability (file:// queues) -------------------------------------- #
 
-    cdef int _sync(self) except -1:
-        """After a put (or a batch): what the queue's sync mode asks."""
+    cdef inline int _sync(self) except -1:
+        """After a put (or a batch) committed: what a durable queue's sync
+        mode asks. Every put path ends here, and only here; the GIL is
+        released only when a flush is due (never for sync="none", nor for
+        an "interval" put within the interval)."""
+        if self._durable and fmq_durable_sync_due(self.r):
+            self._sync_wait()
+        return 0
+
+    cdef int _sync_wait(self) except -1:
         cdef int rc
         with nogil:
             rc = fmq_durable_sync(self.r)
@@ -636,8 +644,7 @@ cdef class Ring:
                     PyBuffer_Release(&view)
             # A durable queue's put returns once its sync mode is met, on
             # every path (fmq_durable.c).
-            if self._durable:
-                self._sync()
+            self._sync()
         finally:
             self._leave()
         return 0
@@ -793,12 +800,9 @@ cdef class Ring:
                 fmq_ring_count_put(self.r, <uint64_t>done, nbytes)
                 fmq_ring_advance_tail(self.r, run)
                 fmq_ring_wake_consumers(self.r, 1)
-                if self._durable:
-                    try:
-                        self._sync()    # one flush for the whole batch
-                    finally:
-                        self._leave()
-                else:
+                try:
+                    self._sync()        # one flush for the whole batch
+                finally:
                     self._leave()
             else:
                 self._leave()
@@ -882,8 +886,7 @@ cdef class Ring:
                 if block != FMQ_NO_BLOCK:
                     fmq_pool_release_writer(self.r, block)
                 _raise(rc)
-            if self._durable:
-                self._sync()        # the whole batch on disk in one flush
+            self._sync()            # the whole batch on disk in one flush
         finally:
             self._leave()
         return n
