@@ -12,7 +12,8 @@
  *   total_size + 8192     unused (held the flush words in the first files)
  *
  * The flush words (fmq_dctl: hints, rebuilt on open) sit in the tail of the
- * segment's header page, past the header. Every flush dirties them, and
+ * segment's header page, past the header (before its last line, which holds
+ * the Python layer's rejected count). Every flush dirties them, and
  * every put dirties the control lines and its participant line, which are
  * the pages right after the header page: a flush then writes pages 0-2 as
  * one run of contiguous pages (one write request where their blocks are
@@ -160,9 +161,15 @@ struct fmq_dctl {
 };
 
 _Static_assert(sizeof(fmq_superblock) <= FMQ_PAGE, "a superblock copy fills at most one page");
-/* The flush words: the last lines of the header page (see the top). */
-#define FMQ_DCTL_OFFSET (FMQ_PAGE - sizeof(struct fmq_dctl))
+/* The flush words: the last lines of the header page but one (see the
+ * top). The page's last line belongs to the Python layer: its shared count
+ * of messages that failed authentication is 8 bytes at 4080 of every
+ * native segment, files included (fastmq/_auth.py, REJECTED_OFFSET). */
+#define FMQ_REJECTED_LINE (FMQ_PAGE - FMQ_LINE)
+#define FMQ_DCTL_OFFSET (FMQ_REJECTED_LINE - sizeof(struct fmq_dctl))
 _Static_assert(FMQ_DCTL_OFFSET % FMQ_LINE == 0, "the flush words start on a line");
+_Static_assert(FMQ_REJECTED_LINE <= 4080 && 4080 + 8 <= FMQ_PAGE,
+               "the rejected count's 8 bytes lie in the line the flush words leave free");
 _Static_assert(sizeof(fmq_header) <= FMQ_DCTL_OFFSET,
                "the flush words fit in the header page, past the header");
 

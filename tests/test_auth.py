@@ -23,7 +23,9 @@ import fastmq
 
 from conftest import unique_name
 
-pytestmark = pytest.mark.timeout(120)
+# Every test runs on the durable location too: a file keeps the same tags
+# and the same shared rejected count (in its header page, as shared memory).
+pytestmark = [pytest.mark.timeout(120), pytest.mark.backends("native", "pure", "file")]
 
 KEY = b"k" * 32
 OTHER = b"o" * 32
@@ -202,6 +204,7 @@ def test_keyed_round_trip_of_every_write_call(mq):
     assert q.stats()["rejected"] == 0
 
 
+@pytest.mark.backends("native", "pure")     # exchanges live in shared memory
 def test_exchange_with_the_key_publishes_into_keyed_queues(mq, backend):
     q, _ = _pair(mq)
     signed = fastmq.Exchange.create(unique_name("x"), "fanout", authkey=KEY, _backend=backend)

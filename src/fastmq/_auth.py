@@ -22,8 +22,9 @@ of a genuine message by a process that can read and write the queue.
 
 The rejected counter lives in the segment itself, so every handle of every
 process sees one number: 8 bytes at ``REJECTED_OFFSET`` of the header page,
-which neither backend's layout uses (the native header ends far below it;
-the pure one keeps it free below its lock byte). Increments take an
+which neither backend's layout uses (the native header ends far below it,
+and a durable file's flush words stop before its last line; the pure one
+keeps it free below its lock byte). Increments take an
 open-file-description lock on exactly those 8 bytes -- it does not interact
 with either backend's own locks (the native core locks bytes past 2**40, the
 pure ring one byte at 4095) -- so concurrent rejections never lose a count.
@@ -264,7 +265,8 @@ _counter_lock = _lifetime.ForkSafeLock()   # OFD locks do not exclude threads sh
 
 
 def _segment_path(ring):
-    return os.path.join(_SHM_DIR, ring.name)
+    """The native segment's file: a durable queue's own, else its /dev/shm one."""
+    return getattr(ring, "path", None) or os.path.join(_SHM_DIR, ring.name)
 
 
 def count_rejected(ring, n=1):
