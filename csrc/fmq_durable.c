@@ -1132,26 +1132,16 @@ int fmq_durable_open(const char *path, const char *name, fmq_region **out) {
     int rc;
     if (!fmq_name_ok(name))
         return fmq_fail(FMQ_EINVAL, "invalid queue name %.64s", name);
-    int fd = fmq_open_path(path, O_RDWR | O_NONBLOCK, 0);
-    if (fd < 0) {
-        if (errno == ENOENT)
-            return fmq_fail(FMQ_ENOTFOUND, "no durable queue named %s (%s)", name, path);
-        if (errno == ELOOP)
-            return fmq_fail(FMQ_ECORRUPT, "%s is a symbolic link, not a queue", path);
-        return fmq_os_fail("cannot open the file of durable queue", name);
-    }
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return fmq_fail(FMQ_ECORRUPT, "%s is not a regular file", path);
-    }
-    fmq_region *r = fmq_region_new(name, fd);
-    if (!r) {
-        close(fd);
-        return fmq_fail(FMQ_EOS, "out of memory");
-    }
+    fmq_region *r;
+    uint64_t fsize;
+    rc = fmq_region_open_file(path, name, path, "cannot open the file of durable queue", &r,
+                              &fsize);
+    if (rc == FMQ_ENOTFOUND)
+        return fmq_fail(FMQ_ENOTFOUND, "no durable queue named %s (%s)", name, path);
+    if (rc != FMQ_OK)
+        return rc;
+    int fd = r->fd;
     r->me = UINT32_MAX;   /* not registered yet: recovery skips no entry */
-    uint64_t fsize = (uint64_t)st.st_size;
     if (fsize < FMQ_PAGE + FMQ_TRAILER || fsize % FMQ_PAGE) {
         fmq_region_free(r);
         return fmq_fail(FMQ_ECORRUPT, "%s is not a fastmq durable queue (size %llu: truncated "
@@ -1178,11 +1168,8 @@ int fmq_durable_open(const char *path, const char *name, fmq_region **out) {
                                       "superblock are damaged", path);
     }
     fmq_superblock sb = sbs[best];
-    r->size = (size_t)fsize;
-    r->base = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (r->base == MAP_FAILED) {
-        r->base = NULL;
-        rc = fmq_os_fail("cannot map the file of durable queue", name);
+    if ((rc = fmq_region_map(r, (size_t)fsize, MAP_SHARED,
+                             "cannot map the file of durable queue")) != FMQ_OK) {
         fmq_region_free(r);
         return rc;
     }
@@ -1206,10 +1193,8 @@ int fmq_durable_open(const char *path, const char *name, fmq_region **out) {
         want.init_state = FMQ_INIT_READY;
         memcpy((void *)r->hdr, &want, sizeof want);
     }
-    if ((rc = fmq_validate(r, fsize - FMQ_TRAILER)) != FMQ_OK)
+    if ((rc = fmq_region_attach(r, fsize - FMQ_TRAILER)) != FMQ_OK)
         goto fail;
-    fmq_region_bind(r);
-    fmq_region_set_keep(r);
     if ((rc = fmq_bind_durable(r, path)) != FMQ_OK)
         goto fail;
     r->sync_mode = sb.sync_mode;

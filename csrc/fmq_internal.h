@@ -271,6 +271,10 @@ int fmq_validate(fmq_region *r, size_t file_size);
 void fmq_pool_init(fmq_region *r);
 void fmq_region_set_keep(fmq_region *r);
 int fmq_region_format(fmq_region *r, const fmq_params *p);
+int fmq_region_open_file(const char *path, const char *name, const char *label,
+                         const char *os_what, fmq_region **out, uint64_t *size_out);
+int fmq_region_map(fmq_region *r, size_t size, int flags, const char *os_what);
+int fmq_region_attach(fmq_region *r, size_t segment_size);
 int fmq_os_fail(const char *what, const char *name);
 uint64_t fmq_geometry_check(const fmq_header *h);
 uint64_t fmq_realtime_ns(void);

@@ -322,30 +322,81 @@ static const unsigned char *fmq_lease_src_claimed(fmq_region *r, fmq_lease *e, u
 /* taking                                                                   */
 /* ======================================================================== */
 
+/* Claims a FREE entry for a take (fmq_lease_take, fmq_lease_take_batch):
+ * FREE -> FILLING(me) under the entry's next token, holding no block share
+ * (holder 0) and no pin yet; *e_out, *index_out and *token_out name it. The
+ * scan starts at the hint; when no entry is free the table grows
+ * (fmq_lease_grow) and the scan runs again. FMQ_FULL: none is free and the
+ * table cannot grow. Inlined: it is the lease hot path (and a status rather
+ * than a NULL entry lets the compiler drop the caller's test). */
+static inline __attribute__((always_inline)) int
+fmq_lease_claim_free(fmq_region *r, fmq_lease **e_out, uint32_t *index_out,
+                     uint32_t *token_out) {
+    for (;;) {
+        uint32_t n = fmq_lease_count(r);
+        uint32_t start = (uint32_t)(atomic_load_explicit(&r->ctl->lease_hint.v,
+                                                         memory_order_relaxed) % n);   /* hint */
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t i = (start + k) % n;
+            fmq_lease *e = fmq_lease_at(r, i);
+            uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-take] */
+            if (FMQ_LSTATE(w) != FMQ_LS_FREE)
+                continue;
+            uint32_t tok = fmq_next_token(FMQ_LTOKEN(w));
+            if (!atomic_compare_exchange_strong_explicit(
+                    &e->word, &w, FMQ_LWORD(tok, FMQ_LS_FILLING, r->owner_tag),
+                    memory_order_acq_rel, memory_order_relaxed))                /* [A-take] */
+                continue;
+            /* Relaxed, as every field store until LEASED: the entry is
+             * FILLING(me), nobody else acts on it, and [R-lease] (in
+             * fmq_lease_publish_take) publishes them all. */
+            atomic_store_explicit(&e->holder, 0, memory_order_relaxed);  /* no share yet */
+            atomic_store_explicit(&e->pin, FMQ_PIN(tok, FMQ_PIN_NONE), memory_order_relaxed);
+            /* relaxed: a hint of where to look first */
+            atomic_store_explicit(&r->ctl->lease_hint.v, i + 1, memory_order_relaxed);
+            *e_out = e;
+            *index_out = i;
+            *token_out = tok;
+            return FMQ_OK;
+        }
+        if (fmq_lease_grow(r, n) != FMQ_OK)
+            return FMQ_FULL;
+        /* more entries now exist */
+    }
+}
+
+/* The end of a take's FILLING: the entry (FILLING(me) under tok) holds its
+ * message and share; its deadline is set, the entry becomes LEASED(me), and
+ * on a durable queue (sync "commit"/"interval") it reaches the disk before
+ * the caller lets go of the ring's copy (frees the slot, or moves a batch's
+ * cursor past the message), so a power loss cannot keep that and lose the
+ * entry. filled, leased: the caller's crash points, passed at the FILLING
+ * and LEASED stages. Inlined: it is the lease hot path. */
+static inline __attribute__((always_inline)) void
+fmq_lease_publish_take(fmq_region *r, fmq_lease *e, uint32_t tok, uint64_t now,
+                       uint64_t lease_ns, const char *filled, const char *leased) {
+    atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed); /* FILLING */
+    FMQ_CRASHPOINT(filled);
+    atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_LEASED, r->owner_tag),
+                          memory_order_release);                        /* [R-lease] */
+    fmq_lower_next_due(r, now + lease_ns);
+    FMQ_CRASHPOINT(leased);
+    if (r->up->durable_barrier) {   /* a failed flush: as sync="none" */
+        (void)r->up->durable_barrier(r);
+        /* The lease runs from now, not from before the flush. No
+         * redeliverer has touched the entry meanwhile: the ring's copy is
+         * still ours (the slot READING by us: fmq_lease_take_unfinished). */
+        atomic_store_explicit(&e->deadline_ns, fmq_now_ns() + lease_ns,
+                              memory_order_relaxed);
+    }
+}
+
 /* model: lease.take */
 int fmq_lease_take(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t *slot_out,
                    uint32_t *token_out, uint32_t *deliveries_out) {
-again:;
-    uint32_t n = fmq_lease_count(r);
-    uint32_t start = (uint32_t)(atomic_load_explicit(&r->ctl->lease_hint.v,
-                                                     memory_order_relaxed) % n);   /* hint */
-    for (uint32_t k = 0; k < n; k++) {
-        uint32_t i = (start + k) % n;
-        fmq_lease *e = fmq_lease_at(r, i);
-        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-take] */
-        if (FMQ_LSTATE(w) != FMQ_LS_FREE)
-            continue;
-        uint32_t tok = fmq_next_token(FMQ_LTOKEN(w));
-        if (!atomic_compare_exchange_strong_explicit(
-                &e->word, &w, FMQ_LWORD(tok, FMQ_LS_FILLING, r->owner_tag),
-                memory_order_acq_rel, memory_order_relaxed))                /* [A-take] */
-            continue;
-        /* Relaxed, as every field store until LEASED: the entry is FILLING(me),
-         * nobody else acts on it, and [R-lease] publishes them all. */
-        atomic_store_explicit(&e->holder, 0, memory_order_relaxed);  /* no share yet */
-        atomic_store_explicit(&e->pin, FMQ_PIN(tok, FMQ_PIN_NONE), memory_order_relaxed);
-        /* relaxed: a hint of where to look first */
-        atomic_store_explicit(&r->ctl->lease_hint.v, i + 1, memory_order_relaxed);
+    fmq_lease *e;
+    uint32_t i, tok;
+    if (fmq_lease_claim_free(r, &e, &i, &tok) == FMQ_OK) {
         uint64_t now = fmq_now_ns();
         /* m was validated by fmq_ring_claim and lives in our memory. */
         e->src_ticket = m->ticket;
@@ -372,23 +423,9 @@ again:;
             }
             atomic_store_explicit(&e->holder, r->owner_tag, memory_order_relaxed);   /* FILLING */
         }
-        atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed); /* FILLING */
-        FMQ_CRASHPOINT("lease.take.filled");
-        atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_LEASED, r->owner_tag),
-                              memory_order_release);                        /* [R-lease] */
-        fmq_lower_next_due(r, now + lease_ns);
-        FMQ_CRASHPOINT("lease.take.leased");
-        /* A durable queue (sync "commit"/"interval"): the entry reaches the
-         * disk before the slot is freed, so a power loss cannot keep the
-         * free and lose the entry. */
-        if (r->up->durable_barrier) {   /* a failed flush: as sync="none" */
-            (void)r->up->durable_barrier(r);
-            /* The lease runs from now, not from before the flush. No
-             * redeliverer has touched the entry meanwhile: the slot is still
-             * READING by us (fmq_lease_take_unfinished). */
-            atomic_store_explicit(&e->deadline_ns, fmq_now_ns() + lease_ns,
-                                  memory_order_relaxed);
-        }
+        /* A durable queue: the entry reaches the disk before the slot is freed. */
+        fmq_lease_publish_take(r, e, tok, now, lease_ns, "lease.take.filled",
+                               "lease.take.leased");
         int rc = fmq_ring_free_moved(r, m);
         if (rc != FMQ_OK)
             return rc;
@@ -397,8 +434,6 @@ again:;
         *deliveries_out = m->deliveries + 1;
         return FMQ_OK;
     }
-    if (fmq_lease_grow(r, n) == FMQ_OK)
-        goto again;   /* more entries now exist */
     return FMQ_FULL;
 }
 
@@ -432,24 +467,9 @@ int fmq_lease_take_batch(fmq_region *r, fmq_msg *m, uint64_t lease_ns, uint32_t 
         if (rc != FMQ_OK)
             return rc;   /* FMQ_NOSPACE: the caller unclaims and waits */
     }
-again:;
-    uint32_t n = fmq_lease_count(r);
-    uint32_t start = (uint32_t)(atomic_load_explicit(&r->ctl->lease_hint.v,
-                                                     memory_order_relaxed) % n);
-    for (uint32_t k = 0; k < n; k++) {
-        uint32_t i = (start + k) % n;
-        fmq_lease *e = fmq_lease_at(r, i);
-        uint64_t w = atomic_load_explicit(&e->word, memory_order_acquire);   /* [A-take] */
-        if (FMQ_LSTATE(w) != FMQ_LS_FREE)
-            continue;
-        uint32_t tok = fmq_next_token(FMQ_LTOKEN(w));
-        if (!atomic_compare_exchange_strong_explicit(
-                &e->word, &w, FMQ_LWORD(tok, FMQ_LS_FILLING, r->owner_tag),
-                memory_order_acq_rel, memory_order_relaxed))                /* [A-take] */
-            continue;
-        atomic_store_explicit(&e->holder, 0, memory_order_relaxed);  /* no share yet */
-        atomic_store_explicit(&e->pin, FMQ_PIN(tok, FMQ_PIN_NONE), memory_order_relaxed);
-        atomic_store_explicit(&r->ctl->lease_hint.v, i + 1, memory_order_relaxed);
+    fmq_lease *e;
+    uint32_t i, tok;
+    if (fmq_lease_claim_free(r, &e, &i, &tok) == FMQ_OK) {
         uint64_t now = fmq_now_ns();
         e->src_ticket = m->ticket;
         e->src_index = FMQ_CURSOR_IDX(m->cursor) + 1;
@@ -473,20 +493,10 @@ again:;
             }
             atomic_store_explicit(&e->holder, r->owner_tag, memory_order_relaxed);
         }
-        atomic_store_explicit(&e->deadline_ns, now + lease_ns, memory_order_relaxed);
-        FMQ_CRASHPOINT("lease.batch.filled");
-        atomic_store_explicit(&e->word, FMQ_LWORD(tok, FMQ_LS_LEASED, r->owner_tag),
-                              memory_order_release);                        /* [R-lease] */
-        fmq_lower_next_due(r, now + lease_ns);
-        FMQ_CRASHPOINT("lease.batch.leased");
         /* As for a plain take: a durable queue's entry reaches the disk before
-         * the cursor moves past its message, so a power loss cannot keep the
-         * move and lose the entry. */
-        if (r->up->durable_barrier) {   /* a failed flush: as sync="none" */
-            (void)r->up->durable_barrier(r);
-            atomic_store_explicit(&e->deadline_ns, fmq_now_ns() + lease_ns,
-                                  memory_order_relaxed);
-        }
+         * the cursor moves past its message. */
+        fmq_lease_publish_take(r, e, tok, now, lease_ns, "lease.batch.filled",
+                               "lease.batch.leased");
         if (FMQ_CURSOR_IDX(next) == count)
             rc = fmq_ring_batch_release(r, m, 1);   /* the last one: slot and block go */
         else
@@ -498,8 +508,6 @@ again:;
         *deliveries_out = m->deliveries + 1;
         return FMQ_OK;
     }
-    if (fmq_lease_grow(r, n) == FMQ_OK)
-        goto again;
     if (copy != FMQ_NO_BLOCK)
         fmq_pool_release_writer(r, copy);
     return FMQ_FULL;

@@ -350,6 +350,73 @@ int fmq_validate(fmq_region *r, size_t file_size) {
     return FMQ_OK;
 }
 
+/* The steps of opening an existing segment that shared memory and a durable
+ * queue's file share (fmq_region_open, fmq_durable_open). What lies between
+ * them is each medium's own: here the init word's wait; there the
+ * superblocks, the openers' turn and the header's repair.
+ *
+ * fmq_region_open_file: opens the file at path for reading and writing and
+ * makes its handle (*out, holding the descriptor; *size_out, unless NULL:
+ * the file's size). O_NONBLOCK: opening a FIFO planted under the name must not hang (it
+ * changes nothing for a regular file); fmq_open_path does not follow a
+ * symbolic link; anything but a regular file is refused. label names the
+ * file in those errors ("segment NAME", a path), os_what words any other
+ * failure to open it (fmq_os_fail). FMQ_ENOTFOUND, no such file, is left for
+ * the caller to word for its medium. */
+int fmq_region_open_file(const char *path, const char *name, const char *label,
+                         const char *os_what, fmq_region **out, uint64_t *size_out) {
+    int fd = fmq_open_path(path, O_RDWR | O_NONBLOCK, 0);
+    if (fd < 0) {
+        if (errno == ENOENT)
+            return FMQ_ENOTFOUND;
+        if (errno == ELOOP)
+            return fmq_fail(FMQ_ECORRUPT, "%s is a symbolic link, not a queue", label);
+        return fmq_os_fail(os_what, name);
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return fmq_fail(FMQ_ECORRUPT, "%s is not a regular file", label);
+    }
+    fmq_region *r = fmq_region_new(name, fd);
+    if (!r) {
+        close(fd);
+        return fmq_fail(FMQ_EOS, "out of memory");
+    }
+    *out = r;
+    if (size_out)
+        *size_out = (uint64_t)st.st_size;
+    return FMQ_OK;
+}
+
+/* Maps size bytes of r's file (flags: MAP_SHARED and the medium's own);
+ * os_what words a failure (fmq_os_fail). On failure r->base is NULL and the
+ * caller frees r. */
+int fmq_region_map(fmq_region *r, size_t size, int flags, const char *os_what) {
+    r->size = size;
+    r->base = mmap(NULL, r->size, PROT_READ | PROT_WRITE, flags, r->fd, 0);
+    if (r->base == MAP_FAILED) {
+        r->base = NULL;
+        return fmq_os_fail(os_what, r->name);
+    }
+    return FMQ_OK;
+}
+
+/* Attaches r to its mapped segment, once the medium has made its header the
+ * one to trust (READY; a durable file's header rewritten from its
+ * superblock): the header is validated against segment_size (fmq_validate),
+ * and from then on r uses its own copy of the geometry (fmq_region_bind) and
+ * its block budget (fmq_region_set_keep). */
+int fmq_region_attach(fmq_region *r, size_t segment_size) {
+    r->hdr = (fmq_header *)r->base;
+    int rc = fmq_validate(r, segment_size);
+    if (rc != FMQ_OK)
+        return rc;
+    fmq_region_bind(r);
+    fmq_region_set_keep(r);
+    return FMQ_OK;
+}
+
 /* ======================================================================== */
 /* create / open                                                            */
 /* ======================================================================== */
@@ -615,30 +682,19 @@ static int fmq_attach_anonymous(int fd, const char *path, const char *name) {
 }
 
 int fmq_region_open(const char *name, fmq_region **out) {
-    char path[300];
+    char path[300], label[300];
     int rc = fmq_shm_path(name, path, sizeof path);
     if (rc)
         return rc;
-    /* O_NONBLOCK: opening a FIFO planted under the name must not hang (it
-     * changes nothing for a regular file). */
-    int fd = fmq_open_path(path, O_RDWR | O_NONBLOCK, 0);
-    if (fd < 0) {
-        if (errno == ENOENT)
-            return fmq_fail(FMQ_ENOTFOUND, "no queue segment named %s", name);
-        if (errno == ELOOP)
-            return fmq_fail(FMQ_ECORRUPT, "segment %s is a symbolic link, not a queue", name);
-        return fmq_os_fail("cannot open shared memory", name);
-    }
+    snprintf(label, sizeof label, "segment %s", name);   /* name: at most 250 */
+    fmq_region *r;   /* its size is read where it is mapped, below */
+    rc = fmq_region_open_file(path, name, label, "cannot open shared memory", &r, NULL);
+    if (rc == FMQ_ENOTFOUND)
+        return fmq_fail(FMQ_ENOTFOUND, "no queue segment named %s", name);
+    if (rc != FMQ_OK)
+        return rc;
+    int fd = r->fd;
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return fmq_fail(FMQ_ECORRUPT, "segment %s is not a regular file", name);
-    }
-    fmq_region *r = fmq_region_new(name, fd);
-    if (!r) {
-        close(fd);
-        return fmq_fail(FMQ_EOS, "out of memory");
-    }
     r->anonymous = strncmp(name, "fastmq-anon-", 12) == 0;
     if (r->anonymous && (rc = fmq_attach_anonymous(fd, path, name)) != FMQ_OK) {
         fmq_region_free(r);
@@ -657,12 +713,8 @@ int fmq_region_open(const char *name, fmq_region **out) {
             return rc;
         }
         if ((size_t)st.st_size >= sizeof(fmq_header)) {
-            r->size = (size_t)st.st_size;
-            r->base = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
-                           fd, 0);
-            if (r->base == MAP_FAILED) {
-                r->base = NULL;
-                rc = fmq_os_fail("cannot map", name);
+            if ((rc = fmq_region_map(r, (size_t)st.st_size, MAP_SHARED | MAP_NORESERVE,
+                                     "cannot map")) != FMQ_OK) {
                 fmq_region_free(r);
                 return rc;
             }
@@ -709,13 +761,10 @@ int fmq_region_open(const char *name, fmq_region **out) {
         }
         fmq_nap_1ms();
     }
-    r->hdr = (fmq_header *)r->base;
-    if ((rc = fmq_validate(r, r->size)) != FMQ_OK) {
+    if ((rc = fmq_region_attach(r, r->size)) != FMQ_OK) {
         fmq_region_free(r);
         return rc;
     }
-    fmq_region_bind(r);
-    fmq_region_set_keep(r);
     if ((rc = fmq_live_register(r)) != FMQ_OK) {
         fmq_region_free(r);
         return rc;

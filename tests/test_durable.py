@@ -757,6 +757,41 @@ def test_files_that_are_not_queues_of_this_version_are_corrupt_queue(ddir):
         fastmq.Queue.open("cq", url=_url(ddir))
 
 
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "directory"])
+def test_a_name_whose_file_is_no_regular_file_is_refused_and_no_link_followed(ddir, planted):
+    """What is planted at a durable queue's path -- a symbolic link to another
+    queue's file, a FIFO, a directory -- is refused with a typed error naming
+    that path (without hanging on the FIFO); no link is followed, so the queue
+    it points at keeps its message and its file's bytes."""
+    real = _create(ddir, "real", "commit")
+    real.put_bytes(b"kept")
+    real.close()
+    victim = os.path.join(ddir, "real.fmq")
+    before = open(victim, "rb").read()
+    path = os.path.join(ddir, "planted.fmq")
+    if planted == "symlink":
+        os.symlink(victim, path)
+        expect, words = fastmq.CorruptQueue, "is a symbolic link, not a queue"
+    elif planted == "fifo":
+        os.mkfifo(path)
+        expect, words = fastmq.CorruptQueue, "is not a regular file"
+    else:
+        os.mkdir(path)
+        expect, words = IsADirectoryError, "cannot open the file of durable queue"
+    for attempt in (lambda: fastmq.Queue.open("planted", url=_url(ddir)),
+                    lambda: fastmq.Queue.create("planted", url=_url(ddir), exist_ok=True)):
+        with pytest.raises(expect) as info:
+            attempt()
+        assert words in str(info.value)
+        assert (path if planted != "directory" else "planted") in str(info.value)
+    assert open(victim, "rb").read() == before
+    q = fastmq.Queue.open("real", url=_url(ddir))
+    try:
+        assert q.get_bytes(timeout=5) == b"kept"
+    finally:
+        q.close()
+
+
 # ------------------------------------------------------------- mixed laps
 
 def _ring_offset(path):

@@ -460,6 +460,49 @@ def test_create_keeps_exact_permission_mode(backend, qname):
         q.close()
 
 
+# ============================================ queues: what a name may hold
+
+def _head(path, n=1 << 20):
+    """The first n bytes of a segment (header, control lines, participants:
+    where an opener that followed the link would register). A segment is
+    sparse and may be tens of GiB long: never read it whole."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_queue_open_of_a_name_that_is_no_regular_file_is_corrupt_queue(backend, mq, planted):
+    """A symbolic link to a live queue or a FIFO planted under a queue's name:
+    open() raises CorruptQueue naming what it found (without hanging on the
+    FIFO), follows no link, and create(exist_ok=True) does the same; the
+    queue the link points at is untouched and still works."""
+    import fastmq
+    real = mq.create(unique_name("real"), maxsize=4)
+    real.put_bytes(b"kept")
+    victim = os.path.join(SHM_DIR, "fastmq-q-" + real.name)
+    name = unique_name(planted)
+    path = os.path.join(SHM_DIR, "fastmq-q-" + name)
+    try:
+        if planted == "symlink":
+            os.symlink(victim, path)
+        else:
+            os.mkfifo(path)
+        before = _head(victim)
+        for attempt in (lambda: fastmq.Queue.open(name, _backend=backend),
+                        lambda: fastmq.Queue.create(name, maxsize=4, exist_ok=True,
+                                                    _backend=backend)):
+            with pytest.raises(fastmq.CorruptQueue) as info:
+                attempt()
+            assert name in str(info.value)
+            assert ("symlink" if planted == "symlink" else "not a regular file") in \
+                str(info.value).replace("symbolic link", "symlink")
+        assert _head(victim) == before
+        assert real.get_bytes(timeout=5) == b"kept"
+    finally:
+        _unlink_quietly(path)
+        real.close()
+
+
 # ===================================================== exchanges: symlinks
 
 @pytest.fixture
