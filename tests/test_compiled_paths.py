@@ -751,3 +751,57 @@ def test_an_object_nested_too_deeply_to_pickle_is_recursion_error_either_way(mq,
         assert q.qsize() == 0, how
         put([[["fine"]]])                             # and the handle still works
         assert get(timeout=5) == [[["fine"]]], how
+
+
+def _rebuild_buffered(data):
+    return _Buffered(bytes(data), out_of_band=False)
+
+
+class _Buffered:
+    """Pickles its data as an out-of-band buffer (a PickleBuffer) or, with
+    ``out_of_band=False``, in the pickle: one type, both kinds of message."""
+
+    def __init__(self, data, out_of_band=True):
+        self.data = bytearray(data)
+        self.out_of_band = out_of_band
+
+    def __reduce_ex__(self, protocol):
+        if self.out_of_band:
+            return (_rebuild_buffered, (pickle.PickleBuffer(self.data),))
+        return (_rebuild_buffered, (bytes(self.data),))
+
+
+def test_out_of_band_buffers_are_framed_every_time_and_only_when_present_either_way(
+        mq, authkey):
+    """However often a type with out-of-band buffers is sent, each message
+    carries them as a frame (raw, not in the pickle); an object of that type
+    that has none this time is a plain pickle; both decode to what was sent."""
+    q = mq.Queue(maxsize=8, authkey=authkey)
+    for how, put, get in _puts_and_gets(q):
+        for i in range(200):                   # well past any caching of the type
+            oob = i % 50 not in (7, 8, 30)
+            data = bytes([i % 256]) * (100 + i)
+            put(_Buffered(data, out_of_band=oob))
+            raw = q.get_bytes(timeout=5)
+            assert raw[:4] == b"\x00FQ5" if oob else raw[:2] == b"\x80\x05", (how, i)
+            assert data in raw, (how, i)        # the buffer's bytes, unchanged
+            q.put_bytes(raw)
+            assert get(timeout=5).data == data, (how, i)
+        assert q.qsize() == 0, how
+
+
+def test_numpy_arrays_contiguous_or_not_round_trip_every_time_either_way(mq, authkey):
+    np = pytest.importorskip("numpy")
+    q = mq.Queue(maxsize=8, authkey=authkey)
+    base = np.arange(64, dtype=np.float64).reshape(8, 8)
+    for how, put, get in _puts_and_gets(q):
+        for i in range(150):
+            arr = base + i if i % 3 else (base + i)[:, ::2]      # every third strided
+            put(arr)
+            raw = q.get_bytes(timeout=5)
+            # contiguous: its data raw in a frame; strided: copied into the pickle
+            assert raw[:4] == b"\x00FQ5" if i % 3 else raw[:2] == b"\x80\x05", (how, i)
+            q.put_bytes(raw)
+            got = get(timeout=5)
+            assert got.shape == arr.shape and (got == arr).all(), (how, i)
+        assert q.qsize() == 0, how

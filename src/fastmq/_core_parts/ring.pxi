@@ -182,9 +182,63 @@ cdef inline bint _no_buffers(object obj) except -1:
     return False
 
 
+# Exact types whose plain pickling last met an out-of-band buffer (numpy
+# arrays, typically): _plain_pickle answers None for them at once, so such an
+# object is pickled once (by the framing path, which handles any object) and
+# not first into an aborted plain pickle (for a small array, about 40% of a
+# put). Each entry is trusted for _BUF_TYPE_SKIPS puts and then probed again,
+# so a type whose objects seldom carry buffers does not stay on the slower
+# framing path. Builtin containers are never listed (a dict holds an array
+# now and then; most dicts hold none). The list keeps the types alive, so a
+# pointer in the table never names a freed (and reused) type.
+cdef enum:
+    _BUF_TYPES = 8
+    _BUF_TYPE_SKIPS = 64
+cdef PyTypeObject *_buf_types[_BUF_TYPES]
+cdef int _buf_skips[_BUF_TYPES]
+cdef list _buf_type_refs = [None] * _BUF_TYPES
+cdef int _buf_used = 0                     # entries ever filled (0: skip the lookup)
+cdef int _buf_next = 0                     # the entry the next type replaces
+
+
+cdef inline bint _known_buffer_type(PyTypeObject *t) noexcept:
+    """t is listed and trusted: spend one of its skips. A listed type whose
+    skips are spent is dropped, and this put probes it again."""
+    cdef int i
+    for i in range(_buf_used):
+        if _buf_types[i] == t:
+            if _buf_skips[i] > 0:
+                _buf_skips[i] -= 1
+                return True
+            _buf_types[i] = NULL
+            return False
+    return False
+
+
+cdef void _remember_buffer_type(object obj):
+    global _buf_next, _buf_used
+    cdef PyTypeObject *t = Py_TYPE(obj)
+    cdef int i
+    if type(obj) in (dict, list, tuple, set, frozenset):
+        return
+    for i in range(_buf_used):
+        if _buf_types[i] == t:             # listed, skips spent: trusted again
+            _buf_skips[i] = _BUF_TYPE_SKIPS
+            return
+    i = _buf_next
+    _buf_type_refs[i] = type(obj)
+    _buf_types[i] = t
+    _buf_skips[i] = _BUF_TYPE_SKIPS
+    _buf_next = (i + 1) % _BUF_TYPES
+    if _buf_used < _BUF_TYPES:
+        _buf_used += 1
+
+
 cdef object _plain_pickle(object obj):
     """_serialize._plain_pickle: the pickle of obj, or None if it has
-    out-of-band buffers."""
+    out-of-band buffers (or its type is listed as having them: see
+    _buf_types; None sends any object down the framing path, which writes a
+    plain pickle after all when it meets no buffer)."""
     cdef PyObject *args[3]
     args[0] = <PyObject *>obj
     args[1] = <PyObject *>_ser_protocol
@@ -192,6 +246,8 @@ cdef object _plain_pickle(object obj):
         if _ser_dumps_c != NULL:
             return _ser_dumps_c(_ser_dumps_self, args, 2, NULL)
         return _ser_dumps(obj, _ser_protocol)
+    if _buf_used and _known_buffer_type(Py_TYPE(obj)):
+        return None
     # dumps(obj, protocol, buffer_callback=refuse), without a keyword dict.
     args[2] = <PyObject *>_ser_refuse
     try:
@@ -199,6 +255,7 @@ cdef object _plain_pickle(object obj):
             return _ser_dumps_c(_ser_dumps_self, args, 2, <PyObject *>_ser_kwnames)
         return PyObject_Vectorcall(_ser_dumps, args, 2, <PyObject *>_ser_kwnames)
     except _ser_has_buffers:
+        _remember_buffer_type(obj)
         return None
 
 
