@@ -13,6 +13,7 @@ Cases (all in one process, native backend unless FASTMQ_BACKEND says otherwise):
               put_bytes/get_bytes would cost if they were the compiled methods)
   dict        q.put(d) + q.get()                      a small dict
   obj64       q.put(b) + q.get()                      64 B bytes, pickled (auth_cost.py's 64 B case)
+  numpy16     q.put(a) + q.get()                      a 16-element float64 numpy array (out of band)
   auth64      the same on a queue with authkey=       (their difference: what the MAC costs)
   pickle      pickle.dumps(d, 5) + pickle.loads(...)  the same dict, no queue (floor of ``dict``)
   call        f(b) for a trivial Python function       the cost of any Python-level call
@@ -38,8 +39,8 @@ import subprocess
 import sys
 import tempfile
 
-CASES = ("bytes64", "ring64", "dict", "obj64", "auth64", "pickle", "call", "lease64", "batch64",
-         "many64", "manydict")
+CASES = ("bytes64", "ring64", "dict", "obj64", "numpy16", "auth64", "pickle", "call", "lease64",
+         "batch64", "many64", "manydict")
 BATCH = 256
 WARMUP = 2000
 SMALL_DICT = {"id": 12345, "name": "sensor-7", "value": 3.25, "tags": ["a", "b"]}
@@ -50,8 +51,8 @@ def _child(case: str, n: int) -> None:
     payload = bytes(range(64))
     d = dict(SMALL_DICT)
     q = None
-    if case in ("bytes64", "ring64", "dict", "obj64", "auth64", "lease64", "batch64", "many64",
-                "manydict"):
+    if case in ("bytes64", "ring64", "dict", "obj64", "numpy16", "auth64", "lease64", "batch64",
+                "many64", "manydict"):
         import fastmq
         q = fastmq.Queue(maxsize=1024, authkey=bytes(32) if case == "auth64" else None)
     if case == "bytes64":
@@ -82,6 +83,15 @@ def _child(case: str, n: int) -> None:
         def loop(k):
             for _ in range(k):
                 put(payload)
+                get()
+    elif case == "numpy16":
+        import numpy
+        arr = numpy.arange(16, dtype=numpy.float64)
+        put, get = q.put, q.get
+
+        def loop(k):
+            for _ in range(k):
+                put(arr)
                 get()
     elif case == "pickle":
         dumps, loads = pickle.dumps, pickle.loads

@@ -604,3 +604,204 @@ def test_batch_runs_of_two_producers_interleave_without_loss(mq):
         assert [m for m in got if m.startswith(tag)] == [b"%s%04d" % (tag, i) for i in range(500)]
     st = a.stats()
     assert a.qsize() == 0 and st["enqueued"] == st["dequeued"] == 1000
+
+
+# ---- code that runs inside pickling and unpickling ------------------------ #
+#
+# put and get pickle and unpickle in the same call that writes or reads the
+# ring: an object's __reduce__ / __setstate__ runs there, may raise, and may
+# use the very queue it travels on. These classes live at module level so
+# that pickle can find them again; _HOOK is what the current test makes them do.
+
+_HOOK = {}
+
+
+class _Hooked:
+    """Pickles as its ``state``; pickling calls _HOOK["reduce"], unpickling
+    _HOOK["setstate"] (each: the object), when set."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce__(self):
+        hook = _HOOK.get("reduce")
+        if hook is not None:
+            hook(self)
+        return (_Hooked, (None,), {"state": self.state})
+
+    def __setstate__(self, d):
+        self.state = d["state"]
+        hook = _HOOK.get("setstate")
+        if hook is not None:
+            hook(self)
+
+
+@pytest.fixture
+def hooks():
+    _HOOK.clear()
+    yield _HOOK
+    _HOOK.clear()
+
+
+def _puts_and_gets(q):
+    """(name, put, get) through the handle and through the class."""
+    return [("handle", q.put, q.get),
+            ("class", lambda obj, **kw: fastmq.Queue.put(q, obj, **kw),
+             lambda **kw: fastmq.Queue.get(q, **kw))]
+
+
+def test_an_error_raised_while_pickling_sends_nothing_either_way(mq, authkey, hooks):
+    q = mq.Queue(maxsize=4, authkey=authkey)
+
+    def fail(obj):
+        raise RuntimeError("refused while pickling")
+    hooks["reduce"] = fail
+    for how, put, _ in _puts_and_gets(q):
+        for obj in (_Hooked(1), {"k": _Hooked(1)}, [1, _Hooked(2)]):
+            with pytest.raises(RuntimeError, match="refused while pickling"):
+                put(obj)
+            assert q.qsize() == 0, how
+
+
+def test_an_error_raised_while_unpickling_consumes_that_message_only_either_way(
+        mq, authkey, hooks):
+    """Not a malformed message: the object's own code raised. The error comes
+    out as it is, that message is consumed (handed over), the next is intact."""
+    q = mq.Queue(maxsize=4, authkey=authkey)
+    for how, put, get in _puts_and_gets(q):
+        hooks.pop("setstate", None)
+        put({"bad": _Hooked("x")})
+        put("next")
+
+        def fail(obj):
+            raise ValueError("refused while unpickling")
+        hooks["setstate"] = fail
+        with pytest.raises(ValueError, match="refused while unpickling"):
+            get(timeout=5)
+        assert q.qsize() == 1, how
+        assert get(timeout=5) == "next", how
+        assert q.qsize() == 0, how
+
+
+def test_unpickling_code_may_get_from_the_same_queue_either_way(mq, authkey, hooks):
+    """A __setstate__ that itself calls get() on the queue it came from gets
+    the next message: nothing is lost, nothing is seen twice or torn."""
+    q = mq.Queue(maxsize=8, authkey=authkey)
+    for how, put, get in _puts_and_gets(q):
+        hooks.pop("setstate", None)
+        big = bytes(range(256)) * 64                  # 16 KiB: a pool block
+        put(_Hooked(("outer", big)))
+        put(_Hooked(("middle", big[::-1])))
+        put("last")
+
+        def take_next(obj):
+            if obj.state[0] == "outer":
+                obj.inner = get(timeout=5)            # "middle", which takes "last"
+            else:
+                obj.inner = get(timeout=5)
+        hooks["setstate"] = take_next
+        got = get(timeout=5)
+        assert got.state == ("outer", big), how
+        assert got.inner.state == ("middle", big[::-1]), how
+        assert got.inner.inner == "last", how
+        assert q.qsize() == 0, how
+
+
+def test_unpickling_code_may_put_into_the_same_full_queue_either_way(mq, authkey, hooks):
+    """get hands its message over before the object's code runs: a
+    __setstate__ may put into the queue it came from even when that message
+    filled it (maxsize=1), without waiting for room."""
+    q = mq.Queue(maxsize=1, authkey=authkey)
+    for how, put, get in _puts_and_gets(q):
+        hooks.pop("setstate", None)
+        put(_Hooked("first"))
+
+        def put_back(obj):
+            put(("after", obj.state), block=False)     # Full if the slot were still held
+        hooks["setstate"] = put_back
+        assert get(timeout=5).state == "first", how
+        hooks.pop("setstate")
+        assert get(timeout=5) == ("after", "first"), how
+        assert q.qsize() == 0, how
+
+
+def test_pickling_code_may_put_into_the_same_queue_either_way(mq, authkey, hooks):
+    """A __reduce__ that itself puts into the queue: its message goes in
+    first (it is committed while the outer one is being pickled), both intact."""
+    q = mq.Queue(maxsize=8, authkey=authkey)
+    for how, put, get in _puts_and_gets(q):
+        def put_inner(obj):
+            hooks.pop("reduce")                       # once
+            put(("inner", obj.state))
+        hooks["reduce"] = put_inner
+        put({"outer": _Hooked(7)})
+        assert get(timeout=5) == ("inner", 7), how
+        assert get(timeout=5)["outer"].state == 7, how
+        assert q.qsize() == 0, how
+
+
+def test_an_object_nested_too_deeply_to_pickle_is_recursion_error_either_way(mq, authkey):
+    q = mq.Queue(maxsize=4, authkey=authkey)
+    nested = []
+    for _ in range(sys.getrecursionlimit() * 4):
+        nested = [nested]
+    for how, put, get in _puts_and_gets(q):
+        with pytest.raises(RecursionError):
+            put(nested)
+        assert q.qsize() == 0, how
+        put([[["fine"]]])                             # and the handle still works
+        assert get(timeout=5) == [[["fine"]]], how
+
+
+def _rebuild_buffered(data):
+    return _Buffered(bytes(data), out_of_band=False)
+
+
+class _Buffered:
+    """Pickles its data as an out-of-band buffer (a PickleBuffer) or, with
+    ``out_of_band=False``, in the pickle: one type, both kinds of message."""
+
+    def __init__(self, data, out_of_band=True):
+        self.data = bytearray(data)
+        self.out_of_band = out_of_band
+
+    def __reduce_ex__(self, protocol):
+        if self.out_of_band:
+            return (_rebuild_buffered, (pickle.PickleBuffer(self.data),))
+        return (_rebuild_buffered, (bytes(self.data),))
+
+
+def test_out_of_band_buffers_are_framed_every_time_and_only_when_present_either_way(
+        mq, authkey):
+    """However often a type with out-of-band buffers is sent, each message
+    carries them as a frame (raw, not in the pickle); an object of that type
+    that has none this time is a plain pickle; both decode to what was sent."""
+    q = mq.Queue(maxsize=8, authkey=authkey)
+    for how, put, get in _puts_and_gets(q):
+        for i in range(200):                   # well past any caching of the type
+            oob = i % 50 not in (7, 8, 30)
+            data = bytes([i % 256]) * (100 + i)
+            put(_Buffered(data, out_of_band=oob))
+            raw = q.get_bytes(timeout=5)
+            assert raw[:4] == b"\x00FQ5" if oob else raw[:2] == b"\x80\x05", (how, i)
+            assert data in raw, (how, i)        # the buffer's bytes, unchanged
+            q.put_bytes(raw)
+            assert get(timeout=5).data == data, (how, i)
+        assert q.qsize() == 0, how
+
+
+def test_numpy_arrays_contiguous_or_not_round_trip_every_time_either_way(mq, authkey):
+    np = pytest.importorskip("numpy")
+    q = mq.Queue(maxsize=8, authkey=authkey)
+    base = np.arange(64, dtype=np.float64).reshape(8, 8)
+    for how, put, get in _puts_and_gets(q):
+        for i in range(150):
+            arr = base + i if i % 3 else (base + i)[:, ::2]      # every third strided
+            put(arr)
+            raw = q.get_bytes(timeout=5)
+            # contiguous: its data raw in a frame; strided: copied into the pickle
+            assert raw[:4] == b"\x00FQ5" if i % 3 else raw[:2] == b"\x80\x05", (how, i)
+            q.put_bytes(raw)
+            got = get(timeout=5)
+            assert got.shape == arr.shape and (got == arr).all(), (how, i)
+        assert q.qsize() == 0, how

@@ -8,6 +8,23 @@ from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 cdef extern from "Python.h":
     # kwnames: a tuple of keyword names, or NULL for none
     object PyObject_Vectorcall(object callable, PyObject **args, size_t nargsf, PyObject *kwnames)
+    bint PyCFunction_CheckExact(object op)
+    int PyCFunction_GET_FLAGS(object func)
+    PyObject *PyCFunction_GET_SELF(object func)
+    void *PyCFunction_GET_FUNCTION(object func)
+    enum:
+        METH_VARARGS
+        METH_KEYWORDS
+        METH_NOARGS
+        METH_O
+        METH_FASTCALL
+        METH_METHOD
+
+# A builtin function's C entry point (METH_FASTCALL | METH_KEYWORDS):
+# (its self, the arguments then the keywords' values, positional count,
+# kwnames). NULL with an exception set on failure.
+ctypedef object (*_fastcall_kw)(PyObject *self, PyObject **args, Py_ssize_t nargs,
+                                PyObject *kwnames)
 
 cdef extern from "fmq_internal.h" nogil:
     uint32_t fmq_crc32c(uint32_t seed, const void *data, size_t n)
@@ -106,14 +123,39 @@ cdef object _ser_kwnames = ("buffer_callback",)
 # _serialize._NO_BUFFERS as a table of type pointers: one compare each.
 cdef PyTypeObject *_ser_plain_types[16]
 cdef Py_ssize_t _ser_n_plain = -1          # -1: use the set itself (more than 16)
+# pickle.dumps/loads called at their C entry points (_direct_entry): what the
+# interpreter's own call of a builtin does, without the generic call path
+# (PyObject_Vectorcall, the function type's trampoline and its result check:
+# ~140 instructions a call). NULL: call the object (not C's _pickle, or not
+# a fast-call builtin).
+cdef _fastcall_kw _ser_dumps_c = NULL
+cdef PyObject *_ser_dumps_self = NULL      # borrowed: _ser_dumps keeps it alive
+cdef _fastcall_kw _ser_loads_c = NULL
+cdef PyObject *_ser_loads_self = NULL      # borrowed: _ser_loads keeps it alive
+
+
+cdef _fastcall_kw _direct_entry(object func, PyObject **self_out):
+    """The C function behind ``func`` if it is a builtin taking
+    (self, args, nargs, kwnames) -- METH_FASTCALL | METH_KEYWORDS and no
+    other calling convention -- else NULL."""
+    cdef int conv = METH_VARARGS | METH_KEYWORDS | METH_NOARGS | METH_O | METH_FASTCALL | METH_METHOD
+    if not PyCFunction_CheckExact(func):
+        return NULL
+    if (PyCFunction_GET_FLAGS(func) & conv) != (METH_FASTCALL | METH_KEYWORDS):
+        return NULL
+    self_out[0] = PyCFunction_GET_SELF(func)
+    return <_fastcall_kw><void *>PyCFunction_GET_FUNCTION(func)
 
 
 cdef int _load_codec() except -1:
     global _ser, _ser_dumps, _ser_loads, _ser_protocol, _ser_no_buffers, _ser_refuse
     global _ser_has_buffers, _ser_unpickle_errors, _ser_n_plain
+    global _ser_dumps_c, _ser_dumps_self, _ser_loads_c, _ser_loads_self
     from fastmq import _serialize
     _ser_dumps = _serialize._pickle_dumps
     _ser_loads = _serialize._pickle_loads
+    _ser_dumps_c = _direct_entry(_ser_dumps, &_ser_dumps_self)
+    _ser_loads_c = _direct_entry(_ser_loads, &_ser_loads_self)
     _ser_protocol = _serialize.PROTOCOL
     _ser_no_buffers = _serialize._NO_BUFFERS
     _ser_refuse = _serialize._refuse_buffers
@@ -140,19 +182,80 @@ cdef inline bint _no_buffers(object obj) except -1:
     return False
 
 
+# Exact types whose plain pickling last met an out-of-band buffer (numpy
+# arrays, typically): _plain_pickle answers None for them at once, so such an
+# object is pickled once (by the framing path, which handles any object) and
+# not first into an aborted plain pickle (for a small array, about 40% of a
+# put). Each entry is trusted for _BUF_TYPE_SKIPS puts and then probed again,
+# so a type whose objects seldom carry buffers does not stay on the slower
+# framing path. Builtin containers are never listed (a dict holds an array
+# now and then; most dicts hold none). The list keeps the types alive, so a
+# pointer in the table never names a freed (and reused) type.
+cdef enum:
+    _BUF_TYPES = 8
+    _BUF_TYPE_SKIPS = 64
+cdef PyTypeObject *_buf_types[_BUF_TYPES]
+cdef int _buf_skips[_BUF_TYPES]
+cdef list _buf_type_refs = [None] * _BUF_TYPES
+cdef int _buf_used = 0                     # entries ever filled (0: skip the lookup)
+cdef int _buf_next = 0                     # the entry the next type replaces
+
+
+cdef inline bint _known_buffer_type(PyTypeObject *t) noexcept:
+    """t is listed and trusted: spend one of its skips. A listed type whose
+    skips are spent is dropped, and this put probes it again."""
+    cdef int i
+    for i in range(_buf_used):
+        if _buf_types[i] == t:
+            if _buf_skips[i] > 0:
+                _buf_skips[i] -= 1
+                return True
+            _buf_types[i] = NULL
+            return False
+    return False
+
+
+cdef void _remember_buffer_type(object obj):
+    global _buf_next, _buf_used
+    cdef PyTypeObject *t = Py_TYPE(obj)
+    cdef int i
+    if type(obj) in (dict, list, tuple, set, frozenset):
+        return
+    for i in range(_buf_used):
+        if _buf_types[i] == t:             # listed, skips spent: trusted again
+            _buf_skips[i] = _BUF_TYPE_SKIPS
+            return
+    i = _buf_next
+    _buf_type_refs[i] = type(obj)
+    _buf_types[i] = t
+    _buf_skips[i] = _BUF_TYPE_SKIPS
+    _buf_next = (i + 1) % _BUF_TYPES
+    if _buf_used < _BUF_TYPES:
+        _buf_used += 1
+
+
 cdef object _plain_pickle(object obj):
     """_serialize._plain_pickle: the pickle of obj, or None if it has
-    out-of-band buffers."""
+    out-of-band buffers (or its type is listed as having them: see
+    _buf_types; None sends any object down the framing path, which writes a
+    plain pickle after all when it meets no buffer)."""
     cdef PyObject *args[3]
-    if _no_buffers(obj):
-        return _ser_dumps(obj, _ser_protocol)
-    # dumps(obj, protocol, buffer_callback=refuse), without a keyword dict.
     args[0] = <PyObject *>obj
     args[1] = <PyObject *>_ser_protocol
+    if _no_buffers(obj):
+        if _ser_dumps_c != NULL:
+            return _ser_dumps_c(_ser_dumps_self, args, 2, NULL)
+        return _ser_dumps(obj, _ser_protocol)
+    if _buf_used and _known_buffer_type(Py_TYPE(obj)):
+        return None
+    # dumps(obj, protocol, buffer_callback=refuse), without a keyword dict.
     args[2] = <PyObject *>_ser_refuse
     try:
+        if _ser_dumps_c != NULL:
+            return _ser_dumps_c(_ser_dumps_self, args, 2, <PyObject *>_ser_kwnames)
         return PyObject_Vectorcall(_ser_dumps, args, 2, <PyObject *>_ser_kwnames)
     except _ser_has_buffers:
+        _remember_buffer_type(obj)
         return None
 
 
@@ -164,7 +267,9 @@ cdef object _decode_copy(bytes raw):
     if PyBytes_GET_SIZE(raw) > 0 and (<unsigned char *>PyBytes_AS_STRING(raw))[0] == 0x80:
         args[0] = <PyObject *>raw
         try:
-            return PyObject_Vectorcall(_ser_loads, args, 1, NULL)     # loads(raw)
+            if _ser_loads_c != NULL:
+                return _ser_loads_c(_ser_loads_self, args, 1, NULL)  # loads(raw)
+            return PyObject_Vectorcall(_ser_loads, args, 1, NULL)
         except _ser_unpickle_errors:
             pass
     return _ser.decode(raw)
