@@ -82,15 +82,29 @@ def server_binary():
     return None
 
 
-def _free_port():
-    # Below 55536: a cluster node also listens on its port + 10000.
+def _bindable(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(bus=False):
+    """A port free just now; with ``bus``, its port + 10000 too (a cluster
+    node also listens there). Another process may still take it before the
+    server binds: ``RedisServer`` then starts again on another one."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port < 55000:
+        if port < 55000 and (not bus or _bindable(port + 10000)):
             return port
     return port
+
+
+_PORT_TAKEN = ("Address already in use", "Failed listening")
 
 
 class RedisServer:
@@ -100,7 +114,8 @@ class RedisServer:
             pytest.fail(HOW_TO_GET_ONE, pytrace=False)
         self.binary = binary
         self.dir = tempfile.mkdtemp(prefix="fastmq-redis-")
-        self.port = _free_port()
+        self._bus = "--cluster-enabled" in extra
+        self.port = _free_port(self._bus)
         self.aof = aof
         self.password = password
         self.acl_user = acl_user          # (user, password)
@@ -109,7 +124,7 @@ class RedisServer:
         self.proxy = None
         self.proc = None
         try:
-            self.start()
+            self._start_on_a_free_port()
         except RuntimeError:
             if not tls:
                 raise
@@ -154,6 +169,15 @@ class RedisServer:
         if self.password:
             return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def _start_on_a_free_port(self):
+        for attempt in range(5):
+            try:
+                return self.start()
+            except RuntimeError as exc:
+                if attempt == 4 or not any(t in str(exc) for t in _PORT_TAKEN):
+                    raise
+                self.port = _free_port(self._bus)   # taken meanwhile: another one
 
     def start(self):
         self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL,
