@@ -69,20 +69,26 @@ class LossyPeer(peers.MpQueuePeer):
         return ep
 
 
-class DuplicatingPeer(peers.MpQueuePeer):
-    name, label = "dup", "duplicating test peer"
+def _duplicating(at):
+    """An mp.Queue peer whose every sender sends its ``at``-th message twice."""
+    class Duplicating(peers.MpQueuePeer):
+        name, label = f"dup-{at}", f"sends its message {at} twice"
 
-    def sender(self, index):
-        ep = super().sender(index)
-        send, n = ep.send, [0]
+        def sender(self, index):
+            ep = super().sender(index)
+            send, n = ep.send, [0]
 
-        def dup(m):
-            send(m)
-            n[0] += 1
-            if n[0] == 50:
+            def dup(m):
                 send(m)
-        ep.send = dup
-        return ep
+                n[0] += 1
+                if n[0] == at:
+                    send(m)
+            ep.send = dup
+            return ep
+    return Duplicating
+
+
+DuplicatingPeer = _duplicating(50)
 
 
 def _corrupting(where, which):
@@ -144,22 +150,8 @@ def test_duplicates_fail_loudly(mode, producers):
 def test_messages_after_the_last_fail_loudly(producers):
     """One consumer compares inline and knows how many messages to expect:
     one more than was sent (a duplicate of the very last) is caught too."""
-    class DupLast(peers.MpQueuePeer):
-        name, label = "dup-last", "duplicates the last message"
-
-        def sender(self, index):
-            ep = super().sender(index)
-            send, n = ep.send, [0]
-
-            def dup(m):
-                send(m)
-                n[0] += 1
-                if n[0] == 300:
-                    send(m)
-            ep.send = dup
-            return ep
     with pytest.raises(CellFailed) as info:
-        run_throughput(DupLast, producers, 1, "bytes", 64, 300, 64, timeout=5)
+        run_throughput(_duplicating(300), producers, 1, "bytes", 64, 300, 64, timeout=5)
     assert "duplicate" in str(info.value)
 
 
