@@ -110,14 +110,12 @@ int fmq_durable_create(const char *path, const char *name, const fmq_params *p, 
                        int exist_ok, uint32_t sync_mode, uint64_t sync_interval_ns,
                        fmq_region **out);
 int fmq_durable_open(const char *path, const char *name, fmq_region **out);
-/* After a put (or a batch of them) committed: what the sync mode asks --
- * "commit" waits for a flush covering it (shared with concurrent producers),
- * "interval" flushes if the last flush is older than the interval. */
-int fmq_durable_sync(fmq_region *r);
-/* 1 when fmq_durable_sync would flush or wait for a flush now ("commit",
- * or "interval" with the last flush older than the interval); 0 when it
- * would return at once ("none", an interval not over, not durable). No
- * system call but the clock's: the binding calls it holding its lock. */
+/* After a put (or a batch of them) committed: 1 when the sync mode asks for
+ * a flush now -- "commit" always (a flush covering it, shared with
+ * concurrent producers), "interval" when the last flush is older than the
+ * interval -- and the caller then calls fmq_durable_flush; 0 for "none", an
+ * interval not over, or a queue that is not durable. No system call but the
+ * clock's: the binding calls it holding its lock. */
 int fmq_durable_sync_due(fmq_region *r);
 int fmq_durable_flush(fmq_region *r);   /* flush now, whatever the mode */
 typedef struct fmq_durable_info {

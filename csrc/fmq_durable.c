@@ -52,8 +52,8 @@
  * progress for FMQ_FLUSH_PATIENCE_NS flushes on its own (a flush by anyone
  * is always correct), so a flusher killed or frozen mid-flush costs a
  * delay, never a hang.
- *   sync="commit": fmq_durable_sync waits for its number (put returns after
- *     the flush).
+ *   sync="commit": every put waits for a flush covering its number (put
+ *     returns after the flush).
  *   sync="interval": a put that finds the last completed flush older than
  *     the interval flushes (in its own call); closing a handle flushes. No
  *     background thread: with no puts, nothing is flushed until close.
@@ -340,7 +340,7 @@ static int fmq_durable_barrier_for_move(fmq_region *r) {
 }
 
 /* The one decision of every put path (the binding asks this first, with
- * its lock held, and releases it only for fmq_durable_sync when this says
+ * its lock held, and releases it only for fmq_durable_flush when this says
  * a flush is due). */
 int fmq_durable_sync_due(fmq_region *r) {
     if (!r->durable)
@@ -354,10 +354,6 @@ int fmq_durable_sync_due(fmq_region *r) {
         return last > now || now - last >= r->sync_interval_ns;
     }
     return 0;
-}
-
-int fmq_durable_sync(fmq_region *r) {
-    return fmq_durable_sync_due(r) ? fmq_barrier(r) : FMQ_OK;
 }
 
 int fmq_durable_flush(fmq_region *r) {

@@ -73,7 +73,6 @@ cdef extern from "fmq.h" nogil:
                            unsigned mode, int exist_ok, uint32_t sync_mode,
                            uint64_t sync_interval_ns, fmq_region **out)
     int fmq_durable_open(const char *path, const char *name, fmq_region **out)
-    int fmq_durable_sync(fmq_region *r)
     int fmq_durable_sync_due(fmq_region *r)
     int fmq_durable_flush(fmq_region *r)
     ctypedef struct fmq_durable_info:

@@ -288,7 +288,7 @@ cdef class Ring:
     cdef readonly object maxsize, max_message_size, capacity_bytes
     cdef Py_ssize_t _max_msg
     cdef uint32_t _inline_max
-    cdef bint _durable            # a file:// queue: puts call fmq_durable_sync
+    cdef bint _durable            # a file:// queue: puts end in _sync
     cdef readonly object path     # its file, or None (shared memory)
     cdef object __weakref__
 
@@ -446,7 +446,7 @@ cdef class Ring:
     cdef int _sync_wait(self) except -1:
         cdef int rc
         with nogil:
-            rc = fmq_durable_sync(self.r)
+            rc = fmq_durable_flush(self.r)     # _sync asked fmq_durable_sync_due
         if rc != FMQ_OK:
             _raise(rc)
         return 0
