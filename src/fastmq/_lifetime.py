@@ -130,7 +130,7 @@ class InodeLock(ForkSafeLock):
         super().__init__(reentrant=True)
 
 
-_registry_lock = threading.Lock()
+_registry_lock = ForkSafeLock()
 _inode_locks: "weakref.WeakValueDictionary[tuple, InodeLock]" = weakref.WeakValueDictionary()
 
 
@@ -160,9 +160,8 @@ fork_generation = 0
 
 
 def _after_fork_in_child():
-    global _registry_lock, fork_generation
+    global fork_generation
     fork_generation += 1
-    _registry_lock = threading.Lock()
     for lock in list(_fork_safe_locks):
         lock._reset_after_fork()
 

@@ -187,6 +187,7 @@ async def _apart(coro, on_cancel=None):
             attempt.add_done_callback(on_cancel)
         raise
 
+
 class Link:
     def __init__(self, url, retry_window=10.0):
         self.url = url
