@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -287,6 +288,99 @@ def test_harness_ceiling_is_measured_per_scenario():
     assert 0 < pingpong_ceiling(64, n=2000) < 1000
 
 
+def test_the_no_queue_mailbox_carries_every_length_and_the_wake_up():
+    """The ping-pong's no-queue reference (``SpinMailbox``) hands over exactly
+    what was sent, between two processes, for lengths from 0 to its size."""
+    from fastmq._bench.runner import SpinMailbox
+    box = SpinMailbox(1, 1, "bytes", 64, 16)
+    back = SpinMailbox(1, 1, "bytes", 64, 16)
+    sent = [bytes([n]) * n for n in (1, 64, 7, 0, 33)]
+    # receivers first, as the bench's barrier does: one takes what came after it
+    echo_in, mine_in = box.receiver(0), back.receiver(0)
+    pid = os.fork()
+    if pid == 0:                          # echo every message back, the empty one too
+        code = 1
+        try:
+            r, s = echo_in, back.sender(0)
+            deadline = time.monotonic() + 10
+            for _ in sent:
+                m = r.recv()
+                while m is None and time.monotonic() < deadline:
+                    m = r.recv()
+                s.send(m)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        r, s = mine_in, box.sender(0)
+        got = []
+        deadline = time.monotonic() + 10
+        for m in sent:
+            s.send(m)
+            b = r.recv()
+            while b is None and time.monotonic() < deadline:
+                b = r.recv()
+            got.append(b)
+        assert got == sent
+    finally:
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_a_pingpong_over_no_queue_runs_the_same_loops():
+    from fastmq._bench.runner import SpinMailbox
+    r = run_pingpong(SpinMailbox, 64, seconds=0.02, warmup=10, timeout=20)
+    assert r["round_trips"] >= 200 and 0 < r["p50_us"] <= r["p999_us"]
+    assert _no_children_left()
+
+
+def test_a_stop_of_the_cpu_is_seen_by_the_stop_meter():
+    """A process held with SIGSTOP for 50 ms is, to the loop that meters the
+    CPU's stops, one stop of at least 50 ms."""
+    from fastmq._bench.reference import _stops_here
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.write(w, b"go")
+            rate, gaps = _stops_here(0.6)
+            os.write(w, f"{rate} {max(gaps, default=0)}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        assert os.read(r, 2) == b"go"
+        time.sleep(0.1)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.05)
+        os.kill(pid, signal.SIGCONT)
+        rate, longest = os.read(r, 100).split()
+        assert int(longest) >= 50e6 and float(rate) > 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        os.waitpid(pid, 0)
+        os.close(r)
+
+
+def test_cpu_stops_summarise_every_cpu():
+    from fastmq._bench.reference import cpu_stops
+    s = cpu_stops(seconds=0.05, max_cpus=2)
+    assert s["cpus"] == min(2, len(os.sched_getaffinity(0)))
+    assert s["per_cpu_per_s"] >= 0 and 0 <= s["median_us"] <= s["p99_us"]
+
+
+def test_a_tail_is_marked_machine_bound_when_stops_hit_more_than_one_in_a_thousand():
+    doc = {"reference": {"cpu_stops": {"per_cpu_per_s": 1000.0}}}
+    # two CPUs x 1000 stops/s: a 1 µs round trip is hit 0.2% of the time, 0.4 µs 0.08%
+    assert report.machine_bound_tail(doc, 1.0)
+    assert not report.machine_bound_tail(doc, 0.4)
+    assert not report.machine_bound_tail({"reference": {}}, 100.0)
+
+
 def test_cells_near_the_ceiling_are_flagged():
     cells = [{"kind": "throughput", "status": "ok", "median": {"msgs_per_s": v}}
              for v in (100.0, 499.0, 501.0)]
@@ -332,8 +426,12 @@ def test_sweeps_memory_and_new_peers_in_a_tiny_run(tmp_path, capsys):
     assert {c["peer"] for c in mem} == set(names)
     if (tmp_path / "b.png").exists():
         assert (tmp_path / "b.png").stat().st_size > 10_000
+    assert doc["ceilings"]["pingpong-64"]["mailbox"]["status"] == "ok"
+    assert "no queue, polled in Python" in text and "each CPU stops" in text
+    assert doc["reference"]["cpu_stops"]["cpus"] >= 1
     md = report.markdown_table(doc)
     assert md.startswith("| scenario | harness ceiling |") and "µs" in md
+    assert "pingpong-64 (p99.9 round trip) | no queue: " in md
 
 
 def test_quick_mode_says_its_ratios_are_indicative(capsys):

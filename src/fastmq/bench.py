@@ -22,8 +22,10 @@ it, see ``fastmq._bench.payloads`` and ``runner.consume_compare``) and any
 problem fails the run with exit status 1; each cell is sized by time from a short calibration run;
 the median of ``--repeat`` runs is shown with the spread (min..max); each
 scenario's harness ceiling (the same loops with a no-op channel) is measured and
-shown, and a cell within 2x of it is marked; reference limits (single-core
-memcpy, bare Python call) are measured on the spot; ratios are against
+shown, and a cell within 2x of it is marked; a ping-pong also runs its loops
+over no queue at all (a shared mailbox polled in Python) in the same rounds;
+reference limits (single-core memcpy, bare Python call, how often each CPU
+stops running a busy process) are measured on the spot; ratios are against
 multiprocessing.Queue and against the best other peer of the table.
 """
 from __future__ import annotations
@@ -43,8 +45,8 @@ from ._bench.payloads import KEEP_MAX, SAMPLE_EVERY
 from ._bench.peers import PEERS
 from ._bench.progress import Progress
 from ._bench.reference import measure as measure_reference
-from ._bench.runner import (CellFailed, harness_ceiling, pingpong_ceiling, run_memory,
-                             run_pingpong, run_throughput)
+from ._bench.runner import (CellFailed, SpinMailbox, harness_ceiling, pingpong_ceiling,
+                             run_memory, run_pingpong, run_throughput)
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -324,9 +326,9 @@ def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,
                 not_carried[(s.id, n)] = why
             else:
                 plan[s.id].append(n)
-    progress.total = sum(len(plan[s.id]) * (repeat + (s.kind == "throughput")) + 1
-                         for s in scenarios)
-    progress.step("measuring reference limits (memcpy, Python call)")
+    progress.total = sum((len(plan[s.id]) + (s.kind == "pingpong")) *
+                         (repeat + (s.kind == "throughput")) + 1 for s in scenarios)
+    progress.step("measuring reference limits (memcpy, Python call, CPU stops)")
     doc["reference"] = measure_reference()
     doc["ceilings"] = {}
     doc["notes"].append(
@@ -359,10 +361,18 @@ def run_bench(scenarios, peer_names, repeat, target, timeout=30.0, quiet=False,
                 cells.append(_Cell(scen, name, cls, label, progress))
             for cell in cells:
                 cell.calibrate(target, timeout)
+            # a ping-pong's reference: the same loops with no queue, in the same rounds
+            mailbox = (_Cell(scen, "no-queue", SpinMailbox, SpinMailbox.label, progress)
+                       if scen.kind == "pingpong" else None)
             for i in range(repeat):
-                for cell in cells:
+                for cell in ([mailbox] if mailbox else []) + cells:
                     cell.run_once(i, repeat, target, timeout)
             doc["cells"] += [cell.result() for cell in cells]
+            if mailbox:
+                ref = mailbox.result()
+                doc["ceilings"][scen.id]["mailbox"] = {
+                    k: ref[k] for k in ("label", "status", "error", "median", "min", "max")
+                    if k in ref}
             for name in usable:
                 if (scen.id, name) in not_carried:
                     doc["cells"].append({"scenario": scen.id, "kind": scen.kind, "peer": name,

@@ -92,6 +92,27 @@ def _ceiling_text(scen, ceiling):
             f"message, {ceiling['cores']} cores)")
 
 
+def _stops_text(stops):
+    return (f"each CPU stops running a busy process {stops['per_cpu_per_s']:,.0f} times a "
+            f"second for >= 5 µs (median stop {stops['median_us']:.1f} µs, p99 "
+            f"{stops['p99_us']:.0f} µs; interrupts, and on a virtual machine the hypervisor)")
+
+
+def machine_bound_tail(doc, p50_us) -> bool:
+    """Whether a ping-pong whose round trip takes ``p50_us`` has more than 0.1% of
+    its round trips hit by a stop of one of the two CPUs it runs on (the
+    reference's ``cpu_stops``): then its p99.9 is at least such a stop long,
+    whatever the channel."""
+    stops = doc.get("reference", {}).get("cpu_stops")
+    return bool(stops) and 2 * stops["per_cpu_per_s"] * p50_us * 1e-6 > 0.001
+
+
+def _pingpong_row(label, md, lo, hi, runs, bound, tail_mark, ratios):
+    spread = f"{lo['p50_us']:.1f}..{hi['p50_us']:.1f}" if runs > 1 else "-"
+    return (f"  {label:<34} {md['p50_us']:>8.1f}{bound} {md['p99_us']:>9.1f} "
+            f"{md['p999_us']:>8.1f}{tail_mark} {spread:>13}" + ratios)
+
+
 def _cells(doc, sid):
     return [c for c in doc["cells"] if c["scenario"] == sid]
 
@@ -113,6 +134,16 @@ def _scenario_table(doc, scen, lines):
     else:
         lines.append(f"  {'peer':<34} {'msgs/s':>9} {'spread':>15} {'MB/s':>9} "
                      f"{'vs mp.Queue':>11} {'vs best other':>13}")
+    mailbox = (ceiling or {}).get("mailbox")
+    if kind == "pingpong" and mailbox:
+        label = f"({mailbox['label']})"
+        if mailbox["status"] == "ok":
+            md = mailbox["median"]
+            lines.append(_pingpong_row(label, md, mailbox["min"], mailbox["max"], doc["repeat"],
+                                       " ", "†" if machine_bound_tail(doc, md["p50_us"]) else " ",
+                                       ""))
+        else:
+            lines.append(f"  {label:<34} {mailbox['status'].upper()}: {mailbox.get('error')}")
     for c in cells:
         label = c["label"] + (" *" if c.get("one_by_one") else "")
         if c["status"] == "n/a":
@@ -124,10 +155,10 @@ def _scenario_table(doc, scen, lines):
         md, lo, hi = c["median"], c["min"], c["max"]
         bound = "~" if c.get("harness_bound") else " "
         if kind == "pingpong":
-            spread = f"{lo['p50_us']:.1f}..{hi['p50_us']:.1f}" if len(c["runs"]) > 1 else "-"
-            lines.append(f"  {label:<34} {md['p50_us']:>8.1f}{bound} {md['p99_us']:>9.1f} "
-                         f"{md['p999_us']:>9.1f} {spread:>13} {ratio(c['vs_baseline']):>11} "
-                         f"{ratio(c['vs_best_other']):>13}")
+            tail = "†" if machine_bound_tail(doc, md["p50_us"]) else " "
+            lines.append(_pingpong_row(label, md, lo, hi, len(c["runs"]), bound, tail,
+                                       f" {ratio(c['vs_baseline']):>11} "
+                                       f"{ratio(c['vs_best_other']):>13}"))
         elif kind == "memory":
             lines.append(f"  {label:<34} {nbytes(md['rss_created']):>10} "
                          f"{nbytes(md['shm_created']):>10} {nbytes(md['rss_used']):>10} "
@@ -144,6 +175,10 @@ def _scenario_table(doc, scen, lines):
         lines.append("  * no batch API: sends and receives one message at a time")
     if any(c.get("harness_bound") for c in cells):
         lines.append("  ~ within 2x of the harness ceiling: may be bound by the harness")
+    if kind == "pingpong" and doc.get("reference", {}).get("cpu_stops"):
+        lines.append("  † more than 0.1% of these round trips meet a stop of one of their two "
+                     "CPUs (see reference): whatever the channel, p99.9 cannot be below the "
+                     "machine's stops")
     if kind == "memory":
         lines.append("  RSS = resident memory of the creating process; shm = /dev/shm mapped, "
                      "i.e. address space whose pages are touched lazily (fastmq maps its whole "
@@ -244,7 +279,8 @@ def format_table(doc: dict) -> str:
                  "(other work on the machine skews results)")
     lines.append(f"reference: single-core memcpy {ref['memcpy_bytes_per_s'] / 1e9:.2f} GB/s; "
                  f"bare Python call {ref['python_call_ns']:.0f} ns "
-                 f"(= {human(ref['python_call_msgs_per_s'])} calls/s)")
+                 f"(= {human(ref['python_call_msgs_per_s'])} calls/s)"
+                 + (f"; {_stops_text(ref['cpu_stops'])}" if ref.get("cpu_stops") else ""))
     lines.append(f"method: median of {doc['repeat']} run(s)"
                  + (", spread = min..max" if doc["repeat"] > 1 else "")
                  + f"; ~{doc['target_seconds']:.2g} s per run; barrier start; every message "
@@ -288,6 +324,15 @@ def markdown_table(doc: dict) -> str:
             cell_text = (lambda c: f"{c['median']['p50_us']:.1f} µs")
             ctext = f"{ceiling['round_trip_us']:.2f} µs" if ceiling else "-"
             name = f"{s['id']} (p50 round trip)"
+            out.append(_markdown_row(doc, s, name, ctext, cell_text, peers))
+            mailbox = (ceiling or {}).get("mailbox")
+            cell_text = (lambda c: f"{c['median']['p999_us']:.1f} µs"
+                         + ("†" if machine_bound_tail(doc, c["median"]["p50_us"]) else ""))
+            ctext = (f"no queue: {mailbox['median']['p999_us']:.1f} µs"
+                     if mailbox and mailbox["status"] == "ok" else "-")
+            name = f"{s['id']} (p99.9 round trip)"
+            out.append(_markdown_row(doc, s, name, ctext, cell_text, peers, with_ratio=False))
+            continue
         elif big:
             cell_text = (lambda c: rate_text(c["median"]["bytes_per_s"]))
             ctext = rate_text(ceiling["msgs_per_s"] * s["size"]) if ceiling else "-"
@@ -296,23 +341,28 @@ def markdown_table(doc: dict) -> str:
             cell_text = (lambda c: f"{human(c['median']['msgs_per_s'])} msg/s")
             ctext = f"{human(ceiling['msgs_per_s'])} msg/s" if ceiling else "-"
             name = s["id"]
-        row = []
-        for peer, _ in peers:
-            hit = [c for c in _cells(doc, s["id"]) if c["peer"] == peer]
-            if not hit:
-                row.append("-")
-            elif hit[0]["status"] == "n/a":
-                row.append("n/a")
-            elif hit[0]["status"] != "ok":
-                row.append(hit[0]["status"])
-            else:
-                c = hit[0]
-                t = cell_text(c) + ("~" if c.get("harness_bound") else "")
-                if c["peer"] == "fastmq" and c.get("vs_best_other"):
-                    t = f"**{t}** ({ratio(c['vs_best_other'])})"
-                row.append(t)
-        out.append(f"| {name} | {ctext} | " + " | ".join(row) + " |")
+        out.append(_markdown_row(doc, s, name, ctext, cell_text, peers))
     return "\n".join(out)
+
+
+def _markdown_row(doc, s, name, ctext, cell_text, peers, with_ratio=True):
+    row = []
+    for peer, _ in peers:
+        hit = [c for c in _cells(doc, s["id"]) if c["peer"] == peer]
+        if not hit:
+            row.append("-")
+        elif hit[0]["status"] == "n/a":
+            row.append("n/a")
+        elif hit[0]["status"] != "ok":
+            row.append(hit[0]["status"])
+        else:
+            c = hit[0]
+            t = cell_text(c) + ("~" if c.get("harness_bound") else "")
+            if c["peer"] == "fastmq":
+                t = f"**{t}**" + (f" ({ratio(c['vs_best_other'])})"
+                                  if with_ratio and c.get("vs_best_other") else "")
+            row.append(t)
+    return f"| {name} | {ctext} | " + " | ".join(row) + " |"
 
 
 def write_json(doc: dict, path: str) -> None:
@@ -374,11 +424,26 @@ def _bar_panel(ax, doc, scen, colors, whiskers):
             ax.axvline(cval, color="black", linestyle="--", linewidth=0.8)
             ax.text(cval, -0.75, " harness ceiling", fontsize=6, va="bottom",
                     ha="right" if latency else "left")
+        mailbox = (ceiling or {}).get("mailbox") if latency else None
+        extra = []
+        if mailbox and mailbox["status"] == "ok":
+            mval = mailbox["median"]["p50_us"]
+            extra.append(mval)
+            ax.axvline(mval, color="black", linestyle=":", linewidth=0.8)
+            ax.text(mval, -0.75, " no queue", fontsize=6, va="bottom", ha="left")
+        if latency:                    # the tails, as ticks on the same axis
+            tails = [c["median"]["p999_us"] for c in cells]
+            extra += tails
+            ax.plot(tails, y, linestyle="none", marker="|", color="black", markersize=7,
+                    label="p99.9")
+            ax.legend(fontsize=6, loc="lower right")
         for yi, v, c in zip(y, vals, cells):
             at = max(v, c["max"][key] * scale) if whiskers else v    # right of the whisker
+            if latency:
+                at = max(at, c["median"]["p999_us"])                    # and of the tail tick
             r = c.get("vs_baseline")
             if latency:
-                text = f"{v:.1f} µs"
+                text = f"{v:.1f} µs, p99.9 {c['median']['p999_us']:.0f} µs"
             elif big:
                 text = f"{v:.2f} GB/s"
             else:
@@ -386,10 +451,10 @@ def _bar_panel(ax, doc, scen, colors, whiskers):
             text += (f"  ({ratio(r)} vs mp.Queue)" if r and c["peer"] != BASELINE else "")
             text += "  ~harness-bound" if c.get("harness_bound") else ""
             ax.text(at * 1.1, yi, text, va="center", fontsize=6)
-        lo = min(vals + ([cval] if cval else []))
-        hi = max(vals + ([cval] if cval else []))
+        lo = min(vals + extra + ([cval] if cval else []))
+        hi = max(vals + extra + ([cval] if cval else []))
         ax.set_xlim(lo / 2, hi * 40)
-        ax.set_xlabel(("round trip p50 in µs, lower is better" if latency else
+        ax.set_xlabel(("round trip in µs (bars p50, ticks p99.9), lower is better" if latency else
                        f"{unit}, higher is better") + ", log scale", fontsize=7)
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=6.5)

@@ -23,6 +23,7 @@ killed) in ``finally``.
 """
 from __future__ import annotations
 
+import mmap
 import multiprocessing
 import os
 import threading
@@ -850,6 +851,88 @@ def run_memory(peer_cls, size=64, depth=1024, n=4096, timeout=30.0) -> dict:
         kids.reap()
     res.pop("ok", None)
     return res
+
+
+# ------------------------------------------------------ ping-pong, no queue --
+
+class SpinMailbox:
+    """No queue at all, the ping-pong's reference: a one-message mailbox in
+    anonymous shared memory (inherited by the forked children) that the
+    receiving side busy-polls in Python. ``run_pingpong`` drives it with the
+    same timed loops as every peer, so its round trips are what two Python
+    processes on this machine take with nothing between them but a cache line;
+    the slowest of them are the machine's (interrupts, the hypervisor taking
+    the CPU), since nothing here ever sleeps or blocks.
+
+    Layout: two u64 words, the sequence number and the length, then the
+    payload. A ping-pong never has two messages in one mailbox (the sender
+    waits for the answer before it sends again), so a sender writes length and
+    payload, then a new sequence number; the receiver takes any sequence number
+    it has not seen. The words go through a ``Q`` view, one 8-byte store or load
+    each (``struct.pack_into`` would clear the field first and write it byte
+    by byte, and a poller would see a sequence number of 0)."""
+
+    label = "no queue, polled in Python"
+    _AT = 16
+
+    def __init__(self, producers, consumers, mode, size, depth):
+        self.buf = mmap.mmap(-1, self._AT + max(size, 1))
+
+    def _views(self):
+        view = memoryview(self.buf)
+        return view, view[:self._AT].cast("Q")
+
+    def sender(self, index):
+        view, words = self._views()
+        at = self._AT
+
+        def send(m):
+            n = len(m)
+            words[1] = n
+            view[at:at + n] = m
+            words[0] += 1
+        return _SpinEnd((words, view), send=send)
+
+    def receiver(self, index):
+        view, words = self._views()
+        at = self._AT
+        seen = [words[0]]
+
+        def recv():
+            seq = words[0]
+            if seq == seen[0]:
+                return None
+            seen[0] = seq
+            return view[at:at + words[1]].tobytes()
+        return _SpinEnd((words, view), recv=recv)
+
+    def wake(self, n):
+        if n:
+            end = self.sender(0)
+            end.send(b"")
+            end.close()
+
+    def close(self):
+        try:
+            self.buf.close()
+        except BufferError:           # a view of it is still alive somewhere: it goes with it
+            pass
+
+
+class _SpinEnd:
+    def __init__(self, views, send=None, recv=None):
+        self._views = views
+        if send is not None:
+            self.send = send
+        if recv is not None:
+            self.recv = recv
+
+    def finish(self):
+        pass
+
+    def close(self):
+        for v in self._views:
+            v.release()
 
 
 # --------------------------------------------------------- ping-pong ceiling --
