@@ -312,8 +312,14 @@ void fmq_region_free(fmq_region *r) {
     free(r);
 }
 
+/* Checks the header of a mapped segment against file_size and, if it holds,
+ * takes its geometry into r. Any process that can write the segment can
+ * change the header while we read it, so it is copied once and every check
+ * and every value taken reads the copy: what was checked is what is used. */
 int fmq_validate(fmq_region *r, size_t file_size) {
-    const fmq_header *h = r->hdr;
+    fmq_header snap;
+    memcpy(&snap, (const void *)r->hdr, sizeof snap);
+    const fmq_header *h = &snap;
     if (memcmp(h->magic, FMQ_MAGIC, 6) != 0)
         return fmq_fail(FMQ_ECORRUPT, "segment %s is not a fastmq queue (bad magic)", r->name);
     if (memcmp(h->magic, FMQ_MAGIC, 8) != 0)
