@@ -94,9 +94,11 @@ def _stops_here(seconds):
 
 def cpu_stops(seconds: float = 0.5, max_cpus: int = 8) -> dict:
     """Stops of at least ``STOP_NS`` on up to ``max_cpus`` of this process's CPUs,
-    all measured at once, one forked process pinned to each: the median CPU's
+    all measured at once, one forked process pinned to each (where the system
+    can pin): the median CPU's
     stops per second, the median stop and the 99th percentile stop (µs)."""
-    cpus = sorted(os.sched_getaffinity(0))[:max_cpus]
+    pin = getattr(os, "sched_setaffinity", None)       # Linux; elsewhere the CPUs are not pinned
+    cpus = (sorted(os.sched_getaffinity(0)) if pin else range(os.cpu_count() or 1))[:max_cpus]
     kids = []
     try:
         for cpu in cpus:
@@ -106,7 +108,8 @@ def cpu_stops(seconds: float = 0.5, max_cpus: int = 8) -> dict:
                 code = 1
                 try:
                     os.close(r)
-                    os.sched_setaffinity(0, {cpu})
+                    if pin:
+                        pin(0, {cpu})
                     rate, gaps = _stops_here(seconds)
                     os.write(w, (" ".join(map(str, [rate, *gaps]))).encode())
                     code = 0
