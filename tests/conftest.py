@@ -32,6 +32,9 @@ Helpers here:
 * ``run_python``    -- run ``python -c`` in a child with a bounded wait.
 * ``ChildGroup``    -- start multiprocessing children, join with a deadline,
                        always reap (terminate, then kill) in ``finally``.
+* ``pool_room``     -- how many messages of a size fit in a queue right now.
+* ``assert_one_line_error`` -- a ``python -m fastmq`` run failed as the
+                       command line promises (exit 1, one line, no traceback).
 """
 from __future__ import annotations
 
@@ -278,6 +281,19 @@ def pool_room(q, size, limit=200):
     for _ in range(n):
         q.get_bytes(timeout=5)
     return n
+
+
+def assert_one_line_error(res, *needles):
+    """``res`` (a finished ``python -m fastmq`` run) failed the way the command
+    line promises: exit 1, one line on stderr starting ``fastmq: error:``, no
+    traceback, every needle in that line."""
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert "Traceback" not in res.stderr, res.stderr
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("fastmq: error:"), err
+    for n in needles:
+        assert n in err, err
 
 
 def unique_name(tag="t"):

@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 import fastmq
+from conftest import assert_one_line_error
 
 # The children must import the very fastmq this process imported (the
 # installed one, with its compiled core) -- not the bare source tree, which
@@ -32,16 +33,6 @@ def _env():
 def fmq(*args, timeout=60):
     return subprocess.run([sys.executable, "-m", "fastmq", *args], capture_output=True,
                           text=True, timeout=timeout, env=_env())
-
-
-def assert_one_line_error(res, *needles):
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    err = res.stderr.strip()
-    assert "Traceback" not in res.stderr, res.stderr
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("fastmq: error:"), err
-    for n in needles:
-        assert n in err, err
 
 
 @pytest.fixture
