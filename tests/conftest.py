@@ -35,6 +35,8 @@ Helpers here:
 * ``pool_room``     -- how many messages of a size fit in a queue right now.
 * ``assert_one_line_error`` -- a ``python -m fastmq`` run failed as the
                        command line promises (exit 1, one line, no traceback).
+* ``watch_until_removed`` -- ``fastmq stat --watch`` over traffic, until the
+                       queue is removed.
 """
 from __future__ import annotations
 
@@ -294,6 +296,28 @@ def assert_one_line_error(res, *needles):
     assert err.startswith("fastmq: error:"), err
     for n in needles:
         assert n in err, err
+
+
+def watch_until_removed(argv, q, remove, env=None):
+    """``python -m fastmq stat ... --watch`` (``argv``: the words after
+    ``fastmq``) while ``q`` carries traffic for 1.5 s, then ``remove()``:
+    (returncode, stdout, stderr) once the watch stopped on its own (bounded
+    wait; the child is reaped in any case)."""
+    p = subprocess.Popen([sys.executable, "-m", "fastmq", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:          # traffic to show a rate of
+            q.put_bytes(b"y")
+            q.get_bytes(timeout=5)
+            time.sleep(0.01)
+        remove()
+        out, err = p.communicate(timeout=15)        # it must stop on its own
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+    return p.returncode, out, err
 
 
 def unique_name(tag="t"):

@@ -35,6 +35,7 @@ import time
 import pytest
 
 import fastmq
+from conftest import watch_until_removed
 from redis_support import *  # noqa: F401,F403 - fixtures
 
 
@@ -879,22 +880,10 @@ def test_cli_stat_watch_shows_rates_and_stops_when_removed(rq, rurl):
     # The same watch as on shared memory: counters with their rate, the
     # interval; the queue removed meanwhile ends it with exit 1, no traceback.
     q = rq.create()
-    p = subprocess.Popen([sys.executable, "-m", "fastmq", "stat", q.name, "--watch",
-                          "--interval", "0.2", "--url", rurl], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:              # traffic to show a rate of
-            q.put_bytes(b"y")
-            q.get_bytes(timeout=5)
-            time.sleep(0.01)
-        fastmq.Queue.unlink(q.name, url=rurl)
-        out, err = p.communicate(timeout=15)            # it must stop on its own
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(timeout=5)
-    assert p.returncode == 1, (out, err)
+    rc, out, err = watch_until_removed(
+        ["stat", q.name, "--watch", "--interval", "0.2", "--url", rurl], q,
+        lambda: fastmq.Queue.unlink(q.name, url=rurl))
+    assert rc == 1, (out, err)
     assert "Traceback" not in err, err
     assert "every 0.2 s" in out
     enq = [line for line in out.splitlines() if line.split()[:1] == ["enqueued"]]
