@@ -31,19 +31,11 @@ def _sweep(doc, sweep):
         else:
             ceil.append(report.human(c["msgs_per_s"]))
     out.append("| *harness ceiling* | " + " | ".join(f"*{c}*" for c in ceil) + " |")
+
+    def value(m):
+        return report.rate_text(m["bytes_per_s"]) if size else report.human(m["msgs_per_s"])
     for label, row in rows:
-        vals = []
-        for c in row:
-            if c is None:
-                vals.append("-")
-            elif c["status"] == "n/a":
-                vals.append("n/a")
-            elif c["status"] != "ok":
-                vals.append(c["status"])
-            else:
-                v = (report.rate_text(c["median"]["bytes_per_s"]) if size
-                     else report.human(c["median"]["msgs_per_s"]))
-                vals.append(v + ("~" if c.get("harness_bound") else ""))
+        vals = [report.sweep_cell(c, value, failed=str) for c in row]
         name = f"**{label}**" if label.startswith("fastmq") else label
         out.append(f"| {name} | " + " | ".join(vals) + " |")
     return out

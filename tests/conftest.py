@@ -32,6 +32,11 @@ Helpers here:
 * ``run_python``    -- run ``python -c`` in a child with a bounded wait.
 * ``ChildGroup``    -- start multiprocessing children, join with a deadline,
                        always reap (terminate, then kill) in ``finally``.
+* ``pool_room``     -- how many messages of a size fit in a queue right now.
+* ``assert_one_line_error`` -- a ``python -m fastmq`` run failed as the
+                       command line promises (exit 1, one line, no traceback).
+* ``watch_until_removed`` -- ``fastmq stat --watch`` over traffic, until the
+                       queue is removed.
 """
 from __future__ import annotations
 
@@ -278,6 +283,41 @@ def pool_room(q, size, limit=200):
     for _ in range(n):
         q.get_bytes(timeout=5)
     return n
+
+
+def assert_one_line_error(res, *needles):
+    """``res`` (a finished ``python -m fastmq`` run) failed the way the command
+    line promises: exit 1, one line on stderr starting ``fastmq: error:``, no
+    traceback, every needle in that line."""
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert "Traceback" not in res.stderr, res.stderr
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("fastmq: error:"), err
+    for n in needles:
+        assert n in err, err
+
+
+def watch_until_removed(argv, q, remove, env=None):
+    """``python -m fastmq stat ... --watch`` (``argv``: the words after
+    ``fastmq``) while ``q`` carries traffic for 1.5 s, then ``remove()``:
+    (returncode, stdout, stderr) once the watch stopped on its own (bounded
+    wait; the child is reaped in any case)."""
+    p = subprocess.Popen([sys.executable, "-m", "fastmq", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:          # traffic to show a rate of
+            q.put_bytes(b"y")
+            q.get_bytes(timeout=5)
+            time.sleep(0.01)
+        remove()
+        out, err = p.communicate(timeout=15)        # it must stop on its own
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+    return p.returncode, out, err
 
 
 def unique_name(tag="t"):

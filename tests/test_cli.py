@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 import fastmq
+from conftest import assert_one_line_error, watch_until_removed
 
 # The children must import the very fastmq this process imported (the
 # installed one, with its compiled core) -- not the bare source tree, which
@@ -32,16 +33,6 @@ def _env():
 def fmq(*args, timeout=60):
     return subprocess.run([sys.executable, "-m", "fastmq", *args], capture_output=True,
                           text=True, timeout=timeout, env=_env())
-
-
-def assert_one_line_error(res, *needles):
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    err = res.stderr.strip()
-    assert "Traceback" not in res.stderr, res.stderr
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("fastmq: error:"), err
-    for n in needles:
-        assert n in err, err
 
 
 @pytest.fixture
@@ -262,26 +253,13 @@ def test_prometheus_does_not_combine_with_watch(named):
 
 
 def test_watch_shows_rates_and_fill_and_notices_removal(named):
-    p = subprocess.Popen([sys.executable, "-m", "fastmq", "stat", named, "--watch",
-                          "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=_env())
+    q = fastmq.Queue.open(named)
     try:
-        q = fastmq.Queue.open(named)
-        try:
-            deadline = time.monotonic() + 1.5
-            while time.monotonic() < deadline:          # traffic to show a rate of
-                q.put_bytes(b"y")
-                q.get_bytes(timeout=5)
-                time.sleep(0.01)
-        finally:
-            q.close()
-        fastmq.Queue.unlink(named)
-        out, err = p.communicate(timeout=15)            # it must stop on its own
+        rc, out, err = watch_until_removed(["stat", named, "--watch", "--interval", "0.2"], q,
+                                           lambda: fastmq.Queue.unlink(named), env=_env())
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(timeout=5)
-    assert p.returncode == 1, (out, err)
+        q.close()
+    assert rc == 1, (out, err)
     assert "was removed" in err and "Traceback" not in err, err
     assert "% full" in out
     enq = [line for line in out.splitlines() if line.split()[:1] == ["enqueued"]]

@@ -30,7 +30,7 @@ import pytest
 import fastmq
 from fastmq import _dump
 import conftest
-from conftest import WITH_REDIS, unique_name
+from conftest import WITH_REDIS, assert_one_line_error, unique_name
 from redis_support import fresh_server  # noqa: F401 - a fixture
 
 # Durable file:// queues join every test (and the moves) where this tree has
@@ -112,16 +112,6 @@ def fmq(loc, *args, timeout=120, crashpoint=None):
 def assert_ok(res):
     assert res.returncode == 0, (res.stdout, res.stderr)
     assert res.stderr == "", res.stderr
-
-
-def assert_one_line_error(res, *needles):
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    err = res.stderr.strip()
-    assert "Traceback" not in res.stderr, res.stderr
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("fastmq: error:"), err
-    for n in needles:
-        assert n in err, err
 
 
 def payloads(n, seed=0, big_every=0):

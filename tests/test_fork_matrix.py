@@ -58,20 +58,6 @@ def pattern(n, seed):
     return (block * (n // 251 + 1))[:n]
 
 
-def pool_room(q, limit=200):
-    import fastmq
-    n = 0
-    try:
-        while n < limit:
-            q.put_bytes(b"f" * BIG, block=False)
-            n += 1
-    except fastmq.Full:
-        pass
-    for _ in range(n):
-        q.get_bytes(timeout=5)
-    return n
-
-
 def churn(q, seed):
     """Fill the queue with distinct messages until Full, then drain and check
     each: every block the pool hands out is written."""
@@ -410,6 +396,7 @@ def _reap(pid, timeout):
 
 def run_case(backend, obj, mode):
     import fastmq
+    from conftest import pool_room
     name = "fmqtest-fm-" + uuid.uuid4().hex[:12]
     q = fastmq.Queue.create(name, _backend=backend, **GEOMETRY)
     me = os.getpid()
@@ -417,7 +404,7 @@ def run_case(backend, obj, mode):
     case.mode = mode
     pid = None
     try:
-        base = pool_room(q)
+        base = pool_room(q, BIG)
         case.make()
         to_parent, from_parent = _Pipe(), _Pipe()
         pid = os.fork()
@@ -447,7 +434,7 @@ def run_case(backend, obj, mode):
         case.finish()
         case.held.clear()
         gc.collect()
-        room = pool_room(q)
+        room = pool_room(q, BIG)
         assert room == base, f"block pool room {room}, {base} before: a block leaked"
     finally:
         if os.getpid() == me:                    # (a child exiting normally skips this)
@@ -469,16 +456,17 @@ def run_drop_in_process(backend, obj):
     """No fork: the same objects, dropped without finishing them, give their
     memory back (the baseline the matrix's drop row is measured against)."""
     import fastmq
+    from conftest import pool_room
     name = "fmqtest-fm-" + uuid.uuid4().hex[:12]
     q = fastmq.Queue.create(name, _backend=backend, **GEOMETRY)
     case = CASES[obj](q, name, backend)
     try:
-        base = pool_room(q)
+        base = pool_room(q, BIG)
         case.make()
-        assert pool_room(q) == base - 1, "the object does not hold a block"
+        assert pool_room(q, BIG) == base - 1, "the object does not hold a block"
         case.drop()
         assert q.qsize() == 0
-        room = pool_room(q)
+        room = pool_room(q, BIG)
         assert room == base, f"block pool room {room}, {base} before: a dropped object leaked"
     finally:
         q.close()

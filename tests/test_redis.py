@@ -35,6 +35,7 @@ import time
 import pytest
 
 import fastmq
+from conftest import watch_until_removed
 from redis_support import *  # noqa: F401,F403 - fixtures
 
 
@@ -873,6 +874,20 @@ def test_cli(rq, rurl):
     q2 = rq.create()
     out = run("ls")
     assert q2.name in out.stdout
+
+
+def test_cli_stat_watch_shows_rates_and_stops_when_removed(rq, rurl):
+    # The same watch as on shared memory: counters with their rate, the
+    # interval; the queue removed meanwhile ends it with exit 1, no traceback.
+    q = rq.create()
+    rc, out, err = watch_until_removed(
+        ["stat", q.name, "--watch", "--interval", "0.2", "--url", rurl], q,
+        lambda: fastmq.Queue.unlink(q.name, url=rurl))
+    assert rc == 1, (out, err)
+    assert "Traceback" not in err, err
+    assert "every 0.2 s" in out
+    enq = [line for line in out.splitlines() if line.split()[:1] == ["enqueued"]]
+    assert any(line.endswith("/s)") and "(0.0/s)" not in line for line in enq), enq
 
 
 def test_no_server_fails_saying_how_to_get_one(tmp_path):

@@ -284,38 +284,48 @@ def cmd_stat(args) -> int:
     fastmq = _fastmq()
     q = fastmq.Queue.open(args.name)
     try:
-        if not args.watch:
-            stats = q.stats()
-            if args.json:
-                print(_json_stats(args.name, stats))
-            elif args.prometheus:
-                sys.stdout.write(prometheus_text(args.name, stats))
-            else:
-                print(_stats_block(args.name, stats))
-            return 0
-        tty = sys.stdout.isatty() and not args.json
-        previous = then = None
-        try:
-            while True:
-                if not _queue_exists(args.name):
-                    raise UserError(f"queue {args.name!r} was removed")
-                stats, now = q.stats(), time.monotonic()
-                if args.json:
-                    print(_json_stats(args.name, stats), flush=True)
-                else:
-                    block = _stats_block(args.name, stats, previous,
-                                         None if then is None else now - then)
-                    stamp = time.strftime("%H:%M:%S")
-                    if tty:
-                        sys.stdout.write("\x1b[H\x1b[2J")
-                    print(f"{block}\n  (at {stamp}; every {args.interval:g} s, "
-                          f"Ctrl-C to stop)", flush=True)
-                previous, then = stats, now
-                time.sleep(args.interval)
-        except KeyboardInterrupt:
-            return 0
+        return _show_stats(args, q, lambda: _queue_exists(args.name))
     finally:
         q.close()
+
+
+def _show_stats(args, q, still_there=None) -> int:
+    """``fastmq stat`` on the open queue ``q``, wherever it lives: one
+    snapshot (text, --json or --prometheus), or with --watch one every
+    --interval seconds, with rates, until Ctrl-C (exit 0). ``still_there()``
+    says whether the name still refers to the queue (removed: exit 1); a
+    location whose ``stats()`` raises QueueNotFound once the queue is gone
+    needs none."""
+    if not args.watch:
+        stats = q.stats()
+        if args.json:
+            print(_json_stats(args.name, stats))
+        elif args.prometheus:
+            sys.stdout.write(prometheus_text(args.name, stats))
+        else:
+            print(_stats_block(args.name, stats))
+        return 0
+    tty = sys.stdout.isatty() and not args.json
+    previous = then = None
+    try:
+        while True:
+            if still_there is not None and not still_there():
+                raise UserError(f"queue {args.name!r} was removed")
+            stats, now = q.stats(), time.monotonic()
+            if args.json:
+                print(_json_stats(args.name, stats), flush=True)
+            else:
+                block = _stats_block(args.name, stats, previous,
+                                     None if then is None else now - then)
+                stamp = time.strftime("%H:%M:%S")
+                if tty:
+                    sys.stdout.write("\x1b[H\x1b[2J")
+                print(f"{block}\n  (at {stamp}; every {args.interval:g} s, "
+                      f"Ctrl-C to stop)", flush=True)
+            previous, then = stats, now
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_pending(args) -> int:
@@ -527,6 +537,13 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _url_and_command(p, func):
+    """The end of every command's parser but bench's: ``--url`` (the location)
+    and ``func``, the command."""
+    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmq", description="fastmq: shared-memory message queues for Python processes.")
@@ -547,8 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON document instead of the tables")
     p.add_argument("--shm-dir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
-    p.set_defaults(func=cmd_ls)
+    _url_and_command(p, cmd_ls)
 
     p = sub.add_parser("stat", help="show a queue's stats block",
                        description="Show the stats of one named queue.", formatter_class=fmt)
@@ -563,23 +579,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the stats as one JSON object (one per line with --watch)")
     out.add_argument("--prometheus", action="store_true",
                      help="print the stats in the Prometheus text exposition format")
-    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
-    p.set_defaults(func=cmd_stat)
+    _url_and_command(p, cmd_stat)
 
     p = sub.add_parser("pending", help="list a queue's in-flight (unacked) messages",
                        description="List the messages of a queue that are leased "
                        "(get_message) and not yet acked.", formatter_class=fmt)
     p.add_argument("name", help="the queue's name")
-    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
-    p.set_defaults(func=cmd_pending)
+    _url_and_command(p, cmd_pending)
 
     p = sub.add_parser("rm", help="unlink named queues or exchanges (open handles keep working)",
                        description="Unlink named queues (or exchanges, where no queue has "
                        "the name). Every name is tried; missing ones are reported "
                        "together and make the exit status 1.", formatter_class=fmt)
     p.add_argument("names", nargs="+", metavar="NAME", help="queue or exchange names")
-    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
-    p.set_defaults(func=cmd_rm)
+    _url_and_command(p, cmd_rm)
 
     p = sub.add_parser("dump", help="back a queue up to a file (a copy, or a move with --drain)",
                        description="Write the queue's messages, in order, and the options "
@@ -599,8 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease", type=_positive, default=300.0, metavar="SECONDS",
                    help="lease of the messages while the dump holds them (renewed while "
                    "it runs; a dump that is stopped, not killed, keeps them this long)")
-    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
-    p.set_defaults(func=cmd_dump)
+    _url_and_command(p, cmd_dump)
 
     p = sub.add_parser("restore", help="recreate a queue from a dump file",
                        description="Verify the whole dump (magic, version, checksums, "
@@ -615,8 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restore into a queue that already holds messages, behind them")
     p.add_argument("--timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="how long a put may wait for room in the queue")
-    p.add_argument("--url", help="where (default: $FASTMQ_URL, else this host's shared memory)")
-    p.set_defaults(func=cmd_restore)
+    _url_and_command(p, cmd_restore)
     return parser
 
 

@@ -416,14 +416,25 @@ class Exchange:
     def kind(self):
         return self._kind
 
+    def _binding_key(self, queue_name, key, *, binding):
+        """Check ``queue_name`` and ``key`` for a bind (``binding``: a topic
+        exchange takes a pattern, checked once the kind is read) or an unbind
+        (a plain key, checked before), reading the bindings afresh; the key as
+        a binding stores it: '' for the kinds that ignore keys. Both backends."""
+        _names.validate_name(queue_name)
+        if not binding:
+            _check_key(key)
+        self._refresh()
+        if binding:
+            key = _check_pattern(key) if self._kind == "topic" else _check_key(key)
+        if self._kind not in ("direct", "topic"):
+            key = ""
+        return key
+
     def bind(self, queue_name, key=""):
         """Route messages to the named queue (which must exist): ``key`` is
         the exact key (direct) or a pattern (topic); other kinds ignore it."""
-        _names.validate_name(queue_name)
-        self._refresh()
-        key = _check_pattern(key) if self._kind == "topic" else _check_key(key)
-        if self._kind not in ("direct", "topic"):
-            key = ""
+        key = self._binding_key(queue_name, key, binding=True)
         if not self._queue_exists(queue_name):
             raise QueueNotFound(f"cannot bind queue {queue_name!r} to exchange "
                                 f"{self.name!r}: no such queue (create it first)")
@@ -431,11 +442,7 @@ class Exchange:
 
     def unbind(self, queue_name, key=""):
         """Remove a binding (no error if there is none)."""
-        _names.validate_name(queue_name)
-        _check_key(key)
-        self._refresh()
-        if self._kind not in ("direct", "topic"):
-            key = ""
+        key = self._binding_key(queue_name, key, binding=False)
         self._change(lambda bs: [b for b in bs if b != (queue_name, key)])
 
     def bindings(self):

@@ -216,6 +216,19 @@ def sweep_matrix(doc, sweep):
     return scens, cols, rows
 
 
+def sweep_cell(c, value, failed=str.upper) -> str:
+    """One cell of a sweep table (a cell of ``sweep_matrix`` or None): '-' not
+    run, 'n/a' cannot carry, ``failed(status)`` for a failure, else
+    ``value(median)`` with '~' when within 2x of the harness ceiling."""
+    if c is None:
+        return "-"
+    if c["status"] == "n/a":
+        return "n/a"
+    if c["status"] != "ok":
+        return failed(c["status"])
+    return value(c["median"]) + ("~" if c.get("harness_bound") else "")
+
+
 def _sweep_tables(doc, lines):
     scens, cols, rows = sweep_matrix(doc, "size")
     if len(scens) > 1:
@@ -228,17 +241,7 @@ def _sweep_tables(doc, lines):
             f"{doc['ceilings'][s['id']]['msgs_per_s'] * s['size'] / 1e6:>9.0f}"
             if s["id"] in doc.get("ceilings", {}) else f"{'-':>9}" for s in scens))
         for label, row in rows:
-            out = []
-            for c in row:
-                if c is None:
-                    out.append("-")
-                elif c["status"] == "n/a":
-                    out.append("n/a")
-                elif c["status"] != "ok":
-                    out.append(c["status"].upper())
-                else:
-                    out.append(f"{c['median']['bytes_per_s'] / 1e6:.0f}"
-                               + ("~" if c.get("harness_bound") else ""))
+            out = [sweep_cell(c, lambda m: f"{m['bytes_per_s'] / 1e6:.0f}") for c in row]
             lines.append(f"  {label:<30}" + "".join(f"{x:>9}" for x in out))
         reasons = {c["error"] for _, row in rows for c in row if c and c["status"] == "n/a"}
         for label, row in rows:
@@ -256,14 +259,7 @@ def _sweep_tables(doc, lines):
             f"{human(doc['ceilings'][s['id']]['msgs_per_s']):>9}"
             if s["id"] in doc.get("ceilings", {}) else f"{'-':>9}" for s in scens))
         for label, row in rows:
-            out = []
-            for c in row:
-                if c is None:
-                    out.append("-")
-                elif c["status"] != "ok":
-                    out.append(c["status"].upper() if c["status"] != "n/a" else "n/a")
-                else:
-                    out.append(human(c["median"]["msgs_per_s"]) + ("~" if c.get("harness_bound") else ""))
+            out = [sweep_cell(c, lambda m: human(m["msgs_per_s"])) for c in row]
             lines.append(f"  {label:<30}" + "".join(f"{x:>9}" for x in out))
         lines.append("  - = the peer does not do this shape (Pipe: one pair; iceoryx2 "
                      "publish-subscribe: one consumer)")

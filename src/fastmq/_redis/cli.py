@@ -6,8 +6,6 @@ Same output as on shared memory (``fastmq.cli``), with the url shown masked
 from __future__ import annotations
 
 import json
-import sys
-import time
 
 from .. import cli as _cli
 from .._location import resolve
@@ -102,28 +100,7 @@ def cmd_ls(args) -> int:
 def cmd_stat(args) -> int:
     q = RedisQueue.open(args.name, url=_url(args))
     try:
-        if not args.watch:
-            stats = q.stats()
-            if getattr(args, "json", False):
-                print(_cli._json_stats(args.name, stats))
-            elif getattr(args, "prometheus", False):
-                sys.stdout.write(_cli.prometheus_text(args.name, stats))
-            else:
-                print(_cli._stats_block(args.name, stats))
-            return 0
-        try:
-            while True:
-                if sys.stdout.isatty():
-                    sys.stdout.write("\x1b[H\x1b[2J")
-                stats = q.stats()               # QueueNotFound (exit 1) once removed
-                if getattr(args, "json", False):
-                    print(_cli._json_stats(args.name, stats), flush=True)
-                else:
-                    print(f"{_cli._stats_block(args.name, stats)}\n  (at "
-                          f"{time.strftime('%H:%M:%S')}; Ctrl-C to stop)", flush=True)
-                time.sleep(args.interval)
-        except KeyboardInterrupt:
-            return 0
+        return _cli._show_stats(args, q)      # stats(): QueueNotFound (exit 1) once removed
     finally:
         q.close()
 

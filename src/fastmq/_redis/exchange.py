@@ -25,7 +25,7 @@ import zlib
 
 from .. import _names, _serialize
 from ..errors import Full, MessageTooLarge, QueueClosed, QueueNotFound
-from ..exchange import KINDS, Exchange, _check_key, _check_pattern
+from ..exchange import KINDS, Exchange, _check_key
 from .link import Link
 
 __all__ = ["RedisExchange"]
@@ -150,11 +150,7 @@ class RedisExchange(Exchange):
             self._version = version
 
     def bind(self, queue_name, key=""):
-        _names.validate_name(queue_name)
-        self._refresh()
-        key = _check_pattern(key) if self._kind == "topic" else _check_key(key)
-        if self._kind not in ("direct", "topic"):
-            key = ""
+        key = self._binding_key(queue_name, key, binding=True)
         try:
             self._link.call("x_bind", self._key,
                             ("bind", f"{key}\n{queue_name}", f"fmq:{{{queue_name}}}:m"),
@@ -166,11 +162,7 @@ class RedisExchange(Exchange):
             raise
 
     def unbind(self, queue_name, key=""):
-        _names.validate_name(queue_name)
-        _check_key(key)
-        self._refresh()
-        if self._kind not in ("direct", "topic"):
-            key = ""
+        key = self._binding_key(queue_name, key, binding=False)
         self._link.call("x_bind", self._key, ("unbind", f"{key}\n{queue_name}", ""),
                         what="exchange")
 

@@ -427,8 +427,22 @@ table.insert(ents, 1, n)
 return ents
 """
 
+# The end of both acks (ACK, ACK_BATCHES): `n` messages of `bytes` payload bytes
+# were acked, so they leave the queue's counters and a waiting producer is woken.
+# Only these two scripts carry it (each ``local function`` is a closure made
+# again on every call).
+_ACKED_LEAVE = r"""
+local function acked_leave(n, bytes)
+  if n > 0 then
+    redis.call('HINCRBY', KEYS[1], 'dequeued', n)
+    redis.call('HINCRBY', KEYS[1], 'bytes', 0 - bytes)
+    signal('pw', P .. 'fr')
+  end
+end
+"""
+
 # ARGV: P, consumer, id, batch, id, batch, ... -> {1 acked | 0 lost, ...}
-ACK = r"""
+ACK = _ACKED_LEAVE + r"""
 local now = now_ms()
 local consumer = ARGV[2]
 local res, vals, groups, order = {}, {}, {}, {}
@@ -462,18 +476,14 @@ for _, b in ipairs(order) do
     end
   end
 end
-if acked > 0 then
-  redis.call('HINCRBY', KEYS[1], 'dequeued', acked)
-  redis.call('HINCRBY', KEYS[1], 'bytes', 0 - total)
-  signal('pw', P .. 'fr')
-end
+acked_leave(acked, total)
 return res
 """
 
 # ARGV: P, consumer, batch, size, batch, size, ... -> per batch: 1 acked whole |
 # 0 lost (expired or not this consumer's) | -1 not whole any more (some member
 # was settled on its own: ack its members with ACK)
-ACK_BATCHES = r"""
+ACK_BATCHES = _ACKED_LEAVE + r"""
 local now = now_ms()
 local consumer = ARGV[2]
 local res, acked, total = {}, 0, 0
@@ -494,11 +504,7 @@ for i = 3, #ARGV, 2 do
   end
   res[#res + 1] = r
 end
-if acked > 0 then
-  redis.call('HINCRBY', KEYS[1], 'dequeued', acked)
-  redis.call('HINCRBY', KEYS[1], 'bytes', 0 - total)
-  signal('pw', P .. 'fr')
-end
+acked_leave(acked, total)
 return res
 """
 
