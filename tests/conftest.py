@@ -247,7 +247,9 @@ def durable_url():
     return "file://" + durable_dir()
 
 
-def pytest_sessionfinish(session, exitstatus):
+def _remove_durable_dir():
+    """At the end of the session (pytest_sessionfinish): this process's
+    directory of durable queue files goes."""
     d = _DURABLE.get("dir")
     if d and os.path.isdir(d):
         import shutil
@@ -570,6 +572,7 @@ def _watch_for_left_behind_segments(request):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _remove_durable_dir()
     left = sorted((t, n) for n, t in _LEFT_BEHIND.items()
                   if os.path.lexists(os.path.join(SHM_DIR, n)))
     if not left:

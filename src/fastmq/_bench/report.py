@@ -243,12 +243,10 @@ def _sweep_tables(doc, lines):
         for label, row in rows:
             out = [sweep_cell(c, lambda m: f"{m['bytes_per_s'] / 1e6:.0f}") for c in row]
             lines.append(f"  {label:<30}" + "".join(f"{x:>9}" for x in out))
-        reasons = {c["error"] for _, row in rows for c in row if c and c["status"] == "n/a"}
         for label, row in rows:
             why = sorted({c["error"] for c in row if c and c["status"] == "n/a"})
             if why:
                 lines.append(f"  n/a for {label}: {why[0]}" + (" (and others)" if len(why) > 1 else ""))
-        del reasons
     scens, cols, rows = sweep_matrix(doc, "scaling")
     if len(scens) > 1:
         lines.append("")
