@@ -35,7 +35,7 @@ from multiprocessing.connection import wait as _wait_conns
 import itertools
 import operator
 
-from .payloads import (FULL_CHECK_MAX, FINGERPRINT, INLINE, KEEP, SAMPLE_EVERY, SMALL_POOL, Builder, Tally,
+from .payloads import (FULL_CHECK_MAX, FINGERPRINT, KEEP, SAMPLE_EVERY, SMALL_POOL, Builder, Tally,
                        plan_for, pool_size, prebuilt, verify)
 from .peers import BATCH
 
