@@ -592,21 +592,14 @@ int fmq_durable_create(const char *path, const char *name, const fmq_params *p, 
     if ((rc = fmq_live_register(r)) != FMQ_OK)
         goto fail;
     FMQ_CRASHPOINT("durable.create.before_link");
-    if (link(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        fmq_live_unregister(r);
-        r->durable = 0;   /* nothing to flush on the way out */
-        fmq_region_free(r);
-        if (e == EEXIST) {
+    if (fmq_region_create_link(r, tmp, path) != 0) {
+        if (errno == EEXIST) {
             if (!exist_ok)
                 return fmq_fail(FMQ_EEXIST, "durable queue %s already exists (%s)", name, path);
             return fmq_durable_open(path, name, out);
         }
-        errno = e;
         return fmq_os_fail("cannot link the file into place for durable queue", name);
     }
-    unlink(tmp);
     (void)fmq_dir_fsync(path);
     *out = r;
     return FMQ_OK;

@@ -274,6 +274,7 @@ int fmq_region_create_check(const fmq_params *p, unsigned mode, fmq_geometry *g)
 int fmq_region_create_new(const char *name, int fd, const char *tmp, unsigned mode,
                           fmq_region **out);
 int fmq_region_format(fmq_region *r, const fmq_geometry *g, const fmq_params *p);
+int fmq_region_create_link(fmq_region *r, const char *tmp, const char *path);
 int fmq_region_open_file(const char *path, const char *name, const char *label,
                          const char *os_what, fmq_region **out, uint64_t *size_out);
 int fmq_region_map(fmq_region *r, size_t size, int flags, const char *os_what);

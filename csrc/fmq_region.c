@@ -449,8 +449,8 @@ void fmq_region_set_keep(fmq_region *r) {
  * name under /dev/shm, the init lock, the sparse sizing and the words of
  * a full /dev/shm; there the filesystem check, the trailer, the flush
  * words and the superblocks. Each medium checks its name itself (the two
- * word a bad one differently), looks for an existing queue and publishes
- * the new one (READY, the link into place).
+ * word a bad one differently), looks for an existing queue, publishes READY
+ * and registers, and words or acts on a lost race for the name.
  *
  * fmq_region_create_check: the parameters both take, checked before
  * anything is made or looked up, so that a bad value is refused even with
@@ -528,6 +528,25 @@ int fmq_region_format(fmq_region *r, const fmq_geometry *g, const fmq_params *p)
         fmq_lease_grow(r, 0) != FMQ_OK)
         return FMQ_EOS;
     return FMQ_OK;
+}
+
+/* fmq_region_create_link: the last step, once the new queue is complete and
+ * r registered: links tmp into place at path, which fails if the name
+ * exists (so of two creators exactly one wins it), and removes the name tmp.
+ * Nonzero on failure, with errno link(2)'s (EEXIST: another creator won the
+ * name), for the caller to word or act on for its medium; r is then
+ * unregistered and freed, and nothing of it is left. */
+int fmq_region_create_link(fmq_region *r, const char *tmp, const char *path) {
+    if (link(tmp, path) != 0) {
+        int e = errno;
+        unlink(tmp);
+        fmq_live_unregister(r);
+        fmq_region_free(r);
+        errno = e;
+        return -1;
+    }
+    unlink(tmp);
+    return 0;
 }
 
 int fmq_os_fail(const char *what, const char *name) {
@@ -644,21 +663,15 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
         return rc;
     }
     FMQ_CRASHPOINT("init.before_link");
-    if (link(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        fmq_live_unregister(r);
-        fmq_region_free(r);
-        if (e == EEXIST) {
+    if (fmq_region_create_link(r, tmp, path) != 0) {
+        if (errno == EEXIST) {
             /* Another creator won the race for the name. */
             if (!exist_ok)
                 return fmq_fail(FMQ_EEXIST, "queue segment %s already exists", name);
             return fmq_region_open(name, out);
         }
-        errno = e;
         return fmq_os_fail("cannot link shared memory into place for", name);
     }
-    unlink(tmp);
     *out = r;
     return FMQ_OK;
 
