@@ -13,13 +13,14 @@ first: the last test runs the same values through it, on every backend).
 """
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
 import pytest
 
 import fastmq
-from conftest import SHM_DIR, durable_dir, unique_name, where
+from conftest import SHM_DIR, durable_dir, unique_name, wait_until, where
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -166,3 +167,92 @@ def test_queue_create_refuses_bad_parameters_on_every_location(backend, kw):
         fastmq.Queue.open(name, **where(backend))
     place = durable_dir() if backend == "file" else SHM_DIR
     assert [n for n in os.listdir(place) if name in n] == []
+
+
+# ------------------------------------------------- losing the race for the name
+
+#: Where each medium's create stops, complete and registered, just before it
+#: links its temporary file into place.
+BEFORE_LINK = {"shm": "init.before_link", "file": "durable.create.before_link"}
+
+_LOSER = r"""
+import json, sys, fastmq
+kind, name, where, exist_ok = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+place = {"url": where} if kind == "file" else {"_backend": "native"}
+try:
+    q = fastmq.Queue.create(name, maxsize=8, max_message_size=4096, capacity_bytes=1 << 20,
+                            exist_ok=exist_ok, **place)
+except fastmq.QueueExists as e:
+    print(json.dumps(["exists", str(e)]))
+else:
+    print(json.dumps(["opened", q.get_bytes(timeout=5).decode()]))
+    q.close()
+"""
+
+
+def _state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _leftovers(kind, pid, where):
+    """The temporary files a create by pid left: none, once it is over."""
+    if kind == "file":
+        return [n for n in os.listdir(where) if ".tmp-" in n]
+    return [n for n in os.listdir(SHM_DIR) if n.startswith(f"fastmq-tmp-{pid}-")]
+
+
+@pytest.mark.parametrize("exist_ok", [False, True], ids=["exclusive", "exist_ok"])
+@pytest.mark.parametrize("kind", ["shm", "file"])
+def test_create_that_loses_the_link_race(kind, exist_ok):
+    """A creator frozen just before its link while another process creates
+    the same name: when it goes on, its link fails. Exclusive, it raises
+    QueueExists; with exist_ok it opens the winner's queue (and gets the
+    winner's message). Either way its temporary file is gone and the
+    winner's queue is untouched."""
+    import signal
+    import subprocess
+    import sys
+    pytest.importorskip("fastmq._core")
+    name = unique_name("linkrace")
+    where_ = None
+    if kind == "file":
+        where_ = os.path.join(durable_dir(), f"linkrace-{uuid.uuid4().hex[:10]}")
+        os.makedirs(where_)
+        place = {"url": "file://" + where_}
+    else:
+        place = {"_backend": "native"}
+    env = dict(os.environ, FASTMQ_CRASH_AT=BEFORE_LINK[kind], FASTMQ_CRASH_SIGNAL="STOP")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _LOSER, kind, name, place.get("url", ""), "1" if exist_ok else "0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    q = None
+    try:
+        assert wait_until(lambda: _state(child.pid) == "T", 30), "the creator never stopped"
+        assert _leftovers(kind, child.pid, where_), "the frozen creator has no temporary file?"
+        q = fastmq.Queue.create(name, maxsize=8, max_message_size=4096,
+                                capacity_bytes=1 << 20, **place)
+        q.put_bytes(b"winner's")
+        os.kill(child.pid, signal.SIGCONT)
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        outcome = json.loads(out.strip().splitlines()[-1])
+        if exist_ok:
+            assert outcome == ["opened", "winner's"]
+        else:
+            assert outcome[0] == "exists" and "already exists" in outcome[1]
+            assert q.get_bytes(timeout=5) == b"winner's"
+        assert _leftovers(kind, child.pid, where_) == []
+        q.put_bytes(b"after")
+        assert q.get_bytes(timeout=5) == b"after"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate(timeout=30)
+        if q is not None:
+            q.close()
+            fastmq.Queue.unlink(name, **place)
+        if where_ is not None:
+            for n in os.listdir(where_):
+                os.unlink(os.path.join(where_, n))
+            os.rmdir(where_)
