@@ -510,20 +510,13 @@ int fmq_durable_create(const char *path, const char *name, const fmq_params *p, 
     int rc;
     if (!fmq_name_ok(name))
         return fmq_fail(FMQ_EINVAL, "invalid queue name %.64s", name);
-    if (mode > 0777)
-        return fmq_fail(FMQ_EINVAL, "mode must be permission bits only (0 to 0o777), got %#o",
-                        mode);
+    fmq_geometry g;
+    if ((rc = fmq_region_create_check(p, mode, &g)))
+        return rc;
     if (sync_mode > FMQ_SYNC_COMMIT)
         return fmq_fail(FMQ_EINVAL, "unknown sync mode %u", sync_mode);
     if (strlen(path) > 4000)
         return fmq_fail(FMQ_EINVAL, "path too long");
-    uint32_t stride = p->slot_size ? p->slot_size : FMQ_DEFAULT_SLOT_SIZE;
-    fmq_geometry g;
-    if ((rc = fmq_geometry_compute(p->maxsize, stride, p->max_message_size, p->capacity_bytes,
-                                   &g)))
-        return rc;
-    if (p->dead_letter && strlen(p->dead_letter) >= FMQ_DEAD_LETTER_MAX)
-        return fmq_fail(FMQ_EINVAL, "dead_letter name too long");
     struct stat st;
     if (lstat(path, &st) == 0) {
         if (!exist_ok)
@@ -544,13 +537,9 @@ int fmq_durable_create(const char *path, const char *name, const fmq_params *p, 
                                     "put durable queues on a disk filesystem (or use shm: for "
                                     "a queue in memory)", path);
     }
-    fmq_region *r = fmq_region_new(name, fd);
-    if (!r) {
-        close(fd);
-        unlink(tmp);
-        return fmq_fail(FMQ_EOS, "out of memory");
-    }
-    (void)fchmod(fd, mode);
+    fmq_region *r;
+    if ((rc = fmq_region_create_new(name, fd, tmp, mode, &r)))
+        return rc;
     uint64_t fsize = g.total_size + FMQ_TRAILER;
     if (ftruncate(fd, (off_t)fsize) != 0)
         goto os_error;
@@ -563,26 +552,21 @@ int fmq_durable_create(const char *path, const char *name, const fmq_params *p, 
             goto os_error;
         }
     }
-    r->size = (size_t)fsize;
-    r->base = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (r->base == MAP_FAILED) {
-        r->base = NULL;
-        goto os_error;
-    }
+    if ((rc = fmq_region_map(r, (size_t)fsize, MAP_SHARED,
+                             "cannot set up the file of durable queue")) != FMQ_OK)
+        goto fail;
     fmq_durable_advise(r);
-    r->g = g;
-    fmq_region_bind(r);
-    fmq_region_set_keep(r);
+    /* A durable queue's handle before the format (fmq_region_format). */
     if ((rc = fmq_bind_durable(r, path)) != FMQ_OK)
         goto fail;
     r->sync_mode = sync_mode;
     r->sync_interval_ns = sync_interval_ns;
 
-    fmq_header *h = r->hdr;
-    if (fmq_region_format(r, p) != FMQ_OK) {
+    if (fmq_region_format(r, &g, p) != FMQ_OK) {
         errno = ENOSPC;
         goto os_error;
     }
+    fmq_header *h = r->hdr;
     atomic_store_explicit(&h->init_state, FMQ_INIT_READY, memory_order_release);
 
     fmq_superblock sb;
@@ -608,21 +592,14 @@ int fmq_durable_create(const char *path, const char *name, const fmq_params *p, 
     if ((rc = fmq_live_register(r)) != FMQ_OK)
         goto fail;
     FMQ_CRASHPOINT("durable.create.before_link");
-    if (link(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        fmq_live_unregister(r);
-        r->durable = 0;   /* nothing to flush on the way out */
-        fmq_region_free(r);
-        if (e == EEXIST) {
+    if (fmq_region_create_link(r, tmp, path) != 0) {
+        if (errno == EEXIST) {
             if (!exist_ok)
                 return fmq_fail(FMQ_EEXIST, "durable queue %s already exists (%s)", name, path);
             return fmq_durable_open(path, name, out);
         }
-        errno = e;
         return fmq_os_fail("cannot link the file into place for durable queue", name);
     }
-    unlink(tmp);
     (void)fmq_dir_fsync(path);
     *out = r;
     return FMQ_OK;

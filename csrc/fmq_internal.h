@@ -270,7 +270,11 @@ void fmq_region_free(fmq_region *r);
 int fmq_validate(fmq_region *r, size_t file_size);
 void fmq_pool_init(fmq_region *r);
 void fmq_region_set_keep(fmq_region *r);
-int fmq_region_format(fmq_region *r, const fmq_params *p);
+int fmq_region_create_check(const fmq_params *p, unsigned mode, fmq_geometry *g);
+int fmq_region_create_new(const char *name, int fd, const char *tmp, unsigned mode,
+                          fmq_region **out);
+int fmq_region_format(fmq_region *r, const fmq_geometry *g, const fmq_params *p);
+int fmq_region_create_link(fmq_region *r, const char *tmp, const char *path);
 int fmq_region_open_file(const char *path, const char *name, const char *label,
                          const char *os_what, fmq_region **out, uint64_t *size_out);
 int fmq_region_map(fmq_region *r, size_t size, int flags, const char *os_what);

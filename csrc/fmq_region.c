@@ -443,14 +443,62 @@ void fmq_region_set_keep(fmq_region *r) {
     r->budget = fmq_round_up(r->g.capacity_bytes, FMQ_PAGE);
 }
 
-/* Writes a new segment's header from r->g and p, empties the pool's stacks
- * and reserves the first chunks of slots and leases: the part of creating a
- * queue that shared memory and a durable file share. r is mapped and bound
- * (fmq_region_bind) and its upcalls are set, since the first chunks are
- * reserved through them. Nonzero when those chunks cannot be reserved; the
- * caller words that error for its medium (and publishes READY itself). */
-int fmq_region_format(fmq_region *r, const fmq_params *p) {
-    const fmq_geometry *g = &r->g;
+/* The steps of creating a queue that shared memory and a durable queue's
+ * file share (fmq_region_create, fmq_durable_create), in the order both run
+ * them. What lies between them is each medium's own: here the temporary
+ * name under /dev/shm, the init lock, the sparse sizing and the words of
+ * a full /dev/shm; there the filesystem check, the trailer, the flush
+ * words and the superblocks. Each medium checks its name itself (the two
+ * word a bad one differently), looks for an existing queue, publishes READY
+ * and registers, and words or acts on a lost race for the name.
+ *
+ * fmq_region_create_check: the parameters both take, checked before
+ * anything is made or looked up, so that a bad value is refused even with
+ * exist_ok and a queue of that name in place: the permission bits, the
+ * geometry (into *g; slot_size 0 means the default) and the dead-letter
+ * name's length. */
+int fmq_region_create_check(const fmq_params *p, unsigned mode, fmq_geometry *g) {
+    if (mode > 0777)
+        return fmq_fail(FMQ_EINVAL, "mode must be permission bits only (0 to 0o777), got %#o",
+                        mode);
+    uint32_t stride = p->slot_size ? p->slot_size : FMQ_DEFAULT_SLOT_SIZE;
+    int rc = fmq_geometry_compute(p->maxsize, stride, p->max_message_size, p->capacity_bytes, g);
+    if (rc)
+        return rc;
+    if (p->dead_letter && strlen(p->dead_letter) >= FMQ_DEAD_LETTER_MAX)
+        return fmq_fail(FMQ_EINVAL, "dead_letter name too long");
+    return FMQ_OK;
+}
+
+/* fmq_region_create_new: the handle (*out) of a new queue's temporary file
+ * tmp, just made with O_CREAT|O_EXCL as fd, with the caller's mode (open()
+ * applied the umask; the caller's mode is what they asked for). When the
+ * handle cannot be made, fd is closed and tmp removed. */
+int fmq_region_create_new(const char *name, int fd, const char *tmp, unsigned mode,
+                          fmq_region **out) {
+    fmq_region *r = fmq_region_new(name, fd);
+    if (!r) {
+        close(fd);
+        unlink(tmp);
+        return fmq_fail(FMQ_EOS, "out of memory");
+    }
+    (void)fchmod(fd, mode);
+    *out = r;
+    return FMQ_OK;
+}
+
+/* fmq_region_format: once the caller has sized its file and mapped it
+ * (fmq_region_map), takes g as r's geometry (fmq_region_bind, its block
+ * budget: fmq_region_set_keep), writes the new segment's header from g and
+ * p, empties the pool's stacks and reserves the first chunks of slots and
+ * leases. r is the medium's handle already (a durable file's: its upcalls
+ * and flush words, fmq_bind_durable), so nothing here runs as another
+ * medium's. Nonzero when those chunks cannot be reserved; the caller words
+ * that error for its medium (and publishes READY itself). */
+int fmq_region_format(fmq_region *r, const fmq_geometry *g, const fmq_params *p) {
+    r->g = *g;
+    fmq_region_bind(r);
+    fmq_region_set_keep(r);
     fmq_header *h = r->hdr;
     memcpy(h->magic, FMQ_MAGIC, 8);
     h->abi_version = FMQ_ABI_VERSION;
@@ -482,6 +530,25 @@ int fmq_region_format(fmq_region *r, const fmq_params *p) {
     return FMQ_OK;
 }
 
+/* fmq_region_create_link: the last step, once the new queue is complete and
+ * r registered: links tmp into place at path, which fails if the name
+ * exists (so of two creators exactly one wins it), and removes the name tmp.
+ * Nonzero on failure, with errno link(2)'s (EEXIST: another creator won the
+ * name), for the caller to word or act on for its medium; r is then
+ * unregistered and freed, and nothing of it is left. */
+int fmq_region_create_link(fmq_region *r, const char *tmp, const char *path) {
+    if (link(tmp, path) != 0) {
+        int e = errno;
+        unlink(tmp);
+        fmq_live_unregister(r);
+        fmq_region_free(r);
+        errno = e;
+        return -1;
+    }
+    unlink(tmp);
+    return 0;
+}
+
 int fmq_os_fail(const char *what, const char *name) {
     int e = errno;
     int rc = fmq_fail(FMQ_EOS, "%s %s: %s", what, name, strerror(e));
@@ -506,16 +573,9 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
     int rc = fmq_shm_path(name, path, sizeof path);
     if (rc)
         return rc;
-    if (mode > 0777)
-        return fmq_fail(FMQ_EINVAL, "mode must be permission bits only (0 to 0o777), got "
-                                    "%#o", mode);
-    uint32_t stride = p->slot_size ? p->slot_size : FMQ_DEFAULT_SLOT_SIZE;
     fmq_geometry g;
-    if ((rc = fmq_geometry_compute(p->maxsize, stride, p->max_message_size, p->capacity_bytes,
-                                   &g)))
+    if ((rc = fmq_region_create_check(p, mode, &g)))
         return rc;
-    if (p->dead_letter && strlen(p->dead_letter) >= FMQ_DEAD_LETTER_MAX)
-        return fmq_fail(FMQ_EINVAL, "dead_letter name too long");
 
     /* An early answer for a name that exists (the link below is what
      * decides): no point initialising a large segment to throw it away. */
@@ -542,14 +602,9 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
      * cleanup the same about the temporary file (it is converted below). */
     fmq_live_init_lock(fd, F_WRLCK);
     (void)flock(fd, LOCK_EX);
-    fmq_region *r = fmq_region_new(name, fd);
-    if (!r) {
-        close(fd);
-        unlink(tmp);
-        return fmq_fail(FMQ_EOS, "out of memory");
-    }
-    /* open() applies the umask; the caller's mode is what they asked for. */
-    (void)fchmod(fd, mode);
+    fmq_region *r;
+    if ((rc = fmq_region_create_new(name, fd, tmp, mode, &r)))
+        return rc;
     r->anonymous = anonymous;
     /* Sparse: the size is the whole layout, but only the header, control
      * lines and participant table are reserved now; the rest is reserved as
@@ -570,15 +625,13 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
         }
         /* EOPNOTSUPP etc.: carry on; pages come on first touch */
     }
-    r->size = g.total_size;
-    r->base = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
-    if (r->base == MAP_FAILED)
-        goto os_error;
-    r->g = g;
-    fmq_region_bind(r);
-    fmq_region_set_keep(r);
-
-    if (fmq_region_format(r, p) != FMQ_OK) {
+    if ((rc = fmq_region_map(r, g.total_size, MAP_SHARED | MAP_NORESERVE,
+                             "cannot set up shared memory for")) != FMQ_OK) {
+        unlink(tmp);
+        fmq_region_free(r);
+        return rc;
+    }
+    if (fmq_region_format(r, &g, p) != FMQ_OK) {
         unlink(tmp);
         fmq_region_free(r);
         errno = ENOSPC;
@@ -610,21 +663,15 @@ int fmq_region_create(const char *name, const fmq_params *p, unsigned mode, int 
         return rc;
     }
     FMQ_CRASHPOINT("init.before_link");
-    if (link(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        fmq_live_unregister(r);
-        fmq_region_free(r);
-        if (e == EEXIST) {
+    if (fmq_region_create_link(r, tmp, path) != 0) {
+        if (errno == EEXIST) {
             /* Another creator won the race for the name. */
             if (!exist_ok)
                 return fmq_fail(FMQ_EEXIST, "queue segment %s already exists", name);
             return fmq_region_open(name, out);
         }
-        errno = e;
         return fmq_os_fail("cannot link shared memory into place for", name);
     }
-    unlink(tmp);
     *out = r;
     return FMQ_OK;
 
