@@ -369,11 +369,7 @@ static void fmq_durable_on_close(fmq_region *r) {
 
 /* The core's upcalls (fmq_region.c's set) plus the two of a durable queue. */
 static const fmq_upcalls fmq_upcalls_durable = {
-    .recover = fmq_recover,
-    .recover_stalled = fmq_recover_stalled,
-    .reap_tag = fmq_reap_tag,
-    .redeliver_due = fmq_lease_redeliver_due,
-    .lease_names_block = fmq_lease_names_block,
+    FMQ_UPCALLS_CORE,
     .durable_barrier = fmq_durable_barrier_for_move,
     .durable_close = fmq_durable_on_close,
 };

@@ -93,6 +93,16 @@ struct fmq_upcalls {
     void (*durable_close)(fmq_region *r);
 };
 
+/* The core's entries of an upcall table, in one place: shared memory's table
+ * (fmq_region.c) is these, a durable queue's (fmq_durable.c) is these plus its
+ * own two, so an entry added here reaches both. */
+#define FMQ_UPCALLS_CORE                               \
+    .recover = fmq_recover,                            \
+    .recover_stalled = fmq_recover_stalled,            \
+    .reap_tag = fmq_reap_tag,                          \
+    .redeliver_due = fmq_lease_redeliver_due,          \
+    .lease_names_block = fmq_lease_names_block
+
 /* ==== fmq_live.c: participants ============================================ */
 /* fork handlers (prepare, parent, child), installed by fmq_region.c */
 void fmq_live_before_fork(void);

@@ -276,13 +276,7 @@ int fmq_open_path(const char *path, int flags, unsigned mode) {
 
 /* The calls the lower layers make upward (fmq_internal.h, "Layers"): this
  * file is above all of them, so it is the one that wires them. */
-static const fmq_upcalls fmq_upcalls_core = {
-    .recover = fmq_recover,
-    .recover_stalled = fmq_recover_stalled,
-    .reap_tag = fmq_reap_tag,
-    .redeliver_due = fmq_lease_redeliver_due,
-    .lease_names_block = fmq_lease_names_block,
-};
+static const fmq_upcalls fmq_upcalls_core = {FMQ_UPCALLS_CORE};
 
 fmq_region *fmq_region_new(const char *name, int fd) {
     fmq_region *r = calloc(1, sizeof *r);
