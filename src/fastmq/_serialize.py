@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import sys
 
 from . import _auth
 from .errors import AuthenticationError, Error, MessageTooLarge
@@ -216,6 +217,8 @@ def _decode(payload, zero_copy):
         stream, entries = parse_frame(view)
         if zero_copy:
             buffers = [view[off:off + length] for off, length in entries]
+            if len(entries) == 1:
+                return _one_buffer_view(bytes(stream), buffers[0], entries[0][1])
         else:
             buffers = [bytearray(view[off:off + length]) for off, length in entries]
         return _loads(stream, buffers)
@@ -227,6 +230,38 @@ def _decode(payload, zero_copy):
         raise BadMessage("message is neither a pickle nor a fastmq frame "
                          "(was it sent with put_bytes()? read it with get_bytes())")
     return _loads(view, None)
+
+
+# The pickle of a numpy array names its dtype and shape, not its data: a
+# stream of arrays of one kind repeats the same few hundred bytes. Such a
+# stream, once unpickled into a plain C-ordered ndarray over exactly its one
+# buffer, maps to (shape, dtype, buffer length, frombuffer), and the next view
+# of it is made directly -- the same array pickle.loads would make, without the
+# unpickler's imports and dtype reconstruction. Keyed by a private copy of the
+# stream, so what shared memory says later cannot change what was learnt.
+_ARRAY_STREAMS: dict = {}
+_ARRAY_STREAMS_MAX = 256
+
+
+def _one_buffer_view(stream: bytes, buf, length):
+    """``_loads(stream, [buf])`` for a zero-copy frame with one buffer."""
+    known = _ARRAY_STREAMS.get(stream)
+    if known is not None and known[2] == length:
+        # frombuffer keeps ``buf`` itself (and so its export of the message)
+        # as the array's base; np.ndarray(buffer=buf) would keep only buf.obj,
+        # and the message could be freed under the array.
+        return known[3](buf, known[1]).reshape(known[0])
+    obj = _loads(stream, [buf])
+    np = sys.modules.get("numpy")
+    if np is not None and type(obj) is np.ndarray and length and obj.nbytes == length \
+            and obj.flags.c_contiguous and not obj.dtype.hasobject:
+        probe = np.frombuffer(buf, obj.dtype).reshape(obj.shape)
+        if probe.strides == obj.strides and probe.ctypes.data == obj.ctypes.data \
+                and probe.flags.writeable == obj.flags.writeable:
+            if len(_ARRAY_STREAMS) >= _ARRAY_STREAMS_MAX:
+                _ARRAY_STREAMS.clear()
+            _ARRAY_STREAMS[stream] = (obj.shape, obj.dtype, length, np.frombuffer)
+    return obj
 
 
 _pickle_loads = pickle.loads
