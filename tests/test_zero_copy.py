@@ -252,6 +252,30 @@ def test_reserve_array_writes_the_frame_put_writes(mq, shape, dtype):
             assert bytes(msg.data) == want
 
 
+@pytest.mark.parametrize("value", [
+    np.arange(12, dtype=np.int32).reshape(3, 4), np.arange(6, dtype=">i2"),
+    np.zeros((), np.float64), np.zeros((0, 3), np.uint8),
+    np.arange(12, dtype=np.int64).reshape(3, 4).T,              # F-ordered
+    np.arange(20, dtype=np.float32)[::2],                       # not contiguous
+    np.array([1, 2], dtype="datetime64[ns]"),                   # pickled in-band
+    np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")])], ids=lambda v: f"{v.dtype}{v.shape}")
+def test_put_of_arrays_of_one_kind_sends_what_pickle_frames(mq, value):
+    """put() of arrays of one shape and dtype sends, every time, the frame
+    that pickling each array makes (``_serialize.encode``): what the first
+    one taught the queue never changes what a later one is sent as."""
+    from fastmq import _serialize
+    q = mq.Queue()
+    want = bytes(_serialize.encode(value))
+    for _ in range(3):
+        q.put(value)
+        with q.recv(timeout=5) as msg:
+            assert bytes(msg.data) == want
+    q.put(value)
+    got = q.get(timeout=5)
+    assert got.dtype == value.dtype and got.shape == value.shape
+    assert got.tobytes() == value.tobytes()
+
+
 def test_reserve_array_pins_its_memory_after_commit(mq):
     """The producer's array stays intact after commit while the queue
     recycles its memory: its block is not given back under it."""

@@ -764,7 +764,7 @@ class Queue(Generic[_T]):
         dtype = np.dtype(dtype)
         if dtype.hasobject:
             raise TypeError(f"reserve_array needs a dtype without Python objects, not {dtype}")
-        prefix, total, offset, shape, count = _array_frame(np, shape, dtype)
+        prefix, total, offset, shape, count = _serialize.array_frame(np, shape, dtype)
         extra = 0 if self._auth is None else _auth.OVERHEAD   # the tag, written at commit
         reservation = self._live_ring().reserve(total + extra, timeout)
         try:
@@ -1045,45 +1045,6 @@ def _abandon_array(queue_ref, key):
             reservation.abort()
         except Exception:
             pass
-
-
-# (shape, type(dtype), dtype.str) -> what ``_array_frame`` returns, for the
-# plain dtypes that those name exactly: a stream of arrays of one shape pickles
-# an empty template and lays out its frame once, not once per array.
-_ARRAY_FRAMES: dict = {}
-_ARRAY_FRAMES_MAX = 256
-
-
-def _array_frame(np, shape, dtype):
-    """The frame of an array of ``shape`` and ``dtype`` (an ``np.dtype``), up
-    to its data: ``(prefix, total, offset, shape, count)`` -- the bytes before
-    the data (frame header, pickle, zero padding up to the 64-byte aligned
-    data offset, exactly what ``put`` writes there), the frame's size, the
-    data's offset, the shape as numpy normalised it and its element count."""
-    key = None
-    if type(shape) is int:
-        key = ((shape,), type(dtype), dtype.str)
-    elif type(shape) is tuple and all(type(d) is int for d in shape):
-        key = (shape, type(dtype), dtype.str)
-    if key is not None and dtype.fields is None and dtype.subdtype is None \
-            and dtype.metadata is None:
-        frame = _ARRAY_FRAMES.get(key)
-        if frame is not None:
-            return frame
-    else:
-        key = None
-    template = np.empty(shape, dtype)     # untouched pages: costs no copy
-    data, raws = _serialize.pickle_with_buffers(template)
-    if len(raws) != 1:
-        raise TypeError(f"numpy did not pickle a {dtype} array out-of-band")
-    header, total, offsets = _serialize.frame_layout(len(data), [raws[0].nbytes])
-    pad = offsets[0] - len(header) - len(data)
-    frame = (header + data + bytes(pad), total, offsets[0], template.shape, template.size)
-    if key is not None:
-        if len(_ARRAY_FRAMES) >= _ARRAY_FRAMES_MAX:
-            _ARRAY_FRAMES.clear()
-        _ARRAY_FRAMES[key] = frame
-    return frame
 
 
 def _numpy():
