@@ -17,12 +17,20 @@ machine; the times are not (best of ``--repeat``).
 Each message is checked at its head and trailer (producer seq), as the bench
 checks large messages, so a lost or torn message is seen.
 
+``--callgrind`` instead counts the CPU instructions one message costs when the
+same send and receive run in one process (valgrind's callgrind, a run of
+``-n`` messages minus a run of none): repeatable to a few instructions, so two
+builds compare on a noisy machine. A 1 MiB copy is a few tens of thousands of
+instructions; the rest is what each path adds around it.
+
 Run from the repository root, after an in-place build::
 
     PYTHONPATH=src python benchmarks/zero_copy_1m.py               # all three, 3 repeats
     PYTHONPATH=src python benchmarks/zero_copy_1m.py -n 2000 --strace reserve
+    PYTHONPATH=src python benchmarks/zero_copy_1m.py --callgrind -n 200
 
-``--child MODE N`` is one measured run (what ``--strace`` wraps).
+``--child MODE N`` is one measured run (what ``--strace`` wraps); ``--inproc MODE N``
+is what ``--callgrind`` runs.
 """
 from __future__ import annotations
 
@@ -62,22 +70,13 @@ def _producer(q, mode, n, conn):
     pool = [np.full(SIZE, i, np.uint8) for i in range(4)]
     bufs = [bytearray(a.tobytes()) for a in pool]
 
+    send_bytes, send_array = _producer_send(q, np, pool, bufs)
+
     def send(seq):
         if mode == "bytes":
-            b = bufs[seq & 3]
-            HEAD.pack_into(b, 0, seq)
-            HEAD.pack_into(b, SIZE - 8, seq)
-            q.put_bytes(b)
-            return
-        a = pool[seq & 3]
-        a[:8] = np.frombuffer(HEAD.pack(seq), np.uint8)
-        a[-8:] = a[:8]
-        if mode == "numpy":
-            q.put(a)
+            send_bytes(seq)
         else:
-            arr = q.reserve_array(a.shape, np.uint8)
-            arr[...] = a
-            q.commit(arr)
+            send_array(seq, mode)
 
     for s in range(WARMUP):
         send(s)
@@ -167,20 +166,93 @@ def _strace(mode: str, n: int) -> tuple[float, str]:
     return sum(per.values()), ", ".join(f"{k} {v:.2f}" for v, k in top)
 
 
+def _producer_send(q, np, pool, bufs):
+    """The producer's send of each mode (the same as ``_producer`` does)."""
+    def send_bytes(seq):
+        b = bufs[seq & 3]
+        HEAD.pack_into(b, 0, seq)
+        HEAD.pack_into(b, SIZE - 8, seq)
+        q.put_bytes(b)
+
+    def send_array(seq, mode):
+        a = pool[seq & 3]
+        a[:8] = np.frombuffer(HEAD.pack(seq), np.uint8)
+        a[-8:] = a[:8]
+        if mode == "numpy":
+            q.put(a)
+        else:
+            arr = q.reserve_array(a.shape, np.uint8)
+            arr[...] = a
+            q.commit(arr)
+    return send_bytes, send_array
+
+
+def inproc(mode: str, n: int) -> None:
+    """Send and receive ``WARMUP + n`` messages of ``mode`` in this process."""
+    import numpy as np
+    q = _queue()
+    pool = [np.full(SIZE, i, np.uint8) for i in range(4)]
+    bufs = [bytearray(a.tobytes()) for a in pool]
+    send_bytes, send_array = _producer_send(q, np, pool, bufs)
+    for s in range(WARMUP + n):
+        if mode == "bytes":
+            send_bytes(s)
+            m = q.get_bytes()
+        else:
+            send_array(s, mode)
+            m = q.get(zero_copy=True)
+        mv = memoryview(m).cast("B")
+        if HEAD.unpack_from(mv, 0)[0] != s or HEAD.unpack_from(mv, SIZE - 8)[0] != s:
+            raise SystemExit(f"{mode}: message {s} failed its check")
+        del mv, m
+    q.close()
+
+
+def _instructions(mode: str, n: int, workdir: str) -> int:
+    out = os.path.join(workdir, f"callgrind.{mode}.{n}.out")
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+           os.path.abspath(__file__), "--inproc", mode, str(n)]
+    env = dict(os.environ, PYTHONHASHSEED="0")      # repeatable dict probes
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise SystemExit(f"valgrind failed ({res.returncode}):\n{res.stderr[-2000:]}")
+    with open(out) as f:
+        for line in f:
+            m = re.match(r"(?:summary|totals):\s+(\d+)", line)
+            if m:
+                return int(m.group(1))
+    raise SystemExit(f"no instruction total in {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("modes", nargs="*", metavar="MODE", help=f"some of {', '.join(MODES)} (default: all)")
     ap.add_argument("-n", type=int, default=3000, help="measured messages per run")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--strace", action="store_true", help="also count syscalls (strace -f -c)")
+    ap.add_argument("--callgrind", action="store_true",
+                    help="instructions per message in one process instead (valgrind)")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--inproc", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
         return
+    if args.inproc:
+        inproc(args.inproc[0], int(args.inproc[1]))
+        return
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         ap.error(f"unknown mode(s) {bad}; choose from {MODES}")
+    if args.callgrind:
+        import fastmq
+        print(f"fastmq {fastmq.__file__}; instructions per 1 MiB message, one process, "
+              f"{args.n} messages minus none (callgrind)")
+        with tempfile.TemporaryDirectory() as tmp:
+            for mode in args.modes or MODES:
+                per = (_instructions(mode, args.n, tmp) - _instructions(mode, 0, tmp)) / args.n
+                print(f"{mode:8} {per:12,.0f}", flush=True)
+        return
     import fastmq
     print(f"fastmq {fastmq.__file__} backend={fastmq.backend}; 1 MiB messages, "
           f"{args.n} measured per run, best of {args.repeat}")
