@@ -276,6 +276,25 @@ def test_put_of_arrays_of_one_kind_sends_what_pickle_frames(mq, value):
     assert got.tobytes() == value.tobytes()
 
 
+def test_reserve_array_dropped_uncommitted_gives_its_space_back(mq):
+    """An array from reserve_array that dies uncommitted gives its space back
+    at once (no garbage collection needed): three times as many as fit at
+    once are reserved and dropped one after the other, then the queue has
+    all its room and no message."""
+    q = mq.Queue(**POOL)
+    room = fill_count(q)
+    gc.disable()
+    try:
+        for k in range(3 * room):
+            arr = q.reserve_array((BIG,), np.uint8, timeout=5)
+            arr[:4] = k
+            del arr
+        assert fill_count(q) == room
+    finally:
+        gc.enable()
+    assert q.qsize() == 0
+
+
 def test_reserve_array_pins_its_memory_after_commit(mq):
     """The producer's array stays intact after commit while the queue
     recycles its memory: its block is not given back under it."""
