@@ -226,6 +226,142 @@ def test_reserve_array_oversize(mq):
     assert q.qsize() == 0
 
 
+FRAME_CASES = [((3, 4), "int32"), ((1000,), "uint8"), ((), "float64"), ((0,), "f8"),
+               ((7, 3), ">i4"), ((5,), "S5"), ((2, 2), [("a", "<i4"), ("b", "<f8")])]
+
+
+@pytest.mark.parametrize("shape,dtype", FRAME_CASES, ids=str)
+def test_reserve_array_writes_the_frame_put_writes(mq, shape, dtype):
+    """An array committed from reserve_array arrives as the very bytes ``put``
+    sends for the same array, padding included, even in memory that held
+    other data: nothing of an earlier message shows through. Each shape is
+    reserved twice (the second time from what the first one learnt)."""
+    q = mq.Queue()
+    value = _sample(shape, dtype, 3)
+    q.put(value)
+    with q.recv(timeout=5) as msg:
+        want = bytes(msg.data)
+    for _ in range(2):
+        with q.reserve(len(want)) as buf:           # junk where the next one goes
+            buf[:] = b"\xa5" * len(want)
+        assert q.get_bytes(timeout=5)[:1] == b"\xa5"
+        arr = q.reserve_array(shape, dtype)
+        arr[...] = value
+        q.commit(arr)
+        with q.recv(timeout=5) as msg:
+            assert bytes(msg.data) == want
+
+
+@pytest.mark.parametrize("value", [
+    np.arange(12, dtype=np.int32).reshape(3, 4), np.arange(6, dtype=">i2"),
+    np.zeros((), np.float64), np.zeros((0, 3), np.uint8),
+    np.arange(12, dtype=np.int64).reshape(3, 4).T,              # F-ordered
+    np.arange(20, dtype=np.float32)[::2],                       # not contiguous
+    np.array([1, 2], dtype="datetime64[ns]"),                   # pickled in-band
+    np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")])], ids=lambda v: f"{v.dtype}{v.shape}")
+def test_put_of_arrays_of_one_kind_sends_what_pickle_frames(mq, value):
+    """put() of arrays of one shape and dtype sends, every time, the frame
+    that pickling each array makes (``_serialize.encode``): what the first
+    one taught the queue never changes what a later one is sent as."""
+    from fastmq import _serialize
+    q = mq.Queue()
+    want = bytes(_serialize.encode(value))
+    for _ in range(3):
+        q.put(value)
+        with q.recv(timeout=5) as msg:
+            assert bytes(msg.data) == want
+    q.put(value)
+    got = q.get(timeout=5)
+    assert got.dtype == value.dtype and got.shape == value.shape
+    assert got.tobytes() == value.tobytes()
+
+
+def test_reserve_array_dropped_uncommitted_gives_its_space_back(mq):
+    """An array from reserve_array that dies uncommitted gives its space back
+    at once (no garbage collection needed): three times as many as fit at
+    once are reserved and dropped one after the other, then the queue has
+    all its room and no message."""
+    q = mq.Queue(**POOL)
+    room = fill_count(q)
+    gc.disable()
+    try:
+        for k in range(3 * room):
+            arr = q.reserve_array((BIG,), np.uint8, timeout=5)
+            arr[:4] = k
+            del arr
+        assert fill_count(q) == room
+    finally:
+        gc.enable()
+    assert q.qsize() == 0
+
+
+def test_reserve_array_pins_its_memory_after_commit(mq):
+    """The producer's array stays intact after commit while the queue
+    recycles its memory: its block is not given back under it."""
+    q = mq.Queue(**POOL)
+    held = []
+    for k in range(6):
+        arr = q.reserve_array((BIG // 4,), np.uint32)
+        arr[...] = k
+        q.commit(arr)
+        held.append(arr)
+        del arr
+        got = q.get(timeout=5, zero_copy=True)
+        del got
+        for _ in range(3):                     # other messages through the same pool
+            q.put_bytes(b"\xff" * BIG)
+            q.get_bytes(timeout=5)
+        for i, h in enumerate(held):
+            assert not h.flags.writeable
+            assert (h == i).all(), f"array {i} changed after its commit"
+
+
+@pytest.mark.parametrize("shape,dtype", [((5000,), np.uint32), ((3, 7), "f8"), ((4,), ">i2")],
+                         ids=str)
+def test_repeated_zero_copy_gets_pin_and_match(mq, shape, dtype):
+    """The same kind of array received zero-copy again and again (the
+    decoder learns its pickle after the first): every one is what pickle
+    gives (shape, dtype, strides, read-only) and stays intact while held
+    as the queue recycles its memory."""
+    q = mq.Queue(**POOL)
+    held = []
+    for k in range(8):
+        value = (_sample(shape, dtype, k) if k else np.zeros(shape, dtype))
+        q.put(value)
+        got = q.get(timeout=5, zero_copy=True)
+        assert type(got) is np.ndarray
+        assert (got.shape, got.dtype, got.strides) == (value.shape, value.dtype, value.strides)
+        assert not got.flags.writeable
+        held.append((value, got))
+        for _ in range(2):
+            q.put_bytes(b"\xff" * BIG)
+            q.get_bytes(timeout=5)
+        for v, h in held:
+            assert h.tobytes() == v.tobytes(), "a held zero-copy array changed"
+
+
+def test_learnt_array_pickle_with_another_length_is_not_trusted():
+    """A frame whose pickle was seen before but whose buffer has another
+    length decodes as pickle alone would decode it (here: an error), not
+    as an array of the length learnt."""
+    from fastmq import _serialize
+    frame = _serialize.encode(np.arange(16, dtype=np.uint32))
+    first = _serialize.decode(memoryview(bytes(frame)), zero_copy=True)
+    np.testing.assert_array_equal(first, np.arange(16))
+    again = _serialize.decode(memoryview(bytes(frame)), zero_copy=True)
+    np.testing.assert_array_equal(again, np.arange(16))
+    stream, entries = _serialize.parse_frame(memoryview(frame))
+    (off, length), = entries
+    # the same header and pickle, the buffer entry 4 bytes shorter
+    short = bytearray(frame[:off + length - 4])
+    _serialize._ENTRY.pack_into(short, _serialize._FIXED.size, off, length - 4)
+    with pytest.raises(Exception) as info:
+        _serialize.decode(memoryview(bytes(short)), zero_copy=True)
+    with pytest.raises(type(info.value)):
+        pickle_only = [memoryview(bytes(short))[off:off + length - 4]]
+        __import__("pickle").loads(bytes(stream), buffers=pickle_only)
+
+
 # ------------------------------------------------------------------ recv
 
 def test_recv_view_is_read_only(mq):

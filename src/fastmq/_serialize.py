@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import sys
 
 from . import _auth
 from .errors import AuthenticationError, Error, MessageTooLarge
@@ -111,6 +112,99 @@ def encode(obj):
     return out
 
 
+# (shape, type(dtype), dtype.str) -> what ``array_frame`` returns (None: numpy
+# pickles such arrays in-band), for the plain dtypes those name exactly: a
+# stream of arrays of one shape pickles an empty template and lays out its
+# frame once, not once per array (``reserve_array``, and ``put`` of a
+# C-ordered ndarray).
+_ARRAY_FRAMES: dict = {}
+_ARRAY_FRAMES_MAX = 256
+
+
+def _frame_key(shape, dtype):
+    """The cache key of arrays of ``shape`` and ``dtype``, or None if they are
+    not cached (a shape numpy would have to interpret, a structured dtype)."""
+    if dtype.fields is not None or dtype.subdtype is not None or dtype.metadata is not None:
+        return None
+    if type(shape) is int:
+        return (shape,), type(dtype), dtype.str
+    if type(shape) is tuple and all(type(d) is int for d in shape):
+        return shape, type(dtype), dtype.str
+    return None
+
+
+def array_frame(np, shape, dtype):
+    """The frame of an array of ``shape`` and ``dtype`` (an ``np.dtype``), up
+    to its data: ``(prefix, total, offset, shape, count)`` -- the bytes before
+    the data (frame header, pickle, zero padding up to the 64-byte aligned
+    data offset: what ``write_frame`` writes there), the frame's size, the
+    data's offset, the shape as numpy normalised it and its element count.
+    TypeError if numpy does not pickle such an array out-of-band."""
+    key = _frame_key(shape, dtype)
+    if key is not None:
+        frame = _ARRAY_FRAMES.get(key, False)
+        if frame is not False:
+            if frame is None:
+                raise TypeError(f"numpy did not pickle a {dtype} array out-of-band")
+            return frame
+    template = np.empty(shape, dtype)     # untouched pages: costs no copy
+    data, raws = pickle_with_buffers(template)
+    frame = None
+    if len(raws) == 1:
+        header, total, offsets = frame_layout(len(data), [raws[0].nbytes])
+        pad = offsets[0] - len(header) - len(data)
+        frame = (header + data + bytes(pad), total, offsets[0], template.shape, template.size)
+    if key is not None:
+        if len(_ARRAY_FRAMES) >= _ARRAY_FRAMES_MAX:
+            _ARRAY_FRAMES.clear()
+        _ARRAY_FRAMES[key] = frame
+    if frame is None:
+        raise TypeError(f"numpy did not pickle a {dtype} array out-of-band")
+    return frame
+
+
+def _learn_frame(obj, data, nbytes):
+    """Remember the frame of the C-ordered plain ndarray ``obj``, just pickled
+    into ``data`` with one buffer of ``nbytes`` (the pickle of such an array
+    names its dtype and shape, not its data: any array of its kind pickles
+    to the same bytes)."""
+    key = _frame_key(obj.shape, obj.dtype)
+    if key is None or key in _ARRAY_FRAMES:
+        return
+    header, total, offsets = frame_layout(len(data), [nbytes])
+    pad = offsets[0] - len(header) - len(data)
+    if len(_ARRAY_FRAMES) >= _ARRAY_FRAMES_MAX:
+        _ARRAY_FRAMES.clear()
+    _ARRAY_FRAMES[key] = (header + data + bytes(pad), total, offsets[0], obj.shape, obj.size)
+
+
+def _put_array(ring, obj, timeout, auth):
+    """``put_with_buffers`` of a C-ordered plain ndarray whose kind of frame
+    is known (True), else False: the same bytes, without pickling it again."""
+    key = _frame_key(obj.shape, obj.dtype)
+    frame = _ARRAY_FRAMES.get(key, False) if key is not None else None
+    if not frame:
+        return False
+    prefix, total, offset, _, _ = frame
+    extra = 0 if auth is None else _auth.OVERHEAD
+    if total + extra > ring.max_message_size:
+        raise MessageTooLarge(f"message of {total + extra} bytes exceeds this queue's "
+                              f"max_message_size of {ring.max_message_size} bytes")
+    raw = pickle.PickleBuffer(obj).raw()
+    reservation = ring.reserve(total + extra, timeout)
+    try:
+        view = reservation.view
+        view[extra:extra + offset] = prefix
+        view[extra + offset:extra + total] = raw
+        if auth is not None:
+            auth.sign_in_place(view)
+    except BaseException:
+        reservation.abort()
+        raise
+    reservation.commit()
+    return True
+
+
 def put_object(ring, obj, timeout, auth=None):
     """Serialize ``obj`` into ``ring``, copying array data exactly once.
     With ``auth`` (``_auth.Auth``) the message carries its tag."""
@@ -128,8 +222,14 @@ def put_with_buffers(ring, obj, timeout, auth=None):
     buffer (``_plain_pickle`` returned None): pickled again with its buffers
     kept apart, and written as a frame (or as a plain pickle after all, if
     every buffer turned out not to be contiguous)."""
+    np = sys.modules.get("numpy")
+    plain = np is not None and type(obj) is np.ndarray and obj.flags.c_contiguous
+    if plain and _put_array(ring, obj, timeout, auth):
+        return
     data, raws = pickle_with_buffers(obj)
     if raws:
+        if plain and len(raws) == 1:
+            _learn_frame(obj, data, raws[0].nbytes)
         _put_frame(ring, data, raws, timeout, auth)
     elif auth is None:
         ring.put(data, timeout)
@@ -216,6 +316,8 @@ def _decode(payload, zero_copy):
         stream, entries = parse_frame(view)
         if zero_copy:
             buffers = [view[off:off + length] for off, length in entries]
+            if len(entries) == 1:
+                return _one_buffer_view(bytes(stream), buffers[0], entries[0][1])
         else:
             buffers = [bytearray(view[off:off + length]) for off, length in entries]
         return _loads(stream, buffers)
@@ -227,6 +329,38 @@ def _decode(payload, zero_copy):
         raise BadMessage("message is neither a pickle nor a fastmq frame "
                          "(was it sent with put_bytes()? read it with get_bytes())")
     return _loads(view, None)
+
+
+# The pickle of a numpy array names its dtype and shape, not its data: a
+# stream of arrays of one kind repeats the same few hundred bytes. Such a
+# stream, once unpickled into a plain C-ordered ndarray over exactly its one
+# buffer, maps to (shape, dtype, buffer length, frombuffer), and the next view
+# of it is made directly -- the same array pickle.loads would make, without the
+# unpickler's imports and dtype reconstruction. Keyed by a private copy of the
+# stream, so what shared memory says later cannot change what was learnt.
+_ARRAY_STREAMS: dict = {}
+_ARRAY_STREAMS_MAX = 256
+
+
+def _one_buffer_view(stream: bytes, buf, length):
+    """``_loads(stream, [buf])`` for a zero-copy frame with one buffer."""
+    known = _ARRAY_STREAMS.get(stream)
+    if known is not None and known[2] == length:
+        # frombuffer keeps ``buf`` itself (and so its export of the message)
+        # as the array's base; np.ndarray(buffer=buf) would keep only buf.obj,
+        # and the message could be freed under the array.
+        return known[3](buf, known[1]).reshape(known[0])
+    obj = _loads(stream, [buf])
+    np = sys.modules.get("numpy")
+    if np is not None and type(obj) is np.ndarray and length and obj.nbytes == length \
+            and obj.flags.c_contiguous and not obj.dtype.hasobject:
+        probe = np.frombuffer(buf, obj.dtype).reshape(obj.shape)
+        if probe.strides == obj.strides and probe.ctypes.data == obj.ctypes.data \
+                and probe.flags.writeable == obj.flags.writeable:
+            if len(_ARRAY_STREAMS) >= _ARRAY_STREAMS_MAX:
+                _ARRAY_STREAMS.clear()
+            _ARRAY_STREAMS[stream] = (obj.shape, obj.dtype, length, np.frombuffer)
+    return obj
 
 
 _pickle_loads = pickle.loads

@@ -16,6 +16,7 @@ rest of a batch and the handle holds no dequeued-but-undelivered payloads.
 """
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Any, Callable, Generic, Iterable, Optional, Tuple, TypeVar, Union
@@ -229,7 +230,7 @@ class Queue(Generic[_T]):
         self.name = name                  # None for anonymous queues
         self._serializer = serializer
         self._auth = _auth.Auth(authkey, ring) if authkey is not None else None
-        self._reserved_arrays = {}        # id(array) -> Reservation (reserve_array)
+        self._reserved_arrays = {}        # id(array) -> (Reservation, weakref) (reserve_array)
         self._lock = _lifetime.ForkSafeLock()
         if self._auth is None:
             self._bind_compiled(ring, serializer)
@@ -764,36 +765,41 @@ class Queue(Generic[_T]):
         dtype = np.dtype(dtype)
         if dtype.hasobject:
             raise TypeError(f"reserve_array needs a dtype without Python objects, not {dtype}")
-        template = np.empty(shape, dtype)     # untouched pages: costs no copy
-        data, raws = _serialize.pickle_with_buffers(template)
-        if len(raws) != 1:
-            raise TypeError(f"numpy did not pickle a {dtype} array out-of-band")
-        header, total, offsets = _serialize.frame_layout(len(data), [raws[0].nbytes])
-        del template, raws
+        prefix, total, offset, shape, count = _serialize.array_frame(np, shape, dtype)
         extra = 0 if self._auth is None else _auth.OVERHEAD   # the tag, written at commit
         reservation = self._live_ring().reserve(total + extra, timeout)
         try:
-            with memoryview(reservation.view) as view:
-                _serialize.write_frame(view[extra:extra + offsets[0]], header, data, [], [])
-            arr = np.frombuffer(reservation.view, dtype, count=int(np.prod(shape)),
-                                offset=extra + offsets[0]).reshape(shape)
+            view = reservation.view
+            view[extra:extra + offset] = prefix
+            # frombuffer, not np.ndarray(buffer=view): the array must hold the
+            # view (its export of the reservation), not just the reservation,
+            # or commit() would give the block back under a live array.
+            arr = np.frombuffer(view, dtype, count, extra + offset).reshape(shape)
         except BaseException:
             reservation.abort()
             raise
         key = id(arr)
+        # A forgotten array gives its space back when it dies: the weak
+        # reference's callback (weak to the handle too: a forgotten array must
+        # not keep the handle, and segment, alive). commit() drops the weak
+        # reference with the entry, so a committed array's death costs nothing.
+        died = weakref.ref(arr, functools.partial(_abandon_array, weakref.ref(self), key))
         with self._lock:
-            self._reserved_arrays[key] = reservation
-        # Weak: a forgotten array must not keep the handle (and segment) alive.
-        weakref.finalize(arr, _abandon_array, weakref.ref(self), key)
+            self._reserved_arrays[key] = (reservation, died)
         return arr
 
     def commit(self, arr):
         """Publish an array from ``reserve_array``; it becomes read-only."""
         with self._lock:
-            reservation = self._reserved_arrays.pop(id(arr), None)
-        if reservation is None:
+            entry = self._reserved_arrays.get(id(arr))
+            if entry is not None and entry[1]() is arr:
+                del self._reserved_arrays[id(arr)]
+            else:
+                entry = None
+        if entry is None:
             raise ValueError("commit() takes an array returned by this queue's "
                              "reserve_array() that was not committed yet")
+        reservation = entry[0]
         arr.flags.writeable = False
         if self._auth is not None:
             self._auth.sign_in_place(reservation.view)
@@ -1036,13 +1042,18 @@ def _check_sizes(payloads, limit):
                                   f"max_message_size of {limit} bytes; nothing was sent")
 
 
-def _abandon_array(queue_ref, key):
-    """An array from reserve_array died uncommitted: give its space back."""
+def _abandon_array(queue_ref, key, died=None):
+    """An array from reserve_array died uncommitted: give its space back
+    (``died``: its weak reference, which calls this)."""
     queue = queue_ref()
     if queue is None:
         return
     with queue._lock:
-        reservation = queue._reserved_arrays.pop(key, None)
+        entry = queue._reserved_arrays.get(key)
+        if entry is None or (died is not None and entry[1] is not died):
+            return                   # not this array's entry (committed, or a newer one)
+        del queue._reserved_arrays[key]
+    reservation = entry[0]
     if reservation is not None:
         try:
             reservation.abort()
