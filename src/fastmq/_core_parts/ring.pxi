@@ -867,7 +867,8 @@ cdef class Ring:
             for i in range(n):
                 item = items[i]
                 if type(item) is bytes:
-                    self._check_size(PyBytes_GET_SIZE(item))
+                    if PyBytes_GET_SIZE(item) > self._max_msg:   # (never above _MAX_FORMAT_LEN)
+                        self._check_size(PyBytes_GET_SIZE(item))
                     continue
                 PyObject_GetBuffer(item, &view, PyBUF_SIMPLE)
                 try:
