@@ -277,6 +277,9 @@ cdef object _decode_copy(bytes raw):
     return _ser.decode(raw)
 
 
+# final: nothing derives from a Ring, so its cdef methods are called directly
+# (and the small ones inlined) instead of through a method table
+@cython.final
 cdef class Ring:
     """One process-local handle on a queue segment (see _ring_protocol.Ring)."""
     cdef fmq_region *r
