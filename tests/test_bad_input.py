@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import random
 
 import pytest
@@ -474,3 +475,21 @@ def test_put_bytes_odd_buffers_are_exact_or_refused(mq):
             assert q.qsize() == 0
             continue
         assert q.get_bytes(timeout=5) == expect, repr(buf)
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_put_many_bytes_with_one_oversize_item_sends_nothing(mq, kind, at):
+    """A batch is size-checked whole before anything is written: one item over
+    max_message_size (first, middle or last; bytes or another buffer) raises
+    MessageTooLarge and the queue stays empty."""
+    q = mq.Queue(maxsize=16, max_message_size=100)
+    items = [kind(b"a" * 10), kind(b"b" * 100), kind(b"c" * 10)]
+    items.insert(at, kind(b"x" * 101))
+    with pytest.raises(fastmq.MessageTooLarge, match="max_message_size"):
+        q.put_many_bytes(items, timeout=1)
+    assert q.qsize() == 0
+    with pytest.raises(queue.Empty):
+        q.get_bytes(timeout=0.05)
+    assert q.put_many_bytes(items[:at] + items[at + 1:], timeout=1) == 3
+    assert q.get_many_bytes(10, timeout=1) == [b"a" * 10, b"b" * 100, b"c" * 10]

@@ -2,7 +2,9 @@
 # Included by src/fastmq/_core.pyx; it shares that module's namespace.
 
 from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
+from cpython.ref cimport Py_INCREF
 
 
 cdef extern from "Python.h":
@@ -275,6 +277,9 @@ cdef object _decode_copy(bytes raw):
     return _ser.decode(raw)
 
 
+# final: nothing derives from a Ring, so its cdef methods are called directly
+# (and the small ones inlined) instead of through a method table
+@cython.final
 cdef class Ring:
     """One process-local handle on a queue segment (see _ring_protocol.Ring)."""
     cdef fmq_region *r
@@ -855,6 +860,8 @@ cdef class Ring:
         cdef const unsigned char *src
         cdef bint viewed
         cdef uint64_t run = 0, nbytes = 0
+        cdef fmq_msg m
+        cdef int rc
         n = len(items)
         self._enter()
         try:
@@ -863,7 +870,8 @@ cdef class Ring:
             for i in range(n):
                 item = items[i]
                 if type(item) is bytes:
-                    self._check_size(PyBytes_GET_SIZE(item))
+                    if PyBytes_GET_SIZE(item) > self._max_msg:   # (never above _MAX_FORMAT_LEN)
+                        self._check_size(PyBytes_GET_SIZE(item))
                     continue
                 PyObject_GetBuffer(item, &view, PyBUF_SIMPLE)
                 try:
@@ -873,6 +881,22 @@ cdef class Ring:
             for i in range(n):
                 item = items[i]
                 viewed = type(item) is not bytes
+                if not viewed and run != 0 and PyBytes_GET_SIZE(item) <= <Py_ssize_t>self._inline_max:
+                    # The common case, in line: a small bytes message into a
+                    # run already started takes the run's next slot (what
+                    # _put_raw does for it, without its call and handlers).
+                    # A slot that is not free goes the general way below,
+                    # which waits for room.
+                    size = PyBytes_GET_SIZE(item)
+                    if fmq_ring_reserve_from(self.r, &m, run) == FMQ_OK:
+                        memcpy(fmq_ring_inline_ptr(self.r, &m), PyBytes_AS_STRING(item), size)
+                        rc = fmq_ring_commit_quiet(self.r, &m, <uint32_t>size, FMQ_NO_BLOCK)
+                        if rc != FMQ_OK:
+                            _raise(rc)
+                        run = m.ticket + 1
+                        done += 1
+                        nbytes += <uint64_t>size
+                        continue
                 if viewed:
                     PyObject_GetBuffer(item, &view, PyBUF_SIMPLE)
                     src, size = <const unsigned char *>view.buf, view.len
@@ -1250,9 +1274,13 @@ cdef class Ring:
         cdef bint decoding = codec or decode is not None
         # The claim array grows with what is actually claimed: sizing it by
         # max_messages up front would allocate gigabytes for a call that
-        # finds three messages (max_messages may be up to 2**30).
-        cdef Py_ssize_t cap = max_messages if max_messages < 64 else 64
+        # finds three messages (max_messages may be up to 2**30). It starts
+        # at what the ring holds now (a hint, at most 4096 entries), so that a
+        # batch that finds its messages waiting is claimed without regrowing.
+        cdef Py_ssize_t cap
         self._enter()
+        cap = <Py_ssize_t>min(fmq_ring_queued(self.r), <uint64_t>4096)
+        cap = min(max(cap, 64), max_messages)
         msgs = <fmq_msg *>PyMem_Malloc(cap * sizeof(fmq_msg))
         if msgs == NULL:
             self._leave()
@@ -1290,14 +1318,19 @@ cdef class Ring:
                     _raise(rc)
                 k += 1
             try:
-                for i in range(k):
+                if not decoding:
+                    # k is known: the list is made at its size (no regrowing);
+                    # a copy that fails leaves the rest NULL, which a list allows
+                    out = PyList_New(k)
+                    for i in range(k):
+                        raw = PyBytes_FromStringAndSize(<char *>msgs[i].data, msgs[i].len)
+                        Py_INCREF(raw)                  # the list takes this reference
+                        PyList_SET_ITEM(out, i, raw)
+                for i in range(k if decoding else 0):
                     raw = PyBytes_FromStringAndSize(<char *>msgs[i].data, msgs[i].len)
-                    if not decoding:
-                        out.append(raw)
-                    else:
-                        bad = i
-                        out.append(_decode_copy(raw) if codec else decode(raw))
-                        bad = -1
+                    bad = i
+                    out.append(_decode_copy(raw) if codec else decode(raw))
+                    bad = -1
             except BaseException as exc:
                 if bad >= 0 and not isinstance(exc, Exception):
                     bad = -1                    # Ctrl-C while decoding: not a bad message
