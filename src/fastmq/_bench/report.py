@@ -430,7 +430,7 @@ def _bar_panel(ax, doc, scen, colors, whiskers):
             extra += tails
             ax.plot(tails, y, linestyle="none", marker="|", color="black", markersize=7,
                     label="p99.9")
-            ax.legend(fontsize=6, loc="lower right")
+            ax.legend(fontsize=6, loc="upper right")
         for yi, v, c in zip(y, vals, cells):
             at = max(v, c["max"][key] * scale) if whiskers else v    # right of the whisker
             if latency:
