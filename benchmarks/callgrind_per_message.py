@@ -140,9 +140,15 @@ def _child(case: str, n: int) -> None:
 
 
 def _instructions(case: str, n: int, workdir: str) -> int:
-    out = os.path.join(workdir, f"callgrind.{case}.{n}.out")
+    return callgrind_total([os.path.abspath(__file__), "--child", case, str(n)],
+                           os.path.join(workdir, f"callgrind.{case}.{n}.out"))
+
+
+def callgrind_total(script_args: list, out: str) -> int:
+    """The instructions callgrind counts in ``python *script_args`` (its
+    output file: ``out``); benchmarks/zero_copy_1m.py uses it too."""
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-           sys.executable, os.path.abspath(__file__), "--child", case, str(n)]
+           sys.executable, *script_args]
     # A fixed hash seed: string hashes (and so dict probe lengths) are the
     # same in every run, which keeps the counts repeatable to a few instructions.
     env = dict(os.environ, PYTHONHASHSEED="0")

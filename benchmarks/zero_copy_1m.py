@@ -209,19 +209,9 @@ def inproc(mode: str, n: int) -> None:
 
 
 def _instructions(mode: str, n: int, workdir: str) -> int:
-    out = os.path.join(workdir, f"callgrind.{mode}.{n}.out")
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-           os.path.abspath(__file__), "--inproc", mode, str(n)]
-    env = dict(os.environ, PYTHONHASHSEED="0")      # repeatable dict probes
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        raise SystemExit(f"valgrind failed ({res.returncode}):\n{res.stderr[-2000:]}")
-    with open(out) as f:
-        for line in f:
-            m = re.match(r"(?:summary|totals):\s+(\d+)", line)
-            if m:
-                return int(m.group(1))
-    raise SystemExit(f"no instruction total in {out}")
+    from callgrind_per_message import callgrind_total    # this script's own folder
+    return callgrind_total([os.path.abspath(__file__), "--inproc", mode, str(n)],
+                           os.path.join(workdir, f"callgrind.{mode}.{n}.out"))
 
 
 def main() -> None:
