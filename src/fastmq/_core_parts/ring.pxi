@@ -1326,11 +1326,12 @@ cdef class Ring:
                         raw = PyBytes_FromStringAndSize(<char *>msgs[i].data, msgs[i].len)
                         Py_INCREF(raw)                  # the list takes this reference
                         PyList_SET_ITEM(out, i, raw)
-                for i in range(k if decoding else 0):
-                    raw = PyBytes_FromStringAndSize(<char *>msgs[i].data, msgs[i].len)
-                    bad = i
-                    out.append(_decode_copy(raw) if codec else decode(raw))
-                    bad = -1
+                else:
+                    for i in range(k):
+                        raw = PyBytes_FromStringAndSize(<char *>msgs[i].data, msgs[i].len)
+                        bad = i
+                        out.append(_decode_copy(raw) if codec else decode(raw))
+                        bad = -1
             except BaseException as exc:
                 if bad >= 0 and not isinstance(exc, Exception):
                     bad = -1                    # Ctrl-C while decoding: not a bad message
