@@ -37,7 +37,7 @@ import operator
 
 from .payloads import (FULL_CHECK_MAX, FINGERPRINT, KEEP, SAMPLE_EVERY, SMALL_POOL, Builder, Tally,
                        plan_for, pool_size, prebuilt, verify)
-from .peers import BATCH
+from .peers import BATCH, _Endpoint
 
 PREBUILD_MAX_BYTES = 256 << 20   # per producer
 STAMP_EVERY = 64                 # consumers read the clock after every 64th message
@@ -891,7 +891,7 @@ class SpinMailbox:
             words[1] = n
             view[at:at + n] = m
             words[0] += 1
-        return _SpinEnd((words, view), send=send)
+        return _Endpoint(send=send, close=_releaser(words, view))
 
     def receiver(self, index):
         view, words = self._views()
@@ -904,7 +904,7 @@ class SpinMailbox:
                 return None
             seen[0] = seq
             return view[at:at + words[1]].tobytes()
-        return _SpinEnd((words, view), recv=recv)
+        return _Endpoint(recv=recv, close=_releaser(words, view))
 
     def wake(self, n):
         if n:
@@ -919,20 +919,11 @@ class SpinMailbox:
             pass
 
 
-class _SpinEnd:
-    def __init__(self, views, send=None, recv=None):
-        self._views = views
-        if send is not None:
-            self.send = send
-        if recv is not None:
-            self.recv = recv
-
-    def finish(self):
-        pass
-
-    def close(self):
-        for v in self._views:
+def _releaser(*views):
+    def release():
+        for v in views:
             v.release()
+    return release
 
 
 # --------------------------------------------------------- ping-pong ceiling --
