@@ -318,6 +318,13 @@ int fmq_recover(fmq_region *r);
  * returns 0 when every message arrived once, in per-producer order, intact. */
 int fmq_selftest_stress(fmq_region *r, int nprod, int ncons, uint64_t n_per_producer,
                         uint32_t max_len, char *report, size_t report_len);
+/* The ring's lap arithmetic (fmq_ticket_lap, a multiply by a reciprocal)
+ * against 64-bit division, for every slot count in [1, n_all], n_random more
+ * up to FMQ_MAX_SLOTS and the edges of that range, each at lap edges, at the
+ * top of the 64-bit range and at pseudo-random tickets; returns 0 when all
+ * agree, else the first disagreement in report. */
+int fmq_selftest_ticket_lap(uint64_t n_all, uint64_t n_random, uint64_t seed, char *report,
+                            size_t report_len);
 
 #ifdef __cplusplus
 }

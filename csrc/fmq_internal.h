@@ -47,6 +47,8 @@ struct fmq_region {
     unsigned char *ring;
     unsigned char *leases;
     fmq_geometry g;             /* validated geometry: never re-read from shm    */
+    uint64_t lap_magic;         /* t / slot_count as a multiply (fmq_ticket_lap): */
+    uint32_t lap_shift;         /* 0 and log2 for a power of two (fmq_region_bind) */
     uint32_t inline_max;        /* payload bytes that fit in a slot              */
     int anonymous;
     char name[256];
@@ -164,18 +166,32 @@ void fmq_ring_compact_finish(fmq_region *r);
 /* ==== fmq_ring.c: the slot ring =========================================== */
 /* Where ticket t lives, and the stamp of t's lap (phase EMPTY): every file
  * that reads slot words uses these, so a ticket maps to one slot one way. */
-/* A 64-bit division costs tens of cycles and every slot access on the hot
- * paths needs one; a power-of-two slot count (the common maxsize) takes a
- * mask and a shift instead (a well-predicted branch on the validated local
- * geometry, never re-read from shared memory). */
+/* A 64-bit division costs tens of cycles on many CPUs and every slot access
+ * on the hot paths needs one, so the lap t / slot_count is a multiply by a
+ * reciprocal computed once per handle from the validated local geometry
+ * (fmq_region_bind), never from shared memory. A power-of-two slot count (the
+ * common maxsize) takes a shift and a mask instead: lap_magic is 0 then, a
+ * well-predicted branch. For any other n, with l = ceil(log2 n):
+ *   lap_magic = floor(2^(64+l) / n) + 1 - 2^64, lap_shift = l - 1,
+ *   hi = (t * lap_magic) >> 64,  t / n = (hi + ((t - hi) >> 1)) >> (l - 1),
+ * exact for every 64-bit t (Granlund & Montgomery 1994, Theorem 4.2: the
+ * multiplier m = lap_magic + 2^64 has 2^(64+l) < m*n <= 2^(64+l) + n, n < 2^l;
+ * the add-and-halve computes (hi + t) >> l without the 65th bit).
+ * fmq_selftest_ticket_lap checks it against the division it replaces. */
+void fmq_ticket_lap_init(fmq_region *r);
+static inline uint64_t fmq_ticket_lap(const fmq_region *r, uint64_t t) {
+    if (r->lap_magic == 0)
+        return t >> r->lap_shift;
+    uint64_t hi = (uint64_t)(((unsigned __int128)t * r->lap_magic) >> 64);
+    return (hi + ((t - hi) >> 1)) >> r->lap_shift;
+}
 static inline fmq_slot *fmq_slot_at(const fmq_region *r, uint64_t t) {
     uint64_t n = r->g.slot_count;
-    uint64_t i = (n & (n - 1)) == 0 ? t & (n - 1) : t % n;
+    uint64_t i = r->lap_magic == 0 ? t & (n - 1) : t - fmq_ticket_lap(r, t) * n;
     return (fmq_slot *)(r->ring + i * r->g.slot_stride);
 }
 static inline uint64_t fmq_lap_stamp(const fmq_region *r, uint64_t t) {
-    uint64_t n = r->g.slot_count;
-    uint64_t lap = (n & (n - 1)) == 0 ? t >> __builtin_ctzll(n) : t / n;
+    uint64_t lap = fmq_ticket_lap(r, t);
     return (lap * 4) & FMQ_STAMP_MASK;
 }
 /* Wake consumers (one, or all) / every producer after publishing a change

@@ -295,6 +295,21 @@ void fmq_region_bind(fmq_region *r) {
     r->ring = r->base + r->g.ring_offset;
     r->leases = r->base + r->g.lease_offset;
     r->inline_max = r->g.slot_stride - FMQ_SLOT_HEADER;
+    fmq_ticket_lap_init(r);
+}
+
+/* The reciprocal of fmq_ticket_lap (fmq_internal.h); slot_count is validated
+ * to [1, FMQ_MAX_SLOTS], so l <= 25 and 2^(64+l) fits in 128 bits. */
+void fmq_ticket_lap_init(fmq_region *r) {
+    uint64_t n = r->g.slot_count;
+    if ((n & (n - 1)) == 0) {
+        r->lap_magic = 0;
+        r->lap_shift = (uint32_t)__builtin_ctzll(n);
+    } else {
+        uint32_t l = 64u - (uint32_t)__builtin_clzll(n);   /* ceil(log2 n): n is no power */
+        r->lap_magic = (uint64_t)(((unsigned __int128)1 << (64 + l)) / n + 1);
+        r->lap_shift = l - 1;
+    }
 }
 
 void fmq_region_free(fmq_region *r) {

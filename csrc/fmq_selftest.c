@@ -10,6 +10,10 @@
  * mark it in a seen-bitmap, which at the end must show every message exactly
  * once. Waiting uses the real wait path (futex) with deadlines, so a lost wake
  * shows up as a timeout failure, not a hang.
+ *
+ * fmq_selftest_ticket_lap checks the lap arithmetic every slot access uses
+ * (fmq_ticket_lap: a multiply by a per-handle reciprocal instead of a divide)
+ * against the division it replaces, with no segment at all.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -213,4 +217,54 @@ int fmq_selftest_stress(fmq_region *r, int nprod, int ncons, uint64_t n, uint32_
         snprintf(report, report_len, "ok: %llu messages, %d producers, %d consumers",
                  (unsigned long long)(n * (uint64_t)nprod), nprod, ncons);
     return st.failed ? FMQ_ECORRUPT : FMQ_OK;
+}
+
+/* splitmix64: a reproducible stream of 64-bit tickets and slot counts. */
+static uint64_t fmq_st_next(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static int fmq_st_lap_one(uint64_t n, uint64_t *rng, char *report, size_t report_len) {
+    fmq_region r;
+    memset(&r, 0, sizeof r);
+    r.g.slot_count = n;
+    fmq_ticket_lap_init(&r);
+    uint64_t edges[] = {0, 1, n - 1, n, n + 1, 2 * n - 1, 2 * n, 1ull << 32,
+                        (1ull << 32) - 1, 1ull << 63, (1ull << 63) - 1, ~0ull, ~0ull - 1,
+                        ~0ull - n, (~0ull / n) * n, (~0ull / n) * n - 1};
+    for (size_t k = 0; k < sizeof edges / sizeof edges[0] + 16; k++) {
+        uint64_t t = k < sizeof edges / sizeof edges[0] ? edges[k] : fmq_st_next(rng);
+        uint64_t lap = fmq_ticket_lap(&r, t);
+        if (lap != t / n) {
+            snprintf(report, report_len, "slot count %llu, ticket %llu: lap %llu, not %llu",
+                     (unsigned long long)n, (unsigned long long)t,
+                     (unsigned long long)lap, (unsigned long long)(t / n));
+            return FMQ_ECORRUPT;
+        }
+    }
+    return FMQ_OK;
+}
+
+int fmq_selftest_ticket_lap(uint64_t n_all, uint64_t n_random, uint64_t seed, char *report,
+                            size_t report_len) {
+    if (n_all > FMQ_MAX_SLOTS)
+        return fmq_fail(FMQ_EINVAL, "selftest: n_all above FMQ_MAX_SLOTS");
+    uint64_t rng = seed;
+    report[0] = '\0';
+    for (uint64_t n = 1; n <= n_all; n++)
+        if (fmq_st_lap_one(n, &rng, report, report_len) != FMQ_OK)
+            return FMQ_ECORRUPT;
+    for (uint64_t k = 0; k < n_random + 4; k++) {
+        uint64_t n = k == 0 ? FMQ_MAX_SLOTS : k == 1 ? FMQ_MAX_SLOTS - 1
+                   : k == 2 ? FMQ_MAX_SLOTS / 2 + 1 : k == 3 ? 3
+                   : 1 + fmq_st_next(&rng) % FMQ_MAX_SLOTS;
+        if (fmq_st_lap_one(n, &rng, report, report_len) != FMQ_OK)
+            return FMQ_ECORRUPT;
+    }
+    snprintf(report, report_len, "ok: slot counts 1..%llu and %llu more",
+             (unsigned long long)n_all, (unsigned long long)(n_random + 4));
+    return FMQ_OK;
 }

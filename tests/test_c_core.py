@@ -5,6 +5,8 @@
   including the AddressSanitizer/UBSan build in CI. Threads hammer one segment
   with inline and block-sized messages; the C driver checks every message
   exactly once, intact, in per-producer order.
+* The ring's lap arithmetic (ticket -> slot and lap, a multiply by a
+  reciprocal unless the slot count is a power of two) against division.
 * A lint of csrc/ for the project's rules: every futex wait has a deadline,
   every C file opens with a header comment, and shared structs are guarded by
   static asserts.
@@ -49,6 +51,28 @@ def test_threaded_ring_stress(native_ring, nprod, ncons):
     st = r.stats()
     assert st["enqueued"] == st["dequeued"] == nprod * (20_000 // nprod + 1000)
     assert st["depth"] == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("maxsize", [3, 61, 1000])
+def test_threaded_ring_stress_with_a_slot_count_no_power_of_two(native_ring, maxsize):
+    # These rings map tickets to slots and laps by the reciprocal multiply,
+    # not by a mask and shift; every message must still arrive once, intact.
+    r = native_ring(maxsize=maxsize)
+    ok, report = r._selftest_stress(3, 3, 6000, 70_000)
+    assert ok, report
+    st = r.stats()
+    assert st["enqueued"] == st["dequeued"] == 3 * 6000
+    assert st["depth"] == 0
+
+
+def test_lap_arithmetic_equals_division_for_every_slot_count_tested():
+    # Every slot count up to 2^20 and a million more up to FMQ_MAX_SLOTS
+    # (2^24, with its edges), each at lap edges, at the top of the 64-bit
+    # ticket range and at pseudo-random tickets.
+    core = _backend.ring_module("native")
+    ok, report = core._selftest_ticket_lap(1 << 20, 1_000_000, 20261202)
+    assert ok, report
 
 
 @pytest.mark.timeout(120)

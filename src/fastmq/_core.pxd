@@ -165,3 +165,5 @@ cdef extern from "fmq.h" nogil:
 
     int fmq_selftest_stress(fmq_region *r, int nprod, int ncons, uint64_t n_per_producer,
                             uint32_t max_len, char *report, size_t report_len)
+    int fmq_selftest_ticket_lap(uint64_t n_all, uint64_t n_random, uint64_t seed,
+                                char *report, size_t report_len)

@@ -45,6 +45,16 @@ def _crc32c(data, bint portable=False):
         fmq_crc_force_portable(was)
 
 
+def _selftest_ticket_lap(uint64_t n_all, uint64_t n_random, uint64_t seed):
+    """Tests: the ring's lap arithmetic (a multiply by a reciprocal) against
+    division, over slot counts 1..n_all and n_random more -> (ok, report)."""
+    cdef char report[256]
+    cdef int rc
+    with nogil:
+        rc = fmq_selftest_ticket_lap(n_all, n_random, seed, report, sizeof(report))
+    return rc == FMQ_OK, report.decode("utf-8", "replace")
+
+
 def _crc_path():
     """``"sse4.2"`` if record checksums use the CPU's crc32 instruction,
     else ``"tables"``."""
