@@ -808,10 +808,13 @@ def test_soak_short_on_a_durable_queue(tmp_path):
 
 
 def test_soak_short(tmp_path):
+    # 61 slots, no power of two: tickets map to slots and laps by the
+    # reciprocal multiply (fmq_ticket_lap) through every kill and recovery;
+    # the durable soak above keeps the default power-of-two ring.
     import soak
     res = soak.run(seconds=float(os.environ.get("FASTMQ_SOAK_SECONDS", "18")),
                    producers=2, consumers=2, workdir=str(tmp_path), seed=None,
-                   verbose=False)
+                   verbose=False, maxsize=61)
     print(soak.format_summary(res))
     assert res["kills"] >= 3, res
     assert res["torn"] == 0, res
