@@ -174,9 +174,11 @@ void fmq_ring_compact_finish(fmq_region *r);
  * well-predicted branch. For any other n, with l = ceil(log2 n):
  *   lap_magic = floor(2^(64+l) / n) + 1 - 2^64, lap_shift = l - 1,
  *   hi = (t * lap_magic) >> 64,  t / n = (hi + ((t - hi) >> 1)) >> (l - 1),
- * exact for every 64-bit t (Granlund & Montgomery 1994, Theorem 4.2: the
- * multiplier m = lap_magic + 2^64 has 2^(64+l) < m*n <= 2^(64+l) + n, n < 2^l;
- * the add-and-halve computes (hi + t) >> l without the 65th bit).
+ * exact for every 64-bit t. The multiplier m = lap_magic + 2^64 has
+ * m*n = 2^(64+l) + e with 0 < e <= n, so m*t / 2^(64+l) is t/n plus
+ * t*e / (n * 2^(64+l)) < 2^-l < 1/n: never enough to carry t/n, whose
+ * fraction is at most (n-1)/n, to the next integer. The add-and-halve
+ * computes (hi + t) >> l, which is that floor, without a 65th bit.
  * fmq_selftest_ticket_lap checks it against the division it replaces. */
 void fmq_ticket_lap_init(fmq_region *r);
 static inline uint64_t fmq_ticket_lap(const fmq_region *r, uint64_t t) {
