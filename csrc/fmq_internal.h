@@ -47,8 +47,8 @@ struct fmq_region {
     unsigned char *ring;
     unsigned char *leases;
     fmq_geometry g;             /* validated geometry: never re-read from shm    */
-    uint64_t lap_magic;         /* t / slot_count as a multiply (fmq_ticket_lap): */
-    uint32_t lap_shift;         /* 0 and log2 for a power of two (fmq_region_bind) */
+    uint64_t lap_magic;         /* t / slot_count by multiply and shift          */
+    uint32_t lap_shift;         /* (fmq_ticket_lap); magic 0: n is a power of two */
     uint32_t inline_max;        /* payload bytes that fit in a slot              */
     int anonymous;
     char name[256];

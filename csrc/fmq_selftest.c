@@ -250,10 +250,12 @@ static int fmq_st_lap_one(uint64_t n, uint64_t *rng, char *report, size_t report
 
 int fmq_selftest_ticket_lap(uint64_t n_all, uint64_t n_random, uint64_t seed, char *report,
                             size_t report_len) {
-    if (n_all > FMQ_MAX_SLOTS)
-        return fmq_fail(FMQ_EINVAL, "selftest: n_all above FMQ_MAX_SLOTS");
+    if (n_all > FMQ_MAX_SLOTS) {
+        snprintf(report, report_len, "n_all %llu is above FMQ_MAX_SLOTS",
+                 (unsigned long long)n_all);
+        return FMQ_EINVAL;
+    }
     uint64_t rng = seed;
-    report[0] = '\0';
     for (uint64_t n = 1; n <= n_all; n++)
         if (fmq_st_lap_one(n, &rng, report, report_len) != FMQ_OK)
             return FMQ_ECORRUPT;

@@ -73,6 +73,9 @@ def test_lap_arithmetic_equals_division_for_every_slot_count_tested():
     core = _backend.ring_module("native")
     ok, report = core._selftest_ticket_lap(1 << 20, 1_000_000, 20261202)
     assert ok, report
+    # and a range past the largest ring is refused, with a reason
+    assert core._selftest_ticket_lap((1 << 24) + 1, 0, 0) == (
+        False, "n_all 16777217 is above FMQ_MAX_SLOTS")
 
 
 @pytest.mark.timeout(120)
