@@ -65,6 +65,18 @@ def _usage():
     return time.perf_counter(), r.ru_minflt, r.ru_majflt
 
 
+def _timed(step, n):
+    """step(seq) WARMUP times untimed, then n times timed ->
+    (seconds, minor faults, major faults) of the timed part."""
+    for s in range(WARMUP):
+        step(s)
+    t0, f0, m0 = _usage()
+    for s in range(WARMUP, WARMUP + n):
+        step(s)
+    t1, f1, m1 = _usage()
+    return t1 - t0, f1 - f0, m1 - m0
+
+
 def _producer(q, mode, n, conn):
     import numpy as np
     pool = [np.full(SIZE, i, np.uint8) for i in range(4)]
@@ -78,13 +90,7 @@ def _producer(q, mode, n, conn):
         else:
             send_array(seq, mode)
 
-    for s in range(WARMUP):
-        send(s)
-    t0, f0, m0 = _usage()
-    for s in range(WARMUP, WARMUP + n):
-        send(s)
-    t1, f1, m1 = _usage()
-    conn.send((t1 - t0, f1 - f0, m1 - m0))
+    conn.send(_timed(send, n))
 
 
 def _consumer(q, mode, n, conn):
@@ -102,13 +108,7 @@ def _consumer(q, mode, n, conn):
             bad += 1
         del mv, m
 
-    for s in range(WARMUP):
-        recv(s)
-    t0, f0, m0 = _usage()
-    for s in range(WARMUP, WARMUP + n):
-        recv(s)
-    t1, f1, m1 = _usage()
-    conn.send((t1 - t0, f1 - f0, m1 - m0, bad))
+    conn.send(_timed(recv, n) + (bad,))
 
 
 def child(mode: str, n: int) -> dict:
